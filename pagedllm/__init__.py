@@ -1,0 +1,14 @@
+"""pagedllm: paged-KV-cache LLM inference on any accelerator through backend plugins.
+
+``from pagedllm import LLM, SamplingParams`` is the offline API. Importing pagedllm touches no
+accelerator: vendor SDKs are imported by the backend that needs them, when it is selected.
+"""
+
+from __future__ import annotations
+
+from pagedllm.core.outputs import CompletionOutput, Logprob, RequestOutput
+from pagedllm.core.sampling_params import SamplingParams
+from pagedllm.entrypoints.llm import LLM
+from pagedllm.version import __version__
+
+__all__ = ["LLM", "CompletionOutput", "Logprob", "RequestOutput", "SamplingParams", "__version__"]

@@ -1,0 +1,1 @@
+"""The ``cpu`` reference backend: pure PyTorch paged KV cache and attention."""

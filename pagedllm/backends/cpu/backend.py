@@ -1,0 +1,171 @@
+"""The ``cpu`` reference backend: paged KV cache and attention in plain PyTorch.
+
+Every other backend is held to what this one computes, so it favours clarity and exactness: attention is
+computed in float32 over keys gathered through the block tables, vectorized over requests (decodes in one
+batched call, prefills padded to the longest chunk in another), with no Python loop per token.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from pagedllm.backends.interface import AttentionMetadata, AttentionSpec, Backend, BackendCapabilities
+
+# Like vLLM's CPU default KV space: the pool never takes more than this unless asked explicitly.
+DEFAULT_MAX_KV_CACHE_BYTES = 4 << 30
+
+
+class CpuBackend(Backend):
+    """Pure PyTorch backend; KV layout ``[2, num_blocks, block_size, num_kv_heads, head_dim]``."""
+
+    name = "cpu"
+    device_type = "cpu"
+    dist_backend = "gloo"
+    priority = -100  # auto picks cpu last
+
+    @classmethod
+    def is_available(cls) -> tuple[bool, str]:
+        """The CPU is always there."""
+        return True, ""
+
+    def capabilities(self) -> BackendCapabilities:
+        """Any block size and head size; float32, bfloat16 and float16."""
+        dtypes = (torch.float32, torch.bfloat16, torch.float16)
+        return BackendCapabilities(
+            dtypes=dtypes,
+            kv_cache_dtypes=dtypes,
+            block_sizes=(16, 1, 2, 4, 8, 32, 64, 128),
+            head_sizes=(32, 64, 80, 96, 112, 128, 256, 8, 16),
+        )
+
+    def init_device(self, rank: int, world_size: int) -> None:
+        """Split the cores between the ranks of a tensor-parallel group on one machine."""
+        if world_size > 1:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+
+    def memory_info(self) -> tuple[int, int]:
+        """Return ``(MemAvailable, MemTotal)`` from ``/proc/meminfo`` (or sysconf where it is absent)."""
+        try:
+            with open("/proc/meminfo") as f:
+                fields = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+            return fields["MemAvailable"], fields["MemTotal"]
+        except (OSError, KeyError, ValueError):
+            page = os.sysconf("SC_PAGE_SIZE")
+            return os.sysconf("SC_AVPHYS_PAGES") * page, os.sysconf("SC_PHYS_PAGES") * page
+
+    def kv_cache_budget_bytes(self, memory_utilization: float) -> int:
+        """``memory_utilization`` of available RAM, capped at 4 GiB (set ``kv_cache_memory_bytes`` for more)."""
+        return min(super().kv_cache_budget_bytes(memory_utilization), DEFAULT_MAX_KV_CACHE_BYTES)
+
+    # ------------------------------------------------------------------ KV cache
+    def kv_cache_shape(
+        self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int
+    ) -> tuple[int, ...]:
+        """``(2, num_blocks, block_size, num_kv_heads, head_dim)``: keys then values."""
+        return (2, num_blocks, block_size, num_kv_heads, head_dim)
+
+    def write_kv_cache(
+        self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+    ) -> None:
+        """Scatter ``key``/``value`` rows into their slots; rows with slot -1 are skipped."""
+        num_kv_heads, head_dim = kv_cache.shape[-2:]
+        num_tokens = slot_mapping.shape[0]
+        slots = slot_mapping
+        keep = slots >= 0
+        if not bool(keep.all()):
+            slots, key, value = slots[keep], key[:num_tokens][keep], value[:num_tokens][keep]
+        kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slots, key[: slots.shape[0]].to(kv_cache.dtype))
+        kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(
+            0, slots, value[: slots.shape[0]].to(kv_cache.dtype)
+        )
+
+    def read_kv_cache(
+        self, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gather the keys and values stored at ``slot_mapping``."""
+        num_kv_heads, head_dim = kv_cache.shape[-2:]
+        return (
+            kv_cache[0].reshape(-1, num_kv_heads, head_dim)[slot_mapping],
+            kv_cache[1].reshape(-1, num_kv_heads, head_dim)[slot_mapping],
+        )
+
+    def copy_blocks(self, kv_caches: list[torch.Tensor], src_to_dst: torch.Tensor) -> None:
+        """Copy blocks ``src -> dst`` in every layer."""
+        src, dst = src_to_dst[:, 0], src_to_dst[:, 1]
+        for kv_cache in kv_caches:
+            kv_cache[:, dst] = kv_cache[:, src]
+
+    # ------------------------------------------------------------------ attention
+    def attention(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+        spec: AttentionSpec,
+    ) -> torch.Tensor:
+        """Float32 attention over the paged cache: decodes batched together, prefills padded together."""
+        out = torch.zeros_like(query)
+        query_start = metadata.query_start_loc_cpu.tolist()
+        num_requests = len(query_start) - 1
+        num_decodes = metadata.num_decodes
+        if num_decodes:
+            rows = torch.arange(num_decodes)
+            out[:num_decodes] = self._attend(query, rows, 1, kv_cache, metadata, spec, 0, num_decodes)
+        if num_requests > num_decodes:
+            starts = torch.tensor(query_start[num_decodes:num_requests])
+            lens = torch.tensor(query_start[num_decodes + 1 :]) - starts
+            max_len = int(lens.max())
+            offsets = torch.arange(max_len)
+            valid = offsets[None, :] < lens[:, None]  # [num_prefills, max_len]
+            rows = (starts[:, None] + offsets[None, :]).where(valid, starts[:, None])
+            result = self._attend(query, rows.reshape(-1), max_len, kv_cache, metadata, spec, num_decodes, None)
+            out[rows[valid]] = result.view(-1, max_len, *query.shape[1:])[valid]
+        return out
+
+    def _attend(
+        self,
+        query: torch.Tensor,
+        rows: torch.Tensor,
+        max_query_len: int,
+        kv_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+        spec: AttentionSpec,
+        first: int,
+        last: int | None,
+    ) -> torch.Tensor:
+        """Attention for requests ``first:last``, whose query rows (padded to ``max_query_len`` each) are
+        ``rows``; returns ``[len(rows), num_heads, head_dim]``."""
+        seq_lens = metadata.seq_lens[first:last].long()
+        context_lens = metadata.context_lens[first:last].long()
+        num_requests = seq_lens.shape[0]
+        block_size = kv_cache.shape[2]
+        num_blocks = -(-int(seq_lens.max()) // block_size)
+        tables = metadata.block_tables[first:last, :num_blocks].long()
+        num_kv_heads, head_dim = spec.num_kv_heads, spec.head_dim
+        group = spec.num_heads // num_kv_heads
+        max_key_len = num_blocks * block_size
+        # keys/values: [R, num_kv_heads, max_key_len, head_dim]
+        keys = kv_cache[0][tables].reshape(num_requests, max_key_len, num_kv_heads, head_dim)
+        values = kv_cache[1][tables].reshape(num_requests, max_key_len, num_kv_heads, head_dim)
+        keys = keys.float().permute(0, 2, 1, 3).unsqueeze(2)
+        values = values.float().permute(0, 2, 1, 3).unsqueeze(2)
+        # q: [R, num_kv_heads, group, max_query_len, head_dim]
+        q = query[rows].float().view(num_requests, max_query_len, num_kv_heads, group, head_dim)
+        q = q.permute(0, 2, 3, 1, 4)
+        scores = torch.matmul(q, keys.transpose(-1, -2)) * spec.scale  # [R, Hkv, G, Q, K]
+        key_pos = torch.arange(max_key_len)
+        query_pos = context_lens[:, None] + torch.arange(max_query_len)[None, :]  # [R, Q]
+        allowed = key_pos[None, None, :] <= query_pos[:, :, None]
+        allowed &= key_pos[None, None, :] < seq_lens[:, None, None]
+        if spec.sliding_window is not None:
+            allowed &= key_pos[None, None, :] > query_pos[:, :, None] - spec.sliding_window
+        allowed[:, :, 0] |= ~allowed.any(-1)  # padding rows: keep softmax finite, result discarded
+        scores = scores.masked_fill(~allowed[:, None, None], float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        out = torch.matmul(probs, values)  # [R, Hkv, G, Q, D]
+        out = out.permute(0, 3, 1, 2, 4).reshape(num_requests * max_query_len, spec.num_heads, head_dim)
+        return out.to(query.dtype)

@@ -1,0 +1,191 @@
+"""Engine configuration: what the user asks for (:class:`EngineConfig`) and what the model is
+(:class:`ModelConfig`, read once from the checkpoint directory)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "half": torch.float16,
+}
+LOAD_FORMATS = ("auto", "safetensors", "dummy")
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """Everything ``LLM(...)``, ``pagedllm serve`` and ``pagedllm generate`` accept (vLLM's names).
+
+    ``model=None`` selects the built-in demo model. ``kv_cache_memory_bytes`` sizes the KV pool
+    explicitly; otherwise the backend's budget for ``gpu_memory_utilization`` is used.
+    """
+
+    model: str | None = None
+    tokenizer: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    load_format: str = "auto"
+    seed: int | None = 0
+    block_size: int | None = None
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    kv_cache_memory_bytes: int | None = None
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    enforce_eager: bool = False
+    tensor_parallel_size: int = 1
+    distributed_executor_backend: str = "mp"
+    served_model_name: str | None = None
+    extra: dict[str, object] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("auto", *_DTYPES):
+            raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {self.dtype!r}")
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}; got {self.load_format!r}")
+        for name in ("max_num_seqs", "tensor_parallel_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("block_size", "max_model_len", "max_num_batched_tokens", "kv_cache_memory_bytes"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+
+    def resolved_model(self) -> str:
+        """The checkpoint directory: ``model``, or the built-in demo model when it is None."""
+        if self.model is not None:
+            return self.model
+        from pagedllm.demo import demo_model_path
+
+        return demo_model_path()
+
+
+@dataclass(slots=True)
+class ModelConfig:
+    """What the checkpoint says: architecture, Hugging Face config, dtype, lengths, EOS ids."""
+
+    path: str
+    hf_config: object
+    architecture: str
+    dtype: torch.dtype
+    max_model_len: int
+    eos_token_ids: frozenset[int]
+    generation_defaults: dict[str, object]
+
+    @property
+    def num_layers(self) -> int:
+        """Decoder layers."""
+        return int(self.hf_config.num_hidden_layers)
+
+    @property
+    def num_kv_heads(self) -> int:
+        """KV heads of one layer."""
+        cfg = self.hf_config
+        return int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+
+    @property
+    def head_dim(self) -> int:
+        """Attention head size."""
+        cfg = self.hf_config
+        return int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+
+    @property
+    def vocab_size(self) -> int:
+        """Vocabulary size (rows of the LM head)."""
+        return int(self.hf_config.vocab_size)
+
+
+def load_model_config(path: str, dtype: str, max_model_len: int | None) -> ModelConfig:
+    """Read ``config.json`` (and ``generation_config.json`` if present) from a local directory.
+
+    Raises FileNotFoundError naming the missing file, ValueError for a config without architectures or
+    a ``max_model_len`` beyond the model's positions.
+    """
+    directory = Path(path)
+    config_file = directory / "config.json"
+    if not directory.is_dir():
+        raise FileNotFoundError(f"model directory {path!r} does not exist (no model hub here: give a local path)")
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} is missing: a Hugging Face checkpoint needs config.json")
+    from transformers import AutoConfig
+
+    try:
+        hf_config = AutoConfig.from_pretrained(str(directory))
+    except (ValueError, KeyError, OSError) as exc:
+        raise ValueError(f"{config_file}: cannot read the model config: {exc}") from exc
+    architectures = getattr(hf_config, "architectures", None) or []
+    if not architectures:
+        raise ValueError(f"{config_file} names no 'architectures'; cannot pick a model class")
+    model_positions = int(getattr(hf_config, "max_position_embeddings", 2048))
+    if max_model_len is None:
+        max_model_len = model_positions
+    elif max_model_len > model_positions:
+        raise ValueError(
+            f"max_model_len {max_model_len} exceeds the model's max_position_embeddings {model_positions}"
+        )
+    eos_ids, defaults = _generation_config(directory, hf_config)
+    return ModelConfig(
+        path=str(directory),
+        hf_config=hf_config,
+        architecture=architectures[0],
+        dtype=_resolve_dtype(dtype, hf_config),
+        max_model_len=max_model_len,
+        eos_token_ids=eos_ids,
+        generation_defaults=defaults,
+    )
+
+
+def _resolve_dtype(dtype: str, hf_config: object) -> torch.dtype:
+    if dtype != "auto":
+        return _DTYPES[dtype]
+    config_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    if isinstance(config_dtype, str):
+        config_dtype = _DTYPES.get(config_dtype)
+    return config_dtype if isinstance(config_dtype, torch.dtype) else torch.float32
+
+
+def _as_ids(value: object) -> set[int]:
+    if value is None:
+        return set()
+    if isinstance(value, int):
+        return {value}
+    return {int(v) for v in value}  # type: ignore[union-attr]
+
+
+def _generation_config(directory: Path, hf_config: object) -> tuple[frozenset[int], dict[str, object]]:
+    eos = _as_ids(getattr(hf_config, "eos_token_id", None))
+    defaults: dict[str, object] = {}
+    gen_file = directory / "generation_config.json"
+    if gen_file.is_file():
+        with open(gen_file) as f:
+            gen = json.load(f)
+        eos |= _as_ids(gen.get("eos_token_id"))
+        if gen.get("do_sample", False):
+            for key in ("temperature", "top_p", "top_k", "min_p"):
+                if key in gen:
+                    defaults[key] = gen[key]
+        else:
+            defaults["temperature"] = 0.0
+        if "repetition_penalty" in gen:
+            defaults["repetition_penalty"] = gen["repetition_penalty"]
+    return frozenset(eos), defaults
+
+
+def default_num_threads() -> int:
+    """Threads torch should use on the CPU: every core this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1

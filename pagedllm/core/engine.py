@@ -1,0 +1,263 @@
+"""The engine: add requests, step (schedule -> run -> sample -> update), emit RequestOutputs."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from pagedllm.backends.interface import Backend
+from pagedllm.core.block_manager import BlockManager
+from pagedllm.core.config import EngineConfig, ModelConfig, load_model_config
+from pagedllm.core.executor import Executor, UniProcExecutor
+from pagedllm.core.output_processor import OutputProcessor, ParentRequest
+from pagedllm.core.outputs import RequestOutput
+from pagedllm.core.request import Request, RequestStatus
+from pagedllm.core.sampler import Sampler
+from pagedllm.core.sampling_params import SamplingParams
+from pagedllm.core.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class EngineStats:
+    """A snapshot of the engine for metrics and logs."""
+
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    num_free_blocks: int
+    num_total_blocks: int
+    num_wasted_slots: int
+    num_preemptions: int
+    prefix_cache_queries_tokens: int
+    prefix_cache_hit_tokens: int
+
+
+def pick_block_size(requested: int | None, supported: Sequence[int]) -> int:
+    """The configured block size if the backend supports it, else its first (preferred) one.
+
+    Raises ValueError when an explicit size is not supported.
+    """
+    if requested is None:
+        return 16 if 16 in supported else supported[0]
+    if requested not in supported:
+        raise ValueError(f"block_size {requested} is not supported by this backend; supported: {list(supported)}")
+    return requested
+
+
+class LLMEngine:
+    """Continuous-batching engine over one backend; synchronous: the caller drives :meth:`step`."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        from pagedllm.backends.registry import get_registry
+
+        self.config = config
+        self.backend_cls: type[Backend] = get_registry().resolve_backend(config.device)
+        capabilities = self.backend_cls().capabilities()
+        model_path = config.resolved_model()
+        if config.model is None:
+            logger.info("no model given: using the built-in demo model at %s", model_path)
+        self.model_config: ModelConfig = load_model_config(model_path, config.dtype, config.max_model_len)
+        mc = self.model_config
+        if mc.dtype not in capabilities.dtypes:
+            raise ValueError(f"backend {self.backend_cls.name!r} does not support dtype {mc.dtype}; "
+                             f"supported: {[str(d) for d in capabilities.dtypes]}")
+        if mc.head_dim not in capabilities.head_sizes:
+            raise ValueError(f"backend {self.backend_cls.name!r} does not support head size {mc.head_dim}; "
+                             f"supported: {list(capabilities.head_sizes)}")
+        self.block_size = pick_block_size(config.block_size, capabilities.block_sizes)
+        self.max_num_batched_tokens = config.max_num_batched_tokens or max(2048, config.max_num_seqs)
+        chunked = config.enable_chunked_prefill and capabilities.supports_chunked_prefill
+        if not chunked:
+            self.max_num_batched_tokens = max(self.max_num_batched_tokens, mc.max_model_len)
+        self.tokenizer = load_tokenizer(config.tokenizer or model_path, required=config.load_format != "dummy")
+        self.executor = self._make_executor()
+
+        bytes_per_block = self.executor.bytes_per_block()
+        budget = config.kv_cache_memory_bytes
+        if budget is None:
+            budget = self.executor.kv_cache_budget_bytes(self.max_num_batched_tokens)
+        num_blocks = budget // bytes_per_block
+        if num_blocks < 2:
+            raise ValueError(f"KV cache budget of {budget} bytes holds {num_blocks} blocks of {bytes_per_block} "
+                             f"bytes; at least 2 are needed: raise kv_cache_memory_bytes")
+        self.executor.initialize_cache(num_blocks)
+        self.block_manager = BlockManager(num_blocks, self.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, self.max_num_batched_tokens,
+                                   mc.max_model_len, chunked)
+        self.sampler = Sampler(self._driver_device(), config.seed)
+        self.output_processor = OutputProcessor(self.tokenizer, mc.max_model_len)
+        pool_tokens = (num_blocks - 1) * self.block_size
+        logger.info(
+            "backend %s, model %s (%s, %s): KV pool %d blocks x %d tokens = %d tokens (%.1f MiB); max "
+            "concurrency %.1fx at max_model_len %d",
+            self.backend_cls.name, model_path, mc.architecture, mc.dtype, num_blocks, self.block_size,
+            pool_tokens, num_blocks * bytes_per_block / 2**20, pool_tokens / mc.max_model_len, mc.max_model_len,
+        )
+        self._request_counter = 0
+
+    def _make_executor(self) -> Executor:
+        if self.config.tensor_parallel_size > 1:
+            from pagedllm.core.distributed import make_distributed_executor
+
+            return make_distributed_executor(self.config, self.model_config, self.backend_cls, self.block_size)
+        return UniProcExecutor(self.config, self.model_config, self.backend_cls, self.block_size)
+
+    def _driver_device(self) -> torch.device:
+        return getattr(self.executor, "device", torch.device("cpu"))
+
+    # ------------------------------------------------------------------ requests
+    def default_sampling_params(self) -> SamplingParams:
+        """Sampling defaults from the model's ``generation_config.json`` (greedy if it says no sampling)."""
+        return SamplingParams(**self.model_config.generation_defaults)  # type: ignore[arg-type]
+
+    def tokenize(self, prompt: str) -> list[int]:
+        """Token ids of ``prompt`` with the tokenizer's special tokens (e.g. BOS)."""
+        if self.tokenizer is None:
+            raise ValueError("this model directory has no tokenizer: pass prompts as token ids")
+        return list(self.tokenizer(prompt).input_ids)
+
+    def add_request(
+        self,
+        request_id: str | None,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        arrival_time: float | None = None,
+    ) -> str:
+        """Queue a prompt (text or token ids) for ``params.n`` completions; returns the request id.
+
+        Raises ValueError (naming the problem) for a prompt that can never run: empty, out-of-vocabulary
+        ids, or prompt + max_tokens beyond ``max_model_len`` or the whole KV pool.
+        """
+        params = (params or self.default_sampling_params()).clone()
+        if request_id is None:
+            request_id = str(self._request_counter)
+            self._request_counter += 1
+        if request_id in self.output_processor.parents:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        prompt_text = prompt if isinstance(prompt, str) else None
+        token_ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in token_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab}); got {min(token_ids)}..{max(token_ids)}")
+        if params.max_tokens is None:
+            params.max_tokens = max(1, self.model_config.max_model_len - len(token_ids))
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        children = []
+        for index in range(params.n):
+            child_params = params
+            if params.n > 1:
+                child_params = params.clone()
+                if params.seed is not None:
+                    child_params.seed = params.seed + index
+            child_id = request_id if params.n == 1 else f"{index}_{request_id}"
+            children.append(Request(child_id, token_ids, child_params, arrival,
+                                    eos_token_ids=self._eos_ids(), parent_id=request_id, index=index))
+        for child in children:
+            self.scheduler.check_request(child)
+        for child in children:
+            self.scheduler.add_request(child)
+        self.output_processor.add(ParentRequest(request_id, prompt_text, token_ids, children))
+        return request_id
+
+    def _eos_ids(self) -> frozenset[int]:
+        ids = set(self.model_config.eos_token_ids)
+        if getattr(self.tokenizer, "eos_token_id", None) is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return frozenset(ids)
+
+    def abort_request(self, request_ids: str | Sequence[str]) -> None:
+        """Abort user requests (all their children); their KV blocks are freed at once."""
+        if isinstance(request_ids, str):
+            request_ids = [request_ids]
+        for request_id in request_ids:
+            parent = self.output_processor.parents.get(request_id)
+            if parent is None:
+                continue
+            for child in parent.children:
+                if not child.is_finished:
+                    self.scheduler.finish_requests([child.request_id], RequestStatus.FINISHED_ABORTED)
+                    self.output_processor.mark_finished(child, RequestStatus.FINISHED_ABORTED)
+                    self.sampler.forget(child.request_id)
+            self.output_processor.make_output(parent)
+
+    def has_unfinished_requests(self) -> bool:
+        """True while any request waits or runs."""
+        return self.scheduler.has_unfinished_requests()
+
+    # ------------------------------------------------------------------ the step
+    def step(self) -> list[RequestOutput]:
+        """Run one step; returns the current output of every user request that got a token or finished."""
+        scheduler_output = self.scheduler.schedule()
+        if scheduler_output.is_empty:
+            return []
+        now = time.monotonic()
+        for scheduled in scheduler_output.scheduled:
+            metrics = self.scheduler.requests[scheduled.request_id].metrics
+            if metrics is not None and metrics.first_scheduled_time is None:
+                metrics.first_scheduled_time = now
+        runner_output = self.executor.execute(scheduler_output)
+        requests = [self.scheduler.requests[rid] for rid in runner_output.request_ids]
+        if not requests:
+            return []
+        batch = self.sampler.make_batch(requests, runner_output.logits.shape[-1])
+        sampled = self.sampler(runner_output.logits, batch)
+        finished = self.output_processor.process(runner_output.request_ids, sampled, self.scheduler.requests)
+        for request, status in finished:
+            self.scheduler.finish_requests([request.request_id], status)
+            self.sampler.forget(request.request_id)
+            if request.metrics is not None:
+                request.metrics.finished_time = time.monotonic()
+        touched: dict[str, ParentRequest] = {}
+        for request in requests:
+            parent = self.output_processor.parent_of.get(request.request_id)
+            if parent is not None:
+                touched[parent.request_id] = parent
+        return [self.output_processor.make_output(parent) for parent in touched.values()]
+
+    # ------------------------------------------------------------------ accounting
+    def kv_cache_usage(self) -> float:
+        """Fraction of the KV pool held by requests."""
+        return self.block_manager.usage()
+
+    def stats(self) -> EngineStats:
+        """Running/waiting counts, KV usage and waste, preemptions and prefix-cache counters."""
+        bm = self.block_manager
+        in_cache = {r.request_id: r.num_computed_tokens for r in self.scheduler.running}
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_cache_usage=bm.usage(),
+            num_free_blocks=bm.num_free_blocks,
+            num_total_blocks=bm.pool.num_usable_blocks,
+            num_wasted_slots=bm.num_wasted_slots(in_cache),
+            num_preemptions=self.scheduler.num_preemptions,
+            prefix_cache_queries_tokens=bm.num_prefix_queries_tokens,
+            prefix_cache_hit_tokens=bm.num_prefix_hit_tokens,
+        )
+
+    def shutdown(self) -> None:
+        """Stop the executor's workers."""
+        self.executor.shutdown()
+
+
+def load_tokenizer(path: str, required: bool = True) -> object | None:
+    """Load a Hugging Face tokenizer from a local directory.
+
+    Raises FileNotFoundError if there is none and ``required``; else returns None (token-id prompts only,
+    as for a config-only directory with dummy weights).
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as exc:
+        if not required:
+            logger.info("no tokenizer in %s: prompts must be token ids, outputs are not detokenized", path)
+            return None
+        raise FileNotFoundError(f"cannot load a tokenizer from {path!r}: {exc}") from exc

@@ -1,0 +1,101 @@
+"""Build a registered model class and fill it from safetensors files (single or sharded) or randomly."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pagedllm.backends.interface import Backend
+from pagedllm.core.config import ModelConfig
+
+
+def model_class_for(architecture: str) -> type[nn.Module]:
+    """Return the class registered for ``architecture`` (through the ``pagedllm_register_models`` hook).
+
+    Raises ValueError listing the supported architectures.
+    """
+    from pagedllm.backends.registry import get_registry
+
+    models = get_registry().models()
+    if architecture not in models:
+        raise ValueError(
+            f"unknown model architecture {architecture!r} (config.json 'architectures'); supported: "
+            f"{', '.join(sorted(models))}. A plugin can add one through pagedllm_register_models"
+        )
+    return models[architecture]
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def safetensors_files(directory: Path) -> list[Path]:
+    """The checkpoint's weight files: those named by ``model.safetensors.index.json``, else ``*.safetensors``.
+
+    Raises FileNotFoundError naming what is missing.
+    """
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        with open(index) as f:
+            names = sorted(set(json.load(f)["weight_map"].values()))
+        files = [directory / n for n in names]
+        missing = [str(p) for p in files if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index} names shard(s) that are missing: {', '.join(missing)}")
+        return files
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(
+            f"no *.safetensors file in {directory}; only safetensors checkpoints are loaded "
+            f"(or use load_format='dummy' for random weights)"
+        )
+    return files
+
+
+def iterate_weights(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, tensor)`` from every safetensors file of the checkpoint, one tensor at a time."""
+    from safetensors import safe_open
+
+    for path in safetensors_files(directory):
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                yield name, f.get_tensor(name)
+
+
+def load_model(
+    model_config: ModelConfig, backend: Backend, device: torch.device, load_format: str, seed: int | None = 0
+) -> nn.Module:
+    """Instantiate the model on ``device`` in the configured dtype and load its weights.
+
+    ``load_format``: ``auto``/``safetensors`` read the checkpoint; ``dummy`` fills every parameter with
+    small random values (for speed runs with a config-only directory). Raises ValueError naming any
+    parameter the checkpoint does not fill.
+    """
+    cls = model_class_for(model_config.architecture)
+    with _default_dtype(model_config.dtype), torch.device(device):
+        model = cls(model_config.hf_config, backend)
+    if load_format == "dummy":
+        generator = torch.Generator(device=device).manual_seed(seed or 0)
+        for param in model.parameters():
+            param.data.uniform_(-1e-2, 1e-2, generator=generator)
+    else:
+        loaded = model.load_weights(iterate_weights(Path(model_config.path)))
+        expected = {name for name, _ in model.named_parameters()}
+        missing = sorted(expected - loaded)
+        if missing:
+            raise ValueError(
+                f"checkpoint {model_config.path} does not provide parameter(s): {', '.join(missing[:8])}"
+                + (" ..." if len(missing) > 8 else "")
+            )
+    return model.eval()

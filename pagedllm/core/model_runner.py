@@ -1,0 +1,140 @@
+"""Turns a :class:`SchedulerOutput` into one flat token batch, runs the model and returns logits.
+
+Host-side preparation is vectorized with numpy (one Python iteration per request, none per token); the
+only device transfers are the few index tensors of the step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from pagedllm.backends.interface import AttentionMetadata, Backend
+from pagedllm.core.block_manager import cdiv
+from pagedllm.core.scheduler import ScheduledRequest, SchedulerOutput
+
+
+@dataclass(slots=True)
+class ModelInput:
+    """The flat batch of one step, on the device."""
+
+    input_ids: torch.Tensor  # [num_tokens] int64
+    positions: torch.Tensor  # [num_tokens] int64
+    metadata: AttentionMetadata
+    logits_indices: torch.Tensor  # [num_sampled] int64: rows whose logits are sampled
+    sampled_request_ids: list[str]  # request of each logits row, in row order
+
+
+@dataclass(slots=True)
+class ModelRunnerOutput:
+    """Logits of the requests that sample this step: ``logits[i]`` belongs to ``request_ids[i]``."""
+
+    request_ids: list[str]
+    logits: torch.Tensor  # [num_sampled, vocab_size]
+
+
+class ModelRunner:
+    """Owns the model and its KV caches on one device; runs one step at a time."""
+
+    def __init__(
+        self, model: nn.Module, backend: Backend, device: torch.device, block_size: int, max_model_len: int
+    ) -> None:
+        self.model = model
+        self.backend = backend
+        self.device = device
+        self.block_size = block_size
+        self.max_blocks_per_seq = cdiv(max_model_len, block_size)
+        self.kv_caches: list[torch.Tensor] = []
+
+    # ------------------------------------------------------------------ KV cache
+    def kv_cache_bytes_per_block(self, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        """Bytes one block takes across all layers."""
+        shape = self.backend.kv_cache_shape(1, self.block_size, num_kv_heads, head_dim)
+        per_layer = int(np.prod(shape)) * torch.empty(0, dtype=dtype).element_size()
+        return per_layer * len(self.model.attention_layers())
+
+    def allocate_kv_cache(self, num_blocks: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
+        """Allocate one zeroed cache tensor per layer (layout chosen by the backend) and bind it."""
+        shape = self.backend.kv_cache_shape(num_blocks, self.block_size, num_kv_heads, head_dim)
+        self.kv_caches = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in self.model.attention_layers()]
+        for layer, cache in zip(self.model.attention_layers(), self.kv_caches, strict=True):
+            layer.kv_cache = cache
+
+    # ------------------------------------------------------------------ one step
+    def prepare(self, scheduled: list[ScheduledRequest]) -> ModelInput:
+        """Build input ids, positions, slot mapping and block tables; decodes are ordered first."""
+        order = sorted(range(len(scheduled)), key=lambda i: scheduled[i].num_new_tokens != 1)
+        reqs = [scheduled[i] for i in order]
+        num_requests = len(reqs)
+        num_new = np.fromiter((r.num_new_tokens for r in reqs), dtype=np.int64, count=num_requests)
+        starts = np.fromiter((r.start_position for r in reqs), dtype=np.int64, count=num_requests)
+        query_start = np.zeros(num_requests + 1, dtype=np.int64)
+        np.cumsum(num_new, out=query_start[1:])
+        num_tokens = int(query_start[-1])
+        input_ids = np.fromiter((t for r in reqs for t in r.token_ids), dtype=np.int64, count=num_tokens)
+        request_of_token = np.repeat(np.arange(num_requests), num_new)
+        positions = starts[request_of_token] + np.arange(num_tokens) - query_start[request_of_token]
+        block_tables = np.zeros((num_requests, self.max_blocks_per_seq), dtype=np.int32)
+        for i, r in enumerate(reqs):
+            block_tables[i, : len(r.block_ids)] = r.block_ids
+        slots = (
+            block_tables[request_of_token, positions // self.block_size].astype(np.int64) * self.block_size
+            + positions % self.block_size
+        )
+        seq_lens = (starts + num_new).astype(np.int32)
+        sampled = [i for i, r in enumerate(reqs) if r.needs_sample]
+        logits_indices = query_start[1:][sampled] - 1
+        num_decodes = int(np.sum(num_new == 1))
+        dev = self.device
+
+        def to_dev(a: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(a).to(dev, non_blocking=True)
+
+        query_start_cpu = torch.from_numpy(query_start.astype(np.int32))
+        seq_lens_cpu = torch.from_numpy(seq_lens)
+        metadata = AttentionMetadata(
+            num_tokens=num_tokens,
+            num_decodes=num_decodes,
+            query_start_loc=query_start_cpu.to(dev, non_blocking=True),
+            seq_lens=seq_lens_cpu.to(dev, non_blocking=True),
+            context_lens=to_dev(starts.astype(np.int32)),
+            block_tables=to_dev(block_tables),
+            slot_mapping=to_dev(slots),
+            max_query_len=int(num_new.max()),
+            max_seq_len=int(seq_lens.max()),
+            block_size=self.block_size,
+            query_start_loc_cpu=query_start_cpu,
+            seq_lens_cpu=seq_lens_cpu,
+        )
+        return ModelInput(
+            input_ids=to_dev(input_ids),
+            positions=to_dev(positions),
+            metadata=metadata,
+            logits_indices=to_dev(logits_indices),
+            sampled_request_ids=[reqs[i].request_id for i in sampled],
+        )
+
+    @torch.inference_mode()
+    def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        """Run the step's batch through the model; returns logits of the requests that sample."""
+        model_input = self.prepare(scheduler_output.scheduled)
+        hidden = self.model(model_input.input_ids, model_input.positions, model_input.metadata)
+        logits = self.model.compute_logits(hidden[model_input.logits_indices])
+        return ModelRunnerOutput(model_input.sampled_request_ids, logits)
+
+    @torch.inference_mode()
+    def profile_run(self, num_tokens: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
+        """Run one forward of ``num_tokens`` prompt tokens over a throw-away two-block cache, so the
+        peak activation memory is known before the KV pool is sized. Nothing is written (slots -1)."""
+        self.allocate_kv_cache(2, num_kv_heads, head_dim, dtype)
+        num_tokens = min(num_tokens, self.max_blocks_per_seq * self.block_size)
+        scheduled = [ScheduledRequest("profile", [0] * num_tokens, 0, [], needs_sample=True)]
+        model_input = self.prepare(scheduled)
+        model_input.metadata.slot_mapping.fill_(-1)
+        hidden = self.model(model_input.input_ids, model_input.positions, model_input.metadata)
+        self.model.compute_logits(hidden[model_input.logits_indices])
+        self.backend.synchronize()
+        self.kv_caches = []

@@ -1,0 +1,119 @@
+"""Neutral building blocks of decoder models: norms, rotary embedding, fused linear layers, paged attention.
+
+Layers compute through the backend's fused-op hooks (``rms_norm``, ``rotary_embedding``, ``silu_and_mul``)
+and its paged attention, so model code never names a device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from pagedllm.backends.interface import AttentionMetadata, AttentionSpec, Backend
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed by the backend; ``forward(x, residual)`` also fuses the residual add."""
+
+    def __init__(self, hidden_size: int, eps: float, backend: Backend) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+        self.backend = backend
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``x``: ``[num_tokens, hidden]``. Without ``residual``: the normed x. With it: ``(normed(x +
+        residual), x + residual)``."""
+        if residual is None:
+            return self.backend.rms_norm(x, self.weight, self.variance_epsilon)
+        return self.backend.add_rms_norm(x, residual, self.weight, self.variance_epsilon)
+
+
+def rope_inv_freq(hf_config: object, head_dim: int) -> tuple[torch.Tensor, float]:
+    """Return ``(inv_freq [head_dim // 2] float32, attention_scaling)`` as Hugging Face computes them.
+
+    Reads ``rope_parameters`` (transformers 5) or ``rope_theta``/``rope_scaling`` (transformers 4). Plain
+    RoPE is computed here; scaled variants (``linear``, ``llama3``, ``yarn``, ...) use transformers' own
+    init functions so they match exactly.
+    """
+    params = getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {}
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    theta = params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+    if rope_type == "default":
+        exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+        return 1.0 / (theta**exponents), 1.0
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    if rope_type not in ROPE_INIT_FUNCTIONS:
+        raise ValueError(f"unsupported rope_type {rope_type!r} in config.json")
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, None)
+    return inv_freq.float(), float(scaling)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding with a precomputed ``[max_position, head_dim]`` float32 cos|sin cache."""
+
+    def __init__(self, hf_config: object, head_dim: int, max_position: int, backend: Backend) -> None:
+        super().__init__()
+        inv_freq, scaling = rope_inv_freq(hf_config, head_dim)
+        freqs = torch.arange(max_position, dtype=torch.float32)[:, None] * inv_freq[None, :]
+        cache = torch.cat((freqs.cos() * scaling, freqs.sin() * scaling), dim=-1)
+        self.register_buffer("cos_sin_cache", cache, persistent=False)
+        self.backend = backend
+
+    def forward(
+        self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``positions: [num_tokens]``, ``query: [num_tokens, num_heads, head_dim]``, ``key: [num_tokens,
+        num_kv_heads, head_dim]``; returns the rotated pair."""
+        return self.backend.rotary_embedding(positions, query, key, self.cos_sin_cache)
+
+
+class MergedLinear(nn.Module):
+    """Several linear layers on the same input stored as one matrix (e.g. q|k|v or gate|up).
+
+    ``shard_sizes`` are the output sizes of the parts, in order; ``load_shard`` copies a checkpoint tensor
+    of part ``index`` into its rows. Tensor-parallel subclasses override ``load_shard``.
+    """
+
+    def __init__(self, in_features: int, shard_sizes: Sequence[int], bias: bool) -> None:
+        super().__init__()
+        self.shard_sizes = list(shard_sizes)
+        self.weight = nn.Parameter(torch.empty(sum(shard_sizes), in_features))
+        self.bias = nn.Parameter(torch.empty(sum(shard_sizes))) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x: [num_tokens, in_features]`` -> ``[num_tokens, sum(shard_sizes)]``."""
+        return nn.functional.linear(x, self.weight, self.bias)
+
+    def load_shard(self, param_name: str, index: int, loaded: torch.Tensor) -> None:
+        """Copy part ``index`` of ``weight`` or ``bias`` (``param_name``) from a checkpoint tensor."""
+        param = getattr(self, param_name)
+        start = sum(self.shard_sizes[:index])
+        target = param.data[start : start + self.shard_sizes[index]]
+        if target.shape != loaded.shape:
+            raise ValueError(f"shape mismatch: expected {tuple(target.shape)}, got {tuple(loaded.shape)}")
+        target.copy_(loaded)
+
+
+class PagedAttention(nn.Module):
+    """Writes this step's K/V into the layer's paged cache and attends through the backend."""
+
+    def __init__(self, spec: AttentionSpec, backend: Backend) -> None:
+        super().__init__()
+        self.spec = spec
+        self.backend = backend
+        self.kv_cache: torch.Tensor = torch.empty(0)  # bound by the model runner after allocation
+
+    def forward(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, metadata: AttentionMetadata
+    ) -> torch.Tensor:
+        """``query: [num_tokens, num_heads, head_dim]``, ``key/value: [num_tokens, num_kv_heads, head_dim]``;
+        returns ``[num_tokens, num_heads * head_dim]``."""
+        self.backend.write_kv_cache(key, value, self.kv_cache, metadata.slot_mapping)
+        out = self.backend.attention(query, key, value, self.kv_cache, metadata, self.spec)
+        return out.reshape(out.shape[0], -1)

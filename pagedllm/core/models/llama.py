@@ -1,0 +1,241 @@
+"""Llama-family decoders (Llama 2/3, Mistral, Qwen2) with Hugging Face class and parameter names.
+
+Differences between the family members are configuration, not code: Qwen2 has biases on q/k/v and often
+ties its embeddings; Mistral has a sliding window. q/k/v and gate/up are stored fused (``qkv_proj``,
+``gate_up_proj``); ``load_weights`` maps the Hugging Face names onto them, so ``forward`` never sees the
+checkpoint layout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from pagedllm.backends.interface import AttentionMetadata, AttentionSpec, Backend
+from pagedllm.core.models.layers import MergedLinear, PagedAttention, RMSNorm, RotaryEmbedding
+
+# checkpoint name fragment -> (our fused parameter fragment, part index)
+STACKED_PARAMS: dict[str, tuple[str, int]] = {
+    ".q_proj.": (".qkv_proj.", 0),
+    ".k_proj.": (".qkv_proj.", 1),
+    ".v_proj.": (".qkv_proj.", 2),
+    ".gate_proj.": (".gate_up_proj.", 0),
+    ".up_proj.": (".gate_up_proj.", 1),
+}
+
+
+def head_dim_of(hf_config: object) -> int:
+    """The attention head size: ``head_dim`` if the config sets it, else hidden / heads."""
+    head_dim = getattr(hf_config, "head_dim", None)
+    return int(head_dim or hf_config.hidden_size // hf_config.num_attention_heads)
+
+
+class LlamaAttention(nn.Module):
+    """Self-attention: fused q|k|v projection, rotary embedding, paged attention, output projection."""
+
+    def __init__(self, hf_config: object, layer_idx: int, sliding_window: int | None, backend: Backend) -> None:
+        super().__init__()
+        self.num_heads = hf_config.num_attention_heads
+        self.num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = head_dim_of(hf_config)
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        bias = bool(getattr(hf_config, "attention_bias", False) or self.qkv_bias_default)
+        self.qkv_proj = MergedLinear(hf_config.hidden_size, [self.q_size, self.kv_size, self.kv_size], bias)
+        self.o_proj = nn.Linear(self.q_size, hf_config.hidden_size, bias=bool(getattr(hf_config,
+                                                                                      "attention_bias", False)))
+        self.rotary_emb = RotaryEmbedding(hf_config, self.head_dim, hf_config.max_position_embeddings, backend)
+        spec = AttentionSpec(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5, sliding_window)
+        self.attn = PagedAttention(spec, backend)
+
+    qkv_bias_default = False
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+        """``hidden: [num_tokens, hidden_size]`` -> ``[num_tokens, hidden_size]``."""
+        qkv = self.qkv_proj(hidden)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        num_tokens = hidden.shape[0]
+        q = q.reshape(num_tokens, self.num_heads, self.head_dim)
+        k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
+        q, k = self.rotary_emb(positions, q, k)
+        return self.o_proj(self.attn(q, k, v, metadata))
+
+
+class LlamaMLP(nn.Module):
+    """SwiGLU MLP with fused gate|up projection."""
+
+    def __init__(self, hf_config: object, backend: Backend) -> None:
+        super().__init__()
+        bias = bool(getattr(hf_config, "mlp_bias", False))
+        inter = hf_config.intermediate_size
+        self.gate_up_proj = MergedLinear(hf_config.hidden_size, [inter, inter], bias)
+        self.down_proj = nn.Linear(inter, hf_config.hidden_size, bias=bias)
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x: [num_tokens, hidden_size]`` -> same shape."""
+        return self.down_proj(self.backend.silu_and_mul(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    """Pre-norm decoder layer; the residual stream is carried separately so norms can fuse the add."""
+
+    attention_cls: type[LlamaAttention] = LlamaAttention
+
+    def __init__(self, hf_config: object, layer_idx: int, sliding_window: int | None, backend: Backend) -> None:
+        super().__init__()
+        self.self_attn = self.attention_cls(hf_config, layer_idx, sliding_window, backend)
+        self.mlp = LlamaMLP(hf_config, backend)
+        eps = hf_config.rms_norm_eps
+        self.input_layernorm = RMSNorm(hf_config.hidden_size, eps, backend)
+        self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, eps, backend)
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        metadata: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns ``(hidden, residual)``, each ``[num_tokens, hidden_size]``; their sum is the layer output."""
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, metadata)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaModel(nn.Module):
+    """Embedding, decoder layers and final norm."""
+
+    def __init__(self, hf_config: object, backend: Backend, layer_cls: type[LlamaDecoderLayer]) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(hf_config.vocab_size, hf_config.hidden_size)
+        self.layers = nn.ModuleList(
+            layer_cls(hf_config, i, sliding_window_of(hf_config, i), backend)
+            for i in range(hf_config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps, backend)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+        """``input_ids``, ``positions``: ``[num_tokens]`` -> hidden states ``[num_tokens, hidden_size]``."""
+        hidden = self.embed_tokens(input_ids)
+        residual = None
+        for layer in self.layers:
+            hidden, residual = layer(positions, hidden, residual, metadata)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+def sliding_window_of(hf_config: object, layer_idx: int) -> int | None:
+    """The sliding window of layer ``layer_idx``, or None for full attention.
+
+    transformers 5 lists per-layer ``layer_types``; older configs set ``sliding_window`` for every layer
+    (Mistral) or gate it with ``use_sliding_window`` (Qwen2).
+    """
+    window = getattr(hf_config, "sliding_window", None)
+    layer_types = getattr(hf_config, "layer_types", None)
+    if layer_types:
+        return window if layer_types[layer_idx] == "sliding_attention" else None
+    if getattr(hf_config, "use_sliding_window", True) is False:
+        return None
+    return window
+
+
+class LlamaForCausalLM(nn.Module):
+    """Causal LM head over :class:`LlamaModel`; the model contract every registered architecture follows.
+
+    - ``forward(input_ids, positions, metadata)`` -> hidden ``[num_tokens, hidden_size]``;
+    - ``compute_logits(hidden [num_sampled, hidden_size])`` -> ``[num_sampled, vocab_size]``;
+    - ``load_weights(iterable of (name, tensor))`` with Hugging Face names;
+    - ``attention_layers()`` -> the :class:`PagedAttention` modules to bind KV caches to.
+    """
+
+    layer_cls: type[LlamaDecoderLayer] = LlamaDecoderLayer
+
+    def __init__(self, hf_config: object, backend: Backend) -> None:
+        super().__init__()
+        self.config = hf_config
+        self.model = LlamaModel(hf_config, backend, self.layer_cls)
+        self.lm_head = nn.Linear(hf_config.hidden_size, hf_config.vocab_size, bias=False)
+        self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
+        if self.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+        """See the class docstring."""
+        return self.model(input_ids, positions, metadata)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Project the hidden states of the sampled tokens onto the vocabulary."""
+        return self.lm_head(hidden)
+
+    def attention_layers(self) -> list[PagedAttention]:
+        """The attention modules in layer order."""
+        return [layer.self_attn.attn for layer in self.model.layers]
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Copy checkpoint tensors into the parameters; returns the set of our parameter names filled.
+
+        Raises ValueError naming the parameter on a shape mismatch or an unexpected name.
+        """
+        params = dict(self.named_parameters(remove_duplicate=False))
+        modules = dict(self.named_modules())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if "rotary_emb.inv_freq" in name or (self.tie_word_embeddings and name == "lm_head.weight"):
+                continue
+            for fragment, (fused, index) in STACKED_PARAMS.items():
+                if fragment in name:
+                    target = name.replace(fragment, fused)
+                    module_name, _, param_name = target.rpartition(".")
+                    if module_name not in modules:
+                        raise ValueError(f"checkpoint tensor {name!r} has no matching parameter {target!r}")
+                    try:
+                        modules[module_name].load_shard(param_name, index, tensor)
+                    except ValueError as exc:
+                        raise ValueError(f"checkpoint tensor {name!r}: {exc}") from exc
+                    loaded.add(target)
+                    break
+            else:
+                if name not in params:
+                    raise ValueError(f"checkpoint tensor {name!r} matches no parameter of {type(self).__name__}")
+                self.load_param(name, params[name], tensor)
+                loaded.add(name)
+        return loaded
+
+    def load_param(self, name: str, param: nn.Parameter, tensor: torch.Tensor) -> None:
+        """Copy one whole checkpoint tensor into ``param`` (tensor-parallel models slice it first)."""
+        if param.shape != tensor.shape:
+            raise ValueError(
+                f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}"
+            )
+        param.data.copy_(tensor)
+
+
+class MistralForCausalLM(LlamaForCausalLM):
+    """Mistral: the Llama decoder with a sliding attention window (``config.sliding_window``)."""
+
+
+class Qwen2Attention(LlamaAttention):
+    """Qwen2 attention: like Llama's with biases on q, k and v."""
+
+    qkv_bias_default = True
+
+
+class Qwen2DecoderLayer(LlamaDecoderLayer):
+    """Qwen2 decoder layer."""
+
+    attention_cls = Qwen2Attention
+
+
+class Qwen2ForCausalLM(LlamaForCausalLM):
+    """Qwen2: q/k/v biases; embeddings often tied; sliding window only where ``layer_types`` says so."""
+
+    layer_cls = Qwen2DecoderLayer

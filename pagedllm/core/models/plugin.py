@@ -1,0 +1,19 @@
+"""Pluggy plugin registering the built-in model architectures."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from pagedllm.backends.hookspecs import hookimpl
+
+
+@hookimpl
+def pagedllm_register_models() -> dict[str, type[nn.Module]]:
+    """Llama, Mistral and Qwen2 decoders."""
+    from pagedllm.core.models.llama import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
+
+    return {
+        "LlamaForCausalLM": LlamaForCausalLM,
+        "MistralForCausalLM": MistralForCausalLM,
+        "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    }

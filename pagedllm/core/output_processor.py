@@ -1,0 +1,156 @@
+"""After each step: append sampled tokens, detokenize incrementally, check stops, build RequestOutputs."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from pagedllm.core.detokenizer import IncrementalDetokenizer, find_stop_string
+from pagedllm.core.outputs import CompletionOutput, Logprob, RequestOutput
+from pagedllm.core.request import Request, RequestStatus
+from pagedllm.core.sampler import SamplerOutput
+
+
+@dataclass(slots=True)
+class ParentRequest:
+    """A user request: its prompt and the ``n`` child :class:`Request` s sampling completions of it."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    children: list[Request]
+    completions: list[CompletionOutput] = field(default_factory=list)
+    detokenizers: list[IncrementalDetokenizer] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        """True once every child is finished."""
+        return all(c.is_finished for c in self.children)
+
+
+class OutputProcessor:
+    """Owns the user-facing state of requests; the engine calls it once per step."""
+
+    def __init__(self, tokenizer: object, max_model_len: int) -> None:
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.parents: dict[str, ParentRequest] = {}
+        self.parent_of: dict[str, ParentRequest] = {}
+
+    def add(self, parent: ParentRequest) -> None:
+        """Track a new user request and its children."""
+        for child in parent.children:
+            params = child.sampling_params
+            parent.completions.append(CompletionOutput(child.index, "", [], None if params.logprobs is None
+                                                       else 0.0, [] if params.logprobs is not None else None))
+            parent.detokenizers.append(IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens))
+            if self.tokenizer is None:
+                params.detokenize = False
+            self.parent_of[child.request_id] = parent
+        self.parents[parent.request_id] = parent
+
+    def process(self, request_ids: list[str], sampled: SamplerOutput, requests: dict[str, Request]
+                ) -> list[tuple[Request, RequestStatus]]:
+        """Record one sampled token per request (row order of ``sampled``); returns the requests that
+        this token finished, with their final status."""
+        now = time.monotonic()
+        finished: list[tuple[Request, RequestStatus]] = []
+        for row, request_id in enumerate(request_ids):
+            request = requests[request_id]
+            token_id = sampled.token_ids[row]
+            request.append_output_token(token_id)
+            metrics = request.metrics
+            assert metrics is not None
+            if metrics.first_token_time is None:
+                metrics.first_token_time = now
+            metrics.last_token_time = now
+            parent = self.parent_of[request_id]
+            completion = parent.completions[request.index]
+            completion.token_ids.append(token_id)
+            if sampled.sampled_logprobs is not None and completion.logprobs is not None:
+                self._add_logprobs(completion, request, row, token_id, sampled)
+            status = self._check_stop(request, parent, token_id)
+            if status is not None:
+                finished.append((request, status))
+        return finished
+
+    def _add_logprobs(self, completion: CompletionOutput, request: Request, row: int, token_id: int,
+                      sampled: SamplerOutput) -> None:
+        assert sampled.sampled_logprobs is not None and sampled.sampled_ranks is not None
+        num = request.sampling_params.logprobs or 0
+        entry: dict[int, Logprob] = {}
+        if num and sampled.top_token_ids is not None and sampled.top_logprobs is not None:
+            ids = sampled.top_token_ids[row, :num].tolist()
+            values = sampled.top_logprobs[row, :num].tolist()
+            for rank, (tid, lp) in enumerate(zip(ids, values, strict=True), start=1):
+                entry[tid] = Logprob(lp, rank, self._token_text(tid))
+        lp = float(sampled.sampled_logprobs[row])
+        entry[token_id] = Logprob(lp, int(sampled.sampled_ranks[row]), self._token_text(token_id))
+        assert completion.logprobs is not None
+        completion.logprobs.append(entry)
+        completion.cumulative_logprob = (completion.cumulative_logprob or 0.0) + lp
+
+    def _token_text(self, token_id: int) -> str | None:
+        return None if self.tokenizer is None else self.tokenizer.decode([token_id])
+
+    def _check_stop(self, request: Request, parent: ParentRequest, token_id: int) -> RequestStatus | None:
+        params = request.sampling_params
+        completion = parent.completions[request.index]
+        detok = parent.detokenizers[request.index]
+        new_text = detok.append(token_id) if params.detokenize else ""
+        completion.text = detok.text
+        can_stop = request.num_output_tokens >= params.min_tokens
+        if can_stop and params.stop_token_ids and token_id in params.stop_token_ids:
+            request.stop_reason = token_id
+            return self._finish(request, completion, RequestStatus.FINISHED_STOPPED)
+        if can_stop and not params.ignore_eos and token_id in request.eos_token_ids:
+            return self._finish(request, completion, RequestStatus.FINISHED_STOPPED)
+        if can_stop and params.stop and new_text:
+            hit = find_stop_string(detok.text, params.stop, len(new_text))
+            if hit is not None:
+                stop, index = hit
+                end = index + len(stop) if params.include_stop_str_in_output else index
+                completion.text = detok.text = detok.text[:end]
+                request.stop_reason = stop
+                return self._finish(request, completion, RequestStatus.FINISHED_STOPPED)
+        if request.num_output_tokens >= request.max_tokens or request.num_tokens >= self.max_model_len:
+            return self._finish(request, completion, RequestStatus.FINISHED_LENGTH)
+        return None
+
+    def _finish(self, request: Request, completion: CompletionOutput, status: RequestStatus) -> RequestStatus:
+        completion.finish_reason = status.value
+        completion.stop_reason = request.stop_reason
+        return status
+
+    def mark_finished(self, request: Request, status: RequestStatus) -> None:
+        """Record a finish the engine decided (abort); sets the completion's finish reason."""
+        parent = self.parent_of.get(request.request_id)
+        if parent is not None:
+            completion = parent.completions[request.index]
+            if completion.finish_reason is None:
+                completion.finish_reason = status.value
+                if request.metrics is not None:
+                    request.metrics.finished_time = time.monotonic()
+
+    def make_output(self, parent: ParentRequest) -> RequestOutput:
+        """Snapshot the user-facing state of ``parent``; drops its bookkeeping once finished."""
+        finished = parent.finished
+        first = parent.children[0]
+        output = RequestOutput(
+            request_id=parent.request_id,
+            prompt=parent.prompt,
+            prompt_token_ids=parent.prompt_token_ids,
+            outputs=[
+                CompletionOutput(c.index, c.text, list(c.token_ids), c.cumulative_logprob,
+                                 None if c.logprobs is None else list(c.logprobs), c.finish_reason, c.stop_reason)
+                for c in parent.completions
+            ],
+            finished=finished,
+            metrics=first.metrics,
+            num_cached_tokens=first.num_cached_tokens,
+        )
+        if finished:
+            self.parents.pop(parent.request_id, None)
+            for child in parent.children:
+                self.parent_of.pop(child.request_id, None)
+        return output

@@ -1,0 +1,90 @@
+"""A request as the scheduler sees it: tokens, progress, status and sampling parameters."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from pagedllm.core.outputs import Logprob, RequestMetrics
+from pagedllm.core.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    """Life of a request: WAITING -> RUNNING (-> PREEMPTED -> RUNNING ...) -> one FINISHED_* state."""
+
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_ABORTED = "abort"
+
+    @property
+    def is_finished(self) -> bool:
+        """True for the FINISHED_* states."""
+        return self.value in ("stop", "length", "abort")
+
+
+@dataclass(slots=True, eq=False)
+class Request:
+    """One sequence to generate. ``n > 1`` prompts become ``n`` Requests sharing prompt blocks.
+
+    Invariant: ``num_computed_tokens <= num_tokens``; the tokens in ``[num_computed_tokens, num_tokens)``
+    still have to go through the model (a whole prompt, a chunk, or the last sampled token).
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    arrival_time: float
+    eos_token_ids: frozenset[int] = frozenset()
+    cache_salt: str | None = None
+    output_token_ids: list[int] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0
+    num_preemptions: int = 0
+    stop_reason: int | str | None = None
+    logprobs: list[dict[int, Logprob]] = field(default_factory=list)
+    cumulative_logprob: float = 0.0
+    metrics: RequestMetrics | None = None
+    parent_id: str | None = None
+    index: int = 0
+    # token counts for penalties, kept incrementally
+    all_token_ids: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.all_token_ids = list(self.prompt_token_ids)
+        if self.metrics is None:
+            self.metrics = RequestMetrics(arrival_time=self.arrival_time)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        """Tokens in the prompt."""
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        """Tokens generated so far."""
+        return len(self.output_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        """Prompt plus generated tokens."""
+        return len(self.all_token_ids)
+
+    @property
+    def max_tokens(self) -> int:
+        """The most tokens this request may generate (resolved by the engine; never None here)."""
+        assert self.sampling_params.max_tokens is not None
+        return self.sampling_params.max_tokens
+
+    def append_output_token(self, token_id: int) -> None:
+        """Record one sampled token."""
+        self.output_token_ids.append(token_id)
+        self.all_token_ids.append(token_id)
+
+    @property
+    def is_finished(self) -> bool:
+        """True once a FINISHED_* status is set."""
+        return self.status.is_finished

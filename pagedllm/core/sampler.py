@@ -1,0 +1,189 @@
+"""Sampling on the device: penalties, temperature, top-k/top-p/min-p, per-request seeds, logprobs.
+
+One call per step over all sampled requests; the only host transfer is the final token ids (and the
+logprobs when asked), never one sync per request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pagedllm.core.request import Request
+
+
+@dataclass(slots=True)
+class SamplingBatch:
+    """Per-row sampling parameters of one step as device tensors (row = one request to sample)."""
+
+    temperature: torch.Tensor  # [R] float32, 1.0 for greedy rows (unused there)
+    is_greedy: torch.Tensor  # [R] bool
+    top_k: torch.Tensor | None  # [R] int64 (vocab size = off), None if no row uses it
+    top_p: torch.Tensor | None  # [R] float32, None if no row uses it
+    min_p: torch.Tensor | None  # [R] float32, None if no row uses it
+    presence_penalty: torch.Tensor | None  # [R]
+    frequency_penalty: torch.Tensor | None  # [R]
+    repetition_penalty: torch.Tensor | None  # [R]
+    output_counts: torch.Tensor | None  # [R, vocab] float32 counts of generated tokens
+    seen_mask: torch.Tensor | None  # [R, vocab] bool: token in prompt or output (repetition penalty)
+    blocked_tokens: list[tuple[int, list[int]]]  # (row, token ids) masked out (min_tokens)
+    generators: list[torch.Generator | None]  # per-row generator of seeded requests
+    all_greedy: bool
+    max_num_logprobs: int | None
+
+
+@dataclass(slots=True)
+class SamplerOutput:
+    """Sampled tokens and, when asked, logprobs of the raw model distribution (host tensors)."""
+
+    token_ids: list[int]
+    sampled_logprobs: torch.Tensor | None = None  # [R] float32
+    sampled_ranks: torch.Tensor | None = None  # [R] int64, 1 = most likely
+    top_token_ids: torch.Tensor | None = None  # [R, k] int64
+    top_logprobs: torch.Tensor | None = None  # [R, k] float32
+
+
+class Sampler:
+    """Turns logits ``[num_sampled, vocab]`` into tokens, keeping one generator per seeded request."""
+
+    def __init__(self, device: torch.device, seed: int | None = None) -> None:
+        self.device = device
+        self.generator = torch.Generator(device=device)
+        if seed is not None:
+            self.generator.manual_seed(seed)
+        else:
+            self.generator.seed()
+        self._request_generators: dict[str, torch.Generator] = {}
+
+    def forget(self, request_id: str) -> None:
+        """Drop the generator of a finished request."""
+        self._request_generators.pop(request_id, None)
+
+    def make_batch(self, requests: list[Request], vocab_size: int) -> SamplingBatch:
+        """Build the step's :class:`SamplingBatch` from the requests to sample, in row order."""
+        device = self.device
+        params = [r.sampling_params for r in requests]
+        num_rows = len(requests)
+
+        def column(values: list[float], off: float, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+            if all(v == off for v in values):
+                return None
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        greedy = [p.is_greedy for p in params]
+        top_k = column([float(p.top_k if p.top_k > 0 else vocab_size) for p in params], float(vocab_size))
+        presence = column([p.presence_penalty for p in params], 0.0)
+        frequency = column([p.frequency_penalty for p in params], 0.0)
+        repetition = column([p.repetition_penalty for p in params], 1.0)
+        output_counts = seen_mask = None
+        if presence is not None or frequency is not None:
+            output_counts = torch.zeros(num_rows, vocab_size, device=device)
+            for row, r in enumerate(requests):
+                if r.output_token_ids:
+                    ids = torch.tensor(r.output_token_ids, device=device)
+                    output_counts[row].scatter_add_(0, ids, torch.ones_like(ids, dtype=torch.float32))
+        if repetition is not None:
+            seen_mask = torch.zeros(num_rows, vocab_size, dtype=torch.bool, device=device)
+            for row, r in enumerate(requests):
+                seen_mask[row, torch.tensor(r.all_token_ids, device=device)] = True
+        blocked = []
+        for row, r in enumerate(requests):
+            p = r.sampling_params
+            if r.num_output_tokens < p.min_tokens:
+                stops = set(p.stop_token_ids or [])
+                if not p.ignore_eos:
+                    stops |= set(r.eos_token_ids)
+                if stops:
+                    blocked.append((row, sorted(stops)))
+        generators: list[torch.Generator | None] = []
+        for r in requests:
+            seed = r.sampling_params.seed
+            if seed is None or r.sampling_params.is_greedy:
+                generators.append(None)
+                continue
+            if r.request_id not in self._request_generators:
+                g = torch.Generator(device=device)
+                g.manual_seed(seed)
+                self._request_generators[r.request_id] = g
+            generators.append(self._request_generators[r.request_id])
+        num_logprobs = [p.logprobs for p in params if p.logprobs is not None]
+        return SamplingBatch(
+            temperature=torch.tensor([1.0 if g else p.temperature for p, g in zip(params, greedy, strict=True)],
+                                     device=device),
+            is_greedy=torch.tensor(greedy, device=device),
+            top_k=None if top_k is None else top_k.long(),
+            top_p=column([p.top_p for p in params], 1.0),
+            min_p=column([p.min_p for p in params], 0.0),
+            presence_penalty=presence,
+            frequency_penalty=frequency,
+            repetition_penalty=repetition,
+            output_counts=output_counts,
+            seen_mask=seen_mask,
+            blocked_tokens=blocked,
+            generators=generators,
+            all_greedy=all(greedy),
+            max_num_logprobs=max(num_logprobs) if num_logprobs else None,
+        )
+
+    @torch.inference_mode()
+    def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+        """Sample one token per row of ``logits: [num_rows, vocab]``."""
+        logits = logits.float()
+        out = SamplerOutput(token_ids=[])
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if batch.max_num_logprobs is not None else None
+        logits = self._apply_penalties(logits, batch)
+        for row, token_ids in batch.blocked_tokens:
+            logits[row, token_ids] = float("-inf")
+        greedy_ids = logits.argmax(dim=-1)
+        if batch.all_greedy:
+            sampled = greedy_ids
+        else:
+            sampled = torch.where(batch.is_greedy, greedy_ids, self._sample(logits, batch))
+        if raw_logprobs is not None:
+            assert batch.max_num_logprobs is not None
+            sampled_lp = raw_logprobs.gather(1, sampled[:, None]).squeeze(1)
+            out.sampled_logprobs = sampled_lp.cpu()
+            out.sampled_ranks = ((raw_logprobs > sampled_lp[:, None]).sum(-1) + 1).cpu()
+            if batch.max_num_logprobs > 0:
+                top = raw_logprobs.topk(batch.max_num_logprobs, dim=-1)
+                out.top_logprobs, out.top_token_ids = top.values.cpu(), top.indices.cpu()
+        out.token_ids = sampled.tolist()
+        return out
+
+    @staticmethod
+    def _apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        if batch.repetition_penalty is not None and batch.seen_mask is not None:
+            penalty = batch.repetition_penalty[:, None].expand_as(logits)
+            penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+            logits = torch.where(batch.seen_mask, penalized, logits)
+        if batch.output_counts is not None:
+            if batch.frequency_penalty is not None:
+                logits = logits - batch.frequency_penalty[:, None] * batch.output_counts
+            if batch.presence_penalty is not None:
+                logits = logits - batch.presence_penalty[:, None] * (batch.output_counts > 0).float()
+        return logits
+
+    def _sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        logits = logits / batch.temperature[:, None]
+        if batch.top_k is not None:
+            kth = logits.sort(dim=-1, descending=True).values.gather(1, (batch.top_k - 1).clamp(min=0)[:, None])
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        if batch.min_p is not None:
+            threshold = probs.max(dim=-1, keepdim=True).values * batch.min_p[:, None]
+            probs = probs.masked_fill(probs < threshold, 0.0)
+        if batch.top_p is not None:
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            cumulative = sorted_probs.cumsum(dim=-1)
+            # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+            remove_sorted = (cumulative - sorted_probs) >= batch.top_p[:, None]
+            remove = torch.zeros_like(remove_sorted).scatter(1, order, remove_sorted)
+            probs = probs.masked_fill(remove, 0.0)
+        # Gumbel-style race: argmax(p / q) with q ~ Exp(1) samples from p; seeded rows use their own stream
+        noise = torch.empty_like(probs)
+        noise.exponential_(generator=self.generator)
+        for row, generator in enumerate(batch.generators):
+            if generator is not None:
+                noise[row].exponential_(generator=generator)
+        return (probs / noise).argmax(dim=-1)

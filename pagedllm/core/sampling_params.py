@@ -1,0 +1,88 @@
+"""Sampling parameters of one request, validated when built (vLLM's names and meanings)."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+_GREEDY_EPS = 1e-5
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    """How to sample the completion(s) of one prompt.
+
+    ``temperature=0`` means greedy. ``top_k=-1`` (or 0) and ``top_p=1`` disable those filters.
+    ``stop`` strings end the completion; they are left out of the text unless
+    ``include_stop_str_in_output``. ``logprobs=k`` returns, for each generated token, its logprob and
+    the top ``k`` alternatives. ``seed`` makes sampling reproducible whatever else is in the batch.
+    Invalid values raise ``ValueError`` naming the field.
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: list[str] | str | None = None
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
+    detokenize: bool = True
+    # filled by the engine: the tokenizer's EOS ids and generation_config defaults
+    all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.top_k == 0:
+            self.top_k = -1
+        self._validate()
+
+    def _validate(self) -> None:
+        checks: list[tuple[bool, str, str]] = [
+            (isinstance(self.n, int) and self.n >= 1, "n", f"must be an integer >= 1, got {self.n!r}"),
+            (self.temperature >= 0.0, "temperature", f"must be >= 0, got {self.temperature}"),
+            (0.0 < self.top_p <= 1.0, "top_p", f"must be in (0, 1], got {self.top_p}"),
+            (self.top_k == -1 or self.top_k >= 1, "top_k", f"must be -1 (off) or >= 1, got {self.top_k}"),
+            (0.0 <= self.min_p <= 1.0, "min_p", f"must be in [0, 1], got {self.min_p}"),
+            (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", f"must be in [-2, 2], got "
+             f"{self.presence_penalty}"),
+            (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", f"must be in [-2, 2], got "
+             f"{self.frequency_penalty}"),
+            (self.repetition_penalty > 0.0, "repetition_penalty", f"must be > 0, got "
+             f"{self.repetition_penalty}"),
+            (self.max_tokens is None or self.max_tokens >= 1, "max_tokens", f"must be >= 1, got "
+             f"{self.max_tokens}"),
+            (self.min_tokens >= 0, "min_tokens", f"must be >= 0, got {self.min_tokens}"),
+            (self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens",
+             f"must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}"),
+            (self.logprobs is None or self.logprobs >= 0, "logprobs", f"must be >= 0, got {self.logprobs}"),
+            (self.prompt_logprobs is None or self.prompt_logprobs >= 0, "prompt_logprobs",
+             f"must be >= 0, got {self.prompt_logprobs}"),
+            (all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings"),
+            (self.seed is None or isinstance(self.seed, int), "seed", f"must be an integer, got {self.seed!r}"),
+        ]
+        for ok, name, message in checks:
+            if not ok:
+                raise ValueError(f"SamplingParams.{name} {message}")
+
+    @property
+    def is_greedy(self) -> bool:
+        """True when the argmax is taken (temperature 0)."""
+        return self.temperature < _GREEDY_EPS
+
+    def clone(self) -> SamplingParams:
+        """Return an independent copy (the engine fills per-request fields)."""
+        return copy.deepcopy(self)

@@ -1,0 +1,201 @@
+"""Continuous batching under a token budget, with chunked prefill, prefix caching and preemption."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from pagedllm.core.block_manager import BlockManager
+from pagedllm.core.request import Request, RequestStatus
+
+
+@dataclass(slots=True)
+class ScheduledRequest:
+    """One request's share of a step: the tokens to run and where their KV goes.
+
+    ``token_ids`` are the ``num_new_tokens`` tokens at positions ``start_position ...``; ``block_ids`` is
+    the request's whole block table; ``needs_sample`` is True when this step reaches the request's last
+    token, so a new token is sampled from its logits.
+    """
+
+    request_id: str
+    token_ids: list[int]
+    start_position: int
+    block_ids: list[int]
+    needs_sample: bool
+
+    @property
+    def num_new_tokens(self) -> int:
+        """Tokens of this request in the step."""
+        return len(self.token_ids)
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    """What one step runs: the scheduled requests (in schedule order) and what changed."""
+
+    scheduled: list[ScheduledRequest]
+    num_batched_tokens: int
+    preempted_ids: list[str] = field(default_factory=list)
+    finished_ids: list[str] = field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        """True when nothing runs this step."""
+        return not self.scheduled
+
+
+class Scheduler:
+    """FCFS continuous-batching scheduler over a :class:`BlockManager`.
+
+    Takes scalars, not a config: ``max_num_seqs`` caps running requests, ``max_num_batched_tokens`` caps
+    the tokens of one step, ``max_model_len`` caps prompt + output, ``enable_chunked_prefill`` allows
+    splitting a prompt across steps.
+    """
+
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+        enable_chunked_prefill: bool = True,
+    ) -> None:
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.enable_chunked_prefill = enable_chunked_prefill
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self._finished_ids: list[str] = []
+        self.num_preemptions = 0
+
+    # ------------------------------------------------------------------ admission
+    def check_request(self, request: Request) -> None:
+        """Raise ValueError if the request can never run (too long for the model or for the whole pool)."""
+        total = request.num_prompt_tokens + request.max_tokens
+        if request.num_prompt_tokens == 0:
+            raise ValueError("the prompt is empty: at least one token is needed")
+        if total > self.max_model_len:
+            raise ValueError(
+                f"prompt ({request.num_prompt_tokens} tokens) + max_tokens ({request.max_tokens}) = {total} "
+                f"exceeds the maximum model length {self.max_model_len}; shorten the prompt or lower max_tokens"
+            )
+        needed = self.block_manager.blocks_for(total)
+        usable = self.block_manager.pool.num_usable_blocks
+        if needed > usable:
+            raise ValueError(
+                f"the request needs {needed} KV blocks ({total} tokens) but the whole pool has {usable}; "
+                f"raise kv_cache_memory_bytes or lower max_tokens"
+            )
+        if not self.enable_chunked_prefill and request.num_prompt_tokens > self.max_num_batched_tokens:
+            raise ValueError(
+                f"prompt of {request.num_prompt_tokens} tokens exceeds max_num_batched_tokens "
+                f"{self.max_num_batched_tokens} and chunked prefill is off"
+            )
+
+    def add_request(self, request: Request) -> None:
+        """Queue a request (FCFS) after :meth:`check_request` accepted it."""
+        self.check_request(request)
+        self.waiting.append(request)
+        self.requests[request.request_id] = request
+
+    def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> None:
+        """End requests (stop, length or abort): drop them from the queues and free their blocks."""
+        for request_id in request_ids:
+            request = self.requests.pop(request_id, None)
+            if request is None:
+                continue
+            if request.status == RequestStatus.RUNNING:
+                self.running.remove(request)
+            elif request in self.waiting:
+                self.waiting.remove(request)
+            request.status = status
+            self.block_manager.free(request)
+            self._finished_ids.append(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        """True while any request waits or runs."""
+        return bool(self.waiting or self.running)
+
+    # ------------------------------------------------------------------ scheduling
+    def schedule(self) -> SchedulerOutput:
+        """Choose the requests and token counts of the next step and reserve their slots.
+
+        Invariant: there are no prefill and decode phases. Each request's ``num_computed_tokens`` catches
+        up with its ``num_tokens``: a prefill is a request far behind, a decode one token behind, a
+        chunked prefill a prefill cut by the token budget. Running requests go first (in admission
+        order); when the pool runs dry the newest running request is preempted (blocks freed, back to the
+        front of the waiting queue, recomputed later). Waiting requests are admitted FCFS while budget,
+        ``max_num_seqs`` and blocks allow, and not at all in a step that preempted.
+        """
+        budget = self.max_num_batched_tokens
+        scheduled: list[tuple[Request, int]] = []
+        preempted: list[str] = []
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if not self.enable_chunked_prefill and num_new < request.num_tokens - request.num_computed_tokens:
+                break
+            while self.block_manager.allocate_slots(request, num_new) is None:
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted.append(victim.request_id)
+                if victim is request:
+                    break
+            else:
+                scheduled.append((request, num_new))
+                budget -= num_new
+                i += 1
+
+        while self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs:
+            request = self.waiting[0]
+            hits, num_cached = self.block_manager.get_computed_blocks(request)
+            num_new = request.num_tokens - num_cached
+            if num_new > budget:
+                if not self.enable_chunked_prefill:
+                    break
+                num_new = budget
+            if self.block_manager.allocate_slots(request, num_new, hits) is None:
+                break
+            self.waiting.popleft()
+            request.num_computed_tokens = num_cached
+            if request.status == RequestStatus.WAITING:
+                request.num_cached_tokens = num_cached
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            scheduled.append((request, num_new))
+            budget -= num_new
+
+        out = SchedulerOutput(
+            scheduled=[self._scheduled(request, num_new) for request, num_new in scheduled],
+            num_batched_tokens=self.max_num_batched_tokens - budget,
+            preempted_ids=preempted,
+            finished_ids=self._finished_ids,
+        )
+        self._finished_ids = []
+        return out
+
+    def _scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
+        start = request.num_computed_tokens
+        request.num_computed_tokens += num_new
+        return ScheduledRequest(
+            request_id=request.request_id,
+            token_ids=request.all_token_ids[start : start + num_new],
+            start_position=start,
+            block_ids=list(self.block_manager.get_block_table(request.request_id)),
+            needs_sample=request.num_computed_tokens == request.num_tokens,
+        )
+
+    def _preempt(self, request: Request) -> None:
+        self.block_manager.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)

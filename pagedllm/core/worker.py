@@ -1,0 +1,63 @@
+"""One device's share of the engine: backend, model, KV caches and model runner."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from pagedllm.backends.interface import Backend
+from pagedllm.core.config import EngineConfig, ModelConfig
+from pagedllm.core.loader import load_model
+from pagedllm.core.model_runner import ModelRunner, ModelRunnerOutput
+from pagedllm.core.scheduler import SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+
+class Worker:
+    """Loads the model on its device and runs steps; the executor owns one (or one per rank)."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        model_config: ModelConfig,
+        backend_cls: type[Backend],
+        block_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.config = config
+        self.model_config = model_config
+        self.backend = backend_cls()
+        self.backend.init_device(rank, world_size)
+        self.device = self.backend.device(rank)
+        self.rank = rank
+        if config.seed is not None:
+            torch.manual_seed(config.seed)
+        model = load_model(model_config, self.backend, self.device, config.load_format, config.seed)
+        self.runner = ModelRunner(model, self.backend, self.device, block_size, model_config.max_model_len)
+        self.kv_dtype = model_config.dtype
+
+    def bytes_per_block(self) -> int:
+        """KV bytes one block takes on this worker, all layers together."""
+        return self.runner.kv_cache_bytes_per_block(
+            self.model_config.num_kv_heads, self.model_config.head_dim, self.kv_dtype
+        )
+
+    def kv_cache_budget_bytes(self, max_num_batched_tokens: int) -> int:
+        """Profile a forward at the token budget, then ask the backend how many bytes the pool may take."""
+        self.runner.profile_run(
+            max_num_batched_tokens, self.model_config.num_kv_heads, self.model_config.head_dim, self.kv_dtype
+        )
+        return self.backend.kv_cache_budget_bytes(self.config.gpu_memory_utilization)
+
+    def initialize_cache(self, num_blocks: int) -> None:
+        """Allocate the KV pool of ``num_blocks`` blocks."""
+        self.runner.allocate_kv_cache(
+            num_blocks, self.model_config.num_kv_heads, self.model_config.head_dim, self.kv_dtype
+        )
+
+    def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        """Run one step."""
+        return self.runner.execute(scheduler_output)

@@ -1,0 +1,101 @@
+"""The offline API: ``LLM(model=...).generate(prompts, SamplingParams(...))``, shaped as vLLM's."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+from tqdm.auto import tqdm
+
+from pagedllm.core.config import EngineConfig
+from pagedllm.core.engine import LLMEngine
+from pagedllm.core.outputs import RequestOutput
+from pagedllm.core.sampling_params import SamplingParams
+
+PromptType = str | list[int]
+
+
+class LLM:
+    """Generate completions for a batch of prompts with continuous batching.
+
+    Takes the :class:`EngineConfig` fields as keyword arguments (``model``, ``device``, ``dtype``,
+    ``block_size``, ``max_model_len``, ``max_num_seqs``, ``max_num_batched_tokens``,
+    ``kv_cache_memory_bytes``, ``seed``, ``load_format``, ``enable_prefix_caching``,
+    ``tensor_parallel_size``, ...). ``model=None`` uses the built-in demo model.
+    """
+
+    def __init__(self, model: str | None = None, **kwargs: object) -> None:
+        self.llm_engine = LLMEngine(EngineConfig(model=model, **kwargs))  # type: ignore[arg-type]
+        self._counter = itertools.count()
+
+    def get_tokenizer(self) -> object:
+        """The Hugging Face tokenizer of the model."""
+        return self.llm_engine.tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """Defaults from the model's generation config."""
+        return self.llm_engine.default_sampling_params()
+
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Run every prompt to completion; returns one :class:`RequestOutput` per prompt, in order.
+
+        ``prompts``: a string, a token-id list, or a list of either. ``sampling_params``: one for all
+        prompts or one per prompt (default: the model's generation config). Invalid parameters or
+        impossible prompts raise ValueError before anything runs.
+        """
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        prompts = list(prompts)  # type: ignore[arg-type]
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params or self.get_default_sampling_params()] * len(prompts)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompts):
+                raise ValueError(f"got {len(params_list)} sampling params for {len(prompts)} prompts")
+        engine = self.llm_engine
+        ids = []
+        try:
+            for prompt, params in zip(prompts, params_list, strict=True):
+                ids.append(engine.add_request(f"offline-{next(self._counter)}", prompt, params))
+        except ValueError:
+            engine.abort_request(ids)
+            raise
+        return self._run(ids, use_tqdm)
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.llm_engine
+        done: dict[str, RequestOutput] = {}
+        with tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True) as bar:
+            while engine.has_unfinished_requests():
+                for output in engine.step():
+                    if output.finished:
+                        done[output.request_id] = output
+                        bar.update(1)
+        return [done[i] for i in ids]
+
+    def chat(
+        self,
+        messages: list[dict[str, str]] | list[list[dict[str, str]]],
+        sampling_params: SamplingParams | None = None,
+        use_tqdm: bool = True,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate replies to one conversation or a list of them, through the tokenizer's chat template."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        tokenizer = self.get_tokenizer()
+        if tokenizer is None:
+            raise ValueError("this model has no tokenizer, so it has no chat template")
+        prompts: list[PromptType] = []
+        for conversation in conversations:
+            ids = tokenizer.apply_chat_template(
+                conversation, chat_template=chat_template, add_generation_prompt=add_generation_prompt,
+                tokenize=True, return_dict=False,
+            )
+            prompts.append(list(ids))
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)

@@ -1,0 +1,95 @@
+"""Build tiny Hugging Face checkpoints locally (no hub): a BPE tokenizer trained on the Python standard
+library's text and a randomly initialised model saved with ``save_pretrained`` as safetensors."""
+
+from __future__ import annotations
+
+import sysconfig
+from pathlib import Path
+
+import torch
+
+# Small, architecture-specific configs: GQA everywhere, big enough to exercise several blocks per layer.
+TINY_CONFIGS: dict[str, dict[str, object]] = {
+    "llama": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=1024, rope_theta=10000.0),
+    "mistral": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=1024, sliding_window=32, head_dim=16),
+    "qwen2": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=1, max_position_embeddings=1024, tie_word_embeddings=True),
+}
+
+
+def corpus_text(max_chars: int = 400_000) -> str:
+    """Deterministic training text: the first standard-library modules' source, sorted by name."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    parts, total = [], 0
+    for path in sorted(stdlib.glob("*.py")):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        parts.append(text)
+        total += len(text)
+        if total >= max_chars:
+            break
+    return "".join(parts)[:max_chars] + "\nnaïve café — 日本語 😀\n"
+
+
+def build_tokenizer(directory: str | Path, vocab_size: int = 512) -> object:
+    """Train a byte-level BPE tokenizer and save it as a ``PreTrainedTokenizerFast`` in ``directory``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    text = corpus_text()
+    tok.train_from_iterator((text[i : i + 4000] for i in range(0, len(text), 4000)), trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")
+    fast.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant:{% endif %}"
+    )
+    fast.save_pretrained(str(directory))
+    return fast
+
+
+def build_checkpoint(directory: str | Path, arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32,
+                     vocab_size: int = 512, max_shard_size: str | None = None, **overrides: object) -> Path:
+    """Write a tiny random ``arch`` checkpoint (llama, mistral or qwen2) plus tokenizer to ``directory``.
+
+    The weights are scaled up from transformers' default init so greedy continuations vary with the
+    prompt (a near-uniform model would make every comparison trivially equal). Returns the directory.
+    """
+    import transformers
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(directory, vocab_size)
+    config_cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
+                  "qwen2": transformers.Qwen2Config}[arch]
+    model_cls = {"llama": transformers.LlamaForCausalLM, "mistral": transformers.MistralForCausalLM,
+                 "qwen2": transformers.Qwen2ForCausalLM}[arch]
+    kwargs = dict(TINY_CONFIGS[arch])
+    kwargs.update(overrides)
+    config = config_cls(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **kwargs)
+    torch.manual_seed(seed)
+    model = model_cls(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() > 1:
+                param.mul_(8.0 if "embed" in name or "lm_head" in name else 2.0)
+            elif "norm" not in name:
+                param.normal_(0.0, 0.2)
+    model = model.to(dtype)
+    save_kwargs: dict[str, object] = {"safe_serialization": True}
+    if max_shard_size is not None:
+        save_kwargs["max_shard_size"] = max_shard_size
+    model.save_pretrained(str(directory), **save_kwargs)
+    return directory
