@@ -28,6 +28,14 @@ class LLM:
         self.llm_engine = LLMEngine(EngineConfig(model=model, **kwargs))  # type: ignore[arg-type]
         self._counter = itertools.count()
 
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> LLM:
+        """Build from a ready :class:`EngineConfig` (the CLI's path)."""
+        llm = cls.__new__(cls)
+        llm.llm_engine = LLMEngine(config)
+        llm._counter = itertools.count()
+        return llm
+
     def get_tokenizer(self) -> object:
         """The Hugging Face tokenizer of the model."""
         return self.llm_engine.tokenizer

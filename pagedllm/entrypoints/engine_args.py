@@ -1,0 +1,45 @@
+"""Command-line options shared by every command that builds an engine, mapped onto :class:`EngineConfig`."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+
+from pagedllm.core.config import EngineConfig
+
+
+def add_device_arg(parser: argparse.ArgumentParser) -> None:
+    """``--device NAME|auto``: the backend plugin to run on (authoritative; ``auto`` picks one)."""
+    parser.add_argument("--device", default="auto",
+                        help="backend to run on: a name from `pagedllm backends` (cpu, cuda, ...) or auto")
+
+
+def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = True) -> None:
+    """Add the model and engine options (vLLM's names) to ``parser``."""
+    if model_positional:
+        parser.add_argument("model", nargs="?", default=None,
+                            help="local Hugging Face checkpoint directory (default: the built-in demo model)")
+    else:
+        parser.add_argument("--model", default=None, help="local checkpoint directory (default: demo model)")
+    add_device_arg(parser)
+    parser.add_argument("--tokenizer", default=None)
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--block-size", type=int, default=None)
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None)
+    parser.add_argument("--kv-cache-memory-bytes", type=int, default=None)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    parser.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
+    parser.add_argument("--no-enable-chunked-prefill", dest="enable_chunked_prefill", action="store_false")
+    parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("-tp", "--tensor-parallel-size", type=int, default=1)
+    parser.add_argument("--distributed-executor-backend", default="mp", choices=["mp", "ray"])
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    """Build an :class:`EngineConfig` from parsed options (fields absent from ``args`` keep defaults)."""
+    values = {f.name: getattr(args, f.name) for f in fields(EngineConfig) if hasattr(args, f.name)}
+    return EngineConfig(**values)
