@@ -24,8 +24,9 @@ LOAD_FORMATS = ("auto", "safetensors", "dummy")
 class EngineConfig:
     """Everything ``LLM(...)``, ``pagedllm serve`` and ``pagedllm generate`` accept (vLLM's names).
 
-    ``model=None`` selects the built-in demo model. ``kv_cache_memory_bytes`` sizes the KV pool
-    explicitly; otherwise the backend's budget for ``gpu_memory_utilization`` is used.
+    ``model=None`` selects the built-in demo model. ``num_kv_blocks`` sets the KV pool size in blocks
+    (like vLLM's ``num_gpu_blocks_override``); else ``kv_cache_memory_bytes`` sizes it in bytes; else the
+    backend's budget for ``gpu_memory_utilization`` is used.
     """
 
     model: str | None = None
@@ -39,6 +40,7 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None
     kv_cache_memory_bytes: int | None = None
+    num_kv_blocks: int | None = None
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
@@ -56,7 +58,8 @@ class EngineConfig:
         for name in ("max_num_seqs", "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("block_size", "max_model_len", "max_num_batched_tokens", "kv_cache_memory_bytes"):
+        for name in ("block_size", "max_model_len", "max_num_batched_tokens", "kv_cache_memory_bytes",
+                     "num_kv_blocks"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")

@@ -80,9 +80,9 @@ class LLMEngine:
 
         bytes_per_block = self.executor.bytes_per_block()
         budget = config.kv_cache_memory_bytes
-        if budget is None:
+        if budget is None and config.num_kv_blocks is None:
             budget = self.executor.kv_cache_budget_bytes(self.max_num_batched_tokens)
-        num_blocks = budget // bytes_per_block
+        num_blocks = config.num_kv_blocks or (budget or 0) // bytes_per_block
         if num_blocks < 2:
             raise ValueError(f"KV cache budget of {budget} bytes holds {num_blocks} blocks of {bytes_per_block} "
                              f"bytes; at least 2 are needed: raise kv_cache_memory_bytes")

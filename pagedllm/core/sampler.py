@@ -133,8 +133,10 @@ class Sampler:
         out = SamplerOutput(token_ids=[])
         raw_logprobs = torch.log_softmax(logits, dim=-1) if batch.max_num_logprobs is not None else None
         logits = self._apply_penalties(logits, batch)
-        for row, token_ids in batch.blocked_tokens:
-            logits[row, token_ids] = float("-inf")
+        if batch.blocked_tokens:
+            logits = logits.clone()  # never write into the caller's tensor
+            for row, token_ids in batch.blocked_tokens:
+                logits[row, token_ids] = float("-inf")
         greedy_ids = logits.argmax(dim=-1)
         if batch.all_greedy:
             sampled = greedy_ids

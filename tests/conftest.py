@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny Hugging Face checkpoints built once per session, and engine helpers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from pagedllm.testing.checkpoints import build_checkpoint
+
+
+@pytest.fixture(scope="session")
+def checkpoint_factory(tmp_path_factory: pytest.TempPathFactory):
+    """Build (once per session and arguments) a tiny checkpoint; returns its directory."""
+    cache: dict[tuple, Path] = {}
+
+    def make(arch: str = "llama", dtype: torch.dtype = torch.float32, **overrides: object) -> Path:
+        key = (arch, dtype, tuple(sorted(overrides.items())))
+        if key not in cache:
+            directory = tmp_path_factory.mktemp(f"{arch}_{str(dtype).split('.')[-1]}")
+            cache[key] = build_checkpoint(directory, arch, dtype=dtype, **overrides)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def llama_dir(checkpoint_factory) -> Path:
+    """A tiny float32 Llama checkpoint with tokenizer."""
+    return checkpoint_factory("llama")
+
+
+def assert_pool_free(llm) -> None:
+    """After a run to completion, every KV block is back in the pool."""
+    engine = llm.llm_engine
+    assert not engine.has_unfinished_requests()
+    assert engine.kv_cache_usage() == 0.0
+    assert engine.block_manager.block_tables == {}

@@ -1,0 +1,70 @@
+"""Greedy pagedllm output equals Hugging Face transformers token for token on the same checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pagedllm import LLM, SamplingParams
+from pagedllm.testing.checkpoints import corpus_text
+from tests.conftest import assert_pool_free
+from tests.e2e.hf_reference import hf_greedy
+
+MAX_TOKENS = 12
+
+
+def mixed_prompts(tokenizer) -> list[list[int]]:
+    """Prompts of very different lengths (1 to ~300 tokens), two of them sharing a long prefix."""
+    text = corpus_text(60_000)
+    ids = tokenizer(text).input_ids
+    long = ids[1000:1300]
+    return [ids[:1], ids[5000:5007], ids[7000:7033], ids[9000:9150], long, long[:200] + ids[20:40]]
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_greedy_equals_transformers_under_chunking_and_preemption(checkpoint_factory, arch: str,
+                                                                  prefix_caching: bool) -> None:
+    model_dir = checkpoint_factory(arch)
+    # 4-token blocks, a 64-token step budget and a pool of ~100 blocks: long prompts are chunked, and
+    # the batch (~700 tokens at once) does not fit, so requests are preempted and recomputed.
+    llm = LLM(str(model_dir), device="cpu", dtype="float32", block_size=4, max_num_batched_tokens=64,
+              num_kv_blocks=100, enable_prefix_caching=prefix_caching)
+    prompts = mixed_prompts(llm.get_tokenizer())
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, min_tokens=MAX_TOKENS)
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    expected = hf_greedy(model_dir, prompts, MAX_TOKENS)
+    for prompt, out, (ref, _) in zip(prompts, outputs, expected, strict=True):
+        assert out.prompt_token_ids == prompt
+        assert out.outputs[0].token_ids == ref, f"prompt of {len(prompt)} tokens diverged"
+        assert out.outputs[0].finish_reason == "length"
+    stats = llm.llm_engine.stats()
+    assert stats.num_preemptions > 0
+    if prefix_caching:
+        assert stats.prefix_cache_hit_tokens > 0
+    else:
+        assert stats.prefix_cache_hit_tokens == 0
+    assert_pool_free(llm)
+
+
+def test_bf16_follows_divergence_rule(checkpoint_factory) -> None:
+    model_dir = checkpoint_factory("llama", dtype=torch.bfloat16)
+    llm = LLM(str(model_dir), device="cpu", dtype="bfloat16", block_size=8, max_num_batched_tokens=128,
+              kv_cache_memory_bytes=4 << 20)
+    prompts = mixed_prompts(llm.get_tokenizer())
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, min_tokens=MAX_TOKENS, logprobs=5)
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    expected = hf_greedy(model_dir, prompts, MAX_TOKENS, dtype=torch.bfloat16, top_logprobs=5)
+    num_exact = 0
+    for out, (ref, ref_tops) in zip(outputs, expected, strict=True):
+        ours = out.outputs[0].token_ids
+        for i, (a, b) in enumerate(zip(ours, ref, strict=True)):
+            if a != b:
+                # after the first mismatch each side's token must be in the other's top-5
+                assert a in ref_tops[i], f"step {i}: our token {a} not in HF top-5 {ref_tops[i]}"
+                assert b in out.outputs[0].logprobs[i], f"step {i}: HF token {b} not in our top-5"
+                break
+        else:
+            num_exact += 1
+    assert num_exact >= len(prompts) // 2
+    assert_pool_free(llm)

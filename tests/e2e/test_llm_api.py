@@ -1,0 +1,157 @@
+"""The offline API as a user meets it: sampling features, errors, and checkpoint loading."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from pagedllm import LLM, SamplingParams
+from tests.conftest import assert_pool_free
+
+
+@pytest.fixture(scope="module")
+def llm(llama_dir: Path) -> LLM:
+    return LLM(str(llama_dir), device="cpu", dtype="float32", block_size=8, kv_cache_memory_bytes=8 << 20, seed=0)
+
+
+def test_n_samples_share_prompt_and_seed_reproduces(llm: LLM) -> None:
+    params = SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=10, ignore_eos=True)
+    first = llm.generate("def main():", params, use_tqdm=False)[0]
+    second = llm.generate(["def main():", "other prompt in the batch"], params, use_tqdm=False)[0]
+    assert [c.index for c in first.outputs] == [0, 1, 2]
+    assert [c.token_ids for c in first.outputs] == [c.token_ids for c in second.outputs]
+    assert len({tuple(c.token_ids) for c in first.outputs}) > 1  # the samples differ from each other
+    assert_pool_free(llm)
+
+
+def test_greedy_is_deterministic_and_top_k_one_matches(llm: LLM) -> None:
+    greedy = llm.generate("import os", SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    top1 = llm.generate("import os", SamplingParams(temperature=0.8, top_k=1, max_tokens=8, ignore_eos=True),
+                        use_tqdm=False)
+    assert greedy[0].outputs[0].token_ids == top1[0].outputs[0].token_ids
+
+
+def test_stop_string_excluded_unless_asked(llm: LLM) -> None:
+    base = llm.generate("class A:", SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), use_tqdm=False)
+    text = base[0].outputs[0].text
+    stop = text[5:8]
+    assert len(stop) == 3
+    cut = llm.generate("class A:", SamplingParams(temperature=0, max_tokens=20, stop=[stop], ignore_eos=True),
+                       use_tqdm=False)[0].outputs[0]
+    assert cut.finish_reason == "stop" and cut.stop_reason == stop
+    assert cut.text == text[: text.index(stop)]
+    kept = llm.generate("class A:", SamplingParams(temperature=0, max_tokens=20, stop=stop, ignore_eos=True,
+                                                   include_stop_str_in_output=True), use_tqdm=False)[0].outputs[0]
+    assert kept.text == text[: text.index(stop) + 3]
+
+
+def test_stop_token_ids_and_max_tokens(llm: LLM) -> None:
+    base = llm.generate("x = ", SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)[0]
+    tokens = base.outputs[0].token_ids
+    assert base.outputs[0].finish_reason == "length" and len(tokens) == 6
+    stopped = llm.generate("x = ", SamplingParams(temperature=0, max_tokens=6, stop_token_ids=[tokens[2]],
+                                                  ignore_eos=True), use_tqdm=False)[0].outputs[0]
+    first = tokens.index(tokens[2])
+    assert stopped.token_ids == tokens[: first + 1]
+    assert stopped.finish_reason == "stop" and stopped.stop_reason == tokens[2]
+
+
+def test_logprobs_returned_per_token(llm: LLM) -> None:
+    out = llm.generate("for i in", SamplingParams(temperature=0, max_tokens=5, logprobs=3, ignore_eos=True),
+                       use_tqdm=False)[0].outputs[0]
+    assert len(out.logprobs) == 5
+    for token_id, entry in zip(out.token_ids, out.logprobs, strict=True):
+        assert token_id in entry and entry[token_id].rank == 1  # greedy picks the most likely
+        assert 3 <= len(entry) <= 4
+        assert all(lp.logprob <= 0 for lp in entry.values())
+    assert out.cumulative_logprob == pytest.approx(sum(e[t].logprob for t, e in zip(out.token_ids, out.logprobs,
+                                                                                     strict=True)))
+
+
+def test_prompt_too_long_rejected_clearly_and_nothing_leaks(llm: LLM) -> None:
+    with pytest.raises(ValueError, match="exceeds the maximum model length 1024"):
+        llm.generate(["ok", [5] * 1020], SamplingParams(max_tokens=10), use_tqdm=False)
+    assert_pool_free(llm)
+    with pytest.raises(ValueError, match="token ids must be in"):
+        llm.generate([[1, 2, 100000]], SamplingParams(max_tokens=2), use_tqdm=False)
+
+
+def test_chat_uses_template(llm: LLM) -> None:
+    out = llm.chat([{"role": "user", "content": "hi"}], SamplingParams(temperature=0, max_tokens=4),
+                   use_tqdm=False)[0]
+    tokenizer = llm.get_tokenizer()
+    assert tokenizer.decode(out.prompt_token_ids) == "user: hi\nassistant:"
+
+
+def test_sharded_checkpoint_loads_same_as_single(tmp_path: Path, checkpoint_factory) -> None:
+    from pagedllm.testing.checkpoints import build_checkpoint
+
+    sharded = build_checkpoint(tmp_path / "sharded", "llama", max_shard_size="50KB")
+    assert (sharded / "model.safetensors.index.json").is_file()
+    single = checkpoint_factory("llama")
+    prompt = [[3, 4, 5, 6]]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    a = LLM(str(sharded), device="cpu", kv_cache_memory_bytes=1 << 20).generate(prompt, params, use_tqdm=False)
+    b = LLM(str(single), device="cpu", kv_cache_memory_bytes=1 << 20).generate(prompt, params, use_tqdm=False)
+    assert a[0].outputs[0].token_ids == b[0].outputs[0].token_ids
+
+
+def test_loader_errors_name_the_problem(tmp_path: Path, llama_dir: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        LLM(str(tmp_path / "nope"), device="cpu")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"config\.json"):
+        LLM(str(empty), device="cpu")
+    no_weights = tmp_path / "no_weights"
+    shutil.copytree(llama_dir, no_weights, ignore=shutil.ignore_patterns("*.safetensors"))
+    with pytest.raises(FileNotFoundError, match=r"no \*\.safetensors"):
+        LLM(str(no_weights), device="cpu", kv_cache_memory_bytes=1 << 20)
+    unknown = tmp_path / "unknown_arch"
+    shutil.copytree(llama_dir, unknown)
+    config = json.loads((unknown / "config.json").read_text())
+    config["architectures"] = ["FancyForCausalLM"]
+    (unknown / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"unknown model architecture 'FancyForCausalLM'.*LlamaForCausalLM"):
+        LLM(str(unknown), device="cpu", kv_cache_memory_bytes=1 << 20)
+    wrong = tmp_path / "wrong_shape"
+    shutil.copytree(llama_dir, wrong)
+    config = json.loads((wrong / "config.json").read_text())
+    config["intermediate_size"] = 96
+    (wrong / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"checkpoint tensor .model\.layers\.0\.mlp\..*shape"):
+        LLM(str(wrong), device="cpu", kv_cache_memory_bytes=1 << 20)
+    with pytest.raises(ValueError, match=r"unknown device 'tpu9'; known backends: .*cpu"):
+        LLM(str(llama_dir), device="tpu9")
+
+
+def test_dummy_weights_from_config_only_directory(tmp_path: Path, llama_dir: Path) -> None:
+    config_only = tmp_path / "config_only"
+    config_only.mkdir()
+    shutil.copy(llama_dir / "config.json", config_only / "config.json")
+    llm = LLM(str(config_only), device="cpu", load_format="dummy", dtype="bfloat16", kv_cache_memory_bytes=1 << 20)
+    out = llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 4
+    assert out[0].outputs[0].text == ""  # no tokenizer: token ids only
+    assert next(llm.llm_engine.executor.worker.runner.model.parameters()).dtype == torch.bfloat16
+
+
+def test_generation_config_defaults_apply(llm: LLM) -> None:
+    params = llm.get_default_sampling_params()
+    assert params.temperature == 0.0  # the tiny checkpoints' generation config does not sample
+
+
+def test_kv_accounting_reports_waste_while_running(llama_dir: Path) -> None:
+    llm = LLM(str(llama_dir), device="cpu", block_size=16, kv_cache_memory_bytes=1 << 20)
+    engine = llm.llm_engine
+    engine.add_request("r", list(range(1, 21)), SamplingParams(max_tokens=5, ignore_eos=True))
+    engine.step()
+    stats = engine.stats()
+    assert stats.num_running == 1 and stats.kv_cache_usage > 0
+    assert stats.num_wasted_slots == 2 * 16 - 20
+    engine.abort_request("r")
+    assert engine.kv_cache_usage() == 0.0 and not engine.has_unfinished_requests()

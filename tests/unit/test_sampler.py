@@ -1,0 +1,115 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pagedllm.core.request import Request
+from pagedllm.core.sampler import Sampler
+from pagedllm.core.sampling_params import SamplingParams
+
+VOCAB = 50
+
+
+def make_request(request_id: str, params: SamplingParams, prompt: list[int] | None = None,
+                 outputs: list[int] | None = None, eos: frozenset[int] = frozenset()) -> Request:
+    r = Request(request_id, prompt or [1, 2, 3], params, 0.0, eos_token_ids=eos)
+    for t in outputs or []:
+        r.append_output_token(t)
+    return r
+
+
+def sample(sampler: Sampler, requests: list[Request], logits: torch.Tensor) -> list[int]:
+    return sampler(logits, sampler.make_batch(requests, logits.shape[-1])).token_ids
+
+
+def test_greedy_and_top_k_one_are_argmax() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(4, VOCAB)
+    sampler = Sampler(torch.device("cpu"), seed=1)
+    reqs = [make_request("g", SamplingParams(temperature=0)), make_request("k", SamplingParams(top_k=1)),
+            make_request("k2", SamplingParams(temperature=2.0, top_k=1)),
+            make_request("g2", SamplingParams(temperature=0))]
+    assert sample(sampler, reqs, logits) == logits.argmax(-1).tolist()
+
+
+def test_seeded_sampling_independent_of_batch_composition() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(3, VOCAB)
+    alone = Sampler(torch.device("cpu"), seed=0)
+    seeded = make_request("s", SamplingParams(temperature=1.0, seed=42))
+    first = [sample(alone, [seeded], logits[1:2])[0] for _ in range(5)]
+    mixed = Sampler(torch.device("cpu"), seed=123)
+    seeded2 = make_request("s2", SamplingParams(temperature=1.0, seed=42))
+    others = [make_request("u1", SamplingParams(temperature=1.0)), make_request("u2", SamplingParams(temperature=0.5))]
+    second = [sample(mixed, [others[0], seeded2, others[1]], logits)[1] for _ in range(5)]
+    assert first == second
+    assert len(set(first)) > 1  # it really samples
+
+
+def test_temperature_sampling_follows_distribution() -> None:
+    logits = torch.log(torch.tensor([[0.7, 0.2, 0.1]]))
+    sampler = Sampler(torch.device("cpu"), seed=0)
+    req = make_request("t", SamplingParams(temperature=1.0))
+    batch = sampler.make_batch([req] * 4000, 3)
+    counts = torch.bincount(torch.tensor(sampler(logits.expand(4000, 3), batch).token_ids), minlength=3)
+    assert counts.tolist()[0] == pytest.approx(2800, abs=150)
+    assert counts.tolist()[2] == pytest.approx(400, abs=100)
+
+
+def test_top_p_and_min_p_filter_tail() -> None:
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(500, 4)
+    sampler = Sampler(torch.device("cpu"), seed=0)
+    top_p = sampler(logits, sampler.make_batch([make_request("p", SamplingParams(top_p=0.8))] * 500, 4)).token_ids
+    assert set(top_p) == {0, 1}  # 0.5 + 0.3 reaches 0.8
+    min_p = sampler(logits, sampler.make_batch([make_request("m", SamplingParams(min_p=0.25))] * 500, 4)).token_ids
+    assert set(min_p) == {0, 1, 2}  # 0.05 < 0.25 * 0.5
+
+
+def test_penalties_match_hand_computed_case() -> None:
+    logits = torch.tensor([[2.0, -1.0, 0.5, 1.0]])
+    params = SamplingParams(temperature=0, repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25)
+    req = make_request("r", params, prompt=[3], outputs=[0, 0, 1])
+    sampler = Sampler(torch.device("cpu"))
+    batch = sampler.make_batch([req], 4)
+    penalized = Sampler._apply_penalties(logits.clone(), batch)
+    # token 0: 2.0/2 - 0.25*2 - 0.5 = 0.0; token 1: -1*2 - 0.25 - 0.5 = -2.75; token 2 unseen: 0.5;
+    # token 3 (prompt only): 1.0/2 = 0.5
+    assert penalized.tolist() == [[0.0, -2.75, 0.5, 0.5]]
+    assert sampler(logits, batch).token_ids == [2]
+
+
+def test_min_tokens_blocks_eos_and_stop_ids() -> None:
+    logits = torch.tensor([[5.0, 1.0, 4.0, 0.0]])
+    sampler = Sampler(torch.device("cpu"))
+    req = make_request("m", SamplingParams(temperature=0, min_tokens=2, stop_token_ids=[2]), eos=frozenset({0}))
+    assert sample(sampler, [req], logits) == [1]
+    req.append_output_token(1)
+    req.append_output_token(1)
+    assert sample(sampler, [req], logits) == [0]
+
+
+def test_logprobs_are_of_raw_distribution_with_ranks() -> None:
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
+    sampler = Sampler(torch.device("cpu"))
+    req = make_request("l", SamplingParams(temperature=0, logprobs=2))
+    out = sampler(logits, sampler.make_batch([req], 4))
+    expected = torch.log_softmax(logits, -1)[0]
+    assert out.token_ids == [1]
+    assert out.top_token_ids.tolist() == [[1, 2]]
+    assert out.top_logprobs[0].tolist() == pytest.approx(expected[[1, 2]].tolist())
+    assert out.sampled_ranks.tolist() == [1]
+    assert math.isclose(float(out.sampled_logprobs[0]), float(expected[1]), rel_tol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [({"temperature": -1.0}, "temperature"), ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"),
+     ({"n": 0}, "n"), ({"top_k": -5}, "top_k"), ({"max_tokens": 0}, "max_tokens"), ({"min_p": 2.0}, "min_p"),
+     ({"repetition_penalty": 0.0}, "repetition_penalty"), ({"presence_penalty": 3.0}, "presence_penalty"),
+     ({"logprobs": -1}, "logprobs"), ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"), ({"stop": [""]}, "stop")],
+)
+def test_invalid_params_name_the_field(kwargs: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=rf"SamplingParams\.{field} "):
+        SamplingParams(**kwargs)
