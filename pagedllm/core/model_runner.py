@@ -7,6 +7,7 @@ only device transfers are the few index tensors of the step.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -15,6 +16,24 @@ from torch import nn
 from pagedllm.backends.interface import AttentionMetadata, Backend
 from pagedllm.core.block_manager import cdiv
 from pagedllm.core.scheduler import ScheduledRequest, SchedulerOutput
+
+if TYPE_CHECKING:
+    from pagedllm.core.graph_runner import DecodeGraphRunner
+
+
+@dataclass(slots=True)
+class HostBatch:
+    """The flat batch of one step as host arrays (requests ordered decodes first)."""
+
+    input_ids: np.ndarray  # [num_tokens] int64
+    positions: np.ndarray  # [num_tokens] int64
+    slots: np.ndarray  # [num_tokens] int64
+    block_tables: np.ndarray  # [num_requests, max_blocks_per_seq] int32
+    query_start: np.ndarray  # [num_requests + 1] int64
+    starts: np.ndarray  # [num_requests] int64: tokens already in the cache
+    num_new: np.ndarray  # [num_requests] int64
+    logits_indices: np.ndarray  # [num_sampled] int64
+    sampled_request_ids: list[str]
 
 
 @dataclass(slots=True)
@@ -48,6 +67,7 @@ class ModelRunner:
         self.block_size = block_size
         self.max_blocks_per_seq = cdiv(max_model_len, block_size)
         self.kv_caches: list[torch.Tensor] = []
+        self.graph_runner: DecodeGraphRunner | None = None
 
     # ------------------------------------------------------------------ KV cache
     def kv_cache_bytes_per_block(self, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -64,8 +84,8 @@ class ModelRunner:
             layer.kv_cache = cache
 
     # ------------------------------------------------------------------ one step
-    def prepare(self, scheduled: list[ScheduledRequest]) -> ModelInput:
-        """Build input ids, positions, slot mapping and block tables; decodes are ordered first."""
+    def prepare_host(self, scheduled: list[ScheduledRequest]) -> HostBatch:
+        """Build the step's index arrays on the host; decodes are ordered first."""
         order = sorted(range(len(scheduled)), key=lambda i: scheduled[i].num_new_tokens != 1)
         reqs = [scheduled[i] for i in order]
         num_requests = len(reqs)
@@ -84,43 +104,69 @@ class ModelRunner:
             block_tables[request_of_token, positions // self.block_size].astype(np.int64) * self.block_size
             + positions % self.block_size
         )
-        seq_lens = (starts + num_new).astype(np.int32)
         sampled = [i for i, r in enumerate(reqs) if r.needs_sample]
-        logits_indices = query_start[1:][sampled] - 1
-        num_decodes = int(np.sum(num_new == 1))
+        return HostBatch(
+            input_ids=input_ids, positions=positions, slots=slots, block_tables=block_tables,
+            query_start=query_start, starts=starts, num_new=num_new,
+            logits_indices=query_start[1:][sampled] - 1,
+            sampled_request_ids=[reqs[i].request_id for i in sampled],
+        )
+
+    def prepare(self, scheduled: list[ScheduledRequest]) -> ModelInput:
+        """Build input ids, positions, slot mapping and block tables on the device."""
+        host = self.prepare_host(scheduled)
         dev = self.device
 
         def to_dev(a: np.ndarray) -> torch.Tensor:
             return torch.from_numpy(a).to(dev, non_blocking=True)
 
-        query_start_cpu = torch.from_numpy(query_start.astype(np.int32))
+        seq_lens = (host.starts + host.num_new).astype(np.int32)
+        query_start_cpu = torch.from_numpy(host.query_start.astype(np.int32))
         seq_lens_cpu = torch.from_numpy(seq_lens)
         metadata = AttentionMetadata(
-            num_tokens=num_tokens,
-            num_decodes=num_decodes,
+            num_tokens=len(host.input_ids),
+            num_decodes=int(np.sum(host.num_new == 1)),
             query_start_loc=query_start_cpu.to(dev, non_blocking=True),
             seq_lens=seq_lens_cpu.to(dev, non_blocking=True),
-            context_lens=to_dev(starts.astype(np.int32)),
-            block_tables=to_dev(block_tables),
-            slot_mapping=to_dev(slots),
-            max_query_len=int(num_new.max()),
+            context_lens=to_dev(host.starts.astype(np.int32)),
+            block_tables=to_dev(host.block_tables),
+            slot_mapping=to_dev(host.slots),
+            max_query_len=int(host.num_new.max()),
             max_seq_len=int(seq_lens.max()),
             block_size=self.block_size,
             query_start_loc_cpu=query_start_cpu,
             seq_lens_cpu=seq_lens_cpu,
         )
         return ModelInput(
-            input_ids=to_dev(input_ids),
-            positions=to_dev(positions),
+            input_ids=to_dev(host.input_ids),
+            positions=to_dev(host.positions),
             metadata=metadata,
-            logits_indices=to_dev(logits_indices),
-            sampled_request_ids=[reqs[i].request_id for i in sampled],
+            logits_indices=to_dev(host.logits_indices),
+            sampled_request_ids=host.sampled_request_ids,
         )
+
+    def capture_decode_graphs(self, max_num_seqs: int) -> None:
+        """Record decode graphs for batch sizes up to ``max_num_seqs`` (backends that can capture only)."""
+        from pagedllm.core.graph_runner import DecodeGraphRunner
+
+        hidden_size = int(self.model.config.hidden_size)
+        dtype = next(self.model.parameters()).dtype
+        self.graph_runner = DecodeGraphRunner(self.model, self.backend, self.device, self.block_size,
+                                              self.max_blocks_per_seq, max_num_seqs, hidden_size, dtype)
+        self.graph_runner.capture()
 
     @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         """Run the step's batch through the model; returns logits of the requests that sample."""
-        model_input = self.prepare(scheduler_output.scheduled)
+        graphs = self.graph_runner
+        scheduled = scheduler_output.scheduled
+        if (graphs is not None and len(scheduled) <= graphs.max_batch_size
+                and all(r.num_new_tokens == 1 for r in scheduled)):
+            host = self.prepare_host(scheduled)
+            hidden = graphs.run(host.input_ids, host.positions, host.slots, host.block_tables)
+            indices = torch.from_numpy(host.logits_indices).to(self.device, non_blocking=True)
+            return ModelRunnerOutput(host.sampled_request_ids, self.model.compute_logits(hidden[indices]))
+        model_input = self.prepare(scheduled)
         hidden = self.model(model_input.input_ids, model_input.positions, model_input.metadata)
         logits = self.model.compute_logits(hidden[model_input.logits_indices])
         return ModelRunnerOutput(model_input.sampled_request_ids, logits)

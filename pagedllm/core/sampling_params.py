@@ -35,7 +35,6 @@ class SamplingParams:
     max_tokens: int | None = 16
     min_tokens: int = 0
     logprobs: int | None = None
-    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     detokenize: bool = True
     # filled by the engine: the tokenizer's EOS ids and generation_config defaults
@@ -69,8 +68,6 @@ class SamplingParams:
             (self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens",
              f"must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}"),
             (self.logprobs is None or self.logprobs >= 0, "logprobs", f"must be >= 0, got {self.logprobs}"),
-            (self.prompt_logprobs is None or self.prompt_logprobs >= 0, "prompt_logprobs",
-             f"must be >= 0, got {self.prompt_logprobs}"),
             (all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings"),
             (self.seed is None or isinstance(self.seed, int), "seed", f"must be an integer, got {self.seed!r}"),
         ]

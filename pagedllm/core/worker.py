@@ -53,10 +53,12 @@ class Worker:
         return self.backend.kv_cache_budget_bytes(self.config.gpu_memory_utilization)
 
     def initialize_cache(self, num_blocks: int) -> None:
-        """Allocate the KV pool of ``num_blocks`` blocks."""
+        """Allocate the KV pool of ``num_blocks`` blocks, then record decode graphs if the backend can."""
         self.runner.allocate_kv_cache(
             num_blocks, self.model_config.num_kv_heads, self.model_config.head_dim, self.kv_dtype
         )
+        if self.backend.capabilities().can_capture_graphs and not self.config.enforce_eager:
+            self.runner.capture_decode_graphs(self.config.max_num_seqs)
 
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         """Run one step."""
