@@ -90,7 +90,7 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, self.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, self.max_num_batched_tokens,
                                    mc.max_model_len, chunked)
-        self.sampler = Sampler(self._driver_device(), config.seed)
+        self.sampler = Sampler(self.device, config.seed)
         self.output_processor = OutputProcessor(self.tokenizer, mc.max_model_len)
         pool_tokens = (num_blocks - 1) * self.block_size
         logger.info(
@@ -108,7 +108,9 @@ class LLMEngine:
             return make_distributed_executor(self.config, self.model_config, self.backend_cls, self.block_size)
         return UniProcExecutor(self.config, self.model_config, self.backend_cls, self.block_size)
 
-    def _driver_device(self) -> torch.device:
+    @property
+    def device(self) -> torch.device:
+        """The device logits are sampled on (the driver's)."""
         return getattr(self.executor, "device", torch.device("cpu"))
 
     # ------------------------------------------------------------------ requests

@@ -1,0 +1,128 @@
+"""``pagedllm bench latency``: time to first token and time per output token of one small batch,
+pagedllm vs transformers in one run, against the weight-read floor of the device."""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from pagedllm.bench.common import BenchResult, add_common_args, backends_of, hardware, make_llm, report
+from pagedllm.bench.hf_runner import load_hf_model, release_device_memory, weight_bytes
+from pagedllm.bench.workloads import BenchRequest, make_workload
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``bench latency``."""
+    parser = subparsers.add_parser("latency", help="batch latency per output token, pagedllm vs transformers")
+    add_common_args(parser)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--input-len", type=int, default=1024)
+    parser.add_argument("--output-len", type=int, default=256)
+    parser.add_argument("--num-iters", type=int, default=5)
+    parser.add_argument("--num-iters-warmup", type=int, default=1)
+    return parser
+
+
+def copy_bandwidth_bytes_per_s(device: torch.device, sync: callable, num_bytes: int = 1 << 30) -> float:
+    """Measured device-to-device copy bandwidth (bytes read + written count once each way: read bytes/s)."""
+    src = torch.empty(num_bytes // 2, dtype=torch.float16, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    sync()
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        dst.copy_(src)
+        sync()
+        times.append(time.perf_counter() - start)
+    del src, dst
+    # a copy reads and writes each byte: count both, as a weight read is a pure read
+    return 2 * num_bytes / min(times)
+
+
+def _time_pagedllm(args: argparse.Namespace, requests: list[BenchRequest]) -> tuple[float, float, torch.device]:
+    from pagedllm.core.sampling_params import SamplingParams
+
+    llm = make_llm(args)
+    engine = llm.llm_engine
+    prompts = [r.prompt_token_ids for r in requests]
+    sync = engine.backend_cls().synchronize
+    full = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
+    ttfts, tpots = [], []
+    for i in range(args.num_iters_warmup + args.num_iters):
+        sync()
+        outputs = llm.generate(prompts, full, use_tqdm=False)
+        if i >= args.num_iters_warmup:
+            m = outputs[0].metrics
+            ttfts.append(m.first_token_time - m.arrival_time)
+            tpots.append((m.last_token_time - m.first_token_time) / (args.output_len - 1))
+    device = engine.device
+    engine.shutdown()
+    del llm, engine
+    release_device_memory(device)
+    return statistics.median(ttfts), statistics.median(tpots), device
+
+
+def _time_hf(args: argparse.Namespace, model_path: str, dtype: torch.dtype, requests: list[BenchRequest],
+             device: torch.device, sync: callable) -> tuple[float, float]:
+    model = load_hf_model(model_path, dtype, device, args.load_format == "dummy")
+    ids = torch.tensor([r.prompt_token_ids for r in requests], device=device)
+
+    def timed(new_tokens: int) -> float:
+        sync()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(ids, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                           pad_token_id=0)
+        sync()
+        return time.perf_counter() - start
+
+    for _ in range(args.num_iters_warmup):
+        timed(args.output_len)
+    ttft = statistics.median(timed(1) for _ in range(args.num_iters))
+    full = statistics.median(timed(args.output_len) for _ in range(args.num_iters))
+    del model
+    release_device_memory(device)
+    return ttft, (full - ttft) / (args.output_len - 1)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Time both engines, print TTFT and per-token latency, and the per-token floor."""
+    from pagedllm.backends.registry import get_registry
+    from pagedllm.core.config import EngineConfig, load_model_config
+
+    names = backends_of(args)
+    model_config = load_model_config(args.model or EngineConfig().resolved_model(), args.dtype, args.max_model_len)
+    args.num_prompts, args.dataset, args.workload_seed = args.batch_size, "fixed", 0
+    requests = make_workload(args, model_config.vocab_size)
+    backend = get_registry().resolve_backend(args.device)()
+    device = backend.device()
+    results: list[BenchResult] = []
+    tokens = args.batch_size * (args.input_len + args.output_len)
+    if "pagedllm" in names:
+        ttft, tpot, device = _time_pagedllm(args, requests)
+        elapsed = ttft + tpot * (args.output_len - 1)
+        results.append(BenchResult("pagedllm", elapsed, args.batch_size / elapsed,
+                                   args.batch_size * args.output_len / elapsed, tokens / elapsed,
+                                   {"ttft_ms": f"{1e3 * ttft:.1f}", "per_token_ms": f"{1e3 * tpot:.2f}"}))
+    if "hf" in names:
+        ttft, tpot = _time_hf(args, model_config.path, model_config.dtype, requests, device, backend.synchronize)
+        elapsed = ttft + tpot * (args.output_len - 1)
+        results.append(BenchResult("hf", elapsed, args.batch_size / elapsed,
+                                   args.batch_size * args.output_len / elapsed, tokens / elapsed,
+                                   {"ttft_ms": f"{1e3 * ttft:.1f}", "per_token_ms": f"{1e3 * tpot:.2f}"}))
+    weights = weight_bytes(model_config.path, model_config.dtype)
+    bandwidth = copy_bandwidth_bytes_per_s(device, backend.synchronize)
+    floor_ms = 1e3 * weights / bandwidth
+    lines = [f"workload: batch {args.batch_size}, {args.input_len} input tokens, {args.output_len} output tokens",
+             f"model: {model_config.path} ({model_config.dtype}, {weights / 1e9:.2f} GB of weights)",
+             f"hardware: {hardware(device)}; measured copy bandwidth {bandwidth / 1e9:.0f} GB/s; "
+             f"weight-read floor {floor_ms:.2f} ms per decode step"]
+    for r in results:
+        per_token = float(r.extra["per_token_ms"])
+        r.extra["x_floor"] = f"{per_token / floor_ms:.2f}"
+    report("pagedllm bench latency", lines, results, args.output_json)
+    return 0
