@@ -84,8 +84,6 @@ def _time_hf(args: argparse.Namespace, model_path: str, dtype: torch.dtype, requ
         timed(args.output_len)
     ttft = statistics.median(timed(1) for _ in range(args.num_iters))
     full = statistics.median(timed(args.output_len) for _ in range(args.num_iters))
-    del model
-    release_device_memory(device)
     return ttft, (full - ttft) / (args.output_len - 1)
 
 
