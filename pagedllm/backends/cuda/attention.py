@@ -1,0 +1,35 @@
+"""Paged attention of a mixed batch: the decode requests through split-K, the prefills through varlen
+flash attention, both reading keys and values through the block tables."""
+
+from __future__ import annotations
+
+import torch
+
+from pagedllm.backends.cuda.decode_attention import decode_attention
+from pagedllm.backends.cuda.prefill_attention import prefill_attention
+from pagedllm.backends.interface import AttentionMetadata, AttentionSpec
+
+
+def paged_attention(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    metadata: AttentionMetadata,
+    spec: AttentionSpec,
+    num_splits: int | None = None,
+    block_m: int | None = None,
+) -> torch.Tensor:
+    """Causal attention of every request of the batch over the paged cache.
+
+    ``query``: ``[num_tokens, num_heads, head_dim]``; ``kv_cache``: ``[2, num_blocks, block_size,
+    num_kv_heads, head_dim]`` already holding this step's keys and values. ``num_splits``/``block_m``
+    override the decode split count and prefill tile rows (tests). Returns ``[num_tokens, num_heads,
+    head_dim]`` in ``query``'s dtype; rows of padding tokens are left uninitialized.
+    """
+    if query.stride(-1) != 1:
+        query = query.contiguous()
+    out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    if metadata.num_decodes > 0:
+        decode_attention(out, query, kv_cache, metadata, spec, num_splits=num_splits)
+    if metadata.num_requests > metadata.num_decodes:
+        prefill_attention(out, query, kv_cache, metadata, spec, block_m=block_m)
+    return out

@@ -1,0 +1,96 @@
+"""The inner loop shared by the decode and prefill attention kernels, and host-side tile helpers.
+
+Invariant of :func:`attend_tiles`: after visiting key tiles ``[tile_lo, tile_hi)``, ``acc / l_i`` is the
+softmax-weighted sum of the values of every key visited so far that a query row may see, and ``m_i`` is
+the running maximum of that row's scores (in log2 units); rows that saw no key keep ``m_i = -inf``,
+``l_i = 0``, ``acc = 0``. Keys are read through the request's block table, one token row at a time, so a
+tile of ``BLOCK_N`` keys may span several KV blocks (or part of one) whatever the block size.
+
+KV cache layout (see ``CudaBackend.kv_cache_shape``): ``[2, num_blocks, block_size, num_kv_heads,
+head_dim]``; the kernels get the key and value halves as two pointers with the same strides.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2_E = 1.4426950408889634
+"""Scores are kept in log2 units (``scale * log2(e)`` folded into one multiply) so ``exp2`` can be used."""
+
+
+def block_d(head_dim: int) -> int:
+    """Return the padded head dimension the kernels tile with: a power of two, at least 16 (tl.dot's K)."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """Return tl.dot's input precision: full fp32 ("ieee") for float32 inputs, so results match the fp32
+    reference instead of TF32's 10-bit mantissa; irrelevant (tensor cores) for fp16/bf16."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@triton.jit
+def attend_tiles(
+    acc,
+    m_i,
+    l_i,
+    q,
+    q_pos,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_table_ptr,
+    kv_head,
+    tile_lo,
+    tile_hi,
+    kv_lo,
+    kv_hi,
+    qk_scale,
+    max_blocks,
+    stride_cache_block,
+    stride_cache_tok,
+    stride_cache_head,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    SLIDING_WINDOW: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Online-softmax attention of query rows ``q`` over key tiles ``[tile_lo, tile_hi)`` of one request.
+
+    ``acc``: ``[BLOCK_M, BLOCK_D]`` fp32; ``m_i``/``l_i``: ``[BLOCK_M]`` fp32 running max / sum;
+    ``q``: ``[BLOCK_M, BLOCK_D]`` (padded columns are 0); ``q_pos``: ``[BLOCK_M]`` int32 position of each
+    row; ``block_table_ptr``: the request's row of the block tables. Keys at positions outside
+    ``[kv_lo, kv_hi)``, after the row's position or outside its sliding window are masked. Returns the
+    updated ``(acc, m_i, l_i)``.
+    """
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    for tile in range(tile_lo, tile_hi):
+        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_valid = (offs_n >= kv_lo) & (offs_n < kv_hi)
+        page = offs_n // BLOCK_SIZE
+        # A bad or padded row can never read past its block-table row: such keys fall back to block 0.
+        block_ids = tl.load(block_table_ptr + page, mask=n_valid & (page < max_blocks), other=0).to(tl.int64)
+        kv_offs = (
+            block_ids * stride_cache_block + (offs_n % BLOCK_SIZE) * stride_cache_tok + kv_head * stride_cache_head
+        )
+        kv_mask = n_valid[:, None] & d_mask[None, :]
+        k = tl.load(k_cache_ptr + kv_offs[:, None] + offs_d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+        allowed = n_valid[None, :] & (offs_n[None, :] <= q_pos[:, None])
+        if SLIDING_WINDOW > 0:
+            allowed = allowed & (offs_n[None, :] > q_pos[:, None] - SLIDING_WINDOW)
+        scores = tl.where(allowed, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        # Rows that have seen no visible key yet keep m = -inf; subtract 0 instead to avoid inf - inf.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(scores - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache_ptr + kv_offs[:, None] + offs_d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i

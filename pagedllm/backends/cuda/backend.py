@@ -1,0 +1,194 @@
+"""The ``cuda`` backend: NVIDIA GPUs through torch.cuda, attention and fused ops as Triton kernels.
+
+The kernel modules (and so triton) are imported on first use, inside the methods that launch them, so
+loading the plugin or probing :meth:`CudaBackend.is_available` never compiles or touches a GPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+
+import torch
+
+from pagedllm.backends.interface import AttentionMetadata, AttentionSpec, Backend, BackendCapabilities
+
+
+class CudaBackend(Backend):
+    """Triton kernels on CUDA; KV layout ``[2, num_blocks, block_size, num_kv_heads, head_dim]``."""
+
+    name = "cuda"
+    device_type = "cuda"
+    dist_backend = "nccl"
+    priority = 10  # below rocm: torch.cuda also answers on a ROCm build
+
+    def __init__(self) -> None:
+        # One memory pool shared by every captured graph: graphs of different batch sizes replay one at a
+        # time, so they can reuse the same intermediate buffers.
+        self._graph_pool: object | None = None
+
+    # ------------------------------------------------------------------ identity and capabilities
+    @classmethod
+    def is_available(cls) -> tuple[bool, str]:
+        """Available when torch is a CUDA build that sees a GPU and triton can be imported."""
+        try:
+            if getattr(torch.version, "hip", None):
+                return False, "this is a ROCm build of torch; use --device rocm"
+            if not torch.cuda.is_available():
+                return False, (
+                    f"torch {torch.__version__} has no CUDA device (torch.version.cuda={torch.version.cuda}); "
+                    "install a CUDA build of torch on a machine with an NVIDIA GPU"
+                )
+            if importlib.util.find_spec("triton") is None:
+                return False, "triton is not installed; install the triton that matches your torch"
+            try:
+                import triton  # noqa: F401 - a broken install fails here, not in the first kernel launch
+            except Exception as exc:
+                return False, f"triton cannot be imported ({type(exc).__name__}: {exc}); reinstall it"
+            major, minor = torch.cuda.get_device_capability()
+            if major < 7:
+                return False, f"GPU compute capability {major}.{minor} is below 7.0, the least triton supports"
+        except Exception as exc:  # never raise: the reason is shown to the operator
+            return False, f"probing CUDA failed: {type(exc).__name__}: {exc}"
+        return True, ""
+
+    def capabilities(self) -> BackendCapabilities:
+        """fp16/bf16/fp32 (bf16 from compute capability 8.0), KV blocks of 16/32/64, heads up to 256."""
+        dtypes: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32)
+        try:
+            if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] < 8:
+                dtypes = (torch.float16, torch.float32)
+        except Exception:  # capabilities are also listed on machines without a GPU
+            pass
+        return BackendCapabilities(
+            dtypes=dtypes,
+            kv_cache_dtypes=dtypes,
+            block_sizes=(16, 32, 64),
+            # Any head size up to 256 works (padded to a power of two with masks); these are the tested ones.
+            head_sizes=(64, 80, 96, 112, 128, 256, 32, 16, 8),
+            supports_sliding_window=True,
+            can_capture_graphs=True,
+        )
+
+    # ------------------------------------------------------------------ device life
+    def init_device(self, rank: int, world_size: int) -> None:
+        """Make the local GPU of ``rank`` the current device."""
+        torch.cuda.set_device(self.device(rank))
+
+    def device(self, rank: int = 0) -> torch.device:
+        """Return ``cuda:(rank % visible GPUs)``: one process per GPU, also when each sees only its own."""
+        return torch.device("cuda", rank % max(1, torch.cuda.device_count()))
+
+    def memory_info(self) -> tuple[int, int]:
+        """Return ``(free_bytes, total_bytes)`` of the current GPU (``torch.cuda.mem_get_info``)."""
+        free_bytes, total_bytes = torch.cuda.mem_get_info()
+        return int(free_bytes), int(total_bytes)
+
+    def synchronize(self) -> None:
+        """Wait for every queued kernel of the current GPU."""
+        torch.cuda.synchronize()
+
+    # ------------------------------------------------------------------ KV cache
+    def kv_cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
+        """``(2, num_blocks, block_size, num_kv_heads, head_dim)``: keys then values; a token's heads are
+        contiguous so one write per token stores them all."""
+        return (2, num_blocks, block_size, num_kv_heads, head_dim)
+
+    def write_kv_cache(
+        self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+    ) -> None:
+        """Scatter ``key``/``value`` ``[num_tokens, num_kv_heads, head_dim]`` to their slots (Triton)."""
+        from pagedllm.backends.cuda.kv_cache_kernels import write_kv_cache
+
+        write_kv_cache(key, value, kv_cache, slot_mapping)
+
+    def read_kv_cache(self, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gather the keys and values stored at ``slot_mapping`` ``[num_slots]``; returns two
+        ``[num_slots, num_kv_heads, head_dim]`` tensors (tests only)."""
+        num_kv_heads, head_dim = kv_cache.shape[-2:]
+        return (
+            kv_cache[0].reshape(-1, num_kv_heads, head_dim)[slot_mapping],
+            kv_cache[1].reshape(-1, num_kv_heads, head_dim)[slot_mapping],
+        )
+
+    def copy_blocks(self, kv_caches: list[torch.Tensor], src_to_dst: torch.Tensor) -> None:
+        """Copy blocks ``src -> dst`` (``src_to_dst``: ``[num_pairs, 2]`` int64) in every layer; rare
+        (copy-on-write), so plain PyTorch indexing."""
+        if not kv_caches or src_to_dst.numel() == 0:
+            return
+        pairs = src_to_dst.to(kv_caches[0].device, non_blocking=True)
+        src, dst = pairs[:, 0], pairs[:, 1]
+        for kv_cache in kv_caches:
+            kv_cache[:, dst] = kv_cache[:, src]
+
+    # ------------------------------------------------------------------ attention
+    def attention(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+        spec: AttentionSpec,
+    ) -> torch.Tensor:
+        """Split-K decode then varlen flash prefill over the paged cache (``attention.paged_attention``).
+
+        ``query``: ``[num_tokens, num_heads, head_dim]``; ``key``/``value`` are unused (already in
+        ``kv_cache``). Returns ``[num_tokens, num_heads, head_dim]``; padding rows are uninitialized.
+        """
+        from pagedllm.backends.cuda.attention import paged_attention
+
+        return paged_attention(query, kv_cache, metadata, spec)
+
+    # ------------------------------------------------------------------ fused ops
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """Triton RMSNorm of ``x: [..., hidden]`` with ``weight: [hidden]``, one program per row; rounds
+        like the default (Hugging Face)."""
+        from pagedllm.backends.cuda.fused_kernels import rms_norm
+
+        return rms_norm(x, weight, eps)
+
+    def add_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fused residual add + RMSNorm of ``[num_tokens, hidden]`` tensors; the sum is written into
+        ``residual`` in place and returned as the second element."""
+        if residual.dtype != x.dtype or residual.shape != x.shape or not residual.is_contiguous():
+            return super().add_rms_norm(x, residual, weight, eps)
+        from pagedllm.backends.cuda.fused_kernels import add_rms_norm
+
+        return add_rms_norm(x, residual, weight, eps)
+
+    def rotary_embedding(
+        self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, cos_sin_cache: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Triton NeoX rotary of ``query: [num_tokens, num_heads, head_dim]`` and ``key: [num_tokens,
+        num_kv_heads, head_dim]`` in one launch; returns new tensors, inputs untouched."""
+        if cos_sin_cache.shape[-1] != query.shape[-1] or query.dtype != key.dtype:
+            return super().rotary_embedding(positions, query, key, cos_sin_cache)
+        from pagedllm.backends.cuda.fused_kernels import rotary_embedding
+
+        return rotary_embedding(positions, query, key, cos_sin_cache)
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """Triton ``silu(x[:, :d]) * x[:, d:]`` for ``x: [num_tokens, 2 * d]``, rounded like the default."""
+        from pagedllm.backends.cuda.fused_kernels import silu_and_mul
+
+        return silu_and_mul(x)
+
+    # ------------------------------------------------------------------ step capture
+    def capture_graph(self, fn: Callable[[], None]) -> Callable[[], None]:
+        """Warm ``fn`` up on a side stream (compiles the kernels), record it in a ``torch.cuda.CUDAGraph``
+        sharing this backend's memory pool, and return the graph's ``replay``."""
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool):
+            fn()
+        return graph.replay

@@ -1,0 +1,218 @@
+"""Fused element-wise ops overriding the ``Backend`` defaults: RMSNorm (with residual add), rotary
+embedding, SiLU-and-mul.
+
+They round exactly where the Hugging Face / ``Backend`` default code rounds (after each PyTorch op in the
+activation dtype), computing each op in float32 in between, so on the GPU they match the defaults to the
+last bit except for the order of RMSNorm's sum of squares. FMA contraction is turned off for the same
+reason: these kernels are bound by memory, not arithmetic.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rms_norm_kernel(
+    out_ptr,
+    x_ptr,
+    residual_ptr,
+    weight_ptr,
+    stride_x,
+    stride_r,
+    stride_o,
+    hidden,
+    eps,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < hidden
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(residual_ptr + row * stride_r + offs, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)  # HF adds in the activation dtype
+        tl.store(residual_ptr + row * stride_r + offs, x, mask=mask)
+    x32 = x.to(tl.float32)
+    variance = tl.sum(x32 * x32, 0) / hidden
+    normed = (x32 * tl.rsqrt(variance + eps)).to(x.dtype)
+    w = tl.load(weight_ptr + offs, mask=mask, other=0.0)
+    out = w.to(tl.float32) * normed.to(tl.float32)
+    tl.store(out_ptr + row * stride_o + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """View ``x`` as ``[rows, last_dim]`` with a contiguous last dim (copies only when it must)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm as Hugging Face computes it. ``x``: ``[..., hidden]``; ``weight``: ``[hidden]``.
+
+    Returns ``[..., hidden]`` in the dtype of ``weight * x`` (PyTorch promotion).
+    """
+    x2 = _rows(x)
+    hidden = x2.shape[1]
+    out = torch.empty(x2.shape, dtype=torch.result_type(weight, x), device=x.device)
+    if x2.shape[0]:
+        _rms_norm_kernel[(x2.shape[0],)](
+            out, x2, x2, weight.contiguous(), x2.stride(0), x2.stride(0), out.stride(0), hidden, eps,
+            HAS_RESIDUAL=False, BLOCK=triton.next_power_of_2(hidden), num_warps=_norm_warps(hidden),
+            enable_fp_fusion=False,
+        )  # fmt: skip
+    return out.view(x.shape)
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual add then RMSNorm in one pass; returns ``(rms_norm(x + residual), x + residual)``.
+
+    ``x``/``residual``: ``[num_tokens, hidden]`` of one dtype, ``residual`` contiguous (the sum is written
+    into it in place, and it is the second element returned); ``weight``: ``[hidden]``.
+    """
+    x2 = _rows(x)
+    num_rows, hidden = x2.shape
+    res2 = residual.view(num_rows, hidden)
+    out = torch.empty(x2.shape, dtype=torch.result_type(weight, x), device=x.device)
+    if num_rows:
+        _rms_norm_kernel[(num_rows,)](
+            out, x2, res2, weight.contiguous(), x2.stride(0), res2.stride(0), out.stride(0), hidden, eps,
+            HAS_RESIDUAL=True, BLOCK=triton.next_power_of_2(hidden), num_warps=_norm_warps(hidden),
+            enable_fp_fusion=False,
+        )  # fmt: skip
+    return out.view(x.shape), residual
+
+
+def _norm_warps(hidden: int) -> int:
+    return 4 if hidden <= 1024 else 8 if hidden <= 4096 else 16
+
+
+@triton.jit
+def _rotate_heads(
+    out_ptr,
+    in_ptr,
+    stride_in_h,
+    stride_out_h,
+    cos,
+    sin,
+    NUM_HEADS: tl.constexpr,
+    HALF: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+):
+    """Rotate every head of one token: ``out = x * cos + rotate_half(x) * sin`` rounding as PyTorch does."""
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_HALF)
+    mask = (offs_h < NUM_HEADS)[:, None] & (offs_d < HALF)[None, :]
+    src = in_ptr + offs_h[:, None] * stride_in_h + offs_d[None, :]
+    x1 = tl.load(src, mask=mask, other=0.0)
+    x2 = tl.load(src + HALF, mask=mask, other=0.0)
+    dt = x1.dtype
+    c = cos.to(dt).to(tl.float32)[None, :]  # the default casts cos/sin to the activation dtype first
+    s = sin.to(dt).to(tl.float32)[None, :]
+    x1f = x1.to(tl.float32)
+    x2f = x2.to(tl.float32)
+    o1 = ((x1f * c).to(dt).to(tl.float32) - (x2f * s).to(dt).to(tl.float32)).to(dt)
+    o2 = ((x2f * c).to(dt).to(tl.float32) + (x1f * s).to(dt).to(tl.float32)).to(dt)
+    dst = out_ptr + offs_h[:, None] * stride_out_h + offs_d[None, :]
+    tl.store(dst, o1, mask=mask)
+    tl.store(dst + HALF, o2, mask=mask)
+
+
+@triton.jit
+def _rotary_kernel(
+    q_out_ptr,
+    k_out_ptr,
+    q_ptr,
+    k_ptr,
+    positions_ptr,
+    cos_sin_ptr,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_qot,
+    stride_qoh,
+    stride_kot,
+    stride_koh,
+    stride_cs,
+    NUM_Q_HEADS: tl.constexpr,
+    NUM_K_HEADS: tl.constexpr,
+    HALF: tl.constexpr,
+    BLOCK_HQ: tl.constexpr,
+    BLOCK_HK: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    pos = tl.load(positions_ptr + token).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_HALF)
+    d_mask = offs_d < HALF
+    cos = tl.load(cos_sin_ptr + pos * stride_cs + offs_d, mask=d_mask, other=0.0)
+    sin = tl.load(cos_sin_ptr + pos * stride_cs + HALF + offs_d, mask=d_mask, other=0.0)
+    _rotate_heads(q_out_ptr + token * stride_qot, q_ptr + token * stride_qt, stride_qh, stride_qoh, cos, sin,
+                  NUM_Q_HEADS, HALF, BLOCK_HQ, BLOCK_HALF)  # fmt: skip
+    _rotate_heads(k_out_ptr + token * stride_kot, k_ptr + token * stride_kt, stride_kh, stride_koh, cos, sin,
+                  NUM_K_HEADS, HALF, BLOCK_HK, BLOCK_HALF)  # fmt: skip
+
+
+def rotary_embedding(
+    positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, cos_sin_cache: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embedding, NeoX / "rotate half" layout, of query and key in one launch.
+
+    ``positions``: ``[num_tokens]`` int64; ``query``: ``[num_tokens, num_heads, head_dim]``; ``key``:
+    ``[num_tokens, num_kv_heads, head_dim]`` (views of a fused QKV tensor are fine); ``cos_sin_cache``:
+    ``[max_position, head_dim]`` float32, cos in the first half, sin in the second. Returns new rotated
+    ``(query, key)`` tensors of the same shapes and dtypes; the inputs are not modified.
+    """
+    if query.stride(-1) != 1:
+        query = query.contiguous()
+    if key.stride(-1) != 1:
+        key = key.contiguous()
+    num_tokens, num_heads, head_dim = query.shape
+    num_kv_heads = key.shape[1]
+    cos_sin_cache = cos_sin_cache.contiguous()
+    q_out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    k_out = torch.empty(key.shape, dtype=key.dtype, device=key.device)
+    if num_tokens:
+        half = head_dim // 2
+        _rotary_kernel[(num_tokens,)](
+            q_out, k_out, query, key, positions, cos_sin_cache,
+            query.stride(0), query.stride(1), key.stride(0), key.stride(1),
+            q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1), cos_sin_cache.stride(0),
+            NUM_Q_HEADS=num_heads, NUM_K_HEADS=num_kv_heads, HALF=half,
+            BLOCK_HQ=triton.next_power_of_2(num_heads), BLOCK_HK=triton.next_power_of_2(num_kv_heads),
+            BLOCK_HALF=triton.next_power_of_2(half), num_warps=4, enable_fp_fusion=False,
+        )  # fmt: skip
+    return q_out, k_out
+
+
+@triton.jit
+def _silu_and_mul_kernel(out_ptr, x_ptr, stride_x, stride_o, d, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < d
+    gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    up = tl.load(x_ptr + row * stride_x + d + cols, mask=mask, other=0.0)
+    g = gate.to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(gate.dtype)  # silu as PyTorch computes it, rounded like it
+    out = (act.to(tl.float32) * up.to(tl.float32)).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * stride_o + cols, out, mask=mask)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """``silu(x[:, :d]) * x[:, d:]``; ``x``: ``[num_tokens, 2 * d]``, returns ``[num_tokens, d]``."""
+    x2 = _rows(x)
+    num_rows, d = x2.shape[0], x2.shape[1] // 2
+    out = torch.empty((num_rows, d), dtype=x.dtype, device=x.device)
+    if num_rows:
+        block = min(1024, triton.next_power_of_2(d))
+        _silu_and_mul_kernel[(num_rows, triton.cdiv(d, block))](
+            out, x2, x2.stride(0), out.stride(0), d, BLOCK=block, num_warps=4, enable_fp_fusion=False
+        )
+    return out.view(*x.shape[:-1], d)

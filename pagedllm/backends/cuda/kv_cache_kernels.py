@@ -1,0 +1,71 @@
+"""Writing this step's keys and values into the paged KV cache, one program per token."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _write_kv_kernel(
+    key_ptr,
+    value_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    slot_mapping_ptr,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_cache_block,
+    stride_cache_tok,
+    stride_cache_head,
+    NUM_KV_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_mapping_ptr + token)
+    if slot >= 0:  # -1: a padding token, nothing to store
+        offs_h = tl.arange(0, BLOCK_H)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask = (offs_h < NUM_KV_HEADS)[:, None] & (offs_d < HEAD_DIM)[None, :]
+        dst = (
+            (slot // BLOCK_SIZE) * stride_cache_block
+            + (slot % BLOCK_SIZE) * stride_cache_tok
+            + offs_h[:, None] * stride_cache_head
+            + offs_d[None, :]
+        )
+        k = tl.load(key_ptr + token * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask)
+        tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+        v = tl.load(value_ptr + token * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
+        tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Store ``key``/``value`` rows at their slots of ``kv_cache``, in place; slots of -1 are skipped.
+
+    ``key``/``value``: ``[>= num_slots, num_kv_heads, head_dim]`` (last dim contiguous; views of a fused
+    QKV tensor are fine); ``kv_cache``: ``[2, num_blocks, block_size, num_kv_heads, head_dim]``;
+    ``slot_mapping``: ``[num_slots]`` int64. The grid is ``num_slots`` programs, a shape, so the write can
+    be captured in a CUDA graph.
+    """
+    if key.stride(-1) != 1:
+        key = key.contiguous()
+    if value.stride(-1) != 1:
+        value = value.contiguous()
+    num_slots = min(slot_mapping.shape[0], key.shape[0])
+    if num_slots == 0:
+        return
+    _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
+    k_cache, v_cache = kv_cache[0], kv_cache[1]
+    _write_kv_kernel[(num_slots,)](
+        key, value, k_cache, v_cache, slot_mapping,
+        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_H=triton.next_power_of_2(num_kv_heads),
+        BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_SIZE=block_size, num_warps=4, enable_fp_fusion=False,
+    )  # fmt: skip

@@ -1,0 +1,453 @@
+"""The ``cuda`` backend's Triton kernels run on the CPU under Triton's interpreter, against the ``cpu``
+reference backend (float32 PyTorch) and the ``Backend`` default fused ops.
+
+The kernel modules are imported privately with ``TRITON_INTERPRET=1`` (the interpreter is chosen when
+``@triton.jit`` decorates a function), then ``sys.modules`` is restored, so a GPU test later in the same
+session still gets compiled kernels. Shapes are tiny: the interpreter runs every program in Python.
+bfloat16 is left to the GPU tests (the interpreter mishandles some bf16 element-wise operations).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from pagedllm.backends.cpu.backend import CpuBackend
+from pagedllm.backends.cuda.backend import CudaBackend
+from pagedllm.backends.interface import AttentionMetadata, AttentionSpec
+
+KERNEL_MODULES = (
+    "attention_common",
+    "decode_attention",
+    "prefill_attention",
+    "attention",
+    "kv_cache_kernels",
+    "fused_kernels",
+)
+TOLERANCE = {torch.float32: {"atol": 1e-4, "rtol": 1e-4}, torch.float16: {"atol": 3e-3, "rtol": 3e-3}}
+REFERENCE = CpuBackend()
+
+
+@pytest.fixture(scope="module")
+def interpreted_modules() -> SimpleNamespace:
+    """The kernel modules imported with ``TRITON_INTERPRET=1``, without leaving them in ``sys.modules``."""
+    package = importlib.import_module("pagedllm.backends.cuda")
+    names = [f"{package.__name__}.{m}" for m in KERNEL_MODULES]
+    saved_modules = {n: sys.modules.pop(n) for n in names if n in sys.modules}
+    saved_attrs = {m: getattr(package, m) for m in KERNEL_MODULES if hasattr(package, m)}
+    saved_env = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        return SimpleNamespace(**{m: importlib.import_module(f"{package.__name__}.{m}") for m in KERNEL_MODULES})
+    finally:
+        if saved_env is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = saved_env
+        for n in names:
+            sys.modules.pop(n, None)
+        sys.modules.update(saved_modules)
+        for m in KERNEL_MODULES:
+            if m in saved_attrs:
+                setattr(package, m, saved_attrs[m])
+            elif hasattr(package, m):
+                delattr(package, m)
+
+
+@pytest.fixture
+def kernels(interpreted_modules: SimpleNamespace) -> Iterator[SimpleNamespace]:
+    """The interpreted kernel modules, with triton's language patched for the interpreter during the test.
+
+    ``@triton.jit`` picks the interpreter when it decorates a function, and triton's own standard library
+    (``tl.sum``, ``tl.max``, ``tl.cdiv``, ...) was decorated when triton was first imported, usually
+    compiled: during the test those functions are swapped for interpreted twins (what setting
+    ``TRITON_INTERPRET=1`` before importing triton would give). The interpreter also patches
+    ``triton.language`` itself and, for nested calls, never restores ``triton.language.core``; so the
+    attributes of every ``triton.language*`` namespace and patched class are snapshotted before the test and
+    put back after it, and compiled kernels (``test_kernels_compile_for_sm90``, GPU tests) see triton as
+    it was.
+    """
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    with contextlib.suppress(ImportError):  # imported by the first launch; it must wrap the originals
+        importlib.import_module("triton.experimental.gluon")
+    modules = [m for n, m in list(sys.modules.items()) if m is not None and n.startswith("triton.language")]
+    classes = [tl.tensor, tl.dtype, tl.core.condition, tl.core.tensor_descriptor_base]
+    snapshots = [(obj, dict(vars(obj))) for obj in modules + classes]
+    for module in modules:
+        for attr, value in list(vars(module).items()):
+            if isinstance(value, JITFunction):
+                setattr(module, attr, _TWINS.setdefault(id(value), InterpretedFunction(value.fn)))
+    try:
+        yield interpreted_modules
+    finally:
+        for obj, saved in snapshots:  # names the interpreter added (its helpers) stay: it caches code using them
+            current = vars(obj)
+            for attr, value in saved.items():
+                if current.get(attr, _MISSING) is not value:
+                    setattr(obj, attr, value)
+
+
+_TWINS: dict[int, object] = {}
+"""Interpreted twins by id of the compiled function (hashing a JITFunction parses its source), kept across
+tests because the interpreter caches its rewrite of each function."""
+_MISSING = object()
+
+
+# --------------------------------------------------------------------------- batch factory
+@dataclass
+class Batch:
+    """A mixed batch with its KV cache: ``cache`` for the reference (finite garbage in unused slots) and
+    ``nan_cache`` for the kernels (NaN in every slot no request owns, so any stray read shows)."""
+
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    cache: torch.Tensor
+    nan_cache: torch.Tensor
+    metadata: AttentionMetadata
+    spec: AttentionSpec
+    real_rows: torch.Tensor
+
+
+def make_batch(
+    query_lens: list[int],
+    context_lens: list[int],
+    num_decodes: int,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    head_dim: int = 64,
+    dtype: torch.dtype = torch.float32,
+    block_size: int = 16,
+    sliding_window: int | None = None,
+    num_padding: int = 0,
+    permute: bool = True,
+    seed: int = 0,
+) -> Batch:
+    """Requests with ``query_lens`` new tokens over ``context_lens`` cached ones (the first ``num_decodes``
+    have one new token), then ``num_padding`` captured-graph padding requests (``seq_len`` alternately 0
+    and 1, slot -1, a block table row of zeros) inserted after the decodes. Blocks come from a random
+    permutation of the pool (block 0 stays the null block) unless ``permute`` is False."""
+    gen = torch.Generator().manual_seed(seed)
+    seq_lens = [c + q for c, q in zip(context_lens, query_lens, strict=True)]
+    blocks_per_seq = [-(-s // block_size) for s in seq_lens]
+    num_blocks = sum(blocks_per_seq) + 3
+    ids = torch.randperm(num_blocks - 1, generator=gen) + 1 if permute else torch.arange(1, num_blocks)
+    max_blocks = max(blocks_per_seq) + 1
+    tables = torch.zeros(len(seq_lens), max_blocks, dtype=torch.int32)
+    used = 0
+    for r, n in enumerate(blocks_per_seq):
+        tables[r, :n] = ids[used : used + n].int()
+        used += n
+
+    def slots_of(r: int, positions: range) -> torch.Tensor:
+        return torch.tensor([int(tables[r, p // block_size]) * block_size + p % block_size for p in positions])
+
+    shape = REFERENCE.kv_cache_shape(num_blocks, block_size, num_kv_heads, head_dim)
+    cache = (torch.randn(shape, generator=gen) * 100).to(dtype)
+    nan_cache = torch.full(shape, float("nan"), dtype=dtype)
+    for r, s in enumerate(seq_lens):
+        kv = torch.randn(2, s, num_kv_heads, head_dim, generator=gen).to(dtype)
+        for target in (cache, nan_cache):
+            REFERENCE.write_kv_cache(kv[0], kv[1], target, slots_of(r, range(s)))
+    # This step's keys/values are the cache rows at the new positions (write_kv_cache ran before attention).
+    new_slots = torch.cat(
+        [slots_of(r, range(c, s)) for r, (c, s) in enumerate(zip(context_lens, seq_lens, strict=True))]
+    )
+    key, value = REFERENCE.read_kv_cache(cache, new_slots)
+
+    # Insert padding requests after the decodes: one token each, slot -1.
+    pad_seq = [i % 2 for i in range(num_padding)]
+    seq_all = seq_lens[:num_decodes] + pad_seq + seq_lens[num_decodes:]
+    ctx_all = context_lens[:num_decodes] + [0] * num_padding + context_lens[num_decodes:]
+    q_all = query_lens[:num_decodes] + [1] * num_padding + query_lens[num_decodes:]
+    tables = torch.cat([tables[:num_decodes], torch.zeros(num_padding, max_blocks, dtype=torch.int32),
+                        tables[num_decodes:]])  # fmt: skip
+    n_dec = sum(query_lens[:num_decodes])
+    slot_mapping = torch.cat([new_slots[:n_dec], torch.full((num_padding,), -1), new_slots[n_dec:]]).long()
+    real_rows = torch.cat([torch.arange(n_dec), torch.arange(n_dec + num_padding, len(slot_mapping))])
+    key = torch.cat([key[:n_dec], torch.zeros(num_padding, *key.shape[1:], dtype=dtype), key[n_dec:]])
+    value = torch.cat([value[:n_dec], torch.zeros(num_padding, *value.shape[1:], dtype=dtype), value[n_dec:]])
+    query_start = torch.tensor([0, *torch.tensor(q_all).cumsum(0).tolist()], dtype=torch.int32)
+    metadata = AttentionMetadata(
+        num_tokens=len(slot_mapping),
+        num_decodes=num_decodes + num_padding,
+        query_start_loc=query_start,
+        seq_lens=torch.tensor(seq_all, dtype=torch.int32),
+        context_lens=torch.tensor(ctx_all, dtype=torch.int32),
+        block_tables=tables,
+        slot_mapping=slot_mapping,
+        max_query_len=max(q_all),
+        max_seq_len=max(seq_all),
+        block_size=block_size,
+        query_start_loc_cpu=query_start.clone(),
+        seq_lens_cpu=torch.tensor(seq_all, dtype=torch.int32),
+    )
+    query = torch.randn(len(slot_mapping), num_heads, head_dim, generator=gen).to(dtype)
+    spec = AttentionSpec(num_heads, num_kv_heads, head_dim, head_dim**-0.5, sliding_window)
+    return Batch(query, key, value, cache, nan_cache, metadata, spec, real_rows)
+
+
+def check_attention(kernels: SimpleNamespace, batch: Batch, **overrides: int) -> torch.Tensor:
+    """Run the kernels on ``batch.nan_cache`` and compare the real rows with the reference; return output."""
+    expected = REFERENCE.attention(batch.query, batch.key, batch.value, batch.cache, batch.metadata, batch.spec)
+    out = kernels.attention.paged_attention(batch.query, batch.nan_cache, batch.metadata, batch.spec, **overrides)
+    assert out.shape == batch.query.shape and out.dtype == batch.query.dtype
+    rows = batch.real_rows
+    torch.testing.assert_close(out[rows].float(), expected[rows].float(), **TOLERANCE[batch.query.dtype])
+    return out
+
+
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")]
+
+
+# --------------------------------------------------------------------------- KV cache
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_write_kv_cache_round_trip_skips_padding(kernels: SimpleNamespace, dtype: torch.dtype) -> None:
+    num_tokens, num_kv_heads, head_dim, block_size = 10, 3, 80, 16
+    qkv = torch.randn(num_tokens, (4 + 2 * num_kv_heads) * head_dim).to(dtype)  # K/V as views of fused QKV
+    key = qkv[:, 4 * head_dim : (4 + num_kv_heads) * head_dim].view(num_tokens, num_kv_heads, head_dim)
+    value = qkv[:, (4 + num_kv_heads) * head_dim :].view(num_tokens, num_kv_heads, head_dim)
+    slots = torch.randperm(6 * block_size)[:num_tokens]
+    slots[[2, 7]] = -1
+    cache = torch.zeros(CudaBackend().kv_cache_shape(6, block_size, num_kv_heads, head_dim), dtype=dtype)
+    expected = cache.clone()
+    kernels.kv_cache_kernels.write_kv_cache(key, value, cache, slots)
+    REFERENCE.write_kv_cache(key, value, expected, slots)
+    assert torch.equal(cache, expected)
+    keep = slots >= 0
+    got_k, got_v = CudaBackend().read_kv_cache(cache, slots[keep])
+    assert torch.equal(got_k, key[keep]) and torch.equal(got_v, value[keep])
+
+
+# --------------------------------------------------------------------------- attention
+ATTENTION_CASES = {
+    # name: (query_lens, context_lens, num_decodes, extra make_batch arguments)
+    "decode": ([1, 1, 1], [5, 37, 0], 3, {}),
+    "prefill": ([7, 20], [0, 0], 0, {}),
+    "prefill_over_prefix": ([5, 12], [16, 21], 0, {}),
+    "mixed": ([1, 1, 9, 3], [30, 3, 0, 40], 2, {}),
+    "identity_tables": ([1, 6], [20, 11], 1, {"permute": False}),
+    "mha": ([1, 8], [19, 6], 1, {"num_heads": 2, "num_kv_heads": 2}),
+    "gqa_group3": ([1, 8], [19, 6], 1, {"num_heads": 6, "num_kv_heads": 2}),
+    "mqa": ([1, 8], [19, 6], 1, {"num_heads": 4, "num_kv_heads": 1}),
+    "head80": ([1, 10], [23, 9], 1, {"head_dim": 80}),
+    "head32": ([1, 10], [23, 9], 1, {"head_dim": 32}),
+    "head8": ([1, 10], [23, 9], 1, {"head_dim": 8, "num_heads": 2, "num_kv_heads": 1}),
+    "sliding_window": ([1, 1, 12, 5], [40, 4, 0, 30], 2, {"sliding_window": 7}),
+    "block32": ([1, 9], [45, 30], 1, {"block_size": 32}),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", list(ATTENTION_CASES))
+def test_attention_matches_reference(kernels: SimpleNamespace, case: str, dtype: torch.dtype) -> None:
+    query_lens, context_lens, num_decodes, extra = ATTENTION_CASES[case]
+    check_attention(kernels, make_batch(query_lens, context_lens, num_decodes, dtype=dtype, **extra))
+
+
+def test_prefill_tiles_split_requests(kernels: SimpleNamespace) -> None:
+    """Several query tiles per request (16-row tiles, GQA group 2: 8 tokens a tile) and a window."""
+    for window in (None, 5):
+        batch = make_batch([1, 19, 26], [9, 3, 0], 1, sliding_window=window, seed=3)
+        check_attention(kernels, batch, block_m=16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_splits", [1, 2, 4, 8])
+def test_split_k_decode_with_padding_rows(kernels: SimpleNamespace, num_splits: int, dtype: torch.dtype) -> None:
+    """Long decodes cut into splits (8 splits > tiles of some requests: empty splits), plus captured-graph
+    padding requests that must neither crash nor disturb the real rows."""
+    batch = make_batch([1, 1, 1], [150, 70, 3], 3, dtype=dtype, num_padding=2, seed=1)
+    out = check_attention(kernels, batch, num_splits=num_splits)
+    assert out.shape[0] == 5
+
+
+def test_split_k_decode_with_sliding_window(kernels: SimpleNamespace) -> None:
+    batch = make_batch([1, 1, 5], [200, 90, 100], 2, sliding_window=70, seed=2)
+    check_attention(kernels, batch, num_splits=4)
+
+
+def test_write_then_attend_through_kernels(kernels: SimpleNamespace) -> None:
+    """The hot path as the model runs it: kernel KV write of this step's tokens, then kernel attention."""
+    batch = make_batch([1, 7], [12, 20], 1, num_padding=1, seed=4)
+    cache = batch.nan_cache.clone()
+    num_kv_heads, head_dim = cache.shape[-2:]
+    cache.view(2, -1, num_kv_heads, head_dim)[:, batch.metadata.slot_mapping[batch.real_rows]] = float("nan")
+    kernels.kv_cache_kernels.write_kv_cache(batch.key, batch.value, cache, batch.metadata.slot_mapping)
+    batch.nan_cache = cache
+    check_attention(kernels, batch)
+
+
+def test_choose_num_splits_depends_on_shapes_only(kernels: SimpleNamespace) -> None:
+    choose = kernels.decode_attention.choose_num_splits
+    assert choose(1, 8, 8192, 64, num_sms=132) == 32  # one long request: fill the GPU
+    assert choose(256, 8, 8192, 64, num_sms=132) == 1  # a big batch already fills it
+    assert choose(1, 8, 256, 64, num_sms=132) == 1  # short contexts: splitting buys nothing
+    assert all(choose(b, 8, 4096, 64, 132) & (choose(b, 8, 4096, 64, 132) - 1) == 0 for b in range(1, 300))
+
+
+# --------------------------------------------------------------------------- fused ops
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_and_add_rms_norm(kernels: SimpleNamespace, dtype: torch.dtype) -> None:
+    x = torch.randn(5, 96).to(dtype)
+    residual = torch.randn(5, 96).to(dtype)
+    weight = (1 + 0.1 * torch.randn(96)).to(dtype)
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(
+        kernels.fused_kernels.rms_norm(x, weight, 1e-6), REFERENCE.rms_norm(x, weight, 1e-6), **tol
+    )
+    expected_out, expected_sum = REFERENCE.add_rms_norm(x, residual.clone(), weight, 1e-5)
+    out, new_residual = kernels.fused_kernels.add_rms_norm(x, residual, weight, 1e-5)
+    torch.testing.assert_close(out, expected_out, **tol)
+    assert torch.equal(new_residual, expected_sum)  # the sum, rounded to dtype like the default
+    x3 = torch.randn(3, 2, 64).to(dtype)  # per-head norm (q_norm/k_norm): leading dims kept
+    w3 = torch.randn(64).to(dtype)
+    torch.testing.assert_close(kernels.fused_kernels.rms_norm(x3, w3, 1e-6), REFERENCE.rms_norm(x3, w3, 1e-6), **tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 80])
+def test_rotary_embedding(kernels: SimpleNamespace, head_dim: int, dtype: torch.dtype) -> None:
+    num_tokens, num_heads, num_kv_heads = 6, 3, 1
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    freqs = torch.outer(torch.arange(64).float(), inv_freq)
+    cos_sin_cache = torch.cat([freqs.cos(), freqs.sin()], dim=-1)
+    qkv = torch.randn(num_tokens, (num_heads + 2 * num_kv_heads) * head_dim).to(dtype)
+    query = qkv[:, : num_heads * head_dim].view(num_tokens, num_heads, head_dim)  # strided views, as models pass
+    key = qkv[:, num_heads * head_dim : (num_heads + num_kv_heads) * head_dim].view(num_tokens, num_kv_heads, head_dim)
+    positions = torch.tensor([0, 5, 63, 1, 17, 2])
+    before = qkv.clone()
+    q_out, k_out = kernels.fused_kernels.rotary_embedding(positions, query, key, cos_sin_cache)
+    q_ref, k_ref = REFERENCE.rotary_embedding(positions, query, key, cos_sin_cache)
+    assert torch.equal(qkv, before)
+    torch.testing.assert_close(q_out, q_ref, **TOLERANCE[dtype])
+    torch.testing.assert_close(k_out, k_ref, **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_and_mul(kernels: SimpleNamespace, dtype: torch.dtype) -> None:
+    x = (torch.randn(4, 2 * 1100) * 3).to(dtype)  # 1100 columns: two column blocks, the second partial
+    torch.testing.assert_close(kernels.fused_kernels.silu_and_mul(x), REFERENCE.silu_and_mul(x), **TOLERANCE[dtype])
+
+
+# --------------------------------------------------------------------------- backend identity
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the reason given on a machine without CUDA")
+def test_is_available_says_why_not() -> None:
+    ok, reason = CudaBackend.is_available()
+    assert ok is False
+    assert "CUDA" in reason or "ROCm" in reason
+
+
+def test_identity_and_capabilities() -> None:
+    backend = CudaBackend()
+    assert (backend.name, backend.device_type, backend.dist_backend, backend.priority) == ("cuda", "cuda", "nccl", 10)
+    caps = backend.capabilities()
+    assert caps.block_sizes[0] == 16 and caps.can_capture_graphs and caps.supports_sliding_window
+    assert {64, 80, 128, 256} <= set(caps.head_sizes)
+    assert backend.kv_cache_shape(7, 16, 2, 64) == (2, 7, 16, 2, 64)
+
+
+def test_interpreted_kernels_do_not_leak(interpreted_modules: SimpleNamespace) -> None:
+    """A GPU test later in the session must get compiled kernels, not the interpreted ones."""
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    assert isinstance(interpreted_modules.decode_attention._decode_split_kernel, InterpretedFunction)
+    assert os.environ.get("TRITON_INTERPRET", "0") != "1"
+    module = importlib.import_module("pagedllm.backends.cuda.decode_attention")
+    assert module is not interpreted_modules.decode_attention
+    assert isinstance(module._decode_split_kernel, JITFunction)
+    assert isinstance(tl.sum, JITFunction) and isinstance(tl.cdiv, JITFunction)
+
+
+def _compile_sm90(kernel: object, pointers: dict[str, str], constexprs: dict[str, object], **options: object) -> None:
+    """Compile ``kernel`` for an H100 (sm_90) without a GPU; pointers and ``stride*`` args are declared
+    16-aligned as a real launch specializes them. Parameters not named are i32 (``*scale``/``eps``: fp32)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    params = list(inspect.signature(kernel.fn).parameters)  # type: ignore[attr-defined]
+    signature = {
+        p: "constexpr" if p in constexprs else pointers.get(p, "fp32" if p in ("qk_scale", "eps") else "i32")
+        for p in params
+    }
+    attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params) if p in pointers or p.startswith("stride")}
+    source = ASTSource(kernel, signature, {(params.index(k),): v for k, v in constexprs.items()}, attrs)
+    triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def test_kernels_compile_for_sm90() -> None:
+    """The real compiler (not the interpreter) accepts the kernels: bf16 GQA decode/prefill, fused ops."""
+    triton = pytest.importorskip("triton")
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+        pytest.skip("triton ships no ptxas here")
+    pytest.importorskip("triton.compiler")
+    from pagedllm.backends.cuda import decode_attention, fused_kernels, kv_cache_kernels, prefill_attention
+
+    bf16 = {n: "*bf16" for n in ("out_ptr", "q_ptr", "k_cache_ptr", "v_cache_ptr", "key_ptr", "value_ptr")}
+    ints = {n: "*i32" for n in ("block_tables_ptr", "seq_lens_ptr", "query_start_loc_ptr", "context_lens_ptr")}
+    attention = {**bf16, **ints, "mid_o_ptr": "*fp32", "mid_lse_ptr": "*fp32"}
+    geometry = {"GROUP": 4, "HEAD_DIM": 80, "BLOCK_D": 128, "BLOCK_SIZE": 16, "SLIDING_WINDOW": 0}
+    _compile_sm90(
+        decode_attention._decode_split_kernel, attention,
+        {**geometry, "BLOCK_G": 16, "BLOCK_N": 64, "NUM_SPLITS": 4, "DOT_PRECISION": "tf32"},
+        num_warps=4, enable_fp_fusion=True,
+    )  # fmt: skip
+    _compile_sm90(
+        decode_attention._decode_reduce_kernel, attention,
+        {"HEAD_DIM": 80, "BLOCK_D": 128, "NUM_SPLITS": 4, "BLOCK_S": 4}, num_warps=4, enable_fp_fusion=True,
+    )  # fmt: skip
+    _compile_sm90(
+        prefill_attention._prefill_kernel, attention,
+        {**geometry, "BLOCK_M": 128, "BLOCK_Q": 32, "BLOCK_N": 64, "DOT_PRECISION": "tf32"},
+        num_warps=8, enable_fp_fusion=True,
+    )  # fmt: skip
+    _compile_sm90(
+        kv_cache_kernels._write_kv_kernel, {**bf16, "slot_mapping_ptr": "*i64"},
+        {"NUM_KV_HEADS": 8, "HEAD_DIM": 80, "BLOCK_H": 8, "BLOCK_D": 128, "BLOCK_SIZE": 16}, enable_fp_fusion=False,
+    )  # fmt: skip
+    fused = {n: "*bf16" for n in ("out_ptr", "x_ptr", "residual_ptr", "weight_ptr", "q_out_ptr", "k_out_ptr", "k_ptr")}
+    fused.update(q_ptr="*bf16", positions_ptr="*i64", cos_sin_ptr="*fp32")
+    _compile_sm90(fused_kernels._rms_norm_kernel, fused, {"HAS_RESIDUAL": True, "BLOCK": 4096}, num_warps=8,
+                  enable_fp_fusion=False)  # fmt: skip
+    _compile_sm90(
+        fused_kernels._rotary_kernel, fused,
+        {"NUM_Q_HEADS": 32, "NUM_K_HEADS": 8, "HALF": 40, "BLOCK_HQ": 32, "BLOCK_HK": 8, "BLOCK_HALF": 64},
+        enable_fp_fusion=False,
+    )  # fmt: skip
+    _compile_sm90(fused_kernels._silu_and_mul_kernel, fused, {"BLOCK": 1024}, enable_fp_fusion=False)
+
+
+def test_plugin_registers_backend_without_importing_triton() -> None:
+    code = (
+        "import sys\n"
+        "from pagedllm.backends.registry import PluginRegistry\n"
+        "from pagedllm.backends.cuda.backend import CudaBackend\n"
+        "entries = PluginRegistry(load_entry_points=False).backends()\n"
+        "assert entries['cuda'].backend_cls is CudaBackend, entries\n"
+        "CudaBackend().capabilities()\n"
+        "assert 'triton' not in sys.modules, 'triton imported too early'\n"
+    )
+    root = str(Path(importlib.import_module("pagedllm").__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    env.pop("TRITON_INTERPRET", None)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
