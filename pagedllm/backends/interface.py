@@ -17,21 +17,72 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
-# The interface version a backend declares in ``Backend.interface_version``. A backend is compatible when
-# its major equals ours and its minor is not newer than ours (it may use nothing we do not have).
+# The interface version a backend declares in ``Backend.interface_version``: (major, minor). The minor is
+# raised when something is added (a method with a neutral default, a capability field with a default), so
+# older backends keep working; the major is raised when something a backend relies on changes or goes.
+# A backend is compatible when its major equals ours and its minor is not newer than ours (it may use
+# nothing we do not have). History: 1.0 (pagedllm 0.1) — the first interface.
 INTERFACE_VERSION: tuple[int, int] = (1, 0)
+
+
+class InterfaceVersionError(ValueError):
+    """A backend declares an interface version this pagedllm cannot run (or a malformed one)."""
+
+
+def format_version(version: tuple[int, int]) -> str:
+    """Return ``"MAJOR.MINOR"`` for an interface version tuple (e.g. ``(1, 0) -> "1.0"``)."""
+    return ".".join(str(part) for part in version)
 
 
 def is_compatible_version(plugin_version: tuple[int, int]) -> bool:
     """Tell whether a backend implementing ``plugin_version`` can run on this pagedllm.
 
-    Returns True when the majors are equal and the plugin's minor is <= ours.
+    Returns True when the majors are equal and the plugin's minor is <= ours; False otherwise, including
+    for a malformed version (anything but two non-negative ints).
     """
+    if not _is_version(plugin_version):
+        return False
     return plugin_version[0] == INTERFACE_VERSION[0] and plugin_version[1] <= INTERFACE_VERSION[1]
+
+
+def check_interface_version(backend_cls: type[Backend], origin: str) -> None:
+    """Refuse a backend class whose declared ``interface_version`` this pagedllm cannot run.
+
+    ``origin`` names where the class comes from (e.g. ``"distribution 'acme-pagedllm' 1.2"``) and is put
+    in the message. Returns None when compatible; raises :class:`InterfaceVersionError` naming the backend,
+    its origin, its version and ours, and saying what to do.
+    """
+    declared = getattr(backend_cls, "interface_version", None)
+    name = getattr(backend_cls, "name", "") or backend_cls.__qualname__
+    if not _is_version(declared):
+        raise InterfaceVersionError(
+            f"backend {name!r} from {origin} declares interface_version={declared!r}; it must be a "
+            f"(major, minor) tuple of ints such as {INTERFACE_VERSION!r}"
+        )
+    if not is_compatible_version(declared):
+        newer = tuple(declared) > INTERFACE_VERSION
+        advice = (
+            "upgrade pagedllm, or install a version of the plugin built for this one"
+            if newer
+            else f"install a version of the plugin built for backend interface {format_version(INTERFACE_VERSION)}"
+        )
+        raise InterfaceVersionError(
+            f"backend {name!r} from {origin} implements backend interface {format_version(declared)}, but "
+            f"this pagedllm provides interface {format_version(INTERFACE_VERSION)} (compatible: "
+            f"{INTERFACE_VERSION[0]}.0 to {format_version(INTERFACE_VERSION)}); {advice}"
+        )
+
+
+def _is_version(version: object) -> bool:
+    return (
+        isinstance(version, tuple)
+        and len(version) == 2
+        and all(isinstance(part, int) and not isinstance(part, bool) and part >= 0 for part in version)
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +114,66 @@ class BackendCapabilities:
     supports_distributed: bool = True
     """Whether several processes of this backend can run tensor parallel through ``dist_backend``."""
 
+    def __post_init__(self) -> None:
+        """Normalize the sequences to tuples and refuse claims no engine could use.
+
+        Raises ValueError naming the field: an empty dtype/size list, a non-positive size, or
+        ``needs_static_shapes`` without ``token_buckets``.
+        """
+        for name in ("dtypes", "kv_cache_dtypes", "block_sizes", "head_sizes", "token_buckets"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        for name in ("dtypes", "kv_cache_dtypes"):
+            values = getattr(self, name)
+            if not values or not all(isinstance(v, torch.dtype) for v in values):
+                raise ValueError(f"BackendCapabilities.{name} must be a non-empty tuple of torch.dtype, got {values!r}")
+        for name in ("block_sizes", "head_sizes", "token_buckets"):
+            values = getattr(self, name)
+            if not all(isinstance(v, int) and v >= 1 for v in values):
+                raise ValueError(f"BackendCapabilities.{name} must hold positive ints, got {values!r}")
+            if name != "token_buckets" and not values:
+                raise ValueError(f"BackendCapabilities.{name} must not be empty")
+        if self.needs_static_shapes and not self.token_buckets:
+            raise ValueError("BackendCapabilities.needs_static_shapes requires token_buckets (padded token counts)")
+
+    def summary(self) -> str:
+        """Return a one-line human summary, e.g. ``"float32,bfloat16; blocks 16,32; heads 64,128; chunked"``.
+
+        Used by ``pagedllm backends``; lists are shown sorted, dtypes without the ``torch.`` prefix.
+        """
+        parts = [",".join(_dtype_name(d) for d in self.dtypes)]
+        if set(self.kv_cache_dtypes) != set(self.dtypes):
+            parts.append("kv " + ",".join(_dtype_name(d) for d in self.kv_cache_dtypes))
+        parts.append("blocks " + ",".join(str(v) for v in sorted(self.block_sizes)))
+        parts.append("heads " + ",".join(str(v) for v in sorted(self.head_sizes)))
+        flags = [
+            flag
+            for flag, on in (
+                ("chunked-prefill", self.supports_chunked_prefill),
+                ("sliding-window", self.supports_sliding_window),
+                ("graphs", self.can_capture_graphs),
+                ("tp", self.supports_distributed),
+                ("static-shapes " + ",".join(str(v) for v in self.token_buckets), self.needs_static_shapes),
+            )
+            if on
+        ]
+        return "; ".join(parts + flags)
+
+    def as_dict(self) -> dict[str, object]:
+        """Return the capabilities as JSON-ready values (dtypes as names such as ``"bfloat16"``)."""
+        out: dict[str, object] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("dtypes", "kv_cache_dtypes"):
+                value = [_dtype_name(d) for d in value]
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        return out
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
 
 @dataclass(frozen=True, slots=True)
 class AttentionSpec:
@@ -73,10 +184,16 @@ class AttentionSpec:
     """
 
     num_heads: int
+    """Query heads of the layer (on this tensor-parallel rank)."""
     num_kv_heads: int
+    """Key/value heads; ``num_heads % num_kv_heads == 0``. Query head ``h`` reads KV head
+    ``h // (num_heads // num_kv_heads)`` (MHA: equal counts, GQA: groups, MQA: one KV head)."""
     head_dim: int
+    """Size of one head; one of ``BackendCapabilities.head_sizes``."""
     scale: float
+    """Multiplier of ``q . k`` before the softmax (usually ``head_dim ** -0.5``)."""
     sliding_window: int | None = None
+    """See the class docstring; only set when ``BackendCapabilities.supports_sliding_window``."""
 
 
 @dataclass(slots=True)
@@ -107,8 +224,11 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor
     """``[num_tokens_padded]`` int64 on device: the KV slot of each token, -1 for padding."""
     max_query_len: int
+    """Largest new-token count of one request in the batch (1 for a pure decode batch)."""
     max_seq_len: int
+    """Largest ``seq_lens`` entry."""
     block_size: int
+    """Token slots per KV block, as passed to :meth:`Backend.kv_cache_shape`."""
     query_start_loc_cpu: torch.Tensor = field(default_factory=lambda: torch.zeros(1, dtype=torch.int32))
     """Host copy of ``query_start_loc`` for backends that plan work on the host."""
     seq_lens_cpu: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int32))
@@ -119,24 +239,42 @@ class AttentionMetadata:
         """Number of requests in the batch."""
         return int(self.seq_lens.shape[0])
 
+    @property
+    def num_prefills(self) -> int:
+        """Requests after the decodes: prompt chunks of any length, possibly over cached prefix blocks."""
+        return self.num_requests - self.num_decodes
+
 
 class Backend(abc.ABC):
     """Abstract accelerator backend: device life, KV cache layout and writes, paged attention, fused ops.
 
-    One instance is created per process by the registry after the plugin is loaded. Methods called on
-    the per-token path (``write_kv_cache``, ``attention``, fused ops) must not synchronize the host.
+    Life of a backend, in call order: the registry asks the class :meth:`is_available` (``--device``,
+    ``pagedllm backends``); the engine builds one instance per process with no arguments (the constructor
+    must be cheap and touch no hardware), reads :meth:`capabilities`, then each worker calls
+    :meth:`init_device`, :meth:`device`, :meth:`kv_cache_shape` and :meth:`kv_cache_budget_bytes` once;
+    every step calls, per layer, :meth:`write_kv_cache` then :meth:`attention`, plus the fused ops the
+    model uses; :meth:`copy_blocks` runs when shared blocks are copied. Methods called on the per-token
+    path (``write_kv_cache``, ``attention``, fused ops) must not synchronize the host.
+
+    A subclass must implement the abstract methods; the others have neutral defaults that are correct on
+    any device (the conformance kit checks overrides against them).
     """
 
     name: str = ""
-    """One word: the folder, entry point, ``--device`` value and test id (e.g. ``cpu``)."""
+    """One lower-case word (``[a-z][a-z0-9_]*``, not ``auto``): the folder, entry point, ``--device``
+    value and test id (e.g. ``cpu``)."""
     device_type: str = "cpu"
     """The torch device type tensors live on (``cpu``, ``cuda``, ``xpu``, ...)."""
     dist_backend: str = "gloo"
     """The ``torch.distributed`` backend for tensor parallelism (``gloo``, ``nccl``, ``xccl``, ...)."""
     interface_version: tuple[int, int] = INTERFACE_VERSION
-    """The interface version this backend implements; checked at registration."""
+    """The ``(major, minor)`` interface version this backend implements; checked at registration
+    (:func:`check_interface_version`). A third-party backend must set it in its own class, as the literal
+    it was written against (e.g. ``(1, 0)``), never as ``INTERFACE_VERSION``, which always equals ours:
+    the registry refuses a third-party backend that only inherits this default."""
     priority: int = 0
-    """Order for ``--device auto`` among available backends: higher is tried first."""
+    """Order for ``--device auto`` among available backends of the same origin: higher is tried first
+    (third-party backends come before built-in ones whatever their priority)."""
 
     # ------------------------------------------------------------------ identity and capabilities
     @classmethod
@@ -151,22 +289,46 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def capabilities(self) -> BackendCapabilities:
-        """Return what this backend supports; called once when the engine is configured."""
+        """Return what this backend supports; called when the engine is configured, by
+        ``pagedllm backends`` and by the conformance kit (which tests exactly these claims).
+
+        Cheap, no device work; may be called on a machine where :meth:`is_available` is False (it then
+        describes what the backend would support). Returns a :class:`BackendCapabilities`.
+        """
 
     # ------------------------------------------------------------------ device life
     def init_device(self, rank: int, world_size: int) -> None:  # noqa: B027 - neutral default
         """Bind this process to its device; called once per worker before any tensor is created.
 
-        ``rank``/``world_size``: the tensor-parallel position of this process. Default: nothing to do.
+        ``rank``: this process's index in its tensor-parallel group (0 without TP); ``world_size``: the
+        group size (1 without TP). Returns None. Default: nothing to do.
         """
 
     def device(self, rank: int = 0) -> torch.device:
-        """Return the torch device of local rank ``rank`` (default ``torch.device(device_type)``)."""
+        """Return the torch device of local rank ``rank``; called after :meth:`init_device` to place
+        weights, the KV pool and step inputs. Default: ``torch.device(device_type)``."""
         return torch.device(self.device_type)
+
+    def device_count(self) -> int | None:
+        """Return how many devices of this backend this machine has, or None when any number of ranks may
+        share the host (``cpu``); called before a tensor-parallel engine starts, to refuse more ranks than
+        devices. Cheap, no device work.
+
+        Default: ``torch.accelerator.device_count()`` when torch's current accelerator is of this backend's
+        ``device_type``, else 1.
+        """
+        accelerator = getattr(torch, "accelerator", None)
+        current = accelerator.current_accelerator() if accelerator is not None else None
+        if current is not None and current.type == self.device_type:
+            return int(accelerator.device_count())
+        return 1
 
     @abc.abstractmethod
     def memory_info(self) -> tuple[int, int]:
-        """Return ``(free_bytes, total_bytes)`` of the memory KV blocks would be allocated in."""
+        """Return ``(free_bytes, total_bytes)`` of the memory KV blocks would be allocated in.
+
+        Called after the profiling forward (through :meth:`kv_cache_budget_bytes`) to size the KV pool.
+        """
 
     def kv_cache_budget_bytes(self, memory_utilization: float) -> int:
         """Return the bytes the KV pool may take; called after the model is loaded and profiled.
@@ -177,7 +339,8 @@ class Backend(abc.ABC):
         return int(free_bytes * memory_utilization)
 
     def synchronize(self) -> None:  # noqa: B027 - neutral default
-        """Wait for queued device work to finish (used by benchmarks and profiling only)."""
+        """Wait for queued device work to finish; called by profiling, benchmarks and tests only, never per
+        token. Default: nothing to wait for (synchronous devices)."""
 
     # ------------------------------------------------------------------ KV cache
     @abc.abstractmethod
@@ -186,33 +349,46 @@ class Backend(abc.ABC):
     ) -> tuple[int, ...]:
         """Return the shape of one layer's KV cache tensor; the backend owns the layout.
 
-        Called once when the KV pool is allocated (``torch.zeros(shape, dtype, device)`` per layer).
+        Called once when the KV pool is sized and allocated (``torch.zeros(shape, dtype, device)`` per
+        layer, dtype one of ``capabilities().kv_cache_dtypes``). The tensor holds keys and values of
+        ``num_blocks * block_size`` token slots of ``num_kv_heads`` heads of ``head_dim``, in any order the
+        backend's kernels like (e.g. ``[2, num_blocks, block_size, num_kv_heads, head_dim]``); the core
+        only allocates it and hands it back. Its element count must grow linearly with ``num_blocks``.
         """
 
     @abc.abstractmethod
     def write_kv_cache(
         self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
     ) -> None:
-        """Store this step's keys and values in the paged cache, in place.
+        """Store this step's keys and values in the paged cache, in place; called once per layer per step,
+        just before :meth:`attention`.
 
-        ``key``, ``value``: ``[num_tokens, num_kv_heads, head_dim]``; ``slot_mapping``: ``[num_tokens]``
-        int64, the slot of each token (see :class:`AttentionMetadata`), -1 for tokens not to store.
+        ``key``, ``value``: ``[num_tokens, num_kv_heads, head_dim]`` in the model dtype (cast to the
+        cache's dtype on store); ``kv_cache``: one layer's tensor of :meth:`kv_cache_shape`;
+        ``slot_mapping``: ``[num_tokens]`` int64 on the device, the slot of each token (see
+        :class:`AttentionMetadata`), -1 for tokens not to store (padding). Returns None; no slot other
+        than the mapped ones may change.
         """
 
     @abc.abstractmethod
     def read_kv_cache(
         self, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``(key, value)`` stored at the given slots, each ``[num_slots, num_kv_heads, head_dim]``.
+        """Return ``(key, value)`` stored at the given slots, each ``[num_slots, num_kv_heads, head_dim]``
+        in the cache's dtype.
 
-        Not on the hot path: used by the conformance kit to check writes round-trip.
+        ``slot_mapping``: ``[num_slots]`` int64 slot ids (no -1). Not on the hot path: used by the
+        conformance kit to check writes and block copies round-trip whatever the layout.
         """
 
     @abc.abstractmethod
     def copy_blocks(self, kv_caches: list[torch.Tensor], src_to_dst: torch.Tensor) -> None:
-        """Copy whole blocks, in every layer's cache, in place (copy-on-write of shared blocks).
+        """Copy whole blocks, in every layer's cache, in place; called by the engine before a step that
+        writes into a block another request shares (copy-on-write).
 
-        ``src_to_dst``: ``[num_pairs, 2]`` int64, each row ``(src_block_id, dst_block_id)``.
+        ``kv_caches``: every layer's cache tensor; ``src_to_dst``: ``[num_pairs, 2]`` int64 on the device,
+        each row ``(src_block_id, dst_block_id)``; destinations are distinct and never sources. Returns
+        None; all slots of each destination block become those of its source, nothing else changes.
         """
 
     # ------------------------------------------------------------------ attention
@@ -230,17 +406,22 @@ class Backend(abc.ABC):
         after :meth:`write_kv_cache` stored this step's keys and values.
 
         ``query``: ``[num_tokens, num_heads, head_dim]``; ``key``/``value``: ``[num_tokens,
-        num_kv_heads, head_dim]`` (this step's, also already in the cache). Each token attends to its
-        request's cached context and to the new tokens up to itself, through ``metadata.block_tables``.
-        Rows of padding tokens may hold anything. Returns ``[num_tokens, num_heads, head_dim]`` in
-        ``query``'s dtype.
+        num_kv_heads, head_dim]`` (this step's, also already in the cache); ``kv_cache``: the layer's
+        cache; ``metadata``: the batch (:class:`AttentionMetadata`); ``spec``: the layer's heads, scale
+        and window (:class:`AttentionSpec`). Token ``t`` of request ``r``, at position ``p =
+        context_lens[r] + t``, attends to that request's positions ``0..p`` (within the sliding window),
+        read through ``metadata.block_tables``; query head ``h`` uses KV head ``h // (num_heads //
+        num_kv_heads)``. Returns a new ``[num_tokens, num_heads, head_dim]`` tensor in ``query``'s dtype;
+        every row of a real token must be written, rows of padding tokens (slot -1) may hold anything.
         """
 
     # ------------------------------------------------------------------ optional fused ops
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        """RMSNorm as Hugging Face computes it: float32 variance, then ``weight * x.to(dtype)``.
+        """RMSNorm as Hugging Face computes it: float32 variance, then ``weight * x.to(dtype)``; called by
+        every norm layer of the model, per step.
 
-        ``x``: ``[num_tokens, hidden]``; ``weight``: ``[hidden]``. Returns ``[num_tokens, hidden]``.
+        ``x``: ``[num_tokens, hidden]``; ``weight``: ``[hidden]``; ``eps``: added to the mean square.
+        Returns ``[num_tokens, hidden]``; ``x`` is not modified.
         """
         dtype = x.dtype
         x32 = x.float()
@@ -250,9 +431,12 @@ class Backend(abc.ABC):
     def add_rms_norm(
         self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Residual add then RMSNorm: returns ``(rms_norm(x + residual), x + residual)``.
+        """Residual add then RMSNorm: returns ``(rms_norm(x + residual), x + residual)``; called by the norm
+        layers that follow a residual connection, per step.
 
-        Shapes as :meth:`rms_norm`; backends may fuse both and may write into ``residual`` in place.
+        ``x``, ``residual``: ``[num_tokens, hidden]``; ``weight``: ``[hidden]``. Returns two ``[num_tokens,
+        hidden]`` tensors. Backends may fuse both and may write into ``residual`` in place (the
+        caller uses only the returned tensors).
         """
         residual = x + residual
         return self.rms_norm(residual, weight, eps), residual
@@ -265,7 +449,8 @@ class Backend(abc.ABC):
         ``positions``: ``[num_tokens]`` int64; ``query``: ``[num_tokens, num_heads, head_dim]``;
         ``key``: ``[num_tokens, num_kv_heads, head_dim]``; ``cos_sin_cache``: ``[max_position,
         head_dim]`` float32, cos in the first half of the last dim and sin in the second. Returns the
-        rotated ``(query, key)`` in their dtype.
+        rotated ``(query, key)`` in their dtype (new tensors or the inputs rotated in place). Called by
+        every attention layer, per step, before :meth:`write_kv_cache`.
         """
         cos, sin = cos_sin_cache.index_select(0, positions).chunk(2, dim=-1)
         cos = torch.cat((cos, cos), dim=-1).unsqueeze(1).to(query.dtype)
@@ -278,7 +463,10 @@ class Backend(abc.ABC):
         return query * cos + rotate_half(query) * sin, key * cos + rotate_half(key) * sin
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
-        """``silu(x[:, :d]) * x[:, d:]`` for ``x: [num_tokens, 2 * d]``; returns ``[num_tokens, d]``."""
+        """Gated MLP activation ``silu(x[:, :d]) * x[:, d:]``; called by every MLP of the model, per step.
+
+        ``x``: ``[num_tokens, 2 * d]`` (gate then up). Returns ``[num_tokens, d]`` in ``x``'s dtype.
+        """
         gate, up = x.chunk(2, dim=-1)
         return torch.nn.functional.silu(gate) * up
 

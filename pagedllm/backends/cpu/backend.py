@@ -45,6 +45,10 @@ class CpuBackend(Backend):
         if world_size > 1:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
 
+    def device_count(self) -> int | None:
+        """None: any number of tensor-parallel ranks may share the host's cores and memory."""
+        return None
+
     def memory_info(self) -> tuple[int, int]:
         """Return ``(MemAvailable, MemTotal)`` from ``/proc/meminfo`` (or sysconf where it is absent)."""
         try:

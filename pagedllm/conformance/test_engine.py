@@ -1,0 +1,137 @@
+"""Engine level: greedy generation through the backend equals the ``cpu`` reference backend's.
+
+Tiny random checkpoints (GQA Llama, MQA Qwen2, sliding-window Mistral) are built on the fly with a head
+size the backend claims and cached between runs (``--conformance-cache-dir``, default the pytest cache).
+Each is run through the whole engine with a small token budget, so prompts are chunked and batched with
+other requests' decodes, then with prompts sharing a cached prefix (prefill over cached blocks). At the
+first token where the backend and the reference disagree, both tokens must be in the other's top
+:data:`TOP_N` (two kernels may round a near tie differently, but never pick an unlikely token).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pagedllm.conformance.cases import dtype_name, param
+from pagedllm.conformance.checkpoints import ARCH_HEADS, cached_checkpoint
+from pagedllm.conformance.plugin import ConformanceTarget, case_id, get_target
+
+TOP_N = 5
+CHUNKED_BUDGET_TOKENS = 24
+MAX_TOKENS = 10
+KV_CACHE_BYTES = 32 << 20
+ENGINE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Parametrize ``engine_arch`` (mistral needs sliding window)."""
+    capabilities = get_target(metafunc.config).capabilities
+    if "engine_arch" in metafunc.fixturenames:
+        params = []
+        for arch in ARCH_HEADS:
+            skip = None
+            if arch == "mistral" and not capabilities.supports_sliding_window:
+                skip = "mistral (sliding window) not run: sliding window not claimed"
+            params.append(param(case_id(metafunc.config, arch), arch, skip=skip))
+        metafunc.parametrize("engine_arch", params)
+
+
+def engine_head_size(target: ConformanceTarget) -> int:
+    """64 if claimed, else the smallest claimed head size of at least 16, else the smallest."""
+    sizes = sorted(target.capabilities.head_sizes)
+    if 64 in sizes:
+        return 64
+    return next((s for s in sizes if s >= 16), sizes[0])
+
+
+def engine_dtype(target: ConformanceTarget) -> str:
+    """float32 if claimed, else the first claimed dtype the engine accepts; skips when there is none."""
+    claimed = [dtype_name(d) for d in target.capabilities.dtypes]
+    for name in ("float32", *claimed):
+        if name in claimed and name in ENGINE_DTYPES:
+            return name
+    pytest.skip(f"engine level needs one of {', '.join(ENGINE_DTYPES)}; claims {', '.join(claimed)}")
+    raise AssertionError  # unreachable: skip raises
+
+
+def checkpoint_dir(config: pytest.Config, tmp_path_factory: pytest.TempPathFactory, arch: str, head_dim: int) -> Path:
+    """Return the tiny ``arch`` checkpoint, from ``--conformance-cache-dir``, else the pytest cache, else a
+    temporary directory of this session."""
+    root_option = config.getoption("conformance_cache_dir")
+    if root_option:
+        root = Path(root_option)
+    elif getattr(config, "cache", None) is not None:  # absent under -p no:cacheprovider
+        root = Path(config.cache.mkdir("pagedllm-conformance"))
+    else:
+        root = tmp_path_factory.mktemp("pagedllm-conformance")
+    return cached_checkpoint(root, arch, head_dim)
+
+
+def prompts(gen: torch.Generator, vocab_size: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Return (first batch, second batch): lengths 1 to ~100 tokens; the second shares the first's prefixes."""
+    def ids(n: int) -> list[int]:
+        return torch.randint(1, vocab_size, (n,), generator=gen).tolist()
+
+    first = [ids(n) for n in (1, 9, 40, 97)]
+    second = [first[3][:64] + ids(5), first[2] + ids(17), ids(3)]
+    return first, second
+
+
+def generate(model: Path, device: str, dtype: str, budget: int | None,
+             batches: tuple[list[list[int]], ...]) -> list[list[object]]:
+    """Run each batch of token-id prompts greedily through one engine; return the completions per batch."""
+    from pagedllm.core.sampling_params import SamplingParams
+    from pagedllm.entrypoints.llm import LLM
+
+    llm = LLM(str(model), device=device, dtype=dtype, seed=0, max_model_len=256,
+              kv_cache_memory_bytes=KV_CACHE_BYTES, max_num_batched_tokens=budget, max_num_seqs=8)
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=TOP_N, ignore_eos=True)
+    try:
+        outputs = [[out.outputs[0] for out in llm.generate(batch, params, use_tqdm=False)] for batch in batches]
+        hits = llm.llm_engine.stats().prefix_cache_hit_tokens
+        assert hits > 0, "the second batch should have prefilled over cached prefix blocks; no prefix cache hit"
+        return outputs
+    finally:
+        llm.llm_engine.shutdown()
+
+
+@pytest.fixture(scope="session")
+def engine_reference_outputs() -> dict[tuple[str, str, int | None], list[list[object]]]:
+    """The cpu backend's completions per (checkpoint, dtype, budget), computed once per session."""
+    return {}
+
+
+def test_greedy_generation_matches_cpu(
+    conformance_target: ConformanceTarget, engine_arch: str,
+    engine_reference_outputs: dict[tuple[str, str, int | None], list[list[object]]],
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Greedy completions through the whole engine equal the cpu backend's (top-N rule at a divergence)."""
+    dtype = engine_dtype(conformance_target)
+    # A small token budget chunks the long prompts and batches the chunks with other requests' decodes;
+    # without chunked prefill, each prompt is prefilled whole.
+    engine_budget = CHUNKED_BUDGET_TOKENS if conformance_target.capabilities.supports_chunked_prefill else None
+    model = checkpoint_dir(request.config, tmp_path_factory, engine_arch, engine_head_size(conformance_target))
+    vocab_size = int(json.loads((model / "config.json").read_text())["vocab_size"])
+    batches = prompts(torch.Generator().manual_seed(request.config.getoption("conformance_seed")), vocab_size)
+    actual = generate(model, conformance_target.name, dtype, engine_budget, batches)
+    key = (str(model), dtype, engine_budget)
+    if key not in engine_reference_outputs:
+        engine_reference_outputs[key] = generate(model, "cpu", dtype, engine_budget, batches)
+    expected = engine_reference_outputs[key]
+    for batch_index, (got_batch, want_batch) in enumerate(zip(actual, expected, strict=True)):
+        for prompt_index, (got, want) in enumerate(zip(got_batch, want_batch, strict=True)):
+            where = f"batch {batch_index} prompt {prompt_index}"
+            assert len(got.token_ids) == len(want.token_ids), f"{where}: lengths differ"
+            for step, (a, b) in enumerate(zip(got.token_ids, want.token_ids, strict=True)):
+                if a == b:
+                    continue
+                assert b in got.logprobs[step] and a in want.logprobs[step], (
+                    f"{where}: token {step} is {a} on {conformance_target.name!r} but {b} on cpu, and they are not "
+                    f"in each other's top {TOP_N}: {conformance_target.name} {got.token_ids} vs cpu {want.token_ids}"
+                )
+                break  # after an allowed divergence the continuations differ legitimately

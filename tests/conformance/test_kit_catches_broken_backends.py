@@ -1,0 +1,110 @@
+"""The conformance kit can fail: run in-process against deliberately broken backends (``tests/plugins/
+broken_backends.py``, found through a faked distribution), it must fail exactly the cases each bug breaks."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from pagedllm.backends import registry as registry_module
+from pagedllm.backends.registry import BLOCK_ENV
+
+PLUGINS_DIR = Path(__file__).resolve().parents[1] / "plugins"
+sys.path.insert(0, str(PLUGINS_DIR))  # the fixture plugins are plain modules there
+from fake_dist import FakeDistribution, distributions_of  # noqa: E402
+
+BROKEN = FakeDistribution("broken-backends", "0.3", {"broken": "broken_backends"})
+
+
+class Outcomes:
+    """A pytest plugin recording the outcome of each test of an in-process run, by test id."""
+
+    def __init__(self) -> None:
+        self.by_id: dict[str, str] = {}
+        self.longrepr: dict[str, str] = {}
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        """Keep the call phase (or a failed/skipped setup)."""
+        if report.when == "call" or report.outcome != "passed":
+            test_id = report.nodeid.split("[", 1)[-1].rstrip("]") if "[" in report.nodeid else report.nodeid
+            self.by_id[test_id] = report.outcome
+            if report.failed:
+                self.longrepr[test_id] = str(report.longrepr)
+
+    def ids(self, outcome: str) -> set[str]:
+        """Test ids with ``outcome``."""
+        return {test_id for test_id, o in self.by_id.items() if o == outcome}
+
+
+def run_kit(device: str, select: str) -> tuple[int, Outcomes]:
+    """Run ``pytest --pyargs pagedllm.conformance --device DEVICE -k SELECT`` in this process."""
+    outcomes = Outcomes()
+    exit_code = pytest.main(["--pyargs", "pagedllm.conformance", "--device", device, "-k", select, "-q",
+                             "-p", "no:cacheprovider"], plugins=[outcomes])
+    return int(exit_code), outcomes
+
+
+@pytest.fixture(autouse=True)
+def broken_backends_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The broken backends are the only third-party plugin; a fresh registry before and after."""
+    monkeypatch.setattr(registry_module.metadata, "distributions", distributions_of(BROKEN))
+    monkeypatch.delenv(BLOCK_ENV, raising=False)
+    registry_module.reset_registry()
+    yield
+    registry_module.reset_registry()
+
+
+def test_off_by_one_slot_mapping_is_caught() -> None:
+    code, outcomes = run_kit("broken_slot", "test_write_then_read_back or (test_attention and float32 and h64-b16 "
+                                            "and (decode-gqa or prefill-mha or prefix_prefill-mqa or mixed-gqa))")
+    assert code == pytest.ExitCode.TESTS_FAILED
+    failed = outcomes.ids("failed")
+    assert outcomes.ids("passed") == set(), "every write/read-back and attention case reads the shifted slots"
+    assert {"broken_slot-decode-gqa-h64-b16-float32", "broken_slot-prefill-mha-h64-b16-float32",
+            "broken_slot-prefix_prefill-mqa-h64-b16-float32", "broken_slot-mixed-gqa-h64-b16-float32"} <= failed
+    assert "broken_slot-b16-float32" in failed
+    assert "slot(s) differ" in outcomes.longrepr["broken_slot-b16-float32"]
+    assert "attention differs from the float32 reference" in outcomes.longrepr["broken_slot-decode-gqa-h64-b16-float32"]
+
+
+def test_wrong_gqa_head_mapping_is_caught_and_only_on_gqa() -> None:
+    code, outcomes = run_kit("broken_gqa", "test_attention and h64-b16-float32")
+    assert code == pytest.ExitCode.TESTS_FAILED
+    failed, passed = outcomes.ids("failed"), outcomes.ids("passed")
+    assert failed and all("-gqa-" in test_id for test_id in failed)
+    for scenario in ("decode", "prefill", "prefix_prefill", "mixed"):
+        assert f"broken_gqa-{scenario}-gqa-h64-b16-float32" in failed
+        assert {f"broken_gqa-{scenario}-mha-h64-b16-float32", f"broken_gqa-{scenario}-mqa-h64-b16-float32"} <= passed
+
+
+def test_unwritten_output_row_is_caught_by_poisoning() -> None:
+    code, outcomes = run_kit("broken_unwritten", "test_attention and decode and float32")
+    assert code == pytest.ExitCode.TESTS_FAILED
+    assert outcomes.ids("passed") == set() and outcomes.ids("failed")
+    assert "NaN present (unwritten output?)" in next(iter(outcomes.longrepr.values()))
+
+
+def test_wrong_fused_op_is_caught_against_the_default() -> None:
+    code, outcomes = run_kit("broken_rms_norm", "test_fused_op")
+    assert code == pytest.ExitCode.TESTS_FAILED
+    failed = outcomes.ids("failed")
+    assert {f"broken_rms_norm-{op}-{dtype}" for op in ("rms_norm", "add_rms_norm")
+            for dtype in ("float32", "float16", "bfloat16")} == failed
+    assert "broken_rms_norm-silu_and_mul-float32" in outcomes.ids("passed")
+
+
+def test_unknown_or_unavailable_device_stops_the_kit(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from broken_backends import OffByOneSlotBackend
+
+    code, _ = run_kit("tpu", "attention")
+    assert code == pytest.ExitCode.USAGE_ERROR
+    assert "pagedllm conformance: --device tpu: unknown device 'tpu'; known backends:" in capsys.readouterr().err
+    monkeypatch.setattr(OffByOneSlotBackend, "is_available", classmethod(lambda cls: (False, "card unplugged")))
+    registry_module.reset_registry()
+    code, _ = run_kit("broken_slot", "attention")
+    assert code == pytest.ExitCode.USAGE_ERROR
+    assert "backend 'broken_slot' is not available: card unplugged" in capsys.readouterr().err

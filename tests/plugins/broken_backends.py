@@ -1,0 +1,99 @@
+"""Deliberately wrong backends: the conformance kit's own tests prove it catches each of them.
+
+Each reuses the cpu reference kernels and breaks exactly one thing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pagedllm.backends.cpu.backend import CpuBackend
+from pagedllm.backends.hookspecs import hookimpl
+from pagedllm.backends.interface import AttentionMetadata, AttentionSpec, Backend
+
+
+class OffByOneSlotBackend(CpuBackend):
+    """Stores every token one slot too far (``slot + 1``), the classic slot-mapping bug."""
+
+    name = "broken_slot"
+    interface_version = (1, 0)
+    priority = -1000
+
+    def write_kv_cache(
+        self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+    ) -> None:
+        """Write at ``slot + 1`` (padding rows still skipped)."""
+        shifted = torch.where(slot_mapping >= 0, slot_mapping + 1, slot_mapping)
+        num_slots = kv_cache[0].numel() // (kv_cache.shape[-1] * kv_cache.shape[-2])
+        keep = (shifted >= 0) & (shifted < num_slots)
+        super().write_kv_cache(key[keep], value[keep], kv_cache, shifted[keep])
+
+
+class WrongGqaBackend(CpuBackend):
+    """Query head ``h`` reads KV head ``h % num_kv_heads`` instead of ``h // group`` (MHA and MQA unaffected)."""
+
+    name = "broken_gqa"
+    interface_version = (1, 0)
+    priority = -1000
+
+    def attention(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+        spec: AttentionSpec,
+    ) -> torch.Tensor:
+        """Permute query heads so the reference kernel's ``h // group`` lands on ``h % num_kv_heads``."""
+        group = spec.num_heads // spec.num_kv_heads
+        index = torch.tensor([(h % spec.num_kv_heads) * group + h // spec.num_kv_heads
+                              for h in range(spec.num_heads)])
+        permuted = torch.empty_like(query)
+        permuted[:, index] = query
+        return super().attention(permuted, key, value, kv_cache, metadata, spec)[:, index]
+
+
+class UnwrittenRowBackend(CpuBackend):
+    """Returns an uninitialized output whose last row is never written."""
+
+    name = "broken_unwritten"
+    interface_version = (1, 0)
+    priority = -1000
+
+    def attention(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+        spec: AttentionSpec,
+    ) -> torch.Tensor:
+        """Copy all rows but the last real one into a fresh ``torch.empty``."""
+        out = torch.empty_like(query)
+        last = metadata.num_tokens - 1
+        out[:last] = super().attention(query, key, value, kv_cache, metadata, spec)[:last]
+        return out
+
+
+class WrongRmsNormBackend(CpuBackend):
+    """A "fused" RMSNorm that divides by the standard deviation instead of the root mean square."""
+
+    name = "broken_rms_norm"
+    interface_version = (1, 0)
+    priority = -1000
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """``weight * x / sqrt(var(x) + eps)``: wrong whenever the mean is not zero."""
+        x32 = x.float()
+        return weight * (x32 * torch.rsqrt(x32.var(-1, keepdim=True, unbiased=False) + eps)).to(x.dtype)
+
+
+BROKEN: tuple[type[Backend], ...] = (OffByOneSlotBackend, WrongGqaBackend, UnwrittenRowBackend, WrongRmsNormBackend)
+
+
+@hookimpl
+def pagedllm_register_backends() -> list[type[Backend]]:
+    """Provide every broken backend."""
+    return list(BROKEN)
