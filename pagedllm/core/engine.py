@@ -72,6 +72,8 @@ class LLMEngine:
                              f"supported: {list(capabilities.head_sizes)}")
         self.block_size = pick_block_size(config.block_size, capabilities.block_sizes)
         self.max_num_batched_tokens = config.max_num_batched_tokens or max(2048, config.max_num_seqs)
+        if capabilities.needs_static_shapes and capabilities.token_buckets:
+            self.max_num_batched_tokens = min(self.max_num_batched_tokens, max(capabilities.token_buckets))
         chunked = config.enable_chunked_prefill and capabilities.supports_chunked_prefill
         if not chunked:
             self.max_num_batched_tokens = max(self.max_num_batched_tokens, mc.max_model_len)

@@ -7,6 +7,7 @@ only device transfers are the few index tensors of the step.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import chain
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -68,6 +69,9 @@ class ModelRunner:
         self.max_blocks_per_seq = cdiv(max_model_len, block_size)
         self.kv_caches: list[torch.Tensor] = []
         self.graph_runner: DecodeGraphRunner | None = None
+        capabilities = backend.capabilities()
+        # static-shape devices compile one graph per token count: pad every batch to a bucket
+        self.token_buckets = sorted(capabilities.token_buckets) if capabilities.needs_static_shapes else []
 
     # ------------------------------------------------------------------ KV cache
     def kv_cache_bytes_per_block(self, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -94,23 +98,40 @@ class ModelRunner:
         query_start = np.zeros(num_requests + 1, dtype=np.int64)
         np.cumsum(num_new, out=query_start[1:])
         num_tokens = int(query_start[-1])
-        input_ids = np.fromiter((t for r in reqs for t in r.token_ids), dtype=np.int64, count=num_tokens)
+        input_ids = np.fromiter(chain.from_iterable(r.token_ids for r in reqs), dtype=np.int64, count=num_tokens)
         request_of_token = np.repeat(np.arange(num_requests), num_new)
         positions = starts[request_of_token] + np.arange(num_tokens) - query_start[request_of_token]
+        # Block tables in one scatter: entry j of request i goes to [i, j]; unused entries stay 0 (null block).
+        num_blocks = np.fromiter((len(r.block_ids) for r in reqs), dtype=np.int64, count=num_requests)
+        total_blocks = int(num_blocks.sum())
+        flat_ids = np.fromiter(chain.from_iterable(r.block_ids for r in reqs), dtype=np.int32, count=total_blocks)
+        block_start = np.cumsum(num_blocks) - num_blocks
+        request_of_block = np.repeat(np.arange(num_requests), num_blocks)
         block_tables = np.zeros((num_requests, self.max_blocks_per_seq), dtype=np.int32)
-        for i, r in enumerate(reqs):
-            block_tables[i, : len(r.block_ids)] = r.block_ids
+        block_tables[request_of_block, np.arange(total_blocks) - block_start[request_of_block]] = flat_ids
         slots = (
             block_tables[request_of_token, positions // self.block_size].astype(np.int64) * self.block_size
             + positions % self.block_size
         )
         sampled = [i for i, r in enumerate(reqs) if r.needs_sample]
+        if self.token_buckets:
+            input_ids, positions, slots = self._pad_to_bucket(input_ids, positions, slots)
         return HostBatch(
             input_ids=input_ids, positions=positions, slots=slots, block_tables=block_tables,
             query_start=query_start, starts=starts, num_new=num_new,
             logits_indices=query_start[1:][sampled] - 1,
             sampled_request_ids=[reqs[i].request_id for i in sampled],
         )
+
+    def _pad_to_bucket(self, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Pad token arrays to the smallest bucket that holds them: ids and positions 0, slots -1."""
+        num_tokens = len(arrays[0])
+        bucket = next((b for b in self.token_buckets if b >= num_tokens), None)
+        if bucket is None:
+            raise ValueError(f"{num_tokens} tokens exceed the largest static-shape bucket {self.token_buckets[-1]}")
+        fills = (0, 0, -1)
+        return tuple(np.concatenate([a, np.full(bucket - num_tokens, f, dtype=a.dtype)])
+                     for a, f in zip(arrays, fills, strict=True))
 
     def prepare(self, scheduled: list[ScheduledRequest]) -> ModelInput:
         """Build input ids, positions, slot mapping and block tables on the device."""
@@ -124,7 +145,7 @@ class ModelRunner:
         query_start_cpu = torch.from_numpy(host.query_start.astype(np.int32))
         seq_lens_cpu = torch.from_numpy(seq_lens)
         metadata = AttentionMetadata(
-            num_tokens=len(host.input_ids),
+            num_tokens=int(host.query_start[-1]),
             num_decodes=int(np.sum(host.num_new == 1)),
             query_start_loc=query_start_cpu.to(dev, non_blocking=True),
             seq_lens=seq_lens_cpu.to(dev, non_blocking=True),
@@ -163,9 +184,10 @@ class ModelRunner:
         if (graphs is not None and len(scheduled) <= graphs.max_batch_size
                 and all(r.num_new_tokens == 1 for r in scheduled)):
             host = self.prepare_host(scheduled)
-            hidden = graphs.run(host.input_ids, host.positions, host.slots, host.block_tables)
-            indices = torch.from_numpy(host.logits_indices).to(self.device, non_blocking=True)
-            return ModelRunnerOutput(host.sampled_request_ids, self.model.compute_logits(hidden[indices]))
+            logits = graphs.run(host.input_ids, host.positions, host.slots, host.block_tables)
+            if len(host.logits_indices) != len(scheduled):  # a one-token prompt chunk that does not sample
+                logits = logits[torch.from_numpy(host.logits_indices).to(self.device, non_blocking=True)]
+            return ModelRunnerOutput(host.sampled_request_ids, logits)
         model_input = self.prepare(scheduled)
         hidden = self.model(model_input.input_ids, model_input.positions, model_input.metadata)
         logits = self.model.compute_logits(hidden[model_input.logits_indices])

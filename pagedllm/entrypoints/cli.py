@@ -44,7 +44,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``pagedllm`` console script."""
-    parser, modules = build_parser()
+    try:
+        parser, modules = build_parser()
+    except RuntimeError as exc:  # PluginError: a broken plugin, named with its distribution
+        sys.stderr.write(f"pagedllm: error: {exc}\n")
+        return 2
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
