@@ -446,8 +446,9 @@ def hook_names() -> list[str]:
 
 
 def _declares_interface_version(cls: type[Backend]) -> bool:
-    """True when some class of ``cls``'s ancestry below :class:`Backend` sets ``interface_version``."""
-    return any("interface_version" in vars(klass) for klass in cls.__mro__ if klass is not Backend)
+    """True when ``cls`` itself sets ``interface_version``: a plugin subclassing another backend (e.g. the
+    cpu one) must still say which interface it was written for, not inherit that backend's claim."""
+    return "interface_version" in vars(cls)
 
 
 def _probe(cls: type[Backend]) -> tuple[bool, str]:

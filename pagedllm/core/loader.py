@@ -63,14 +63,35 @@ def safetensors_files(directory: Path) -> list[Path]:
     return files
 
 
-def iterate_weights(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(name, tensor)`` from every safetensors file of the checkpoint, one tensor at a time."""
+def iterate_weights(directory: Path, lazy: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, tensor)`` from every safetensors file of the checkpoint, one tensor at a time.
+
+    ``lazy``: yield safetensors slices (``get_slice``) instead of tensors, valid until the next item; the
+    model reads only the parts it needs (a tensor-parallel rank its shard: ``slice[a:b]``, whole: ``[:]``).
+    """
     from safetensors import safe_open
 
     for path in safetensors_files(directory):
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                yield name, f.get_tensor(name)
+                yield name, (f.get_slice(name) if lazy else f.get_tensor(name))
+
+
+def fill_dummy_weights(model: nn.Module, device: torch.device, seed: int | None) -> None:
+    """Fill every parameter with small uniform random values, the same for any tensor-parallel size.
+
+    A sharded parameter (one with ``full_shape`` and ``weight_loader``, see
+    ``pagedllm.core.distributed.parallel_layers``) draws its whole unsharded tensor and loads its part, so
+    each rank holds the slice of what one device would hold.
+    """
+    generator = torch.Generator(device=device).manual_seed(seed or 0)
+    for param in model.parameters():
+        full_shape = getattr(param, "full_shape", None)
+        if full_shape is None or tuple(full_shape) == tuple(param.shape):
+            param.data.uniform_(-1e-2, 1e-2, generator=generator)
+        else:
+            full = torch.empty(full_shape, dtype=param.dtype, device=device).uniform_(-1e-2, 1e-2, generator=generator)
+            param.weight_loader(param, full)
 
 
 def load_model(
@@ -86,11 +107,10 @@ def load_model(
     with _default_dtype(model_config.dtype), torch.device(device):
         model = cls(model_config.hf_config, backend)
     if load_format == "dummy":
-        generator = torch.Generator(device=device).manual_seed(seed or 0)
-        for param in model.parameters():
-            param.data.uniform_(-1e-2, 1e-2, generator=generator)
+        fill_dummy_weights(model, device, seed)
     else:
-        loaded = model.load_weights(iterate_weights(Path(model_config.path)))
+        lazy = bool(getattr(cls, "supports_tensor_parallel", False))
+        loaded = model.load_weights(iterate_weights(Path(model_config.path), lazy=lazy))
         expected = {name for name, _ in model.named_parameters()}
         missing = sorted(expected - loaded)
         if missing:

@@ -8,6 +8,14 @@ import torch
 
 from pagedllm.backends.interface import Backend
 from pagedllm.core.config import EngineConfig, ModelConfig
+from pagedllm.core.distributed.parallel_state import (
+    DistributedInit,
+    TensorParallelGroup,
+    destroy_tensor_parallel,
+    init_tensor_parallel,
+    kv_heads_per_rank,
+    use_tp_group,
+)
 from pagedllm.core.loader import load_model
 from pagedllm.core.model_runner import ModelRunner, ModelRunnerOutput
 from pagedllm.core.scheduler import SchedulerOutput
@@ -16,7 +24,11 @@ logger = logging.getLogger(__name__)
 
 
 class Worker:
-    """Loads the model on its device and runs steps; the executor owns one (or one per rank)."""
+    """Loads the model on its device and runs steps; the executor owns one (or one per rank).
+
+    With ``world_size > 1`` it first joins the tensor-parallel group at ``distributed_init``; its model and
+    KV cache then hold this rank's share of the heads.
+    """
 
     def __init__(
         self,
@@ -26,6 +38,7 @@ class Worker:
         block_size: int,
         rank: int = 0,
         world_size: int = 1,
+        distributed_init: DistributedInit | None = None,
     ) -> None:
         self.config = config
         self.model_config = model_config
@@ -33,29 +46,38 @@ class Worker:
         self.backend.init_device(rank, world_size)
         self.device = self.backend.device(rank)
         self.rank = rank
+        self.tp_group = TensorParallelGroup()
+        if world_size > 1:
+            if distributed_init is None:
+                raise ValueError("a worker of a tensor-parallel group (world_size > 1) needs distributed_init")
+            self.tp_group = init_tensor_parallel(
+                self.backend.dist_backend, distributed_init, rank, world_size, self.device
+            )
         if config.seed is not None:
             torch.manual_seed(config.seed)
-        model = load_model(model_config, self.backend, self.device, config.load_format, config.seed)
+        with use_tp_group(self.tp_group):
+            model = load_model(model_config, self.backend, self.device, config.load_format, config.seed)
         self.runner = ModelRunner(model, self.backend, self.device, block_size, model_config.max_model_len)
         self.kv_dtype = model_config.dtype
+        self.num_kv_heads = kv_heads_per_rank(model_config.num_kv_heads, world_size)  # this rank's share
 
     def bytes_per_block(self) -> int:
         """KV bytes one block takes on this worker, all layers together."""
         return self.runner.kv_cache_bytes_per_block(
-            self.model_config.num_kv_heads, self.model_config.head_dim, self.kv_dtype
+            self.num_kv_heads, self.model_config.head_dim, self.kv_dtype
         )
 
     def kv_cache_budget_bytes(self, max_num_batched_tokens: int) -> int:
         """Profile a forward at the token budget, then ask the backend how many bytes the pool may take."""
         self.runner.profile_run(
-            max_num_batched_tokens, self.model_config.num_kv_heads, self.model_config.head_dim, self.kv_dtype
+            max_num_batched_tokens, self.num_kv_heads, self.model_config.head_dim, self.kv_dtype
         )
         return self.backend.kv_cache_budget_bytes(self.config.gpu_memory_utilization)
 
     def initialize_cache(self, num_blocks: int) -> None:
         """Allocate the KV pool of ``num_blocks`` blocks, then record decode graphs if the backend can."""
         self.runner.allocate_kv_cache(
-            num_blocks, self.model_config.num_kv_heads, self.model_config.head_dim, self.kv_dtype
+            num_blocks, self.num_kv_heads, self.model_config.head_dim, self.kv_dtype
         )
         if self.backend.capabilities().can_capture_graphs and not self.config.enforce_eager:
             self.runner.capture_decode_graphs(self.config.max_num_seqs)
@@ -63,3 +85,8 @@ class Worker:
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         """Run one step."""
         return self.runner.execute(scheduler_output)
+
+    def shutdown(self) -> None:
+        """Leave the tensor-parallel group (no-op on one device)."""
+        destroy_tensor_parallel(self.tp_group)
+        self.tp_group = TensorParallelGroup()

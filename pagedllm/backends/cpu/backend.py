@@ -1,8 +1,9 @@
 """The ``cpu`` reference backend: paged KV cache and attention in plain PyTorch.
 
-Every other backend is held to what this one computes, so it favours clarity and exactness: attention is
-computed in float32 over keys gathered through the block tables, vectorized over requests (decodes in one
-batched call, prefills padded to the longest chunk in another), with no Python loop per token.
+Every other backend is held to what this one computes, so it favours clarity: keys and values are gathered
+through the block tables and attended with PyTorch's scaled-dot-product attention (float32 accumulation)
+under an explicit causal/sliding-window mask, vectorized over requests (decodes in one batched call,
+prefills padded to the longest chunk in another), with no Python loop per token.
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ class CpuBackend(Backend):
         metadata: AttentionMetadata,
         spec: AttentionSpec,
     ) -> torch.Tensor:
-        """Float32 attention over the paged cache: decodes batched together, prefills padded together."""
+        """Attention over the paged cache: decodes batched together, prefills padded together."""
         out = torch.zeros_like(query)
         query_start = metadata.query_start_loc_cpu.tolist()
         num_requests = len(query_start) - 1
@@ -151,17 +152,11 @@ class CpuBackend(Backend):
         num_blocks = -(-int(seq_lens.max()) // block_size)
         tables = metadata.block_tables[first:last, :num_blocks].long()
         num_kv_heads, head_dim = spec.num_kv_heads, spec.head_dim
-        group = spec.num_heads // num_kv_heads
         max_key_len = num_blocks * block_size
-        # keys/values: [R, num_kv_heads, max_key_len, head_dim]
-        keys = kv_cache[0][tables].reshape(num_requests, max_key_len, num_kv_heads, head_dim)
-        values = kv_cache[1][tables].reshape(num_requests, max_key_len, num_kv_heads, head_dim)
-        keys = keys.float().permute(0, 2, 1, 3).unsqueeze(2)
-        values = values.float().permute(0, 2, 1, 3).unsqueeze(2)
-        # q: [R, num_kv_heads, group, max_query_len, head_dim]
-        q = query[rows].float().view(num_requests, max_query_len, num_kv_heads, group, head_dim)
-        q = q.permute(0, 2, 3, 1, 4)
-        scores = torch.matmul(q, keys.transpose(-1, -2)) * spec.scale  # [R, Hkv, G, Q, K]
+        # keys/values: [R, num_kv_heads, max_key_len, head_dim]; queries: [R, num_heads, max_query_len, head_dim]
+        keys = kv_cache[0][tables].reshape(num_requests, max_key_len, num_kv_heads, head_dim).transpose(1, 2)
+        values = kv_cache[1][tables].reshape(num_requests, max_key_len, num_kv_heads, head_dim).transpose(1, 2)
+        q = query[rows].view(num_requests, max_query_len, spec.num_heads, head_dim).transpose(1, 2)
         key_pos = torch.arange(max_key_len)
         query_pos = context_lens[:, None] + torch.arange(max_query_len)[None, :]  # [R, Q]
         allowed = key_pos[None, None, :] <= query_pos[:, :, None]
@@ -169,8 +164,10 @@ class CpuBackend(Backend):
         if spec.sliding_window is not None:
             allowed &= key_pos[None, None, :] > query_pos[:, :, None] - spec.sliding_window
         allowed[:, :, 0] |= ~allowed.any(-1)  # padding rows: keep softmax finite, result discarded
-        scores = scores.masked_fill(~allowed[:, None, None], float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        out = torch.matmul(probs, values)  # [R, Hkv, G, Q, D]
-        out = out.permute(0, 3, 1, 2, 4).reshape(num_requests * max_query_len, spec.num_heads, head_dim)
+        # SDPA accumulates in float32 whatever the input dtype; GQA maps query head h to kv head h // group
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, keys.to(q.dtype), values.to(q.dtype), attn_mask=allowed[:, None], scale=spec.scale,
+            enable_gqa=num_kv_heads != spec.num_heads,
+        )
+        out = out.transpose(1, 2).reshape(num_requests * max_query_len, spec.num_heads, head_dim)
         return out.to(query.dtype)

@@ -91,7 +91,10 @@ class MergedLinear(nn.Module):
         return nn.functional.linear(x, self.weight, self.bias)
 
     def load_shard(self, param_name: str, index: int, loaded: torch.Tensor) -> None:
-        """Copy part ``index`` of ``weight`` or ``bias`` (``param_name``) from a checkpoint tensor."""
+        """Copy part ``index`` of ``weight`` or ``bias`` (``param_name``) from a checkpoint tensor (or a lazy
+        safetensors slice, read whole here)."""
+        if not isinstance(loaded, torch.Tensor):
+            loaded = loaded[:]
         param = getattr(self, param_name)
         start = sum(self.shard_sizes[:index])
         target = param.data[start : start + self.shard_sizes[index]]

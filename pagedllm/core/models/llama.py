@@ -14,7 +14,14 @@ import torch
 from torch import nn
 
 from pagedllm.backends.interface import AttentionMetadata, AttentionSpec, Backend
-from pagedllm.core.models.layers import MergedLinear, PagedAttention, RMSNorm, RotaryEmbedding
+from pagedllm.core.distributed.parallel_layers import (
+    MergedColumnParallelLinear,
+    ParallelLMHead,
+    QKVParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
+from pagedllm.core.models.layers import PagedAttention, RMSNorm, RotaryEmbedding
 
 # checkpoint name fragment -> (our fused parameter fragment, part index)
 STACKED_PARAMS: dict[str, tuple[str, int]] = {
@@ -37,15 +44,19 @@ class LlamaAttention(nn.Module):
 
     def __init__(self, hf_config: object, layer_idx: int, sliding_window: int | None, backend: Backend) -> None:
         super().__init__()
-        self.num_heads = hf_config.num_attention_heads
-        self.num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or self.num_heads
+        total_num_heads = hf_config.num_attention_heads
+        total_num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or total_num_heads
         self.head_dim = head_dim_of(hf_config)
+        bias = bool(getattr(hf_config, "attention_bias", False) or self.qkv_bias_default)
+        # Heads are split across tensor-parallel ranks: num_heads / num_kv_heads are this rank's.
+        self.qkv_proj = QKVParallelLinear(hf_config.hidden_size, self.head_dim, total_num_heads, total_num_kv_heads,
+                                          bias)
+        self.num_heads = self.qkv_proj.num_heads
+        self.num_kv_heads = self.qkv_proj.num_kv_heads
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        bias = bool(getattr(hf_config, "attention_bias", False) or self.qkv_bias_default)
-        self.qkv_proj = MergedLinear(hf_config.hidden_size, [self.q_size, self.kv_size, self.kv_size], bias)
-        self.o_proj = nn.Linear(self.q_size, hf_config.hidden_size, bias=bool(getattr(hf_config,
-                                                                                      "attention_bias", False)))
+        self.o_proj = RowParallelLinear(total_num_heads * self.head_dim, hf_config.hidden_size,
+                                        bias=bool(getattr(hf_config, "attention_bias", False)))
         self.rotary_emb = RotaryEmbedding(hf_config, self.head_dim, hf_config.max_position_embeddings, backend)
         spec = AttentionSpec(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5, sliding_window)
         self.attn = PagedAttention(spec, backend)
@@ -71,8 +82,8 @@ class LlamaMLP(nn.Module):
         super().__init__()
         bias = bool(getattr(hf_config, "mlp_bias", False))
         inter = hf_config.intermediate_size
-        self.gate_up_proj = MergedLinear(hf_config.hidden_size, [inter, inter], bias)
-        self.down_proj = nn.Linear(inter, hf_config.hidden_size, bias=bias)
+        self.gate_up_proj = MergedColumnParallelLinear(hf_config.hidden_size, [inter, inter], bias)
+        self.down_proj = RowParallelLinear(inter, hf_config.hidden_size, bias=bias)
         self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -116,7 +127,7 @@ class LlamaModel(nn.Module):
 
     def __init__(self, hf_config: object, backend: Backend, layer_cls: type[LlamaDecoderLayer]) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(hf_config.vocab_size, hf_config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(hf_config.vocab_size, hf_config.hidden_size)
         self.layers = nn.ModuleList(
             layer_cls(hf_config, i, sliding_window_of(hf_config, i), backend)
             for i in range(hf_config.num_hidden_layers)
@@ -155,15 +166,19 @@ class LlamaForCausalLM(nn.Module):
     - ``compute_logits(hidden [num_sampled, hidden_size])`` -> ``[num_sampled, vocab_size]``;
     - ``load_weights(iterable of (name, tensor))`` with Hugging Face names;
     - ``attention_layers()`` -> the :class:`PagedAttention` modules to bind KV caches to.
+
+    ``supports_tensor_parallel``: the layers shard themselves over the current tensor-parallel group and
+    ``load_weights`` accepts lazy safetensors slices (each rank reads only its part).
     """
 
     layer_cls: type[LlamaDecoderLayer] = LlamaDecoderLayer
+    supports_tensor_parallel: bool = True
 
     def __init__(self, hf_config: object, backend: Backend) -> None:
         super().__init__()
         self.config = hf_config
         self.model = LlamaModel(hf_config, backend, self.layer_cls)
-        self.lm_head = nn.Linear(hf_config.hidden_size, hf_config.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(hf_config.vocab_size, hf_config.hidden_size)
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -211,7 +226,17 @@ class LlamaForCausalLM(nn.Module):
         return loaded
 
     def load_param(self, name: str, param: nn.Parameter, tensor: torch.Tensor) -> None:
-        """Copy one whole checkpoint tensor into ``param`` (tensor-parallel models slice it first)."""
+        """Copy one checkpoint tensor (or lazy safetensors slice) into ``param``; a sharded parameter's
+        ``weight_loader`` reads only this rank's part."""
+        weight_loader = getattr(param, "weight_loader", None)
+        if weight_loader is not None:
+            try:
+                weight_loader(param, tensor)
+            except ValueError as exc:
+                raise ValueError(f"checkpoint tensor {name!r}: {exc}") from exc
+            return
+        if not isinstance(tensor, torch.Tensor):
+            tensor = tensor[:]
         if param.shape != tensor.shape:
             raise ValueError(
                 f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}"

@@ -1,0 +1,200 @@
+"""End-to-end tensor parallelism on the cpu backend with gloo: ``tp=2`` must equal ``tp=1`` token for token.
+
+Tiny float32 checkpoints: Llama (4 heads, 2 KV heads: split across the ranks) and Qwen2 (4 heads, 1 KV
+head: replicated on both ranks; q/k/v biases; tied embeddings, which make this tiny one repeat its last
+token, so an untied variant too), under the ``mp`` executor and the ``ray`` executor (a small local Ray
+instance). Besides the tokens, the top logprobs of every step must agree. Also: a worker killed
+mid-generation makes the driver raise within seconds, no process outlives its driver, and misconfiguration
+is refused before anything starts.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+
+from pagedllm.core.config import EngineConfig
+from pagedllm.core.distributed import WorkerFailedError
+from pagedllm.core.engine import LLMEngine
+from pagedllm.core.outputs import CompletionOutput
+from pagedllm.core.sampling_params import SamplingParams
+from pagedllm.entrypoints.llm import LLM
+from tests.conftest import assert_pool_free
+
+PROMPTS: list[list[int]] = [[1, 2, 3, 4, 5], [100, 200, 300], list(range(10, 40))]
+PARAMS = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=3)
+ENGINE_KWARGS: dict[str, object] = dict(device="cpu", dtype="float32", block_size=4, kv_cache_memory_bytes=1 << 22)
+LOGPROB_ATOL = 1e-4  # tp=2 sums the same products in another order
+CHECKPOINTS: dict[str, tuple[str, dict[str, object]]] = {
+    "llama": ("llama", {}),
+    "qwen2": ("qwen2", {}),
+    "qwen2-untied": ("qwen2", {"tie_word_embeddings": False}),
+}
+
+
+@pytest.fixture(scope="module")
+def references(checkpoint_factory):
+    """``references(name)``: a tiny checkpoint of CHECKPOINTS and its single-device (tp=1) greedy completions
+    of PROMPTS, built once per module."""
+    cache: dict[str, tuple[Path, list[CompletionOutput]]] = {}
+
+    def get(name: str) -> tuple[Path, list[CompletionOutput]]:
+        if name not in cache:
+            arch, overrides = CHECKPOINTS[name]
+            model_dir = checkpoint_factory(arch, **overrides)
+            cache[name] = (model_dir, generate(model_dir)[0])
+        return cache[name]
+
+    return get
+
+
+def generate(model_dir: Path, **kwargs: object) -> tuple[list[CompletionOutput], list[int]]:
+    """Run PROMPTS to completion on a fresh engine, check the pool is free, shut down; returns the completions
+    and the pids the executor's workers had."""
+    llm = LLM(str(model_dir), **ENGINE_KWARGS, **kwargs)
+    try:
+        outputs = llm.generate(PROMPTS, PARAMS, use_tqdm=False)
+        assert_pool_free(llm)
+        pids = list(getattr(llm.llm_engine.executor, "worker_pids", []))
+    finally:
+        llm.llm_engine.shutdown()
+    return [o.outputs[0] for o in outputs], pids
+
+
+def assert_same_completions(expected: list[CompletionOutput], actual: list[CompletionOutput]) -> None:
+    """Same tokens, and the same top logprobs up to float32 reordering."""
+    for prompt, (want, got) in enumerate(zip(expected, actual, strict=True)):
+        assert got.token_ids == want.token_ids, f"prompt {prompt}: tp=2 {got.token_ids} != tp=1 {want.token_ids}"
+        for step, (want_top, got_top) in enumerate(zip(want.logprobs, got.logprobs, strict=True)):
+            assert set(got_top) == set(want_top), f"prompt {prompt} step {step}: top tokens differ"
+            for token, logprob in want_top.items():
+                assert abs(got_top[token].logprob - logprob.logprob) < LOGPROB_ATOL, (prompt, step, token)
+
+
+def wait_gone(pids: list[int], timeout_s: float = 15.0) -> list[int]:
+    """Wait until no process in ``pids`` exists; returns those still alive at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    alive = list(pids)
+    while alive and time.monotonic() < deadline:
+        alive = [pid for pid in alive if _exists(pid)]
+        time.sleep(0.1)
+    return alive
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (exited, not reaped yet) counts as gone
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("name", ["llama", "qwen2", "qwen2-untied"])
+def test_mp_tp2_equals_tp1(references, name: str) -> None:
+    model_dir, expected = references(name)
+    actual, pids = generate(model_dir, tensor_parallel_size=2)
+    assert_same_completions(expected, actual)
+    assert len(pids) == 1
+    assert wait_gone(pids) == []
+    assert not dist.is_initialized()
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A small local Ray instance for this module (never an outside cluster)."""
+    ray = pytest.importorskip("ray")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_ray_tp2_equals_tp1(references, local_ray, name: str) -> None:
+    model_dir, expected = references(name)
+    actual, pids = generate(model_dir, tensor_parallel_size=2, distributed_executor_backend="ray")
+    assert_same_completions(expected, actual)
+    assert len(pids) == 2
+    deadline = time.monotonic() + 15  # the placement group is given back (asynchronously)
+    while local_ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert local_ray.available_resources().get("CPU", 0) == 2
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"tensor_parallel_size": 3}, "4 attention heads are not divisible by tensor_parallel_size=3"),
+        ({"tensor_parallel_size": 2, "distributed_executor_backend": "mpi"}, "must be one of mp, ray"),
+    ],
+)
+def test_misconfiguration_is_refused_before_any_process_starts(references, overrides, message) -> None:
+    model_dir, _ = references("llama")
+    children = set(multiprocessing.active_children())
+    with pytest.raises(ValueError, match=message):
+        LLM(str(model_dir), **ENGINE_KWARGS, **overrides)
+    assert set(multiprocessing.active_children()) == children
+
+
+@pytest.mark.timeout(120)
+def test_killed_worker_makes_the_driver_raise_quickly(references) -> None:
+    model_dir, _ = references("llama")
+    engine = LLMEngine(EngineConfig(model=str(model_dir), tensor_parallel_size=2, **ENGINE_KWARGS))
+    try:
+        engine.add_request(None, PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True))
+        for _ in range(3):
+            engine.step()
+        (pid,) = engine.executor.worker_pids
+        os.kill(pid, signal.SIGKILL)
+        start = time.monotonic()
+        with pytest.raises(WorkerFailedError, match=r"rank 1 \(pid \d+\) died with signal SIGKILL"):
+            while engine.has_unfinished_requests():
+                engine.step()
+        assert time.monotonic() - start < 30
+        with pytest.raises(WorkerFailedError):  # the executor stays failed
+            engine.step()
+    finally:
+        engine.shutdown()
+    assert not dist.is_initialized()  # the next tensor-parallel engine of this process can start
+
+
+DRIVER_SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    from pagedllm.entrypoints.llm import LLM
+
+    if __name__ == "__main__":
+        llm = LLM(sys.argv[1], device="cpu", dtype="float32", tensor_parallel_size=2, kv_cache_memory_bytes=1 << 22)
+        print(*llm.llm_engine.executor.worker_pids, flush=True)
+        time.sleep(600)
+    """
+)
+
+
+@pytest.mark.timeout(120)
+def test_workers_exit_when_the_driver_is_killed(references, tmp_path: Path) -> None:
+    model_dir, _ = references("llama")
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER_SCRIPT)
+    driver = subprocess.Popen([sys.executable, str(script), str(model_dir)], stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(p) for p in driver.stdout.readline().split()]
+        assert len(pids) == 1 and _exists(pids[0])
+    finally:
+        driver.kill()
+        driver.wait()
+    assert wait_gone(pids) == []
