@@ -1,0 +1,46 @@
+"""``pagedllm serve [MODEL] ...``: the OpenAI-compatible HTTP server.
+
+FastAPI, uvicorn and prometheus-client are imported only when the server runs (they are the ``serve``
+extra, absent from some images), so this module itself imports nothing beyond the standard library.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from pagedllm.entrypoints.engine_args import add_engine_args
+
+SERVE_REQUIREMENTS: tuple[str, ...] = ("fastapi", "uvicorn", "prometheus_client", "pydantic")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register the ``serve`` sub-command."""
+    parser = subparsers.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
+    add_engine_args(parser)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", default=None,
+                        help="require 'Authorization: Bearer KEY' on /v1/* (default: $PAGEDLLM_API_KEY, else none)")
+    parser.add_argument("--served-model-name", default=None,
+                        help="the model name clients send (default: the MODEL argument, or pagedllm-demo)")
+    parser.add_argument("--chat-template", default=None,
+                        help="a Jinja chat template file (or inline template) replacing the tokenizer's")
+    parser.add_argument("--max-logprobs", type=int, default=20, help="the most logprobs a request may ask for")
+    parser.add_argument("--uvicorn-log-level", default="info",
+                        choices=["critical", "error", "warning", "info", "debug", "trace"])
+    parser.add_argument("--disable-access-log", action="store_true", help="do not log every HTTP request")
+    parser.add_argument("--graceful-shutdown-timeout-s", type=float, default=5.0,
+                        help="on Ctrl-C / SIGTERM, how long open requests may finish before they are cut")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until interrupted; returns the exit code."""
+    import importlib.util
+
+    missing = [name for name in SERVE_REQUIREMENTS if importlib.util.find_spec(name) is None]
+    if missing:
+        raise RuntimeError(f"the server needs {', '.join(missing)}: pip install 'pagedllm[serve]'")
+    from pagedllm.entrypoints.openai.api_server import run_server
+
+    return run_server(args)

@@ -1,0 +1,191 @@
+"""The FastAPI app of ``pagedllm serve`` and the uvicorn runner.
+
+Routes: ``/v1/completions``, ``/v1/chat/completions``, ``/v1/models`` (behind ``--api-key`` when set),
+``/health``, ``/version``, ``/metrics``, ``/tokenize``, ``/detokenize``. The engine thread starts with the
+app's lifespan and stops with it, so Ctrl-C / SIGTERM (handled by uvicorn) end the server cleanly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from starlette.responses import Response
+
+from pagedllm.core.engine import LLMEngine, load_tokenizer
+from pagedllm.demo import DEMO_MODEL_NAME
+from pagedllm.entrypoints.async_engine import AsyncLLMEngine
+from pagedllm.entrypoints.openai.auth import APIKeyMiddleware
+from pagedllm.entrypoints.openai.errors import OpenAIError, install_error_handlers
+from pagedllm.entrypoints.openai.metrics import ServerMetrics
+from pagedllm.entrypoints.openai.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ErrorResponse,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+    VersionResponse,
+)
+from pagedllm.entrypoints.openai.serving_chat import OpenAIServingChat
+from pagedllm.entrypoints.openai.serving_completion import OpenAIServingCompletion
+from pagedllm.entrypoints.openai.serving_models import OpenAIServingModels
+from pagedllm.entrypoints.openai.serving_tokenization import OpenAIServingTokenization
+from pagedllm.entrypoints.openai.shutdown import ShutdownMiddleware
+from pagedllm.entrypoints.openai.tokenization import AsyncTokenizer, load_chat_template
+from pagedllm.version import __version__
+
+logger = logging.getLogger(__name__)
+
+_ERRORS = {400: {"model": ErrorResponse}, 401: {"model": ErrorResponse}, 404: {"model": ErrorResponse},
+           500: {"model": ErrorResponse}, 503: {"model": ErrorResponse}}
+_SSE = {"text/event-stream": {"schema": {"type": "string"}}}
+
+
+@dataclass(slots=True)
+class ServerSettings:
+    """What the app needs beyond the engine: the served name, the API key, the chat-template override."""
+
+    served_model_name: str
+    api_key: str | None = None
+    chat_template: str | None = None
+    max_logprobs: int = 20
+
+
+def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
+    """The FastAPI app serving ``engine``; the engine thread runs during the app's lifespan."""
+    model_config = engine.model_config
+    metrics = ServerMetrics(settings.served_model_name)
+    async_engine = AsyncLLMEngine(engine, observers=[metrics])
+    tokenizer = AsyncTokenizer(load_tokenizer(engine.config.tokenizer or model_config.path, required=False)
+                               if engine.tokenizer is not None else None, settings.chat_template)
+    models = OpenAIServingModels(settings.served_model_name, model_config.path, model_config.max_model_len)
+    completions = OpenAIServingCompletion(async_engine, tokenizer, models, settings.max_logprobs)
+    chat = OpenAIServingChat(async_engine, tokenizer, models, settings.max_logprobs)
+    tokenization = OpenAIServingTokenization(tokenizer, models, model_config.vocab_size)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async_engine.start()
+        try:
+            yield
+        finally:
+            logger.info("shutting down: stopping the engine")
+            await async_engine.shutdown()
+            tokenizer.close()
+
+    app = FastAPI(title="pagedllm OpenAI-compatible server", version=__version__, lifespan=lifespan)
+    app.state.async_engine = async_engine
+    app.state.metrics = metrics
+    install_error_handlers(app)
+    if settings.api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
+    app.add_middleware(ShutdownMiddleware)  # added last: the outermost
+
+    @app.get("/health", responses={503: {"model": ErrorResponse}})
+    async def health() -> Response:
+        """200 while the engine runs, 503 once it has stopped."""
+        if not async_engine.is_alive:
+            raise OpenAIError(f"the engine is not running: {async_engine.dead_reason or 'not started'}", 503)
+        return Response(status_code=200)
+
+    @app.get("/version")
+    async def version() -> VersionResponse:
+        """The pagedllm version."""
+        return VersionResponse(version=__version__)
+
+    @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+    async def prometheus_metrics() -> Response:
+        """Prometheus metrics."""
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    @app.get("/v1/models", responses=_ERRORS)
+    async def list_models() -> ModelList:
+        """The served model."""
+        return models.list()
+
+    @app.post("/v1/completions", responses={200: {"model": CompletionResponse, "content": _SSE}, **_ERRORS})
+    async def create_completion(request: CompletionRequest, raw_request: Request) -> Response:
+        """OpenAI's completions (``stream: true`` answers with server-sent events)."""
+        return await completions.create_completion(request, raw_request)
+
+    @app.post("/v1/chat/completions", responses={200: {"model": ChatCompletionResponse, "content": _SSE},
+                                                 **_ERRORS})
+    async def create_chat_completion(request: ChatCompletionRequest, raw_request: Request) -> Response:
+        """OpenAI's chat completions (``stream: true`` answers with server-sent events)."""
+        return await chat.create_chat_completion(request, raw_request)
+
+    @app.post("/tokenize", responses=_ERRORS)
+    async def tokenize(request: TokenizeRequest) -> TokenizeResponse:
+        """Token ids of a prompt or of a conversation through the chat template."""
+        return await tokenization.tokenize(request)
+
+    @app.post("/detokenize", responses=_ERRORS)
+    async def detokenize(request: DetokenizeRequest) -> DetokenizeResponse:
+        """Text of token ids."""
+        return await tokenization.detokenize(request)
+
+    return app
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def run_server(args: argparse.Namespace) -> int:
+    """Build the engine from the command line, then serve until Ctrl-C or SIGTERM; returns the exit code.
+
+    uvicorn turns the first Ctrl-C / SIGTERM into a graceful shutdown (open requests get
+    ``--graceful-shutdown-timeout-s`` to finish, the engine thread stops) and then re-raises the signal;
+    SIGTERM is mapped to KeyboardInterrupt like Ctrl-C, so either ends here with status 0 and no traceback,
+    also while the model is still loading.
+    """
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        _serve(args)
+    except KeyboardInterrupt:
+        logger.info("stopped")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from pagedllm.entrypoints.engine_args import engine_config_from_args
+
+    config = engine_config_from_args(args)
+    chat_template = load_chat_template(args.chat_template)
+    engine = LLMEngine(config)
+    settings = ServerSettings(
+        served_model_name=config.served_model_name or config.model or DEMO_MODEL_NAME,
+        api_key=args.api_key or os.environ.get("PAGEDLLM_API_KEY") or None,
+        chat_template=chat_template,
+        max_logprobs=args.max_logprobs,
+    )
+    app = build_app(engine, settings)
+    stats = app.state.async_engine.latest_stats
+    logger.info(
+        "pagedllm %s: backend %s, model %s served as %r, KV pool %d blocks x %d tokens = %d tokens, "
+        "max_model_len %d, API key %s; listening on http://%s:%d",
+        __version__, engine.backend_cls.name, engine.model_config.path, settings.served_model_name,
+        stats.num_total_blocks, engine.block_size, stats.num_total_blocks * engine.block_size,
+        engine.model_config.max_model_len, "required" if settings.api_key else "off", args.host, args.port,
+    )
+    server = uvicorn.Server(uvicorn.Config(
+        app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
+        access_log=not args.disable_access_log, timeout_graceful_shutdown=args.graceful_shutdown_timeout_s,
+    ))
+    server.run()

@@ -1,0 +1,328 @@
+"""Every request and response body of the server, as pydantic models shaped as OpenAI's (plus pagedllm extras).
+
+Requests accept unknown fields (OpenAI clients send newer ones all the time); the serving layer logs the
+ones it ignores. Values are range-checked where they become :class:`~pagedllm.core.sampling_params.SamplingParams`,
+so the rules live in one place and errors name the field.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class OpenAIBaseModel(BaseModel):
+    """Base of every request model: unknown fields are kept (and reported by the server), not rejected."""
+
+    model_config = ConfigDict(extra="allow")
+
+    def unknown_fields(self) -> list[str]:
+        """Names of the fields this server does not know (sent by the client, ignored)."""
+        return sorted((self.model_extra or {}).keys())
+
+
+class ResponseModel(BaseModel):
+    """Base of every response model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---------------------------------------------------------------------------------------------- errors
+class ErrorInfo(ResponseModel):
+    """What went wrong: a message for people, a type and code for programs, the offending request field."""
+
+    message: str
+    type: str
+    param: str | None = None
+    code: str | int | None = None
+
+
+class ErrorResponse(ResponseModel):
+    """The body of every error answer: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    error: ErrorInfo
+
+
+# ---------------------------------------------------------------------------------------------- shared
+class StreamOptions(OpenAIBaseModel):
+    """``stream_options``: ``include_usage`` adds a last chunk carrying the usage counts."""
+
+    include_usage: bool = False
+
+
+class ResponseFormat(OpenAIBaseModel):
+    """``response_format``: only ``text`` is supported; the JSON modes are rejected until they are."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+
+
+class SamplingRequest(OpenAIBaseModel):
+    """Fields shared by ``/v1/completions`` and ``/v1/chat/completions``.
+
+    ``None`` means "not given": the model's generation-config default applies (as offline). The fields
+    after ``logit_bias`` are pagedllm extras, with vLLM's names.
+    """
+
+    model: str | None = None
+    n: int = 1
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    logit_bias: dict[str, float] | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+
+
+# ---------------------------------------------------------------------------------------------- usage
+class UsageInfo(ResponseModel):
+    """Token counts of one request (every prompt, every completion)."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+# ---------------------------------------------------------------------------------------------- completions
+PromptInput = str | list[str] | list[int] | list[list[int]]
+
+
+class CompletionRequest(SamplingRequest):
+    """``POST /v1/completions``: one prompt or a batch, as text or token ids."""
+
+    prompt: PromptInput
+    max_tokens: int | None = 16
+    logprobs: int | None = None
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+    add_special_tokens: bool = True
+
+
+class CompletionLogProbs(ResponseModel):
+    """Per generated token: its text offset, text, logprob, and the top alternatives ``{text: logprob}``."""
+
+    text_offset: list[int] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    tokens: list[str] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+
+
+class CompletionChoice(ResponseModel):
+    """One completion (``index`` counts across prompts: prompt ``i``, sample ``j`` is ``i * n + j``)."""
+
+    index: int
+    text: str
+    logprobs: CompletionLogProbs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class CompletionResponse(ResponseModel):
+    """The answer to a non-streamed completion request."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo
+    system_fingerprint: str | None = None
+
+
+class CompletionStreamResponse(ResponseModel):
+    """One server-sent chunk of a streamed completion (``choices`` empty in the usage-only last chunk)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None
+    system_fingerprint: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------- chat
+class ChatContentPart(OpenAIBaseModel):
+    """One part of a message's content; only ``{"type": "text", "text": ...}`` is supported."""
+
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(OpenAIBaseModel):
+    """One message of the conversation (other keys, e.g. ``tool_calls``, go to the chat template as is)."""
+
+    role: str
+    content: str | list[ChatContentPart] | None = None
+    name: str | None = None
+
+
+class ChatCompletionRequest(SamplingRequest):
+    """``POST /v1/chat/completions``: a conversation rendered through the chat template."""
+
+    messages: list[ChatMessage]
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_special_tokens: bool = False
+
+
+class ChatTopLogprob(ResponseModel):
+    """One alternative token: its text, logprob and UTF-8 bytes."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatLogprobToken(ChatTopLogprob):
+    """One generated token with its top alternatives."""
+
+    top_logprobs: list[ChatTopLogprob] = Field(default_factory=list)
+
+
+class ChatLogProbs(ResponseModel):
+    """The logprobs of a chat choice, token by token."""
+
+    content: list[ChatLogprobToken] | None = None
+
+
+class ChatResponseMessage(ResponseModel):
+    """The assistant's reply."""
+
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+
+
+class ChatCompletionChoice(ResponseModel):
+    """One reply of a non-streamed chat completion."""
+
+    index: int
+    message: ChatResponseMessage
+    logprobs: ChatLogProbs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionResponse(ResponseModel):
+    """The answer to a non-streamed chat completion request."""
+
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatCompletionChoice]
+    usage: UsageInfo
+    system_fingerprint: str | None = None
+
+
+class DeltaMessage(ResponseModel):
+    """What a chunk adds to a reply: the role (first chunk only) and new content."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatCompletionStreamChoice(ResponseModel):
+    """One choice's part of a streamed chat chunk."""
+
+    index: int
+    delta: DeltaMessage
+    logprobs: ChatLogProbs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionStreamResponse(ResponseModel):
+    """One server-sent chunk of a streamed chat completion (``choices`` empty in the usage-only last chunk)."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatCompletionStreamChoice]
+    usage: UsageInfo | None = None
+    system_fingerprint: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------- models
+class ModelCard(ResponseModel):
+    """One served model."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "pagedllm"
+    root: str | None = None
+    max_model_len: int | None = None
+
+
+class ModelList(ResponseModel):
+    """``GET /v1/models``."""
+
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# ---------------------------------------------------------------------------------------------- tokenizer
+class TokenizeRequest(OpenAIBaseModel):
+    """``POST /tokenize``: exactly one of ``prompt`` (text) or ``messages`` (rendered by the chat template).
+
+    ``add_special_tokens`` defaults to True for a prompt and False for messages (the template has them).
+    """
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class TokenizeResponse(ResponseModel):
+    """The token ids of the input, their count and the model's context length."""
+
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeRequest(OpenAIBaseModel):
+    """``POST /detokenize``: token ids to text."""
+
+    model: str | None = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(ResponseModel):
+    """The text of the token ids."""
+
+    prompt: str
+
+
+# ---------------------------------------------------------------------------------------------- misc
+class VersionResponse(ResponseModel):
+    """``GET /version``."""
+
+    version: str

@@ -1,0 +1,252 @@
+"""``pagedllm serve`` end to end through the official ``openai`` client: completions and chat, streamed and
+not, n > 1, logprobs, stop strings, seeds, extras; greedy output equal to the offline ``LLM``; tokenizer
+endpoints, metrics and the OpenAPI schema (the server is shared with the other ``test_server_*`` modules).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("fastapi")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+from pagedllm import LLM, SamplingParams, __version__  # noqa: E402
+from pagedllm.testing.server import ServerProcess  # noqa: E402
+from tests.e2e.openai_server import KV_CACHE_BYTES, MAX_MODEL_LEN, MODEL, start_shared_server  # noqa: E402
+
+PROMPTS = ["def main():\n", "The quick brown fox", "import os\nimport sys\n"]
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Write a loop."}]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(llama_dir) -> str:
+    return str(llama_dir)
+
+
+@pytest.fixture(scope="module")
+def server(llama_dir, pytestconfig: pytest.Config) -> ServerProcess:
+    return start_shared_server(llama_dir, pytestconfig)
+
+
+@pytest.fixture(scope="module")
+def client(server: ServerProcess):
+    return server.client()
+
+
+@pytest.fixture(scope="module")
+def offline(checkpoint: str) -> LLM:
+    return LLM(checkpoint, device="cpu", dtype="float32", max_model_len=MAX_MODEL_LEN,
+               kv_cache_memory_bytes=KV_CACHE_BYTES)
+
+
+def greedy(max_tokens: int = 24) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens)
+
+
+# ---------------------------------------------------------------------------------------------- basics
+def test_models_health_version(server: ServerProcess, client) -> None:
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    assert models.data[0].max_model_len == MAX_MODEL_LEN
+    assert httpx.get(server.url + "/health").status_code == 200
+    assert httpx.get(server.url + "/version").json() == {"version": __version__}
+
+
+def test_completion_greedy_equals_offline(client, offline: LLM) -> None:
+    expected = offline.generate(PROMPTS, greedy(), use_tqdm=False)
+    for prompt, want in zip(PROMPTS, expected, strict=True):
+        got = client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0.0)
+        assert got.choices[0].text == want.outputs[0].text
+        assert got.choices[0].finish_reason == want.outputs[0].finish_reason
+        assert got.usage.prompt_tokens == len(want.prompt_token_ids)
+        assert got.usage.completion_tokens == len(want.outputs[0].token_ids)
+        assert got.usage.total_tokens == got.usage.prompt_tokens + got.usage.completion_tokens
+    batch = client.completions.create(model=MODEL, prompt=PROMPTS, max_tokens=24, temperature=0.0)
+    assert [c.index for c in batch.choices] == [0, 1, 2]
+    assert [c.text for c in batch.choices] == [o.outputs[0].text for o in expected]
+    ids = client.completions.create(model=MODEL, prompt=expected[1].prompt_token_ids, max_tokens=24, temperature=0)
+    assert ids.choices[0].text == expected[1].outputs[0].text
+
+
+def test_chat_greedy_equals_offline(client, offline: LLM) -> None:
+    want = offline.chat(MESSAGES, greedy(16), use_tqdm=False)[0]
+    got = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=16, temperature=0.0)
+    assert got.object == "chat.completion"
+    assert got.choices[0].message.role == "assistant"
+    assert got.choices[0].message.content == want.outputs[0].text
+    assert got.usage.prompt_tokens == len(want.prompt_token_ids)
+    assert got.usage.completion_tokens == len(want.outputs[0].token_ids)
+    again = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_completion_tokens=16,
+                                           temperature=0.0)
+    assert again.choices[0].message.content == want.outputs[0].text
+
+
+def test_streamed_completion_equals_non_streamed(client) -> None:
+    for prompt in PROMPTS:
+        whole = client.completions.create(model=MODEL, prompt=prompt, max_tokens=32, temperature=0.0)
+        chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=32, temperature=0.0,
+                                                stream=True, stream_options={"include_usage": True}))
+        assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+        assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+        assert "".join(c.choices[0].text for c in chunks[:-1]) == whole.choices[0].text
+        reasons = [c.choices[0].finish_reason for c in chunks[:-1]]
+        assert reasons[-1] == whole.choices[0].finish_reason and not any(reasons[:-1])
+    plain = list(client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=4, stream=True))
+    assert all(c.usage is None for c in plain)
+
+
+def test_streamed_chat_equals_non_streamed(client) -> None:
+    whole = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=24, temperature=0.0)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=24, temperature=0.0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == whole.usage.total_tokens
+    body = chunks[:-1]
+    assert "".join(c.choices[0].delta.content or "" for c in body) == whole.choices[0].message.content
+    assert body[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+
+
+def test_n_completions(client) -> None:
+    result = client.completions.create(model=MODEL, prompt=PROMPTS[0], n=3, max_tokens=12, temperature=1.0,
+                                       seed=7, extra_body={"ignore_eos": True})
+    assert sorted(c.index for c in result.choices) == [0, 1, 2]
+    assert result.usage.completion_tokens == 36
+    assert len({c.text for c in result.choices}) > 1  # each completion samples its own stream
+    batch = client.completions.create(model=MODEL, prompt=PROMPTS[:2], n=2, max_tokens=4, temperature=1.0, seed=1)
+    assert sorted(c.index for c in batch.choices) == [0, 1, 2, 3]
+    texts: dict[int, str] = {}
+    finished = set()
+    for chunk in client.chat.completions.create(model=MODEL, messages=MESSAGES, n=2, max_tokens=8,
+                                                temperature=1.0, seed=3, stream=True):
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
+            if choice.finish_reason:
+                finished.add(choice.index)
+    assert finished == {0, 1} and set(texts) == {0, 1}
+
+
+def test_seeded_sampling_is_reproducible(client) -> None:
+    def sample(seed: int) -> str:
+        return client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=24, temperature=1.0, seed=seed,
+                                         extra_body={"ignore_eos": True}).choices[0].text
+
+    first = sample(1234)
+    assert sample(1234) == first
+    assert any(sample(seed) != first for seed in (1, 2, 3))
+    chat = [client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=16, temperature=0.9, seed=99
+                                           ).choices[0].message.content for _ in range(2)]
+    assert chat[0] == chat[1]
+
+
+def test_completion_logprobs(client) -> None:
+    result = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=10, temperature=0.0, logprobs=3,
+                                       extra_body={"ignore_eos": True})
+    lp = result.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 10
+    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert logprob <= 0.0
+        assert 1 <= len(top) <= 4  # 3 alternatives + the sampled token; byte tokens may share the text "\ufffd"
+        assert max(top.values()) == pytest.approx(logprob, abs=1e-5)  # greedy: the sampled token is the top one
+        assert top[token] == pytest.approx(logprob, abs=1e-5)
+    streamed = list(client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=10, temperature=0.0,
+                                              logprobs=2, stream=True, extra_body={"ignore_eos": True}))
+    tokens = [t for c in streamed for t in c.choices[0].logprobs.tokens]
+    assert tokens == lp.tokens
+
+
+def test_chat_logprobs(client) -> None:
+    result = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=8, temperature=0.0,
+                                            logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})
+    content = result.choices[0].logprobs.content
+    assert len(content) == result.usage.completion_tokens == 8
+    for item in content:
+        assert len(item.top_logprobs) == 2
+        assert item.top_logprobs[0].token == item.token
+        assert item.top_logprobs[0].logprob == pytest.approx(item.logprob, abs=1e-5)
+        assert item.top_logprobs[0].logprob >= item.top_logprobs[1].logprob
+        assert item.bytes == list(item.token.encode())
+    plain = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4, logprobs=True)
+    assert all(item.top_logprobs == [] for item in plain.choices[0].logprobs.content)
+
+
+def test_stop_strings(client) -> None:
+    for prompt in PROMPTS:
+        full = client.completions.create(model=MODEL, prompt=prompt, max_tokens=32, temperature=0.0,
+                                         extra_body={"ignore_eos": True}).choices[0].text
+        stop = full[6:9]
+        cut = full[: full.index(stop)]
+        result = client.completions.create(model=MODEL, prompt=prompt, max_tokens=32, temperature=0.0, stop=[stop],
+                                           extra_body={"ignore_eos": True})
+        assert result.choices[0].text == cut
+        assert result.choices[0].finish_reason == "stop"
+        assert result.choices[0].stop_reason == stop
+        streamed = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=32, temperature=0.0,
+                                                  stop=stop, stream=True, extra_body={"ignore_eos": True}))
+        assert "".join(c.choices[0].text for c in streamed) == cut  # never sends text a stop string removes
+        kept = client.completions.create(model=MODEL, prompt=prompt, max_tokens=32, temperature=0.0, stop=stop,
+                                         extra_body={"ignore_eos": True, "include_stop_str_in_output": True})
+        assert kept.choices[0].text == cut + stop
+
+
+def test_echo_and_extras(client) -> None:
+    echoed = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=4, temperature=0.0, echo=True)
+    plain = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=4, temperature=0.0)
+    assert echoed.choices[0].text == PROMPTS[0] + plain.choices[0].text
+    streamed = list(client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=4, temperature=0.0,
+                                              echo=True, stream=True))
+    assert "".join(c.choices[0].text for c in streamed) == echoed.choices[0].text
+    exact = client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=40, temperature=0.8, seed=5,
+                                      presence_penalty=0.5, frequency_penalty=0.5, user="u1",
+                                      extra_body={"ignore_eos": True, "top_k": 20, "min_p": 0.05,
+                                                  "repetition_penalty": 1.2})
+    assert exact.usage.completion_tokens == 40 and exact.choices[0].finish_reason == "length"
+    at_least = client.completions.create(model=MODEL, prompt=PROMPTS[2], max_tokens=12, temperature=0.0,
+                                         extra_body={"min_tokens": 12})
+    assert at_least.usage.completion_tokens == 12
+    text = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4,
+                                          response_format={"type": "text"})
+    assert text.choices[0].message.content is not None
+
+
+def test_tokenize_detokenize(server: ServerProcess, client, offline: LLM) -> None:
+    tokenizer = offline.get_tokenizer()
+    answer = httpx.post(server.url + "/tokenize", json={"model": MODEL, "prompt": PROMPTS[0]}).json()
+    assert answer["tokens"] == tokenizer(PROMPTS[0]).input_ids
+    assert answer["count"] == len(answer["tokens"]) and answer["max_model_len"] == MAX_MODEL_LEN
+    text = httpx.post(server.url + "/detokenize", json={"model": MODEL, "tokens": answer["tokens"]}).json()
+    assert text == {"prompt": PROMPTS[0]}
+    chat = httpx.post(server.url + "/tokenize", json={"model": MODEL, "messages": MESSAGES}).json()
+    reply = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=1)
+    assert chat["count"] == reply.usage.prompt_tokens
+
+
+def test_metrics(server: ServerProcess, client) -> None:
+    client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=8)
+    metrics = server.metrics()
+    for name in ("pagedllm:prompt_tokens_total", "pagedllm:generation_tokens_total",
+                 "pagedllm:time_to_first_token_seconds_count", "pagedllm:inter_token_latency_seconds_count"):
+        assert metrics[name] > 0, name
+    for name in ("pagedllm:num_preemptions_total", "pagedllm:prefix_cache_hit_rate",
+                 "pagedllm:prefix_cache_queries_total", "pagedllm:prefix_cache_hits_total"):
+        assert name in metrics
+    assert metrics["pagedllm:prefix_cache_hits_total"] > 0  # the same prompts came many times
+    assert metrics["pagedllm:num_requests_running"] == 0
+    assert metrics["pagedllm:num_requests_waiting"] == 0
+    assert metrics["pagedllm:kv_cache_usage_perc"] == 0.0
+    assert metrics["pagedllm:kv_cache_free_blocks"] == metrics["pagedllm:kv_cache_total_blocks"] > 0
+
+
+def test_openapi_schema_is_valid(server: ServerProcess) -> None:
+    spec = httpx.get(server.url + "/openapi.json").json()
+    for path in ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/version", "/metrics",
+                 "/tokenize", "/detokenize"):
+        assert path in spec["paths"], path
+    schemas = spec["components"]["schemas"]
+    for name in ("CompletionRequest", "ChatCompletionRequest", "CompletionResponse", "ChatCompletionResponse",
+                 "ErrorResponse"):
+        assert name in schemas, name
+    validator = pytest.importorskip("openapi_spec_validator")
+    validator.validate(spec)
+
