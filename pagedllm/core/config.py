@@ -45,6 +45,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     enforce_eager: bool = False
+    max_logprobs: int = 20
     tensor_parallel_size: int = 1
     distributed_executor_backend: str = "mp"
     served_model_name: str | None = None

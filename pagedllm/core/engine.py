@@ -149,8 +149,15 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         if any(not 0 <= t < vocab for t in token_ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab}); got {min(token_ids)}..{max(token_ids)}")
+        if any(not 0 <= t < vocab for t in params.stop_token_ids or []):
+            raise ValueError(f"SamplingParams.stop_token_ids must be in [0, {vocab}); got {params.stop_token_ids}")
+        if params.logprobs is not None and params.logprobs > self.config.max_logprobs:
+            raise ValueError(f"SamplingParams.logprobs must be <= {self.config.max_logprobs} (max_logprobs), "
+                             f"got {params.logprobs}")
         if params.max_tokens is None:
-            params.max_tokens = max(1, self.model_config.max_model_len - len(token_ids))
+            # the rest of the context, but never more than the whole KV pool can hold
+            room = min(self.model_config.max_model_len, self.block_manager.pool.num_usable_blocks * self.block_size)
+            params.max_tokens = max(1, room - len(token_ids))
         arrival = time.monotonic() if arrival_time is None else arrival_time
         children = []
         for index in range(params.n):
@@ -175,20 +182,26 @@ class LLMEngine:
             ids.add(self.tokenizer.eos_token_id)
         return frozenset(ids)
 
-    def abort_request(self, request_ids: str | Sequence[str]) -> None:
-        """Abort user requests (all their children); their KV blocks are freed at once."""
+    def abort_request(self, request_ids: str | Sequence[str]) -> list[str]:
+        """Abort user requests (all their children); their KV blocks are freed at once.
+
+        Returns the ids that were still unfinished and are now aborted (unknown or finished ids are skipped).
+        """
         if isinstance(request_ids, str):
             request_ids = [request_ids]
+        aborted = []
         for request_id in request_ids:
             parent = self.output_processor.parents.get(request_id)
             if parent is None:
                 continue
+            aborted.append(request_id)
             for child in parent.children:
                 if not child.is_finished:
                     self.scheduler.finish_requests([child.request_id], RequestStatus.FINISHED_ABORTED)
                     self.output_processor.mark_finished(child, RequestStatus.FINISHED_ABORTED)
                     self.sampler.forget(child.request_id)
             self.output_processor.make_output(parent)
+        return aborted
 
     def has_unfinished_requests(self) -> bool:
         """True while any request waits or runs."""

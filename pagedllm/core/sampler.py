@@ -66,13 +66,19 @@ class Sampler:
         params = [r.sampling_params for r in requests]
         num_rows = len(requests)
 
+        def to_device(values: list, dtype: torch.dtype) -> torch.Tensor:
+            # Built on the host, then copied without waiting: a plain torch.tensor(..., device=...) would
+            # block until the device has finished the step's forward.
+            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
         def column(values: list[float], off: float, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
             if all(v == off for v in values):
                 return None
-            return torch.tensor(values, dtype=dtype, device=device)
+            return to_device(values, dtype)
 
         greedy = [p.is_greedy for p in params]
-        top_k = column([float(p.top_k if p.top_k > 0 else vocab_size) for p in params], float(vocab_size))
+        top_k = column([float(min(p.top_k, vocab_size) if p.top_k > 0 else vocab_size) for p in params],
+                       float(vocab_size))
         presence = column([p.presence_penalty for p in params], 0.0)
         frequency = column([p.frequency_penalty for p in params], 0.0)
         repetition = column([p.repetition_penalty for p in params], 1.0)
@@ -109,9 +115,9 @@ class Sampler:
             generators.append(self._request_generators[r.request_id])
         num_logprobs = [p.logprobs for p in params if p.logprobs is not None]
         return SamplingBatch(
-            temperature=torch.tensor([1.0 if g else p.temperature for p, g in zip(params, greedy, strict=True)],
-                                     device=device),
-            is_greedy=torch.tensor(greedy, device=device),
+            temperature=to_device([1.0 if g else p.temperature for p, g in zip(params, greedy, strict=True)],
+                                  torch.float32),
+            is_greedy=to_device(greedy, torch.bool),
             top_k=None if top_k is None else top_k.long(),
             top_p=column([p.top_p for p in params], 1.0),
             min_p=column([p.min_p for p in params], 0.0),
@@ -129,8 +135,13 @@ class Sampler:
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         """Sample one token per row of ``logits: [num_rows, vocab]``."""
-        logits = logits.float()
         out = SamplerOutput(token_ids=[])
+        if (batch.all_greedy and batch.max_num_logprobs is None and not batch.blocked_tokens
+                and batch.repetition_penalty is None and batch.output_counts is None):
+            # Plain greedy: argmax in the logits' own dtype (upcasting changes no value, so no index).
+            out.token_ids = logits.argmax(dim=-1).tolist()
+            return out
+        logits = logits.float()
         raw_logprobs = torch.log_softmax(logits, dim=-1) if batch.max_num_logprobs is not None else None
         logits = self._apply_penalties(logits, batch)
         if batch.blocked_tokens:

@@ -69,7 +69,8 @@ class SamplingParams:
              f"must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}"),
             (self.logprobs is None or self.logprobs >= 0, "logprobs", f"must be >= 0, got {self.logprobs}"),
             (all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings"),
-            (self.seed is None or isinstance(self.seed, int), "seed", f"must be an integer, got {self.seed!r}"),
+            (self.seed is None or (isinstance(self.seed, int) and -(2**63) <= self.seed < 2**64), "seed",
+             f"must be an integer in [-2**63, 2**64), got {self.seed!r}"),
         ]
         for ok, name, message in checks:
             if not ok:

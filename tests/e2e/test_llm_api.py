@@ -155,3 +155,31 @@ def test_kv_accounting_reports_waste_while_running(llama_dir: Path) -> None:
     assert stats.num_wasted_slots == 2 * 16 - 20
     engine.abort_request("r")
     assert engine.kv_cache_usage() == 0.0 and not engine.has_unfinished_requests()
+
+
+def test_sampling_values_the_model_cannot_honour_are_rejected_up_front(llm: LLM) -> None:
+    vocab = llm.llm_engine.model_config.vocab_size
+    with pytest.raises(ValueError, match=r"SamplingParams\.stop_token_ids must be in"):
+        llm.generate("x", SamplingParams(stop_token_ids=[vocab + 5]), use_tqdm=False)
+    with pytest.raises(ValueError, match=r"SamplingParams\.logprobs must be <= 20"):
+        llm.generate("x", SamplingParams(logprobs=10**6), use_tqdm=False)
+    with pytest.raises(ValueError, match=r"SamplingParams\.seed "):
+        SamplingParams(seed=2**70)
+    huge_k = llm.generate("x", SamplingParams(top_k=10**6, max_tokens=3, seed=1), use_tqdm=False)
+    assert len(huge_k[0].outputs[0].token_ids) == 3  # top_k beyond the vocabulary means no filter
+    assert_pool_free(llm)
+
+
+def test_abort_reports_what_it_aborted(llm: LLM) -> None:
+    engine = llm.llm_engine
+    engine.add_request("keep-going", [1, 2, 3], SamplingParams(max_tokens=50, ignore_eos=True))
+    assert engine.abort_request(["keep-going", "never-existed"]) == ["keep-going"]
+    assert engine.abort_request("keep-going") == []
+    assert_pool_free(llm)
+
+
+def test_default_max_tokens_fits_the_pool(llama_dir: Path) -> None:
+    small = LLM(str(llama_dir), device="cpu", block_size=4, num_kv_blocks=9)  # 32 slots, max_model_len 1024
+    out = small.generate([[1, 2, 3, 4]], SamplingParams(temperature=0, max_tokens=None, ignore_eos=True),
+                         use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 28 and out[0].outputs[0].finish_reason == "length"

@@ -57,6 +57,13 @@ def materialize(loaded: WeightLike) -> torch.Tensor:
     return loaded if isinstance(loaded, torch.Tensor) else loaded[:]
 
 
+def check_full_shape(loaded: WeightLike, expected: Sequence[int]) -> None:
+    """Raise ValueError naming both shapes unless the unsharded checkpoint tensor has shape ``expected``
+    (checked before a rank narrows it, so a wrong tensor is never silently sliced to fit)."""
+    if shape_of(loaded) != tuple(expected):
+        raise ValueError(f"shape mismatch: expected {tuple(expected)}, got {shape_of(loaded)}")
+
+
 def copy_checked(target: torch.Tensor, loaded: torch.Tensor) -> None:
     """Copy ``loaded`` into ``target``; raises ValueError naming both shapes when they differ."""
     if target.shape != loaded.shape:
@@ -109,6 +116,7 @@ class MergedColumnParallelLinear(MergedLinear):
 
     def load_shard(self, param_name: str, index: int, loaded: WeightLike) -> None:
         """Copy this rank's rows of the unsharded checkpoint tensor of part ``index`` (weight or bias)."""
+        check_full_shape(loaded, (self.full_shard_sizes[index], *getattr(self, param_name).shape[1:]))
         part = narrow_weight(loaded, 0, self.shard_start(index), self.shard_sizes[index])
         super().load_shard(param_name, index, part)
 
@@ -180,6 +188,7 @@ class RowParallelLinear(nn.Module):
         set_loader(self.weight, self._load_weight, (out_features, in_features))
 
     def _load_weight(self, param: nn.Parameter, loaded: WeightLike) -> None:
+        check_full_shape(loaded, param.full_shape)  # type: ignore[attr-defined]
         start = self.tp.rank * self.in_features_per_rank
         copy_checked(param.data, narrow_weight(loaded, 1, start, self.in_features_per_rank))
 
@@ -209,8 +218,7 @@ class VocabParallelEmbedding(nn.Module):
         set_loader(self.weight, self._load_weight, (num_embeddings, embedding_dim))
 
     def _load_weight(self, param: nn.Parameter, loaded: WeightLike) -> None:
-        if shape_of(loaded)[0] != self.num_embeddings:
-            raise ValueError(f"shape mismatch: expected {self.num_embeddings} rows, got {shape_of(loaded)}")
+        check_full_shape(loaded, param.full_shape)  # type: ignore[attr-defined]
         copy_checked(param.data[: self.num_local], narrow_weight(loaded, 0, self.vocab_start, self.num_local))
         param.data[self.num_local :].zero_()
 
