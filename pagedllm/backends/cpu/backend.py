@@ -16,6 +16,9 @@ from pagedllm.backends.interface import AttentionMetadata, AttentionSpec, Backen
 
 # Like vLLM's CPU default KV space: the pool never takes more than this unless asked explicitly.
 DEFAULT_MAX_KV_CACHE_BYTES = 4 << 30
+# Decodes are attended in up to this many groups of similar length (each at least DECODE_GROUP_MIN requests).
+DECODE_GROUPS = 4
+DECODE_GROUP_MIN = 8
 
 
 class CpuBackend(Backend):
@@ -113,14 +116,17 @@ class CpuBackend(Backend):
         metadata: AttentionMetadata,
         spec: AttentionSpec,
     ) -> torch.Tensor:
-        """Attention over the paged cache: decodes batched together, prefills padded together."""
+        """Attention over the paged cache: decodes in groups of similar length, prefills padded together."""
         out = torch.zeros_like(query)
         query_start = metadata.query_start_loc_cpu.tolist()
         num_requests = len(query_start) - 1
         num_decodes = metadata.num_decodes
         if num_decodes:
-            rows = torch.arange(num_decodes)
-            out[:num_decodes] = self._attend(query, rows, 1, kv_cache, metadata, spec, 0, num_decodes)
+            # decode rows are request indices; sorting by length and splitting bounds the key padding
+            seq_lens = metadata.seq_lens_cpu[:num_decodes]
+            order = torch.argsort(seq_lens)
+            for group in order.split(max(DECODE_GROUP_MIN, -(-num_decodes // DECODE_GROUPS))):
+                out[group] = self._attend(query, group, 1, kv_cache, metadata, spec, group)
         if num_requests > num_decodes:
             starts = torch.tensor(query_start[num_decodes:num_requests])
             lens = torch.tensor(query_start[num_decodes + 1 :]) - starts
@@ -128,7 +134,8 @@ class CpuBackend(Backend):
             offsets = torch.arange(max_len)
             valid = offsets[None, :] < lens[:, None]  # [num_prefills, max_len]
             rows = (starts[:, None] + offsets[None, :]).where(valid, starts[:, None])
-            result = self._attend(query, rows.reshape(-1), max_len, kv_cache, metadata, spec, num_decodes, None)
+            requests = torch.arange(num_decodes, num_requests)
+            result = self._attend(query, rows.reshape(-1), max_len, kv_cache, metadata, spec, requests)
             out[rows[valid]] = result.view(-1, max_len, *query.shape[1:])[valid]
         return out
 
@@ -140,22 +147,23 @@ class CpuBackend(Backend):
         kv_cache: torch.Tensor,
         metadata: AttentionMetadata,
         spec: AttentionSpec,
-        first: int,
-        last: int | None,
+        requests: torch.Tensor,
     ) -> torch.Tensor:
-        """Attention for requests ``first:last``, whose query rows (padded to ``max_query_len`` each) are
-        ``rows``; returns ``[len(rows), num_heads, head_dim]``."""
-        seq_lens = metadata.seq_lens[first:last].long()
-        context_lens = metadata.context_lens[first:last].long()
+        """Attention for the requests at indices ``requests``, whose query rows (padded to
+        ``max_query_len`` each) are ``rows``; returns ``[len(rows), num_heads, head_dim]``."""
+        seq_lens = metadata.seq_lens[requests].long()
+        context_lens = metadata.context_lens[requests].long()
         num_requests = seq_lens.shape[0]
         block_size = kv_cache.shape[2]
         num_blocks = -(-int(seq_lens.max()) // block_size)
-        tables = metadata.block_tables[first:last, :num_blocks].long()
+        blocks = metadata.block_tables[requests, :num_blocks].flatten()
         num_kv_heads, head_dim = spec.num_kv_heads, spec.head_dim
         max_key_len = num_blocks * block_size
         # keys/values: [R, num_kv_heads, max_key_len, head_dim]; queries: [R, num_heads, max_query_len, head_dim]
-        keys = kv_cache[0][tables].reshape(num_requests, max_key_len, num_kv_heads, head_dim).transpose(1, 2)
-        values = kv_cache[1][tables].reshape(num_requests, max_key_len, num_kv_heads, head_dim).transpose(1, 2)
+        # (index_select copies whole blocks, markedly faster than advanced indexing on the CPU)
+        keys = kv_cache[0].index_select(0, blocks).view(num_requests, max_key_len, num_kv_heads, head_dim)
+        values = kv_cache[1].index_select(0, blocks).view(num_requests, max_key_len, num_kv_heads, head_dim)
+        keys, values = keys.transpose(1, 2), values.transpose(1, 2)
         q = query[rows].view(num_requests, max_query_len, spec.num_heads, head_dim).transpose(1, 2)
         key_pos = torch.arange(max_key_len)
         query_pos = context_lens[:, None] + torch.arange(max_query_len)[None, :]  # [R, Q]
