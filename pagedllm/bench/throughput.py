@@ -79,6 +79,9 @@ def run(args: argparse.Namespace) -> int:
     if "pagedllm" in names:
         result, device = run_pagedllm(args, requests)
         results.append(result)
+        # printed at once too, so a run stopped during the (slower) peer still records pagedllm's figure
+        print(f"pagedllm: {result.elapsed_s:.2f} s, {result.total_tokens_per_s:.1f} total tok/s "
+              f"{' '.join(f'{k}={v}' for k, v in result.extra.items())}", flush=True)
     if "hf" in names:
         model = load_hf_model(model_config.path, model_config.dtype, device, args.load_format == "dummy")
         hf = run_hf(model, requests, device, args.hf_batch_size, backend.synchronize)

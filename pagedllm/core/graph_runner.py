@@ -3,7 +3,8 @@
 Used only when the backend's capabilities say it can capture graphs (CUDA/HIP graphs, ...) and
 ``enforce_eager`` is off. Inputs live in static device buffers; a step of ``n`` decodes is padded to the
 smallest bucket ``>= n``: padding rows read the null block (block 0) with ``seq_len`` 1 and write nothing
-(slot -1), so their results are garbage that is never read.
+(slot -1), so their results are garbage that is never read. The recorded step ends with the LM head, so a
+replay yields the logits of every row.
 """
 
 from __future__ import annotations
@@ -31,7 +32,13 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
 
 
 class DecodeGraphRunner:
-    """Static buffers plus one recorded graph per bucket; :meth:`run` replays the right one."""
+    """Static buffers plus one recorded graph per bucket; :meth:`run` replays the right one.
+
+    A graph records the whole decode step up to the logits (the LM head included), so one replay is the
+    step's only launch besides two host-to-device copies of its inputs: ``int64 [3, max_bs]`` (input ids,
+    positions, slots) and one flat ``int32`` buffer holding ``seq_lens [max_bs]``, ``context_lens [max_bs]``
+    then the block tables ``[max_bs, max_blocks_per_seq]`` (a bucket's rows are a prefix of it).
+    """
 
     def __init__(
         self, model: nn.Module, backend: Backend, device: torch.device, block_size: int,
@@ -41,25 +48,27 @@ class DecodeGraphRunner:
         self.backend = backend
         self.block_size = block_size
         self.sizes = capture_sizes(max_num_seqs)
-        max_bs = self.sizes[-1]
+        max_bs = self.max_bs = self.sizes[-1]
         self.max_blocks_per_seq = max_blocks_per_seq
 
-        def zeros(*shape: int, dtype: torch.dtype = torch.int32) -> torch.Tensor:
-            return torch.zeros(*shape, dtype=dtype, device=device)
-
-        self.input_ids = zeros(max_bs, dtype=torch.int64)
-        self.positions = zeros(max_bs, dtype=torch.int64)
-        self.slot_mapping = zeros(max_bs, dtype=torch.int64)
-        self.seq_lens = zeros(max_bs)
-        self.context_lens = zeros(max_bs)
+        # device side: every static input is a view of one of two buffers
+        self.i64 = torch.zeros(3, max_bs, dtype=torch.int64, device=device)
+        self.input_ids, self.positions, self.slot_mapping = self.i64[0], self.i64[1], self.i64[2]
+        self.i32 = torch.zeros(2 * max_bs + max_bs * max_blocks_per_seq, dtype=torch.int32, device=device)
+        self.seq_lens = self.i32[:max_bs]
+        self.context_lens = self.i32[max_bs : 2 * max_bs]
+        self.block_tables = self.i32[2 * max_bs :].view(max_bs, max_blocks_per_seq)
         self.query_start_loc = torch.arange(max_bs + 1, dtype=torch.int32, device=device)
-        self.block_tables = zeros(max_bs, max_blocks_per_seq)
-        self.hidden = torch.zeros(max_bs, hidden_size, dtype=dtype, device=device)
+        self.logits: torch.Tensor | None = None  # [max_bs, vocab], allocated by the first (largest) capture
         self.graphs: dict[int, Callable[[], None]] = {}
-        # staging on the host, reused each step (pinned where the device supports it, for async copies)
+        # host staging, reused each step (pinned where the device supports it, for async copies); the copies
+        # of one step are complete before the next step writes here (the step's sampling waits for them)
         pin = device.type != "cpu"
-        self.host = torch.zeros(4, max_bs, dtype=torch.int64, pin_memory=pin)
-        self.host_tables = torch.zeros(max_bs, max_blocks_per_seq, dtype=torch.int32, pin_memory=pin)
+        self.host_i64 = torch.zeros(3, max_bs, dtype=torch.int64, pin_memory=pin)
+        self.host_i32 = torch.zeros(self.i32.shape[0], dtype=torch.int32, pin_memory=pin)
+        self._host_i64 = self.host_i64.numpy()
+        self._host_i32 = self.host_i32.numpy()
+        self._host_tables = self._host_i32[2 * max_bs :].reshape(max_bs, max_blocks_per_seq)
 
     @property
     def max_batch_size(self) -> int:
@@ -91,31 +100,41 @@ class DecodeGraphRunner:
             metadata = self._metadata(batch_size)
 
             def step(bs: int = batch_size, md: AttentionMetadata = metadata) -> None:
-                self.hidden[:bs] = self.model(self.input_ids[:bs], self.positions[:bs], md)
+                hidden = self.model(self.input_ids[:bs], self.positions[:bs], md)
+                logits = self.model.compute_logits(hidden)
+                if self.logits is None:  # the first (largest) bucket's warm-up: allocate outside any graph
+                    self.logits = torch.empty((self.max_bs, logits.shape[-1]), dtype=logits.dtype,
+                                              device=logits.device)
+                self.logits[:bs] = logits
 
             self.graphs[batch_size] = self.backend.capture_graph(step)
         logger.info("captured decode graphs for %d batch sizes up to %d", len(self.sizes), self.max_batch_size)
 
     def run(self, input_ids: np.ndarray, positions: np.ndarray, slots: np.ndarray, block_tables: np.ndarray
             ) -> torch.Tensor:
-        """Replay the bucket for ``n = len(input_ids)`` decodes; returns hidden states ``[n, hidden]``.
+        """Replay the bucket for ``n = len(input_ids)`` decodes; returns the logits ``[n, vocab]`` of every
+        row (a view of the static buffer, valid until the next replay).
 
-        ``block_tables``: ``[n, max_blocks_per_seq]`` int32; the others ``[n]`` int64.
+        ``block_tables``: ``[n, width]`` int32 with ``width <= max_blocks_per_seq``; the others ``[n]`` int64.
         """
         n = len(input_ids)
         bucket = self.sizes[bisect.bisect_left(self.sizes, n)]
-        host = self.host[:, :bucket].numpy()
-        host[0, :n], host[1, :n], host[2, :n], host[3, :n] = input_ids, positions, slots, positions + 1
-        host[:, n:bucket] = np.array([[0], [0], [-1], [1]])
-        tables = self.host_tables[:bucket].numpy()
-        tables[:n] = block_tables
-        tables[n:] = 0
-        staged = self.host[:, :bucket].to(self.input_ids.device, non_blocking=True)
-        self.input_ids[:bucket].copy_(staged[0], non_blocking=True)
-        self.positions[:bucket].copy_(staged[1], non_blocking=True)
-        self.slot_mapping[:bucket].copy_(staged[2], non_blocking=True)
-        self.seq_lens[:bucket].copy_(staged[3], non_blocking=True)
-        self.context_lens[:bucket].copy_(staged[1], non_blocking=True)
-        self.block_tables[:bucket].copy_(self.host_tables[:bucket], non_blocking=True)
+        max_bs = self.max_bs
+        i64, i32 = self._host_i64, self._host_i32
+        i64[0, :n], i64[1, :n], i64[2, :n] = input_ids, positions, slots
+        i64[:, n:bucket] = np.array([[0], [0], [-1]])  # padding rows: token 0 at position 0, nothing written
+        i32[:n] = positions + 1
+        i32[n:bucket] = 1  # padding rows attend to one key of the null block
+        i32[max_bs : max_bs + n] = positions
+        i32[max_bs + n : max_bs + bucket] = 0
+        tables = self._host_tables
+        width = block_tables.shape[1]
+        tables[:n, :width] = block_tables
+        tables[:n, width:] = 0
+        tables[n:bucket] = 0
+        self.i64.copy_(self.host_i64, non_blocking=True)
+        end = 2 * max_bs + bucket * self.max_blocks_per_seq
+        self.i32[:end].copy_(self.host_i32[:end], non_blocking=True)
         self.graphs[bucket]()
-        return self.hidden[:n]
+        assert self.logits is not None
+        return self.logits[:n]

@@ -6,12 +6,19 @@ loading the plugin or probing :meth:`CudaBackend.is_available` never compiles or
 
 from __future__ import annotations
 
+import gc
 import importlib.util
+import logging
 from collections.abc import Callable
 
 import torch
 
 from pagedllm.backends.interface import AttentionMetadata, AttentionSpec, Backend, BackendCapabilities
+
+logger = logging.getLogger(__name__)
+
+_ALLOC_MARGIN_BYTES = 256 << 20
+"""Left free when the KV pool is sized by what is allocatable now (allocator rounding, small buffers)."""
 
 
 class CudaBackend(Backend):
@@ -72,8 +79,10 @@ class CudaBackend(Backend):
 
     # ------------------------------------------------------------------ device life
     def init_device(self, rank: int, world_size: int) -> None:
-        """Make the local GPU of ``rank`` the current device."""
+        """Make the local GPU of ``rank`` the current device and restart its peak-memory count (the KV
+        budget subtracts the peak reached from here on: weights and the profiling forward)."""
         torch.cuda.set_device(self.device(rank))
+        torch.cuda.reset_peak_memory_stats()
 
     def device(self, rank: int = 0) -> torch.device:
         """Return ``cuda:(rank % visible GPUs)``: one process per GPU, also when each sees only its own."""
@@ -83,6 +92,32 @@ class CudaBackend(Backend):
         """Return ``(free_bytes, total_bytes)`` of the current GPU (``torch.cuda.mem_get_info``)."""
         free_bytes, total_bytes = torch.cuda.mem_get_info()
         return int(free_bytes), int(total_bytes)
+
+    def kv_cache_budget_bytes(self, memory_utilization: float) -> int:
+        """Bytes the KV pool may take: ``total * memory_utilization`` minus what the process needs besides it.
+
+        Called right after the profiling forward at the token budget. Subtracted: torch's peak allocation
+        since :meth:`init_device` (weights plus that forward's activations, so the peak of any later step
+        fits) and the memory outside torch's pool (CUDA context, cuBLAS workspaces, other processes: used
+        minus reserved). Capped by what can be allocated right now (free plus torch's cached, unused
+        blocks), less a small margin. Cached activation blocks are released first so the pool can use them.
+        """
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        gc.collect()
+        torch.cuda.empty_cache()
+        free_bytes, total_bytes = torch.cuda.mem_get_info()
+        reserved = torch.cuda.memory_reserved()
+        allocated = torch.cuda.memory_allocated()
+        non_torch = max(0, total_bytes - free_bytes - reserved)
+        budget = int(total_bytes * memory_utilization) - peak - non_torch
+        available_now = free_bytes + reserved - allocated - _ALLOC_MARGIN_BYTES
+        budget = max(0, min(budget, available_now))
+        logger.info(
+            "cuda KV budget: total %.2f GiB x %.2f - peak torch %.2f GiB - non-torch %.2f GiB = %.2f GiB",
+            total_bytes / 2**30, memory_utilization, peak / 2**30, non_torch / 2**30, budget / 2**30,
+        )
+        return budget
 
     def synchronize(self) -> None:
         """Wait for every queued kernel of the current GPU."""

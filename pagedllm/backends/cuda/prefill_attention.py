@@ -20,7 +20,9 @@ from pagedllm.backends.cuda.attention_common import LOG2_E, attend_tiles, block_
 from pagedllm.backends.interface import AttentionMetadata, AttentionSpec
 
 
-@triton.jit
+# ``first_request`` (the number of decodes) changes every step: unspecialized, one compiled variant serves
+# all its values instead of a fresh compile mid-run the first time it is 1, a multiple of 16, or neither.
+@triton.jit(do_not_specialize=["first_request"])
 def _prefill_kernel(
     out_ptr,
     q_ptr,

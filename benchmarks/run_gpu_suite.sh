@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# One device call's worth of GPU work, by stage: bash benchmarks/run_gpu_suite.sh STAGE...
+#   setup        install pagedllm (editable, no deps) and record versions
+#   tests        tests/gpu (kernels in fp32/fp16/bf16, greedy parity with the cpu backend)
+#   conformance  the conformance kit on --device cuda
+#   profile      benchmarks/cuda_step_profile.py on the Llama-3-8B-shaped config
+#   tput         bench throughput, 1000 x 512/128, pagedllm and hf
+#   tput-pg      the same, pagedllm only
+#   tests-engine only the engine tests of tests/gpu (greedy parity with the cpu backend, bf16, KV budget)
+#   sharegpt     bench throughput --dataset sharegpt (SHAREGPT_PROMPTS prompts, default 1000; SHAREGPT_HF_BS: the
+#                transformers batch size, default: the largest power of two that fits), pagedllm and hf
+#   sharegpt-pg  bench throughput --dataset sharegpt, 1000 prompts, pagedllm only
+#   (MAX_NUM_SEQS sets --max-num-seqs of every bench stage, default 256)
+#   latency      bench latency, batch 1, 1024 in, 256 out, pagedllm and hf
+#   latency-pg   the same, pagedllm only
+# Logs go to /tmp/gpu_logs and are packed into $OUT/logs.tgz (default OUT /tmp/gpu_out) at the end (the device tool
+# returns at most 8 files).
+set -u
+export PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # an editable install was not importable from benchmarks/
+OUT=${OUT:-/tmp/gpu_out}
+LOGS=/tmp/gpu_logs
+mkdir -p "$LOGS"
+MODEL=benchmarks/llama3_8b_config
+BENCH="python -m pagedllm bench"
+COMMON="--model $MODEL --load-format dummy --device cuda --max-num-seqs ${MAX_NUM_SEQS:-256}"
+
+stage() {
+    local name=$1 limit=$2
+    shift 2
+    echo "=== $name ($(date +%T), limit ${limit}s): $*" | tee -a "$LOGS/commands.txt"
+    local start=$SECONDS
+    timeout "$limit" "$@" > "$LOGS/$name.log" 2>&1
+    local rc=$?
+    echo "=== $name rc=$rc in $((SECONDS - start))s" | tee -a "$LOGS/commands.txt"
+    tail -n "${TAIL:-25}" "$LOGS/$name.log"
+}
+
+for s in "$@"; do
+    case $s in
+        setup)
+            pip install --no-deps --no-build-isolation -e . -q > "$LOGS/pip.log" 2>&1 || echo "pip install failed"
+            { nvidia-smi; python -c "import torch, triton, transformers; print('torch', torch.__version__, 'cuda',
+torch.version.cuda, 'triton', triton.__version__, 'transformers', transformers.__version__,
+torch.cuda.get_device_name())"; } > "$LOGS/env.txt" 2>&1
+            tail -n 3 "$LOGS/env.txt" ;;
+        tests) stage gpu_tests "${TESTS_LIMIT:-220}" python -m pytest tests/gpu -q -p no:cacheprovider ;;
+        tests-engine) stage gpu_tests_engine "${TESTS_LIMIT:-120}" python -m pytest tests/gpu -q -p no:cacheprovider \
+            -k "greedy or bf16 or budget" ;;
+        conformance) stage conformance "${CONF_LIMIT:-150}" python -m pytest --pyargs pagedllm.conformance \
+            --device cuda -q -p no:cacheprovider ;;
+        profile) TAIL=120 stage profile "${PROFILE_LIMIT:-220}" python benchmarks/cuda_step_profile.py --model $MODEL \
+            --out "$LOGS/prof" ;;
+        tput) stage tput "${TPUT_LIMIT:-300}" $BENCH throughput $COMMON --max-num-batched-tokens 8192 \
+            --backend pagedllm,hf --output-json "$LOGS/tput.json" ;;
+        tput-pg) stage tput_pg "${TPUT_LIMIT:-150}" $BENCH throughput $COMMON --max-num-batched-tokens 8192 \
+            --backend pagedllm --output-json "$LOGS/tput_pg.json" ;;
+        sharegpt) stage sharegpt "${SHAREGPT_LIMIT:-400}" $BENCH throughput $COMMON --max-num-batched-tokens 8192 \
+            --dataset sharegpt --num-prompts "${SHAREGPT_PROMPTS:-1000}" --backend pagedllm,hf \
+            ${SHAREGPT_HF_BS:+--hf-batch-size $SHAREGPT_HF_BS} \
+            --output-json "$LOGS/sharegpt.json" ;;
+        sharegpt-pg) stage sharegpt_pg "${SHAREGPT_PG_LIMIT:-120}" $BENCH throughput $COMMON \
+            --max-num-batched-tokens 8192 --dataset sharegpt --num-prompts 1000 --backend pagedllm \
+            --output-json "$LOGS/sharegpt_pg.json" ;;
+        latency) stage latency "${LATENCY_LIMIT:-240}" $BENCH latency $COMMON --batch-size 1 --input-len 1024 \
+            --output-len 256 --num-iters "${LATENCY_ITERS:-3}" --backend pagedllm,hf \
+            --output-json "$LOGS/latency.json" ;;
+        latency-pg) stage latency_pg "${LATENCY_LIMIT:-120}" $BENCH latency $COMMON --batch-size 1 --input-len 1024 \
+            --output-len 256 --num-iters "${LATENCY_ITERS:-3}" --backend pagedllm \
+            --output-json "$LOGS/latency_pg.json" ;;
+        *) echo "unknown stage $s" ;;
+    esac
+done
+tar -czf "$OUT/logs.tgz" -C /tmp gpu_logs

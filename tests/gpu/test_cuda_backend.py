@@ -1,0 +1,307 @@
+"""The ``cuda`` backend on a real GPU: compiled Triton kernels in fp32/fp16/bf16 against the float32 reference
+(the ``cpu`` backend on upcast inputs), and greedy generation on a tiny checkpoint equal to the ``cpu``
+backend's, token for token in float32, with and without CUDA-graph capture.
+
+Skipped on machines without CUDA (CI); run on a GPU with ``python -m pytest tests/gpu -q``. The interpreter
+twins of the kernel tests (``tests/unit/test_cuda_kernels_interpreter.py``) run everywhere.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+from pagedllm.backends.cpu.backend import CpuBackend  # noqa: E402
+from pagedllm.backends.interface import AttentionMetadata, Backend  # noqa: E402
+
+REFERENCE = CpuBackend()
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
+          pytest.param(torch.bfloat16, id="bf16")]  # fmt: skip
+# Elementwise tolerance against the float32 reference, and the bound on ||out - ref|| / ||ref||.
+TOLERANCE = {
+    torch.float32: ({"atol": 2e-4, "rtol": 2e-4}, 1e-5),
+    torch.float16: ({"atol": 6e-3, "rtol": 6e-3}, 2e-3),
+    torch.bfloat16: ({"atol": 4e-2, "rtol": 4e-2}, 1.5e-2),
+}
+
+
+def _helpers():
+    """``make_batch`` and the attention cases of the interpreter tests (imported lazily: they need triton)."""
+    from tests.unit import test_cuda_kernels_interpreter as interp
+
+    return interp
+
+
+def to_cuda(metadata: AttentionMetadata) -> AttentionMetadata:
+    """The same batch with its device tensors on the GPU (host copies stay on the host)."""
+    fields = {}
+    for name in ("query_start_loc", "seq_lens", "context_lens", "block_tables", "slot_mapping"):
+        fields[name] = getattr(metadata, name).cuda()
+    return AttentionMetadata(
+        num_tokens=metadata.num_tokens, num_decodes=metadata.num_decodes, max_query_len=metadata.max_query_len,
+        max_seq_len=metadata.max_seq_len, block_size=metadata.block_size,
+        query_start_loc_cpu=metadata.query_start_loc_cpu, seq_lens_cpu=metadata.seq_lens_cpu, **fields,
+    )  # fmt: skip
+
+
+def assert_close_to_reference(out: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    """Elementwise closeness and a relative-norm bound; NaN never passes."""
+    tol, rel_bound = TOLERANCE[dtype]
+    out, expected = out.float().cpu(), expected.float().cpu()
+    assert torch.isfinite(out).all(), "non-finite values in the kernel output"
+    rel = ((out - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+    assert rel < rel_bound, f"relative error {rel:.2e} >= {rel_bound:.0e}"
+    torch.testing.assert_close(out, expected, **tol)
+
+
+def check_attention(batch, dtype: torch.dtype, **overrides: int) -> torch.Tensor:
+    """Compiled kernels on ``batch.nan_cache`` (NaN in every slot no request owns) vs the float32 reference
+    on the upcast inputs; returns the kernel output (on the GPU)."""
+    from pagedllm.backends.cuda.attention import paged_attention
+
+    expected = REFERENCE.attention(batch.query.float(), batch.key.float(), batch.value.float(), batch.cache.float(),
+                                   batch.metadata, batch.spec)  # fmt: skip
+    out = paged_attention(batch.query.cuda(), batch.nan_cache.cuda(), to_cuda(batch.metadata), batch.spec,
+                          **overrides)  # fmt: skip
+    assert out.shape == batch.query.shape and out.dtype == dtype and out.is_cuda
+    rows = batch.real_rows
+    assert_close_to_reference(out[rows.cuda()], expected[rows], dtype)
+    return out
+
+
+# --------------------------------------------------------------------------- attention
+ATTENTION_CASE_NAMES = [
+    "decode", "prefill", "prefill_over_prefix", "mixed", "identity_tables", "mha", "gqa_group3", "mqa", "head80",
+    "head32", "head8", "sliding_window", "block32",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", ATTENTION_CASE_NAMES)
+def test_attention_cases(case: str, dtype: torch.dtype) -> None:
+    interp = _helpers()
+    query_lens, context_lens, num_decodes, extra = interp.ATTENTION_CASES[case]
+    check_attention(interp.make_batch(query_lens, context_lens, num_decodes, dtype=dtype, **extra), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_splits", [1, 2, 4, 8, 32])
+def test_split_k_decode_with_padding_rows(num_splits: int, dtype: torch.dtype) -> None:
+    batch = _helpers().make_batch([1, 1, 1], [150, 70, 3], 3, dtype=dtype, num_padding=2, seed=1)
+    check_attention(batch, dtype, num_splits=num_splits)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prefill_tiles_and_window(dtype: torch.dtype) -> None:
+    for window in (None, 5):
+        batch = _helpers().make_batch([1, 19, 26], [9, 3, 0], 1, sliding_window=window, seed=3, dtype=dtype)
+        check_attention(batch, dtype, block_m=16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_llama3_8b_geometry(dtype: torch.dtype) -> None:
+    """32 query heads, 8 KV heads of 128, 16-token blocks: long decodes (split-K chosen from shapes), a
+    fresh 600-token prefill and a 300-token chunk over a 512-token cached prefix, in one batch."""
+    batch = _helpers().make_batch([1, 1, 1, 1, 600, 300], [1500, 700, 37, 0, 0, 512], 4, num_heads=32,
+                                  num_kv_heads=8, head_dim=128, dtype=dtype, seed=5)  # fmt: skip
+    check_attention(batch, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_write_kv_cache_round_trip(dtype: torch.dtype) -> None:
+    from pagedllm.backends.cuda.backend import CudaBackend
+
+    backend = CudaBackend()
+    num_tokens, num_kv_heads, head_dim, block_size = 37, 8, 128, 16
+    qkv = torch.randn(num_tokens, (32 + 2 * num_kv_heads) * head_dim, device="cuda").to(dtype)
+    key = qkv[:, 32 * head_dim : (32 + num_kv_heads) * head_dim].view(num_tokens, num_kv_heads, head_dim)
+    value = qkv[:, (32 + num_kv_heads) * head_dim :].view(num_tokens, num_kv_heads, head_dim)
+    slots = torch.randperm(10 * block_size, device="cuda")[:num_tokens]
+    slots[[2, 7, 30]] = -1
+    cache = torch.full(backend.kv_cache_shape(10, block_size, num_kv_heads, head_dim), 7.0, dtype=dtype,
+                       device="cuda")  # fmt: skip
+    expected = cache.cpu().clone()
+    backend.write_kv_cache(key, value, cache, slots)
+    REFERENCE.write_kv_cache(key.cpu(), value.cpu(), expected, slots.cpu())
+    assert torch.equal(cache.cpu(), expected)
+    keep = slots >= 0
+    got_k, got_v = backend.read_kv_cache(cache, slots[keep])
+    assert torch.equal(got_k, key[keep]) and torch.equal(got_v, value[keep])
+
+
+def test_decode_attention_replays_in_a_graph() -> None:
+    """Captured once, replayed over new lengths and block tables in the same static buffers."""
+    from pagedllm.backends.cuda.attention import paged_attention
+
+    interp = _helpers()
+    first = interp.make_batch([1, 1, 1, 1], [40, 3, 200, 1], 4, num_heads=8, num_kv_heads=2, head_dim=128,
+                              dtype=torch.bfloat16, seed=6, permute=False)  # fmt: skip
+    second = interp.make_batch([1, 1, 1, 1], [7, 90, 15, 130], 4, num_heads=8, num_kv_heads=2, head_dim=128,
+                               dtype=torch.bfloat16, seed=7, permute=False)  # fmt: skip
+    width = max(first.metadata.block_tables.shape[1], second.metadata.block_tables.shape[1])
+    num_blocks = max(first.cache.shape[1], second.cache.shape[1])
+
+    def padded(batch) -> tuple[torch.Tensor, AttentionMetadata]:
+        cache = torch.zeros(2, num_blocks, *batch.cache.shape[2:], dtype=batch.cache.dtype)
+        cache[:, : batch.cache.shape[1]] = batch.cache
+        tables = torch.zeros(batch.metadata.block_tables.shape[0], width, dtype=torch.int32)
+        tables[:, : batch.metadata.block_tables.shape[1]] = batch.metadata.block_tables
+        batch.metadata.block_tables = tables
+        return cache, batch.metadata
+
+    cache, static = padded(first)
+    cache, static, query = cache.cuda(), to_cuda(static), first.query.cuda()
+    out = torch.empty_like(query)
+
+    def step() -> None:
+        out.copy_(paged_attention(query, cache, static, first.spec))
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for batch in (first, second):
+        new_cache, metadata = padded(batch)
+        cache.copy_(new_cache.cuda())
+        query.copy_(batch.query.cuda())
+        static.seq_lens.copy_(metadata.seq_lens.cuda())
+        static.context_lens.copy_(metadata.context_lens.cuda())
+        static.block_tables.copy_(metadata.block_tables.cuda())
+        graph.replay()
+        expected = REFERENCE.attention(batch.query.float(), batch.key.float(), batch.value.float(),
+                                       new_cache.float(), metadata, batch.spec)  # fmt: skip
+        assert_close_to_reference(out, expected, torch.bfloat16)
+
+
+# --------------------------------------------------------------------------- fused ops
+def _fused():
+    from pagedllm.backends.cuda import fused_kernels
+
+    return fused_kernels
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", [96, 4096])
+def test_rms_norm_and_add_rms_norm(dtype: torch.dtype, hidden: int) -> None:
+    fused = _fused()
+    x = torch.randn(33, hidden, device="cuda").to(dtype)
+    residual = torch.randn(33, hidden, device="cuda").to(dtype)
+    weight = (1 + 0.1 * torch.randn(hidden, device="cuda")).to(dtype)
+    expected = Backend.rms_norm(REFERENCE, x, weight, 1e-5)  # the default, same dtype, on the GPU
+    torch.testing.assert_close(fused.rms_norm(x, weight, 1e-5), expected, atol=1e-6, rtol=8e-3)
+    assert_close_to_reference(fused.rms_norm(x, weight, 1e-5), REFERENCE.rms_norm(x.float(), weight.float(), 1e-5),
+                              dtype)  # fmt: skip
+    expected_out, expected_sum = Backend.add_rms_norm(REFERENCE, x, residual.clone(), weight, 1e-5)
+    out, new_residual = fused.add_rms_norm(x, residual, weight, 1e-5)
+    torch.testing.assert_close(out, expected_out, atol=1e-6, rtol=8e-3)
+    assert torch.equal(new_residual, expected_sum)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 80, 128])
+def test_rotary_embedding(dtype: torch.dtype, head_dim: int) -> None:
+    fused = _fused()
+    num_tokens, num_heads, num_kv_heads = 19, 32, 8
+    inv_freq = 1.0 / (500000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    freqs = torch.outer(torch.arange(8192).float(), inv_freq)
+    cos_sin_cache = torch.cat([freqs.cos(), freqs.sin()], dim=-1).cuda()
+    qkv = torch.randn(num_tokens, (num_heads + 2 * num_kv_heads) * head_dim, device="cuda").to(dtype)
+    query = qkv[:, : num_heads * head_dim].view(num_tokens, num_heads, head_dim)
+    key = qkv[:, num_heads * head_dim : (num_heads + num_kv_heads) * head_dim].view(num_tokens, num_kv_heads, head_dim)
+    positions = torch.randint(0, 8192, (num_tokens,), device="cuda")
+    before = qkv.clone()
+    q_out, k_out = fused.rotary_embedding(positions, query, key, cos_sin_cache)
+    q_def, k_def = Backend.rotary_embedding(REFERENCE, positions, query, key, cos_sin_cache)
+    assert torch.equal(qkv, before)
+    torch.testing.assert_close(q_out, q_def, atol=1e-6, rtol=1e-2)
+    torch.testing.assert_close(k_out, k_def, atol=1e-6, rtol=1e-2)
+    q_ref, k_ref = REFERENCE.rotary_embedding(positions.cpu(), query.float().cpu(), key.float().cpu(),
+                                              cos_sin_cache.cpu())  # fmt: skip
+    assert_close_to_reference(q_out, q_ref, dtype)
+    assert_close_to_reference(k_out, k_ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_and_mul(dtype: torch.dtype) -> None:
+    fused = _fused()
+    x = (torch.randn(37, 2 * 14336, device="cuda") * 3).to(dtype)
+    out = fused.silu_and_mul(x)
+    torch.testing.assert_close(out, Backend.silu_and_mul(REFERENCE, x), atol=1e-6, rtol=1e-2)
+    assert_close_to_reference(out, REFERENCE.silu_and_mul(x.float().cpu()), dtype)
+
+
+# --------------------------------------------------------------------------- engine
+def _prompts(tokenizer) -> list[list[int]]:
+    from pagedllm.testing.checkpoints import corpus_text
+
+    ids = tokenizer(corpus_text(60_000)).input_ids
+    long = ids[1000:1300]
+    return [ids[:1], ids[5000:5007], ids[7000:7033], ids[9000:9150], long, long[:200] + ids[20:40], ids[300:317]]
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from pagedllm.testing.checkpoints import build_checkpoint
+
+    return {arch: build_checkpoint(tmp_path_factory.mktemp(arch), arch) for arch in ("llama", "mistral", "qwen2")}
+
+
+def _generate(model_dir: Path, device: str, dtype: str, **kwargs: object) -> tuple[list[list[int]], object]:
+    from pagedllm import LLM, SamplingParams
+
+    llm = LLM(str(model_dir), device=device, dtype=dtype, block_size=16, max_num_batched_tokens=64,
+              max_num_seqs=8, kv_cache_memory_bytes=8 << 20, **kwargs)  # fmt: skip
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    outputs = llm.generate(_prompts(llm.get_tokenizer()), params, use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outputs], llm
+
+
+@pytest.mark.parametrize("enforce_eager", [True, False], ids=["eager", "graphs"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_greedy_equals_cpu_fp32(tiny_checkpoints: dict[str, Path], arch: str, enforce_eager: bool) -> None:
+    """Chunked prefill (64-token steps), mixed batches and decode steps; graphs replay the decode steps."""
+    expected, _ = _generate(tiny_checkpoints[arch], "cpu", "float32")
+    got, llm = _generate(tiny_checkpoints[arch], "cuda", "float32", enforce_eager=enforce_eager)
+    runner = llm.llm_engine.executor.worker.runner
+    assert (runner.graph_runner is None) == enforce_eager
+    for i, (ours, ref) in enumerate(zip(got, expected, strict=True)):
+        assert ours == ref, f"prompt {i} diverged"
+
+
+def test_bf16_generation_runs_with_graphs(tiny_checkpoints: dict[str, Path]) -> None:
+    """bf16 is not bit-equal to the cpu backend (different summation orders); it must run, stay in the
+    vocabulary and agree with the cpu backend's bf16 greedy tokens on most prompts' first tokens."""
+    got, llm = _generate(tiny_checkpoints["llama"], "cuda", "bfloat16")
+    expected, _ = _generate(tiny_checkpoints["llama"], "cpu", "bfloat16")
+    vocab = llm.llm_engine.model_config.vocab_size
+    assert all(len(t) == 24 and all(0 <= x < vocab for x in t) for t in got)
+    agree = sum(ours[:4] == ref[:4] for ours, ref in zip(got, expected, strict=True))
+    assert agree >= len(got) // 2, f"only {agree}/{len(got)} prompts agree on their first 4 tokens"
+
+
+def test_kv_budget_from_memory_utilization() -> None:
+    """``total * utilization`` minus torch's peak since ``init_device`` and the memory outside torch's pool."""
+    import gc
+
+    from pagedllm.backends.cuda.backend import CudaBackend
+
+    gc.collect()
+    backend = CudaBackend()
+    backend.init_device(0, 1)
+    held = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")  # 1 GiB "weights"
+    transient = torch.empty(1 << 29, dtype=torch.uint8, device="cuda")  # a profiling forward's activations
+    del transient
+    total = torch.cuda.mem_get_info()[1]
+    budget = backend.kv_cache_budget_bytes(0.5)
+    assert budget <= 0.5 * total - (1.5 * 2**30)
+    assert budget > 0.5 * total - (1.5 * 2**30) - (8 << 30)  # context and workspaces take far less than 8 GiB
+    torch.empty(budget, dtype=torch.uint8, device="cuda")  # and it can be allocated now
+    del held
