@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 import re
-import sys
 from pathlib import Path
 
 import pytest
+from fake_dist import FakeDistribution, distributions_of  # conftest puts tests/plugins on sys.path
 
 import pagedllm.core
 from pagedllm.backends import registry as registry_module
@@ -17,19 +17,7 @@ from pagedllm.backends.hookspecs import hookimpl
 from pagedllm.backends.interface import INTERFACE_VERSION, Backend, format_version
 from pagedllm.backends.registry import BLOCK_ENV, PluginError, PluginRegistry, PluginSource
 
-PLUGINS_DIR = Path(__file__).resolve().parents[1] / "plugins"
-sys.path.insert(0, str(PLUGINS_DIR))  # the fixture plugins are plain modules there
-from fake_dist import FakeDistribution, distributions_of  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def isolated(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No real third-party distribution, no block list, a fresh process-wide registry."""
-    monkeypatch.setattr(registry_module.metadata, "distributions", distributions_of())
-    monkeypatch.delenv(BLOCK_ENV, raising=False)
-    registry_module.reset_registry()
-    yield
-    registry_module.reset_registry()
+pytestmark = pytest.mark.usefixtures("isolated_registry")
 
 
 def install_fake(monkeypatch: pytest.MonkeyPatch, *dists: FakeDistribution) -> None:

@@ -4,31 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from fake_dist import FakeDistribution, distributions_of  # conftest puts tests/plugins on sys.path
 
 from pagedllm.backends import registry as registry_module
-from pagedllm.backends.registry import BLOCK_ENV
 from pagedllm.entrypoints import cli
 from pagedllm.entrypoints.cli_backends import format_table
-
-PLUGINS_DIR = Path(__file__).resolve().parents[1] / "plugins"
-sys.path.insert(0, str(PLUGINS_DIR))  # the fixture plugins are plain modules there
-from fake_dist import FakeDistribution, distributions_of  # noqa: E402
 
 BROKEN = FakeDistribution("broken-backends", "0.3", {"broken": "broken_backends"})
 
 
-@pytest.fixture(autouse=True)
-def isolated(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Only the built-ins unless a test installs a fake distribution; a fresh registry."""
-    monkeypatch.setattr(registry_module.metadata, "distributions", distributions_of())
-    monkeypatch.delenv(BLOCK_ENV, raising=False)
-    registry_module.reset_registry()
-    yield
-    registry_module.reset_registry()
+pytestmark = pytest.mark.usefixtures("isolated_registry")
 
 
 def leaf_parsers(parser: argparse.ArgumentParser, path: str = "pagedllm") -> list[tuple[str, argparse.ArgumentParser]]:
