@@ -16,7 +16,7 @@ def checkpoint_factory(tmp_path_factory: pytest.TempPathFactory):
     cache: dict[tuple, Path] = {}
 
     def make(arch: str = "llama", dtype: torch.dtype = torch.float32, **overrides: object) -> Path:
-        key = (arch, dtype, tuple(sorted(overrides.items())))
+        key = (arch, dtype, repr(sorted(overrides.items())))
         if key not in cache:
             directory = tmp_path_factory.mktemp(f"{arch}_{str(dtype).split('.')[-1]}")
             cache[key] = build_checkpoint(directory, arch, dtype=dtype, **overrides)

@@ -47,6 +47,19 @@ def test_greedy_equals_transformers_under_chunking_and_preemption(checkpoint_fac
     assert_pool_free(llm)
 
 
+def test_llama3_rope_scaling_equals_transformers(checkpoint_factory) -> None:
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 128}
+    model_dir = checkpoint_factory("llama", rope_scaling=scaling, rope_theta=500000.0)
+    llm = LLM(str(model_dir), device="cpu", dtype="float32", block_size=8, num_kv_blocks=200)
+    prompts = mixed_prompts(llm.get_tokenizer())[2:5]  # 33 to 300 tokens: past the original 128 positions
+    outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, min_tokens=MAX_TOKENS),
+                           use_tqdm=False)
+    expected = hf_greedy(model_dir, prompts, MAX_TOKENS)
+    assert [o.outputs[0].token_ids for o in outputs] == [ref for ref, _ in expected]
+    assert_pool_free(llm)
+
+
 def test_bf16_follows_divergence_rule(checkpoint_factory) -> None:
     model_dir = checkpoint_factory("llama", dtype=torch.bfloat16)
     llm = LLM(str(model_dir), device="cpu", dtype="bfloat16", block_size=8, max_num_batched_tokens=128,
