@@ -183,3 +183,19 @@ def test_default_max_tokens_fits_the_pool(llama_dir: Path) -> None:
     out = small.generate([[1, 2, 3, 4]], SamplingParams(temperature=0, max_tokens=None, ignore_eos=True),
                          use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 28 and out[0].outputs[0].finish_reason == "length"
+
+
+def test_parallel_samples_share_the_prompt_blocks(llama_dir: Path) -> None:
+    llm = LLM(str(llama_dir), device="cpu", block_size=8, kv_cache_memory_bytes=4 << 20)
+    engine = llm.llm_engine
+    engine.add_request("fan-out", list(range(1, 65)), SamplingParams(n=4, temperature=1.0, seed=3, max_tokens=4,
+                                                                     ignore_eos=True))
+    engine.step()
+    tables = [engine.block_manager.get_block_table(f"{i}_fan-out") for i in range(4)]
+    shared = tables[0][:7]  # 64 prompt tokens = 8 blocks; the last holds the token each child must compute
+    assert all(t[:7] == shared for t in tables)
+    assert all(engine.block_manager.pool.ref_counts[b] == 4 for b in shared)
+    assert len({t[7] for t in tables}) == 4  # each sample owns its tail block
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert_pool_free(llm)
