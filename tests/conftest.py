@@ -37,3 +37,23 @@ def assert_pool_free(llm) -> None:
     assert not engine.has_unfinished_requests()
     assert engine.kv_cache_usage() == 0.0
     assert engine.block_manager.block_tables == {}
+
+
+@pytest.fixture(autouse=True)
+def every_finished_engine_frees_its_blocks(monkeypatch: pytest.MonkeyPatch):
+    """After each test, every engine it built that has no unfinished request holds no KV block."""
+    from pagedllm.core.engine import LLMEngine
+
+    engines: list[LLMEngine] = []
+    original_init = LLMEngine.__init__
+
+    def tracking_init(self: LLMEngine, *args: object, **kwargs: object) -> None:
+        original_init(self, *args, **kwargs)
+        engines.append(self)
+
+    monkeypatch.setattr(LLMEngine, "__init__", tracking_init)
+    yield
+    for engine in engines:
+        if not engine.has_unfinished_requests():
+            assert engine.kv_cache_usage() == 0.0, "an engine finished all its requests but still holds KV blocks"
+            assert engine.block_manager.block_tables == {}
