@@ -78,12 +78,17 @@ class LLM:
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         engine = self.llm_engine
         done: dict[str, RequestOutput] = {}
-        with tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True) as bar:
-            while engine.has_unfinished_requests():
-                for output in engine.step():
-                    if output.finished:
-                        done[output.request_id] = output
-                        bar.update(1)
+        try:
+            with tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True) as bar:
+                while engine.has_unfinished_requests():
+                    for output in engine.step():
+                        if output.finished:
+                            done[output.request_id] = output
+                            bar.update(1)
+        except BaseException:
+            # an error in a step or Ctrl-C: abort this call's requests so their KV blocks are not stranded
+            engine.abort_request(ids)
+            raise
         return [done[i] for i in ids]
 
     def chat(

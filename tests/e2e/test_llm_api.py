@@ -199,3 +199,18 @@ def test_parallel_samples_share_the_prompt_blocks(llama_dir: Path) -> None:
     while engine.has_unfinished_requests():
         engine.step()
     assert_pool_free(llm)
+
+
+def test_failing_step_aborts_the_call_and_the_engine_goes_on(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    executor = llm.llm_engine.executor
+
+    def broken(_scheduler_output: object) -> None:
+        raise RuntimeError("device fell over")
+
+    monkeypatch.setattr(executor, "execute", broken)
+    with pytest.raises(RuntimeError, match="device fell over"):
+        llm.generate(["a", "b"], SamplingParams(max_tokens=4), use_tqdm=False)
+    assert_pool_free(llm)
+    monkeypatch.undo()
+    out = llm.generate("a", SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 4
