@@ -16,7 +16,7 @@ Shapes used throughout:
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -25,8 +25,9 @@ import torch
 # raised when something is added (a method with a neutral default, a capability field with a default), so
 # older backends keep working; the major is raised when something a backend relies on changes or goes.
 # A backend is compatible when its major equals ours and its minor is not newer than ours (it may use
-# nothing we do not have). History: 1.0 (pagedllm 0.1) — the first interface.
-INTERFACE_VERSION: tuple[int, int] = (1, 0)
+# nothing we do not have). History: 1.0 (pagedllm 0.1) — the first interface; 1.1 — ``Backend.configure``
+# receives the plugin's own command-line options.
+INTERFACE_VERSION: tuple[int, int] = (1, 1)
 
 
 class InterfaceVersionError(ValueError):
@@ -297,6 +298,15 @@ class Backend(abc.ABC):
         """
 
     # ------------------------------------------------------------------ device life
+    def configure(self, options: Mapping[str, object]) -> None:  # noqa: B027 - neutral default
+        """Receive engine options meant for plugins; called once per worker, right after construction and
+        before :meth:`init_device`.
+
+        ``options``: ``EngineConfig.extra`` — the values of every option plugins added through
+        ``pagedllm_add_cli_options`` (keyed by argparse ``dest``, e.g. ``{"acme_profile": True}``) plus
+        whatever ``LLM(..., extra={...})`` passed. Returns None. Default: ignore them. Added in 1.1.
+        """
+
     def init_device(self, rank: int, world_size: int) -> None:  # noqa: B027 - neutral default
         """Bind this process to its device; called once per worker before any tensor is created.
 

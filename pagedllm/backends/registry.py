@@ -52,6 +52,10 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
 _BACKEND_NAME = re.compile(r"[a-z][a-z0-9_]*")
 
 
+PLUGIN_OPTIONS_DEST = "pagedllm_plugin_options"
+"""argparse attribute listing the ``dest`` of every option plugins added to a sub-command."""
+
+
 class PluginError(RuntimeError):
     """A plugin could not be loaded or is inconsistent; the message names it and its distribution."""
 
@@ -386,11 +390,15 @@ class PluginRegistry:
 
         Raises :class:`PluginError` naming the plugin when it adds an option that clashes with another.
         """
+        known = {action.dest for action in parser._actions}
         try:
             for _ in self._call_each("pagedllm_add_cli_options", parser=parser, command=command):
                 pass
         except PluginError as exc:
             raise PluginError(f"{exc} (while building the options of `pagedllm {command}`)") from exc
+        # remember which options plugins added: they travel to the backend in EngineConfig.extra
+        added = tuple(action.dest for action in parser._actions if action.dest not in known)
+        parser.set_defaults(**{PLUGIN_OPTIONS_DEST: added})
 
 
 # ---------------------------------------------------------------------- sources

@@ -43,6 +43,7 @@ class Worker:
         self.config = config
         self.model_config = model_config
         self.backend = backend_cls()
+        self.backend.configure(config.extra)
         self.backend.init_device(rank, world_size)
         self.device = self.backend.device(rank)
         self.rank = rank

@@ -40,6 +40,10 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Tr
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
-    """Build an :class:`EngineConfig` from parsed options (fields absent from ``args`` keep defaults)."""
+    """Build an :class:`EngineConfig` from parsed options (fields absent from ``args`` keep defaults);
+    options added by plugins go to ``EngineConfig.extra`` and from there to ``Backend.configure``."""
+    from pagedllm.backends.registry import PLUGIN_OPTIONS_DEST
+
     values = {f.name: getattr(args, f.name) for f in fields(EngineConfig) if hasattr(args, f.name)}
+    values["extra"] = {dest: getattr(args, dest) for dest in getattr(args, PLUGIN_OPTIONS_DEST, ())}
     return EngineConfig(**values)

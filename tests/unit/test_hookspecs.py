@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import ast
 import inspect
+import pathlib
 import typing
 from pathlib import Path
 
@@ -157,3 +158,18 @@ def test_hook_pagedllm_add_cli_options(process_registry: typing.Callable[[Plugin
     assert sorted(commands) == sorted(modules) and {"generate", "backends"} <= set(commands)
     args = parser.parse_args(["generate", "--prompt", "hi", "--tiny-turbo"])
     assert args.tiny_turbo is True and args.device == "auto"
+    # the plugin's options, and only those, reach the backend through EngineConfig.extra
+    from pagedllm.entrypoints.engine_args import engine_config_from_args
+
+    assert engine_config_from_args(args).extra == {"tiny_turbo": True}
+
+
+def test_backend_configure_receives_the_engine_extras(llama_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+                                                      ) -> None:
+    from pagedllm import LLM
+    from pagedllm.backends.cpu.backend import CpuBackend
+
+    seen: list[dict[str, object]] = []
+    monkeypatch.setattr(CpuBackend, "configure", lambda self, options: seen.append(dict(options)))
+    LLM(str(llama_dir), device="cpu", kv_cache_memory_bytes=1 << 20, extra={"tiny_turbo": True})
+    assert seen == [{"tiny_turbo": True}]

@@ -147,6 +147,7 @@ def test_neutral_defaults() -> None:
     assert backend.interface_version == INTERFACE_VERSION
     assert backend.device() == torch.device("cpu")
     backend.synchronize()
+    backend.configure({"anything": 1})  # neutral default: options for other plugins are ignored
     backend.init_device(0, 1)
     with pytest.raises(NotImplementedError, match="cannot capture graphs"):
         backend.capture_graph(lambda: None)

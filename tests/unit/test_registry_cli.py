@@ -9,6 +9,8 @@ import pytest
 from fake_dist import FakeDistribution, distributions_of  # conftest puts tests/plugins on sys.path
 
 from pagedllm.backends import registry as registry_module
+from pagedllm.backends.cpu.backend import CpuBackend
+from pagedllm.backends.interface import INTERFACE_VERSION, format_version
 from pagedllm.entrypoints import cli
 from pagedllm.entrypoints.cli_backends import format_table
 
@@ -77,7 +79,8 @@ def test_backends_table(capsys: pytest.CaptureFixture[str]) -> None:
     lines = out.splitlines()
     assert lines[0].split() == ["NAME", "DISTRIBUTION", "INTERFACE", "AVAILABLE", "CAPABILITIES"]
     cpu_row = next(line for line in lines if line.split()[:2] == ["*", "cpu"])
-    assert "pagedllm 0.1.0" in cpu_row and " 1.0 " in cpu_row and " yes " in cpu_row
+    assert "pagedllm 0.1.0" in cpu_row and " yes " in cpu_row
+    assert f" {format_version(CpuBackend.interface_version)} " in cpu_row
     assert "float32,bfloat16,float16; blocks 1,2,4,8,16,32,64,128" in cpu_row
     assert "--device auto selects: cpu" in out or "--device auto selects: cuda" in out
 
@@ -88,7 +91,8 @@ def test_backends_json_with_a_third_party_plugin(
     monkeypatch.setattr(registry_module.metadata, "distributions", distributions_of(BROKEN))
     assert cli.main(["backends", "--json", "--device", "cpu"]) == 0
     document = json.loads(capsys.readouterr().out)
-    assert document["interface_version"] == "1.0" and document["selected"] == "cpu" and document["error"] is None
+    assert document["interface_version"] == format_version(INTERFACE_VERSION)
+    assert document["selected"] == "cpu" and document["error"] is None
     rows = {row["name"]: row for row in document["backends"]}
     assert list(rows)[:4] == ["broken_gqa", "broken_rms_norm", "broken_slot", "broken_unwritten"]  # auto order
     assert rows["broken_slot"]["distribution"] == "broken-backends" and rows["broken_slot"]["version"] == "0.3"
