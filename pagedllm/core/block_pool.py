@@ -97,7 +97,3 @@ class BlockPool:
             if self.cached.get(block_hash) == block_id:
                 del self.cached[block_hash]
 
-    def reset_prefix_cache(self) -> None:
-        """Forget every cached hash (e.g. after weights change)."""
-        self.cached.clear()
-        self.block_hashes = [None] * self.num_blocks

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -186,10 +185,3 @@ def _generation_config(directory: Path, hf_config: object) -> tuple[frozenset[in
             defaults["repetition_penalty"] = gen["repetition_penalty"]
     return frozenset(eos), defaults
 
-
-def default_num_threads() -> int:
-    """Threads torch should use on the CPU: every core this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1

@@ -78,6 +78,10 @@ class LLMEngine:
         if not chunked:
             self.max_num_batched_tokens = max(self.max_num_batched_tokens, mc.max_model_len)
         self.tokenizer = load_tokenizer(config.tokenizer or model_path, required=config.load_format != "dummy")
+        eos_ids = set(mc.eos_token_ids)
+        if getattr(self.tokenizer, "eos_token_id", None) is not None:
+            eos_ids.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = frozenset(eos_ids)  # generation_config's and the tokenizer's
         self.executor = self._make_executor()
 
         bytes_per_block = self.executor.bytes_per_block()
@@ -168,19 +172,13 @@ class LLMEngine:
                     child_params.seed = params.seed + index
             child_id = request_id if params.n == 1 else f"{index}_{request_id}"
             children.append(Request(child_id, token_ids, child_params, arrival,
-                                    eos_token_ids=self._eos_ids(), parent_id=request_id, index=index))
+                                    eos_token_ids=self.eos_token_ids, parent_id=request_id, index=index))
         for child in children:
             self.scheduler.check_request(child)
         for child in children:
             self.scheduler.add_request(child)
         self.output_processor.add(ParentRequest(request_id, prompt_text, token_ids, children))
         return request_id
-
-    def _eos_ids(self) -> frozenset[int]:
-        ids = set(self.model_config.eos_token_ids)
-        if getattr(self.tokenizer, "eos_token_id", None) is not None:
-            ids.add(self.tokenizer.eos_token_id)
-        return frozenset(ids)
 
     def abort_request(self, request_ids: str | Sequence[str]) -> list[str]:
         """Abort user requests (all their children); their KV blocks are freed at once.

@@ -50,7 +50,7 @@ class Request:
     metrics: RequestMetrics | None = None
     parent_id: str | None = None
     index: int = 0
-    # token counts for penalties, kept incrementally
+    # prompt then generated tokens, appended as they are sampled (what the model runs and the cache hashes)
     all_token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
