@@ -26,8 +26,9 @@ import torch
 # older backends keep working; the major is raised when something a backend relies on changes or goes.
 # A backend is compatible when its major equals ours and its minor is not newer than ours (it may use
 # nothing we do not have). History: 1.0 (pagedllm 0.1) — the first interface; 1.1 — ``Backend.configure``
-# receives the plugin's own command-line options.
-INTERFACE_VERSION: tuple[int, int] = (1, 1)
+# receives the plugin's own command-line options; 1.2 — ``Backend.create_communicator`` (a device all-reduce
+# that captured graphs may contain, for tensor-parallel decode graphs).
+INTERFACE_VERSION: tuple[int, int] = (1, 2)
 
 
 class InterfaceVersionError(ValueError):
@@ -244,6 +245,34 @@ class AttentionMetadata:
     def num_prefills(self) -> int:
         """Requests after the decodes: prompt chunks of any length, possibly over cached prefix blocks."""
         return self.num_requests - self.num_decodes
+
+
+class DeviceCommunicator(abc.ABC):
+    """A backend's own collectives over the ranks of one tensor-parallel group, for small tensors.
+
+    Returned by :meth:`Backend.create_communicator`. Unlike ``torch.distributed`` collectives they may be
+    recorded in a captured graph and replayed: tensor-parallel decode graphs send every all-reduce through
+    :meth:`all_reduce`, and, when :attr:`max_gather_bytes` covers the LM head's output, its all-gather
+    through :meth:`all_gather` (else the LM head runs after the replay). Every rank calls them in the same
+    order, eagerly or while a graph is captured; they must not synchronize the host.
+    """
+
+    max_bytes: int
+    """The largest tensor (in bytes) :meth:`all_reduce` takes; larger ones go through ``torch.distributed``."""
+    max_gather_bytes: int = 0
+    """The largest per-rank tensor (in bytes) :meth:`all_gather` takes; 0: it offers none."""
+
+    @abc.abstractmethod
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the element-wise sum of ``x`` over the ranks; called by the row-parallel layers and the
+        vocabulary-parallel embedding on their ``[num_tokens, hidden]`` outputs. ``x`` is contiguous, in the
+        model dtype, at most :attr:`max_bytes` bytes. May return a new tensor."""
+
+    def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """Return every rank's ``x`` concatenated along ``dim`` in rank order; called by the vocabulary-parallel
+        LM head on its ``[num_sampled, vocab / world_size]`` logits. ``x`` is contiguous, the same shape on
+        every rank, at most :attr:`max_gather_bytes` bytes. Default: not offered."""
+        raise NotImplementedError(f"{type(self).__name__} offers no all-gather (max_gather_bytes is 0)")
 
 
 class Backend(abc.ABC):
@@ -488,3 +517,19 @@ class Backend(abc.ABC):
         re-runs the recorded device work on whatever the static buffers hold. Default: not supported.
         """
         raise NotImplementedError(f"backend {self.name!r} cannot capture graphs")
+
+    def create_communicator(
+        self, process_group: object, device: torch.device, dtype: torch.dtype, max_bytes: int,
+        max_gather_bytes: int = 0,
+    ) -> DeviceCommunicator | None:
+        """Return a :class:`DeviceCommunicator` for ``process_group`` (a ``torch.distributed`` group), or None.
+
+        Called once per rank of a tensor-parallel group, on every rank at the same time (it may be a
+        collective), after the KV pool is allocated and before decode graphs are captured; only when
+        ``capabilities().can_capture_graphs``. ``dtype``: the model's; ``max_bytes``: the largest decode
+        all-reduce (largest graph batch x hidden size x element size); ``max_gather_bytes``: the LM head's
+        largest per-rank output (largest graph batch x vocabulary slice x element size), which the
+        communicator may offer to all-gather. Default: None — collectives then go through
+        ``torch.distributed`` only and tensor-parallel decode runs without graphs. Added in 1.2.
+        """
+        return None
