@@ -105,6 +105,11 @@ class ModelConfig:
         return int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
 
     @property
+    def hidden_size(self) -> int:
+        """Width of the residual stream (the row-parallel layers' all-reduce width)."""
+        return int(self.hf_config.hidden_size)
+
+    @property
     def vocab_size(self) -> int:
         """Vocabulary size (rows of the LM head)."""
         return int(self.hf_config.vocab_size)

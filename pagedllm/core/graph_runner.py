@@ -4,7 +4,8 @@ Used only when the backend's capabilities say it can capture graphs (CUDA/HIP gr
 ``enforce_eager`` is off. Inputs live in static device buffers; a step of ``n`` decodes is padded to the
 smallest bucket ``>= n``: padding rows read the null block (block 0) with ``seq_len`` 1 and write nothing
 (slot -1), so their results are garbage that is never read. The recorded step ends with the LM head, so a
-replay yields the logits of every row.
+replay yields the logits of every row; with tensor parallelism it ends with the final norm instead, and the
+LM head (whose all-gather goes through ``torch.distributed``) runs eagerly on the replay's hidden states.
 """
 
 from __future__ import annotations
@@ -34,17 +35,20 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
 class DecodeGraphRunner:
     """Static buffers plus one recorded graph per bucket; :meth:`run` replays the right one.
 
-    A graph records the whole decode step up to the logits (the LM head included), so one replay is the
-    step's only launch besides two host-to-device copies of its inputs: ``int64 [3, max_bs]`` (input ids,
-    positions, slots) and one flat ``int32`` buffer holding ``seq_lens [max_bs]``, ``context_lens [max_bs]``
-    then the block tables ``[max_bs, max_blocks_per_seq]`` (a bucket's rows are a prefix of it).
+    A graph records the whole decode step up to the logits (the LM head included, unless ``with_logits`` is
+    False), so one replay is the step's only launch besides two host-to-device copies of its inputs:
+    ``int64 [3, max_bs]`` (input ids, positions, slots) and one flat ``int32`` buffer holding
+    ``seq_lens [max_bs]``, ``context_lens [max_bs]`` then the block tables ``[max_bs, max_blocks_per_seq]``
+    (a bucket's rows are a prefix of it).
     """
 
     def __init__(
         self, model: nn.Module, backend: Backend, device: torch.device, block_size: int,
         max_blocks_per_seq: int, max_num_seqs: int, hidden_size: int, dtype: torch.dtype,
+        with_logits: bool = True,
     ) -> None:
         self.model = model
+        self.with_logits = with_logits
         self.backend = backend
         self.block_size = block_size
         self.sizes = capture_sizes(max_num_seqs)
@@ -60,6 +64,7 @@ class DecodeGraphRunner:
         self.block_tables = self.i32[2 * max_bs :].view(max_bs, max_blocks_per_seq)
         self.query_start_loc = torch.arange(max_bs + 1, dtype=torch.int32, device=device)
         self.logits: torch.Tensor | None = None  # [max_bs, vocab], allocated by the first (largest) capture
+        self.hidden: torch.Tensor | None = None  # [max_bs, hidden] when the LM head runs after the replay
         self.graphs: dict[int, Callable[[], None]] = {}
         # host staging, reused each step (pinned where the device supports it, for async copies); the copies
         # of one step are complete before the next step writes here (the step's sampling waits for them)
@@ -101,6 +106,12 @@ class DecodeGraphRunner:
 
             def step(bs: int = batch_size, md: AttentionMetadata = metadata) -> None:
                 hidden = self.model(self.input_ids[:bs], self.positions[:bs], md)
+                if not self.with_logits:
+                    if self.hidden is None:  # the first (largest) bucket's warm-up: allocate outside any graph
+                        self.hidden = torch.empty((self.max_bs, hidden.shape[-1]), dtype=hidden.dtype,
+                                                  device=hidden.device)
+                    self.hidden[:bs] = hidden
+                    return
                 logits = self.model.compute_logits(hidden)
                 if self.logits is None:  # the first (largest) bucket's warm-up: allocate outside any graph
                     self.logits = torch.empty((self.max_bs, logits.shape[-1]), dtype=logits.dtype,
@@ -136,5 +147,8 @@ class DecodeGraphRunner:
         end = 2 * max_bs + bucket * self.max_blocks_per_seq
         self.i32[:end].copy_(self.host_i32[:end], non_blocking=True)
         self.graphs[bucket]()
+        if not self.with_logits:
+            assert self.hidden is not None
+            return self.model.compute_logits(self.hidden[:n])
         assert self.logits is not None
         return self.logits[:n]

@@ -166,14 +166,16 @@ class ModelRunner:
             sampled_request_ids=host.sampled_request_ids,
         )
 
-    def capture_decode_graphs(self, max_num_seqs: int) -> None:
-        """Record decode graphs for batch sizes up to ``max_num_seqs`` (backends that can capture only)."""
+    def capture_decode_graphs(self, max_num_seqs: int, with_logits: bool = True) -> None:
+        """Record decode graphs for batch sizes up to ``max_num_seqs`` (backends that can capture only);
+        ``with_logits=False`` leaves the LM head out of the graphs (tensor parallelism)."""
         from pagedllm.core.graph_runner import DecodeGraphRunner
 
         hidden_size = int(self.model.config.hidden_size)
         dtype = next(self.model.parameters()).dtype
         self.graph_runner = DecodeGraphRunner(self.model, self.backend, self.device, self.block_size,
-                                              self.max_blocks_per_seq, max_num_seqs, hidden_size, dtype)
+                                              self.max_blocks_per_seq, max_num_seqs, hidden_size, dtype,
+                                              with_logits)
         self.graph_runner.capture()
 
     @torch.inference_mode()

@@ -16,6 +16,7 @@ from pagedllm.core.distributed.parallel_state import (
     kv_heads_per_rank,
     use_tp_group,
 )
+from pagedllm.core.graph_runner import capture_sizes
 from pagedllm.core.loader import load_model
 from pagedllm.core.model_runner import ModelRunner, ModelRunnerOutput
 from pagedllm.core.scheduler import SchedulerOutput
@@ -76,18 +77,35 @@ class Worker:
         return self.backend.kv_cache_budget_bytes(self.config.gpu_memory_utilization)
 
     def initialize_cache(self, num_blocks: int) -> None:
-        """Allocate the KV pool of ``num_blocks`` blocks, then record decode graphs if the backend can."""
+        """Allocate the KV pool of ``num_blocks`` blocks, then record decode graphs if the backend can.
+
+        With tensor parallelism, graphs are recorded only when every rank got a device communicator from
+        its backend (:meth:`Backend.create_communicator`): decode all-reduces then go through it inside the
+        graphs; the LM head is recorded too if the communicator can all-gather its output, else it runs
+        after the replay (its all-gather through ``torch.distributed``).
+        """
         self.runner.allocate_kv_cache(
             num_blocks, self.num_kv_heads, self.model_config.head_dim, self.kv_dtype
         )
         if not self.backend.capabilities().can_capture_graphs or self.config.enforce_eager:
             return
+        max_batch = capture_sizes(self.config.max_num_seqs)[-1]
+        with_logits = True
         if self.tp_group.world_size > 1:
-            # Replaying graphs that contain collectives hung on two H200s (benchmarks/RESULTS.md, issue 6):
-            # until that is understood, tensor-parallel decode runs eagerly rather than risk a hang.
-            logger.info("tensor parallel: decode graphs are not captured (collectives inside graphs untested)")
-            return
-        self.runner.capture_decode_graphs(self.config.max_num_seqs)
+            element = torch.empty(0, dtype=self.kv_dtype).element_size()
+            world = self.tp_group.world_size
+            max_bytes = max_batch * self.model_config.hidden_size * element
+            gather_bytes = max_batch * -(-self.model_config.vocab_size // world) * element  # the LM head's slice
+            comm = self.backend.create_communicator(self.tp_group.process_group, self.device, self.kv_dtype,
+                                                    max_bytes, gather_bytes)
+            if not self.tp_group.all_agree(comm is not None, self.device):
+                logger.info("tensor parallel: backend %r gave no device communicator on every rank; decode runs "
+                            "without graphs", self.backend.name)
+                return
+            self.tp_group.communicator = comm
+            # the LM head joins the graphs only if its all-gather can go through the communicator
+            with_logits = self.tp_group.all_agree(comm.max_gather_bytes >= gather_bytes, self.device)
+        self.runner.capture_decode_graphs(self.config.max_num_seqs, with_logits=with_logits)
 
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         """Run one step."""

@@ -113,6 +113,35 @@ def test_mp_tp2_equals_tp1(references, name: str) -> None:
     assert not dist.is_initialized()
 
 
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("gather", [False, True], ids=["lm-head-after-replay", "lm-head-in-graph"])
+def test_mp_tp2_decode_graphs_route_collectives_through_the_communicator(references, monkeypatch, gather) -> None:
+    """A backend that can capture graphs and offers a communicator: tp=2 records decode graphs, small
+    all-reduces go through the communicator, the LM head is in the graphs exactly when the communicator can
+    all-gather its output, and the tokens still equal tp=1's."""
+    from pagedllm.backends.registry import get_registry
+    from tests.e2e.graph_cpu_backend import GatherGraphCpuBackend, GraphCpuBackend
+
+    model_dir, expected = references("llama")
+    backend = GatherGraphCpuBackend if gather else GraphCpuBackend
+    monkeypatch.setattr(get_registry(), "resolve_backend", lambda device: backend)
+    llm = LLM(str(model_dir), **ENGINE_KWARGS, tensor_parallel_size=2)
+    try:
+        worker = llm.llm_engine.executor.worker
+        graphs = worker.runner.graph_runner
+        assert graphs is not None and graphs.with_logits == gather
+        communicator = worker.tp_group.communicator
+        calls_at_start, gathers_at_start = communicator.calls, communicator.gathers
+        outputs = llm.generate(PROMPTS, PARAMS, use_tqdm=False)
+        assert_pool_free(llm)
+        # two all-reduces per layer of every step, plus the embedding's
+        assert communicator.calls - calls_at_start >= 2 * llm.llm_engine.model_config.num_layers * 8
+        assert (communicator.gathers - gathers_at_start >= 8) == gather
+    finally:
+        llm.llm_engine.shutdown()
+    assert_same_completions(expected, [o.outputs[0] for o in outputs])
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     """A small local Ray instance for this module (never an outside cluster)."""

@@ -37,3 +37,20 @@ def test_replayed_decode_equals_eager(llama_dir: Path) -> None:
     assert [o.outputs[0].token_ids for o in replayed] == [o.outputs[0].token_ids for o in eager]
     assert calls and max(calls) == 5  # five decodes replayed through the bucket of 6
     assert_pool_free(llm)
+
+
+def test_replayed_decode_without_lm_head_equals_eager(llama_dir: Path) -> None:
+    """Tensor-parallel graphs end at the final norm; the LM head runs after the replay."""
+    prompts = [[1, 2, 3], list(range(5, 40)), [7] * 3]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    kwargs = dict(device="cpu", dtype="float32", block_size=4, kv_cache_memory_bytes=2 << 20, max_num_seqs=4)
+    eager = LLM(str(llama_dir), **kwargs).generate(prompts, params, use_tqdm=False)
+
+    llm = LLM(str(llama_dir), **kwargs)
+    runner = llm.llm_engine.executor.worker.runner
+    runner.backend.capture_graph = lambda fn: fn
+    runner.capture_decode_graphs(max_num_seqs=4, with_logits=False)
+    replayed = llm.generate(prompts, params, use_tqdm=False)
+    assert runner.graph_runner.logits is None and runner.graph_runner.hidden is not None
+    assert [o.outputs[0].token_ids for o in replayed] == [o.outputs[0].token_ids for o in eager]
+    assert_pool_free(llm)

@@ -237,3 +237,35 @@ def test_one_device_backend_may_still_span_machines_with_ray(llama_dir: Path) ->
     config = EngineConfig(model=str(llama_dir), device="cpu", tensor_parallel_size=2,
                           distributed_executor_backend="ray")
     check_tensor_parallel_config(config, load_model_config(str(llama_dir), "float32", None), OneDeviceBackend)
+
+
+# ---------------------------------------------------------------------- the backend's device communicator
+class _Recorder:
+    max_bytes = 64
+
+    def __init__(self) -> None:
+        self.seen: list[torch.Size] = []
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x.shape)
+        return x * 2
+
+
+def test_small_all_reduces_go_through_the_communicator(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch.distributed as dist
+
+    recorder = _Recorder()
+    group = TensorParallelGroup(0, 2, None, recorder)
+    through_dist: list[torch.Size] = []
+    monkeypatch.setattr(dist, "all_reduce", lambda x, group=None: through_dist.append(x.shape))
+    small = torch.ones(4, 4)  # 64 bytes: the communicator's
+    assert torch.equal(group.all_reduce(small), torch.full((4, 4), 2.0))
+    large = torch.ones(4, 5)  # 80 bytes: torch.distributed, in place
+    assert group.all_reduce(large) is large
+    assert recorder.seen == [torch.Size([4, 4])] and through_dist == [torch.Size([4, 5])]
+
+
+def test_default_backend_has_no_communicator_and_one_rank_agrees_with_itself() -> None:
+    assert CpuBackend().create_communicator(None, torch.device("cpu"), torch.float32, 1 << 20) is None
+    assert TensorParallelGroup().all_agree(True, torch.device("cpu"))
+    assert not TensorParallelGroup().all_agree(False, torch.device("cpu"))

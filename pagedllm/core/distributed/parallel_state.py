@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from pagedllm.backends.interface import DeviceCommunicator
+
 # Collectives wait this long for a peer before failing; the executors notice a dead worker much sooner.
 DEFAULT_TIMEOUT_S = 1800.0
 
@@ -26,19 +28,35 @@ class TensorParallelGroup:
     """This process's place in a tensor-parallel group and the collectives over it.
 
     ``process_group`` is the ``torch.distributed`` group, None at world size 1 (every collective is then
-    the identity).
+    the identity). ``communicator``: the backend's own all-reduce (:meth:`Backend.create_communicator`),
+    set by the worker before decode graphs are captured; tensors up to its ``max_bytes`` (all-reduce) and
+    ``max_gather_bytes`` (all-gather) go through it.
     """
 
     rank: int = 0
     world_size: int = 1
     process_group: dist.ProcessGroup | None = None
+    communicator: DeviceCommunicator | None = None
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum ``x`` over the ranks, in place; returns ``x``. Identity at world size 1."""
+        """Return the sum of ``x`` over the ranks: ``x`` itself, summed in place by ``torch.distributed``, or
+        a new tensor from the communicator (small ``x``). Identity at world size 1."""
         if self.world_size == 1:
             return x
+        comm = self.communicator
+        if comm is not None and x.numel() * x.element_size() <= comm.max_bytes:
+            return comm.all_reduce(x.contiguous())
         dist.all_reduce(x, group=self.process_group)
         return x
+
+    def all_agree(self, flag: bool, device: torch.device) -> bool:
+        """True when ``flag`` is True on every rank (a collective: every rank calls it, with its own
+        ``device``, where the group's backend communicates). ``flag`` itself at world size 1."""
+        if self.world_size == 1:
+            return flag
+        value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+        dist.all_reduce(value, op=dist.ReduceOp.MIN, group=self.process_group)
+        return bool(value.item())
 
     def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
         """Concatenate every rank's ``x`` along ``dim``, in rank order. Identity at world size 1.
@@ -48,6 +66,9 @@ class TensorParallelGroup:
         if self.world_size == 1:
             return x
         x = x.contiguous()
+        comm = self.communicator
+        if comm is not None and x.numel() * x.element_size() <= comm.max_gather_bytes:
+            return comm.all_gather(x, dim)
         parts = [torch.empty_like(x) for _ in range(self.world_size)]
         dist.all_gather(parts, x, group=self.process_group)
         return torch.cat(parts, dim=dim)
