@@ -13,7 +13,13 @@ from collections.abc import Callable
 
 import torch
 
-from pagedllm.backends.interface import AttentionMetadata, AttentionSpec, Backend, BackendCapabilities
+from pagedllm.backends.interface import (
+    AttentionMetadata,
+    AttentionSpec,
+    Backend,
+    BackendCapabilities,
+    DeviceCommunicator,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +33,7 @@ class CudaBackend(Backend):
     name = "cuda"
     device_type = "cuda"
     dist_backend = "nccl"
+    interface_version = (1, 2)  # create_communicator
     priority = 10  # below rocm: torch.cuda also answers on a ROCm build
 
     def __init__(self) -> None:
@@ -227,3 +234,19 @@ class CudaBackend(Backend):
         with torch.cuda.graph(graph, pool=self._graph_pool):
             fn()
         return graph.replay
+
+    # ------------------------------------------------------------------ tensor parallelism
+    def create_communicator(
+        self, process_group: object, device: torch.device, dtype: torch.dtype, max_bytes: int,
+        max_gather_bytes: int = 0,
+    ) -> DeviceCommunicator | None:
+        """Symmetric-memory all-reduce and all-gather (graph-safe), or None with a logged reason when the GPUs
+        cannot map each other's memory or the dtype is float16; tensor-parallel decode then runs without graphs."""
+        from pagedllm.backends.cuda.communicator import SymmetricMemoryCommunicator
+
+        try:
+            return SymmetricMemoryCommunicator(process_group, device, dtype, max_bytes, max_gather_bytes)
+        except Exception as exc:  # every rank fails alike (same torch, same machine); the worker checks
+            logger.warning("cuda: no graph-safe collectives (%s: %s); tensor-parallel decode runs without graphs",
+                           type(exc).__name__, exc)
+            return None
