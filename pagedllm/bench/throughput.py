@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
+import numpy as np
 import torch
 
 from pagedllm.bench.common import BenchResult, add_common_args, backends_of, hardware, make_llm, report
@@ -17,7 +18,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser = subparsers.add_parser("throughput", help="offline throughput, pagedllm vs transformers")
     add_common_args(parser)
     add_workload_args(parser, num_prompts=1000, input_len=512, output_len=128)
+    parser.add_argument("--hf-num-prompts", type=int, default=None,
+                        help="run transformers on a random sample of this many of the workload's requests (its "
+                             "static batches are slow on long-tailed lengths); rates are compared, and the "
+                             "sample is described in the output")
     return parser
+
+
+def hf_sample(requests: list[BenchRequest], num: int | None, seed: int) -> list[BenchRequest]:
+    """The requests transformers runs: all of them, or ``num`` drawn without replacement (seeded), in
+    workload order."""
+    if num is None or num >= len(requests):
+        return requests
+    if num < 1:
+        raise ValueError(f"--hf-num-prompts must be >= 1, got {num}")
+    picked = np.sort(np.random.default_rng(seed).choice(len(requests), size=num, replace=False))
+    return [requests[i] for i in picked]
 
 
 def _totals(requests: list[BenchRequest]) -> tuple[int, int]:
@@ -82,11 +98,17 @@ def run(args: argparse.Namespace) -> int:
         # printed at once too, so a run stopped during the (slower) peer still records pagedllm's figure
         print(f"pagedllm: {result.elapsed_s:.2f} s, {result.total_tokens_per_s:.1f} total tok/s "
               f"{' '.join(f'{k}={v}' for k, v in result.extra.items())}", flush=True)
+    lines = [f"workload: {args.dataset}: {describe(requests)}"]
     if "hf" in names:
+        hf_requests = hf_sample(requests, args.hf_num_prompts, args.workload_seed)
+        extra: dict[str, object] = {}
+        if hf_requests is not requests:
+            lines.append(f"transformers runs a random sample: {describe(hf_requests)}")
+            extra["sample"] = f"{len(hf_requests)}/{len(requests)}"
         model = load_hf_model(model_config.path, model_config.dtype, device, args.load_format == "dummy")
-        hf = run_hf(model, requests, device, args.hf_batch_size, backend.synchronize)
-        results.append(_result("hf", hf.elapsed_s, requests, {"batch_size": hf.batch_size}))
-    report("pagedllm bench throughput", [f"workload: {args.dataset}: {describe(requests)}",
+        hf = run_hf(model, hf_requests, device, args.hf_batch_size, backend.synchronize)
+        results.append(_result("hf", hf.elapsed_s, hf_requests, {"batch_size": hf.batch_size, **extra}))
+    report("pagedllm bench throughput", [*lines,
                                           f"model: {model_config.path} ({model_config.dtype}, load {args.load_format})",
                                           f"hardware: {hardware(device)}"], results, args.output_json)
     return 0

@@ -1,0 +1,38 @@
+"""``pagedllm bench throughput`` on the cpu backend with the demo model: both engines in one invocation, and
+transformers on a seeded sample of the workload when ``--hf-num-prompts`` asks for one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pagedllm.bench.throughput import hf_sample
+from pagedllm.bench.workloads import BenchRequest
+from pagedllm.entrypoints.cli import main
+
+
+@pytest.mark.timeout(300)
+def test_throughput_runs_both_engines_and_samples_the_peer(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "result.json"
+    rc = main(["bench", "throughput", "--device", "cpu", "--dtype", "float32", "--dataset", "sharegpt",
+               "--num-prompts", "6", "--hf-num-prompts", "3", "--max-model-len", "1024", "--output-json", str(out)])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    engines = {r["engine"]: r for r in result["results"]}
+    assert set(engines) == {"pagedllm", "hf"}
+    assert engines["hf"]["extra"]["sample"] == "3/6"
+    assert all(r["total_tokens_per_s"] > 0 for r in engines.values())
+    assert "ratio: pagedllm / hf" in capsys.readouterr().out
+
+
+def test_hf_sample_is_seeded_ordered_and_validated() -> None:
+    requests = [BenchRequest([i], 1) for i in range(10)]
+    assert hf_sample(requests, None, 0) is requests and hf_sample(requests, 10, 0) is requests
+    sample = hf_sample(requests, 4, 0)
+    assert sample == hf_sample(requests, 4, 0) and len(sample) == 4
+    ids = [r.prompt_token_ids[0] for r in sample]
+    assert ids == sorted(ids)
+    with pytest.raises(ValueError, match="--hf-num-prompts"):
+        hf_sample(requests, 0, 0)
