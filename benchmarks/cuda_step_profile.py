@@ -74,6 +74,7 @@ class StepTimer:
         self.records: list[dict] = []
         self.sub: dict[str, float] = {}
         self.replay_event: torch.cuda.Event | None = None
+        self.launch_start = 0.0  # perf_counter() when the step's execute began, for marks inside it
         runner = engine.executor.worker.runner
         prepare_host = runner.prepare_host
 
@@ -93,6 +94,7 @@ class StepTimer:
                     self.replay_event = torch.cuda.Event(enable_timing=True)
                     self.replay_event.record()
                     t = time.perf_counter()
+                    self.sub["replay_start_ms"] = 1e3 * (t - self.launch_start)
                     replay()
                     self.sub["replay_call_ms"] = 1e3 * (time.perf_counter() - t)
 
@@ -109,6 +111,7 @@ class StepTimer:
         t1 = time.perf_counter()
         ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         ev0.record()
+        self.launch_start = time.perf_counter()
         ro = eng.executor.execute(so)
         ev1.record()
         t2 = time.perf_counter()

@@ -8,18 +8,24 @@
 #   tput-pg      the same, pagedllm only
 #   tests-engine only the engine tests of tests/gpu (greedy parity with the cpu backend, bf16, KV budget)
 #   sharegpt     bench throughput --dataset sharegpt (SHAREGPT_PROMPTS prompts, default 1000; SHAREGPT_HF_BS: the
-#                transformers batch size, default: the largest power of two that fits), pagedllm and hf
+#                transformers batch size, default: the largest power of two that fits; SHAREGPT_HF_PROMPTS: run
+#                transformers on a random sample of that many), pagedllm and hf
 #   sharegpt-pg  bench throughput --dataset sharegpt, 1000 prompts, pagedllm only
 #   (MAX_NUM_SEQS sets --max-num-seqs of every bench stage, default 256)
 #   latency      bench latency, batch 1, 1024 in, 256 out, pagedllm and hf
 #   latency-pg   the same, pagedllm only
-# Logs go to /tmp/gpu_logs and are packed into $OUT/logs.tgz (default OUT /tmp/gpu_out) at the end (the device tool
-# returns at most 8 files).
+#   probe        benchmarks/tp_allreduce_probe.py: NCCL vs symmetric-memory all-reduce on two GPUs
+#   tp-tests     tests/gpu/test_tensor_parallel_cuda.py (two GPUs)
+#   tp-profile   benchmarks/tp_step_profile.py, batch-1 decode steps timed and profiled, tp=1 then tp=2
+#   tp           benchmarks/tp_gpu.sh with stages TP_STAGES (default "latency conformance"), results in $LOGS/tp
+# Logs go to $LOGS (default /tmp/gpu_logs) and are packed into $OUT/logs.tgz (default OUT /tmp/gpu_out) at the end
+# unless PACK=0 (the device tool returns at most 8 files). A stage past its limit gets SIGABRT, so Python's
+# fault handler prints where it was.
 set -u
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # an editable install was not importable from benchmarks/
 OUT=${OUT:-/tmp/gpu_out}
-LOGS=/tmp/gpu_logs
+LOGS=${LOGS:-/tmp/gpu_logs}
 mkdir -p "$LOGS"
 MODEL=benchmarks/llama3_8b_config
 BENCH="python -m pagedllm bench"
@@ -30,7 +36,7 @@ stage() {
     shift 2
     echo "=== $name ($(date +%T), limit ${limit}s): $*" | tee -a "$LOGS/commands.txt"
     local start=$SECONDS
-    timeout "$limit" "$@" > "$LOGS/$name.log" 2>&1
+    timeout -s ABRT -k 15 "$limit" "$@" > "$LOGS/$name.log" 2>&1
     local rc=$?
     echo "=== $name rc=$rc in $((SECONDS - start))s" | tee -a "$LOGS/commands.txt"
     tail -n "${TAIL:-25}" "$LOGS/$name.log"
@@ -47,7 +53,7 @@ torch.cuda.get_device_name())"; } > "$LOGS/env.txt" 2>&1
         tests) stage gpu_tests "${TESTS_LIMIT:-220}" python -m pytest tests/gpu -q -p no:cacheprovider ;;
         tests-engine) stage gpu_tests_engine "${TESTS_LIMIT:-120}" python -m pytest tests/gpu -q -p no:cacheprovider \
             -k "greedy or bf16 or budget" ;;
-        conformance) stage conformance "${CONF_LIMIT:-150}" python -m pytest --pyargs pagedllm.conformance \
+        conformance) stage conformance "${CONF_LIMIT:-150}" python -m pytest -p pagedllm.conformance.plugin --pyargs pagedllm.conformance \
             --device cuda -q -p no:cacheprovider ;;
         profile) TAIL=120 stage profile "${PROFILE_LIMIT:-220}" python benchmarks/cuda_step_profile.py --model $MODEL \
             --out "$LOGS/prof" ;;
@@ -57,7 +63,7 @@ torch.cuda.get_device_name())"; } > "$LOGS/env.txt" 2>&1
             --backend pagedllm --output-json "$LOGS/tput_pg.json" ;;
         sharegpt) stage sharegpt "${SHAREGPT_LIMIT:-400}" $BENCH throughput $COMMON --max-num-batched-tokens 8192 \
             --dataset sharegpt --num-prompts "${SHAREGPT_PROMPTS:-1000}" --backend pagedllm,hf \
-            ${SHAREGPT_HF_BS:+--hf-batch-size $SHAREGPT_HF_BS} \
+            ${SHAREGPT_HF_BS:+--hf-batch-size $SHAREGPT_HF_BS} ${SHAREGPT_HF_PROMPTS:+--hf-num-prompts $SHAREGPT_HF_PROMPTS} \
             --output-json "$LOGS/sharegpt.json" ;;
         sharegpt-pg) stage sharegpt_pg "${SHAREGPT_PG_LIMIT:-120}" $BENCH throughput $COMMON \
             --max-num-batched-tokens 8192 --dataset sharegpt --num-prompts 1000 --backend pagedllm \
@@ -68,7 +74,16 @@ torch.cuda.get_device_name())"; } > "$LOGS/env.txt" 2>&1
         latency-pg) stage latency_pg "${LATENCY_LIMIT:-120}" $BENCH latency $COMMON --batch-size 1 --input-len 1024 \
             --output-len 256 --num-iters "${LATENCY_ITERS:-3}" --backend pagedllm \
             --output-json "$LOGS/latency_pg.json" ;;
+        probe) stage probe "${PROBE_LIMIT:-180}" python benchmarks/tp_allreduce_probe.py --out "$LOGS/probe.json" ;;
+        tp-tests) stage tp_tests "${TP_TESTS_LIMIT:-240}" python -m pytest tests/gpu/test_tensor_parallel_cuda.py -q \
+            -p no:cacheprovider ;;
+        tp-profile) for tp in 1 2; do TAIL=3 stage "tp_profile_$tp" "${TP_PROFILE_LIMIT:-150}" python \
+            benchmarks/tp_step_profile.py --model $MODEL --tp $tp --out "$LOGS/tp_profile"; done ;;
+        tp) TAIL=40 stage tp "${TP_LIMIT:-400}" bash benchmarks/tp_gpu.sh "$LOGS/tp" "${TP_STAGES:-latency conformance}" ;;
         *) echo "unknown stage $s" ;;
     esac
 done
-tar -czf "$OUT/logs.tgz" -C /tmp gpu_logs
+if [ "${PACK:-1}" = 1 ]; then
+    mkdir -p "$OUT"
+    tar -czf "$OUT/logs.tgz" -C "$(dirname "$LOGS")" "$(basename "$LOGS")"
+fi

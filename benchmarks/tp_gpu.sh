@@ -6,7 +6,6 @@
 #   2. throughput (bfloat16): `pagedllm bench throughput`, 256 prompts x 512 in / 256 out;
 #   3. latency (bfloat16, batch 1): `pagedllm bench latency`, 128 in / 128 out; target: per-token latency
 #      of tp=2 <= 0.65x tp=1.
-# If the bench modules are missing, throughput and latency are timed with an inline LLM.generate loop.
 #
 # Usage, from anywhere on a machine with >= 2 GPUs:
 #   bash benchmarks/tp_gpu.sh [OUT_DIR] [STAGES]
@@ -111,57 +110,6 @@ if __name__ == "__main__":
     sys.exit(0 if ok or not strict else 1)
 EOF
 
-cat > "$OUT/inline_bench.py" <<'EOF'
-"""Fallback timing when pagedllm.bench is missing. argv: kind(throughput|latency) model tp device out"""
-import json
-import statistics
-import sys
-import time
-
-import numpy as np
-
-from pagedllm.core.sampling_params import SamplingParams
-from pagedllm.entrypoints.llm import LLM
-
-if __name__ == "__main__":
-    kind, model, tp, device, out = sys.argv[1:6]
-    llm = LLM(model, device=device, dtype="bfloat16", load_format="dummy", tensor_parallel_size=int(tp))
-    rng = np.random.default_rng(0)
-    if kind == "throughput":
-        n, input_len, output_len = 256, 512, 256
-        prompts = [rng.integers(10, 128000, input_len).tolist() for _ in range(n)]
-        params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
-        llm.generate(prompts[:8], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), use_tqdm=False)
-        start = time.perf_counter()
-        llm.generate(prompts, params, use_tqdm=False)
-        elapsed = time.perf_counter() - start
-        extra = {}
-        result = {"engine": "pagedllm", "elapsed_s": elapsed, "output_tokens_per_s": n * output_len / elapsed,
-                  "total_tokens_per_s": n * (input_len + output_len) / elapsed, "extra": extra}
-    else:
-        input_len, output_len = 128, 128
-        prompt = rng.integers(10, 128000, input_len).tolist()
-        params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
-        tpots, ttfts = [], []
-        for i in range(4):
-            m = llm.generate([prompt], params, use_tqdm=False)[0].metrics
-            if i:
-                ttfts.append(m.first_token_time - m.arrival_time)
-                tpots.append((m.last_token_time - m.first_token_time) / (output_len - 1))
-        result = {"engine": "pagedllm", "extra": {"ttft_ms": f"{1e3 * statistics.median(ttfts):.1f}",
-                                                  "per_token_ms": f"{1e3 * statistics.median(tpots):.2f}"}}
-    llm.llm_engine.shutdown()
-    with open(out, "w") as f:
-        json.dump({"title": f"inline {kind}", "results": [result]}, f)
-EOF
-
-if "$PY" -c 'import pagedllm.bench.throughput, pagedllm.bench.latency' 2>/dev/null; then
-  HAVE_BENCH=1
-else
-  HAVE_BENCH=0
-  echo "pagedllm.bench.throughput/latency not found: timing with an inline LLM.generate loop"
-fi
-
 STATUS=0
 for stage in $STAGES; do
   case "$stage" in
@@ -180,25 +128,17 @@ for stage in $STAGES; do
     throughput)
       for tp in 1 2; do
         echo "== throughput: bfloat16 tp=$tp =="
-        if [ "$HAVE_BENCH" = 1 ]; then
-          "$PY" -m pagedllm bench throughput --model "$MODEL" --load-format dummy --dtype bfloat16 \
-            --device "$DEVICE" --backend pagedllm -tp "$tp" --num-prompts 256 --input-len 512 --output-len 256 \
-            --output-json "$OUT/throughput_tp${tp}.json"
-        else
-          "$PY" "$OUT/inline_bench.py" throughput "$MODEL" "$tp" "$DEVICE" "$OUT/throughput_tp${tp}.json"
-        fi
+        "$PY" -m pagedllm bench throughput --model "$MODEL" --load-format dummy --dtype bfloat16 \
+          --device "$DEVICE" --backend pagedllm -tp "$tp" --num-prompts 256 --input-len 512 --output-len 256 \
+          --output-json "$OUT/throughput_tp${tp}.json"
       done
       ;;
     latency)
       for tp in 1 2; do
         echo "== latency: bfloat16 batch 1, tp=$tp =="
-        if [ "$HAVE_BENCH" = 1 ]; then
-          "$PY" -m pagedllm bench latency --model "$MODEL" --load-format dummy --dtype bfloat16 \
-            --device "$DEVICE" --backend pagedllm -tp "$tp" --batch-size 1 --input-len 128 --output-len 128 \
-            --num-iters 3 --output-json "$OUT/latency_tp${tp}.json"
-        else
-          "$PY" "$OUT/inline_bench.py" latency "$MODEL" "$tp" "$DEVICE" "$OUT/latency_tp${tp}.json"
-        fi
+        "$PY" -m pagedllm bench latency --model "$MODEL" --load-format dummy --dtype bfloat16 \
+          --device "$DEVICE" --backend pagedllm -tp "$tp" --batch-size 1 --input-len 128 --output-len 128 \
+          --num-iters 3 --output-json "$OUT/latency_tp${tp}.json"
       done
       ;;
     *)
