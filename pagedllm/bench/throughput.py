@@ -48,14 +48,16 @@ def _result(engine: str, elapsed: float, requests: list[BenchRequest], extra: di
 
 def run_pagedllm(args: argparse.Namespace, requests: list[BenchRequest]) -> tuple[BenchResult, torch.device]:
     """Run the workload through pagedllm (warmed up); returns the result and the engine's device."""
-    from pagedllm.core.sampling_params import SamplingParams
+    from pagedllm.core.sampling_params import RequestOutputKind, SamplingParams
 
     llm = make_llm(args)
     engine = llm.llm_engine
     llm.generate([r.prompt_token_ids for r in requests[:4]],
                  SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
     device = engine.device
-    params = [SamplingParams(temperature=0, max_tokens=r.output_len, ignore_eos=True) for r in requests]
+    final = RequestOutputKind.FINAL_ONLY  # as LLM.generate: no per-token output snapshots
+    params = [SamplingParams(temperature=0, max_tokens=r.output_len, ignore_eos=True, output_kind=final)
+              for r in requests]
     peak_waste = 0.0
 
     for r, p in zip(requests, params, strict=True):

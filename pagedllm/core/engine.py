@@ -17,7 +17,7 @@ from pagedllm.core.output_processor import OutputProcessor, ParentRequest
 from pagedllm.core.outputs import RequestOutput
 from pagedllm.core.request import Request, RequestStatus
 from pagedllm.core.sampler import Sampler
-from pagedllm.core.sampling_params import SamplingParams
+from pagedllm.core.sampling_params import RequestOutputKind, SamplingParams
 from pagedllm.core.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
@@ -207,7 +207,8 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:
-        """Run one step; returns the current output of every user request that got a token or finished."""
+        """Run one step; returns the current output of every user request that got a token (``CUMULATIVE``
+        requests) or finished (all requests)."""
         scheduler_output = self.scheduler.schedule()
         if scheduler_output.is_empty:
             return []
@@ -231,7 +232,8 @@ class LLMEngine:
         touched: dict[str, ParentRequest] = {}
         for request in requests:
             parent = self.output_processor.parent_of.get(request.request_id)
-            if parent is not None:
+            if parent is not None and (request.sampling_params.output_kind is RequestOutputKind.CUMULATIVE
+                                       or parent.finished):
                 touched[parent.request_id] = parent
         return [self.output_processor.make_output(parent) for parent in touched.values()]
 

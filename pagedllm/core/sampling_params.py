@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 import copy
+import enum
 from dataclasses import dataclass, field
 
 _GREEDY_EPS = 1e-5
+
+
+class RequestOutputKind(enum.Enum):
+    """Which steps report a request's output (vLLM's name): every step that gave it a token
+    (``CUMULATIVE``: the whole completion so far, for streaming), or only the step that finished it
+    (``FINAL_ONLY``: what ``LLM.generate`` asks for, so no snapshot is built per token)."""
+
+    CUMULATIVE = "cumulative"
+    FINAL_ONLY = "final_only"
 
 
 @dataclass(slots=True)
@@ -16,7 +26,8 @@ class SamplingParams:
     ``stop`` strings end the completion; they are left out of the text unless
     ``include_stop_str_in_output``. ``logprobs=k`` returns, for each generated token, its logprob and
     the top ``k`` alternatives. ``seed`` makes sampling reproducible whatever else is in the batch.
-    Invalid values raise ``ValueError`` naming the field.
+    ``output_kind`` says which steps report the request (:class:`RequestOutputKind`). Invalid values
+    raise ``ValueError`` naming the field.
     """
 
     n: int = 1
@@ -37,6 +48,7 @@ class SamplingParams:
     logprobs: int | None = None
     skip_special_tokens: bool = True
     detokenize: bool = True
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     # filled by the engine: the tokenizer's EOS ids and generation_config defaults
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
 

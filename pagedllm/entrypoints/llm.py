@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Sequence
 
@@ -10,7 +11,7 @@ from tqdm.auto import tqdm
 from pagedllm.core.config import EngineConfig
 from pagedllm.core.engine import LLMEngine
 from pagedllm.core.outputs import RequestOutput
-from pagedllm.core.sampling_params import SamplingParams
+from pagedllm.core.sampling_params import RequestOutputKind, SamplingParams
 
 PromptType = str | list[int]
 
@@ -65,6 +66,8 @@ class LLM:
             params_list = list(sampling_params)
             if len(params_list) != len(prompts):
                 raise ValueError(f"got {len(params_list)} sampling params for {len(prompts)} prompts")
+        final_only = {id(p): dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY) for p in params_list}
+        params_list = [final_only[id(p)] for p in params_list]  # only finished outputs are kept: skip snapshots
         engine = self.llm_engine
         ids = []
         try:

@@ -178,6 +178,25 @@ def test_abort_reports_what_it_aborted(llm: LLM) -> None:
     assert_pool_free(llm)
 
 
+def test_final_only_requests_report_once_cumulative_every_step(llm: LLM) -> None:
+    from pagedllm.core.sampling_params import RequestOutputKind
+
+    engine = llm.llm_engine
+    kinds = {"cumulative": RequestOutputKind.CUMULATIVE, "final": RequestOutputKind.FINAL_ONLY}
+    for name, kind in kinds.items():
+        engine.add_request(name, [1, 2, 3], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True,
+                                                            output_kind=kind))
+    reports: dict[str, list[int]] = {name: [] for name in kinds}
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            reports[output.request_id].append(len(output.outputs[0].token_ids))
+    assert reports == {"cumulative": [1, 2, 3, 4, 5], "final": [5]}
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    assert len(llm.generate([[1, 2, 3]], params, use_tqdm=False)[0].outputs[0].token_ids) == 3
+    assert params.output_kind is RequestOutputKind.CUMULATIVE  # generate asks for final outputs on a copy
+    assert_pool_free(llm)
+
+
 def test_default_max_tokens_fits_the_pool(llama_dir: Path) -> None:
     small = LLM(str(llama_dir), device="cpu", block_size=4, num_kv_blocks=9)  # 32 slots, max_model_len 1024
     out = small.generate([[1, 2, 3, 4]], SamplingParams(temperature=0, max_tokens=None, ignore_eos=True),

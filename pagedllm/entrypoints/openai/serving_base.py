@@ -13,7 +13,7 @@ from pydantic import BaseModel
 from starlette.responses import Response
 
 from pagedllm.core.outputs import RequestOutput
-from pagedllm.core.sampling_params import SamplingParams
+from pagedllm.core.sampling_params import RequestOutputKind, SamplingParams
 from pagedllm.entrypoints.async_engine import AsyncLLMEngine, EngineDeadError, GenerationRequest, OutputStream
 from pagedllm.entrypoints.openai.errors import ClientDisconnected, OpenAIError, from_value_error, invalid_param
 from pagedllm.entrypoints.openai.protocol import SamplingRequest, UsageInfo
@@ -158,6 +158,8 @@ class OpenAIServing:
                 include_stop_str_in_output=request.include_stop_str_in_output, ignore_eos=request.ignore_eos,
                 max_tokens=max_tokens, min_tokens=request.min_tokens, logprobs=logprobs,
                 skip_special_tokens=request.skip_special_tokens,
+                # a non-streamed response needs only the final output: no per-token snapshots
+                output_kind=RequestOutputKind.CUMULATIVE if request.stream else RequestOutputKind.FINAL_ONLY,
             )
         except ValueError as exc:
             raise from_value_error(exc, param_names) from exc
