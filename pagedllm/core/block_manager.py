@@ -107,6 +107,13 @@ class BlockManager:
         prefix cache. Returns the newly allocated block ids, or None (and changes nothing) when the pool
         has too few free blocks.
         """
+        if not computed_blocks:  # fast path (most decodes): the table already has room, no block fills up
+            table = self.block_tables.get(request.request_id)
+            total = request.num_computed_tokens + num_new_tokens
+            if (table is not None and self.blocks_for(total) <= len(table) and (
+                    not self.enable_prefix_caching
+                    or total // self.block_size <= self._num_cached_blocks.get(request.request_id, 0))):
+                return []
         computed_blocks = computed_blocks or []
         if not self.can_allocate(request, num_new_tokens, computed_blocks):
             return None

@@ -27,6 +27,21 @@ def test_slots_allocated_as_tokens_arrive() -> None:
     assert bm.get_block_table("a") == [1, 2, 3]
 
 
+def test_block_filled_by_decodes_is_cached_for_later_prompts() -> None:
+    """Decodes that stay inside the last block allocate nothing; the one that fills it registers its hash."""
+    bm = BlockManager(num_blocks=10, block_size=4)
+    req = make_request("a", list(range(6)))
+    bm.allocate_slots(req, 6)
+    req.num_computed_tokens = 6
+    for token in (100, 101):  # positions 6 and 7: the second completes block 2
+        req.append_output_token(token)
+        assert bm.allocate_slots(req, 1) == []
+        req.num_computed_tokens += 1
+    follower = make_request("b", [*range(6), 100, 101, 7])
+    hits, num_computed = bm.get_computed_blocks(follower)
+    assert hits == [1, 2] and num_computed == 8
+
+
 def test_prefix_hit_shares_full_blocks_and_leaves_last_token() -> None:
     bm = BlockManager(num_blocks=10, block_size=4)
     a = make_request("a", list(range(10)))
