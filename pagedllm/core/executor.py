@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import abc
 
+import torch
+
 from pagedllm.backends.interface import Backend
 from pagedllm.core.config import EngineConfig, ModelConfig
 from pagedllm.core.model_runner import ModelRunnerOutput
@@ -27,8 +29,14 @@ class Executor(abc.ABC):
         """Allocate ``num_blocks`` blocks on every worker."""
 
     @abc.abstractmethod
-    def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        """Run one step on every worker; returns the driver's logits."""
+    def execute(self, scheduler_output: SchedulerOutput, sampled_token_ids: torch.Tensor | None = None
+                ) -> ModelRunnerOutput:
+        """Run one step on every worker; returns the driver's logits (not waited for).
+
+        ``sampled_token_ids``: the previous step's sampled tokens on the driver's device, for requests
+        scheduled with a pending token (asynchronous scheduling; executors that cannot take them raise
+        ValueError).
+        """
 
     def shutdown(self) -> None:  # noqa: B027 - nothing to release in process
         """Stop workers and release their resources."""
@@ -56,6 +64,7 @@ class UniProcExecutor(Executor):
         """See :class:`Executor`."""
         self.worker.initialize_cache(num_blocks)
 
-    def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+    def execute(self, scheduler_output: SchedulerOutput, sampled_token_ids: torch.Tensor | None = None
+                ) -> ModelRunnerOutput:
         """See :class:`Executor`."""
-        return self.worker.execute(scheduler_output)
+        return self.worker.execute(scheduler_output, sampled_token_ids)

@@ -121,12 +121,14 @@ class DecodeGraphRunner:
             self.graphs[batch_size] = self.backend.capture_graph(step)
         logger.info("captured decode graphs for %d batch sizes up to %d", len(self.sizes), self.max_batch_size)
 
-    def run(self, input_ids: np.ndarray, positions: np.ndarray, slots: np.ndarray, block_tables: np.ndarray
-            ) -> torch.Tensor:
+    def run(self, input_ids: np.ndarray, positions: np.ndarray, slots: np.ndarray, block_tables: np.ndarray,
+            pending: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Replay the bucket for ``n = len(input_ids)`` decodes; returns the logits ``[n, vocab]`` of every
         row (a view of the static buffer, valid until the next replay).
 
         ``block_tables``: ``[n, width]`` int32 with ``width <= max_blocks_per_seq``; the others ``[n]`` int64.
+        ``pending``: ``(rows, token_ids)`` on the device, written over ``input_ids`` before the replay
+        (tokens the host does not know yet: :meth:`ModelRunner.pending_token_ids`).
         """
         n = len(input_ids)
         bucket = self.sizes[bisect.bisect_left(self.sizes, n)]
@@ -146,6 +148,8 @@ class DecodeGraphRunner:
         self.i64.copy_(self.host_i64, non_blocking=True)
         end = 2 * max_bs + bucket * self.max_blocks_per_seq
         self.i32[:end].copy_(self.host_i32[:end], non_blocking=True)
+        if pending is not None:
+            self.input_ids.index_copy_(0, *pending)
         self.graphs[bucket]()
         if not self.with_logits:
             assert self.hidden is not None

@@ -35,6 +35,8 @@ class HostBatch:
     num_new: np.ndarray  # [num_requests] int64
     logits_indices: np.ndarray  # [num_sampled] int64
     sampled_request_ids: list[str]
+    pending_tokens: np.ndarray  # [num_pending] int64: token indices whose ids come from the device
+    pending_rows: np.ndarray  # [num_pending] int64: their rows in the previous step's sampled tokens
 
 
 @dataclass(slots=True)
@@ -114,6 +116,9 @@ class ModelRunner:
             + positions % self.block_size
         )
         sampled = [i for i, r in enumerate(reqs) if r.needs_sample]
+        pending = [i for i, r in enumerate(reqs) if r.token_from_row >= 0]
+        pending_tokens = query_start[1:][pending] - 1  # a pending token is its request's last
+        input_ids[pending_tokens] = 0  # a valid id until the device writes the sampled one
         if self.token_buckets:
             input_ids, positions, slots = self._pad_to_bucket(input_ids, positions, slots)
         return HostBatch(
@@ -121,6 +126,8 @@ class ModelRunner:
             query_start=query_start, starts=starts, num_new=num_new,
             logits_indices=query_start[1:][sampled] - 1,
             sampled_request_ids=[reqs[i].request_id for i in sampled],
+            pending_tokens=pending_tokens,
+            pending_rows=np.fromiter((reqs[i].token_from_row for i in pending), dtype=np.int64, count=len(pending)),
         )
 
     def _pad_to_bucket(self, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -133,8 +140,23 @@ class ModelRunner:
         return tuple(np.concatenate([a, np.full(bucket - num_tokens, f, dtype=a.dtype)])
                      for a, f in zip(arrays, fills, strict=True))
 
-    def prepare(self, scheduled: list[ScheduledRequest]) -> ModelInput:
-        """Build input ids, positions, slot mapping and block tables on the device."""
+    def pending_token_ids(self, host: HostBatch, sampled_token_ids: torch.Tensor | None
+                          ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(token_indices, token_ids)`` on the device for the step's pending tokens (None when it has
+        none): rows ``host.pending_rows`` of ``sampled_token_ids: [num_rows_prev] int64``, the previous
+        step's sampled tokens, still on the device. Raises ValueError if they are needed and not given."""
+        if not len(host.pending_tokens):
+            return None
+        if sampled_token_ids is None:
+            raise ValueError("the step has pending tokens but no sampled tokens to take them from")
+        dev = self.device
+        rows = torch.from_numpy(host.pending_rows).to(dev, non_blocking=True)
+        return torch.from_numpy(host.pending_tokens).to(dev, non_blocking=True), sampled_token_ids.index_select(0, rows)
+
+    def prepare(self, scheduled: list[ScheduledRequest], sampled_token_ids: torch.Tensor | None = None
+                ) -> ModelInput:
+        """Build input ids, positions, slot mapping and block tables on the device; pending tokens are
+        taken from ``sampled_token_ids`` (see :meth:`pending_token_ids`)."""
         host = self.prepare_host(scheduled)
         dev = self.device
 
@@ -158,8 +180,12 @@ class ModelRunner:
             query_start_loc_cpu=query_start_cpu,
             seq_lens_cpu=seq_lens_cpu,
         )
+        input_ids = to_dev(host.input_ids)
+        pending = self.pending_token_ids(host, sampled_token_ids)
+        if pending is not None:
+            input_ids.index_copy_(0, *pending)
         return ModelInput(
-            input_ids=to_dev(host.input_ids),
+            input_ids=input_ids,
             positions=to_dev(host.positions),
             metadata=metadata,
             logits_indices=to_dev(host.logits_indices),
@@ -179,18 +205,25 @@ class ModelRunner:
         self.graph_runner.capture()
 
     @torch.inference_mode()
-    def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        """Run the step's batch through the model; returns logits of the requests that sample."""
+    def execute(self, scheduler_output: SchedulerOutput, sampled_token_ids: torch.Tensor | None = None
+                ) -> ModelRunnerOutput:
+        """Run the step's batch through the model; returns logits of the requests that sample.
+
+        ``sampled_token_ids: [num_rows_prev] int64`` on the device: the previous step's sampled tokens,
+        where requests scheduled with ``token_from_row >= 0`` find their last input token (asynchronous
+        scheduling); nothing waits for them on the host.
+        """
         graphs = self.graph_runner
         scheduled = scheduler_output.scheduled
         if (graphs is not None and len(scheduled) <= graphs.max_batch_size
                 and all(r.num_new_tokens == 1 for r in scheduled)):
             host = self.prepare_host(scheduled)
-            logits = graphs.run(host.input_ids, host.positions, host.slots, host.block_tables)
+            logits = graphs.run(host.input_ids, host.positions, host.slots, host.block_tables,
+                                self.pending_token_ids(host, sampled_token_ids))
             if len(host.logits_indices) != len(scheduled):  # a one-token prompt chunk that does not sample
                 logits = logits[torch.from_numpy(host.logits_indices).to(self.device, non_blocking=True)]
             return ModelRunnerOutput(host.sampled_request_ids, logits)
-        model_input = self.prepare(scheduled)
+        model_input = self.prepare(scheduled, sampled_token_ids)
         hidden = self.model(model_input.input_ids, model_input.positions, model_input.metadata)
         logits = self.model.compute_logits(hidden[model_input.logits_indices])
         return ModelRunnerOutput(model_input.sampled_request_ids, logits)

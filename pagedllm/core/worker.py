@@ -107,9 +107,10 @@ class Worker:
             with_logits = self.tp_group.all_agree(comm.max_gather_bytes >= gather_bytes, self.device)
         self.runner.capture_decode_graphs(self.config.max_num_seqs, with_logits=with_logits)
 
-    def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        """Run one step."""
-        return self.runner.execute(scheduler_output)
+    def execute(self, scheduler_output: SchedulerOutput, sampled_token_ids: torch.Tensor | None = None
+                ) -> ModelRunnerOutput:
+        """Run one step (``sampled_token_ids``: see :meth:`ModelRunner.execute`)."""
+        return self.runner.execute(scheduler_output, sampled_token_ids)
 
     def shutdown(self) -> None:
         """Leave the tensor-parallel group (no-op on one device)."""

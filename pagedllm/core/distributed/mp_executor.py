@@ -27,7 +27,7 @@ import torch
 
 from pagedllm.backends.interface import Backend
 from pagedllm.core.config import EngineConfig, ModelConfig
-from pagedllm.core.distributed.errors import WorkerFailedError
+from pagedllm.core.distributed.errors import WorkerFailedError, refuse_sampled_tokens
 from pagedllm.core.distributed.mp_worker import SHUTDOWN, WorkerCall, WorkerReply, WorkerSpec, worker_main
 from pagedllm.core.distributed.parallel_state import (
     DistributedInit,
@@ -210,8 +210,10 @@ class MultiprocExecutor(Executor):
         """See :class:`Executor`."""
         self._call_all("initialize_cache", num_blocks)
 
-    def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+    def execute(self, scheduler_output: SchedulerOutput, sampled_token_ids: torch.Tensor | None = None
+                ) -> ModelRunnerOutput:
         """See :class:`Executor`: every rank runs the step; rank 0's logits come back."""
+        refuse_sampled_tokens(sampled_token_ids)
         self._check_usable()
         self._send(WorkerCall("execute", (scheduler_output,), reply=False))
         return self._wait(self._rank_zero.submit(self.worker.execute, scheduler_output), "execute")

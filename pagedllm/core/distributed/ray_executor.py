@@ -20,7 +20,7 @@ import torch
 
 from pagedllm.backends.interface import Backend
 from pagedllm.core.config import EngineConfig, ModelConfig
-from pagedllm.core.distributed.errors import WorkerFailedError
+from pagedllm.core.distributed.errors import WorkerFailedError, refuse_sampled_tokens
 from pagedllm.core.distributed.parallel_state import DistributedInit, free_port
 from pagedllm.core.executor import Executor
 from pagedllm.core.model_runner import ModelRunnerOutput
@@ -182,8 +182,10 @@ class RayExecutor(Executor):
         """See :class:`Executor`."""
         self._get([actor.call.remote("initialize_cache", num_blocks) for actor in self._actors], "initialize_cache")
 
-    def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+    def execute(self, scheduler_output: SchedulerOutput, sampled_token_ids: torch.Tensor | None = None
+                ) -> ModelRunnerOutput:
         """See :class:`Executor`: every actor runs the step; rank 0's logits come back."""
+        refuse_sampled_tokens(sampled_token_ids)
         ray = _import_ray()
         ref = ray.put(scheduler_output)
         return self._get([actor.execute.remote(ref) for actor in self._actors], "execute")[0]
