@@ -35,13 +35,39 @@ class SamplingBatch:
 
 @dataclass(slots=True)
 class SamplerOutput:
-    """Sampled tokens and, when asked, logprobs of the raw model distribution (host tensors)."""
+    """Sampled tokens and, when asked, logprobs of the raw model distribution (host tensors).
+
+    ``device_token_ids: [R] int64`` stays on the device (the next step may read its input tokens there).
+    A sampler called with ``sync=False`` leaves ``token_ids`` empty until :meth:`resolve`, which waits
+    for the tokens' copy to the host only, not for work queued after it.
+    """
 
     token_ids: list[int]
     sampled_logprobs: torch.Tensor | None = None  # [R] float32
     sampled_ranks: torch.Tensor | None = None  # [R] int64, 1 = most likely
     top_token_ids: torch.Tensor | None = None  # [R, k] int64
     top_logprobs: torch.Tensor | None = None  # [R, k] float32
+    device_token_ids: torch.Tensor | None = None  # [R] int64, on the logits' device
+    _host_token_ids: torch.Tensor | None = None  # [R] int64 being copied to the host
+    _copied: torch.Event | None = None
+
+    def start_copy(self) -> None:
+        """Queue the copy of ``device_token_ids`` to the host and mark its end (no wait)."""
+        assert self.device_token_ids is not None
+        ids = self.device_token_ids
+        self._host_token_ids = ids.to("cpu", non_blocking=True)  # into pinned memory on an accelerator
+        if ids.device.type != "cpu":
+            self._copied = torch.Event(device=ids.device)
+            self._copied.record()
+
+    def resolve(self) -> list[int]:
+        """Return ``token_ids``, first waiting for the copy :meth:`start_copy` queued if needed."""
+        if self._host_token_ids is not None:
+            if self._copied is not None:
+                self._copied.synchronize()
+            self.token_ids = self._host_token_ids.tolist()
+            self._host_token_ids = self._copied = None
+        return self.token_ids
 
 
 class Sampler:
@@ -133,14 +159,17 @@ class Sampler:
         )
 
     @torch.inference_mode()
-    def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
-        """Sample one token per row of ``logits: [num_rows, vocab]``."""
+    def __call__(self, logits: torch.Tensor, batch: SamplingBatch, sync: bool = True) -> SamplerOutput:
+        """Sample one token per row of ``logits: [num_rows, vocab]``.
+
+        ``sync=False``: return once the sampling and the tokens' copy to the host are queued; read them
+        with :meth:`SamplerOutput.resolve` (logprobs, when asked, are still read at once).
+        """
         out = SamplerOutput(token_ids=[])
         if (batch.all_greedy and batch.max_num_logprobs is None and not batch.blocked_tokens
                 and batch.repetition_penalty is None and batch.output_counts is None):
             # Plain greedy: argmax in the logits' own dtype (upcasting changes no value, so no index).
-            out.token_ids = logits.argmax(dim=-1).tolist()
-            return out
+            return self._finish(out, logits.argmax(dim=-1), sync)
         logits = logits.float()
         raw_logprobs = torch.log_softmax(logits, dim=-1) if batch.max_num_logprobs is not None else None
         logits = self._apply_penalties(logits, batch)
@@ -161,7 +190,15 @@ class Sampler:
             if batch.max_num_logprobs > 0:
                 top = raw_logprobs.topk(batch.max_num_logprobs, dim=-1)
                 out.top_logprobs, out.top_token_ids = top.values.cpu(), top.indices.cpu()
-        out.token_ids = sampled.tolist()
+        return self._finish(out, sampled, sync)
+
+    @staticmethod
+    def _finish(out: SamplerOutput, sampled: torch.Tensor, sync: bool) -> SamplerOutput:
+        out.device_token_ids = sampled
+        if sync:
+            out.token_ids = sampled.tolist()
+        else:
+            out.start_copy()
         return out
 
     @staticmethod
