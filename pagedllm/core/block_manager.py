@@ -56,7 +56,7 @@ class BlockManager:
         """Hashes of the request's full blocks, extended incrementally as tokens arrive."""
         hashes = self._hashes.setdefault(request.request_id, [])
         tokens = request.all_token_ids
-        num_full = len(tokens) // self.block_size
+        num_full = request.num_known_tokens // self.block_size  # a block with a pending token waits
         while len(hashes) < num_full:
             i = len(hashes)
             parent = hashes[-1] if hashes else None

@@ -25,7 +25,9 @@ class EngineConfig:
 
     ``model=None`` selects the built-in demo model. ``num_kv_blocks`` sets the KV pool size in blocks
     (like vLLM's ``num_gpu_blocks_override``); else ``kv_cache_memory_bytes`` sizes it in bytes; else the
-    backend's budget for ``gpu_memory_utilization`` is used.
+    backend's budget for ``gpu_memory_utilization`` is used. ``async_scheduling`` schedules and launches
+    each step before the previous one's tokens are read back, so host work overlaps the device (one device;
+    a request that stops on EOS or a stop string runs one step more, discarded).
     """
 
     model: str | None = None
@@ -47,6 +49,7 @@ class EngineConfig:
     max_logprobs: int = 20
     tensor_parallel_size: int = 1
     distributed_executor_backend: str = "mp"
+    async_scheduling: bool = False
     served_model_name: str | None = None
     extra: dict[str, object] = field(default_factory=dict)
 
@@ -65,6 +68,9 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.async_scheduling and self.tensor_parallel_size > 1:
+            raise ValueError("async_scheduling needs tensor_parallel_size 1: the other ranks cannot read the "
+                             "driver's sampled tokens on its device")
 
     def resolved_model(self) -> str:
         """The checkpoint directory: ``model``, or the built-in demo model when it is None."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -13,12 +13,13 @@ from pagedllm.backends.interface import Backend
 from pagedllm.core.block_manager import BlockManager
 from pagedllm.core.config import EngineConfig, ModelConfig, load_model_config
 from pagedllm.core.executor import Executor, UniProcExecutor
+from pagedllm.core.model_runner import ModelRunnerOutput
 from pagedllm.core.output_processor import OutputProcessor, ParentRequest
 from pagedllm.core.outputs import RequestOutput
 from pagedllm.core.request import Request, RequestStatus
-from pagedllm.core.sampler import Sampler
+from pagedllm.core.sampler import Sampler, SamplerOutput
 from pagedllm.core.sampling_params import RequestOutputKind, SamplingParams
-from pagedllm.core.scheduler import Scheduler
+from pagedllm.core.scheduler import Scheduler, SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,16 @@ class EngineStats:
     num_preemptions: int
     prefix_cache_queries_tokens: int
     prefix_cache_hit_tokens: int
+
+
+@dataclass(slots=True)
+class LaunchedStep:
+    """A step queued on the device: its forward's output, then its sampling (None until started, or when
+    no row's request still runs), and the row of each sampled request."""
+
+    runner_output: ModelRunnerOutput
+    sampled: SamplerOutput | None = None
+    rows: dict[str, int] = field(default_factory=dict)
 
 
 def pick_block_size(requested: int | None, supported: Sequence[int]) -> int:
@@ -106,6 +117,7 @@ class LLMEngine:
             pool_tokens, num_blocks * bytes_per_block / 2**20, pool_tokens / mc.max_model_len, mc.max_model_len,
         )
         self._request_counter = 0
+        self._in_flight: LaunchedStep | None = None  # async scheduling: launched, not yet read back
 
     def _make_executor(self) -> Executor:
         if self.config.tensor_parallel_size > 1:
@@ -202,28 +214,99 @@ class LLMEngine:
         return aborted
 
     def has_unfinished_requests(self) -> bool:
-        """True while any request waits or runs."""
-        return self.scheduler.has_unfinished_requests()
+        """True while any request waits or runs, or a launched step is still to be read back."""
+        return self.scheduler.has_unfinished_requests() or self._in_flight is not None
 
     # ------------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:
         """Run one step; returns the current output of every user request that got a token (``CUMULATIVE``
-        requests) or finished (all requests)."""
-        scheduler_output = self.scheduler.schedule()
+        requests) or finished (all requests).
+
+        With ``async_scheduling`` the step that is read back is the one launched by the previous call
+        (or by this one, at the start): the next step is scheduled and launched first, with the pending
+        tokens of the running requests taken on the device, so the device is not left waiting for the
+        host between steps.
+        """
+        if not self.config.async_scheduling:
+            step = self._launch(self.scheduler.schedule(), None)
+            if step is None:
+                return []
+            self._start_sampling(step, sync=True)
+            return self._read_back(step)
+        try:
+            current, self._in_flight = self._in_flight, None
+            if current is None:
+                current = self._launch(self.scheduler.schedule(), None)
+                if current is None:
+                    return []
+                self._start_sampling(current, sync=False)
+            self._add_pending_tokens(current)
+            following = self._launch(self.scheduler.schedule(), current)
+            outputs = self._read_back(current)
+            if following is not None:
+                self._start_sampling(following, sync=False)
+                self._in_flight = following
+            return outputs
+        except BaseException:
+            self._in_flight = None  # its requests are aborted by the caller or left as they are
+            raise
+
+    def _launch(self, scheduler_output: SchedulerOutput, previous: LaunchedStep | None) -> LaunchedStep | None:
+        """Queue the forward of ``scheduler_output`` (None when it is empty). Requests whose last token is
+        still pending read it from ``previous``'s sampled tokens on the device."""
         if scheduler_output.is_empty:
-            return []
+            return None
         now = time.monotonic()
+        sampled_token_ids = None
         for scheduled in scheduler_output.scheduled:
-            metrics = self.scheduler.requests[scheduled.request_id].metrics
+            request = self.scheduler.requests[scheduled.request_id]
+            metrics = request.metrics
             if metrics is not None and metrics.first_scheduled_time is None:
                 metrics.first_scheduled_time = now
-        runner_output = self.executor.execute(scheduler_output)
-        requests = [self.scheduler.requests[rid] for rid in runner_output.request_ids]
-        if not requests:
+            if request.has_pending_token:
+                assert previous is not None and previous.sampled is not None
+                scheduled.token_from_row = previous.rows[scheduled.request_id]
+                sampled_token_ids = previous.sampled.device_token_ids
+        if sampled_token_ids is None:
+            return LaunchedStep(self.executor.execute(scheduler_output))
+        return LaunchedStep(self.executor.execute(scheduler_output, sampled_token_ids))
+
+    def _start_sampling(self, step: LaunchedStep, sync: bool) -> None:
+        """Queue the sampling of ``step``'s rows whose requests still run (after the previous step was read
+        back, so penalties and stops see every token before it)."""
+        output = step.runner_output
+        requests = self.scheduler.requests
+        rows = [i for i, rid in enumerate(output.request_ids) if rid in requests]
+        if not rows:
+            return
+        logits = output.logits
+        if len(rows) != len(output.request_ids):  # some finished in the previous step: skip their rows
+            logits = logits[torch.tensor(rows).to(logits.device, non_blocking=True)]
+        ids = [output.request_ids[i] for i in rows]
+        batch = self.sampler.make_batch([requests[rid] for rid in ids], logits.shape[-1])
+        step.sampled = self.sampler(logits, batch, sync=sync)
+        step.rows = {rid: row for row, rid in enumerate(ids)}
+
+    def _add_pending_tokens(self, step: LaunchedStep) -> None:
+        """Give each running request ``step`` samples for a pending token, so the next step can run it.
+        A request this token ends (length, EOS, stop) runs one token more, whose row is never sampled;
+        the pending token fits its context and KV reservation (it is the token being sampled)."""
+        if step.sampled is None:
+            return
+        for request_id in step.rows:
+            request = self.scheduler.requests.get(request_id)
+            if request is not None and request.status == RequestStatus.RUNNING:
+                request.append_pending_token()
+
+    def _read_back(self, step: LaunchedStep) -> list[RequestOutput]:
+        """Read ``step``'s sampled tokens (the host's one wait), record them, finish what stops."""
+        sampled = step.sampled
+        if sampled is None:
             return []
-        batch = self.sampler.make_batch(requests, runner_output.logits.shape[-1])
-        sampled = self.sampler(runner_output.logits, batch)
-        finished = self.output_processor.process(runner_output.request_ids, sampled, self.scheduler.requests)
+        sampled.resolve()
+        request_ids = list(step.rows)
+        requests = [r for rid in request_ids if (r := self.scheduler.requests.get(rid)) is not None]
+        finished = self.output_processor.process(request_ids, sampled, self.scheduler.requests)
         for request, status in finished:
             self.scheduler.finish_requests([request.request_id], status)
             self.sampler.forget(request.request_id)

@@ -51,12 +51,14 @@ class OutputProcessor:
 
     def process(self, request_ids: list[str], sampled: SamplerOutput, requests: dict[str, Request]
                 ) -> list[tuple[Request, RequestStatus]]:
-        """Record one sampled token per request (row order of ``sampled``); returns the requests that
-        this token finished, with their final status."""
+        """Record one sampled token per request (row order of ``sampled``; ids no longer in ``requests``
+        are skipped); returns the requests that this token finished, with their final status."""
         now = time.monotonic()
         finished: list[tuple[Request, RequestStatus]] = []
         for row, request_id in enumerate(request_ids):
-            request = requests[request_id]
+            request = requests.get(request_id)
+            if request is None:  # aborted after its step was launched (asynchronous scheduling)
+                continue
             token_id = sampled.token_ids[row]
             request.append_output_token(token_id)
             metrics = request.metrics

@@ -8,6 +8,10 @@ from dataclasses import dataclass, field
 from pagedllm.core.outputs import Logprob, RequestMetrics
 from pagedllm.core.sampling_params import SamplingParams
 
+PENDING_TOKEN_ID = -1
+"""Stands in a request's tokens for one sampled on the device whose value the host does not know yet
+(asynchronous scheduling: the next step is scheduled and launched before this one's tokens are read)."""
+
 
 class RequestStatus(enum.Enum):
     """Life of a request: WAITING -> RUNNING (-> PREEMPTED -> RUNNING ...) -> one FINISHED_* state."""
@@ -52,6 +56,8 @@ class Request:
     index: int = 0
     # prompt then generated tokens, appended as they are sampled (what the model runs and the cache hashes)
     all_token_ids: list[int] = field(default_factory=list)
+    # the last token is PENDING_TOKEN_ID until the step that sampled it is read back
+    has_pending_token: bool = False
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)
@@ -79,10 +85,27 @@ class Request:
         assert self.sampling_params.max_tokens is not None
         return self.sampling_params.max_tokens
 
+    @property
+    def num_known_tokens(self) -> int:
+        """Tokens whose values the host knows: all of them but a pending one."""
+        return len(self.all_token_ids) - self.has_pending_token
+
     def append_output_token(self, token_id: int) -> None:
-        """Record one sampled token."""
+        """Record one sampled token; with a pending token, that one gets this value instead."""
+        if self.has_pending_token:
+            self.output_token_ids[-1] = self.all_token_ids[-1] = token_id
+            self.has_pending_token = False
+            return
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
+
+    def append_pending_token(self) -> None:
+        """Add the token being sampled on the device as :data:`PENDING_TOKEN_ID`, so the request can be
+        scheduled for its next decode before the value is known (:meth:`append_output_token` fills it)."""
+        assert not self.has_pending_token, "one pending token at a time"
+        self.output_token_ids.append(PENDING_TOKEN_ID)
+        self.all_token_ids.append(PENDING_TOKEN_ID)
+        self.has_pending_token = True
 
     @property
     def is_finished(self) -> bool:
