@@ -11,7 +11,8 @@
 #                transformers batch size, default: the largest power of two that fits; SHAREGPT_HF_PROMPTS: run
 #                transformers on a random sample of that many), pagedllm and hf
 #   sharegpt-pg  bench throughput --dataset sharegpt, 1000 prompts, pagedllm only
-#   (MAX_NUM_SEQS sets --max-num-seqs of every bench stage, default 256)
+#   (MAX_NUM_SEQS sets --max-num-seqs of every bench stage, default 256; BENCH_EXTRA adds options to each,
+#   e.g. --async-scheduling)
 #   latency      bench latency, batch 1, 1024 in, 256 out, pagedllm and hf
 #   latency-pg   the same, pagedllm only
 #   probe        benchmarks/tp_allreduce_probe.py: NCCL vs symmetric-memory all-reduce on two GPUs
@@ -29,7 +30,7 @@ LOGS=${LOGS:-/tmp/gpu_logs}
 mkdir -p "$LOGS"
 MODEL=benchmarks/llama3_8b_config
 BENCH="python -m pagedllm bench"
-COMMON="--model $MODEL --load-format dummy --device cuda --max-num-seqs ${MAX_NUM_SEQS:-256}"
+COMMON="--model $MODEL --load-format dummy --device cuda --max-num-seqs ${MAX_NUM_SEQS:-256} ${BENCH_EXTRA:-}"
 
 stage() {
     local name=$1 limit=$2
@@ -51,7 +52,7 @@ torch.version.cuda, 'triton', triton.__version__, 'transformers', transformers._
 torch.cuda.get_device_name())"; } > "$LOGS/env.txt" 2>&1
             tail -n 3 "$LOGS/env.txt" ;;
         tests) stage gpu_tests "${TESTS_LIMIT:-220}" python -m pytest tests/gpu -q -p no:cacheprovider ;;
-        tests-engine) stage gpu_tests_engine "${TESTS_LIMIT:-120}" python -m pytest tests/gpu -q -p no:cacheprovider \
+        tests-engine) stage gpu_tests_engine "${TESTS_LIMIT:-120}" python -m pytest tests/gpu/test_cuda_backend.py -q -p no:cacheprovider \
             -k "greedy or bf16 or budget" ;;
         conformance) stage conformance "${CONF_LIMIT:-150}" python -m pytest -p pagedllm.conformance.plugin --pyargs pagedllm.conformance \
             --device cuda -q -p no:cacheprovider ;;
