@@ -70,6 +70,19 @@ def _rank_main(rank: int, world: int, port: int, queue: multiprocessing.Queue, n
     dist.destroy_process_group()
 
 
+def _capture(fn) -> torch.cuda.CUDAGraph:
+    """Run ``fn`` once on a side stream (warm-up, as torch requires), then record it in a CUDA graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
 def _measure(comm, group, device: torch.device, dtype: torch.dtype, batch: int) -> dict[str, object]:
     import torch.distributed as dist
 
@@ -96,14 +109,7 @@ def _measure(comm, group, device: torch.device, dtype: torch.dtype, batch: int) 
             h = comm.all_reduce(h) * 0.5
         holder["out"] = h
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        chain()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        chain()
+    graph = _capture(chain)
     # replay on new inputs: the result must equal the eager chain on the same inputs
     for trial in range(3):
         static.copy_(torch.randn(batch, HIDDEN, device=device, dtype=dtype, generator=gen))
@@ -135,14 +141,7 @@ def _nccl_in_graph(group, device: torch.device, dtype: torch.dtype) -> dict[str,
             dist.all_reduce(static)
             static.mul_(0.5)
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        chain()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        chain()
+    graph = _capture(chain)
     start = time.perf_counter()
     for _ in range(200):
         graph.replay()
