@@ -11,7 +11,8 @@
 #   bash benchmarks/tp_gpu.sh [OUT_DIR] [STAGES]
 # STAGES: any of "conformance throughput latency" (default: all three). Results (JSON) and a summary go to
 # OUT_DIR (default: a new temp dir), so the stages may run in separate invocations with the same OUT_DIR;
-# the summary covers every result present. DEVICE (default cuda) and PYTHON (default python) may be set.
+# the summary covers every result present. DEVICE (default cuda) and PYTHON (default python) may be set;
+# BENCH_EXTRA adds options to the bench commands (e.g. --async-scheduling).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -130,7 +131,7 @@ for stage in $STAGES; do
         echo "== throughput: bfloat16 tp=$tp =="
         "$PY" -m pagedllm bench throughput --model "$MODEL" --load-format dummy --dtype bfloat16 \
           --device "$DEVICE" --backend pagedllm -tp "$tp" --num-prompts 256 --input-len 512 --output-len 256 \
-          --output-json "$OUT/throughput_tp${tp}.json"
+          ${BENCH_EXTRA:-} --output-json "$OUT/throughput_tp${tp}.json"
       done
       ;;
     latency)
@@ -138,7 +139,7 @@ for stage in $STAGES; do
         echo "== latency: bfloat16 batch 1, tp=$tp =="
         "$PY" -m pagedllm bench latency --model "$MODEL" --load-format dummy --dtype bfloat16 \
           --device "$DEVICE" --backend pagedllm -tp "$tp" --batch-size 1 --input-len 128 --output-len 128 \
-          --num-iters 3 --output-json "$OUT/latency_tp${tp}.json"
+          --num-iters 3 ${BENCH_EXTRA:-} --output-json "$OUT/latency_tp${tp}.json"
       done
       ;;
     *)

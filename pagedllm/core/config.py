@@ -26,8 +26,8 @@ class EngineConfig:
     ``model=None`` selects the built-in demo model. ``num_kv_blocks`` sets the KV pool size in blocks
     (like vLLM's ``num_gpu_blocks_override``); else ``kv_cache_memory_bytes`` sizes it in bytes; else the
     backend's budget for ``gpu_memory_utilization`` is used. ``async_scheduling`` schedules and launches
-    each step before the previous one's tokens are read back, so host work overlaps the device (one device;
-    a request that stops on EOS or a stop string runs one step more, discarded).
+    each step before the previous one's tokens are read back, so host work overlaps the device (with tensor
+    parallelism, ``mp`` executor only; a request that stops runs one token more, discarded).
     """
 
     model: str | None = None
@@ -68,9 +68,9 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        if self.async_scheduling and self.tensor_parallel_size > 1:
-            raise ValueError("async_scheduling needs tensor_parallel_size 1: the other ranks cannot read the "
-                             "driver's sampled tokens on its device")
+        if self.async_scheduling and self.tensor_parallel_size > 1 and self.distributed_executor_backend != "mp":
+            raise ValueError("async_scheduling with tensor parallelism needs the mp executor (rank 0 on the "
+                             "driver's device, where the sampled tokens are)")
 
     def resolved_model(self) -> str:
         """The checkpoint directory: ``model``, or the built-in demo model when it is None."""

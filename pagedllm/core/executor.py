@@ -34,7 +34,7 @@ class Executor(abc.ABC):
         """Run one step on every worker; returns the driver's logits (not waited for).
 
         ``sampled_token_ids``: the previous step's sampled tokens on the driver's device, for requests
-        scheduled with a pending token (asynchronous scheduling; executors that cannot take them raise
+        scheduled with a pending token (asynchronous scheduling; an executor that cannot take them raises
         ValueError).
         """
 

@@ -109,7 +109,13 @@ class Worker:
 
     def execute(self, scheduler_output: SchedulerOutput, sampled_token_ids: torch.Tensor | None = None
                 ) -> ModelRunnerOutput:
-        """Run one step (``sampled_token_ids``: see :meth:`ModelRunner.execute`)."""
+        """Run one step (``sampled_token_ids``: see :meth:`ModelRunner.execute`). With tensor parallelism
+        only rank 0 holds the sampled tokens; the rows the step reads are broadcast to the other ranks on
+        their devices first (no host involved)."""
+        if self.tp_group.world_size > 1:
+            num_rows = max((r.token_from_row for r in scheduler_output.scheduled), default=-1) + 1
+            if num_rows:
+                sampled_token_ids = self.tp_group.broadcast_from_first(sampled_token_ids, num_rows, self.device)
         return self.runner.execute(scheduler_output, sampled_token_ids)
 
     def shutdown(self) -> None:

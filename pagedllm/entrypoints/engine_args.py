@@ -37,7 +37,7 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Tr
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--async-scheduling", action="store_true",
                         help="schedule and launch each step before the previous one's tokens are read back "
-                             "(host work overlaps the device; one device only)")
+                             "(host work overlaps the device; with -tp, the mp executor only)")
     parser.add_argument("-tp", "--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--distributed-executor-backend", default="mp", choices=["mp", "ray"])
 

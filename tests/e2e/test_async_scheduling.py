@@ -138,6 +138,7 @@ def test_decode_graphs_take_pending_tokens_on_the_device(llama_dir: Path, monkey
     assert_pool_free(llm)
 
 
-def test_async_scheduling_refuses_tensor_parallelism(llama_dir: Path) -> None:
-    with pytest.raises(ValueError, match="async_scheduling needs tensor_parallel_size 1"):
-        LLM(str(llama_dir), device="cpu", tensor_parallel_size=2, async_scheduling=True)
+def test_async_scheduling_refuses_the_ray_executor(llama_dir: Path) -> None:
+    with pytest.raises(ValueError, match="async_scheduling with tensor parallelism needs the mp executor"):
+        LLM(str(llama_dir), device="cpu", tensor_parallel_size=2, distributed_executor_backend="ray",
+            async_scheduling=True)

@@ -114,6 +114,22 @@ def test_mp_tp2_equals_tp1(references, name: str) -> None:
 
 
 @pytest.mark.timeout(180)
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
+def test_mp_tp2_async_scheduling_equals_tp1(references, monkeypatch, graphs: bool) -> None:
+    """Asynchronous scheduling with tp=2: rank 0 broadcasts the sampled tokens each step reads to rank 1 on
+    the devices; tokens and logprobs equal tp=1's, eagerly and through decode graphs."""
+    from pagedllm.backends.registry import get_registry
+    from tests.e2e.graph_cpu_backend import GraphCpuBackend
+
+    model_dir, expected = references("llama")
+    if graphs:
+        monkeypatch.setattr(get_registry(), "resolve_backend", lambda device: GraphCpuBackend)
+    actual, pids = generate(model_dir, tensor_parallel_size=2, async_scheduling=True)
+    assert_same_completions(expected, actual)
+    assert wait_gone(pids) == []
+
+
+@pytest.mark.timeout(180)
 @pytest.mark.parametrize("gather", [False, True], ids=["lm-head-after-replay", "lm-head-in-graph"])
 def test_mp_tp2_decode_graphs_route_collectives_through_the_communicator(references, monkeypatch, gather) -> None:
     """A backend that can capture graphs and offers a communicator: tp=2 records decode graphs, small

@@ -27,7 +27,7 @@ import torch
 
 from pagedllm.backends.interface import Backend
 from pagedllm.core.config import EngineConfig, ModelConfig
-from pagedllm.core.distributed.errors import WorkerFailedError, refuse_sampled_tokens
+from pagedllm.core.distributed.errors import WorkerFailedError
 from pagedllm.core.distributed.mp_worker import SHUTDOWN, WorkerCall, WorkerReply, WorkerSpec, worker_main
 from pagedllm.core.distributed.parallel_state import (
     DistributedInit,
@@ -212,11 +212,12 @@ class MultiprocExecutor(Executor):
 
     def execute(self, scheduler_output: SchedulerOutput, sampled_token_ids: torch.Tensor | None = None
                 ) -> ModelRunnerOutput:
-        """See :class:`Executor`: every rank runs the step; rank 0's logits come back."""
-        refuse_sampled_tokens(sampled_token_ids)
+        """See :class:`Executor`: every rank runs the step; rank 0's logits come back. ``sampled_token_ids``
+        (on rank 0's device, which is the driver's) reach the other ranks through the worker's broadcast."""
         self._check_usable()
         self._send(WorkerCall("execute", (scheduler_output,), reply=False))
-        return self._wait(self._rank_zero.submit(self.worker.execute, scheduler_output), "execute")
+        future = self._rank_zero.submit(self.worker.execute, scheduler_output, sampled_token_ids)
+        return self._wait(future, "execute")
 
     def shutdown(self) -> None:
         """Stop every rank: ask, then terminate what does not leave in time; leave the process group."""

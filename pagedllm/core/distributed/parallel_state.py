@@ -58,6 +58,19 @@ class TensorParallelGroup:
         dist.all_reduce(value, op=dist.ReduceOp.MIN, group=self.process_group)
         return bool(value.item())
 
+    def broadcast_from_first(self, x: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:
+        """Return rank 0's ``x[:n]`` (int64, on ``device``) on every rank: rank 0 passes its tensor, the
+        others None (a collective: every rank calls it with the same ``n``). ``x[:n]`` at world size 1."""
+        if self.rank == 0:
+            if x is None or len(x) < n:
+                raise ValueError(f"rank 0 must pass at least {n} values to broadcast")
+            out = x[:n].contiguous()
+        else:
+            out = torch.empty(n, dtype=torch.int64, device=device)
+        if self.world_size > 1:
+            dist.broadcast(out, src=dist.get_global_rank(self.process_group, 0), group=self.process_group)
+        return out
+
     def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
         """Concatenate every rank's ``x`` along ``dim``, in rank order. Identity at world size 1.
 

@@ -20,7 +20,7 @@ import torch
 
 from pagedllm.backends.interface import Backend
 from pagedllm.core.config import EngineConfig, ModelConfig
-from pagedllm.core.distributed.errors import WorkerFailedError, refuse_sampled_tokens
+from pagedllm.core.distributed.errors import WorkerFailedError
 from pagedllm.core.distributed.parallel_state import DistributedInit, free_port
 from pagedllm.core.executor import Executor
 from pagedllm.core.model_runner import ModelRunnerOutput
@@ -185,7 +185,9 @@ class RayExecutor(Executor):
     def execute(self, scheduler_output: SchedulerOutput, sampled_token_ids: torch.Tensor | None = None
                 ) -> ModelRunnerOutput:
         """See :class:`Executor`: every actor runs the step; rank 0's logits come back."""
-        refuse_sampled_tokens(sampled_token_ids)
+        if sampled_token_ids is not None:  # rank 0 is an actor: the driver's device is not its own
+            raise ValueError("the ray executor takes input tokens from the host only: asynchronous scheduling "
+                             "with tensor parallelism needs the mp executor")
         ray = _import_ray()
         ref = ray.put(scheduler_output)
         return self._get([actor.execute.remote(ref) for actor in self._actors], "execute")[0]
