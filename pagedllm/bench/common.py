@@ -48,6 +48,14 @@ def hardware(device: torch.device) -> str:
     return f"{name} ({device.type}); torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
 
 
+def engine_settings(args: argparse.Namespace) -> str:
+    """pagedllm's settings that change its figures, as one report line."""
+    return (f"pagedllm engine: tensor_parallel_size={args.tensor_parallel_size}, max_num_seqs={args.max_num_seqs}, "
+            f"max_num_batched_tokens={args.max_num_batched_tokens or 'auto'}, "
+            f"enforce_eager={args.enforce_eager}, "
+            f"async_scheduling={'on' if args.async_scheduling else 'off'}")
+
+
 def make_llm(args: argparse.Namespace) -> object:
     """The pagedllm ``LLM`` for the benchmark's engine options."""
     from pagedllm.entrypoints.llm import LLM

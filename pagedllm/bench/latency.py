@@ -9,7 +9,15 @@ import time
 
 import torch
 
-from pagedllm.bench.common import BenchResult, add_common_args, backends_of, hardware, make_llm, report
+from pagedllm.bench.common import (
+    BenchResult,
+    add_common_args,
+    backends_of,
+    engine_settings,
+    hardware,
+    make_llm,
+    report,
+)
 from pagedllm.bench.hf_runner import load_hf_model, release_device_memory, weight_bytes
 from pagedllm.bench.workloads import BenchRequest, make_workload
 
@@ -117,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
     floor_ms = 1e3 * weights / bandwidth
     lines = [f"workload: batch {args.batch_size}, {args.input_len} input tokens, {args.output_len} output tokens",
              f"model: {model_config.path} ({model_config.dtype}, {weights / 1e9:.2f} GB of weights)",
+             engine_settings(args),
              f"hardware: {hardware(device)}; measured copy bandwidth {bandwidth / 1e9:.0f} GB/s; "
              f"weight-read floor {floor_ms:.2f} ms per decode step"]
     for r in results:

@@ -8,7 +8,15 @@ import time
 import numpy as np
 import torch
 
-from pagedllm.bench.common import BenchResult, add_common_args, backends_of, hardware, make_llm, report
+from pagedllm.bench.common import (
+    BenchResult,
+    add_common_args,
+    backends_of,
+    engine_settings,
+    hardware,
+    make_llm,
+    report,
+)
 from pagedllm.bench.hf_runner import load_hf_model, release_device_memory, run_hf
 from pagedllm.bench.workloads import BenchRequest, add_workload_args, describe, make_workload
 
@@ -112,5 +120,6 @@ def run(args: argparse.Namespace) -> int:
         results.append(_result("hf", hf.elapsed_s, hf_requests, {"batch_size": hf.batch_size, **extra}))
     report("pagedllm bench throughput", [*lines,
                                           f"model: {model_config.path} ({model_config.dtype}, load {args.load_format})",
+                                          engine_settings(args),
                                           f"hardware: {hardware(device)}"], results, args.output_json)
     return 0

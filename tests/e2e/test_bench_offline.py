@@ -1,5 +1,5 @@
-"""``pagedllm bench throughput`` on the cpu backend with the demo model: both engines in one invocation, and
-transformers on a seeded sample of the workload when ``--hf-num-prompts`` asks for one."""
+"""``pagedllm bench throughput`` and ``latency`` on the cpu backend with the demo model: both engines in one
+invocation, and transformers on a seeded sample of the workload when ``--hf-num-prompts`` asks for one."""
 
 from __future__ import annotations
 
@@ -17,14 +17,30 @@ from pagedllm.entrypoints.cli import main
 def test_throughput_runs_both_engines_and_samples_the_peer(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "result.json"
     rc = main(["bench", "throughput", "--device", "cpu", "--dtype", "float32", "--dataset", "sharegpt",
-               "--num-prompts", "6", "--hf-num-prompts", "3", "--max-model-len", "1024", "--output-json", str(out)])
+               "--num-prompts", "6", "--hf-num-prompts", "3", "--max-model-len", "1024", "--async-scheduling",
+               "--output-json", str(out)])
     assert rc == 0
     result = json.loads(out.read_text())
     engines = {r["engine"]: r for r in result["results"]}
     assert set(engines) == {"pagedllm", "hf"}
     assert engines["hf"]["extra"]["sample"] == "3/6"
     assert all(r["total_tokens_per_s"] > 0 for r in engines.values())
-    assert "ratio: pagedllm / hf" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "ratio: pagedllm / hf" in printed
+    assert "async_scheduling=on" in printed and "async_scheduling=on" in " ".join(result["lines"])
+
+
+@pytest.mark.timeout(300)
+def test_latency_runs_both_engines_against_the_weight_read_floor(tmp_path: Path) -> None:
+    out = tmp_path / "latency.json"
+    rc = main(["bench", "latency", "--device", "cpu", "--dtype", "float32", "--batch-size", "2", "--input-len", "16",
+               "--output-len", "8", "--num-iters", "1", "--max-model-len", "1024", "--output-json", str(out)])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert {r["engine"] for r in result["results"]} == {"pagedllm", "hf"}
+    for r in result["results"]:
+        assert float(r["extra"]["per_token_ms"]) > 0 and float(r["extra"]["x_floor"]) > 0
+    assert any(line.startswith("pagedllm engine: ") and "async_scheduling=off" in line for line in result["lines"])
 
 
 def test_hf_sample_is_seeded_ordered_and_validated() -> None:
