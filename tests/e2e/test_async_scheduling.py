@@ -142,3 +142,29 @@ def test_async_scheduling_refuses_the_ray_executor(llama_dir: Path) -> None:
     with pytest.raises(ValueError, match="async_scheduling with tensor parallelism needs the mp executor"):
         LLM(str(llama_dir), device="cpu", tensor_parallel_size=2, distributed_executor_backend="ray",
             async_scheduling=True)
+
+
+def test_failing_step_mid_pipeline_aborts_the_call_and_the_engine_goes_on(llama_dir: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step that raises while another is in flight (pending tokens outstanding): the call's requests are
+    aborted with their blocks, the in-flight step is dropped, and the next call runs normally."""
+    llm = LLM(str(llama_dir), **ENGINE_KWARGS, async_scheduling=True)
+    executor = llm.llm_engine.executor
+    execute = executor.execute
+    calls = 0
+
+    def fails_on_the_fourth(*args: object) -> object:
+        nonlocal calls
+        calls += 1
+        if calls == 4:
+            raise RuntimeError("device fell over")
+        return execute(*args)
+
+    monkeypatch.setattr(executor, "execute", fails_on_the_fourth)
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    with pytest.raises(RuntimeError, match="device fell over"):
+        llm.generate(PROMPTS[:2], params, use_tqdm=False)
+    assert_pool_free(llm)
+    monkeypatch.undo()
+    expected = _completions(LLM(str(llama_dir), **ENGINE_KWARGS).generate(PROMPTS[:2], params, use_tqdm=False))
+    assert _completions(llm.generate(PROMPTS[:2], params, use_tqdm=False)) == expected
