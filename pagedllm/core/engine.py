@@ -1,4 +1,5 @@
-"""The engine: add requests, step (schedule -> run -> sample -> update), emit RequestOutputs."""
+"""The engine: add requests, step (schedule -> run -> sample -> update), emit RequestOutputs; optionally
+pipelined (asynchronous scheduling: step k+1 is launched before step k's tokens are read back)."""
 
 from __future__ import annotations
 
@@ -62,7 +63,8 @@ def pick_block_size(requested: int | None, supported: Sequence[int]) -> int:
 
 
 class LLMEngine:
-    """Continuous-batching engine over one backend; synchronous: the caller drives :meth:`step`."""
+    """Continuous-batching engine over one backend; the caller drives :meth:`step` (with
+    ``async_scheduling`` each call also launches the next step before reading back the current one)."""
 
     def __init__(self, config: EngineConfig) -> None:
         from pagedllm.backends.registry import get_registry
