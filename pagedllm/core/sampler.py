@@ -6,7 +6,7 @@ logprobs when asked), never one sync per request.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -48,8 +48,8 @@ class SamplerOutput:
     top_token_ids: torch.Tensor | None = None  # [R, k] int64
     top_logprobs: torch.Tensor | None = None  # [R, k] float32
     device_token_ids: torch.Tensor | None = None  # [R] int64, on the logits' device
-    _host_token_ids: torch.Tensor | None = None  # [R] int64 being copied to the host
-    _copied: torch.Event | None = None
+    _host_token_ids: torch.Tensor | None = field(default=None, init=False, repr=False)  # [R] int64, being copied
+    _copied: torch.Event | None = field(default=None, init=False, repr=False)  # recorded after that copy
 
     def start_copy(self) -> None:
         """Queue the copy of ``device_token_ids`` to the host and mark its end (no wait)."""
