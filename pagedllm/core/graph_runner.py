@@ -4,8 +4,9 @@ Used only when the backend's capabilities say it can capture graphs (CUDA/HIP gr
 ``enforce_eager`` is off. Inputs live in static device buffers; a step of ``n`` decodes is padded to the
 smallest bucket ``>= n``: padding rows read the null block (block 0) with ``seq_len`` 1 and write nothing
 (slot -1), so their results are garbage that is never read. The recorded step ends with the LM head, so a
-replay yields the logits of every row; with tensor parallelism it ends with the final norm instead, and the
-LM head (whose all-gather goes through ``torch.distributed``) runs eagerly on the replay's hidden states.
+replay yields the logits of every row; when the LM head's all-gather cannot be recorded (tensor parallelism
+without a communicator that gathers) it ends with the final norm instead, and the LM head runs eagerly on the
+replay's hidden states.
 """
 
 from __future__ import annotations
@@ -44,8 +45,7 @@ class DecodeGraphRunner:
 
     def __init__(
         self, model: nn.Module, backend: Backend, device: torch.device, block_size: int,
-        max_blocks_per_seq: int, max_num_seqs: int, hidden_size: int, dtype: torch.dtype,
-        with_logits: bool = True,
+        max_blocks_per_seq: int, max_num_seqs: int, with_logits: bool = True,
     ) -> None:
         self.model = model
         self.with_logits = with_logits
@@ -63,8 +63,9 @@ class DecodeGraphRunner:
         self.context_lens = self.i32[max_bs : 2 * max_bs]
         self.block_tables = self.i32[2 * max_bs :].view(max_bs, max_blocks_per_seq)
         self.query_start_loc = torch.arange(max_bs + 1, dtype=torch.int32, device=device)
-        self.logits: torch.Tensor | None = None  # [max_bs, vocab], allocated by the first (largest) capture
-        self.hidden: torch.Tensor | None = None  # [max_bs, hidden] when the LM head runs after the replay
+        # what the graphs end with: logits [max_bs, vocab], or hidden states [max_bs, hidden] when the LM head
+        # runs after the replay; allocated by the first (largest) capture
+        self.outputs: torch.Tensor | None = None
         self.graphs: dict[int, Callable[[], None]] = {}
         # host staging, reused each step (pinned where the device supports it, for async copies); the copies
         # of one step are complete before the next step writes here (the step's sampling waits for them)
@@ -105,18 +106,12 @@ class DecodeGraphRunner:
             metadata = self._metadata(batch_size)
 
             def step(bs: int = batch_size, md: AttentionMetadata = metadata) -> None:
-                hidden = self.model(self.input_ids[:bs], self.positions[:bs], md)
-                if not self.with_logits:
-                    if self.hidden is None:  # the first (largest) bucket's warm-up: allocate outside any graph
-                        self.hidden = torch.empty((self.max_bs, hidden.shape[-1]), dtype=hidden.dtype,
-                                                  device=hidden.device)
-                    self.hidden[:bs] = hidden
-                    return
-                logits = self.model.compute_logits(hidden)
-                if self.logits is None:  # the first (largest) bucket's warm-up: allocate outside any graph
-                    self.logits = torch.empty((self.max_bs, logits.shape[-1]), dtype=logits.dtype,
-                                              device=logits.device)
-                self.logits[:bs] = logits
+                out = self.model(self.input_ids[:bs], self.positions[:bs], md)
+                if self.with_logits:
+                    out = self.model.compute_logits(out)
+                if self.outputs is None:  # the first (largest) bucket's warm-up: allocate outside any graph
+                    self.outputs = torch.empty((self.max_bs, out.shape[-1]), dtype=out.dtype, device=out.device)
+                self.outputs[:bs] = out
 
             self.graphs[batch_size] = self.backend.capture_graph(step)
         logger.info("captured decode graphs for %d batch sizes up to %d", len(self.sizes), self.max_batch_size)
@@ -151,8 +146,5 @@ class DecodeGraphRunner:
         if pending is not None:
             self.input_ids.index_copy_(0, *pending)
         self.graphs[bucket]()
-        if not self.with_logits:
-            assert self.hidden is not None
-            return self.model.compute_logits(self.hidden[:n])
-        assert self.logits is not None
-        return self.logits[:n]
+        assert self.outputs is not None
+        return self.outputs[:n] if self.with_logits else self.model.compute_logits(self.outputs[:n])

@@ -197,11 +197,8 @@ class ModelRunner:
         ``with_logits=False`` leaves the LM head out of the graphs (tensor parallelism)."""
         from pagedllm.core.graph_runner import DecodeGraphRunner
 
-        hidden_size = int(self.model.config.hidden_size)
-        dtype = next(self.model.parameters()).dtype
         self.graph_runner = DecodeGraphRunner(self.model, self.backend, self.device, self.block_size,
-                                              self.max_blocks_per_seq, max_num_seqs, hidden_size, dtype,
-                                              with_logits)
+                                              self.max_blocks_per_seq, max_num_seqs, with_logits)
         self.graph_runner.capture()
 
     @torch.inference_mode()
