@@ -107,26 +107,23 @@ class BlockManager:
         prefix cache. Returns the newly allocated block ids, or None (and changes nothing) when the pool
         has too few free blocks.
         """
-        if not computed_blocks:  # fast path (most decodes): the table already has room, no block fills up
-            table = self.block_tables.get(request.request_id)
-            total = request.num_computed_tokens + num_new_tokens
-            if (table is not None and self.blocks_for(total) <= len(table) and (
-                    not self.enable_prefix_caching
-                    or total // self.block_size <= self._num_cached_blocks.get(request.request_id, 0))):
-                return []
         computed_blocks = computed_blocks or []
-        if not self.can_allocate(request, num_new_tokens, computed_blocks):
+        num_computed = request.num_computed_tokens + len(computed_blocks) * self.block_size
+        total = num_computed + num_new_tokens
+        num_needed = self.blocks_for(total) - len(self.block_tables.get(request.request_id, ())) - len(computed_blocks)
+        # most decodes fit the table as it is and touch nothing shared: no need to ask the pool
+        if (num_needed > 0 or computed_blocks) and not self.can_allocate(request, num_new_tokens, computed_blocks):
             return None
         table = self.block_tables.setdefault(request.request_id, [])
-        self.pool.touch(computed_blocks)
-        table.extend(computed_blocks)
-        num_computed = request.num_computed_tokens + len(computed_blocks) * self.block_size
-        new_blocks = self.pool.allocate(max(0, self.blocks_for(num_computed + num_new_tokens) - len(table)))
+        if computed_blocks:
+            self.pool.touch(computed_blocks)
+            table.extend(computed_blocks)
+        new_blocks = self.pool.allocate(num_needed) if num_needed > 0 else []
         table.extend(new_blocks)
-        if self.enable_prefix_caching:
+        start = self._num_cached_blocks.get(request.request_id, 0)
+        if self.enable_prefix_caching and total // self.block_size > start:  # this step fills a block
             hashes = self._block_hashes(request)
-            num_full = min((num_computed + num_new_tokens) // self.block_size, len(hashes))
-            start = self._num_cached_blocks.get(request.request_id, 0)
+            num_full = min(total // self.block_size, len(hashes))
             for i in range(start, num_full):
                 self.pool.cache(table[i], hashes[i])
             self._num_cached_blocks[request.request_id] = max(start, num_full)
