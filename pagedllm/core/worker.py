@@ -92,7 +92,7 @@ class Worker:
         max_batch = capture_sizes(self.config.max_num_seqs)[-1]
         with_logits = True
         if self.tp_group.world_size > 1:
-            element = torch.empty(0, dtype=self.kv_dtype).element_size()
+            element = self.kv_dtype.itemsize
             world = self.tp_group.world_size
             max_bytes = max_batch * self.model_config.hidden_size * element
             gather_bytes = max_batch * -(-self.model_config.vocab_size // world) * element  # the LM head's slice
@@ -112,7 +112,7 @@ class Worker:
         """Run one step (``sampled_token_ids``: see :meth:`ModelRunner.execute`). With tensor parallelism
         only rank 0 holds the sampled tokens; the rows the step reads are broadcast to the other ranks on
         their devices first (no host involved)."""
-        if self.tp_group.world_size > 1:
+        if self.config.async_scheduling and self.tp_group.world_size > 1:  # else no step has pending tokens
             num_rows = max((r.token_from_row for r in scheduler_output.scheduled), default=-1) + 1
             if num_rows:
                 sampled_token_ids = self.tp_group.broadcast_from_first(sampled_token_ids, num_rows, self.device)

@@ -68,7 +68,7 @@ class SymmetricMemoryCommunicator(DeviceCommunicator):
         symm_mem = _symmetric_memory()
         self.group_name: str = process_group.group_name  # type: ignore[attr-defined]
         _prepare_group(symm_mem, self.group_name)
-        element = torch.empty(0, dtype=dtype).element_size()
+        element = dtype.itemsize
         self.dtype = dtype
         self.max_bytes = max_bytes
         self._all_reduce = torch.ops.symm_mem.one_shot_all_reduce_copy_out
