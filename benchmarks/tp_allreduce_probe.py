@@ -60,9 +60,9 @@ def _rank_main(rank: int, world: int, port: int, queue: multiprocessing.Queue, n
         comm = backend.create_communicator(group, device, dtype, max(BATCHES) * HIDDEN * 2)
         result["communicator"] = type(comm).__name__ if comm is not None else None
         if nccl_graph:
-            result.update(_nccl_in_graph(group, device, dtype))
+            result.update(_nccl_in_graph(backend, device, dtype))
         elif comm is not None:
-            result["sizes"] = [_measure(comm, group, device, dtype, batch) for batch in BATCHES]
+            result["sizes"] = [_measure(backend, comm, device, dtype, batch) for batch in BATCHES]
     except Exception as exc:
         result["error"] = f"{type(exc).__name__}: {exc}"
     queue.put(result)
@@ -70,20 +70,7 @@ def _rank_main(rank: int, world: int, port: int, queue: multiprocessing.Queue, n
     dist.destroy_process_group()
 
 
-def _capture(fn) -> torch.cuda.CUDAGraph:
-    """Run ``fn`` once on a side stream (warm-up, as torch requires), then record it in a CUDA graph."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph
-
-
-def _measure(comm, group, device: torch.device, dtype: torch.dtype, batch: int) -> dict[str, object]:
+def _measure(backend, comm, device: torch.device, dtype: torch.dtype, batch: int) -> dict[str, object]:
     import torch.distributed as dist
 
     gen = torch.Generator(device=device).manual_seed(1234 + dist.get_rank())
@@ -109,11 +96,11 @@ def _measure(comm, group, device: torch.device, dtype: torch.dtype, batch: int) 
             h = comm.all_reduce(h) * 0.5
         holder["out"] = h
 
-    graph = _capture(chain)
+    replay = backend.capture_graph(chain)  # as the engine records its decode graphs
     # replay on new inputs: the result must equal the eager chain on the same inputs
     for trial in range(3):
         static.copy_(torch.randn(batch, HIDDEN, device=device, dtype=dtype, generator=gen))
-        graph.replay()
+        replay()
         replayed = holder["out"].clone()
         eager = static
         for _ in range(PER_GRAPH):
@@ -124,11 +111,11 @@ def _measure(comm, group, device: torch.device, dtype: torch.dtype, batch: int) 
             break
     else:
         out["ok_graph"] = True
-    out["symm_graph_ms"] = _time_ms(graph.replay, 50) / PER_GRAPH
+    out["symm_graph_ms"] = _time_ms(replay, 50) / PER_GRAPH
     return out
 
 
-def _nccl_in_graph(group, device: torch.device, dtype: torch.dtype) -> dict[str, object]:
+def _nccl_in_graph(backend, device: torch.device, dtype: torch.dtype) -> dict[str, object]:
     """Capture PER_GRAPH NCCL all-reduces in a graph; replay 200 times with an eager NCCL all-reduce and a
     host sync (an ``.item()``) between replays, the pattern of decode steps between prefill steps."""
     import torch.distributed as dist
@@ -141,10 +128,10 @@ def _nccl_in_graph(group, device: torch.device, dtype: torch.dtype) -> dict[str,
             dist.all_reduce(static)
             static.mul_(0.5)
 
-    graph = _capture(chain)
+    replay = backend.capture_graph(chain)  # as the engine records its decode graphs
     start = time.perf_counter()
     for _ in range(200):
-        graph.replay()
+        replay()
         dist.all_reduce(eager)
         eager.fill_(1.0)
         float(static[0, 0].item())
