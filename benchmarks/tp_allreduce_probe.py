@@ -5,8 +5,11 @@ Decode all-reduces are small (batch x hidden x 2 bytes: 8 KB at batch 1 for a 40
 256) and there are two per layer, so their latency, and whether they can live inside a captured graph,
 decide tensor-parallel decode speed. For each size this prints the time per all-reduce: NCCL eager,
 symmetric memory eager, and symmetric memory replayed from a graph of 64 back-to-back all-reduces (what a
-32-layer decode step holds). Last, NCCL all-reduces captured in a graph are replayed with host syncs and
-eager NCCL calls between replays, under a time limit, to see whether that combination runs or hangs here.
+32-layer decode step holds); then the same for the all-reduce fused with the residual add and RMSNorm that
+follow it in a decoder (one kernel) against the two kernels it replaces, with its results checked against
+theirs and between the ranks (they must be bit-identical). Last, NCCL all-reduces captured in a graph are
+replayed with host syncs and eager NCCL calls between replays, under a time limit, to see whether that
+combination runs or hangs here.
 
 Usage (a machine with >= 2 GPUs): ``python benchmarks/tp_allreduce_probe.py [--out results.json]``
 """
@@ -63,6 +66,7 @@ def _rank_main(rank: int, world: int, port: int, queue: multiprocessing.Queue, n
             result.update(_nccl_in_graph(backend, device, dtype))
         elif comm is not None:
             result["sizes"] = [_measure(backend, comm, device, dtype, batch) for batch in BATCHES]
+            result["fused"] = [_measure_fused(backend, comm, device, dtype, batch) for batch in BATCHES]
     except Exception as exc:
         result["error"] = f"{type(exc).__name__}: {exc}"
     queue.put(result)
@@ -112,6 +116,60 @@ def _measure(backend, comm, device: torch.device, dtype: torch.dtype, batch: int
     else:
         out["ok_graph"] = True
     out["symm_graph_ms"] = _time_ms(replay, 50) / PER_GRAPH
+    return out
+
+
+def _measure_fused(backend, comm, device: torch.device, dtype: torch.dtype, batch: int) -> dict[str, object]:
+    """The fused all-reduce + add + RMSNorm against ``comm.all_reduce`` then ``backend.add_rms_norm``."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    gen = torch.Generator(device=device).manual_seed(99 + rank)  # partial sums differ per rank
+    shared = torch.Generator(device=device).manual_seed(7)  # residual and weight are the same on every rank
+    x = torch.randn(batch, HIDDEN, device=device, dtype=dtype, generator=gen)
+    residual = torch.randn(batch, HIDDEN, device=device, dtype=dtype, generator=shared)
+    weight = torch.rand(HIDDEN, device=device, dtype=dtype, generator=shared) + 0.5
+    eps = 1e-5
+
+    def fused(h: torch.Tensor, res: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        got = comm.all_reduce_add_rms_norm(h, res, weight, eps)
+        assert got is not None, "the communicator declined the fused all-reduce + RMSNorm"
+        return got
+
+    def unfused(h: torch.Tensor, res: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return backend.add_rms_norm(comm.all_reduce(h), res, weight, eps)
+
+    if rank == 1:
+        torch.cuda._sleep(20_000_000)  # rank 1 arrives late: rank 0's kernel must wait for it, not read stale data
+    normed, res = fused(x, residual.clone())
+    ref_normed, ref_res = unfused(x, residual.clone())
+    out: dict[str, object] = {"batch": batch,
+                              "normed_max_diff": (normed.float() - ref_normed.float()).abs().max().item(),
+                              "residual_max_diff": (res.float() - ref_res.float()).abs().max().item()}
+    both = torch.cat([normed, res]).float()
+    peer = both.clone()
+    dist.broadcast(peer, src=0)
+    out["ranks_identical"] = bool(torch.equal(both, peer))
+
+    static_x, static_res = x.clone(), residual.clone()
+    holder: dict[str, torch.Tensor] = {}
+
+    def chain(step) -> None:
+        h, r = static_x, static_res
+        for _ in range(PER_GRAPH):
+            h, r = step(h, r)
+        holder["out"] = h
+
+    fused_graph = backend.capture_graph(lambda: chain(fused))
+    static_res.copy_(residual)
+    fused_graph()
+    replayed = holder["out"].clone()
+    static_res.copy_(residual)
+    chain(fused)
+    out["graph_equals_eager"] = bool(torch.equal(replayed, holder["out"]))
+    unfused_graph = backend.capture_graph(lambda: chain(unfused))
+    out["fused_graph_ms"] = _time_ms(fused_graph, 50) / PER_GRAPH
+    out["unfused_graph_ms"] = _time_ms(unfused_graph, 50) / PER_GRAPH
     return out
 
 
@@ -185,6 +243,12 @@ def main() -> int:
             print(f"{row['batch']:>6} {row['bytes']:>9} {row['nccl_eager_ms'] * 1e3:>9.1f}us "
                   f"{row['symm_eager_ms'] * 1e3:>9.1f}us {row['symm_graph_ms'] * 1e3:>9.1f}us  "
                   f"{row['ok_eager'] and row['ok_graph']}")
+        print(f"{'batch':>6} {'fused graph':>12} {'2 kernels':>10}  diff vs 2 kernels (normed, residual)  "
+              "ranks identical, graph = eager")
+        for row, peer_row in zip(sym[0].get("fused", []), sym[1].get("fused", []), strict=False):
+            print(f"{row['batch']:>6} {row['fused_graph_ms'] * 1e3:>10.1f}us {row['unfused_graph_ms'] * 1e3:>8.1f}us  "
+                  f"{row['normed_max_diff']:.3g}, {row['residual_max_diff']:.3g}  "
+                  f"{peer_row['ranks_identical']}, {row['graph_equals_eager']}")
     if args.out:
         args.out.write_text(json.dumps(report, indent=1))
     return 0

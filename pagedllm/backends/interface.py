@@ -27,8 +27,9 @@ import torch
 # A backend is compatible when its major equals ours and its minor is not newer than ours (it may use
 # nothing we do not have). History: 1.0 (pagedllm 0.1) — the first interface; 1.1 — ``Backend.configure``
 # receives the plugin's own command-line options; 1.2 — ``Backend.create_communicator`` (a device all-reduce
-# that captured graphs may contain, for tensor-parallel decode graphs).
-INTERFACE_VERSION: tuple[int, int] = (1, 2)
+# that captured graphs may contain, for tensor-parallel decode graphs); 1.3 —
+# ``DeviceCommunicator.all_reduce_add_rms_norm`` (the all-reduce fused with the next residual add and norm).
+INTERFACE_VERSION: tuple[int, int] = (1, 3)
 
 
 class InterfaceVersionError(ValueError):
@@ -273,6 +274,20 @@ class DeviceCommunicator(abc.ABC):
         LM head on its ``[num_sampled, vocab / world_size]`` logits. ``x`` is contiguous, the same shape on
         every rank, at most :attr:`max_gather_bytes` bytes. Default: not offered."""
         raise NotImplementedError(f"{type(self).__name__} offers no all-gather (max_gather_bytes is 0)")
+
+    def all_reduce_add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+                                ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Sum ``x`` over the ranks, add ``residual`` and normalize, in one pass; or None to decline.
+
+        Called where a row-parallel layer's output meets the next RMSNorm (twice per decoder layer) with
+        ``x``: this rank's partial sum ``[num_tokens, hidden]``, contiguous, model dtype, at most
+        :attr:`max_bytes`; ``residual``: same shape and dtype, contiguous; ``weight``: ``[hidden]``. Returns
+        ``(normed, residual)`` exactly as :meth:`Backend.add_rms_norm` would on the summed ``x`` (the sum
+        rounded to the model dtype before the add), with ``residual`` updated in place; every rank must get
+        bit-identical results. Returning None (every rank alike) makes the caller run :meth:`all_reduce` and
+        the backend's ``add_rms_norm``. Default: None. Added in 1.3.
+        """
+        return None
 
 
 class Backend(abc.ABC):

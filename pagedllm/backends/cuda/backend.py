@@ -33,7 +33,7 @@ class CudaBackend(Backend):
     name = "cuda"
     device_type = "cuda"
     dist_backend = "nccl"
-    interface_version = (1, 2)  # create_communicator
+    interface_version = (1, 3)  # create_communicator, all_reduce_add_rms_norm
     priority = 10  # below rocm: torch.cuda also answers on a ROCm build
 
     def __init__(self) -> None:

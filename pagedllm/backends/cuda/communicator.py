@@ -8,6 +8,8 @@ KB to a few MB per layer); prefill's larger tensors keep going through NCCL. NVL
 
 - all-reduce: torch's one-shot kernel (copy the local tensor into this rank's buffer, barrier, sum every
   rank's buffer);
+- all-reduce + residual add + RMSNorm (the end of every attention and MLP block): one Triton kernel
+  (:mod:`pagedllm.backends.cuda.allreduce_norm`);
 - all-gather (the LM head's logits): copy into this rank's buffer, barrier, concatenate the peers' buffers,
   barrier (so no rank overwrites its buffer while a peer still reads it).
 """
@@ -19,12 +21,15 @@ import types
 
 import torch
 
+from pagedllm.backends.cuda.allreduce_norm import AllReduceAddRMSNorm
 from pagedllm.backends.interface import DeviceCommunicator
 
 logger = logging.getLogger(__name__)
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
 """What torch's one-shot kernel sums (it has no float16 instantiation)."""
+MAX_FUSED_HIDDEN = 16384
+"""The widest row the fused all-reduce + RMSNorm kernel holds in registers; wider rows take two kernels."""
 
 
 def _symmetric_memory() -> types.ModuleType:
@@ -75,6 +80,7 @@ class SymmetricMemoryCommunicator(DeviceCommunicator):
         self._buffer = symm_mem.empty(max(1, max_bytes // element), dtype=dtype, device=device)
         self._handle = symm_mem.rendezvous(self._buffer, process_group)
         self.world_size = int(self._handle.world_size)
+        self._fused_norm = AllReduceAddRMSNorm(symm_mem, process_group, device, dtype, max_bytes)
         self.max_gather_bytes = 0
         if max_gather_bytes > 0:
             self._gather_buffer = symm_mem.empty(max(1, max_gather_bytes // element), dtype=dtype, device=device)
@@ -91,6 +97,14 @@ class SymmetricMemoryCommunicator(DeviceCommunicator):
         out = torch.empty_like(x)
         self._all_reduce(staging, x, "sum", self.group_name, out)
         return out
+
+    def all_reduce_add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+                                ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """One kernel for ``add_rms_norm(all_reduce(x), residual, weight, eps)`` (see the interface), or None
+        for rows wider than :data:`MAX_FUSED_HIDDEN` or a dtype this communicator was not built for."""
+        if x.dtype != self.dtype or residual.dtype != self.dtype or x.shape[-1] > MAX_FUSED_HIDDEN:
+            return None
+        return self._fused_norm(x, residual, weight, eps)
 
     def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
         """Return every rank's ``x: [num_sampled, vocab_slice]`` concatenated along ``dim``, a new tensor."""

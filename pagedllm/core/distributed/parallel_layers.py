@@ -173,15 +173,19 @@ class QKVParallelLinear(MergedColumnParallelLinear):
 class RowParallelLinear(nn.Module):
     """Row-parallel linear layer: rank r holds input columns ``[r * n, (r + 1) * n)``; outputs are summed.
 
-    ``forward(x [num_tokens, in_features / world_size])`` -> ``[num_tokens, out_features]`` (all-reduced;
-    the bias is added once, after the sum). Same parameter names as ``nn.Linear``.
+    ``forward(x [num_tokens, in_features / world_size])`` -> ``[num_tokens, out_features]``: all-reduced,
+    the bias added once after the sum; or, with ``reduce_results=False``, this rank's partial sum (rank 0's
+    holding the bias), for a consumer that sums it itself (an RMSNorm with ``reduce_partial_input``, which
+    fuses the all-reduce with its residual add). Same parameter names as ``nn.Linear``.
     """
 
     def __init__(
-        self, in_features: int, out_features: int, bias: bool, tp: TensorParallelGroup | None = None
+        self, in_features: int, out_features: int, bias: bool, tp: TensorParallelGroup | None = None,
+        reduce_results: bool = True,
     ) -> None:
         super().__init__()
         self.tp = tp or get_tp_group()
+        self.reduce_results = reduce_results
         self.in_features_per_rank = _divide(in_features, self.tp.world_size, "input size")
         self.weight = nn.Parameter(torch.empty(out_features, self.in_features_per_rank))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
@@ -196,6 +200,8 @@ class RowParallelLinear(nn.Module):
         """See the class docstring."""
         if self.tp.world_size == 1:
             return nn.functional.linear(x, self.weight, self.bias)
+        if not self.reduce_results:
+            return nn.functional.linear(x, self.weight, self.bias if self.tp.rank == 0 else None)
         out = self.tp.all_reduce(nn.functional.linear(x, self.weight))
         return out if self.bias is None else out + self.bias
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from pagedllm.backends.interface import DeviceCommunicator
+from pagedllm.backends.interface import Backend, DeviceCommunicator
 
 # Collectives wait this long for a peer before failing; the executors notice a dead worker much sooner.
 DEFAULT_TIMEOUT_S = 1800.0
@@ -48,6 +48,18 @@ class TensorParallelGroup:
             return comm.all_reduce(x.contiguous())
         dist.all_reduce(x, group=self.process_group)
         return x
+
+    def all_reduce_add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                                backend: Backend) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``backend.add_rms_norm(all_reduce(x), residual, weight, eps)``: ``(normed, residual)``, each
+        ``[num_tokens, hidden]``, ``residual`` updated in place. One kernel where the communicator fuses it
+        (small ``x``), else the all-reduce then the backend's fused add + norm."""
+        comm = self.communicator
+        if self.world_size > 1 and comm is not None and x.numel() * x.element_size() <= comm.max_bytes:
+            fused = comm.all_reduce_add_rms_norm(x.contiguous(), residual, weight, eps)
+            if fused is not None:
+                return fused
+        return backend.add_rms_norm(self.all_reduce(x), residual, weight, eps)
 
     def all_agree(self, flag: bool, device: torch.device) -> bool:
         """True when ``flag`` is True on every rank (a collective: every rank calls it, with its own

@@ -12,24 +12,33 @@ import torch
 from torch import nn
 
 from pagedllm.backends.interface import AttentionMetadata, AttentionSpec, Backend
+from pagedllm.core.distributed.parallel_state import get_tp_group
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed by the backend; ``forward(x, residual)`` also fuses the residual add."""
+    """RMSNorm computed by the backend; ``forward(x, residual)`` also fuses the residual add.
 
-    def __init__(self, hidden_size: int, eps: float, backend: Backend) -> None:
+    ``reduce_partial_input``: with a residual, ``x`` is this rank's partial sum from a row-parallel layer
+    built with ``reduce_results=False``; it is summed over the tensor-parallel group (current when the norm
+    is built) together with the add, in one kernel where the backend's communicator offers it.
+    """
+
+    def __init__(self, hidden_size: int, eps: float, backend: Backend, reduce_partial_input: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.variance_epsilon = eps
         self.backend = backend
+        self.tp = get_tp_group() if reduce_partial_input else None
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """``x``: ``[num_tokens, hidden]``. Without ``residual``: the normed x. With it: ``(normed(x +
-        residual), x + residual)``."""
+        residual), x + residual)``, ``x`` first summed over the ranks if ``reduce_partial_input``."""
         if residual is None:
             return self.backend.rms_norm(x, self.weight, self.variance_epsilon)
+        if self.tp is not None and self.tp.world_size > 1:
+            return self.tp.all_reduce_add_rms_norm(x, residual, self.weight, self.variance_epsilon, self.backend)
         return self.backend.add_rms_norm(x, residual, self.weight, self.variance_epsilon)
 
 

@@ -3,7 +3,9 @@
 Differences between the family members are configuration, not code: Qwen2 has biases on q/k/v and often
 ties its embeddings; Mistral has a sliding window. q/k/v and gate/up are stored fused (``qkv_proj``,
 ``gate_up_proj``); ``load_weights`` maps the Hugging Face names onto them, so ``forward`` never sees the
-checkpoint layout.
+checkpoint layout. With tensor parallelism the attention and MLP blocks return this rank's partial sum
+(row-parallel layers built with ``reduce_results=False``); the next RMSNorm sums it over the ranks together
+with its residual add, in one kernel where the backend offers it.
 """
 
 from __future__ import annotations
@@ -55,8 +57,9 @@ class LlamaAttention(nn.Module):
         self.num_kv_heads = self.qkv_proj.num_kv_heads
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.o_proj = RowParallelLinear(total_num_heads * self.head_dim, hf_config.hidden_size,
-                                        bias=bool(getattr(hf_config, "attention_bias", False)))
+        o_bias = bool(getattr(hf_config, "attention_bias", False))
+        self.o_proj = RowParallelLinear(total_num_heads * self.head_dim, hf_config.hidden_size, o_bias,
+                                        reduce_results=False)  # summed by the next norm
         self.rotary_emb = RotaryEmbedding(hf_config, self.head_dim, hf_config.max_position_embeddings, backend)
         spec = AttentionSpec(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5, sliding_window)
         self.attn = PagedAttention(spec, backend)
@@ -64,7 +67,7 @@ class LlamaAttention(nn.Module):
     qkv_bias_default = False
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
-        """``hidden: [num_tokens, hidden_size]`` -> ``[num_tokens, hidden_size]``."""
+        """``hidden: [num_tokens, hidden_size]`` -> ``[num_tokens, hidden_size]`` (this rank's partial sum)."""
         qkv = self.qkv_proj(hidden)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         num_tokens = hidden.shape[0]
@@ -83,11 +86,11 @@ class LlamaMLP(nn.Module):
         bias = bool(getattr(hf_config, "mlp_bias", False))
         inter = hf_config.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(hf_config.hidden_size, [inter, inter], bias)
-        self.down_proj = RowParallelLinear(inter, hf_config.hidden_size, bias=bias)
+        self.down_proj = RowParallelLinear(inter, hf_config.hidden_size, bias=bias, reduce_results=False)
         self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x: [num_tokens, hidden_size]`` -> same shape."""
+        """``x: [num_tokens, hidden_size]`` -> same shape (this rank's partial sum)."""
         return self.down_proj(self.backend.silu_and_mul(self.gate_up_proj(x)))
 
 
@@ -101,8 +104,8 @@ class LlamaDecoderLayer(nn.Module):
         self.self_attn = self.attention_cls(hf_config, layer_idx, sliding_window, backend)
         self.mlp = LlamaMLP(hf_config, backend)
         eps = hf_config.rms_norm_eps
-        self.input_layernorm = RMSNorm(hf_config.hidden_size, eps, backend)
-        self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, eps, backend)
+        self.input_layernorm = RMSNorm(hf_config.hidden_size, eps, backend, reduce_partial_input=True)
+        self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, eps, backend, reduce_partial_input=True)
 
     def forward(
         self,
@@ -111,7 +114,8 @@ class LlamaDecoderLayer(nn.Module):
         residual: torch.Tensor | None,
         metadata: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns ``(hidden, residual)``, each ``[num_tokens, hidden_size]``; their sum is the layer output."""
+        """Returns ``(hidden, residual)``, each ``[num_tokens, hidden_size]``; the layer output is ``hidden``
+        summed over the tensor-parallel ranks plus ``residual`` (the next norm computes it)."""
         if residual is None:
             residual = hidden
             hidden = self.input_layernorm(hidden)
@@ -132,7 +136,7 @@ class LlamaModel(nn.Module):
             layer_cls(hf_config, i, sliding_window_of(hf_config, i), backend)
             for i in range(hf_config.num_hidden_layers)
         )
-        self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps, backend)
+        self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps, backend, reduce_partial_input=True)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
         """``input_ids``, ``positions``: ``[num_tokens]`` -> hidden states ``[num_tokens, hidden_size]``."""
