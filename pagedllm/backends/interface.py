@@ -27,8 +27,9 @@ import torch
 # A backend is compatible when its major equals ours and its minor is not newer than ours (it may use
 # nothing we do not have). History: 1.0 (pagedllm 0.1) — the first interface; 1.1 — ``Backend.configure``
 # receives the plugin's own command-line options; 1.2 — ``Backend.create_communicator`` (a device all-reduce
-# that captured graphs may contain, for tensor-parallel decode graphs); 1.3 —
-# ``DeviceCommunicator.all_reduce_add_rms_norm`` (the all-reduce fused with the next residual add and norm).
+# that captured graphs may contain, for tensor-parallel decode graphs); 1.3 — ``Backend.linear`` (the
+# model's linear layers) and ``DeviceCommunicator.all_reduce_add_rms_norm`` (an all-reduce fused with the
+# residual add and norm after it).
 INTERFACE_VERSION: tuple[int, int] = (1, 3)
 
 
@@ -515,6 +516,16 @@ class Backend(abc.ABC):
             return torch.cat((-x2, x1), dim=-1)
 
         return query * cos + rotate_half(query) * sin, key * cos + rotate_half(key) * sin
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``x @ weight.T + bias``; called by every linear layer of the model (projections and the LM head),
+        per step, so a backend can pick its own kernel by shape (e.g. a GEMV for one-token decode steps).
+
+        ``x``: ``[num_tokens, in_features]``; ``weight``: ``[out_features, in_features]``; ``bias``:
+        ``[out_features]`` or None; one dtype. Returns ``[num_tokens, out_features]`` in that dtype. Default:
+        ``torch.nn.functional.linear``. Added in 1.3.
+        """
+        return torch.nn.functional.linear(x, weight, bias)
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
         """Gated MLP activation ``silu(x[:, :d]) * x[:, d:]``; called by every MLP of the model, per step.

@@ -18,11 +18,15 @@ from pagedllm.conformance.reference import DefaultOpsBackend, poisoned_allocatio
 
 NUM_TOKENS = 7
 HIDDEN = 96
-OPS: tuple[str, ...] = ("rms_norm", "add_rms_norm", "rotary_embedding", "silu_and_mul")
+IN_FEATURES, OUT_FEATURES = 256, 80
+# case name -> the Backend method it calls; linear twice: a backend may take one-token inputs (batch-1
+# decode) through another kernel
+OPS: dict[str, str] = {"rms_norm": "rms_norm", "add_rms_norm": "add_rms_norm", "rotary_embedding": "rotary_embedding",
+                       "silu_and_mul": "silu_and_mul", "linear": "linear", "linear_one_token": "linear"}
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """Parametrize ``fused_case`` as (op, dtype) for every op and dtype."""
+    """Parametrize ``fused_case`` as (case, dtype) for every case of :data:`OPS` and dtype."""
     if "fused_case" in metafunc.fixturenames:
         capabilities = get_target(metafunc.config).capabilities
         metafunc.parametrize(
@@ -40,7 +44,7 @@ def rotary_cache(head_dim: int, max_position: int) -> torch.Tensor:
 
 
 def op_inputs(op: str, head_dim: int, dtype: torch.dtype, gen: torch.Generator) -> tuple[object, ...]:
-    """The positional inputs of ``op`` (float tensors in ``dtype``; caches and positions as the op wants)."""
+    """The positional inputs of case ``op`` (float tensors in ``dtype``; caches and positions as the op wants)."""
 
     def randn(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=gen).to(dtype)
@@ -56,6 +60,10 @@ def op_inputs(op: str, head_dim: int, dtype: torch.dtype, gen: torch.Generator) 
     if op == "rotary_embedding":
         positions = torch.randint(0, 64, (NUM_TOKENS,), generator=gen)
         return positions, randn(NUM_TOKENS, 4, head_dim), randn(NUM_TOKENS, 2, head_dim), rotary_cache(head_dim, 64)
+    if op.startswith("linear"):
+        rows = 1 if op == "linear_one_token" else NUM_TOKENS
+        scale = IN_FEATURES**-0.5
+        return randn(rows, IN_FEATURES), randn(OUT_FEATURES, IN_FEATURES) * scale, randn(OUT_FEATURES)
     return (randn(NUM_TOKENS, 2 * HIDDEN),)
 
 
@@ -68,9 +76,10 @@ def test_fused_op_matches_default(
     conformance_target: ConformanceTarget, fused_case: tuple[str, torch.dtype], conformance_generator: torch.Generator
 ) -> None:
     """The backend's op on ``dtype`` inputs equals the base-class default on the same values in float32."""
-    op, dtype = fused_case
+    case, dtype = fused_case
+    op = OPS[case]
     target = conformance_target
-    inputs = op_inputs(op, base_head_size(target.capabilities), dtype, conformance_generator)
+    inputs = op_inputs(case, base_head_size(target.capabilities), dtype, conformance_generator)
 
     def on(device: torch.device, float32: bool) -> list[object]:
         moved = []

@@ -12,6 +12,7 @@ from torch import nn
 
 from pagedllm.backends.interface import Backend
 from pagedllm.core.config import ModelConfig
+from pagedllm.core.models.layers import bind_linear_op
 
 
 def model_class_for(architecture: str) -> type[nn.Module]:
@@ -106,6 +107,7 @@ def load_model(
     cls = model_class_for(model_config.architecture)
     with _default_dtype(model_config.dtype), torch.device(device):
         model = cls(model_config.hf_config, backend)
+    bind_linear_op(model, backend.linear)
     if load_format == "dummy":
         fill_dummy_weights(model, device, seed)
     else:

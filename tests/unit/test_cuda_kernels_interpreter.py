@@ -36,6 +36,7 @@ KERNEL_MODULES = (
     "attention",
     "kv_cache_kernels",
     "fused_kernels",
+    "gemv",
 )
 TOLERANCE = {torch.float32: {"atol": 1e-4, "rtol": 1e-4}, torch.float16: {"atol": 3e-3, "rtol": 3e-3}}
 REFERENCE = CpuBackend()
@@ -346,6 +347,30 @@ def test_silu_and_mul(kernels: SimpleNamespace, dtype: torch.dtype) -> None:
     torch.testing.assert_close(kernels.fused_kernels.silu_and_mul(x), REFERENCE.silu_and_mul(x), **TOLERANCE[dtype])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("n", "k", "bias"), [(80, 256, True), (1030, 128, False), (4100, 192, True)])
+def test_gemv_matches_linear(kernels: SimpleNamespace, n: int, k: int, bias: bool, dtype: torch.dtype) -> None:
+    """One-token linear layers: partial row blocks (n not a multiple of BLOCK_N), every K tile size rule."""
+    x = torch.randn(1, k).to(dtype)
+    weight = (torch.randn(n, k) * k**-0.5).to(dtype)
+    b = torch.randn(n).to(dtype) if bias else None
+    got = kernels.gemv.gemv(x, weight, b)
+    assert got is not None and got.shape == (1, n) and got.dtype == dtype
+    expected = torch.nn.functional.linear(x.float(), weight.float(), None if b is None else b.float())
+    torch.testing.assert_close(got.float(), expected, **TOLERANCE[dtype])
+
+
+def test_gemv_declines_what_it_does_not_take(kernels: SimpleNamespace) -> None:
+    gemv = kernels.gemv.gemv
+    weight = torch.randn(32, 128)
+    assert gemv(torch.randn(2, 128), weight) is None  # two rows: a GEMM's job
+    assert gemv(torch.randn(1, 100), torch.randn(32, 100)) is None  # K not a multiple of 64
+    assert gemv(torch.randn(1, 128), weight.t().contiguous().t()) is None  # K not the unit-stride dim
+    assert gemv(torch.randn(1, 128).half(), weight) is None  # mixed dtypes
+    assert kernels.gemv.gemv_config(128256, 4096) == (16, 256, 4)  # the LM head: short tiles, many programs
+    assert kernels.gemv.gemv_config(3072, 4096) == (8, 1024, 8)
+
+
 # --------------------------------------------------------------------------- backend identity
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the reason given on a machine without CUDA")
 def test_is_available_says_why_not() -> None:
@@ -400,7 +425,14 @@ def test_kernels_compile_for_sm90() -> None:
     if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
         pytest.skip("triton ships no ptxas here")
     pytest.importorskip("triton.compiler")
-    from pagedllm.backends.cuda import decode_attention, fused_kernels, kv_cache_kernels, prefill_attention
+    from pagedllm.backends.cuda import (
+        allreduce_norm,
+        decode_attention,
+        fused_kernels,
+        gemv,
+        kv_cache_kernels,
+        prefill_attention,
+    )
 
     bf16 = {n: "*bf16" for n in ("out_ptr", "q_ptr", "k_cache_ptr", "v_cache_ptr", "key_ptr", "value_ptr")}
     ints = {n: "*i32" for n in ("block_tables_ptr", "seq_lens_ptr", "query_start_loc_ptr", "context_lens_ptr")}
@@ -434,6 +466,14 @@ def test_kernels_compile_for_sm90() -> None:
         enable_fp_fusion=False,
     )  # fmt: skip
     _compile_sm90(fused_kernels._silu_and_mul_kernel, fused, {"BLOCK": 1024}, enable_fp_fusion=False)
+    _compile_sm90(gemv._gemv_kernel, {"y_ptr": "*bf16", "x_ptr": "*bf16", "w_ptr": "*bf16", "bias_ptr": "*bf16"},
+                  {"HAS_BIAS": True, "BLOCK_N": 16, "BLOCK_K": 256}, num_warps=4)  # fmt: skip
+    # the tensor-parallel all-reduce + RMSNorm: peer pointers from int64, system-scope release/acquire atomics
+    _compile_sm90(
+        allreduce_norm._all_reduce_add_rms_norm_kernel,
+        {**fused, "buffer_ptrs": "*i64", "flag_ptrs": "*i64", "epoch_ptr": "*i32"},
+        {"RANK": 1, "WORLD": 2, "BLOCK": 4096}, num_warps=8, enable_fp_fusion=False,
+    )  # fmt: skip
 
 
 def test_plugin_registers_backend_without_importing_triton() -> None:

@@ -33,7 +33,7 @@ class CudaBackend(Backend):
     name = "cuda"
     device_type = "cuda"
     dist_backend = "nccl"
-    interface_version = (1, 3)  # create_communicator, all_reduce_add_rms_norm
+    interface_version = (1, 3)  # create_communicator; linear, all_reduce_add_rms_norm
     priority = 10  # below rocm: torch.cuda also answers on a ROCm build
 
     def __init__(self) -> None:
@@ -217,6 +217,17 @@ class CudaBackend(Backend):
         from pagedllm.backends.cuda.fused_kernels import silu_and_mul
 
         return silu_and_mul(x)
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """A Triton GEMV for one-token inputs (``x: [1, K]``, batch-1 decode), where it streams the weights
+        faster than cuBLAS; cuBLAS (``torch.nn.functional.linear``) for everything else."""
+        if x.shape[0] == 1 and x.dim() == 2:
+            from pagedllm.backends.cuda.gemv import gemv
+
+            y = gemv(x, weight, bias)
+            if y is not None:
+                return y
+        return torch.nn.functional.linear(x, weight, bias)
 
     # ------------------------------------------------------------------ step capture
     def capture_graph(self, fn: Callable[[], None]) -> Callable[[], None]:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from pagedllm.core.distributed.parallel_state import TensorParallelGroup, get_tp_group, kv_heads_per_rank
-from pagedllm.core.models.layers import MergedLinear
+from pagedllm.core.models.layers import LinearOp, MergedLinear
 
 
 class LazyTensor(Protocol):
@@ -189,6 +189,7 @@ class RowParallelLinear(nn.Module):
         self.in_features_per_rank = _divide(in_features, self.tp.world_size, "input size")
         self.weight = nn.Parameter(torch.empty(out_features, self.in_features_per_rank))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.linear_op: LinearOp = nn.functional.linear
         set_loader(self.weight, self._load_weight, (out_features, in_features))
 
     def _load_weight(self, param: nn.Parameter, loaded: WeightLike) -> None:
@@ -199,10 +200,10 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """See the class docstring."""
         if self.tp.world_size == 1:
-            return nn.functional.linear(x, self.weight, self.bias)
+            return self.linear_op(x, self.weight, self.bias)
         if not self.reduce_results:
-            return nn.functional.linear(x, self.weight, self.bias if self.tp.rank == 0 else None)
-        out = self.tp.all_reduce(nn.functional.linear(x, self.weight))
+            return self.linear_op(x, self.weight, self.bias if self.tp.rank == 0 else None)
+        out = self.tp.all_reduce(self.linear_op(x, self.weight, None))
         return out if self.bias is None else out + self.bias
 
 
@@ -245,9 +246,13 @@ class ParallelLMHead(VocabParallelEmbedding):
     (each rank's slice all-gathered, padding columns dropped).
     """
 
+    def __init__(self, num_embeddings: int, embedding_dim: int, tp: TensorParallelGroup | None = None) -> None:
+        super().__init__(num_embeddings, embedding_dim, tp)
+        self.linear_op: LinearOp = nn.functional.linear
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         """See the class docstring."""
-        logits = nn.functional.linear(hidden, self.weight)
+        logits = self.linear_op(hidden, self.weight, None)
         if self.tp.world_size == 1:
             return logits
         return self.tp.all_gather(logits, dim=-1)[..., : self.num_embeddings]

@@ -1,18 +1,30 @@
 """Neutral building blocks of decoder models: norms, rotary embedding, fused linear layers, paged attention.
 
 Layers compute through the backend's fused-op hooks (``rms_norm``, ``rotary_embedding``, ``silu_and_mul``)
-and its paged attention, so model code never names a device.
+and its paged attention, so model code never names a device. Linear layers hold a ``linear_op`` (plain
+``torch.nn.functional.linear`` until :func:`bind_linear_op` gives them the backend's ``linear``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
 from pagedllm.backends.interface import AttentionMetadata, AttentionSpec, Backend
 from pagedllm.core.distributed.parallel_state import get_tp_group
+
+LinearOp = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+"""``(x [num_tokens, in], weight [out, in], bias [out] | None) -> [num_tokens, out]``, as ``Backend.linear``."""
+
+
+def bind_linear_op(model: nn.Module, linear: LinearOp) -> None:
+    """Make every linear layer of ``model`` (each module with a ``linear_op`` attribute) compute through
+    ``linear``, the backend's :meth:`Backend.linear`; called by the loader once the model is built."""
+    for module in model.modules():
+        if hasattr(module, "linear_op"):
+            module.linear_op = linear
 
 
 class RMSNorm(nn.Module):
@@ -94,10 +106,11 @@ class MergedLinear(nn.Module):
         self.shard_sizes = list(shard_sizes)
         self.weight = nn.Parameter(torch.empty(sum(shard_sizes), in_features))
         self.bias = nn.Parameter(torch.empty(sum(shard_sizes))) if bias else None
+        self.linear_op: LinearOp = nn.functional.linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x: [num_tokens, in_features]`` -> ``[num_tokens, sum(shard_sizes)]``."""
-        return nn.functional.linear(x, self.weight, self.bias)
+        return self.linear_op(x, self.weight, self.bias)
 
     def load_shard(self, param_name: str, index: int, loaded: torch.Tensor) -> None:
         """Copy part ``index`` of ``weight`` or ``bias`` (``param_name``) from a checkpoint tensor (or a lazy
