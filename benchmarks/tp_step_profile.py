@@ -37,9 +37,9 @@ def add_executor_marks(timer: StepTimer) -> None:
         send(call)
         timer.sub["send_done_ms"] = 1e3 * (time.perf_counter() - timer.launch_start)
 
-    def timed_execute(so):
+    def timed_execute(so, *args):
         timer.sub["thread_start_ms"] = 1e3 * (time.perf_counter() - timer.launch_start)
-        return execute(so)
+        return execute(so, *args)
 
     executor._send = timed_send
     worker.execute = timed_execute
