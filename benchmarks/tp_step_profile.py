@@ -49,9 +49,9 @@ def run_inline(executor) -> None:
     """Make ``executor.execute`` send the step to ranks 1..N-1, then run rank 0's part on the caller's thread."""
     from pagedllm.core.distributed.mp_worker import WorkerCall
 
-    def execute(so):
+    def execute(so, sampled_token_ids=None):
         executor._send(WorkerCall("execute", (so,), reply=False))
-        return executor.worker.execute(so)
+        return executor.worker.execute(so, sampled_token_ids)
 
     executor.execute = execute
 
