@@ -74,3 +74,72 @@ def test_tp2_async_scheduling_equals_tp1(checkpoints: dict[str, Path]) -> None:
     tp2 = _generate(checkpoints["llama"], 2, asynchronous=True)
     assert tp2["graphs"] and tp2["kv_usage"] == 0.0
     assert tp2["tokens"] == tp1["tokens"]
+
+
+FUSED = """
+import json, os, sys
+import torch, torch.distributed as dist
+from pagedllm.backends.cuda.backend import CudaBackend
+from pagedllm.core.distributed.parallel_state import DistributedInit, init_tensor_parallel
+
+def rank_main(rank, port, queue):
+    device = torch.device("cuda", rank)
+    torch.cuda.set_device(device)
+    group = init_tensor_parallel("nccl", DistributedInit("127.0.0.1", port), rank, 2, device)
+    backend = CudaBackend()
+    report = []
+    for dtype in (torch.bfloat16, torch.float32):
+        comm = backend.create_communicator(group.process_group, device, dtype, 40 * 4096 * dtype.itemsize)
+        for rows, hidden in ((1, 4096), (3, 1000), (40, 4096)):  # 40 rows: more than the kernel's programs
+            for call in range(4):  # every receive slot in turn, then the first again
+                gen = torch.Generator(device=device).manual_seed(10 * call + rank)
+                shared = torch.Generator(device=device).manual_seed(99 + call)
+                x = torch.randn(rows, hidden, device=device, dtype=dtype, generator=gen)
+                x[0, :8] = -0.0  # negative zeros are values too
+                residual = torch.randn(rows, hidden, device=device, dtype=dtype, generator=shared)
+                weight = torch.rand(hidden, device=device, dtype=dtype, generator=shared) + 0.5
+                if rank == call % 2:
+                    torch.cuda._sleep(5_000_000)  # one rank late, then the other
+                normed, res = comm.all_reduce_add_rms_norm(x, residual.clone(), weight, 1e-5)
+                ref_normed, ref_res = backend.add_rms_norm(comm.all_reduce(x), residual.clone(), weight, 1e-5)
+                both = torch.cat([normed, res]).float()
+                peer = both.clone()
+                dist.broadcast(peer, src=0)
+                report.append({"dtype": str(dtype), "rows": rows, "hidden": hidden, "call": call,
+                               "normed_err": (normed.float() - ref_normed.float()).abs().max().item(),
+                               "residual_err": (res.float() - ref_res.float()).abs().max().item(),
+                               "ranks_equal": bool(torch.equal(both, peer))})
+    queue.put((rank, report))
+    dist.barrier()
+    dist.destroy_process_group()
+
+if __name__ == "__main__":
+    import multiprocessing
+    from pagedllm.core.distributed.parallel_state import free_port
+    ctx = multiprocessing.get_context("spawn")
+    queue, port = ctx.Queue(), free_port()
+    procs = [ctx.Process(target=rank_main, args=(r, port, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(30)
+    print(json.dumps(results[1]))
+"""
+
+
+@pytest.mark.timeout(200)
+def test_fused_all_reduce_add_rms_norm_equals_two_kernels(tmp_path: Path) -> None:
+    """The communicator's one-kernel all-reduce + residual add + RMSNorm gives what the all-reduce followed by
+    the backend's add_rms_norm gives, on both ranks bit for bit: bf16 and fp32, one row, a width that is not
+    a power of two, more rows than programs, every receive slot, either rank arriving late."""
+    script = tmp_path / "fused.py"
+    script.write_text(FUSED)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(report) == 2 * 3 * 4
+    for case in report:
+        assert case["ranks_equal"], case
+        assert case["residual_err"] == 0.0, case  # the sum rounded once, then the add: as the two kernels do
+        assert case["normed_err"] <= (1e-2 if case["dtype"] == "torch.bfloat16" else 1e-5), case

@@ -468,12 +468,13 @@ def test_kernels_compile_for_sm90() -> None:
     _compile_sm90(fused_kernels._silu_and_mul_kernel, fused, {"BLOCK": 1024}, enable_fp_fusion=False)
     _compile_sm90(gemv._gemv_kernel, {"y_ptr": "*bf16", "x_ptr": "*bf16", "w_ptr": "*bf16", "bias_ptr": "*bf16"},
                   {"HAS_BIAS": True, "BLOCK_N": 16, "BLOCK_K": 256}, num_warps=4)  # fmt: skip
-    # the tensor-parallel all-reduce + RMSNorm: peer pointers from int64, system-scope release/acquire atomics
-    _compile_sm90(
-        allreduce_norm._all_reduce_add_rms_norm_kernel,
-        {**fused, "buffer_ptrs": "*i64", "flag_ptrs": "*i64", "epoch_ptr": "*i32"},
-        {"RANK": 1, "WORLD": 2, "BLOCK": 4096}, num_warps=8, enable_fp_fusion=False,
-    )  # fmt: skip
+    # the tensor-parallel all-reduce + RMSNorm: peer pointers from int64, polling volatile loads
+    for bits, dtype in ((16, "*bf16"), (32, "*fp32")):
+        typed = {n: dtype for n in ("out_ptr", "x_ptr", "residual_ptr", "weight_ptr")}
+        _compile_sm90(
+            allreduce_norm._all_reduce_add_rms_norm_kernel, {**typed, "buffer_ptrs": "*i64", "epoch_ptr": "*i32"},
+            {"RANK": 1, "WORLD": 2, "BITS": bits, "NUM_SLOTS": 3, "BLOCK": 4096}, num_warps=8, enable_fp_fusion=False,
+        )  # fmt: skip
 
 
 def test_plugin_registers_backend_without_importing_triton() -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pagedllm.core.request import Request
-from pagedllm.core.sampler import Sampler
+from pagedllm.core.sampler import Sampler, row_argmax
 from pagedllm.core.sampling_params import SamplingParams
 
 VOCAB = 50
@@ -113,3 +113,19 @@ def test_logprobs_are_of_raw_distribution_with_ranks() -> None:
 def test_invalid_params_name_the_field(kwargs: dict, field: str) -> None:
     with pytest.raises(ValueError, match=rf"SamplingParams\.{field} "):
         SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("vocab", [16384, 20011, 128256])
+def test_row_argmax_equals_torch_argmax(vocab: int) -> None:
+    """The chunked argmax of few wide rows: first maximal index on ties (within and across chunks, in the
+    padded last chunk), all -inf rows, NaN as the maximum — exactly what ``torch.argmax`` returns."""
+    gen = torch.Generator().manual_seed(vocab)
+    x = torch.randn(4, vocab, generator=gen).to(torch.bfloat16)
+    x[0, [3, vocab // 2, vocab - 1]] = 50.0  # ties across chunks
+    x[1, [vocab - 2, vocab - 1]] = 50.0  # ties in the last (padded) chunk
+    x[2] = float("-inf")
+    x[3, [900, 17]] = float("nan")
+    assert torch.equal(row_argmax(x), x.argmax(dim=-1))
+    assert row_argmax(x).tolist()[:3] == [3, vocab - 2, 0]
+    wide_batch = torch.randn(32, vocab, generator=gen)  # many rows: torch's own reduction
+    assert torch.equal(row_argmax(wide_batch), wide_batch.argmax(dim=-1))

@@ -46,7 +46,8 @@ def _gemv_kernel(
 def gemv_config(n: int, k: int) -> tuple[int, int, int] | None:
     """``(BLOCK_N, BLOCK_K, num_warps)`` for a ``[n, k]`` weight, or None when ``k`` is not a multiple of 64.
 
-    Wide outputs (gate|up, the LM head) take short tiles and many programs; the others long tiles.
+    Wide outputs (gate|up, the LM head) take short tiles and many programs; small matrices narrow
+    programs; the others long tiles. Chosen from the sweep of ``benchmarks/gemv_probe.py`` on an H200.
     """
     block_k = next((b for b in (1024, 512, 256, 128, 64) if k % b == 0), None)
     if block_k is None:
@@ -54,7 +55,9 @@ def gemv_config(n: int, k: int) -> tuple[int, int, int] | None:
     if n >= 8192:
         block_k = min(block_k, 256)
     block_n = 16 if n >= 4096 else 8 if n >= 1024 else 4
-    return block_n, block_k, 4 if block_k <= 256 else 8
+    if n * k <= 1 << 23:  # small matrices (an 8B model's o_proj split over two GPUs): more, shorter programs
+        block_n, block_k = 4, min(block_k, 512)
+    return block_n, block_k, 4 if block_n * block_k <= 4096 else 8
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
