@@ -135,6 +135,68 @@ def test_row_parallel_partial_sums_add_up(tmp_path: Path) -> None:
     assert torch.allclose(total + bias, x @ weight.T + bias, atol=1e-6)
 
 
+def test_row_parallel_without_reduction_leaves_partial_sums_with_the_bias_on_rank_zero() -> None:
+    """``reduce_results=False``: each rank returns its partial product, rank 0's holding the bias once, so
+    summing the ranks' outputs (what the next norm does) gives the full layer."""
+    weight, bias, x = torch.randn(5, 8), torch.randn(5), torch.randn(3, 8)
+    parts = []
+    for tp in ranks():
+        layer = RowParallelLinear(8, 5, bias=True, tp=tp, reduce_results=False)
+        layer.weight.data.copy_(weight[:, 4 * tp.rank : 4 * tp.rank + 4])
+        layer.bias.data.copy_(bias)
+        parts.append(layer(x[:, 4 * tp.rank : 4 * tp.rank + 4]))
+    assert torch.allclose(parts[0] - bias, x[:, :4] @ weight[:, :4].T, atol=1e-6)  # the bias on rank 0 only
+    assert torch.allclose(parts[1], x[:, 4:] @ weight[:, 4:].T, atol=1e-6)
+    assert torch.allclose(parts[0] + parts[1], x @ weight.T + bias, atol=1e-6)
+
+
+@dataclass(slots=True)
+class SummingGroup(TensorParallelGroup):
+    """Two simulated ranks whose all-reduce adds a fixed peer part (the fused path falls back to it)."""
+
+    peer_part: torch.Tensor | None = None
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.peer_part
+
+
+def test_norm_with_partial_input_sums_over_the_ranks_before_its_residual_add() -> None:
+    from pagedllm.core.models.layers import RMSNorm
+
+    backend = CpuBackend()
+    mine, peer, residual = torch.randn(3, 16), torch.randn(3, 16), torch.randn(3, 16)
+    with use_tp_group(SummingGroup(0, 2, peer_part=peer)):
+        norm = RMSNorm(16, 1e-6, backend, reduce_partial_input=True)
+    plain = RMSNorm(16, 1e-6, backend)
+    normed, new_residual = norm(mine, residual.clone())
+    expected_normed, expected_residual = plain(mine + peer, residual.clone())
+    assert torch.equal(new_residual, expected_residual) and torch.equal(normed, expected_normed)
+    assert torch.equal(norm(mine), plain(mine))  # no residual: the input is already whole (the embedding's)
+
+
+def test_loaded_models_compute_their_linear_layers_through_the_backend(llama_dir: Path) -> None:
+    """Every projection and the LM head call ``Backend.linear`` (a backend picks its kernel by shape)."""
+
+    class CountingBackend(CpuBackend):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls: list[tuple[int, int]] = []
+
+        def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+            self.calls.append((x.shape[0], weight.shape[0]))
+            return super().linear(x, weight, bias)
+
+    config = load_model_config(str(llama_dir), "float32", None)
+    backend = CountingBackend()
+    model = load_model(config, backend, torch.device("cpu"), "auto")
+    hidden = torch.randn(2, config.hf_config.hidden_size)
+    model.compute_logits(hidden)
+    assert backend.calls == [(2, config.hf_config.vocab_size)]
+    linear_layers = [m for m in model.modules() if hasattr(m, "linear_op")]
+    assert len(linear_layers) == 4 * config.hf_config.num_hidden_layers + 1  # qkv, o, gate_up, down; LM head
+    assert all(m.linear_op == backend.linear for m in linear_layers)
+
+
 def test_vocab_parallel_embedding_and_head_pad_an_odd_vocabulary(tmp_path: Path) -> None:
     vocab, dim = 7, 4  # 4 rows per rank; rank 1 holds 3 real rows and one zero padding row
     table = torch.randn(vocab, dim)
