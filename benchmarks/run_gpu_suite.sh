@@ -12,7 +12,7 @@
 #                transformers on a random sample of that many), pagedllm and hf
 #   sharegpt-pg  bench throughput --dataset sharegpt, 1000 prompts, pagedllm only
 #   (MAX_NUM_SEQS sets --max-num-seqs of every bench stage, default 256; BENCH_EXTRA adds options to each,
-#   e.g. --async-scheduling)
+#   e.g. --no-async-scheduling: asynchronous scheduling is the default on cuda)
 #   latency      bench latency, batch 1, 1024 in, 256 out, pagedllm and hf
 #   latency-pg   the same, pagedllm only
 #   probe        benchmarks/tp_allreduce_probe.py: NCCL vs symmetric-memory all-reduce on two GPUs

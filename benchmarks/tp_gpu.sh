@@ -12,7 +12,8 @@
 # STAGES: any of "conformance throughput latency" (default: all three). Results (JSON) and a summary go to
 # OUT_DIR (default: a new temp dir), so the stages may run in separate invocations with the same OUT_DIR;
 # the summary covers every result present. DEVICE (default cuda) and PYTHON (default python) may be set;
-# BENCH_EXTRA adds options to the bench commands (e.g. --async-scheduling).
+# BENCH_EXTRA adds options to the bench commands (e.g. --no-async-scheduling; asynchronous scheduling is
+# the default on cuda).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

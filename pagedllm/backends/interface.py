@@ -28,8 +28,8 @@ import torch
 # nothing we do not have). History: 1.0 (pagedllm 0.1) — the first interface; 1.1 — ``Backend.configure``
 # receives the plugin's own command-line options; 1.2 — ``Backend.create_communicator`` (a device all-reduce
 # that captured graphs may contain, for tensor-parallel decode graphs); 1.3 — ``Backend.linear`` (the
-# model's linear layers) and ``DeviceCommunicator.all_reduce_add_rms_norm`` (an all-reduce fused with the
-# residual add and norm after it).
+# model's linear layers), ``DeviceCommunicator.all_reduce_add_rms_norm`` (an all-reduce fused with the
+# residual add and norm after it) and ``BackendCapabilities.runs_asynchronously``.
 INTERFACE_VERSION: tuple[int, int] = (1, 3)
 
 
@@ -117,6 +117,10 @@ class BackendCapabilities:
     """Whether :meth:`Backend.capture_graph` records replayable device graphs."""
     supports_distributed: bool = True
     """Whether several processes of this backend can run tensor parallel through ``dist_backend``."""
+    runs_asynchronously: bool = False
+    """True when launched work runs on the device apart from the host (queued to a stream, as on GPUs): the
+    engine then schedules asynchronously unless told not to (the next step is launched while the current
+    one runs). False where the host computes the step itself (the ``cpu`` backend). Added in 1.3."""
 
     def __post_init__(self) -> None:
         """Normalize the sequences to tuples and refuse claims no engine could use.
@@ -156,6 +160,7 @@ class BackendCapabilities:
                 ("sliding-window", self.supports_sliding_window),
                 ("graphs", self.can_capture_graphs),
                 ("tp", self.supports_distributed),
+                ("async", self.runs_asynchronously),
                 ("static-shapes " + ",".join(str(v) for v in self.token_buckets), self.needs_static_shapes),
             )
             if on

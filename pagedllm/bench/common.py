@@ -53,14 +53,17 @@ def engine_settings(args: argparse.Namespace) -> str:
     return (f"pagedllm engine: tensor_parallel_size={args.tensor_parallel_size}, max_num_seqs={args.max_num_seqs}, "
             f"max_num_batched_tokens={args.max_num_batched_tokens or 'auto'}, "
             f"enforce_eager={args.enforce_eager}, "
-            f"async_scheduling={'on' if args.async_scheduling else 'off'}")
+            f"async_scheduling={ {True: 'on', False: 'off', None: 'auto'}[args.async_scheduling] }")
 
 
 def make_llm(args: argparse.Namespace) -> object:
-    """The pagedllm ``LLM`` for the benchmark's engine options."""
+    """The pagedllm ``LLM`` for the benchmark's engine options; ``args.async_scheduling`` becomes the setting
+    the engine resolved for its backend (the report prints what ran)."""
     from pagedllm.entrypoints.llm import LLM
 
-    return LLM.from_config(engine_config_from_args(args))
+    llm = LLM.from_config(engine_config_from_args(args))
+    args.async_scheduling = llm.llm_engine.config.async_scheduling
+    return llm
 
 
 def backends_of(args: argparse.Namespace) -> list[str]:

@@ -27,7 +27,8 @@ class EngineConfig:
     (like vLLM's ``num_gpu_blocks_override``); else ``kv_cache_memory_bytes`` sizes it in bytes; else the
     backend's budget for ``gpu_memory_utilization`` is used. ``async_scheduling`` schedules and launches
     each step before the previous one's tokens are read back, so host work overlaps the device (with tensor
-    parallelism, ``mp`` executor only; a request that stops runs one token more, discarded).
+    parallelism, ``mp`` executor only; a request that stops runs one token more, discarded); None (the
+    default) turns it on where it pays: see :func:`resolve_async_scheduling`.
     """
 
     model: str | None = None
@@ -49,7 +50,7 @@ class EngineConfig:
     max_logprobs: int = 20
     tensor_parallel_size: int = 1
     distributed_executor_backend: str = "mp"
-    async_scheduling: bool = False
+    async_scheduling: bool | None = None
     served_model_name: str | None = None
     extra: dict[str, object] = field(default_factory=dict)
 
@@ -68,9 +69,14 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        if self.async_scheduling and self.tensor_parallel_size > 1 and self.distributed_executor_backend != "mp":
+        if self.async_scheduling and not self.can_schedule_asynchronously():
             raise ValueError("async_scheduling with tensor parallelism needs the mp executor (rank 0 on the "
                              "driver's device, where the sampled tokens are)")
+
+    def can_schedule_asynchronously(self) -> bool:
+        """False for tensor parallelism through Ray: only the ``mp`` executor keeps rank 0 on the driver's
+        device, where the sampled tokens the next step reads are."""
+        return self.tensor_parallel_size == 1 or self.distributed_executor_backend == "mp"
 
     def resolved_model(self) -> str:
         """The checkpoint directory: ``model``, or the built-in demo model when it is None."""
@@ -79,6 +85,15 @@ class EngineConfig:
         from pagedllm.demo import demo_model_path
 
         return demo_model_path()
+
+
+def resolve_async_scheduling(config: EngineConfig, runs_asynchronously: bool) -> bool:
+    """Whether the engine schedules asynchronously: ``config.async_scheduling`` when set; by default (None)
+    on when the backend ``runs_asynchronously`` (its device runs apart from the host, so launching the
+    next step early overlaps them; vLLM's default too) and the executor allows it, off otherwise."""
+    if config.async_scheduling is not None:
+        return config.async_scheduling
+    return runs_asynchronously and config.can_schedule_asynchronously()
 
 
 @dataclass(slots=True)

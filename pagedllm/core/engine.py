@@ -6,13 +6,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from pagedllm.backends.interface import Backend
 from pagedllm.core.block_manager import BlockManager
-from pagedllm.core.config import EngineConfig, ModelConfig, load_model_config
+from pagedllm.core.config import EngineConfig, ModelConfig, load_model_config, resolve_async_scheduling
 from pagedllm.core.executor import Executor, UniProcExecutor
 from pagedllm.core.model_runner import ModelRunnerOutput
 from pagedllm.core.output_processor import OutputProcessor, ParentRequest
@@ -69,9 +69,11 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         from pagedllm.backends.registry import get_registry
 
-        self.config = config
         self.backend_cls: type[Backend] = get_registry().resolve_backend(config.device)
         capabilities = self.backend_cls().capabilities()
+        # the settings as run: asynchronous scheduling resolved for this backend (workers get this copy)
+        config = replace(config, async_scheduling=resolve_async_scheduling(config, capabilities.runs_asynchronously))
+        self.config = config
         model_path = config.resolved_model()
         if config.model is None:
             logger.info("no model given: using the built-in demo model at %s", model_path)

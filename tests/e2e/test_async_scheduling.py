@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from pagedllm import LLM, SamplingParams
+from pagedllm.backends.cpu.backend import CpuBackend
+from pagedllm.core.config import EngineConfig, resolve_async_scheduling
 from pagedllm.core.outputs import RequestOutput
 from pagedllm.core.sampling_params import RequestOutputKind
 from tests.conftest import assert_pool_free
@@ -142,6 +144,25 @@ def test_async_scheduling_refuses_the_ray_executor(llama_dir: Path) -> None:
     with pytest.raises(ValueError, match="async_scheduling with tensor parallelism needs the mp executor"):
         LLM(str(llama_dir), device="cpu", tensor_parallel_size=2, distributed_executor_backend="ray",
             async_scheduling=True)
+
+
+def test_default_is_on_where_the_device_runs_apart_from_the_host() -> None:
+    """None (the default) follows the backend's ``runs_asynchronously``; an explicit setting wins; tensor
+    parallelism through Ray never schedules asynchronously by default."""
+    ray_tp = EngineConfig(tensor_parallel_size=2, distributed_executor_backend="ray")
+    assert resolve_async_scheduling(EngineConfig(), runs_asynchronously=True) is True
+    assert resolve_async_scheduling(EngineConfig(), runs_asynchronously=False) is False
+    assert resolve_async_scheduling(EngineConfig(async_scheduling=False), runs_asynchronously=True) is False
+    assert resolve_async_scheduling(EngineConfig(async_scheduling=True), runs_asynchronously=False) is True
+    assert resolve_async_scheduling(ray_tp, runs_asynchronously=True) is False
+    assert resolve_async_scheduling(EngineConfig(tensor_parallel_size=2), runs_asynchronously=True) is True
+
+
+def test_engine_runs_with_the_resolved_setting(llama_dir: Path) -> None:
+    """The engine's config says what runs: off on the ``cpu`` backend by default, on when asked."""
+    assert CpuBackend().capabilities().runs_asynchronously is False
+    assert LLM(str(llama_dir), **ENGINE_KWARGS).llm_engine.config.async_scheduling is False
+    assert LLM(str(llama_dir), **ENGINE_KWARGS, async_scheduling=True).llm_engine.config.async_scheduling is True
 
 
 def test_failing_step_mid_pipeline_aborts_the_call_and_the_engine_goes_on(llama_dir: Path,

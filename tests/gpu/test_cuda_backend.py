@@ -267,9 +267,11 @@ def _generate(model_dir: Path, device: str, dtype: str, **kwargs: object) -> tup
 @pytest.mark.parametrize("enforce_eager", [True, False], ids=["eager", "graphs"])
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
 def test_greedy_equals_cpu_fp32(tiny_checkpoints: dict[str, Path], arch: str, enforce_eager: bool) -> None:
-    """Chunked prefill (64-token steps), mixed batches and decode steps; graphs replay the decode steps."""
+    """Chunked prefill (64-token steps), mixed batches and decode steps; graphs replay the decode steps.
+    Synchronous scheduling (the next test covers the default on ``cuda``, asynchronous)."""
     expected, _ = _generate(tiny_checkpoints[arch], "cpu", "float32")
-    got, llm = _generate(tiny_checkpoints[arch], "cuda", "float32", enforce_eager=enforce_eager)
+    got, llm = _generate(tiny_checkpoints[arch], "cuda", "float32", enforce_eager=enforce_eager,
+                         async_scheduling=False)
     runner = llm.llm_engine.executor.worker.runner
     assert (runner.graph_runner is None) == enforce_eager
     for i, (ours, ref) in enumerate(zip(got, expected, strict=True)):
@@ -279,10 +281,11 @@ def test_greedy_equals_cpu_fp32(tiny_checkpoints: dict[str, Path], arch: str, en
 @pytest.mark.parametrize("enforce_eager", [True, False], ids=["eager", "graphs"])
 def test_async_scheduling_greedy_equals_cpu_fp32(tiny_checkpoints: dict[str, Path], enforce_eager: bool) -> None:
     """The next step launched before the previous one's tokens are read: its input tokens come from the
-    sampled tokens on the GPU (through the graphs' static input buffer, or the eager path's)."""
+    sampled tokens on the GPU (through the graphs' static input buffer, or the eager path's). This is what
+    ``cuda`` runs by default."""
     expected, _ = _generate(tiny_checkpoints["llama"], "cpu", "float32")
-    got, _ = _generate(tiny_checkpoints["llama"], "cuda", "float32", enforce_eager=enforce_eager,
-                       async_scheduling=True)
+    got, llm = _generate(tiny_checkpoints["llama"], "cuda", "float32", enforce_eager=enforce_eager)
+    assert llm.llm_engine.config.async_scheduling is True
     for i, (ours, ref) in enumerate(zip(got, expected, strict=True)):
         assert ours == ref, f"prompt {i} diverged"
 

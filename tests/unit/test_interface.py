@@ -102,9 +102,9 @@ def test_capabilities_normalize_and_validate() -> None:
 def test_capabilities_summary_and_dict() -> None:
     c = caps(dtypes=(torch.bfloat16, torch.float32), kv_cache_dtypes=(torch.float8_e4m3fn,), block_sizes=(32, 16),
              head_sizes=(128, 64), supports_sliding_window=False, can_capture_graphs=True,
-             needs_static_shapes=True, token_buckets=(8, 64))
+             needs_static_shapes=True, token_buckets=(8, 64), runs_asynchronously=True)
     assert c.summary() == ("bfloat16,float32; kv float8_e4m3fn; blocks 16,32; heads 64,128; chunked-prefill; "
-                           "graphs; tp; static-shapes 8,64")
+                           "graphs; tp; async; static-shapes 8,64")
     d = c.as_dict()
     assert d["dtypes"] == ["bfloat16", "float32"] and d["block_sizes"] == [32, 16]
     assert d["needs_static_shapes"] is True and d["token_buckets"] == [8, 64]

@@ -82,6 +82,7 @@ class CudaBackend(Backend):
             head_sizes=(64, 80, 96, 112, 128, 256, 32, 16, 8),
             supports_sliding_window=True,
             can_capture_graphs=True,
+            runs_asynchronously=True,
         )
 
     # ------------------------------------------------------------------ device life
