@@ -384,6 +384,7 @@ def test_identity_and_capabilities() -> None:
     assert (backend.name, backend.device_type, backend.dist_backend, backend.priority) == ("cuda", "cuda", "nccl", 10)
     caps = backend.capabilities()
     assert caps.block_sizes[0] == 16 and caps.can_capture_graphs and caps.supports_sliding_window
+    assert caps.runs_asynchronously  # asynchronous scheduling by default
     assert {64, 80, 128, 256} <= set(caps.head_sizes)
     assert backend.kv_cache_shape(7, 16, 2, 64) == (2, 7, 16, 2, 64)
 
