@@ -238,6 +238,24 @@ def test_silu_and_mul(dtype: torch.dtype) -> None:
     assert_close_to_reference(out, REFERENCE.silu_and_mul(x.float().cpu()), dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("n", "k"), [(3072, 4096), (4096, 2048), (14336, 4096), (4096, 7168), (1000, 4160)])
+def test_linear_takes_one_token_inputs_through_the_gemv(dtype: torch.dtype, n: int, k: int) -> None:
+    """Batch-1 linear layers (the tp=2 halves of an 8B model, and an odd shape) through the Triton GEMV,
+    against the float32 reference; two-token inputs stay on cuBLAS, exactly ``torch.nn.functional.linear``."""
+    from pagedllm.backends.cuda.backend import CudaBackend
+
+    backend = CudaBackend()
+    weight = (torch.randn(n, k, device="cuda") * k**-0.5).to(dtype)
+    bias = torch.randn(n, device="cuda").to(dtype)
+    x = torch.randn(2, k, device="cuda").to(dtype)
+    one = backend.linear(x[:1], weight, bias)
+    assert one.shape == (1, n) and one.dtype == dtype
+    reference = torch.nn.functional.linear(x[:1].float().cpu(), weight.float().cpu(), bias.float().cpu())
+    assert_close_to_reference(one, reference, dtype)
+    assert torch.equal(backend.linear(x, weight, bias), torch.nn.functional.linear(x, weight, bias))
+
+
 # --------------------------------------------------------------------------- engine
 def _prompts(tokenizer) -> list[list[int]]:
     from pagedllm.testing.checkpoints import corpus_text
