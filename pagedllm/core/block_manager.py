@@ -87,15 +87,20 @@ class BlockManager:
     # ------------------------------------------------------------------ allocation
     def can_allocate(self, request: Request, num_new_tokens: int, computed_blocks: list[BlockId]) -> bool:
         """Tell whether :meth:`allocate_slots` would succeed for these arguments."""
-        return self._num_blocks_short(request, num_new_tokens, computed_blocks) <= 0
+        _, num_needed = self._blocks_needed(request, num_new_tokens, computed_blocks)
+        return num_needed <= self._num_allocatable(computed_blocks)
 
-    def _num_blocks_short(self, request: Request, num_new_tokens: int, computed_blocks: list[BlockId]) -> int:
-        table = self.block_tables.get(request.request_id, [])
-        num_computed = request.num_computed_tokens + len(computed_blocks) * self.block_size
-        num_needed = self.blocks_for(num_computed + num_new_tokens) - len(table) - len(computed_blocks)
-        # cache hits sitting in the free list stop being allocatable once touched
-        num_free = self.pool.num_free_blocks - sum(1 for b in computed_blocks if self.pool.ref_counts[b] == 0)
-        return num_needed - num_free
+    def _blocks_needed(self, request: Request, num_new_tokens: int, computed_blocks: list[BlockId]
+                       ) -> tuple[int, int]:
+        """``(tokens the request holds after this step, new blocks that takes)``; the second may be <= 0."""
+        total = request.num_computed_tokens + len(computed_blocks) * self.block_size + num_new_tokens
+        table = self.block_tables.get(request.request_id, ())
+        return total, self.blocks_for(total) - len(table) - len(computed_blocks)
+
+    def _num_allocatable(self, computed_blocks: list[BlockId]) -> int:
+        """Free blocks left to allocate once ``computed_blocks`` are taken: cache hits sitting in the free
+        list stop being allocatable when touched."""
+        return self.pool.num_free_blocks - sum(1 for b in computed_blocks if self.pool.ref_counts[b] == 0)
 
     def allocate_slots(
         self, request: Request, num_new_tokens: int, computed_blocks: list[BlockId] | None = None
@@ -108,11 +113,9 @@ class BlockManager:
         has too few free blocks.
         """
         computed_blocks = computed_blocks or []
-        num_computed = request.num_computed_tokens + len(computed_blocks) * self.block_size
-        total = num_computed + num_new_tokens
-        num_needed = self.blocks_for(total) - len(self.block_tables.get(request.request_id, ())) - len(computed_blocks)
+        total, num_needed = self._blocks_needed(request, num_new_tokens, computed_blocks)
         # most decodes fit the table as it is and touch nothing shared: no need to ask the pool
-        if (num_needed > 0 or computed_blocks) and not self.can_allocate(request, num_new_tokens, computed_blocks):
+        if (num_needed > 0 or computed_blocks) and num_needed > self._num_allocatable(computed_blocks):
             return None
         table = self.block_tables.setdefault(request.request_id, [])
         if computed_blocks:
