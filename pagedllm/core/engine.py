@@ -271,8 +271,6 @@ class LLMEngine:
                 assert previous is not None and previous.sampled is not None
                 scheduled.token_from_row = previous.rows[scheduled.request_id]
                 sampled_token_ids = previous.sampled.device_token_ids
-        if sampled_token_ids is None:
-            return LaunchedStep(self.executor.execute(scheduler_output))
         return LaunchedStep(self.executor.execute(scheduler_output, sampled_token_ids))
 
     def _start_sampling(self, step: LaunchedStep, sync: bool) -> None:

@@ -223,7 +223,7 @@ def test_parallel_samples_share_the_prompt_blocks(llama_dir: Path) -> None:
 def test_failing_step_aborts_the_call_and_the_engine_goes_on(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
     executor = llm.llm_engine.executor
 
-    def broken(_scheduler_output: object) -> None:
+    def broken(*_args: object) -> None:
         raise RuntimeError("device fell over")
 
     monkeypatch.setattr(executor, "execute", broken)
