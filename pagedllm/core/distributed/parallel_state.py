@@ -43,8 +43,8 @@ class TensorParallelGroup:
         a new tensor from the communicator (small ``x``). Identity at world size 1."""
         if self.world_size == 1:
             return x
-        comm = self.communicator
-        if comm is not None and x.numel() * x.element_size() <= comm.max_bytes:
+        comm = self._reducing_communicator(x)
+        if comm is not None:
             return comm.all_reduce(x.contiguous())
         dist.all_reduce(x, group=self.process_group)
         return x
@@ -54,12 +54,17 @@ class TensorParallelGroup:
         """Return ``backend.add_rms_norm(all_reduce(x), residual, weight, eps)``: ``(normed, residual)``, each
         ``[num_tokens, hidden]``, ``residual`` updated in place. One kernel where the communicator fuses it
         (small ``x``), else the all-reduce then the backend's fused add + norm."""
-        comm = self.communicator
-        if self.world_size > 1 and comm is not None and x.numel() * x.element_size() <= comm.max_bytes:
+        comm = self._reducing_communicator(x) if self.world_size > 1 else None
+        if comm is not None:
             fused = comm.all_reduce_add_rms_norm(x.contiguous(), residual, weight, eps)
             if fused is not None:
                 return fused
         return backend.add_rms_norm(self.all_reduce(x), residual, weight, eps)
+
+    def _reducing_communicator(self, x: torch.Tensor) -> DeviceCommunicator | None:
+        """The communicator when it all-reduces tensors of ``x``'s size (up to its ``max_bytes``), else None."""
+        comm = self.communicator
+        return comm if comm is not None and x.numel() * x.element_size() <= comm.max_bytes else None
 
     def all_agree(self, flag: bool, device: torch.device) -> bool:
         """True when ``flag`` is True on every rank (a collective: every rank calls it, with its own
