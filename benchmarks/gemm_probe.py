@@ -1,0 +1,128 @@
+"""How fast the model's linear layers run at throughput batch sizes: cuBLAS against a Triton GEMM.
+
+For each projection of a Llama-3-8B-shaped model (``[N, K]`` weights) and each token count ``M``, times
+``x @ W.T`` in bf16 through ``torch.nn.functional.linear`` (cuBLAS, with torch's preferred BLAS library set to
+``cublas`` and to ``cublaslt``) and through a Triton GEMM that loads its tiles with tensor descriptors (TMA),
+over a sweep of tile shapes; checks each result against cuBLAS's and prints TFLOP/s per variant. Weights
+rotate over four copies so the small ones are not served from L2. Writes ``gemm_probe.json`` under ``--out``.
+
+    PYTHONPATH=. python benchmarks/gemm_probe.py --out /tmp/gemm
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
+          "lm_head": (128256, 4096)}
+CONFIGS = [  # BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages
+    (128, 256, 64, 8, 8, 3), (128, 128, 64, 8, 4, 4), (128, 128, 64, 8, 8, 4), (64, 128, 64, 8, 4, 4),
+    (128, 64, 64, 8, 4, 4), (64, 256, 64, 8, 8, 3), (256, 128, 64, 8, 8, 3), (64, 64, 128, 8, 4, 4),
+]
+
+
+@triton.jit
+def _matmul_kernel(x_desc, w_desc, y_desc, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, NUM_STAGES: tl.constexpr):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    size_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % size_m
+    pid_n = (pid % group) // size_m
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k in tl.range(0, tl.cdiv(K, BLOCK_K), num_stages=NUM_STAGES):
+        a = x_desc.load([pid_m * BLOCK_M, k * BLOCK_K])
+        b = w_desc.load([pid_n * BLOCK_N, k * BLOCK_K])
+        acc = tl.dot(a, b.T, acc)
+    y_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(y_desc.dtype))
+
+
+def triton_linear(x: torch.Tensor, w: torch.Tensor, config: tuple[int, ...]) -> torch.Tensor:
+    """``x @ w.T`` for ``x: [M, K]``, ``w: [N, K]`` (both contiguous) with one tile configuration."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    bm, bn, bk, gm, warps, stages = config
+    m, k = x.shape
+    n = w.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    x_desc = TensorDescriptor.from_tensor(x, [bm, bk])
+    w_desc = TensorDescriptor.from_tensor(w, [bn, bk])
+    y_desc = TensorDescriptor.from_tensor(y, [bm, bn])
+    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+    _matmul_kernel[grid](x_desc, w_desc, y_desc, m, n, k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm,
+                         NUM_STAGES=stages, num_warps=warps)
+    return y
+
+
+def time_us(fn, weights: list[torch.Tensor], iters: int = 20) -> float:
+    """Median over three runs of the mean time of ``fn(w)`` over ``iters`` calls rotating ``weights``."""
+    for w in weights:
+        fn(w)
+    torch.cuda.synchronize()
+    runs = []
+    for _ in range(3):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for i in range(iters):
+            fn(weights[i % len(weights)])
+        b.record()
+        b.synchronize()
+        runs.append(a.elapsed_time(b) * 1e3 / iters)
+    return statistics.median(runs)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--tokens", default="256,1024,8192")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    results = []
+    for m in (int(t) for t in args.tokens.split(",")):
+        for name, (n, k) in SHAPES.items():
+            if name == "lm_head" and m > 256:
+                continue
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for _ in range(4)]
+            flop = 2 * m * n * k
+            row = {"M": m, "shape": name, "N": n, "K": k}
+            for lib in ("cublas", "cublaslt"):
+                torch.backends.cuda.preferred_blas_library(lib)
+                row[lib] = round(flop / time_us(lambda w, x=x: torch.nn.functional.linear(x, w), weights) / 1e6, 1)
+            torch.backends.cuda.preferred_blas_library("cublas")
+            ref = torch.nn.functional.linear(x, weights[0]).float()
+            best = (0.0, None)
+            for config in CONFIGS:
+                try:
+                    err = (triton_linear(x, weights[0], config).float() - ref).abs().max().item()
+                    if err > 0.05 * ref.abs().max().item():
+                        row[f"bad_{config}"] = err
+                        continue
+                    tflops = flop / time_us(lambda w, c=config, x=x: triton_linear(x, w, c), weights) / 1e6
+                except Exception as exc:  # a tile shape the compiler refuses (shared memory): skip it
+                    row[f"fail_{config}"] = type(exc).__name__
+                    continue
+                best = max(best, (round(tflops, 1), config), key=lambda b: b[0])
+            row["triton_best"], row["triton_config"] = best
+            print(row, flush=True)
+            results.append(row)
+            del x, weights
+            torch.cuda.empty_cache()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gemm_probe.json").write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
