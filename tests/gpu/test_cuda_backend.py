@@ -76,7 +76,7 @@ def check_attention(batch, dtype: torch.dtype, **overrides: int) -> torch.Tensor
 # --------------------------------------------------------------------------- attention
 ATTENTION_CASE_NAMES = [
     "decode", "prefill", "prefill_over_prefix", "mixed", "identity_tables", "mha", "gqa_group3", "mqa", "head80",
-    "head32", "head8", "sliding_window", "block32",
+    "head32", "head8", "sliding_window", "block32", "long_prefill",
 ]  # fmt: skip
 
 

@@ -252,6 +252,8 @@ ATTENTION_CASES = {
     "head8": ([1, 10], [23, 9], 1, {"head_dim": 8, "num_heads": 2, "num_kv_heads": 1}),
     "sliding_window": ([1, 1, 12, 5], [40, 4, 0, 30], 2, {"sliding_window": 7}),
     "block32": ([1, 9], [45, 30], 1, {"block_size": 32}),
+    # key tiles wholly before a query tile's first position run unmasked: long prefixes and prompts
+    "long_prefill": ([1, 40, 90], [100, 70, 0], 1, {}),
 }
 
 
@@ -385,6 +387,8 @@ def test_identity_and_capabilities() -> None:
     caps = backend.capabilities()
     assert caps.block_sizes[0] == 16 and caps.can_capture_graphs and caps.supports_sliding_window
     assert caps.runs_asynchronously  # asynchronous scheduling by default
+    # no GPU here: the scheduler defaults of GPUs under 70 GiB
+    assert (caps.default_max_num_seqs, caps.default_max_num_batched_tokens) == (256, 8192)
     assert {64, 80, 128, 256} <= set(caps.head_sizes)
     assert backend.kv_cache_shape(7, 16, 2, 64) == (2, 7, 16, 2, 64)
 

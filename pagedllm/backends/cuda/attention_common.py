@@ -32,6 +32,75 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 @triton.jit
+def _attend_tile(
+    acc,
+    m_i,
+    l_i,
+    q,
+    q_pos,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_table_ptr,
+    kv_head,
+    tile,
+    kv_lo,
+    kv_hi,
+    qk_scale,
+    max_blocks,
+    stride_cache_block,
+    stride_cache_tok,
+    stride_cache_head,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    SLIDING_WINDOW: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    """One key tile of :func:`attend_tiles`; ``MASKED=False`` when every row may see every key of it."""
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    page = offs_n // BLOCK_SIZE
+    if MASKED:
+        n_valid = (offs_n >= kv_lo) & (offs_n < kv_hi)
+        # A bad or padded row can never read past its block-table row: such keys fall back to block 0.
+        block_ids = tl.load(block_table_ptr + page, mask=n_valid & (page < max_blocks), other=0).to(tl.int64)
+        kv_mask = n_valid[:, None] & d_mask[None, :]
+    else:
+        block_ids = tl.load(block_table_ptr + page).to(tl.int64)
+        kv_mask = (offs_n >= 0)[:, None] & d_mask[None, :]
+    kv_offs = block_ids * stride_cache_block + (offs_n % BLOCK_SIZE) * stride_cache_tok + kv_head * stride_cache_head
+    kv_ptrs = kv_offs[:, None] + offs_d[None, :]
+    if MASKED or BLOCK_D != HEAD_DIM:
+        k = tl.load(k_cache_ptr + kv_ptrs, mask=kv_mask, other=0.0).to(q.dtype)
+    else:
+        k = tl.load(k_cache_ptr + kv_ptrs).to(q.dtype)
+    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+    if MASKED:
+        allowed = n_valid[None, :] & (offs_n[None, :] <= q_pos[:, None])
+        if SLIDING_WINDOW > 0:
+            allowed = allowed & (offs_n[None, :] > q_pos[:, None] - SLIDING_WINDOW)
+        scores = tl.where(allowed, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        # Rows that have seen no visible key yet keep m = -inf; subtract 0 instead to avoid inf - inf.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:  # every score is finite, so is the new maximum
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        m_safe = m_new
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(scores - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if MASKED or BLOCK_D != HEAD_DIM:
+        v = tl.load(v_cache_ptr + kv_ptrs, mask=kv_mask, other=0.0).to(q.dtype)
+    else:
+        v = tl.load(v_cache_ptr + kv_ptrs).to(q.dtype)
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
 def attend_tiles(
     acc,
     m_i,
@@ -43,6 +112,7 @@ def attend_tiles(
     block_table_ptr,
     kv_head,
     tile_lo,
+    tile_full_hi,
     tile_hi,
     kv_lo,
     kv_hi,
@@ -63,34 +133,21 @@ def attend_tiles(
     ``acc``: ``[BLOCK_M, BLOCK_D]`` fp32; ``m_i``/``l_i``: ``[BLOCK_M]`` fp32 running max / sum;
     ``q``: ``[BLOCK_M, BLOCK_D]`` (padded columns are 0); ``q_pos``: ``[BLOCK_M]`` int32 position of each
     row; ``block_table_ptr``: the request's row of the block tables. Keys at positions outside
-    ``[kv_lo, kv_hi)``, after the row's position or outside its sliding window are masked. Returns the
-    updated ``(acc, m_i, l_i)``.
+    ``[kv_lo, kv_hi)``, after the row's position or outside its sliding window are masked. The caller
+    promises that the tiles before ``tile_full_hi`` (clamped to the range) hold only keys every row may see:
+    they run without masks. Returns the updated ``(acc, m_i, l_i)``.
     """
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < HEAD_DIM
-    for tile in range(tile_lo, tile_hi):
-        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_valid = (offs_n >= kv_lo) & (offs_n < kv_hi)
-        page = offs_n // BLOCK_SIZE
-        # A bad or padded row can never read past its block-table row: such keys fall back to block 0.
-        block_ids = tl.load(block_table_ptr + page, mask=n_valid & (page < max_blocks), other=0).to(tl.int64)
-        kv_offs = (
-            block_ids * stride_cache_block + (offs_n % BLOCK_SIZE) * stride_cache_tok + kv_head * stride_cache_head
-        )
-        kv_mask = n_valid[:, None] & d_mask[None, :]
-        k = tl.load(k_cache_ptr + kv_offs[:, None] + offs_d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
-        allowed = n_valid[None, :] & (offs_n[None, :] <= q_pos[:, None])
-        if SLIDING_WINDOW > 0:
-            allowed = allowed & (offs_n[None, :] > q_pos[:, None] - SLIDING_WINDOW)
-        scores = tl.where(allowed, scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        # Rows that have seen no visible key yet keep m = -inf; subtract 0 instead to avoid inf - inf.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(scores - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + kv_offs[:, None] + offs_d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    full_hi = tl.minimum(tl.maximum(tile_full_hi, tile_lo), tile_hi)
+    for tile in range(tile_lo, full_hi):
+        acc, m_i, l_i = _attend_tile(
+            acc, m_i, l_i, q, q_pos, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head, tile, kv_lo, kv_hi,
+            qk_scale, max_blocks, stride_cache_block, stride_cache_tok, stride_cache_head,
+            HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, SLIDING_WINDOW, DOT_PRECISION, False,
+        )  # fmt: skip
+    for tile in range(full_hi, tile_hi):
+        acc, m_i, l_i = _attend_tile(
+            acc, m_i, l_i, q, q_pos, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head, tile, kv_lo, kv_hi,
+            qk_scale, max_blocks, stride_cache_block, stride_cache_tok, stride_cache_head,
+            HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, SLIDING_WINDOW, DOT_PRECISION, True,
+        )  # fmt: skip
     return acc, m_i, l_i

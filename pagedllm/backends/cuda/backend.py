@@ -27,13 +27,17 @@ _ALLOC_MARGIN_BYTES = 256 << 20
 """Left free when the KV pool is sized by what is allocatable now (allocator rounding, small buffers)."""
 
 
+LARGE_GPU_BYTES = 70 * 2**30
+"""Device memory from which the larger scheduler defaults apply (vLLM's threshold)."""
+
+
 class CudaBackend(Backend):
     """Triton kernels on CUDA; KV layout ``[2, num_blocks, block_size, num_kv_heads, head_dim]``."""
 
     name = "cuda"
     device_type = "cuda"
     dist_backend = "nccl"
-    interface_version = (1, 3)  # create_communicator; linear, all_reduce_add_rms_norm
+    interface_version = (1, 4)  # create_communicator; linear, all_reduce_add_rms_norm; scheduler defaults
     priority = 10  # below rocm: torch.cuda also answers on a ROCm build
 
     def __init__(self) -> None:
@@ -67,11 +71,19 @@ class CudaBackend(Backend):
         return True, ""
 
     def capabilities(self) -> BackendCapabilities:
-        """fp16/bf16/fp32 (bf16 from compute capability 8.0), KV blocks of 16/32/64, heads up to 256."""
+        """fp16/bf16/fp32 (bf16 from compute capability 8.0), KV blocks of 16/32/64, heads up to 256.
+
+        Scheduler defaults as vLLM's for offline runs: on GPUs of at least 70 GiB (H100, H200) up to 1024
+        running requests and 16384 tokens a step (decode steps of hundreds of requests keep the matrix units
+        busy; measured in benchmarks/RESULTS.md), else 256 and 8192.
+        """
         dtypes: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32)
+        large = False
         try:
-            if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] < 8:
-                dtypes = (torch.float16, torch.float32)
+            if torch.cuda.is_available():
+                if torch.cuda.get_device_capability()[0] < 8:
+                    dtypes = (torch.float16, torch.float32)
+                large = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory >= LARGE_GPU_BYTES
         except Exception:  # capabilities are also listed on machines without a GPU
             pass
         return BackendCapabilities(
@@ -83,6 +95,8 @@ class CudaBackend(Backend):
             supports_sliding_window=True,
             can_capture_graphs=True,
             runs_asynchronously=True,
+            default_max_num_seqs=1024 if large else 256,
+            default_max_num_batched_tokens=16384 if large else 8192,
         )
 
     # ------------------------------------------------------------------ device life

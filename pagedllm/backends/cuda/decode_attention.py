@@ -76,6 +76,8 @@ def _decode_split_kernel(
     tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
     tile_lo = tile_first + split * tiles_per_split
     tile_hi = tl.minimum(tile_lo + tiles_per_split, tile_first + num_tiles)
+    # Tiles of keys all before seq_len need no mask (inside a sliding window, every tile keeps its mask).
+    tile_full_hi = tile_lo if SLIDING_WINDOW > 0 else seq_len // BLOCK_N
 
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
@@ -93,7 +95,7 @@ def _decode_split_kernel(
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc, m_i, l_i = attend_tiles(
         acc, m_i, l_i, q, q_pos, k_cache_ptr, v_cache_ptr, block_tables_ptr + req.to(tl.int64) * stride_bt,
-        kv_head, tile_lo, tile_hi, kv_lo, seq_len, qk_scale, max_blocks,
+        kv_head, tile_lo, tile_full_hi, tile_hi, kv_lo, seq_len, qk_scale, max_blocks,
         stride_cache_block, stride_cache_tok, stride_cache_head,
         HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, SLIDING_WINDOW, DOT_PRECISION,
     )  # fmt: skip
@@ -178,19 +180,21 @@ def decode_attention(
     metadata: AttentionMetadata,
     spec: AttentionSpec,
     num_splits: int | None = None,
+    tiles: tuple[int, int, int] | None = None,
 ) -> None:
     """Attention of the first ``metadata.num_decodes`` requests (one query token each), into ``out``.
 
     ``out``/``query``: ``[num_tokens, num_heads, head_dim]`` (last dim contiguous); ``kv_cache``:
     ``[2, num_blocks, block_size, num_kv_heads, head_dim]``. ``num_splits``: force the split count (tests);
-    None chooses it from shapes. Reads no device value on the host, so it can be captured in a CUDA graph.
+    None chooses it from shapes. ``tiles``: force ``(BLOCK_N, num_warps, num_stages)`` (benchmarks sweep
+    them). Reads no device value on the host, so it can be captured in a CUDA graph.
     """
     num_decodes = metadata.num_decodes
     num_heads, num_kv_heads, head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
     group = num_heads // num_kv_heads
     block_size = kv_cache.shape[2]
     block_tables = metadata.block_tables
-    block_n = decode_block_n(head_dim)
+    block_n, num_warps, num_stages = tiles or (decode_block_n(head_dim), 4, 2)
     if num_splits is None:
         num_sms = _num_sms(_device_index(query.device)) if query.is_cuda else 4
         num_splits = choose_num_splits(num_decodes, num_kv_heads, block_tables.shape[1] * block_size, block_n,
@@ -209,7 +213,7 @@ def decode_attention(
         GROUP=group, HEAD_DIM=head_dim, BLOCK_G=max(16, triton.next_power_of_2(group)),
         BLOCK_D=block_d(head_dim), BLOCK_N=block_n, BLOCK_SIZE=block_size,
         SLIDING_WINDOW=spec.sliding_window or 0, NUM_SPLITS=num_splits,
-        DOT_PRECISION=dot_precision(query.dtype), num_warps=4, num_stages=2, enable_fp_fusion=True,
+        DOT_PRECISION=dot_precision(query.dtype), num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=True,
     )  # fmt: skip
     if num_splits > 1:
         _decode_reduce_kernel[(num_decodes, num_heads)](

@@ -77,18 +77,24 @@ def _prefill_kernel(
             kv_lo = tl.maximum(context_len + tile_start - SLIDING_WINDOW + 1, 0)
         else:
             kv_lo = context_len * 0
+        # Key tiles up to the tile's first position are visible to every row: no causal mask there.
+        tile_full_hi = kv_lo // BLOCK_N if SLIDING_WINDOW > 0 else (context_len + tile_start + 1) // BLOCK_N
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc, m_i, l_i = attend_tiles(
             acc, m_i, l_i, q, q_pos, k_cache_ptr, v_cache_ptr, block_tables_ptr + req.to(tl.int64) * stride_bt,
-            kv_head, kv_lo // BLOCK_N, tl.cdiv(kv_hi, BLOCK_N), kv_lo, kv_hi, qk_scale, max_blocks,
+            kv_head, kv_lo // BLOCK_N, tile_full_hi, tl.cdiv(kv_hi, BLOCK_N), kv_lo, kv_hi, qk_scale, max_blocks,
             stride_cache_block, stride_cache_tok, stride_cache_head,
             HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, SLIDING_WINDOW, DOT_PRECISION,
         )  # fmt: skip
         o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         out_offs = rows[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
         tl.store(out_ptr + out_offs, o.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+PREFILL_STAGES = 2
+"""Software-pipelining depth of the prefill kernel's key/value loads."""
 
 
 def prefill_tiles(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
@@ -111,18 +117,23 @@ def prefill_attention(
     metadata: AttentionMetadata,
     spec: AttentionSpec,
     block_m: int | None = None,
+    tiles: tuple[int, int, int] | None = None,
 ) -> None:
     """Attention of the prefill requests (those after the first ``metadata.num_decodes``), into ``out``.
 
     ``out``/``query``: ``[num_tokens, num_heads, head_dim]`` (last dim contiguous); ``kv_cache``:
     ``[2, num_blocks, block_size, num_kv_heads, head_dim]`` already holding this step's keys and values.
-    ``block_m``: force the query-tile row count (tests); None picks it from the head size.
+    ``block_m``: force the query-tile row count (tests); None picks it from the head size. ``tiles``:
+    force ``(BLOCK_N, num_warps, num_stages)`` (benchmarks sweep them); None: :func:`prefill_tiles`.
     """
     num_decodes = metadata.num_decodes
     num_prefills = metadata.num_requests - num_decodes
     num_kv_heads, head_dim = spec.num_kv_heads, spec.head_dim
     group = spec.num_heads // num_kv_heads
     tile_m, block_n, num_warps = prefill_tiles(head_dim, query.dtype)
+    num_stages = PREFILL_STAGES
+    if tiles is not None:
+        block_n, num_warps, num_stages = tiles
     tile_m = max(block_m or tile_m, triton.next_power_of_2(group), 16)
     block_q = tile_m // group  # tokens per tile; rows past block_q * group are idle when group is not 2^k
     max_query_len = metadata.max_query_len
@@ -138,5 +149,5 @@ def prefill_attention(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_M=tile_m, BLOCK_Q=block_q, BLOCK_D=block_d(head_dim),
         BLOCK_N=block_n, BLOCK_SIZE=kv_cache.shape[2], SLIDING_WINDOW=spec.sliding_window or 0,
-        DOT_PRECISION=dot_precision(query.dtype), num_warps=num_warps, num_stages=2, enable_fp_fusion=True,
+        DOT_PRECISION=dot_precision(query.dtype), num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=True,
     )  # fmt: skip
