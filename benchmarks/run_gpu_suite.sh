@@ -12,7 +12,8 @@
 #                transformers batch size, default: the largest power of two that fits; SHAREGPT_HF_PROMPTS: run
 #                transformers on a random sample of that many), pagedllm and hf
 #   sharegpt-pg  bench throughput --dataset sharegpt, 1000 prompts, pagedllm only
-#   (MAX_NUM_SEQS sets --max-num-seqs of every bench stage, default 256; BENCH_EXTRA adds options to each,
+#   (MAX_NUM_SEQS and MNBT set --max-num-seqs and --max-num-batched-tokens of every bench stage, default: the
+#   backend's, 1024 and 16384 on an H100/H200; BENCH_EXTRA adds options to each,
 #   e.g. --no-async-scheduling: asynchronous scheduling is the default on cuda)
 #   latency      bench latency, batch 1, 1024 in, 256 out, pagedllm and hf
 #   latency-pg   the same, pagedllm only
@@ -31,7 +32,7 @@ LOGS=${LOGS:-/tmp/gpu_logs}
 mkdir -p "$LOGS"
 MODEL=benchmarks/llama3_8b_config
 BENCH="python -m pagedllm bench"
-COMMON="--model $MODEL --load-format dummy --device cuda --max-num-seqs ${MAX_NUM_SEQS:-256} ${BENCH_EXTRA:-}"
+COMMON="--model $MODEL --load-format dummy --device cuda ${MAX_NUM_SEQS:+--max-num-seqs $MAX_NUM_SEQS} ${MNBT:+--max-num-batched-tokens $MNBT} ${BENCH_EXTRA:-}"
 
 stage() {
     local name=$1 limit=$2
@@ -60,17 +61,17 @@ torch.cuda.get_device_name())"; } > "$LOGS/env.txt" 2>&1
         profile) TAIL=120 stage profile "${PROFILE_LIMIT:-220}" python benchmarks/cuda_step_profile.py --model $MODEL \
             --out "$LOGS/prof" ;;
         tprof) TAIL=60 stage tprof "${TPROF_LIMIT:-200}" python benchmarks/tput_step_profile.py --model $MODEL \
-            --max-num-seqs "${MAX_NUM_SEQS:-256}" --out "$LOGS/tprof" ;;
-        tput) stage tput "${TPUT_LIMIT:-300}" $BENCH throughput $COMMON --max-num-batched-tokens 8192 \
+            ${MAX_NUM_SEQS:+--max-num-seqs $MAX_NUM_SEQS} ${MNBT:+--max-num-batched-tokens $MNBT} --out "$LOGS/tprof" ;;
+        tput) stage tput "${TPUT_LIMIT:-300}" $BENCH throughput $COMMON \
             --backend pagedllm,hf --output-json "$LOGS/tput.json" ;;
-        tput-pg) stage tput_pg "${TPUT_LIMIT:-150}" $BENCH throughput $COMMON --max-num-batched-tokens 8192 \
+        tput-pg) stage tput_pg "${TPUT_LIMIT:-150}" $BENCH throughput $COMMON \
             --backend pagedllm --output-json "$LOGS/tput_pg.json" ;;
-        sharegpt) stage sharegpt "${SHAREGPT_LIMIT:-400}" $BENCH throughput $COMMON --max-num-batched-tokens 8192 \
+        sharegpt) stage sharegpt "${SHAREGPT_LIMIT:-400}" $BENCH throughput $COMMON \
             --dataset sharegpt --num-prompts "${SHAREGPT_PROMPTS:-1000}" --backend pagedllm,hf \
             ${SHAREGPT_HF_BS:+--hf-batch-size $SHAREGPT_HF_BS} ${SHAREGPT_HF_PROMPTS:+--hf-num-prompts $SHAREGPT_HF_PROMPTS} \
             --output-json "$LOGS/sharegpt.json" ;;
         sharegpt-pg) stage sharegpt_pg "${SHAREGPT_PG_LIMIT:-120}" $BENCH throughput $COMMON \
-            --max-num-batched-tokens 8192 --dataset sharegpt --num-prompts 1000 --backend pagedllm \
+            --dataset sharegpt --num-prompts 1000 --backend pagedllm \
             --output-json "$LOGS/sharegpt_pg.json" ;;
         latency) stage latency "${LATENCY_LIMIT:-240}" $BENCH latency $COMMON --batch-size 1 --input-len 1024 \
             --output-len 256 --num-iters "${LATENCY_ITERS:-3}" --backend pagedllm,hf \

@@ -29,8 +29,9 @@ import torch
 # receives the plugin's own command-line options; 1.2 — ``Backend.create_communicator`` (a device all-reduce
 # that captured graphs may contain, for tensor-parallel decode graphs); 1.3 — ``Backend.linear`` (the
 # model's linear layers), ``DeviceCommunicator.all_reduce_add_rms_norm`` (an all-reduce fused with the
-# residual add and norm after it) and ``BackendCapabilities.runs_asynchronously``.
-INTERFACE_VERSION: tuple[int, int] = (1, 3)
+# residual add and norm after it) and ``BackendCapabilities.runs_asynchronously``; 1.4 — the scheduler
+# defaults ``BackendCapabilities.default_max_num_seqs`` and ``default_max_num_batched_tokens``.
+INTERFACE_VERSION: tuple[int, int] = (1, 4)
 
 
 class InterfaceVersionError(ValueError):
@@ -121,6 +122,12 @@ class BackendCapabilities:
     """True when launched work runs on the device apart from the host (queued to a stream, as on GPUs): the
     engine then schedules asynchronously unless told not to (the next step is launched while the current
     one runs). False where the host computes the step itself (the ``cpu`` backend). Added in 1.3."""
+    default_max_num_seqs: int = 256
+    """The running-request cap (``max_num_seqs``) the engine uses when none is given: large enough that a
+    decode step keeps the device's matrix units busy, small enough for its memory. Added in 1.4."""
+    default_max_num_batched_tokens: int | None = None
+    """The per-step token budget (``max_num_batched_tokens``) the engine uses when none is given; None:
+    ``max(2048, max_num_seqs)``. Added in 1.4."""
 
     def __post_init__(self) -> None:
         """Normalize the sequences to tuples and refuse claims no engine could use.
@@ -140,6 +147,10 @@ class BackendCapabilities:
                 raise ValueError(f"BackendCapabilities.{name} must hold positive ints, got {values!r}")
             if name != "token_buckets" and not values:
                 raise ValueError(f"BackendCapabilities.{name} must not be empty")
+        for name in ("default_max_num_seqs", "default_max_num_batched_tokens"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"BackendCapabilities.{name} must be a positive int, got {value!r}")
         if self.needs_static_shapes and not self.token_buckets:
             raise ValueError("BackendCapabilities.needs_static_shapes requires token_buckets (padded token counts)")
 

@@ -57,12 +57,15 @@ def engine_settings(args: argparse.Namespace) -> str:
 
 
 def make_llm(args: argparse.Namespace) -> object:
-    """The pagedllm ``LLM`` for the benchmark's engine options; ``args.async_scheduling`` becomes the setting
-    the engine resolved for its backend (the report prints what ran)."""
+    """The pagedllm ``LLM`` for the benchmark's engine options; ``args.async_scheduling``, ``max_num_seqs``
+    and ``max_num_batched_tokens`` become the settings the engine resolved for its backend (the report
+    prints what ran)."""
     from pagedllm.entrypoints.llm import LLM
 
     llm = LLM.from_config(engine_config_from_args(args))
-    args.async_scheduling = llm.llm_engine.config.async_scheduling
+    engine = llm.llm_engine
+    args.async_scheduling = engine.config.async_scheduling
+    args.max_num_seqs, args.max_num_batched_tokens = engine.config.max_num_seqs, engine.max_num_batched_tokens
     return llm
 
 

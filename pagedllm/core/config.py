@@ -6,8 +6,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from pagedllm.backends.interface import BackendCapabilities
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -39,7 +43,7 @@ class EngineConfig:
     seed: int | None = 0
     block_size: int | None = None
     max_model_len: int | None = None
-    max_num_seqs: int = 256
+    max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
     kv_cache_memory_bytes: int | None = None
     num_kv_blocks: int | None = None
@@ -59,10 +63,9 @@ class EngineConfig:
             raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {self.dtype!r}")
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}; got {self.load_format!r}")
-        for name in ("max_num_seqs", "tensor_parallel_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("block_size", "max_model_len", "max_num_batched_tokens", "kv_cache_memory_bytes",
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        for name in ("max_num_seqs", "block_size", "max_model_len", "max_num_batched_tokens", "kv_cache_memory_bytes",
                      "num_kv_blocks"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -85,6 +88,17 @@ class EngineConfig:
         from pagedllm.demo import demo_model_path
 
         return demo_model_path()
+
+
+def resolve_scheduler_limits(config: EngineConfig, capabilities: BackendCapabilities) -> tuple[int, int]:
+    """``(max_num_seqs, max_num_batched_tokens)`` as the engine runs them: the config's values when set;
+    by default the backend's (:attr:`BackendCapabilities.default_max_num_seqs` and
+    ``default_max_num_batched_tokens``, the latter ``max(2048, max_num_seqs)`` when the backend names none).
+    Static-shape and no-chunked-prefill adjustments to the budget are the engine's."""
+    max_num_seqs = config.max_num_seqs or capabilities.default_max_num_seqs
+    budget = (config.max_num_batched_tokens or capabilities.default_max_num_batched_tokens
+              or max(2048, max_num_seqs))
+    return max_num_seqs, budget
 
 
 def resolve_async_scheduling(config: EngineConfig, runs_asynchronously: bool) -> bool:

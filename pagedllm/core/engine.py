@@ -12,7 +12,13 @@ import torch
 
 from pagedllm.backends.interface import Backend
 from pagedllm.core.block_manager import BlockManager
-from pagedllm.core.config import EngineConfig, ModelConfig, load_model_config, resolve_async_scheduling
+from pagedllm.core.config import (
+    EngineConfig,
+    ModelConfig,
+    load_model_config,
+    resolve_async_scheduling,
+    resolve_scheduler_limits,
+)
 from pagedllm.core.executor import Executor, UniProcExecutor
 from pagedllm.core.model_runner import ModelRunnerOutput
 from pagedllm.core.output_processor import OutputProcessor, ParentRequest
@@ -71,8 +77,11 @@ class LLMEngine:
 
         self.backend_cls: type[Backend] = get_registry().resolve_backend(config.device)
         capabilities = self.backend_cls().capabilities()
-        # the settings as run: asynchronous scheduling resolved for this backend (workers get this copy)
-        config = replace(config, async_scheduling=resolve_async_scheduling(config, capabilities.runs_asynchronously))
+        # the settings as run: scheduler limits and asynchronous scheduling resolved for this backend (workers
+        # get this copy)
+        max_num_seqs, max_num_batched_tokens = resolve_scheduler_limits(config, capabilities)
+        config = replace(config, max_num_seqs=max_num_seqs,
+                         async_scheduling=resolve_async_scheduling(config, capabilities.runs_asynchronously))
         self.config = config
         model_path = config.resolved_model()
         if config.model is None:
@@ -86,7 +95,7 @@ class LLMEngine:
             raise ValueError(f"backend {self.backend_cls.name!r} does not support head size {mc.head_dim}; "
                              f"supported: {list(capabilities.head_sizes)}")
         self.block_size = pick_block_size(config.block_size, capabilities.block_sizes)
-        self.max_num_batched_tokens = config.max_num_batched_tokens or max(2048, config.max_num_seqs)
+        self.max_num_batched_tokens = max_num_batched_tokens
         if capabilities.needs_static_shapes and capabilities.token_buckets:
             self.max_num_batched_tokens = min(self.max_num_batched_tokens, max(capabilities.token_buckets))
         chunked = config.enable_chunked_prefill and capabilities.supports_chunked_prefill

@@ -97,6 +97,11 @@ def test_capabilities_normalize_and_validate() -> None:
     with pytest.raises(ValueError, match="token_buckets"):
         caps(needs_static_shapes=True)
     assert caps(needs_static_shapes=True, token_buckets=(64, 128)).token_buckets == (64, 128)
+    with pytest.raises(ValueError, match="default_max_num_seqs"):
+        caps(default_max_num_seqs=0)
+    with pytest.raises(ValueError, match="default_max_num_batched_tokens"):
+        caps(default_max_num_batched_tokens=-8)
+    assert (caps().default_max_num_seqs, caps().default_max_num_batched_tokens) == (256, None)
 
 
 def test_capabilities_summary_and_dict() -> None:

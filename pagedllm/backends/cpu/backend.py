@@ -27,7 +27,7 @@ class CpuBackend(Backend):
     name = "cpu"
     device_type = "cpu"
     dist_backend = "gloo"
-    interface_version = (1, 3)
+    interface_version = (1, 4)
     priority = -100  # auto picks cpu last
 
     @classmethod
