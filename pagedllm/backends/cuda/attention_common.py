@@ -31,6 +31,13 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def unmasked_tiles(dtype: torch.dtype) -> bool:
+    """Whether the kernels give fully visible key tiles a loop without masks: for fp16/bf16 (the speed
+    path). fp32 keeps one masked loop: Triton 3.6 fails to compile the two loops for some fp32 tile shapes
+    on sm_90 (a ``TritonGPURemoveLayoutConversions`` failure; MQA, head size 64, 32x32 tiles)."""
+    return dtype != torch.float32
+
+
 @triton.jit
 def _attend_tile(
     acc,
@@ -127,6 +134,7 @@ def attend_tiles(
     BLOCK_SIZE: tl.constexpr,
     SLIDING_WINDOW: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    UNMASKED_TILES: tl.constexpr,
 ):
     """Online-softmax attention of query rows ``q`` over key tiles ``[tile_lo, tile_hi)`` of one request.
 
@@ -135,15 +143,18 @@ def attend_tiles(
     row; ``block_table_ptr``: the request's row of the block tables. Keys at positions outside
     ``[kv_lo, kv_hi)``, after the row's position or outside its sliding window are masked. The caller
     promises that the tiles before ``tile_full_hi`` (clamped to the range) hold only keys every row may see:
-    they run without masks. Returns the updated ``(acc, m_i, l_i)``.
+    with ``UNMASKED_TILES`` they run without masks (see :func:`unmasked_tiles`). Returns the updated
+    ``(acc, m_i, l_i)``.
     """
-    full_hi = tl.minimum(tl.maximum(tile_full_hi, tile_lo), tile_hi)
-    for tile in range(tile_lo, full_hi):
-        acc, m_i, l_i = _attend_tile(
-            acc, m_i, l_i, q, q_pos, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head, tile, kv_lo, kv_hi,
-            qk_scale, max_blocks, stride_cache_block, stride_cache_tok, stride_cache_head,
-            HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, SLIDING_WINDOW, DOT_PRECISION, False,
-        )  # fmt: skip
+    full_hi = tile_lo
+    if UNMASKED_TILES:
+        full_hi = tl.minimum(tl.maximum(tile_full_hi, tile_lo), tile_hi)
+        for tile in range(tile_lo, full_hi):
+            acc, m_i, l_i = _attend_tile(
+                acc, m_i, l_i, q, q_pos, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head, tile, kv_lo, kv_hi,
+                qk_scale, max_blocks, stride_cache_block, stride_cache_tok, stride_cache_head,
+                HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, SLIDING_WINDOW, DOT_PRECISION, False,
+            )  # fmt: skip
     for tile in range(full_hi, tile_hi):
         acc, m_i, l_i = _attend_tile(
             acc, m_i, l_i, q, q_pos, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head, tile, kv_lo, kv_hi,

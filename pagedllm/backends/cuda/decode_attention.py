@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedllm.backends.cuda.attention_common import LOG2_E, attend_tiles, block_d, dot_precision
+from pagedllm.backends.cuda.attention_common import LOG2_E, attend_tiles, block_d, dot_precision, unmasked_tiles
 from pagedllm.backends.interface import AttentionMetadata, AttentionSpec
 
 MAX_SPLITS = 32
@@ -59,6 +59,7 @@ def _decode_split_kernel(
     SLIDING_WINDOW: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    UNMASKED_TILES: tl.constexpr,
 ):
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -97,7 +98,7 @@ def _decode_split_kernel(
         acc, m_i, l_i, q, q_pos, k_cache_ptr, v_cache_ptr, block_tables_ptr + req.to(tl.int64) * stride_bt,
         kv_head, tile_lo, tile_full_hi, tile_hi, kv_lo, seq_len, qk_scale, max_blocks,
         stride_cache_block, stride_cache_tok, stride_cache_head,
-        HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, SLIDING_WINDOW, DOT_PRECISION,
+        HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, SLIDING_WINDOW, DOT_PRECISION, UNMASKED_TILES,
     )  # fmt: skip
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     mask = g_mask[:, None] & d_mask[None, :]
@@ -213,7 +214,8 @@ def decode_attention(
         GROUP=group, HEAD_DIM=head_dim, BLOCK_G=max(16, triton.next_power_of_2(group)),
         BLOCK_D=block_d(head_dim), BLOCK_N=block_n, BLOCK_SIZE=block_size,
         SLIDING_WINDOW=spec.sliding_window or 0, NUM_SPLITS=num_splits,
-        DOT_PRECISION=dot_precision(query.dtype), num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=True,
+        DOT_PRECISION=dot_precision(query.dtype), UNMASKED_TILES=unmasked_tiles(query.dtype),
+        num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=True,
     )  # fmt: skip
     if num_splits > 1:
         _decode_reduce_kernel[(num_decodes, num_heads)](

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedllm.backends.cuda.attention_common import LOG2_E, attend_tiles, block_d, dot_precision
+from pagedllm.backends.cuda.attention_common import LOG2_E, attend_tiles, block_d, dot_precision, unmasked_tiles
 from pagedllm.backends.interface import AttentionMetadata, AttentionSpec
 
 
@@ -51,6 +51,7 @@ def _prefill_kernel(
     BLOCK_SIZE: tl.constexpr,
     SLIDING_WINDOW: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    UNMASKED_TILES: tl.constexpr,
 ):
     # Last tiles first: under the causal mask they see the most keys, so the long programs start early.
     q_tile = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -86,7 +87,7 @@ def _prefill_kernel(
             acc, m_i, l_i, q, q_pos, k_cache_ptr, v_cache_ptr, block_tables_ptr + req.to(tl.int64) * stride_bt,
             kv_head, kv_lo // BLOCK_N, tile_full_hi, tl.cdiv(kv_hi, BLOCK_N), kv_lo, kv_hi, qk_scale, max_blocks,
             stride_cache_block, stride_cache_tok, stride_cache_head,
-            HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, SLIDING_WINDOW, DOT_PRECISION,
+            HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, SLIDING_WINDOW, DOT_PRECISION, UNMASKED_TILES,
         )  # fmt: skip
         o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         out_offs = rows[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
@@ -149,5 +150,6 @@ def prefill_attention(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_M=tile_m, BLOCK_Q=block_q, BLOCK_D=block_d(head_dim),
         BLOCK_N=block_n, BLOCK_SIZE=kv_cache.shape[2], SLIDING_WINDOW=spec.sliding_window or 0,
-        DOT_PRECISION=dot_precision(query.dtype), num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=True,
+        DOT_PRECISION=dot_precision(query.dtype), UNMASKED_TILES=unmasked_tiles(query.dtype),
+        num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=True,
     )  # fmt: skip
