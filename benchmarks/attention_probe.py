@@ -18,10 +18,10 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import statistics
 from pathlib import Path
 
 import torch
+from device_timing import device_time_us
 
 from pagedllm.backends.cuda.decode_attention import decode_attention
 from pagedllm.backends.cuda.prefill_attention import prefill_attention
@@ -77,22 +77,6 @@ def reference(query: torch.Tensor, cache: torch.Tensor, md: AttentionMetadata, r
     return torch.cat(outs)
 
 
-def time_us(fn, iters: int = 20) -> float:
-    """Median over three runs of the mean time of ``fn()`` over ``iters`` calls."""
-    fn()
-    torch.cuda.synchronize()
-    runs = []
-    for _ in range(3):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(iters):
-            fn()
-        b.record()
-        b.synchronize()
-        runs.append(a.elapsed_time(b) * 1e3 / iters)
-    return statistics.median(runs)
-
-
 def sweep(name: str, run, rows: torch.Tensor, expected: torch.Tensor, configs, work: float, unit: str) -> list[dict]:
     """Time ``run(tiles)`` for every tile choice (None: the default), checking ``out[rows]`` each time."""
     results = []
@@ -100,7 +84,7 @@ def sweep(name: str, run, rows: torch.Tensor, expected: torch.Tensor, configs, w
         try:
             out = run(tiles)
             err = (out[rows].float() - expected).abs().max().item()
-            us = time_us(lambda t=tiles: run(t))
+            us = device_time_us(lambda _, t=tiles: run(t))
         except Exception as exc:  # a tile choice the compiler refuses (shared memory, registers)
             results.append({"kernel": name, "tiles": tiles, "error": type(exc).__name__})
             continue

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
+from device_timing import device_time_us
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
           "lm_head": (128256, 4096)}
@@ -64,23 +64,6 @@ def triton_linear(x: torch.Tensor, w: torch.Tensor, config: tuple[int, ...]) -> 
     return y
 
 
-def time_us(fn, weights: list[torch.Tensor], iters: int = 20) -> float:
-    """Median over three runs of the mean time of ``fn(w)`` over ``iters`` calls rotating ``weights``."""
-    for w in weights:
-        fn(w)
-    torch.cuda.synchronize()
-    runs = []
-    for _ in range(3):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for i in range(iters):
-            fn(weights[i % len(weights)])
-        b.record()
-        b.synchronize()
-        runs.append(a.elapsed_time(b) * 1e3 / iters)
-    return statistics.median(runs)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True)
@@ -98,7 +81,8 @@ def main() -> int:
             row = {"M": m, "shape": name, "N": n, "K": k}
             for lib in ("cublas", "cublaslt"):
                 torch.backends.cuda.preferred_blas_library(lib)
-                row[lib] = round(flop / time_us(lambda w, x=x: torch.nn.functional.linear(x, w), weights) / 1e6, 1)
+                row[lib] = round(flop / device_time_us(lambda i, x=x, ws=weights: torch.nn.functional.linear(
+                    x, ws[i % len(ws)]), warmup=len(weights)) / 1e6, 1)
             torch.backends.cuda.preferred_blas_library("cublas")
             ref = torch.nn.functional.linear(x, weights[0]).float()
             best = (0.0, None)
@@ -108,7 +92,8 @@ def main() -> int:
                     if err > 0.05 * ref.abs().max().item():
                         row[f"bad_{config}"] = err
                         continue
-                    tflops = flop / time_us(lambda w, c=config, x=x: triton_linear(x, w, c), weights) / 1e6
+                    tflops = flop / device_time_us(lambda i, c=config, x=x, ws=weights: triton_linear(
+                        x, ws[i % len(ws)], c), warmup=len(weights)) / 1e6
                 except Exception as exc:  # a tile shape the compiler refuses (shared memory): skip it
                     row[f"fail_{config}"] = type(exc).__name__
                     continue

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from device_timing import device_time_us
 
 HIDDEN = 4096
 BATCHES = [1, 8, 64, 256]
@@ -34,16 +35,7 @@ TIME_LIMIT_S = 60.0
 
 def _time_ms(fn, iters: int) -> float:
     """Mean milliseconds of ``fn()`` over ``iters`` runs, by CUDA events, after 5 warm-up runs."""
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / iters
+    return device_time_us(lambda _: fn(), iters, runs=1, warmup=5) / 1e3
 
 
 def _rank_main(rank: int, world: int, port: int, queue: multiprocessing.Queue, nccl_graph: bool) -> None:
