@@ -1,5 +1,9 @@
 """How fast the model's linear layers run at throughput batch sizes: cuBLAS against a Triton GEMM.
 
+First, one prefill step's projections back to back (``--step-tokens``), whole or cut into row chunks: do
+cuBLAS's kernels for fewer rows (faster per FLOP in short bursts below) stay faster in a step's sustained run?
+Then, per shape:
+
 For each projection of a Llama-3-8B-shaped model (``[N, K]`` weights) and each token count ``M``, times
 ``x @ W.T`` in bf16 through ``torch.nn.functional.linear`` (cuBLAS, with torch's preferred BLAS library set to
 ``cublas`` and to ``cublaslt``) and through a Triton GEMM that loads its tiles with tensor descriptors (TMA),
@@ -64,13 +68,42 @@ def triton_linear(x: torch.Tensor, w: torch.Tensor, config: tuple[int, ...]) -> 
     return y
 
 
+def step_gemms_ms(tokens: int, chunk: int | None, layers: int = 32) -> float:
+    """Milliseconds of one prefill step's projections (qkv, o, gate_up, down for ``layers`` layers, cuBLAS)
+    at ``tokens`` rows, run back to back as a step runs them (so the clocks settle as in the engine), each
+    product whole or cut into ``chunk``-row pieces written into one output. Two layers' weights alternate."""
+    shapes = [SHAPES[name] for name in ("qkv", "o", "gate_up", "down")]
+    weights = [[torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for n, k in shapes] for _ in range(2)]
+    inputs = [torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16) for _, k in shapes]
+    outputs = [torch.empty(tokens, n, device="cuda", dtype=torch.bfloat16) for n, _ in shapes]
+    step = chunk or tokens
+
+    def run(layer: int) -> None:
+        for x, w, y in zip(inputs, weights[layer % 2], outputs, strict=True):
+            for start in range(0, tokens, step):
+                torch.mm(x[start : start + step], w.t(), out=y[start : start + step])
+
+    return device_time_us(run, iters=layers, runs=3, warmup=4) * layers / 1e3
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--tokens", default="256,1024,8192")
+    parser.add_argument("--step-tokens", default="8192,16384",
+                        help="token counts of the whole-step run (see step_gemms_ms); empty: skip it")
     args = parser.parse_args()
     torch.manual_seed(0)
     results = []
+    for m in (int(t) for t in args.step_tokens.split(",") if t):
+        for chunk in (None, 4096, 2048, 1024):
+            ms = step_gemms_ms(m, chunk)
+            torch.cuda.empty_cache()
+            row = {"step_tokens": m, "chunk": chunk, "ms": round(ms, 2),
+                   "TFLOPs": round(32 * sum(2 * m * n * k for name, (n, k) in SHAPES.items() if name != "lm_head")
+                                   / ms / 1e9, 1)}
+            print(row, flush=True)
+            results.append(row)
     for m in (int(t) for t in args.tokens.split(",")):
         for name, (n, k) in SHAPES.items():
             if name == "lm_head" and m > 256:
