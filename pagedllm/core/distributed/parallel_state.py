@@ -43,7 +43,7 @@ class TensorParallelGroup:
         a new tensor from the communicator (small ``x``). Identity at world size 1."""
         if self.world_size == 1:
             return x
-        comm = self._reducing_communicator(x)
+        comm = self._communicator_for(x, gather=False)
         if comm is not None:
             return comm.all_reduce(x.contiguous())
         dist.all_reduce(x, group=self.process_group)
@@ -54,17 +54,21 @@ class TensorParallelGroup:
         """Return ``backend.add_rms_norm(all_reduce(x), residual, weight, eps)``: ``(normed, residual)``, each
         ``[num_tokens, hidden]``, ``residual`` updated in place. One kernel where the communicator fuses it
         (small ``x``), else the all-reduce then the backend's fused add + norm."""
-        comm = self._reducing_communicator(x) if self.world_size > 1 else None
+        comm = self._communicator_for(x, gather=False) if self.world_size > 1 else None
         if comm is not None:
             fused = comm.all_reduce_add_rms_norm(x.contiguous(), residual, weight, eps)
             if fused is not None:
                 return fused
         return backend.add_rms_norm(self.all_reduce(x), residual, weight, eps)
 
-    def _reducing_communicator(self, x: torch.Tensor) -> DeviceCommunicator | None:
-        """The communicator when it all-reduces tensors of ``x``'s size (up to its ``max_bytes``), else None."""
+    def _communicator_for(self, x: torch.Tensor, gather: bool) -> DeviceCommunicator | None:
+        """The communicator when it takes ``x`` (at most its ``max_gather_bytes`` to all-gather, its
+        ``max_bytes`` to all-reduce), else None."""
         comm = self.communicator
-        return comm if comm is not None and x.numel() * x.element_size() <= comm.max_bytes else None
+        if comm is None:
+            return None
+        limit = comm.max_gather_bytes if gather else comm.max_bytes
+        return comm if x.numel() * x.element_size() <= limit else None
 
     def all_agree(self, flag: bool, device: torch.device) -> bool:
         """True when ``flag`` is True on every rank (a collective: every rank calls it, with its own
@@ -96,8 +100,8 @@ class TensorParallelGroup:
         if self.world_size == 1:
             return x
         x = x.contiguous()
-        comm = self.communicator
-        if comm is not None and x.numel() * x.element_size() <= comm.max_gather_bytes:
+        comm = self._communicator_for(x, gather=True)
+        if comm is not None:
             return comm.all_gather(x, dim)
         parts = [torch.empty_like(x) for _ in range(self.world_size)]
         dist.all_gather(parts, x, group=self.process_group)
