@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from pagedllm import LLM, SamplingParams
-from pagedllm.backends.interface import BackendCapabilities
-from pagedllm.core.config import EngineConfig, resolve_scheduler_limits
+from pagedllm.core.config import EngineConfig
 from tests.conftest import assert_pool_free
 
 
@@ -142,17 +141,10 @@ def test_dummy_weights_from_config_only_directory(tmp_path: Path, llama_dir: Pat
     assert next(llm.llm_engine.executor.worker.runner.model.parameters()).dtype == torch.bfloat16
 
 
-def test_scheduler_limits_default_to_the_backends(llm: LLM) -> None:
+def test_engine_runs_the_backends_scheduler_limits(llm: LLM) -> None:
     """Unset ``max_num_seqs``/``max_num_batched_tokens`` come from the backend's capabilities (the ``cpu``
-    backend names 256 and no budget: ``max(2048, max_num_seqs)``); explicit values win."""
-    caps = BackendCapabilities(dtypes=(torch.float32,), kv_cache_dtypes=(torch.float32,), block_sizes=(16,),
-                               head_sizes=(64,), default_max_num_seqs=1024, default_max_num_batched_tokens=16384)
-    assert resolve_scheduler_limits(EngineConfig(), caps) == (1024, 16384)
-    assert resolve_scheduler_limits(EngineConfig(max_num_seqs=8), caps) == (8, 16384)
-    assert resolve_scheduler_limits(EngineConfig(max_num_batched_tokens=512), caps) == (1024, 512)
-    plain = BackendCapabilities(dtypes=(torch.float32,), kv_cache_dtypes=(torch.float32,), block_sizes=(16,),
-                                head_sizes=(64,))
-    assert resolve_scheduler_limits(EngineConfig(max_num_seqs=4096), plain) == (4096, 4096)
+    backend names 256 and no budget: ``max(2048, max_num_seqs)``; the resolution itself:
+    ``tests/unit/test_interface.py``)."""
     engine = llm.llm_engine
     assert engine.config.max_num_seqs == engine.scheduler.max_num_seqs == 256
     assert engine.max_num_batched_tokens == engine.scheduler.max_num_batched_tokens == 2048

@@ -19,6 +19,7 @@ from pagedllm.backends.interface import (
     format_version,
     is_compatible_version,
 )
+from pagedllm.core.config import EngineConfig, resolve_scheduler_limits
 
 MAJOR, MINOR = INTERFACE_VERSION
 
@@ -102,6 +103,16 @@ def test_capabilities_normalize_and_validate() -> None:
     with pytest.raises(ValueError, match="default_max_num_batched_tokens"):
         caps(default_max_num_batched_tokens=-8)
     assert (caps().default_max_num_seqs, caps().default_max_num_batched_tokens) == (256, None)
+
+
+def test_scheduler_limits_default_to_the_backends() -> None:
+    """Unset ``max_num_seqs``/``max_num_batched_tokens`` come from the capabilities; explicit values win;
+    a backend naming no budget gets ``max(2048, max_num_seqs)``."""
+    large = caps(default_max_num_seqs=1024, default_max_num_batched_tokens=16384)
+    assert resolve_scheduler_limits(EngineConfig(), large) == (1024, 16384)
+    assert resolve_scheduler_limits(EngineConfig(max_num_seqs=8), large) == (8, 16384)
+    assert resolve_scheduler_limits(EngineConfig(max_num_batched_tokens=512), large) == (1024, 512)
+    assert resolve_scheduler_limits(EngineConfig(max_num_seqs=4096), caps()) == (4096, 4096)
 
 
 def test_capabilities_summary_and_dict() -> None:
