@@ -132,9 +132,7 @@ def prefill_attention(
     num_kv_heads, head_dim = spec.num_kv_heads, spec.head_dim
     group = spec.num_heads // num_kv_heads
     tile_m, block_n, num_warps = prefill_tiles(head_dim, query.dtype)
-    num_stages = PREFILL_STAGES
-    if tiles is not None:
-        block_n, num_warps, num_stages = tiles
+    block_n, num_warps, num_stages = tiles or (block_n, num_warps, PREFILL_STAGES)
     tile_m = max(block_m or tile_m, triton.next_power_of_2(group), 16)
     block_q = tile_m // group  # tokens per tile; rows past block_q * group are idle when group is not 2^k
     max_query_len = metadata.max_query_len
