@@ -89,14 +89,15 @@ def step_gemms_ms(tokens: int, chunk: int | None, layers: int = 32) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True)
-    parser.add_argument("--tokens", default="256,1024,8192")
+    parser.add_argument("--tokens", default="256,1024,8192",
+                        help="row counts of the per-shape sweep (cuBLAS, cuBLASLt, Triton tiles); empty: skip it")
     parser.add_argument("--step-tokens", default="8192,16384",
                         help="token counts of the whole-step run (see step_gemms_ms); empty: skip it")
     args = parser.parse_args()
     torch.manual_seed(0)
     results = []
     for m in (int(t) for t in args.step_tokens.split(",") if t):
-        for chunk in (None, 4096, 2048, 1024):
+        for chunk in (None, *(c for c in (8192, 4096, 2048, 1024) if c < m)):
             ms = step_gemms_ms(m, chunk)
             torch.cuda.empty_cache()
             row = {"step_tokens": m, "chunk": chunk, "ms": round(ms, 2),
@@ -104,7 +105,7 @@ def main() -> int:
                                    / ms / 1e9, 1)}
             print(row, flush=True)
             results.append(row)
-    for m in (int(t) for t in args.tokens.split(",")):
+    for m in (int(t) for t in args.tokens.split(",") if t):
         for name, (n, k) in SHAPES.items():
             if name == "lm_head" and m > 256:
                 continue
