@@ -27,8 +27,10 @@ import torch
 from device_timing import device_time_us
 
 
-def probe_batch(runner, batch: int, ctx: int, vocab: int, aux: torch.cuda.Stream) -> dict:
-    """Time the three graphs for ``batch`` decodes at context ``ctx`` (see the module docstring)."""
+def probe_batch(runner, batch: int, ctx: int, vocab: int, aux: torch.cuda.Stream, keep: list) -> dict:
+    """Time the three graphs for ``batch`` decodes at context ``ctx`` (see the module docstring). The graphs
+    go into ``keep``: freeing a graph of the shared pool before the next capture trips an allocator assert
+    in torch 2.11."""
     from pagedllm.backends.interface import AttentionMetadata
 
     model, backend, bs = runner.model, runner.backend, runner.block_size
@@ -79,6 +81,7 @@ def probe_batch(runner, batch: int, ctx: int, vocab: int, aux: torch.cuda.Stream
         reference = None
         for name, fn in (("whole", whole), ("halves_serial", halves_serial), ("halves_streams", halves_streams)):
             replay = backend.capture_graph(fn)
+            keep.append(replay)
             replay()
             torch.cuda.synchronize()
             if reference is None:
@@ -94,7 +97,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--batches", default="256,512,1024")
+    parser.add_argument("--batches", default="1024,512,256", help="largest first (they share a graph pool)")
     parser.add_argument("--context", type=int, default=576, help="tokens in the cache of every request")
     args = parser.parse_args()
 
@@ -104,9 +107,9 @@ def main() -> int:
     llm = LLM.from_config(EngineConfig(model=args.model, device="cuda", load_format="dummy", enforce_eager=True))
     runner = llm.llm_engine.executor.worker.runner
     aux = torch.cuda.Stream()
-    results = []
+    results, keep = [], []
     for batch in (int(b) for b in args.batches.split(",")):
-        row = probe_batch(runner, batch, args.context, llm.llm_engine.model_config.vocab_size, aux)
+        row = probe_batch(runner, batch, args.context, llm.llm_engine.model_config.vocab_size, aux, keep)
         print(row, flush=True)
         results.append(row)
         torch.cuda.empty_cache()
