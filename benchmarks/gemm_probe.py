@@ -2,7 +2,9 @@
 
 First, one prefill step's projections back to back (``--step-tokens``), whole or cut into row chunks: do
 cuBLAS's kernels for fewer rows (faster per FLOP in short bursts below) stay faster in a step's sustained run?
-Then, per shape:
+Then (``--layout-tokens``) each projection laid out another way: the weight stored transposed (``x @ W_t``
+with ``W_t: [K, N]`` contiguous), or its output columns cut in halves (two products): does cuBLAS pick a
+faster kernel for them? Then, per shape:
 
 For each projection of a Llama-3-8B-shaped model (``[N, K]`` weights) and each token count ``M``, times
 ``x @ W.T`` in bf16 through ``torch.nn.functional.linear`` (cuBLAS, with torch's preferred BLAS library set to
@@ -86,6 +88,26 @@ def step_gemms_ms(tokens: int, chunk: int | None, layers: int = 32) -> float:
     return device_time_us(run, iters=layers, runs=3, warmup=4) * layers / 1e3
 
 
+def layout_tflops(m: int, n: int, k: int) -> dict[str, float]:
+    """TFLOP/s of ``[m, k] @ [n, k].T`` as ``F.linear`` (cuBLAS and cuBLASLt), with the weight stored
+    transposed (``torch.mm(x, w_t)``) and as two products over halves of ``n``; two weight copies alternate."""
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for _ in range(2)]
+    wts = [w.t().contiguous() for w in ws]
+    halves = [(w[: n // 2].contiguous(), w[n // 2 :].contiguous()) for w in ws]
+    variants = {
+        "linear": lambda i: torch.nn.functional.linear(x, ws[i % 2]),
+        "transposed": lambda i: torch.mm(x, wts[i % 2]),
+        "n_halves": lambda i: [torch.nn.functional.linear(x, h) for h in halves[i % 2]],
+    }
+    flop = 2 * m * n * k
+    row = {name: round(flop / device_time_us(fn, iters=10, warmup=2) / 1e6, 1) for name, fn in variants.items()}
+    torch.backends.cuda.preferred_blas_library("cublaslt")
+    row["transposed_lt"] = round(flop / device_time_us(variants["transposed"], iters=10, warmup=2) / 1e6, 1)
+    torch.backends.cuda.preferred_blas_library("cublas")
+    return row
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True)
@@ -93,9 +115,18 @@ def main() -> int:
                         help="row counts of the per-shape sweep (cuBLAS, cuBLASLt, Triton tiles); empty: skip it")
     parser.add_argument("--step-tokens", default="8192,16384",
                         help="token counts of the whole-step run (see step_gemms_ms); empty: skip it")
+    parser.add_argument("--layout-tokens", default="",
+                        help="token counts of the layout comparison (see layout_tflops); empty: skip it")
     args = parser.parse_args()
     torch.manual_seed(0)
     results = []
+    for m in (int(t) for t in args.layout_tokens.split(",") if t):
+        for name, (n, k) in SHAPES.items():
+            if name != "lm_head":
+                row = {"layout_M": m, "shape": name, **layout_tflops(m, n, k)}
+                print(row, flush=True)
+                results.append(row)
+                torch.cuda.empty_cache()
     for m in (int(t) for t in args.step_tokens.split(",") if t):
         for chunk in (None, *(c for c in (8192, 4096, 2048, 1024) if c < m)):
             ms = step_gemms_ms(m, chunk)
