@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
-from pathlib import Path
 
 import torch
-from device_timing import device_time_us
+from device_timing import device_time_us, write_results
 
 from pagedllm.backends.cuda.decode_attention import decode_attention
 from pagedllm.backends.cuda.prefill_attention import prefill_attention
@@ -149,9 +147,7 @@ def main() -> int:
 
     configs = [None, *itertools.product((32, 64, 128), (2, 4, 8), (1, 2, 3))]
     results += sweep("decode", run_decode, rows, expected, configs, kv_bytes, "TBps")
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "attention_probe.json").write_text(json.dumps(results, indent=1))
+    write_results(args.out, "attention_probe.json", results)
     return 0
 
 

@@ -1,12 +1,14 @@
-"""Device time of a few GPU calls, by CUDA events: the timing loop the probe scripts share.
+"""What the probe scripts share: the device time of a few GPU calls by CUDA events, and writing their results.
 
 Imported by the scripts next to it (``python benchmarks/attention_probe.py`` puts this folder on the path).
 """
 
 from __future__ import annotations
 
+import json
 import statistics
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -31,3 +33,11 @@ def device_time_us(step: Callable[[int], object], iters: int = 20, runs: int = 3
         end.synchronize()
         means.append(start.elapsed_time(end) * 1e3 / iters)
     return statistics.median(means)
+
+
+def write_results(out_dir: str | Path, name: str, results: object) -> Path:
+    """Write ``results`` (JSON-serializable) as ``out_dir/name`` (the folder is created); returns the path."""
+    path = Path(out_dir) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1))
+    return path

@@ -18,13 +18,11 @@ rotate over four copies so the small ones are not served from L2. Writes ``gemm_
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
-from device_timing import device_time_us
+from device_timing import device_time_us, write_results
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
           "lm_head": (128256, 4096)}
@@ -168,9 +166,7 @@ def main() -> int:
             results.append(row)
             del x, weights
             torch.cuda.empty_cache()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gemm_probe.json").write_text(json.dumps(results, indent=1))
+    write_results(args.out, "gemm_probe.json", results)
     return 0
 
 

@@ -20,11 +20,9 @@ under ``--out``. Example::
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import torch
-from device_timing import device_time_us
+from device_timing import device_time_us, write_results
 
 
 def probe_batch(runner, batch: int, ctx: int, vocab: int, aux: torch.cuda.Stream, keep: list) -> dict:
@@ -113,9 +111,7 @@ def main() -> int:
         print(row, flush=True)
         results.append(row)
         torch.cuda.empty_cache()
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "overlap_probe.json").write_text(json.dumps(results, indent=1))
+    write_results(args.out, "overlap_probe.json", results)
     return 0
 
 
