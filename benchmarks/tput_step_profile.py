@@ -3,13 +3,13 @@
 Runs ``--num-prompts`` prompts of ``--input-len`` random tokens generating ``--output-len`` each (the engine
 as ``pagedllm bench throughput`` builds it, asynchronous scheduling as the backend resolves it) and records,
 for every step: its composition (tokens, decodes, whether it is pure decode, which a decode graph runs), the host
-time of its launch (``executor.execute``) and the host time of the whole ``engine.step`` call. Steps
-``--window-start`` to ``--window-start + --window`` run under torch.profiler; from their kernels it writes
-the device's busy time against the window's wall time (the device's idle share is time lost to the host),
-the kernel table by device time and the time per kernel class (GEMM, attention, norms, ...).
+time of its launch (``executor.execute``) and the host time of the whole ``engine.step`` call. From each
+step ``S`` of ``--window-start`` (a list), ``--window`` steps run under torch.profiler; from their kernels
+it finds the device's busy time against the window's wall time (the device's idle share is time lost to the
+host), the kernel table by device time and the time per kernel class (GEMM, attention, norms, ...).
 
-Writes ``steps.json``, ``window.json``, ``kernels.txt`` and ``trace.json.gz`` under ``--out``; prints the
-summary. Example::
+Writes ``steps.json`` and ``summary.json`` under ``--out``, and ``kernels.txt`` and ``trace.json.gz`` under
+``--out/windowS`` for each window; prints the summary. Example::
 
     python benchmarks/tput_step_profile.py --model benchmarks/llama3_8b_config --out /tmp/tprof
 """
@@ -79,6 +79,35 @@ def analyse_trace(trace: dict) -> dict:
             "ms_by_class": {k: round(v / 1e3, 2) for k, v in sorted(by_class.items(), key=lambda kv: -kv[1])}}
 
 
+def profile_window(engine, backend, num_steps: int, step_ms: list[float], records: list[dict], out: Path) -> dict:
+    """Run ``num_steps`` engine steps under torch.profiler (appending their times to ``step_ms``); write the
+    kernel table and the trace under ``out``; return the window's wall time, its steps' records and
+    :func:`analyse_trace`'s figures."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out.mkdir(parents=True, exist_ok=True)
+    backend.synchronize()
+    t = time.perf_counter()
+    first = len(records)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(num_steps):
+            s = time.perf_counter()
+            engine.step()
+            step_ms.append(1e3 * (time.perf_counter() - s))
+        backend.synchronize()
+    window = {"wall_ms": round(1e3 * (time.perf_counter() - t), 2), "steps": records[first:]}
+    (out / "kernels.txt").write_text(prof.key_averages().table(
+        sort_by="cuda_time_total", row_limit=60, max_name_column_width=90))
+    trace_path = out / "trace.json"
+    prof.export_chrome_trace(str(trace_path))
+    trace = json.loads(trace_path.read_text())
+    with gzip.open(out / "trace.json.gz", "wt") as f:
+        json.dump(trace, f)
+    trace_path.unlink()
+    window.update(analyse_trace(trace))
+    return window
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True)
@@ -90,7 +119,9 @@ def main() -> int:
     parser.add_argument("--max-num-batched-tokens", type=int, default=None, help="default: the backend's")
     parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--enforce-eager", action="store_true")
-    parser.add_argument("--window-start", type=int, default=200, help="first profiled step")
+    parser.add_argument("--window-start", default="10,100",
+                        help="first profiled step of each window, comma-separated (the default: a prefill-heavy "
+                             "and a pure-decode window under the cuda backend's limits on an H200)")
     parser.add_argument("--window", type=int, default=8, help="profiled steps (0: none)")
     parser.add_argument("--device", default="cuda")
     args = parser.parse_args()
@@ -132,32 +163,14 @@ def main() -> int:
         engine.add_request(None, p, params)
     backend.synchronize()
     step_ms: list[float] = []
-    window: dict = {}
+    windows: dict[int, dict] = {}
+    starts = {int(w) for w in args.window_start.split(",") if w} if args.window else set()
     start = time.perf_counter()
     while engine.has_unfinished_requests():
-        if args.window and len(step_ms) == args.window_start:
-            from torch.profiler import ProfilerActivity, profile
-
-            backend.synchronize()
-            t = time.perf_counter()
-            first = len(records)
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                for _ in range(args.window):
-                    s = time.perf_counter()
-                    engine.step()
-                    step_ms.append(1e3 * (time.perf_counter() - s))
-                backend.synchronize()
-            window["wall_ms"] = round(1e3 * (time.perf_counter() - t), 2)
-            window["steps"] = records[first:]
-            (out / "kernels.txt").write_text(prof.key_averages().table(
-                sort_by="cuda_time_total", row_limit=60, max_name_column_width=90))
-            trace_path = out / "trace.json"
-            prof.export_chrome_trace(str(trace_path))
-            trace = json.loads(trace_path.read_text())
-            with gzip.open(out / "trace.json.gz", "wt") as f:
-                json.dump(trace, f)
-            trace_path.unlink()
-            window.update(analyse_trace(trace))
+        if len(step_ms) in starts:
+            first_step = len(step_ms)
+            windows[first_step] = profile_window(engine, backend, args.window, step_ms, records,
+                                                 out / f"window{first_step}")
             continue
         s = time.perf_counter()
         engine.step()
@@ -181,12 +194,12 @@ def main() -> int:
         "mixed_tokens_median": med(mixed, "tokens"), "mixed_decodes_median": med(mixed, "decodes"),
         "time_in_pure_decode_steps_s": round(sum(r.get("step_ms", 0) for r in graph) / 1e3, 2),
         "time_in_mixed_steps_s": round(sum(r.get("step_ms", 0) for r in mixed) / 1e3, 2),
-        "window": {k: v for k, v in window.items() if k != "steps"},
-        "window_steps": [{k: r[k] for k in ("tokens", "decodes", "pure_decode", "launch_ms")}
-                         for r in window.get("steps", [])],
+        "windows": {first: {**{k: v for k, v in w.items() if k != "steps"},
+                            "steps": [{k: r[k] for k in ("tokens", "decodes", "pure_decode", "launch_ms")}
+                                      for r in w["steps"]]}
+                    for first, w in windows.items()},
     }
     (out / "steps.json").write_text(json.dumps(records))
-    (out / "window.json").write_text(json.dumps(window, indent=1))
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
     return 0
