@@ -116,7 +116,7 @@ class ModelRunner:
             + positions % self.block_size
         )
         sampled = [i for i, r in enumerate(reqs) if r.needs_sample]
-        pending = [i for i, r in enumerate(reqs) if r.token_from_row >= 0]
+        pending = [i for i, r in enumerate(reqs) if r.token_from_row is not None]
         pending_tokens = query_start[1:][pending] - 1  # a pending token is its request's last
         input_ids[pending_tokens] = 0  # a valid id until the device writes the sampled one
         if self.token_buckets:
@@ -207,7 +207,7 @@ class ModelRunner:
         """Run the step's batch through the model; returns logits of the requests that sample.
 
         ``sampled_token_ids: [num_rows_prev] int64`` on the device: the previous step's sampled tokens,
-        where requests scheduled with ``token_from_row >= 0`` find their last input token (asynchronous
+        where requests scheduled with a ``token_from_row`` find their last input token (asynchronous
         scheduling); nothing waits for them on the host.
         """
         graphs = self.graph_runner

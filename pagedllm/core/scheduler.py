@@ -16,7 +16,7 @@ class ScheduledRequest:
 
     ``token_ids`` are the ``num_new_tokens`` tokens at positions ``start_position ...``; ``block_ids`` is
     the request's whole block table; ``needs_sample`` is True when this step reaches the request's last
-    token, so a new token is sampled from its logits. ``token_from_row >= 0`` (asynchronous scheduling):
+    token, so a new token is sampled from its logits. ``token_from_row`` set (asynchronous scheduling):
     the last of ``token_ids`` is :data:`~pagedllm.core.request.PENDING_TOKEN_ID`, its value is row
     ``token_from_row`` of the previous step's sampled tokens, still on the device; set by the engine.
     """
@@ -26,7 +26,7 @@ class ScheduledRequest:
     start_position: int
     block_ids: list[int]
     needs_sample: bool
-    token_from_row: int = -1
+    token_from_row: int | None = None
 
     @property
     def num_new_tokens(self) -> int:

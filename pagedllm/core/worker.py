@@ -113,9 +113,9 @@ class Worker:
         only rank 0 holds the sampled tokens; the rows the step reads are broadcast to the other ranks on
         their devices first (no host involved)."""
         if self.config.async_scheduling and self.tp_group.world_size > 1:  # else no step has pending tokens
-            num_rows = max((r.token_from_row for r in scheduler_output.scheduled), default=-1) + 1
-            if num_rows:
-                sampled_token_ids = self.tp_group.broadcast_from_first(sampled_token_ids, num_rows, self.device)
+            rows = [r.token_from_row for r in scheduler_output.scheduled if r.token_from_row is not None]
+            if rows:
+                sampled_token_ids = self.tp_group.broadcast_from_first(sampled_token_ids, max(rows) + 1, self.device)
         return self.runner.execute(scheduler_output, sampled_token_ids)
 
     def shutdown(self) -> None:
