@@ -25,6 +25,64 @@ import torch
 from device_timing import device_time_us, write_results
 
 
+def pre_attention(layer, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None):
+    """A Llama decoder layer up to its attention: norm, q|k|v projection, rotary. Returns ``(q, k, v,
+    residual)``."""
+    if residual is None:
+        residual, hidden = hidden, layer.input_layernorm(hidden)
+    else:
+        hidden, residual = layer.input_layernorm(hidden, residual)
+    attn = layer.self_attn
+    q, k, v = attn.qkv_proj(hidden).split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+    n = hidden.shape[0]
+    q, k = attn.rotary_emb(positions, q.reshape(n, attn.num_heads, attn.head_dim),
+                           k.reshape(n, attn.num_kv_heads, attn.head_dim))
+    return q, k, v.reshape(n, attn.num_kv_heads, attn.head_dim), residual
+
+
+def post_attention(layer, attn_out: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rest of the layer: output projection, norm with the residual add, MLP. Returns ``(hidden,
+    residual)``."""
+    hidden, residual = layer.post_attention_layernorm(layer.self_attn.o_proj(attn_out), residual)
+    return layer.mlp(hidden), residual
+
+
+def pipelined_forward(model, halves: list, aux: torch.cuda.Stream) -> list[torch.Tensor]:
+    """Logits of each half in ``halves`` (``(ids, positions, metadata)`` each), computed as a two-stage
+    pipeline: attention on ``aux``, everything else on the current stream, each half's attention started as
+    soon as its q/k/v are ready. Tensors crossing streams are recorded on the stream that reads them."""
+    main = torch.cuda.current_stream()
+    layers = model.model.layers
+
+    def attend(layer, q, k, v, md):
+        aux.wait_stream(main)
+        for t in (q, k, v):
+            t.record_stream(aux)
+        with torch.cuda.stream(aux):
+            out = layer.self_attn.attn(q, k, v, md)
+            done = torch.cuda.Event()
+            done.record(aux)
+        out.record_stream(main)
+        return out, done
+
+    state = []  # per half: [attention output, its event, residual]
+    for ids, positions, md in halves:
+        q, k, v, residual = pre_attention(layers[0], positions, model.model.embed_tokens(ids), None)
+        state.append([*attend(layers[0], q, k, v, md), residual])
+    hidden = [None] * len(halves)
+    for i, layer in enumerate(layers):
+        for h, (_, positions, md) in enumerate(halves):
+            out, done, residual = state[h]
+            main.wait_event(done)
+            hidden[h], residual = post_attention(layer, out, residual)
+            if i + 1 < len(layers):
+                q, k, v, residual = pre_attention(layers[i + 1], positions, hidden[h], residual)
+                state[h] = [*attend(layers[i + 1], q, k, v, md), residual]
+            else:
+                state[h][2] = residual
+    return [model.compute_logits(model.model.norm(hidden[h], state[h][2])[0]) for h in range(len(halves))]
+
+
 def probe_batch(runner, batch: int, ctx: int, vocab: int, aux: torch.cuda.Stream, keep: list) -> dict:
     """Time the three graphs for ``batch`` decodes at context ``ctx`` (see the module docstring). The graphs
     go into ``keep``: freeing a graph of the shared pool before the next capture trips an allocator assert
@@ -74,10 +132,16 @@ def probe_batch(runner, batch: int, ctx: int, vocab: int, aux: torch.cuda.Stream
             forward(half, batch, md_b)
         main_stream.wait_stream(aux)
 
+    def pipelined() -> None:
+        logits = pipelined_forward(model, [(ids[:half], positions[:half], md_a),
+                                           (ids[half:], positions[half:], md_b)], aux)
+        out[:half], out[half:] = logits
+
     row: dict = {"batch": batch, "context": ctx}
     with torch.inference_mode():
         reference = None
-        for name, fn in (("whole", whole), ("halves_serial", halves_serial), ("halves_streams", halves_streams)):
+        for name, fn in (("whole", whole), ("halves_serial", halves_serial), ("halves_streams", halves_streams),
+                         ("pipelined", pipelined)):
             replay = backend.capture_graph(fn)
             keep.append(replay)
             replay()
@@ -88,6 +152,10 @@ def probe_batch(runner, batch: int, ctx: int, vocab: int, aux: torch.cuda.Stream
                 row[f"{name}_max_abs_diff"] = round((out.float() - reference).abs().max().item(), 4)
             row[f"{name}_ms"] = round(device_time_us(lambda i, r=replay: r(), iters=10, runs=5, warmup=3) / 1e3, 3)
     row["streams_vs_whole"] = round(row["halves_streams_ms"] / row["whole_ms"], 3)
+    row["pipelined_vs_whole"] = round(row["pipelined_ms"] / row["whole_ms"], 3)
+    weight = model.model.layers[0].mlp.gate_up_proj.weight
+    x = torch.randn(half, weight.shape[1], dtype=weight.dtype, device=device)
+    row["gate_up_half_batch_ms"] = round(device_time_us(lambda i: torch.nn.functional.linear(x, weight)) / 1e3, 4)
     return row
 
 
@@ -97,6 +165,7 @@ def main() -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--batches", default="1024,512,256", help="largest first (they share a graph pool)")
     parser.add_argument("--context", type=int, default=576, help="tokens in the cache of every request")
+    parser.add_argument("--carveouts", default="0", help="SMs kept from cuBLASLt GEMMs, one pass each")
     args = parser.parse_args()
 
     from pagedllm.core.config import EngineConfig
@@ -106,11 +175,15 @@ def main() -> int:
     runner = llm.llm_engine.executor.worker.runner
     aux = torch.cuda.Stream()
     results, keep = [], []
-    for batch in (int(b) for b in args.batches.split(",")):
-        row = probe_batch(runner, batch, args.context, llm.llm_engine.model_config.vocab_size, aux, keep)
-        print(row, flush=True)
-        results.append(row)
-        torch.cuda.empty_cache()
+    for carveout in (int(c) for c in args.carveouts.split(",")):
+        if carveout:
+            torch.backends.cuda.preferred_blas_library("cublaslt")
+        torch._C._set_sm_carveout_experimental(carveout or None)
+        for batch in (int(b) for b in args.batches.split(",")):
+            row = {"carveout": carveout, **probe_batch(runner, batch, args.context,
+                                                       llm.llm_engine.model_config.vocab_size, aux, keep)}
+            print(row, flush=True)
+            results.append(row)
     write_results(args.out, "overlap_probe.json", results)
     return 0
 
