@@ -30,7 +30,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="pagedllm,hf",
                         help="comma-separated engines to run on the same workload: pagedllm, hf")
     parser.add_argument("--hf-batch-size", type=int, default=None,
-                        help="transformers static batch size (default: the largest power of two that fits)")
+                        help="transformers static batch size (default: the largest power of two that fits, "
+                             "starting from one batch for the whole workload)")
     parser.add_argument("--output-json", default=None, help="also write the results to this JSON file")
 
 

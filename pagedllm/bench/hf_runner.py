@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,29 +57,46 @@ def _generate_batch(model: torch.nn.Module, batch: list[BenchRequest], device: t
                    max_new_tokens=max_out, min_new_tokens=max_out, pad_token_id=pad)
 
 
+def candidate_batch_sizes(num_requests: int, batch_size: int | None) -> list[int]:
+    """The static batch sizes :func:`run_hf` tries, in order: ``[batch_size]`` when given, else the powers of
+    two from the smallest that holds all ``num_requests`` down to 1 (the first that fits is used)."""
+    if batch_size:
+        return [batch_size]
+    largest = 1 << max(num_requests - 1, 0).bit_length()
+    return [largest >> i for i in range(largest.bit_length())]
+
+
 def run_hf(model: torch.nn.Module, requests: list[BenchRequest], device: torch.device, batch_size: int | None,
-           sync: callable) -> HfResult:
+           sync: Callable[[], object]) -> HfResult:
     """Run every request in arrival order in static batches of ``batch_size``.
 
-    ``batch_size=None`` finds the largest power of two up to 256 that does not run out of memory on the
-    first batch, as a user tuning transformers would. Returns the wall time of the whole workload.
+    ``batch_size=None`` uses the largest batch that fits: the sizes of :func:`candidate_batch_sizes`, largest
+    first, each abandoned when its first batch runs out of device memory. Only the run at the size that fits
+    is timed. Returns the wall time of the whole workload and that size.
     """
-    sizes = [batch_size] if batch_size else [256, 128, 64, 32, 16, 8, 4, 2, 1]
+    sizes = candidate_batch_sizes(len(requests), batch_size)
     for size in sizes:
         try:
-            with torch.inference_mode():
-                _generate_batch(model, requests[: min(size, 2)], device)  # warm-up
-                sync()
-                start = time.perf_counter()
-                for i in range(0, len(requests), size):
-                    _generate_batch(model, requests[i: i + size], device)
-                sync()
-            return HfResult(time.perf_counter() - start, size)
+            return HfResult(_timed_run(model, requests, device, size, sync), size)
         except torch.OutOfMemoryError:
-            release_device_memory(device)
             if size == sizes[-1]:
                 raise
+        # out of the except block: the failed attempt's frames (and their tensors) are gone
+        release_device_memory(device)
     raise RuntimeError("unreachable")
+
+
+def _timed_run(model: torch.nn.Module, requests: list[BenchRequest], device: torch.device, size: int,
+               sync: Callable[[], object]) -> float:
+    """Seconds to run ``requests`` in static batches of ``size``, after a warm-up batch of two."""
+    with torch.inference_mode():
+        _generate_batch(model, requests[: min(size, 2)], device)
+        sync()
+        start = time.perf_counter()
+        for i in range(0, len(requests), size):
+            _generate_batch(model, requests[i: i + size], device)
+        sync()
+    return time.perf_counter() - start
 
 
 def weight_bytes(model_dir: str | Path, dtype: torch.dtype) -> int:
