@@ -14,14 +14,11 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import importlib
 import inspect
 import logging
-import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from importlib import metadata
 from typing import TYPE_CHECKING
 
 import pluggy
@@ -35,20 +32,20 @@ from pagedllm.backends.interface import (
     check_interface_version,
     format_version,
 )
+from pagedllm.backends.plugin_sources import (
+    BLOCK_ENV,
+    BUILTIN_DISTRIBUTION,
+    PluginSource,
+    blocked_plugin_names,
+    builtin_sources,
+    entry_point_sources,
+)
 
 if TYPE_CHECKING:
     from torch import nn
 
 logger = logging.getLogger(__name__)
 
-ENTRY_POINT_GROUP = "pagedllm"
-BLOCK_ENV = "PAGEDLLM_BLOCK_PLUGINS"
-BUILTIN_DISTRIBUTION = "pagedllm"
-BUILTIN_PLUGINS: tuple[str, ...] = (
-    "pagedllm.core.models.plugin",
-    "pagedllm.backends.cpu.plugin",
-    "pagedllm.backends.cuda.plugin",
-)
 _BACKEND_NAME = re.compile(r"[a-z][a-z0-9_]*")
 
 
@@ -58,26 +55,6 @@ PLUGIN_OPTIONS_DEST = "pagedllm_plugin_options"
 
 class PluginError(RuntimeError):
     """A plugin could not be loaded or is inconsistent; the message names it and its distribution."""
-
-
-@dataclass(frozen=True, slots=True)
-class PluginSource:
-    """Where one plugin comes from, built-in or entry point alike.
-
-    ``name`` is the plugin name (the entry-point name, or the folder name of a built-in: ``cpu``);
-    ``target`` the module path it is loaded from; ``load`` imports and returns the plugin object.
-    """
-
-    name: str
-    distribution: str
-    version: str
-    target: str
-    load: Callable[[], object]
-
-    @property
-    def origin(self) -> str:
-        """``"distribution 'acme-pagedllm' 0.1.0"``: how messages name the plugin's origin."""
-        return f"distribution {self.distribution!r} {self.version}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -401,53 +378,6 @@ class PluginRegistry:
         parser.set_defaults(**{PLUGIN_OPTIONS_DEST: added})
 
 
-# ---------------------------------------------------------------------- sources
-def builtin_sources() -> list[PluginSource]:
-    """Return the built-in plugins as sources (named after their folder: ``models``, ``cpu``, ``cuda``)."""
-    version = _own_version()
-    return [
-        PluginSource(
-            name=module_name.split(".")[-2],
-            distribution=BUILTIN_DISTRIBUTION,
-            version=version,
-            target=module_name,
-            load=lambda m=module_name: importlib.import_module(m),
-        )
-        for module_name in BUILTIN_PLUGINS
-    ]
-
-
-def entry_point_sources() -> list[PluginSource]:
-    """Return one source per entry point of the ``pagedllm`` group of every installed distribution.
-
-    A distribution found twice on ``sys.path`` (same name) is taken once, the first found (the one that
-    imports win); a debug line notes the duplicate.
-    """
-    sources = []
-    seen: dict[str, str] = {}
-    for dist in metadata.distributions():
-        dist_name = dist.metadata["Name"] or "?"
-        key = re.sub(r"[-_.]+", "-", dist_name).lower()
-        points = [ep for ep in dist.entry_points if ep.group == ENTRY_POINT_GROUP]
-        if not points:
-            continue
-        if key in seen:
-            logger.debug("distribution %r %s found again on sys.path (using %s)", dist_name, dist.version, seen[key])
-            continue
-        seen[key] = dist.version or "?"
-        for ep in points:
-            sources.append(
-                PluginSource(name=ep.name, distribution=dist_name, version=dist.version or "?", target=ep.value,
-                             load=ep.load)
-            )
-    return sources
-
-
-def blocked_plugin_names() -> set[str]:
-    """Return the plugin names listed (comma-separated) in ``PAGEDLLM_BLOCK_PLUGINS``."""
-    return {n.strip() for n in os.environ.get(BLOCK_ENV, "").split(",") if n.strip()}
-
-
 def hook_names() -> list[str]:
     """Return the names of every hookspec, sorted."""
     return sorted(name for name in dir(hookspecs) if name.startswith(f"{hookspecs.PROJECT_NAME}_"))
@@ -465,12 +395,6 @@ def _probe(cls: type[Backend]) -> tuple[bool, str]:
     except Exception as exc:  # is_available must not raise; report it as the reason if it does
         return False, f"is_available() raised {type(exc).__name__}: {exc}"
     return bool(ok), "" if ok else (str(reason) or "no reason given")
-
-
-def _own_version() -> str:
-    from pagedllm.version import __version__
-
-    return __version__
 
 
 _REGISTRY: PluginRegistry | None = None

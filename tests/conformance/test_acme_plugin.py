@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from pagedllm.backends import registry as registry_module
-from pagedllm.backends.registry import BLOCK_ENV
+from pagedllm.backends.plugin_sources import BLOCK_ENV
 from pagedllm.conformance.checkpoints import cached_checkpoint
 
 ACME_SRC = Path(__file__).resolve().parents[1] / "plugins" / "acme_pagedllm"

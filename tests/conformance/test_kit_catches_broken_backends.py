@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from pagedllm.backends import plugin_sources
 from pagedllm.backends import registry as registry_module
-from pagedllm.backends.registry import BLOCK_ENV
+from pagedllm.backends.plugin_sources import BLOCK_ENV
 
 PLUGINS_DIR = Path(__file__).resolve().parents[1] / "plugins"
 sys.path.insert(0, str(PLUGINS_DIR))  # the fixture plugins are plain modules there
@@ -49,7 +50,7 @@ def run_kit(device: str, select: str) -> tuple[int, Outcomes]:
 @pytest.fixture(autouse=True)
 def broken_backends_installed(monkeypatch: pytest.MonkeyPatch) -> None:
     """The broken backends are the only third-party plugin; a fresh registry before and after."""
-    monkeypatch.setattr(registry_module.metadata, "distributions", distributions_of(BROKEN))
+    monkeypatch.setattr(plugin_sources.metadata, "distributions", distributions_of(BROKEN))
     monkeypatch.delenv(BLOCK_ENV, raising=False)
     registry_module.reset_registry()
     yield

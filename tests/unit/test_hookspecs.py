@@ -17,7 +17,8 @@ from pagedllm.backends import hookspecs
 from pagedllm.backends import registry as registry_module
 from pagedllm.backends.cpu.backend import CpuBackend
 from pagedllm.backends.hookspecs import hookimpl
-from pagedllm.backends.registry import PluginRegistry, PluginSource, hook_names
+from pagedllm.backends.plugin_sources import PluginSource
+from pagedllm.backends.registry import PluginRegistry, hook_names
 
 REPO = Path(__file__).resolve().parents[2]
 TESTS = REPO / "tests"

@@ -11,18 +11,20 @@ import pytest
 from fake_dist import FakeDistribution, distributions_of  # conftest puts tests/plugins on sys.path
 
 import pagedllm.core
+from pagedllm.backends import plugin_sources
 from pagedllm.backends import registry as registry_module
 from pagedllm.backends.cpu.backend import CpuBackend
 from pagedllm.backends.hookspecs import hookimpl
 from pagedllm.backends.interface import INTERFACE_VERSION, Backend, format_version
-from pagedllm.backends.registry import BLOCK_ENV, PluginError, PluginRegistry, PluginSource
+from pagedllm.backends.plugin_sources import BLOCK_ENV, PluginSource
+from pagedllm.backends.registry import PluginError, PluginRegistry
 
 pytestmark = pytest.mark.usefixtures("isolated_registry")
 
 
 def install_fake(monkeypatch: pytest.MonkeyPatch, *dists: FakeDistribution) -> None:
     """Make ``dists`` the only installed distributions."""
-    monkeypatch.setattr(registry_module.metadata, "distributions", distributions_of(*dists))
+    monkeypatch.setattr(plugin_sources.metadata, "distributions", distributions_of(*dists))
 
 
 def inline(name: str, plugin: object, distribution: str = "inline-dist", version: str = "9.9") -> PluginSource:

@@ -8,6 +8,7 @@ import json
 import pytest
 from fake_dist import FakeDistribution, distributions_of  # conftest puts tests/plugins on sys.path
 
+from pagedllm.backends import plugin_sources
 from pagedllm.backends import registry as registry_module
 from pagedllm.backends.cpu.backend import CpuBackend
 from pagedllm.backends.interface import INTERFACE_VERSION, format_version
@@ -64,7 +65,7 @@ def test_llm_device_errors(monkeypatch: pytest.MonkeyPatch) -> None:
 
     with pytest.raises(ValueError, match=r"unknown device 'tpu'; known backends: cpu, cuda \(or auto\)"):
         LLM("/nonexistent", device="tpu")
-    monkeypatch.setattr(registry_module.metadata, "distributions", distributions_of(BROKEN))
+    monkeypatch.setattr(plugin_sources.metadata, "distributions", distributions_of(BROKEN))
     registry_module.reset_registry()
     from broken_backends import OffByOneSlotBackend
 
@@ -88,7 +89,7 @@ def test_backends_table(capsys: pytest.CaptureFixture[str]) -> None:
 def test_backends_json_with_a_third_party_plugin(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(registry_module.metadata, "distributions", distributions_of(BROKEN))
+    monkeypatch.setattr(plugin_sources.metadata, "distributions", distributions_of(BROKEN))
     assert cli.main(["backends", "--json", "--device", "cpu"]) == 0
     document = json.loads(capsys.readouterr().out)
     assert document["interface_version"] == format_version(INTERFACE_VERSION)
@@ -104,7 +105,7 @@ def test_backends_json_with_a_third_party_plugin(
 def test_backends_with_unavailable_device_exits_1_with_reason(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(registry_module.metadata, "distributions", distributions_of(BROKEN))
+    monkeypatch.setattr(plugin_sources.metadata, "distributions", distributions_of(BROKEN))
     from broken_backends import WrongGqaBackend
 
     monkeypatch.setattr(WrongGqaBackend, "is_available", classmethod(lambda cls: (False, "gqa card unplugged")))
@@ -117,7 +118,7 @@ def test_backends_with_unavailable_device_exits_1_with_reason(
 def test_backends_reports_a_broken_plugin_loudly(monkeypatch: pytest.MonkeyPatch,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     broken = FakeDistribution("acme-sdk-plugin", "2.0", {"acme_sdk": "import_error_plugin"})
-    monkeypatch.setattr(registry_module.metadata, "distributions", distributions_of(broken))
+    monkeypatch.setattr(plugin_sources.metadata, "distributions", distributions_of(broken))
     assert cli.main(["backends"]) == 2  # one line naming the distribution, no traceback
     err = capsys.readouterr().err
     assert "'acme_sdk' from distribution 'acme-sdk-plugin' 2.0 failed to import" in err
