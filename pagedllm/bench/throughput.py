@@ -116,7 +116,8 @@ def run(args: argparse.Namespace) -> int:
             lines.append(f"transformers runs a random sample: {describe(hf_requests)}")
             extra["sample"] = f"{len(hf_requests)}/{len(requests)}"
         model = load_hf_model(model_config.path, model_config.dtype, device, args.load_format == "dummy")
-        hf = run_hf(model, hf_requests, device, args.hf_batch_size, backend.synchronize)
+        free_bytes, _ = backend.memory_info()
+        hf = run_hf(model, hf_requests, device, args.hf_batch_size, backend.synchronize, free_bytes)
         results.append(_result("hf", hf.elapsed_s, hf_requests, {"batch_size": hf.batch_size, **extra}))
     report("pagedllm bench throughput", [*lines,
                                           f"model: {model_config.path} ({model_config.dtype}, load {args.load_format})",
