@@ -26,18 +26,13 @@ from device_timing import device_time_us, write_results
 
 
 def pre_attention(layer, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None):
-    """A Llama decoder layer up to its attention: norm, q|k|v projection, rotary. Returns ``(q, k, v,
-    residual)``."""
+    """A Llama decoder layer up to its attention: norm, then ``LlamaAttention.project_qkv``. Returns ``(q, k,
+    v, residual)``."""
     if residual is None:
         residual, hidden = hidden, layer.input_layernorm(hidden)
     else:
         hidden, residual = layer.input_layernorm(hidden, residual)
-    attn = layer.self_attn
-    q, k, v = attn.qkv_proj(hidden).split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
-    n = hidden.shape[0]
-    q, k = attn.rotary_emb(positions, q.reshape(n, attn.num_heads, attn.head_dim),
-                           k.reshape(n, attn.num_kv_heads, attn.head_dim))
-    return q, k, v.reshape(n, attn.num_kv_heads, attn.head_dim), residual
+    return *layer.self_attn.project_qkv(positions, hidden), residual
 
 
 def post_attention(layer, attn_out: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

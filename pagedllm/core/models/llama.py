@@ -68,14 +68,20 @@ class LlamaAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
         """``hidden: [num_tokens, hidden_size]`` -> ``[num_tokens, hidden_size]`` (this rank's partial sum)."""
-        qkv = self.qkv_proj(hidden)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        return self.o_proj(self.attn(*self.project_qkv(positions, hidden), metadata))
+
+    def project_qkv(
+        self, positions: torch.Tensor, hidden: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The attention's inputs: ``(q [num_tokens, num_heads, head_dim], k, v [num_tokens, num_kv_heads,
+        head_dim])``, q and k rotated, from ``hidden: [num_tokens, hidden_size]``."""
+        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         num_tokens = hidden.shape[0]
         q = q.reshape(num_tokens, self.num_heads, self.head_dim)
         k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         q, k = self.rotary_emb(positions, q, k)
-        return self.o_proj(self.attn(q, k, v, metadata))
+        return q, k, v
 
 
 class LlamaMLP(nn.Module):
