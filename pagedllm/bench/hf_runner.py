@@ -7,10 +7,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from pagedllm.bench.workloads import BenchRequest
+
+if TYPE_CHECKING:
+    from pagedllm.core.config import ModelConfig
 
 
 @dataclass(slots=True)
@@ -66,39 +70,35 @@ def candidate_batch_sizes(num_requests: int, batch_size: int | None) -> list[int
     return [largest >> i for i in range(largest.bit_length())]
 
 
-def kv_bytes_per_token(model: torch.nn.Module) -> int:
+def kv_bytes_per_token(model_config: ModelConfig) -> int:
     """Bytes transformers' KV cache holds per token of one row: K and V of every layer, in the model's dtype."""
-    from pagedllm.core.models.llama import head_dim_of
-
-    config = model.config
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    return 2 * config.num_hidden_layers * kv_heads * head_dim_of(config) * model.dtype.itemsize
+    return (2 * model_config.num_layers * model_config.num_kv_heads * model_config.head_dim
+            * model_config.dtype.itemsize)
 
 
-def largest_batch_kv_bytes(requests: list[BenchRequest], size: int, bytes_per_token: int) -> int:
-    """The KV cache of the largest static batch of ``size`` (its rows padded to the batch's longest prompt plus
-    its longest output), in bytes."""
-    return bytes_per_token * max(
+def largest_batch_tokens(requests: list[BenchRequest], size: int) -> int:
+    """The KV cache of the largest static batch of ``size``, in tokens: its rows padded to the batch's longest
+    prompt plus its longest output."""
+    return max(
         len(batch) * (max(len(r.prompt_token_ids) for r in batch) + max(r.output_len for r in batch))
         for batch in (requests[i: i + size] for i in range(0, len(requests), size))
     )
 
 
 def run_hf(model: torch.nn.Module, requests: list[BenchRequest], device: torch.device, batch_size: int | None,
-           sync: Callable[[], object], kv_budget_bytes: int | None = None) -> HfResult:
+           sync: Callable[[], object], kv_budget_tokens: int | None = None) -> HfResult:
     """Run every request in arrival order in static batches of ``batch_size``.
 
     ``batch_size=None`` uses the largest batch that fits: the sizes of :func:`candidate_batch_sizes`, largest
-    first, less those whose KV cache alone (:func:`largest_batch_kv_bytes`) would exceed ``kv_budget_bytes``
-    (the free device memory; None: no such check), each abandoned when its first batch runs out of device
-    memory. The check up front matters for long outputs: the cache grows with every token, so running out of
-    memory could otherwise come minutes into a batch. Only the run at the size that fits is timed. Returns
-    the wall time of the whole workload and that size.
+    first, less those whose KV cache alone (:func:`largest_batch_tokens`) would exceed ``kv_budget_tokens``
+    (what the free device memory holds; None: no such check), each abandoned when its first batch runs out of
+    device memory. The check up front matters for long outputs: the cache grows with every token, so running
+    out of memory could otherwise come minutes into a batch. Only the run at the size that fits is timed.
+    Returns the wall time of the whole workload and that size.
     """
     sizes = candidate_batch_sizes(len(requests), batch_size)
-    if batch_size is None and kv_budget_bytes is not None:
-        per_token = kv_bytes_per_token(model)
-        sizes = [s for s in sizes if largest_batch_kv_bytes(requests, s, per_token) <= kv_budget_bytes] or [1]
+    if batch_size is None and kv_budget_tokens is not None:
+        sizes = [s for s in sizes if largest_batch_tokens(requests, s) <= kv_budget_tokens] or [1]
     for size in sizes:
         try:
             return HfResult(_timed_run(model, requests, device, size, sync), size)

@@ -17,7 +17,7 @@ from pagedllm.bench.common import (
     make_llm,
     report,
 )
-from pagedllm.bench.hf_runner import load_hf_model, release_device_memory, run_hf
+from pagedllm.bench.hf_runner import kv_bytes_per_token, load_hf_model, release_device_memory, run_hf
 from pagedllm.bench.workloads import BenchRequest, add_workload_args, describe, make_workload
 
 
@@ -116,8 +116,8 @@ def run(args: argparse.Namespace) -> int:
             lines.append(f"transformers runs a random sample: {describe(hf_requests)}")
             extra["sample"] = f"{len(hf_requests)}/{len(requests)}"
         model = load_hf_model(model_config.path, model_config.dtype, device, args.load_format == "dummy")
-        free_bytes, _ = backend.memory_info()
-        hf = run_hf(model, hf_requests, device, args.hf_batch_size, backend.synchronize, free_bytes)
+        kv_budget_tokens = backend.memory_info()[0] // kv_bytes_per_token(model_config)
+        hf = run_hf(model, hf_requests, device, args.hf_batch_size, backend.synchronize, kv_budget_tokens)
         results.append(_result("hf", hf.elapsed_s, hf_requests, {"batch_size": hf.batch_size, **extra}))
     report("pagedllm bench throughput", [*lines,
                                           f"model: {model_config.path} ({model_config.dtype}, load {args.load_format})",

@@ -7,8 +7,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pagedllm.bench.hf_runner import candidate_batch_sizes, kv_bytes_per_token, largest_batch_kv_bytes, run_hf
+from pagedllm.bench.hf_runner import candidate_batch_sizes, kv_bytes_per_token, largest_batch_tokens, run_hf
 from pagedllm.bench.workloads import BenchRequest
+from pagedllm.core.config import ModelConfig
 
 
 @pytest.mark.parametrize(
@@ -33,10 +34,6 @@ class FakeGenerator(torch.nn.Module):
     def __init__(self, fits: int) -> None:
         super().__init__()
         self.fits = fits
-        # 2 layers x 2 KV heads x head_dim 4 x (K and V) x 2 bytes: 64 bytes per token of a row
-        self.config = SimpleNamespace(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      hidden_size=16, head_dim=None)
-        self.dtype = torch.bfloat16
         self.batches: list[tuple[int, int, int]] = []  # (rows, prompt columns, new tokens)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
@@ -66,23 +63,26 @@ def test_run_hf_raises_when_nothing_fits() -> None:
         run_hf(FakeGenerator(fits=0), [BenchRequest([1, 2], 1)], torch.device("cpu"), None, lambda: None)
 
 
-def test_kv_bytes_of_the_largest_padded_batch() -> None:
-    model = FakeGenerator(fits=64)
-    assert kv_bytes_per_token(model) == 64
+def test_kv_bytes_per_token_and_tokens_of_the_largest_padded_batch() -> None:
+    # 2 layers x 2 KV heads x head_dim 4 x (K and V) x 2 bytes: 64 bytes per token of a row
+    hf_config = SimpleNamespace(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=16,
+                                head_dim=None)
+    model_config = ModelConfig("tiny", hf_config, "LlamaForCausalLM", torch.bfloat16, 64, frozenset(), {})
+    assert kv_bytes_per_token(model_config) == 64
     requests = [BenchRequest([1] * 3, 2), BenchRequest([1] * 5, 1), BenchRequest([1] * 2, 9)]
     # batches of 2: (2 rows x (5 + 2)) = 14 and (1 row x (2 + 9)) = 11 padded tokens
-    assert largest_batch_kv_bytes(requests, 2, 64) == 14 * 64
-    assert largest_batch_kv_bytes(requests, 4, 64) == 3 * (5 + 9) * 64
+    assert largest_batch_tokens(requests, 2) == 14
+    assert largest_batch_tokens(requests, 4) == 3 * (5 + 9)
 
 
 def test_run_hf_skips_batches_whose_kv_cache_exceeds_the_budget() -> None:
-    requests = [BenchRequest([1] * 4, 4) for _ in range(16)]  # 8 padded tokens a row, 512 bytes
+    requests = [BenchRequest([1] * 4, 4) for _ in range(16)]  # 8 padded tokens a row
     model = FakeGenerator(fits=64)
-    result = run_hf(model, requests, torch.device("cpu"), None, lambda: None, kv_budget_bytes=4 * 512)
+    result = run_hf(model, requests, torch.device("cpu"), None, lambda: None, kv_budget_tokens=4 * 8)
     assert result.batch_size == 4
     assert max(rows for rows, _, _ in model.batches) == 4  # 16 and 8 were never tried
     # an explicit batch size is taken as given
     model = FakeGenerator(fits=64)
-    assert run_hf(model, requests, torch.device("cpu"), 8, lambda: None, kv_budget_bytes=512).batch_size == 8
+    assert run_hf(model, requests, torch.device("cpu"), 8, lambda: None, kv_budget_tokens=8).batch_size == 8
     # a budget below one row still tries batches of one (and lets the device say whether it fits)
     assert run_hf(FakeGenerator(fits=64), requests, torch.device("cpu"), None, lambda: None, 1).batch_size == 1
