@@ -6,7 +6,8 @@ Builds, in bf16 with a Llama-3-8B layer's heads (32 query heads, 8 KV heads, hea
 - prefill-heavy: ``--prefills`` fresh prompts of ``--prompt-len`` tokens after ``--decodes`` decodes;
 - pure decode: ``--decodes`` requests one token behind, with ``--context`` tokens cached.
 
-Checks the kernels' default tiles against a float32 PyTorch reference, then times every tile choice of a
+``--kv-dtype fp8`` stores the cache in float8_e4m3fn (the engine's ``--kv-cache-dtype fp8``). Checks the
+kernels' default tiles against a float32 PyTorch reference, then times every tile choice of a
 sweep (each checked against the default's output) and prints microseconds per call, TFLOP/s for prefill
 and TB/s of K/V read for decode. Writes ``attention_probe.json`` under ``--out``.
 
@@ -21,16 +22,18 @@ import itertools
 import torch
 from device_timing import device_time_us, write_results
 
+from pagedllm.backends.cache_bytes import byte_view
 from pagedllm.backends.cuda.decode_attention import decode_attention
 from pagedllm.backends.cuda.prefill_attention import prefill_attention
 from pagedllm.backends.interface import AttentionMetadata, AttentionSpec
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16
 DTYPE = torch.bfloat16
+KV_DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
 
 
-def make_batch(query_lens: list[int], context_lens: list[int], num_decodes: int, device: str
-               ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+def make_batch(query_lens: list[int], context_lens: list[int], num_decodes: int, device: str,
+               kv_dtype: torch.dtype = DTYPE) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
     """Random query ``[tokens, HEADS, HEAD_DIM]``, a filled paged cache and the batch's metadata."""
     seq_lens = [c + q for c, q in zip(context_lens, query_lens, strict=True)]
     blocks = [-(-s // BLOCK) for s in seq_lens]
@@ -41,7 +44,7 @@ def make_batch(query_lens: list[int], context_lens: list[int], num_decodes: int,
     for r, n in enumerate(blocks):
         tables[r, :n] = perm[used : used + n]
         used += n
-    cache = torch.randn(2, num_blocks, BLOCK, KV_HEADS, HEAD_DIM, device=device, dtype=DTYPE)
+    cache = torch.randn(2, num_blocks, BLOCK, KV_HEADS, HEAD_DIM, device=device, dtype=DTYPE).to(kv_dtype)
     query_start = torch.zeros(len(seq_lens) + 1, dtype=torch.int32)
     query_start[1:] = torch.cumsum(torch.tensor(query_lens), 0)
     num_tokens = int(query_start[-1])
@@ -65,8 +68,8 @@ def reference(query: torch.Tensor, cache: torch.Tensor, md: AttentionMetadata, r
         seq = int(md.seq_lens_cpu[r])
         n = -(-seq // BLOCK)
         ids = md.block_tables[r, :n].long()
-        k = cache[0, ids].reshape(-1, KV_HEADS, HEAD_DIM)[:seq].float().repeat_interleave(HEADS // KV_HEADS, 1)
-        v = cache[1, ids].reshape(-1, KV_HEADS, HEAD_DIM)[:seq].float().repeat_interleave(HEADS // KV_HEADS, 1)
+        k, v = (byte_view(cache)[i, ids].view(cache.dtype).reshape(-1, KV_HEADS, HEAD_DIM)[:seq].float()
+                .repeat_interleave(HEADS // KV_HEADS, 1) for i in (0, 1))
         q = query[qs[r] : qs[r + 1]].float()
         pos = torch.arange(seq - q.shape[0], seq, device=q.device)
         scores = torch.einsum("qhd,khd->hqk", q, k) / HEAD_DIM**0.5
@@ -99,38 +102,41 @@ def main() -> int:
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--decodes", type=int, default=240)
     parser.add_argument("--context", type=int, default=580)
+    parser.add_argument("--kv-dtype", choices=list(KV_DTYPES), default="bf16")
+    parser.add_argument("--skip-prefill", action="store_true")
     args = parser.parse_args()
+    kv_dtype = KV_DTYPES[args.kv_dtype]
     torch.manual_seed(0)
     spec = AttentionSpec(num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, scale=HEAD_DIM**-0.5)
     results = []
 
-    # prefill-heavy step: decodes first, then the prompts
     n_dec, n_pf = args.decodes, args.prefills
-    query, cache, md = make_batch([1] * n_dec + [args.prompt_len] * n_pf, [args.context] * n_dec + [0] * n_pf, n_dec,
-                                  "cuda")  # fmt: skip
-    out = torch.empty_like(query)
-    rows = torch.arange(n_dec, md.num_tokens, device="cuda")
-    prefill_attention(out, query, cache, md, spec)
-    expected = reference(query, cache, md, range(n_dec, n_dec + n_pf))
-    err = (out[rows].float() - expected).abs().max().item()
-    print(f"prefill default tiles vs float32 reference: max abs error {err:.4f}", flush=True)
-    if err > 0.05:
-        raise SystemExit("prefill attention is wrong")
-    flop = n_pf * 2 * 2 * HEADS * HEAD_DIM * args.prompt_len * (args.prompt_len + 1) / 2
+    if not args.skip_prefill:  # prefill-heavy step: decodes first, then the prompts
+        query, cache, md = make_batch([1] * n_dec + [args.prompt_len] * n_pf, [args.context] * n_dec + [0] * n_pf,
+                                      n_dec, "cuda", kv_dtype)  # fmt: skip
+        out = torch.empty_like(query)
+        rows = torch.arange(n_dec, md.num_tokens, device="cuda")
+        prefill_attention(out, query, cache, md, spec)
+        expected = reference(query, cache, md, range(n_dec, n_dec + n_pf))
+        err = (out[rows].float() - expected).abs().max().item()
+        print(f"prefill default tiles vs float32 reference: max abs error {err:.4f}", flush=True)
+        if err > 0.05:
+            raise SystemExit("prefill attention is wrong")
+        flop = n_pf * 2 * 2 * HEADS * HEAD_DIM * args.prompt_len * (args.prompt_len + 1) / 2
 
-    def run_prefill(tiles, block_m=None):
-        prefill_attention(out, query, cache, md, spec, block_m=block_m, tiles=tiles)
-        return out
+        def run_prefill(tiles, block_m=None):
+            prefill_attention(out, query, cache, md, spec, block_m=block_m, tiles=tiles)
+            return out
 
-    configs = [None, *itertools.product((32, 64, 128), (4, 8), (1, 2, 3))]
-    results += sweep("prefill", run_prefill, rows, expected, configs, flop, "TFLOPs")
-    for block_m in (64, 256):
-        results += [dict(r, block_m=block_m) for r in sweep(
-            f"prefill block_m {block_m}", lambda t, b=block_m: run_prefill(t, b), rows, expected,
-            [(64, 4, 2), (64, 8, 2), (64, 8, 3), (32, 4, 2)], flop, "TFLOPs")]  # fmt: skip
+        configs = [None, *itertools.product((32, 64, 128), (4, 8), (1, 2, 3))]
+        results += sweep("prefill", run_prefill, rows, expected, configs, flop, "TFLOPs")
+        for block_m in (64, 256):
+            results += [dict(r, block_m=block_m) for r in sweep(
+                f"prefill block_m {block_m}", lambda t, b=block_m: run_prefill(t, b), rows, expected,
+                [(64, 4, 2), (64, 8, 2), (64, 8, 3), (32, 4, 2)], flop, "TFLOPs")]  # fmt: skip
 
     # pure decode step
-    query, cache, md = make_batch([1] * n_dec, [args.context] * n_dec, n_dec, "cuda")
+    query, cache, md = make_batch([1] * n_dec, [args.context] * n_dec, n_dec, "cuda", kv_dtype)
     out = torch.empty_like(query)
     rows = torch.arange(n_dec, device="cuda")
     decode_attention(out, query, cache, md, spec)
@@ -139,7 +145,7 @@ def main() -> int:
     print(f"decode default tiles vs float32 reference: max abs error {err:.4f}", flush=True)
     if err > 0.05:
         raise SystemExit("decode attention is wrong")
-    kv_bytes = n_dec * (args.context + 1) * KV_HEADS * HEAD_DIM * 2 * 2
+    kv_bytes = n_dec * (args.context + 1) * KV_HEADS * HEAD_DIM * 2 * cache.element_size()
 
     def run_decode(tiles):
         decode_attention(out, query, cache, md, spec, tiles=tiles)

@@ -100,7 +100,9 @@ class BackendCapabilities:
     dtypes: tuple[torch.dtype, ...]
     """Model/activation dtypes the attention and fused ops accept."""
     kv_cache_dtypes: tuple[torch.dtype, ...]
-    """Dtypes the KV cache may be stored in."""
+    """Dtypes the KV cache may be stored in: the model dtypes, and KV-only formats such as
+    ``torch.float8_e4m3fn`` (the engine's ``kv_cache_dtype="fp8"``) whose tiles the attention converts to the
+    query dtype as it reads them."""
     block_sizes: tuple[int, ...]
     """KV block sizes (token slots per block) supported; the core picks the configured one if listed,
     else the first."""
@@ -435,7 +437,8 @@ class Backend(abc.ABC):
         just before :meth:`attention`.
 
         ``key``, ``value``: ``[num_tokens, num_kv_heads, head_dim]`` in the model dtype (cast to the
-        cache's dtype on store); ``kv_cache``: one layer's tensor of :meth:`kv_cache_shape`;
+        cache's dtype on store as torch's ``.to`` casts: to nearest, ties to even; 8-bit floats saturate at
+        their largest finite value; no scale); ``kv_cache``: one layer's tensor of :meth:`kv_cache_shape`;
         ``slot_mapping``: ``[num_tokens]`` int64 on the device, the slot of each token (see
         :class:`AttentionMetadata`), -1 for tokens not to store (padding). Returns None; no slot other
         than the mapped ones may change.

@@ -19,6 +19,7 @@ import torch
 from pagedllm.conformance.cases import dtype_name, param
 from pagedllm.conformance.checkpoints import ARCH_HEADS, cached_checkpoint
 from pagedllm.conformance.plugin import ConformanceTarget, case_id, get_target
+from pagedllm.core.config import KV_CACHE_DTYPES
 
 TOP_N = 5
 CHUNKED_BUDGET_TOKENS = 24
@@ -27,9 +28,25 @@ KV_CACHE_BYTES = 32 << 20
 ENGINE_DTYPES = ("float32", "bfloat16", "float16")
 
 
+def kv_cache_dtype_name(dtype: torch.dtype) -> str | None:
+    """The engine's ``kv_cache_dtype`` name of a KV-only cache dtype (e.g. ``fp8_e4m3``), None if it has none."""
+    names = [name for name, value in KV_CACHE_DTYPES.items() if value == dtype and name.startswith("fp8_")]
+    return names[0] if names else None
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """Parametrize ``engine_arch`` (mistral needs sliding window)."""
+    """Parametrize ``engine_arch`` (mistral needs sliding window) and ``engine_kv_dtype`` (each KV-only
+    cache dtype claimed, e.g. fp8)."""
     capabilities = get_target(metafunc.config).capabilities
+    if "engine_kv_dtype" in metafunc.fixturenames:
+        kv_only = [d for d in capabilities.kv_cache_dtypes if d not in capabilities.dtypes]
+        params = [param(case_id(metafunc.config, f"kv_{dtype_name(d)}"), kv_cache_dtype_name(d),
+                        skip=None if kv_cache_dtype_name(d) else f"{d} has no kv_cache_dtype name in the engine")
+                  for d in kv_only]
+        if not params:
+            params = [param(case_id(metafunc.config, "kv_only"), None,
+                            skip="no KV-only cache dtype claimed (every kv_cache_dtype is a model dtype)")]
+        metafunc.parametrize("engine_kv_dtype", params)
     if "engine_arch" in metafunc.fixturenames:
         params = []
         for arch in ARCH_HEADS:
@@ -82,12 +99,12 @@ def prompts(gen: torch.Generator, vocab_size: int) -> tuple[list[list[int]], lis
 
 
 def generate(model: Path, device: str, dtype: str, budget: int | None,
-             batches: tuple[list[list[int]], ...]) -> list[list[object]]:
+             batches: tuple[list[list[int]], ...], kv_cache_dtype: str = "auto") -> list[list[object]]:
     """Run each batch of token-id prompts greedily through one engine; return the completions per batch."""
     from pagedllm.core.sampling_params import SamplingParams
     from pagedllm.entrypoints.llm import LLM
 
-    llm = LLM(str(model), device=device, dtype=dtype, seed=0, max_model_len=256,
+    llm = LLM(str(model), device=device, dtype=dtype, seed=0, max_model_len=256, kv_cache_dtype=kv_cache_dtype,
               kv_cache_memory_bytes=KV_CACHE_BYTES, max_num_batched_tokens=budget, max_num_seqs=8)
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=TOP_N, ignore_eos=True)
     try:
@@ -100,29 +117,29 @@ def generate(model: Path, device: str, dtype: str, budget: int | None,
 
 
 @pytest.fixture(scope="session")
-def engine_reference_outputs() -> dict[tuple[str, str, int | None], list[list[object]]]:
-    """The cpu backend's completions per (checkpoint, dtype, budget), computed once per session."""
+def engine_reference_outputs() -> dict[tuple[str, str, int | None, str], list[list[object]]]:
+    """The cpu backend's completions per (checkpoint, dtype, budget, kv_cache_dtype), computed once per session."""
     return {}
 
 
-def test_greedy_generation_matches_cpu(
-    conformance_target: ConformanceTarget, engine_arch: str,
-    engine_reference_outputs: dict[tuple[str, str, int | None], list[list[object]]],
+def check_against_cpu(
+    target: ConformanceTarget, arch: str, kv_cache_dtype: str,
+    reference_outputs: dict[tuple[str, str, int | None, str], list[list[object]]],
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
-    """Greedy completions through the whole engine equal the cpu backend's (top-N rule at a divergence)."""
-    dtype = engine_dtype(conformance_target)
+    """Generate through ``target`` and through the cpu backend; fail at a divergence outside the top-N rule."""
+    dtype = engine_dtype(target)
     # A small token budget chunks the long prompts and batches the chunks with other requests' decodes;
     # without chunked prefill, each prompt is prefilled whole.
-    engine_budget = CHUNKED_BUDGET_TOKENS if conformance_target.capabilities.supports_chunked_prefill else None
-    model = checkpoint_dir(request.config, tmp_path_factory, engine_arch, engine_head_size(conformance_target))
+    engine_budget = CHUNKED_BUDGET_TOKENS if target.capabilities.supports_chunked_prefill else None
+    model = checkpoint_dir(request.config, tmp_path_factory, arch, engine_head_size(target))
     vocab_size = int(json.loads((model / "config.json").read_text())["vocab_size"])
     batches = prompts(torch.Generator().manual_seed(request.config.getoption("conformance_seed")), vocab_size)
-    actual = generate(model, conformance_target.name, dtype, engine_budget, batches)
-    key = (str(model), dtype, engine_budget)
-    if key not in engine_reference_outputs:
-        engine_reference_outputs[key] = generate(model, "cpu", dtype, engine_budget, batches)
-    expected = engine_reference_outputs[key]
+    actual = generate(model, target.name, dtype, engine_budget, batches, kv_cache_dtype)
+    key = (str(model), dtype, engine_budget, kv_cache_dtype)
+    if key not in reference_outputs:
+        reference_outputs[key] = generate(model, "cpu", dtype, engine_budget, batches, kv_cache_dtype)
+    expected = reference_outputs[key]
     for batch_index, (got_batch, want_batch) in enumerate(zip(actual, expected, strict=True)):
         for prompt_index, (got, want) in enumerate(zip(got_batch, want_batch, strict=True)):
             where = f"batch {batch_index} prompt {prompt_index}"
@@ -131,7 +148,27 @@ def test_greedy_generation_matches_cpu(
                 if a == b:
                     continue
                 assert b in got.logprobs[step] and a in want.logprobs[step], (
-                    f"{where}: token {step} is {a} on {conformance_target.name!r} but {b} on cpu, and they are not "
-                    f"in each other's top {TOP_N}: {conformance_target.name} {got.token_ids} vs cpu {want.token_ids}"
+                    f"{where}: token {step} is {a} on {target.name!r} but {b} on cpu, and they are not "
+                    f"in each other's top {TOP_N}: {target.name} {got.token_ids} vs cpu {want.token_ids}"
                 )
                 break  # after an allowed divergence the continuations differ legitimately
+
+
+def test_greedy_generation_matches_cpu(
+    conformance_target: ConformanceTarget, engine_arch: str,
+    engine_reference_outputs: dict[tuple[str, str, int | None, str], list[list[object]]],
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Greedy completions through the whole engine equal the cpu backend's (top-N rule at a divergence)."""
+    check_against_cpu(conformance_target, engine_arch, "auto", engine_reference_outputs, request, tmp_path_factory)
+
+
+def test_greedy_generation_with_kv_only_cache_matches_cpu(
+    conformance_target: ConformanceTarget, engine_kv_dtype: str,
+    engine_reference_outputs: dict[tuple[str, str, int | None, str], list[list[object]]],
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """The same with the KV cache in a KV-only dtype the backend claims (e.g. ``kv_cache_dtype="fp8_e4m3"``),
+    on the GQA Llama: the cpu backend stores the same format, so both attend over the same rounded keys."""
+    check_against_cpu(conformance_target, "llama", engine_kv_dtype, engine_reference_outputs, request,
+                      tmp_path_factory)

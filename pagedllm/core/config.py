@@ -21,15 +21,26 @@ _DTYPES: dict[str, torch.dtype] = {
     "half": torch.float16,
 }
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
+# The KV cache's storage formats by vLLM's names; "auto" stores the model dtype. 8-bit floats hold half the
+# bytes of bf16/fp16 (twice the tokens in the same pool, half the bytes read per decode), rounded to nearest
+# and saturated at the format's largest finite value on store, without a scale (vLLM's default scale 1.0).
+KV_CACHE_DTYPES: dict[str, torch.dtype] = {
+    **_DTYPES,
+    "fp8": torch.float8_e4m3fn,
+    "fp8_e4m3": torch.float8_e4m3fn,
+    "fp8_e5m2": torch.float8_e5m2,
+}
 
 
 @dataclass(slots=True)
 class EngineConfig:
     """Everything ``LLM(...)``, ``pagedllm serve`` and ``pagedllm generate`` accept (vLLM's names).
 
-    ``model=None`` selects the built-in demo model. ``num_kv_blocks`` sets the KV pool size in blocks
-    (like vLLM's ``num_gpu_blocks_override``); else ``kv_cache_memory_bytes`` sizes it in bytes; else the
-    backend's budget for ``gpu_memory_utilization`` is used. ``async_scheduling`` schedules and launches
+    ``model=None`` selects the built-in demo model. ``kv_cache_dtype`` stores the KV cache in the model
+    dtype (``"auto"``) or another format the backend claims (``"fp8"``: see :data:`KV_CACHE_DTYPES`).
+    ``num_kv_blocks`` sets the KV pool size in blocks (like vLLM's ``num_gpu_blocks_override``); else
+    ``kv_cache_memory_bytes`` sizes it in bytes; else the backend's budget for ``gpu_memory_utilization``
+    is used. ``async_scheduling`` schedules and launches
     each step before the previous one's tokens are read back, so host work overlaps the device (with tensor
     parallelism, ``mp`` executor only; a request that stops runs one token more, discarded); None (the
     default) turns it on where it pays: see :func:`resolve_async_scheduling`.
@@ -39,6 +50,7 @@ class EngineConfig:
     tokenizer: str | None = None
     device: str = "auto"
     dtype: str = "auto"
+    kv_cache_dtype: str = "auto"
     load_format: str = "auto"
     seed: int | None = 0
     block_size: int | None = None
@@ -61,6 +73,9 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", *_DTYPES):
             raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {self.dtype!r}")
+        if self.kv_cache_dtype not in ("auto", *KV_CACHE_DTYPES):
+            raise ValueError(f"kv_cache_dtype must be one of auto, {', '.join(KV_CACHE_DTYPES)}; "
+                             f"got {self.kv_cache_dtype!r}")
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}; got {self.load_format!r}")
         if self.tensor_parallel_size < 1:
@@ -88,6 +103,12 @@ class EngineConfig:
         from pagedllm.demo import demo_model_path
 
         return demo_model_path()
+
+
+def resolve_kv_cache_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the KV cache is stored in: ``model_dtype`` for ``"auto"``, else the named one of
+    :data:`KV_CACHE_DTYPES` (``"fp8"`` is ``torch.float8_e4m3fn``)."""
+    return model_dtype if kv_cache_dtype == "auto" else KV_CACHE_DTYPES[kv_cache_dtype]
 
 
 def resolve_scheduler_limits(config: EngineConfig, capabilities: BackendCapabilities) -> tuple[int, int]:

@@ -17,6 +17,7 @@ from pagedllm.core.config import (
     ModelConfig,
     load_model_config,
     resolve_async_scheduling,
+    resolve_kv_cache_dtype,
     resolve_scheduler_limits,
 )
 from pagedllm.core.executor import Executor, UniProcExecutor
@@ -91,6 +92,11 @@ class LLMEngine:
         if mc.dtype not in capabilities.dtypes:
             raise ValueError(f"backend {self.backend_cls.name!r} does not support dtype {mc.dtype}; "
                              f"supported: {[str(d) for d in capabilities.dtypes]}")
+        kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, mc.dtype)
+        if kv_dtype not in capabilities.kv_cache_dtypes:
+            raise ValueError(f"backend {self.backend_cls.name!r} does not support kv_cache_dtype "
+                             f"{config.kv_cache_dtype!r} ({kv_dtype}); supported: "
+                             f"{[str(d) for d in capabilities.kv_cache_dtypes]}")
         if mc.head_dim not in capabilities.head_sizes:
             raise ValueError(f"backend {self.backend_cls.name!r} does not support head size {mc.head_dim}; "
                              f"supported: {list(capabilities.head_sizes)}")
@@ -124,9 +130,9 @@ class LLMEngine:
         self.output_processor = OutputProcessor(self.tokenizer, mc.max_model_len)
         pool_tokens = (num_blocks - 1) * self.block_size
         logger.info(
-            "backend %s, model %s (%s, %s): KV pool %d blocks x %d tokens = %d tokens (%.1f MiB); max "
+            "backend %s, model %s (%s, %s): KV pool (%s) %d blocks x %d tokens = %d tokens (%.1f MiB); max "
             "concurrency %.1fx at max_model_len %d",
-            self.backend_cls.name, model_path, mc.architecture, mc.dtype, num_blocks, self.block_size,
+            self.backend_cls.name, model_path, mc.architecture, mc.dtype, kv_dtype, num_blocks, self.block_size,
             pool_tokens, num_blocks * bytes_per_block / 2**20, pool_tokens / mc.max_model_len, mc.max_model_len,
         )
         self._request_counter = 0

@@ -7,7 +7,7 @@ import logging
 import torch
 
 from pagedllm.backends.interface import Backend
-from pagedllm.core.config import EngineConfig, ModelConfig
+from pagedllm.core.config import EngineConfig, ModelConfig, resolve_kv_cache_dtype
 from pagedllm.core.distributed.parallel_state import (
     DistributedInit,
     TensorParallelGroup,
@@ -60,7 +60,7 @@ class Worker:
         with use_tp_group(self.tp_group):
             model = load_model(model_config, self.backend, self.device, config.load_format, config.seed)
         self.runner = ModelRunner(model, self.backend, self.device, block_size, model_config.max_model_len)
-        self.kv_dtype = model_config.dtype
+        self.kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, model_config.dtype)
         self.num_kv_heads = kv_heads_per_rank(model_config.num_kv_heads, world_size)  # this rank's share
 
     def bytes_per_block(self) -> int:
@@ -92,12 +92,13 @@ class Worker:
         max_batch = capture_sizes(self.config.max_num_seqs)[-1]
         with_logits = True
         if self.tp_group.world_size > 1:
-            element = self.kv_dtype.itemsize
+            dtype = self.model_config.dtype  # what the all-reduces and the all-gather carry
+            element = dtype.itemsize
             world = self.tp_group.world_size
             max_bytes = max_batch * self.model_config.hidden_size * element
             gather_bytes = max_batch * -(-self.model_config.vocab_size // world) * element  # the LM head's slice
-            comm = self.backend.create_communicator(self.tp_group.process_group, self.device, self.kv_dtype,
-                                                    max_bytes, gather_bytes)
+            comm = self.backend.create_communicator(self.tp_group.process_group, self.device, dtype, max_bytes,
+                                                    gather_bytes)
             if not self.tp_group.all_agree(comm is not None, self.device):
                 logger.info("tensor parallel: backend %r gave no device communicator on every rank; decode runs "
                             "without graphs", self.backend.name)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
-from pagedllm.core.config import EngineConfig
+from pagedllm.core.config import KV_CACHE_DTYPES, EngineConfig
 
 
 def add_device_arg(parser: argparse.ArgumentParser) -> None:
@@ -24,6 +24,9 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Tr
     add_device_arg(parser)
     parser.add_argument("--tokenizer", default=None)
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", *KV_CACHE_DTYPES],
+                        help="the KV cache's storage dtype: auto (the model's) or one the backend claims, e.g. "
+                             "fp8 (float8_e4m3fn: half the bytes of bf16, twice the tokens)")
     parser.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--block-size", type=int, default=None)

@@ -7,15 +7,33 @@ from pathlib import Path
 import torch
 
 
+def _register_rounded_kv_attention(kv_dtype: torch.dtype) -> str:
+    """Register with transformers an SDPA attention whose keys and values are first rounded to ``kv_dtype``
+    (what a KV cache stored in that dtype gives back); return its ``attn_implementation`` name."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attention_mask: torch.Tensor | None, **kwargs: object) -> tuple[torch.Tensor, object]:
+        rounded = [t.to(kv_dtype).to(t.dtype) for t in (key, value)]
+        return sdpa_attention_forward(module, query, *rounded, attention_mask, **kwargs)
+
+    name = f"sdpa_kv_{str(kv_dtype).removeprefix('torch.')}"
+    AttentionInterface.register(name, attention)
+    return name
+
+
 def hf_greedy(
     model_dir: Path, prompts_ids: list[list[int]], max_new_tokens: int, dtype: torch.dtype = torch.float32,
-    top_logprobs: int = 0,
+    top_logprobs: int = 0, kv_dtype: torch.dtype | None = None,
 ) -> list[tuple[list[int], list[dict[int, float]]]]:
     """Generate each prompt alone (no padding) with ``do_sample=False``; EOS is suppressed for exactly
-    ``max_new_tokens`` tokens. Returns ``(token_ids, per-token top-k {id: logprob})`` per prompt."""
+    ``max_new_tokens`` tokens. ``kv_dtype``: attend over keys and values rounded to it, as a KV cache in
+    that dtype stores them. Returns ``(token_ids, per-token top-k {id: logprob})`` per prompt."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).eval()
+    extra = {"attn_implementation": _register_rounded_kv_attention(kv_dtype)} if kv_dtype is not None else {}
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, **extra).eval()
     results = []
     with torch.inference_mode():
         for ids in prompts_ids:

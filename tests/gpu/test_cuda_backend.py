@@ -133,6 +133,45 @@ def test_write_kv_cache_round_trip(dtype: torch.dtype) -> None:
     assert torch.equal(got_k, key[keep]) and torch.equal(got_v, value[keep])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_write_fp8_kv_cache_rounds_like_torch(dtype: torch.dtype) -> None:
+    """An e4m3 cache stores what torch's ``.to(torch.float8_e4m3fn)`` gives, bit for bit: to nearest even,
+    values past +-448 saturated, NaN kept; padding rows and other slots untouched."""
+    from pagedllm.backends.cuda.backend import CudaBackend
+
+    backend = CudaBackend()
+    assert torch.float8_e4m3fn in backend.capabilities().kv_cache_dtypes
+    num_tokens, num_kv_heads, head_dim, block_size = 37, 8, 128, 16
+    key = (torch.randn(num_tokens, num_kv_heads, head_dim, device="cuda") * 200).to(dtype)  # some past 448
+    value = (torch.randn(num_tokens, num_kv_heads, head_dim, device="cuda") * 3).to(dtype)
+    key[0, 0, :4] = torch.tensor([float("nan"), 1e4, -1e4, 0.0], device="cuda").to(dtype)
+    slots = torch.randperm(10 * block_size, device="cuda")[:num_tokens]
+    slots[[2, 7, 30]] = -1
+    shape = backend.kv_cache_shape(10, block_size, num_kv_heads, head_dim)
+    cache = torch.full(shape, 7.0, device="cuda").to(torch.float8_e4m3fn)
+    expected = cache.cpu().clone()
+    backend.write_kv_cache(key, value, cache, slots)
+    REFERENCE.write_kv_cache(key.cpu(), value.cpu(), expected, slots.cpu())
+    assert torch.equal(cache.cpu().view(torch.uint8), expected.view(torch.uint8))
+    assert float(cache.float().nan_to_num(0).abs().max()) == 448.0
+    keep = slots >= 0
+    got_k, _ = backend.read_kv_cache(cache, slots[keep])
+    assert torch.equal(got_k.cpu().view(torch.uint8), key[keep].cpu().to(torch.float8_e4m3fn).view(torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", ["decode", "prefill_over_prefix", "mixed", "gqa_group3", "head80", "long_prefill"])
+def test_attention_over_fp8_cache(case: str, dtype: torch.dtype) -> None:
+    """Keys and values stored in e4m3: the kernels read them converted to the query dtype; the reference is
+    float32 attention over the same stored values."""
+    interp = _helpers()
+    query_lens, context_lens, num_decodes, extra = interp.ATTENTION_CASES[case]
+    batch = interp.make_batch(query_lens, context_lens, num_decodes, dtype=dtype, kv_dtype=torch.float8_e4m3fn,
+                              **extra)  # fmt: skip
+    check_attention(batch, dtype)
+    check_attention(batch, dtype, num_splits=4)
+
+
 def test_decode_attention_replays_in_a_graph() -> None:
     """Captured once, replayed over new lengths and block tables in the same static buffers."""
     from pagedllm.backends.cuda.attention import paged_attention
@@ -304,6 +343,17 @@ def test_async_scheduling_greedy_equals_cpu_fp32(tiny_checkpoints: dict[str, Pat
     expected, _ = _generate(tiny_checkpoints["llama"], "cpu", "float32")
     got, llm = _generate(tiny_checkpoints["llama"], "cuda", "float32", enforce_eager=enforce_eager)
     assert llm.llm_engine.config.async_scheduling is True
+    for i, (ours, ref) in enumerate(zip(got, expected, strict=True)):
+        assert ours == ref, f"prompt {i} diverged"
+
+
+@pytest.mark.parametrize("enforce_eager", [True, False], ids=["eager", "graphs"])
+def test_fp8_kv_cache_greedy_equals_cpu_fp32(tiny_checkpoints: dict[str, Path], enforce_eager: bool) -> None:
+    """``kv_cache_dtype="fp8"`` on both backends: the same rounded keys and values, the same tokens."""
+    expected, _ = _generate(tiny_checkpoints["llama"], "cpu", "float32", kv_cache_dtype="fp8")
+    got, llm = _generate(tiny_checkpoints["llama"], "cuda", "float32", enforce_eager=enforce_eager,
+                         kv_cache_dtype="fp8")
+    assert llm.llm_engine.executor.worker.kv_dtype == torch.float8_e4m3fn
     for i, (ours, ref) in enumerate(zip(got, expected, strict=True)):
         assert ours == ref, f"prompt {i} diverged"
 

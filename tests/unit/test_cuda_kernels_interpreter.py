@@ -139,12 +139,15 @@ def make_batch(
     num_padding: int = 0,
     permute: bool = True,
     seed: int = 0,
+    kv_dtype: torch.dtype | None = None,
 ) -> Batch:
     """Requests with ``query_lens`` new tokens over ``context_lens`` cached ones (the first ``num_decodes``
     have one new token), then ``num_padding`` captured-graph padding requests (``seq_len`` alternately 0
     and 1, slot -1, a block table row of zeros) inserted after the decodes. Blocks come from a random
-    permutation of the pool (block 0 stays the null block) unless ``permute`` is False."""
+    permutation of the pool (block 0 stays the null block) unless ``permute`` is False. The cache holds
+    ``kv_dtype`` (default: ``dtype``), written by the reference backend."""
     gen = torch.Generator().manual_seed(seed)
+    kv_dtype = kv_dtype or dtype
     seq_lens = [c + q for c, q in zip(context_lens, query_lens, strict=True)]
     blocks_per_seq = [-(-s // block_size) for s in seq_lens]
     num_blocks = sum(blocks_per_seq) + 3
@@ -160,8 +163,8 @@ def make_batch(
         return torch.tensor([int(tables[r, p // block_size]) * block_size + p % block_size for p in positions])
 
     shape = REFERENCE.kv_cache_shape(num_blocks, block_size, num_kv_heads, head_dim)
-    cache = (torch.randn(shape, generator=gen) * 100).to(dtype)
-    nan_cache = torch.full(shape, float("nan"), dtype=dtype)
+    cache = (torch.randn(shape, generator=gen) * 100).to(kv_dtype)
+    nan_cache = torch.full(shape, float("nan"), dtype=kv_dtype)
     for r, s in enumerate(seq_lens):
         kv = torch.randn(2, s, num_kv_heads, head_dim, generator=gen).to(dtype)
         for target in (cache, nan_cache):
@@ -170,7 +173,7 @@ def make_batch(
     new_slots = torch.cat(
         [slots_of(r, range(c, s)) for r, (c, s) in enumerate(zip(context_lens, seq_lens, strict=True))]
     )
-    key, value = REFERENCE.read_kv_cache(cache, new_slots)
+    key, value = (t.to(dtype) for t in REFERENCE.read_kv_cache(cache, new_slots))
 
     # Insert padding requests after the decodes: one token each, slot -1.
     pad_seq = [i % 2 for i in range(num_padding)]
@@ -262,6 +265,17 @@ ATTENTION_CASES = {
 def test_attention_matches_reference(kernels: SimpleNamespace, case: str, dtype: torch.dtype) -> None:
     query_lens, context_lens, num_decodes, extra = ATTENTION_CASES[case]
     check_attention(kernels, make_batch(query_lens, context_lens, num_decodes, dtype=dtype, **extra))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", ["decode", "mixed", "long_prefill", "gqa_group3", "head80"])
+def test_attention_over_fp8_cache(kernels: SimpleNamespace, case: str, dtype: torch.dtype) -> None:
+    """An fp8 (e4m3) cache, written by the reference: the kernels convert its tiles to the query dtype as
+    they load them. (The fp8 store is the GPU's: the interpreter rounds to fp8 its own way.)"""
+    query_lens, context_lens, num_decodes, extra = ATTENTION_CASES[case]
+    batch = make_batch(query_lens, context_lens, num_decodes, dtype=dtype, kv_dtype=torch.float8_e4m3fn, **extra)
+    check_attention(kernels, batch)
+    check_attention(kernels, batch, num_splits=4)
 
 
 def test_prefill_tiles_split_requests(kernels: SimpleNamespace) -> None:
@@ -465,9 +479,25 @@ def test_kernels_compile_for_sm90() -> None:
          "BLOCK_Q": 8, "BLOCK_N": 32, "DOT_PRECISION": "ieee", "UNMASKED_TILES": False},
         num_warps=4, num_stages=2, enable_fp_fusion=True,
     )  # fmt: skip
+    for kv_type, fp8 in (("*bf16", False), ("*fp8e4nv", True)):
+        _compile_sm90(
+            kv_cache_kernels._write_kv_kernel, {**bf16, "slot_mapping_ptr": "*i64", "k_cache_ptr": kv_type,
+                                                "v_cache_ptr": kv_type},
+            {"NUM_KV_HEADS": 8, "HEAD_DIM": 80, "BLOCK_H": 8, "BLOCK_D": 128, "BLOCK_SIZE": 16, "FP8_CACHE": fp8},
+            enable_fp_fusion=False,
+        )  # fmt: skip
+    # an fp8 (e4m3) KV cache under bf16 queries: the tiles are converted to bf16 as they are loaded
+    fp8_attention = {**attention, "k_cache_ptr": "*fp8e4nv", "v_cache_ptr": "*fp8e4nv"}
+    fp8_geometry = {**geometry, "HEAD_DIM": 128}
     _compile_sm90(
-        kv_cache_kernels._write_kv_kernel, {**bf16, "slot_mapping_ptr": "*i64"},
-        {"NUM_KV_HEADS": 8, "HEAD_DIM": 80, "BLOCK_H": 8, "BLOCK_D": 128, "BLOCK_SIZE": 16}, enable_fp_fusion=False,
+        decode_attention._decode_split_kernel, fp8_attention,
+        {**fp8_geometry, "BLOCK_G": 16, "BLOCK_N": 64, "NUM_SPLITS": 1, "DOT_PRECISION": "tf32",
+         "UNMASKED_TILES": True}, num_warps=4, num_stages=2, enable_fp_fusion=True,
+    )  # fmt: skip
+    _compile_sm90(
+        prefill_attention._prefill_kernel, fp8_attention,
+        {**fp8_geometry, "BLOCK_M": 64, "BLOCK_Q": 16, "BLOCK_N": 32, "DOT_PRECISION": "tf32", "UNMASKED_TILES": True},
+        num_warps=4, num_stages=2, enable_fp_fusion=True,
     )  # fmt: skip
     fused = {n: "*bf16" for n in ("out_ptr", "x_ptr", "residual_ptr", "weight_ptr", "q_out_ptr", "k_out_ptr", "k_ptr")}
     fused.update(q_ptr="*bf16", positions_ptr="*i64", cos_sin_ptr="*fp32")

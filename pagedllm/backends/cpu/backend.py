@@ -12,6 +12,7 @@ import os
 
 import torch
 
+from pagedllm.backends.cache_bytes import byte_view
 from pagedllm.backends.interface import AttentionMetadata, AttentionSpec, Backend, BackendCapabilities
 
 # Like vLLM's CPU default KV space: the pool never takes more than this unless asked explicitly.
@@ -36,11 +37,12 @@ class CpuBackend(Backend):
         return True, ""
 
     def capabilities(self) -> BackendCapabilities:
-        """Any block size and head size; float32, bfloat16 and float16."""
+        """Any block size and head size; float32, bfloat16 and float16; the KV cache also in fp8 (e4m3 and
+        e5m2: the reference of what an fp8 cache computes)."""
         dtypes = (torch.float32, torch.bfloat16, torch.float16)
         return BackendCapabilities(
             dtypes=dtypes,
-            kv_cache_dtypes=dtypes,
+            kv_cache_dtypes=(*dtypes, torch.float8_e4m3fn, torch.float8_e5m2),
             block_sizes=(16, 1, 2, 4, 8, 32, 64, 128),
             head_sizes=(32, 64, 80, 96, 112, 128, 256, 8, 16),
         )
@@ -85,10 +87,9 @@ class CpuBackend(Backend):
         keep = slots >= 0
         if not bool(keep.all()):
             slots, key, value = slots[keep], key[:num_tokens][keep], value[:num_tokens][keep]
-        kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slots, key[: slots.shape[0]].to(kv_cache.dtype))
-        kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(
-            0, slots, value[: slots.shape[0]].to(kv_cache.dtype)
-        )
+        for half, rows in ((kv_cache[0], key), (kv_cache[1], value)):
+            stored = rows[: slots.shape[0]].to(kv_cache.dtype)  # round to nearest, 8-bit floats saturate
+            byte_view(half).view(-1, num_kv_heads, head_dim).index_copy_(0, slots, byte_view(stored))
 
     def read_kv_cache(
         self, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
@@ -104,7 +105,8 @@ class CpuBackend(Backend):
         """Copy blocks ``src -> dst`` in every layer."""
         src, dst = src_to_dst[:, 0], src_to_dst[:, 1]
         for kv_cache in kv_caches:
-            kv_cache[:, dst] = kv_cache[:, src]
+            cache = byte_view(kv_cache)
+            cache[:, dst] = cache[:, src]
 
     # ------------------------------------------------------------------ attention
     def attention(

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import torch
 
+from pagedllm.backends.cache_bytes import byte_view
 from pagedllm.backends.interface import (
     AttentionMetadata,
     AttentionSpec,
@@ -71,24 +72,29 @@ class CudaBackend(Backend):
         return True, ""
 
     def capabilities(self) -> BackendCapabilities:
-        """fp16/bf16/fp32 (bf16 from compute capability 8.0), KV blocks of 16/32/64, heads up to 256.
+        """fp16/bf16/fp32 (bf16 from compute capability 8.0), the KV cache also in fp8 e4m3 (from compute
+        capability 8.9: vLLM's ``--kv-cache-dtype fp8``), KV blocks of 16/32/64, heads up to 256.
 
         Scheduler defaults as vLLM's for offline runs: on GPUs of at least 70 GiB (H100, H200) up to 1024
         running requests and 16384 tokens a step (decode steps of hundreds of requests keep the matrix units
         busy; measured in benchmarks/RESULTS.md), else 256 and 8192.
         """
         dtypes: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32)
+        kv_only: tuple[torch.dtype, ...] = (torch.float8_e4m3fn,)
         large = False
         try:
             if torch.cuda.is_available():
-                if torch.cuda.get_device_capability()[0] < 8:
+                capability = torch.cuda.get_device_capability()
+                if capability[0] < 8:
                     dtypes = (torch.float16, torch.float32)
+                if capability < (8, 9):  # Triton's e4m3 ("fp8e4nv") conversions need Ada or Hopper
+                    kv_only = ()
                 large = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory >= LARGE_GPU_BYTES
         except Exception:  # capabilities are also listed on machines without a GPU
             pass
         return BackendCapabilities(
             dtypes=dtypes,
-            kv_cache_dtypes=dtypes,
+            kv_cache_dtypes=(*dtypes, *kv_only),
             block_sizes=(16, 32, 64),
             # Any head size up to 256 works (padded to a power of two with masks); these are the tested ones.
             head_sizes=(64, 80, 96, 112, 128, 256, 32, 16, 8),
@@ -163,9 +169,10 @@ class CudaBackend(Backend):
         """Gather the keys and values stored at ``slot_mapping`` ``[num_slots]``; returns two
         ``[num_slots, num_kv_heads, head_dim]`` tensors (tests only)."""
         num_kv_heads, head_dim = kv_cache.shape[-2:]
+        cache = byte_view(kv_cache)
         return (
-            kv_cache[0].reshape(-1, num_kv_heads, head_dim)[slot_mapping],
-            kv_cache[1].reshape(-1, num_kv_heads, head_dim)[slot_mapping],
+            cache[0].reshape(-1, num_kv_heads, head_dim)[slot_mapping].view(kv_cache.dtype),
+            cache[1].reshape(-1, num_kv_heads, head_dim)[slot_mapping].view(kv_cache.dtype),
         )
 
     def copy_blocks(self, kv_caches: list[torch.Tensor], src_to_dst: torch.Tensor) -> None:
@@ -176,7 +183,8 @@ class CudaBackend(Backend):
         pairs = src_to_dst.to(kv_caches[0].device, non_blocking=True)
         src, dst = pairs[:, 0], pairs[:, 1]
         for kv_cache in kv_caches:
-            kv_cache[:, dst] = kv_cache[:, src]
+            cache = byte_view(kv_cache)
+            cache[:, dst] = cache[:, src]
 
     # ------------------------------------------------------------------ attention
     def attention(

@@ -26,6 +26,7 @@ def _write_kv_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
+    FP8_CACHE: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + token)
@@ -40,9 +41,18 @@ def _write_kv_kernel(
             + offs_d[None, :]
         )
         k = tl.load(key_ptr + token * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask)
-        tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(k_cache_ptr + dst, _to_cache(k, k_cache_ptr.dtype.element_ty, FP8_CACHE), mask=mask)
         v = tl.load(value_ptr + token * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
-        tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(v_cache_ptr + dst, _to_cache(v, v_cache_ptr.dtype.element_ty, FP8_CACHE), mask=mask)
+
+
+@triton.jit
+def _to_cache(x, dtype: tl.constexpr, FP8_CACHE: tl.constexpr):
+    """``x`` in the cache's dtype; 8-bit floats round to nearest even from float32 and saturate, as torch's
+    ``.to`` does (on the GPU; Triton's interpreter rounds fp8 its own way, so CI leaves this path to the GPU)."""
+    if FP8_CACHE:
+        return x.to(tl.float32).to(dtype, fp_downcast_rounding="rtne")
+    return x.to(dtype)
 
 
 def write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -50,8 +60,9 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tenso
 
     ``key``/``value``: ``[>= num_slots, num_kv_heads, head_dim]`` (last dim contiguous; views of a fused
     QKV tensor are fine); ``kv_cache``: ``[2, num_blocks, block_size, num_kv_heads, head_dim]``;
-    ``slot_mapping``: ``[num_slots]`` int64. The grid is ``num_slots`` programs, a shape, so the write can
-    be captured in a CUDA graph.
+    ``slot_mapping``: ``[num_slots]`` int64. An 8-bit float cache (``float8_e4m3fn``) stores each value
+    rounded to nearest even and saturated at +-448, as torch's ``.to`` does. The grid is ``num_slots``
+    programs, a shape, so the write can be captured in a CUDA graph.
     """
     if key.stride(-1) != 1:
         key = key.contiguous()
@@ -67,5 +78,6 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tenso
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_H=triton.next_power_of_2(num_kv_heads),
-        BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_SIZE=block_size, num_warps=4, enable_fp_fusion=False,
+        BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_SIZE=block_size, FP8_CACHE=kv_cache.element_size() == 1,
+        num_warps=4, enable_fp_fusion=False,
     )  # fmt: skip
