@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from pagedllm.backends.interface import AttentionMetadata, AttentionSpec, Backend, BackendCapabilities
+from pagedllm.backends.kv_storage import to_cache_dtype
 
 # Unwritten KV slots hold this instead of NaN: a correct kernel may load a whole block and multiply the
 # masked tail by a zero probability, and 0 * NaN is NaN. A key of 100 dominates any softmax it enters and
@@ -199,8 +200,8 @@ def build_attention_batch(
         kv_cache=kv_cache,
         metadata=metadata,
         spec=spec,
-        full_keys=[k.to(kv_dtype).float() for k in full_keys],
-        full_values=[v.to(kv_dtype).float() for v in full_values],
+        full_keys=[to_cache_dtype(k, kv_dtype).float() for k in full_keys],
+        full_values=[to_cache_dtype(v, kv_dtype).float() for v in full_values],
     )
 
 

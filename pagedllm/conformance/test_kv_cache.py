@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pagedllm.backends.kv_storage import to_cache_dtype
 from pagedllm.conformance.cases import base_head_size, dtype_name, kv_cache_cases, param
 from pagedllm.conformance.plugin import ConformanceTarget, case_id, get_target
 from pagedllm.conformance.reference import poisoned_allocations, tolerance
@@ -91,8 +92,8 @@ def test_write_then_read_back(
         with poisoned_allocations():
             target.backend.write_kv_cache(key.to(target.device), value.to(target.device), cache,
                                           slot_mapping.to(target.device))
-        expected_k[slots] = key[real_rows].to(kv_dtype).float()
-        expected_v[slots] = value[real_rows].to(kv_dtype).float()
+        expected_k[slots] = to_cache_dtype(key[real_rows], kv_dtype).float()
+        expected_v[slots] = to_cache_dtype(value[real_rows], kv_dtype).float()
         actual_k, actual_v = read_all(target, cache, num_slots)
         assert_slots(actual_k, expected_k, f"keys after write {round_index}", dtype, kv_dtype)
         assert_slots(actual_v, expected_v, f"values after write {round_index}", dtype, kv_dtype)

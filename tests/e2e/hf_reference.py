@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from pagedllm.backends.kv_storage import to_cache_dtype
+
 
 def _register_rounded_kv_attention(kv_dtype: torch.dtype) -> str:
     """Register with transformers an SDPA attention whose keys and values are first rounded to ``kv_dtype``
@@ -15,7 +17,7 @@ def _register_rounded_kv_attention(kv_dtype: torch.dtype) -> str:
 
     def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   attention_mask: torch.Tensor | None, **kwargs: object) -> tuple[torch.Tensor, object]:
-        rounded = [t.to(kv_dtype).to(t.dtype) for t in (key, value)]
+        rounded = [to_cache_dtype(t, kv_dtype).to(t.dtype) for t in (key, value)]
         return sdpa_attention_forward(module, query, *rounded, attention_mask, **kwargs)
 
     name = f"sdpa_kv_{str(kv_dtype).removeprefix('torch.')}"

@@ -28,6 +28,7 @@ pytest.importorskip("triton")
 from pagedllm.backends.cpu.backend import CpuBackend
 from pagedllm.backends.cuda.backend import CudaBackend
 from pagedllm.backends.interface import AttentionMetadata, AttentionSpec
+from pagedllm.backends.kv_storage import to_cache_dtype
 
 KERNEL_MODULES = (
     "attention_common",
@@ -163,7 +164,7 @@ def make_batch(
         return torch.tensor([int(tables[r, p // block_size]) * block_size + p % block_size for p in positions])
 
     shape = REFERENCE.kv_cache_shape(num_blocks, block_size, num_kv_heads, head_dim)
-    cache = (torch.randn(shape, generator=gen) * 100).to(kv_dtype)
+    cache = to_cache_dtype(torch.randn(shape, generator=gen) * 100, kv_dtype)
     nan_cache = torch.full(shape, float("nan"), dtype=kv_dtype)
     for r, s in enumerate(seq_lens):
         kv = torch.randn(2, s, num_kv_heads, head_dim, generator=gen).to(dtype)

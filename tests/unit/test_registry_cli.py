@@ -82,7 +82,7 @@ def test_backends_table(capsys: pytest.CaptureFixture[str]) -> None:
     cpu_row = next(line for line in lines if line.split()[:2] == ["*", "cpu"])
     assert "pagedllm 0.1.0" in cpu_row and " yes " in cpu_row
     assert f" {format_version(CpuBackend.interface_version)} " in cpu_row
-    assert "float32,bfloat16,float16; blocks 1,2,4,8,16,32,64,128" in cpu_row
+    assert "float32,bfloat16,float16; kv float32,bfloat16,float16,float8_e4m3fn,float8_e5m2; blocks 1,2,4" in cpu_row
     assert "--device auto selects: cpu" in out or "--device auto selects: cuda" in out
 
 

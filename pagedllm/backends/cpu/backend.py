@@ -12,8 +12,8 @@ import os
 
 import torch
 
-from pagedllm.backends.cache_bytes import byte_view
 from pagedllm.backends.interface import AttentionMetadata, AttentionSpec, Backend, BackendCapabilities
+from pagedllm.backends.kv_storage import byte_view, to_cache_dtype
 
 # Like vLLM's CPU default KV space: the pool never takes more than this unless asked explicitly.
 DEFAULT_MAX_KV_CACHE_BYTES = 4 << 30
@@ -88,7 +88,7 @@ class CpuBackend(Backend):
         if not bool(keep.all()):
             slots, key, value = slots[keep], key[:num_tokens][keep], value[:num_tokens][keep]
         for half, rows in ((kv_cache[0], key), (kv_cache[1], value)):
-            stored = rows[: slots.shape[0]].to(kv_cache.dtype)  # round to nearest, 8-bit floats saturate
+            stored = to_cache_dtype(rows[: slots.shape[0]], kv_cache.dtype)
             byte_view(half).view(-1, num_kv_heads, head_dim).index_copy_(0, slots, byte_view(stored))
 
     def read_kv_cache(

@@ -13,7 +13,6 @@ from collections.abc import Callable
 
 import torch
 
-from pagedllm.backends.cache_bytes import byte_view
 from pagedllm.backends.interface import (
     AttentionMetadata,
     AttentionSpec,
@@ -21,6 +20,7 @@ from pagedllm.backends.interface import (
     BackendCapabilities,
     DeviceCommunicator,
 )
+from pagedllm.backends.kv_storage import byte_view
 
 logger = logging.getLogger(__name__)
 

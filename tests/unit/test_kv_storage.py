@@ -1,0 +1,27 @@
+"""The store cast of KV caches: 8-bit floats saturate whatever torch's own cast does past the largest value."""
+
+from __future__ import annotations
+
+import torch
+
+from pagedllm.backends.kv_storage import byte_view, to_cache_dtype
+
+
+def test_fp8_store_rounds_to_nearest_and_saturates() -> None:
+    values = torch.tensor([500.0, -1e4, float("nan"), 1.0, 0.3, 17.0, 100000.0], dtype=torch.bfloat16)
+    e4m3 = to_cache_dtype(values, torch.float8_e4m3fn).float()
+    assert e4m3[[0, 1, 3]].tolist() == [448.0, -448.0, 1.0]
+    assert bool(e4m3[2].isnan())
+    assert e4m3[4].item() == 0.3125 and e4m3[5].item() == 16.0  # nearest; the tie 17 goes to even 16
+    assert to_cache_dtype(values, torch.float8_e5m2).float()[6].item() == 57344.0  # e5m2's largest, not inf
+
+
+def test_model_dtypes_are_a_plain_cast_and_bytes_move_exactly() -> None:
+    values = torch.randn(4, 3)
+    assert torch.equal(to_cache_dtype(values, torch.bfloat16), values.to(torch.bfloat16))
+    fp8 = to_cache_dtype(values, torch.float8_e4m3fn)
+    assert byte_view(fp8).dtype == torch.uint8 and byte_view(fp8).shape == fp8.shape
+    assert byte_view(values) is values
+    copy = torch.zeros_like(fp8)
+    byte_view(copy)[[2, 0]] = byte_view(fp8)[[2, 0]]
+    assert torch.equal(copy[[0, 2]].float(), fp8[[0, 2]].float()) and not copy[1].float().any()
