@@ -17,6 +17,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 from pagedllm.backends.cpu.backend import CpuBackend  # noqa: E402
 from pagedllm.backends.interface import AttentionMetadata, Backend  # noqa: E402
+from pagedllm.backends.kv_storage import byte_view, to_cache_dtype  # noqa: E402
 
 REFERENCE = CpuBackend()
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
@@ -135,8 +136,9 @@ def test_write_kv_cache_round_trip(dtype: torch.dtype) -> None:
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_write_fp8_kv_cache_rounds_like_torch(dtype: torch.dtype) -> None:
-    """An e4m3 cache stores what torch's ``.to(torch.float8_e4m3fn)`` gives, bit for bit: to nearest even,
-    values past +-448 saturated, NaN kept; padding rows and other slots untouched."""
+    """An e4m3 cache stores what the cpu backend stores, bit for bit: torch's cast (to nearest even) with
+    values past +-448 saturated (torch 2.11's own cast gives NaN there), NaN kept; padding rows and other
+    slots untouched."""
     from pagedllm.backends.cuda.backend import CudaBackend
 
     backend = CudaBackend()
@@ -152,7 +154,7 @@ def test_write_fp8_kv_cache_rounds_like_torch(dtype: torch.dtype) -> None:
     expected = cache.cpu().clone()
     backend.write_kv_cache(key, value, cache, slots)
     REFERENCE.write_kv_cache(key.cpu(), value.cpu(), expected, slots.cpu())
-    ours, torchs = cache.cpu().view(torch.uint8), expected.view(torch.uint8)
+    ours, torchs = byte_view(cache.cpu()), byte_view(expected)
     both_nan = cache.cpu().float().isnan() & expected.float().isnan()
     differ = (ours != torchs) & ~both_nan
     where = differ.nonzero()[:8].tolist()
@@ -168,7 +170,7 @@ def test_write_fp8_kv_cache_rounds_like_torch(dtype: torch.dtype) -> None:
     assert float(cache.float().nan_to_num(0).abs().max()) == 448.0
     keep = slots >= 0
     got_k, _ = backend.read_kv_cache(cache, slots[keep])
-    assert torch.equal(got_k.cpu().view(torch.uint8), key[keep].cpu().to(torch.float8_e4m3fn).view(torch.uint8))
+    assert torch.equal(byte_view(got_k.cpu()), byte_view(to_cache_dtype(key[keep].cpu(), torch.float8_e4m3fn)))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
