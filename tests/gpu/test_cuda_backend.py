@@ -170,7 +170,8 @@ def test_write_fp8_kv_cache_rounds_like_torch(dtype: torch.dtype) -> None:
     assert float(cache.float().nan_to_num(0).abs().max()) == 448.0
     keep = slots >= 0
     got_k, _ = backend.read_kv_cache(cache, slots[keep])
-    assert torch.equal(byte_view(got_k.cpu()), byte_view(to_cache_dtype(key[keep].cpu(), torch.float8_e4m3fn)))
+    want_k = to_cache_dtype(key[keep].cpu(), torch.float8_e4m3fn).float()
+    assert torch.equal(got_k.cpu().float().nan_to_num(1234.0), want_k.nan_to_num(1234.0))  # NaN bits may differ
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
