@@ -24,7 +24,8 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Tr
     add_device_arg(parser)
     parser.add_argument("--tokenizer", default=None)
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", *KV_CACHE_DTYPES],
+    kv_choices = ["auto", *(name for name in KV_CACHE_DTYPES if name not in ("float", "half"))]  # no aliases
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=kv_choices,
                         help="the KV cache's storage dtype: auto (the model's) or one the backend claims, e.g. "
                              "fp8 (float8_e4m3fn: half the bytes of bf16, twice the tokens)")
     parser.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
