@@ -437,8 +437,8 @@ class Backend(abc.ABC):
         just before :meth:`attention`.
 
         ``key``, ``value``: ``[num_tokens, num_kv_heads, head_dim]`` in the model dtype (cast to the
-        cache's dtype on store as torch's ``.to`` casts: to nearest, ties to even; 8-bit floats saturate at
-        their largest finite value; no scale); ``kv_cache``: one layer's tensor of :meth:`kv_cache_shape`;
+        cache's dtype on store: to nearest, ties to even; 8-bit floats saturate at their largest finite value;
+        no scale: ``kv_storage.to_cache_dtype``); ``kv_cache``: one layer's tensor of :meth:`kv_cache_shape`;
         ``slot_mapping``: ``[num_tokens]`` int64 on the device, the slot of each token (see
         :class:`AttentionMetadata`), -1 for tokens not to store (padding). Returns None; no slot other
         than the mapped ones may change.

@@ -48,8 +48,9 @@ def _write_kv_kernel(
 
 @triton.jit
 def _to_cache(x, dtype: tl.constexpr, FP8_CACHE: tl.constexpr):
-    """``x`` in the cache's dtype; 8-bit floats round to nearest even from float32 and saturate, as torch's
-    ``.to`` does (on the GPU; Triton's interpreter rounds fp8 its own way, so CI leaves this path to the GPU)."""
+    """``x`` in the cache's dtype; 8-bit floats round to nearest even from float32 and saturate, as
+    ``kv_storage.to_cache_dtype`` defines the store (Triton's interpreter rounds fp8 its own way, so CI
+    leaves this path to the GPU tests)."""
     if FP8_CACHE:
         return x.to(tl.float32).to(dtype, fp_downcast_rounding="rtne")
     return x.to(dtype)
@@ -61,7 +62,7 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tenso
     ``key``/``value``: ``[>= num_slots, num_kv_heads, head_dim]`` (last dim contiguous; views of a fused
     QKV tensor are fine); ``kv_cache``: ``[2, num_blocks, block_size, num_kv_heads, head_dim]``;
     ``slot_mapping``: ``[num_slots]`` int64. An 8-bit float cache (``float8_e4m3fn``) stores each value
-    rounded to nearest even and saturated at +-448, as torch's ``.to`` does. The grid is ``num_slots``
+    rounded to nearest even and saturated at +-448 (``kv_storage.to_cache_dtype``). The grid is ``num_slots``
     programs, a shape, so the write can be captured in a CUDA graph.
     """
     if key.stride(-1) != 1:
