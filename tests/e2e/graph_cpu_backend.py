@@ -20,10 +20,11 @@ from pagedllm.backends.interface import BackendCapabilities, DeviceCommunicator
 
 class CountingGlooCommunicator(DeviceCommunicator):
     """Collectives through gloo on copies; ``calls`` and ``gathers`` count them in this process. Offers an
-    all-gather only when ``max_gather_bytes`` > 0."""
+    all-gather only when ``max_gather_bytes`` > 0; ``dtype`` is the one the core asked for."""
 
-    def __init__(self, process_group: object, max_bytes: int, max_gather_bytes: int) -> None:
+    def __init__(self, process_group: object, max_bytes: int, max_gather_bytes: int, dtype: torch.dtype) -> None:
         self.process_group = process_group
+        self.dtype = dtype
         self.max_bytes = max_bytes
         self.max_gather_bytes = max_gather_bytes
         self.calls = 0
@@ -60,7 +61,7 @@ class GraphCpuBackend(CpuBackend):
         self, process_group: object, device: torch.device, dtype: torch.dtype, max_bytes: int,
         max_gather_bytes: int = 0,
     ) -> DeviceCommunicator | None:
-        return CountingGlooCommunicator(process_group, max_bytes, max_gather_bytes if self.offers_gather else 0)
+        return CountingGlooCommunicator(process_group, max_bytes, max_gather_bytes if self.offers_gather else 0, dtype)
 
 
 class GatherGraphCpuBackend(GraphCpuBackend):

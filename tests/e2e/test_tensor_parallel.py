@@ -168,6 +168,29 @@ def local_ray():
 
 
 @pytest.mark.timeout(180)
+def test_mp_tp2_fp8_kv_cache_equals_tp1(references, monkeypatch) -> None:
+    """``kv_cache_dtype="fp8"`` with tp=2 and decode graphs: each rank stores its heads in e4m3, the
+    communicator is still asked for the model dtype's collectives, and the tokens equal tp=1's fp8 run."""
+    import torch
+
+    from pagedllm.backends.registry import get_registry
+    from tests.e2e.graph_cpu_backend import GraphCpuBackend
+
+    model_dir, _ = references("llama")
+    expected, _ = generate(model_dir, kv_cache_dtype="fp8")
+    monkeypatch.setattr(get_registry(), "resolve_backend", lambda device: GraphCpuBackend)
+    llm = LLM(str(model_dir), **ENGINE_KWARGS, tensor_parallel_size=2, kv_cache_dtype="fp8")
+    try:
+        worker = llm.llm_engine.executor.worker
+        assert worker.kv_dtype == torch.float8_e4m3fn and worker.tp_group.communicator.dtype == torch.float32
+        outputs = llm.generate(PROMPTS, PARAMS, use_tqdm=False)
+        assert_pool_free(llm)
+    finally:
+        llm.llm_engine.shutdown()
+    assert_same_completions(expected, [o.outputs[0] for o in outputs])
+
+
+@pytest.mark.timeout(180)
 @pytest.mark.parametrize("name", ["llama", "qwen2"])
 def test_ray_tp2_equals_tp1(references, local_ray, name: str) -> None:
     model_dir, expected = references(name)
