@@ -26,7 +26,8 @@ import json, sys
 from pagedllm import LLM, SamplingParams
 model_dir, tp, prompts, asynchronous = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4] == "1"
 llm = LLM(model_dir, device="cuda", dtype="float32", block_size=16, max_num_batched_tokens=64, max_num_seqs=8,
-          kv_cache_memory_bytes=8 << 20, tensor_parallel_size=tp, async_scheduling=asynchronous)
+          kv_cache_memory_bytes=8 << 20, tensor_parallel_size=tp, async_scheduling=asynchronous,
+          kv_cache_dtype=sys.argv[5])
 try:
     outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True), use_tqdm=False)
     worker = llm.llm_engine.executor.worker
@@ -46,11 +47,12 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {arch: build_checkpoint(tmp_path_factory.mktemp(arch), arch) for arch in ("llama", "qwen2")}
 
 
-def _generate(model_dir: Path, tp: int, asynchronous: bool = False) -> dict:
+def _generate(model_dir: Path, tp: int, asynchronous: bool = False, kv_cache_dtype: str = "auto") -> dict:
     """Greedy completions of PROMPTS in a new process; also whether rank 0 captured decode graphs and holds a
     communicator, and the KV usage left after the requests finished."""
     proc = subprocess.run([sys.executable, "-c", GENERATE, str(model_dir), str(tp), json.dumps(PROMPTS),
-                           str(int(asynchronous))], capture_output=True, text=True, timeout=150)  # fmt: skip
+                           str(int(asynchronous)), kv_cache_dtype], capture_output=True, text=True,
+                          timeout=150)  # fmt: skip
     assert proc.returncode == 0, f"tp={tp} failed:\n{proc.stderr[-4000:]}"
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -65,6 +67,16 @@ def test_tp2_with_graphs_equals_tp1(checkpoints: dict[str, Path], arch: str) -> 
     assert tp1["kv_usage"] == 0.0 and tp2["kv_usage"] == 0.0
     for i, (ours, ref) in enumerate(zip(tp2["tokens"], tp1["tokens"], strict=True)):
         assert ours == ref, f"prompt {i}: tp=2 {ours} != tp=1 {ref}"
+
+
+@pytest.mark.timeout(330)
+def test_tp2_fp8_kv_cache_with_graphs_equals_tp1(checkpoints: dict[str, Path]) -> None:
+    """The KV cache in e4m3 on both ranks; the communicator still carries the model dtype, so decode graphs
+    are recorded through it; the tokens equal tp=1's with the same cache."""
+    tp1 = _generate(checkpoints["llama"], 1, kv_cache_dtype="fp8")
+    tp2 = _generate(checkpoints["llama"], 2, kv_cache_dtype="fp8")
+    assert tp2["communicator"] and tp2["graphs"] and tp2["kv_usage"] == 0.0
+    assert tp2["tokens"] == tp1["tokens"]
 
 
 @pytest.mark.timeout(330)
