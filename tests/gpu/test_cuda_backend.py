@@ -135,7 +135,7 @@ def test_write_kv_cache_round_trip(dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_write_fp8_kv_cache_rounds_like_torch(dtype: torch.dtype) -> None:
+def test_write_fp8_kv_cache_stores_what_the_reference_stores(dtype: torch.dtype) -> None:
     """An e4m3 cache stores what the cpu backend stores, bit for bit: torch's cast (to nearest even) with
     values past +-448 saturated (torch 2.11's own cast gives NaN there), NaN kept; padding rows and other
     slots untouched."""

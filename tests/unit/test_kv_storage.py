@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from pagedllm.backends.kv_storage import byte_view, to_cache_dtype
+from pagedllm.backends.kv_storage import byte_view, is_fp8, to_cache_dtype
 
 
 def test_fp8_store_rounds_to_nearest_and_saturates() -> None:
@@ -17,6 +17,8 @@ def test_fp8_store_rounds_to_nearest_and_saturates() -> None:
 
 
 def test_model_dtypes_are_a_plain_cast_and_bytes_move_exactly() -> None:
+    assert is_fp8(torch.float8_e4m3fn) and is_fp8(torch.float8_e5m2)
+    assert not any(is_fp8(d) for d in (torch.bfloat16, torch.float32, torch.uint8, torch.int8))
     values = torch.randn(4, 3)
     assert torch.equal(to_cache_dtype(values, torch.bfloat16), values.to(torch.bfloat16))
     fp8 = to_cache_dtype(values, torch.float8_e4m3fn)

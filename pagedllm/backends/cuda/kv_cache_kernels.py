@@ -6,6 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pagedllm.backends.kv_storage import is_fp8
+
 
 @triton.jit
 def _write_kv_kernel(
@@ -79,6 +81,6 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tenso
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_H=triton.next_power_of_2(num_kv_heads),
-        BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_SIZE=block_size, FP8_CACHE=kv_cache.element_size() == 1,
+        BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_SIZE=block_size, FP8_CACHE=is_fp8(kv_cache.dtype),
         num_warps=4, enable_fp_fusion=False,
     )  # fmt: skip
