@@ -187,6 +187,25 @@ def test_attention_over_fp8_cache(case: str, dtype: torch.dtype) -> None:
     check_attention(batch, dtype, num_splits=4)
 
 
+def test_bf16_queries_beyond_fp16_range_over_fp8_cache() -> None:
+    """Over an 8-bit float cache, bf16 queries multiply the tiles in fp16: a query element beyond fp16's
+    range is clamped to +-65504 (not made infinite), so the rows stay finite and equal attention with the
+    clamped query."""
+    interp = _helpers()
+    query_lens, context_lens, num_decodes, extra = interp.ATTENTION_CASES["mixed"]
+    batch = interp.make_batch(query_lens, context_lens, num_decodes, dtype=torch.bfloat16,
+                              kv_dtype=torch.float8_e4m3fn, **extra)  # fmt: skip
+    batch.query[0, 0, 0], batch.query[-1, -1, 1] = 1e6, -3e5
+    from pagedllm.backends.cuda.attention import paged_attention
+
+    clamped = batch.query.float().clamp(-65504, 65504)
+    expected = REFERENCE.attention(clamped, batch.key.float(), batch.value.float(), batch.cache.float(),
+                                   batch.metadata, batch.spec)  # fmt: skip
+    out = paged_attention(batch.query.cuda(), batch.nan_cache.cuda(), to_cuda(batch.metadata), batch.spec)
+    rows = batch.real_rows
+    assert_close_to_reference(out[rows.cuda()], expected[rows], torch.bfloat16)  # finite, as it checks
+
+
 def test_decode_attention_replays_in_a_graph() -> None:
     """Captured once, replayed over new lengths and block tables in the same static buffers."""
     from pagedllm.backends.cuda.attention import paged_attention

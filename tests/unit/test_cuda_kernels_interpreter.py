@@ -536,3 +536,23 @@ def test_plugin_registers_backend_without_importing_triton() -> None:
     env.pop("TRITON_INTERPRET", None)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("case", ["decode", "mixed"])
+def test_bf16_queries_over_fp8_cache(kernels: SimpleNamespace, case: str) -> None:
+    """bf16 queries over an e4m3 cache: the tiles' products run in fp16 (every e4m3 value is exact there),
+    with query elements beyond fp16's range clamped to +-65504 rather than made infinite. The tolerance is
+    the bf16 output's rounding. (Under the interpreter the former bf16 products gave garbage here: its
+    fp8-to-bf16 conversion is wrong; the GPU tests cover the device's numerics.)"""
+    query_lens, context_lens, num_decodes, extra = ATTENTION_CASES[case]
+    batch = make_batch(query_lens, context_lens, num_decodes, dtype=torch.bfloat16, kv_dtype=torch.float8_e4m3fn,
+                       **extra)  # fmt: skip
+    batch.query[0, 0, 0], batch.query[-1, -1, 1] = 1e6, -3e5
+    clamped = batch.query.float().clamp(-65504, 65504)
+    expected = REFERENCE.attention(clamped, batch.key, batch.value, batch.cache, batch.metadata, batch.spec)
+    rows = batch.real_rows
+    for num_splits in (1, 4):
+        out = kernels.attention.paged_attention(batch.query, batch.nan_cache, batch.metadata, batch.spec,
+                                                num_splits=num_splits)  # fmt: skip
+        assert torch.isfinite(out[rows]).all()
+        torch.testing.assert_close(out[rows].float(), expected[rows].float(), atol=8e-3, rtol=8e-3)
