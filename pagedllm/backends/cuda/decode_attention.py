@@ -168,9 +168,10 @@ def decode_tiles(head_dim: int, kv_dtype: torch.dtype) -> tuple[int, int, int]:
     """Return the decode kernel's ``(BLOCK_N, num_warps, num_stages)`` for a head size and cache dtype.
 
     64-key tiles (32 for heads wider than 128), 4 warps, 2 stages; 2 warps over an 8-bit float cache with
-    heads up to 128. On an H200 with Llama-3-8B heads (``benchmarks/attention_probe.py``): bf16 at 4.2 TB/s
-    of K/V, the best of 28 choices; fp8 at batch 1000 / context 576, 256 / 2048 and 64 / 4096: 486, 384
-    and 189 us a layer with 2 warps against 524, 453 and 290 us with 4 (bf16: 561, 497, 256 us).
+    heads up to 128. On an H200 with Llama-3-8B heads (RESULTS.md runs 21, 55, 56): bf16's tiles were the
+    best of 28 choices and read K/V at ~4.2 TB/s; over fp8 at batch 1000 / context 576, 256 / 2048 and
+    64 / 4096, 2 warps take 486, 384 and 189 us a layer against 524, 453 and 290 us with 4 (bf16: 561, 497,
+    256 us).
     """
     block_n = 64 if head_dim <= 128 else 32
     return block_n, 2 if is_fp8(kv_dtype) and head_dim <= 128 else 4, 2
