@@ -33,3 +33,19 @@ def byte_view(tensor: torch.Tensor) -> torch.Tensor:
     bytes copies the values exactly. ``tensor``: any shape; the view has the same shape.
     """
     return tensor.view(torch.uint8) if is_fp8(tensor.dtype) else tensor
+
+
+def copy_blocks(kv_caches: list[torch.Tensor], src_to_dst: torch.Tensor) -> None:
+    """Copy whole KV blocks ``src -> dst`` in every layer with PyTorch indexing (by bytes for 8-bit floats).
+
+    Called by backends' ``Backend.copy_blocks`` (copy-on-write of a shared block; rare, so no kernel).
+    ``kv_caches``: each layer's cache, ``[2, num_blocks, ...]``; ``src_to_dst``: ``[num_pairs, 2]`` int64,
+    on any device (moved to the caches' without a sync). Returns None.
+    """
+    if not kv_caches or src_to_dst.numel() == 0:
+        return
+    pairs = src_to_dst.to(kv_caches[0].device, non_blocking=True)
+    src, dst = pairs[:, 0], pairs[:, 1]
+    for kv_cache in kv_caches:
+        cache = byte_view(kv_cache)
+        cache[:, dst] = cache[:, src]

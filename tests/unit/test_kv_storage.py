@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from pagedllm.backends.kv_storage import byte_view, is_fp8, to_cache_dtype
+from pagedllm.backends.kv_storage import byte_view, copy_blocks, is_fp8, to_cache_dtype
 
 
 def test_fp8_store_rounds_to_nearest_and_saturates() -> None:
@@ -27,3 +27,18 @@ def test_model_dtypes_are_a_plain_cast_and_bytes_move_exactly() -> None:
     copy = torch.zeros_like(fp8)
     byte_view(copy)[[2, 0]] = byte_view(fp8)[[2, 0]]
     assert torch.equal(copy[[0, 2]].float(), fp8[[0, 2]].float()) and not copy[1].float().any()
+
+
+def test_copy_blocks_moves_whole_blocks_in_every_layer() -> None:
+    """Each destination block of each layer (keys and values) becomes its source; nothing else changes."""
+    for dtype in (torch.float8_e4m3fn, torch.bfloat16):
+        layers = [to_cache_dtype(torch.randn(2, 5, 4, 2, 3) * 100, dtype) for _ in range(2)]
+        before = [layer.float().clone() for layer in layers]
+        copy_blocks(layers, torch.tensor([[1, 3], [4, 0]]))
+        for layer, old in zip(layers, before, strict=True):
+            expected = old.clone()
+            expected[:, 3], expected[:, 0] = old[:, 1], old[:, 4]
+            assert torch.equal(layer.float(), expected)
+        copy_blocks(layers, torch.zeros(0, 2, dtype=torch.int64))  # no pairs: nothing to do
+        copy_blocks([], torch.tensor([[1, 3]]))
+        assert torch.equal(layers[0].float()[:, 3], before[0][:, 1])

@@ -12,6 +12,7 @@ import os
 
 import torch
 
+from pagedllm.backends import kv_storage
 from pagedllm.backends.interface import AttentionMetadata, AttentionSpec, Backend, BackendCapabilities
 from pagedllm.backends.kv_storage import byte_view, to_cache_dtype
 
@@ -102,11 +103,9 @@ class CpuBackend(Backend):
         )
 
     def copy_blocks(self, kv_caches: list[torch.Tensor], src_to_dst: torch.Tensor) -> None:
-        """Copy blocks ``src -> dst`` in every layer."""
-        src, dst = src_to_dst[:, 0], src_to_dst[:, 1]
-        for kv_cache in kv_caches:
-            cache = byte_view(kv_cache)
-            cache[:, dst] = cache[:, src]
+        """Copy blocks ``src -> dst`` (``src_to_dst``: ``[num_pairs, 2]`` int64) in every layer
+        (:func:`kv_storage.copy_blocks`)."""
+        kv_storage.copy_blocks(kv_caches, src_to_dst)
 
     # ------------------------------------------------------------------ attention
     def attention(

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import torch
 
+from pagedllm.backends import kv_storage
 from pagedllm.backends.interface import (
     AttentionMetadata,
     AttentionSpec,
@@ -176,15 +177,9 @@ class CudaBackend(Backend):
         )
 
     def copy_blocks(self, kv_caches: list[torch.Tensor], src_to_dst: torch.Tensor) -> None:
-        """Copy blocks ``src -> dst`` (``src_to_dst``: ``[num_pairs, 2]`` int64) in every layer; rare
-        (copy-on-write), so plain PyTorch indexing."""
-        if not kv_caches or src_to_dst.numel() == 0:
-            return
-        pairs = src_to_dst.to(kv_caches[0].device, non_blocking=True)
-        src, dst = pairs[:, 0], pairs[:, 1]
-        for kv_cache in kv_caches:
-            cache = byte_view(kv_cache)
-            cache[:, dst] = cache[:, src]
+        """Copy blocks ``src -> dst`` (``src_to_dst``: ``[num_pairs, 2]`` int64) in every layer
+        (:func:`kv_storage.copy_blocks`)."""
+        kv_storage.copy_blocks(kv_caches, src_to_dst)
 
     # ------------------------------------------------------------------ attention
     def attention(
