@@ -177,8 +177,8 @@ def test_write_fp8_kv_cache_stores_what_the_reference_stores(dtype: torch.dtype)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", ["decode", "prefill_over_prefix", "mixed", "gqa_group3", "head80", "long_prefill"])
 def test_attention_over_fp8_cache(case: str, dtype: torch.dtype) -> None:
-    """Keys and values stored in e4m3: the kernels read them converted to the query dtype; the reference is
-    float32 attention over the same stored values."""
+    """Keys and values stored in e4m3: the kernels read them converted to the query dtype (fp16 for bf16
+    queries); the reference is float32 attention over the same stored values."""
     interp = _helpers()
     query_lens, context_lens, num_decodes, extra = interp.ATTENTION_CASES[case]
     batch = interp.make_batch(query_lens, context_lens, num_decodes, dtype=dtype, kv_dtype=torch.float8_e4m3fn,

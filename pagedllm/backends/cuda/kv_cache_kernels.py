@@ -6,8 +6,6 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedllm.backends.kv_storage import is_fp8
-
 
 @triton.jit
 def _write_kv_kernel(
@@ -28,7 +26,6 @@ def _write_kv_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
-    FP8_CACHE: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + token)
@@ -43,19 +40,21 @@ def _write_kv_kernel(
             + offs_d[None, :]
         )
         k = tl.load(key_ptr + token * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask)
-        tl.store(k_cache_ptr + dst, _to_cache(k, k_cache_ptr.dtype.element_ty, FP8_CACHE), mask=mask)
+        tl.store(k_cache_ptr + dst, _to_cache(k, k_cache_ptr), mask=mask)
         v = tl.load(value_ptr + token * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
-        tl.store(v_cache_ptr + dst, _to_cache(v, v_cache_ptr.dtype.element_ty, FP8_CACHE), mask=mask)
+        tl.store(v_cache_ptr + dst, _to_cache(v, v_cache_ptr), mask=mask)
 
 
 @triton.jit
-def _to_cache(x, dtype: tl.constexpr, FP8_CACHE: tl.constexpr):
-    """``x`` in the cache's dtype; 8-bit floats round to nearest even from float32 and saturate, as
-    ``kv_storage.to_cache_dtype`` defines the store (Triton's interpreter rounds fp8 its own way, so CI
-    leaves this path to the GPU tests)."""
-    if FP8_CACHE:
+def _to_cache(x, cache_ptr):
+    """``x`` in the dtype ``cache_ptr`` points to; 8-bit floats round to nearest even from float32 and
+    saturate, as ``kv_storage.to_cache_dtype`` defines the store (Triton's interpreter rounds fp8 its own
+    way, so CI leaves this path to the GPU tests)."""
+    dtype = cache_ptr.dtype.element_ty
+    if dtype.is_fp8():
         return x.to(tl.float32).to(dtype, fp_downcast_rounding="rtne")
-    return x.to(dtype)
+    else:
+        return x.to(dtype)
 
 
 def write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -81,6 +80,6 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tenso
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_H=triton.next_power_of_2(num_kv_heads),
-        BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_SIZE=block_size, FP8_CACHE=is_fp8(kv_cache.dtype),
+        BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_SIZE=block_size,
         num_warps=4, enable_fp_fusion=False,
     )  # fmt: skip
