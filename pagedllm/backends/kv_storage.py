@@ -35,6 +35,21 @@ def byte_view(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.view(torch.uint8) if is_fp8(tensor.dtype) else tensor
 
 
+def read_slots(kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather the keys and values stored at ``slot_mapping`` with PyTorch indexing (by bytes for 8-bit floats).
+
+    Called by backends' ``Backend.read_kv_cache`` (tests and the conformance kit). ``kv_cache``: one layer,
+    ``[2, num_blocks, block_size, num_kv_heads, head_dim]``; ``slot_mapping``: ``[num_slots]`` int64 on its
+    device. Returns two ``[num_slots, num_kv_heads, head_dim]`` tensors in the cache's dtype.
+    """
+    num_kv_heads, head_dim = kv_cache.shape[-2:]
+    cache = byte_view(kv_cache)
+    return (
+        cache[0].reshape(-1, num_kv_heads, head_dim)[slot_mapping].view(kv_cache.dtype),
+        cache[1].reshape(-1, num_kv_heads, head_dim)[slot_mapping].view(kv_cache.dtype),
+    )
+
+
 def copy_blocks(kv_caches: list[torch.Tensor], src_to_dst: torch.Tensor) -> None:
     """Copy whole KV blocks ``src -> dst`` in every layer with PyTorch indexing (by bytes for 8-bit floats).
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from pagedllm.backends.kv_storage import byte_view, copy_blocks, is_fp8, to_cache_dtype
+from pagedllm.backends.kv_storage import byte_view, copy_blocks, is_fp8, read_slots, to_cache_dtype
 
 
 def test_fp8_store_rounds_to_nearest_and_saturates() -> None:
@@ -42,3 +42,14 @@ def test_copy_blocks_moves_whole_blocks_in_every_layer() -> None:
         copy_blocks(layers, torch.zeros(0, 2, dtype=torch.int64))  # no pairs: nothing to do
         copy_blocks([], torch.tensor([[1, 3]]))
         assert torch.equal(layers[0].float()[:, 3], before[0][:, 1])
+
+
+def test_read_slots_gathers_keys_and_values_in_the_cache_dtype() -> None:
+    """Slot ``s`` is token ``s % block_size`` of block ``s // block_size``; both halves, in slot order."""
+    for dtype in (torch.float8_e4m3fn, torch.bfloat16):
+        cache = to_cache_dtype(torch.randn(2, 3, 4, 2, 5) * 10, dtype)
+        keys, values = read_slots(cache, torch.tensor([9, 0, 4]))
+        assert keys.dtype == values.dtype == dtype and keys.shape == (3, 2, 5)
+        for i, (block, token) in enumerate(((2, 1), (0, 0), (1, 0))):
+            assert torch.equal(keys[i].float(), cache[0, block, token].float())
+            assert torch.equal(values[i].float(), cache[1, block, token].float())

@@ -21,7 +21,6 @@ from pagedllm.backends.interface import (
     BackendCapabilities,
     DeviceCommunicator,
 )
-from pagedllm.backends.kv_storage import byte_view
 
 logger = logging.getLogger(__name__)
 
@@ -168,13 +167,8 @@ class CudaBackend(Backend):
 
     def read_kv_cache(self, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Gather the keys and values stored at ``slot_mapping`` ``[num_slots]``; returns two
-        ``[num_slots, num_kv_heads, head_dim]`` tensors (tests only)."""
-        num_kv_heads, head_dim = kv_cache.shape[-2:]
-        cache = byte_view(kv_cache)
-        return (
-            cache[0].reshape(-1, num_kv_heads, head_dim)[slot_mapping].view(kv_cache.dtype),
-            cache[1].reshape(-1, num_kv_heads, head_dim)[slot_mapping].view(kv_cache.dtype),
-        )
+        ``[num_slots, num_kv_heads, head_dim]`` tensors (:func:`kv_storage.read_slots`)."""
+        return kv_storage.read_slots(kv_cache, slot_mapping)
 
     def copy_blocks(self, kv_caches: list[torch.Tensor], src_to_dst: torch.Tensor) -> None:
         """Copy blocks ``src -> dst`` (``src_to_dst``: ``[num_pairs, 2]`` int64) in every layer
