@@ -1,4 +1,5 @@
-"""KV cache storage helpers for backends written in PyTorch: the cast on store, and moving entries by bytes."""
+"""KV cache storage shared by backends: the cast on store, the 8-bit float test, and moving entries by bytes
+with PyTorch indexing (block copies, slot reads)."""
 
 from __future__ import annotations
 

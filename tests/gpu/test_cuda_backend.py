@@ -191,16 +191,9 @@ def test_bf16_queries_beyond_fp16_range_over_fp8_cache() -> None:
     """Over an 8-bit float cache, bf16 queries multiply the tiles in fp16: a query element beyond fp16's
     range is clamped to +-65504 (not made infinite), so the rows stay finite and equal attention with the
     clamped query."""
-    interp = _helpers()
-    query_lens, context_lens, num_decodes, extra = interp.ATTENTION_CASES["mixed"]
-    batch = interp.make_batch(query_lens, context_lens, num_decodes, dtype=torch.bfloat16,
-                              kv_dtype=torch.float8_e4m3fn, **extra)  # fmt: skip
-    batch.query[0, 0, 0], batch.query[-1, -1, 1] = 1e6, -3e5
     from pagedllm.backends.cuda.attention import paged_attention
 
-    clamped = batch.query.float().clamp(-65504, 65504)
-    expected = REFERENCE.attention(clamped, batch.key.float(), batch.value.float(), batch.cache.float(),
-                                   batch.metadata, batch.spec)  # fmt: skip
+    batch, expected = _helpers().bf16_batch_with_outlier_queries("mixed")
     out = paged_attention(batch.query.cuda(), batch.nan_cache.cuda(), to_cuda(batch.metadata), batch.spec)
     rows = batch.real_rows
     assert_close_to_reference(out[rows.cuda()], expected[rows], torch.bfloat16)  # finite, as it checks

@@ -538,18 +538,27 @@ def test_plugin_registers_backend_without_importing_triton() -> None:
     assert result.returncode == 0, result.stderr
 
 
+def bf16_batch_with_outlier_queries(case: str) -> tuple[Batch, torch.Tensor]:
+    """A bf16 batch of ``ATTENTION_CASES[case]`` over an e4m3 cache whose queries hold two elements beyond
+    fp16's range (1e6, -3e5), and the float32 reference attention with them clamped to +-65504: what the
+    cuda kernels compute, since bf16 queries over an 8-bit float cache multiply the tiles in fp16."""
+    query_lens, context_lens, num_decodes, extra = ATTENTION_CASES[case]
+    batch = make_batch(query_lens, context_lens, num_decodes, dtype=torch.bfloat16, kv_dtype=torch.float8_e4m3fn,
+                       **extra)  # fmt: skip
+    batch.query[0, 0, 0], batch.query[-1, -1, 1] = 1e6, -3e5
+    clamped = batch.query.float().clamp(-65504, 65504)
+    expected = REFERENCE.attention(clamped, batch.key.float(), batch.value.float(), batch.cache.float(),
+                                   batch.metadata, batch.spec)  # fmt: skip
+    return batch, expected
+
+
 @pytest.mark.parametrize("case", ["decode", "mixed"])
 def test_bf16_queries_over_fp8_cache(kernels: SimpleNamespace, case: str) -> None:
     """bf16 queries over an e4m3 cache: the tiles' products run in fp16 (every e4m3 value is exact there),
     with query elements beyond fp16's range clamped to +-65504 rather than made infinite. The tolerance is
     the bf16 output's rounding. (Under the interpreter the former bf16 products gave garbage here: its
     fp8-to-bf16 conversion is wrong; the GPU tests cover the device's numerics.)"""
-    query_lens, context_lens, num_decodes, extra = ATTENTION_CASES[case]
-    batch = make_batch(query_lens, context_lens, num_decodes, dtype=torch.bfloat16, kv_dtype=torch.float8_e4m3fn,
-                       **extra)  # fmt: skip
-    batch.query[0, 0, 0], batch.query[-1, -1, 1] = 1e6, -3e5
-    clamped = batch.query.float().clamp(-65504, 65504)
-    expected = REFERENCE.attention(clamped, batch.key, batch.value, batch.cache, batch.metadata, batch.spec)
+    batch, expected = bf16_batch_with_outlier_queries(case)
     rows = batch.real_rows
     for num_splits in (1, 4):
         out = kernels.attention.paged_attention(batch.query, batch.nan_cache, batch.metadata, batch.spec,
