@@ -30,8 +30,9 @@ import torch
 # that captured graphs may contain, for tensor-parallel decode graphs); 1.3 — ``Backend.linear`` (the
 # model's linear layers), ``DeviceCommunicator.all_reduce_add_rms_norm`` (an all-reduce fused with the
 # residual add and norm after it) and ``BackendCapabilities.runs_asynchronously``; 1.4 — the scheduler
-# defaults ``BackendCapabilities.default_max_num_seqs`` and ``default_max_num_batched_tokens``.
-INTERFACE_VERSION: tuple[int, int] = (1, 4)
+# defaults ``BackendCapabilities.default_max_num_seqs`` and ``default_max_num_batched_tokens``; 1.5 — fp8
+# linear layers: ``Backend.linear_fp8`` and ``BackendCapabilities.quantizations``; ``Backend.weights_loaded``.
+INTERFACE_VERSION: tuple[int, int] = (1, 5)
 
 
 class InterfaceVersionError(ValueError):
@@ -130,6 +131,11 @@ class BackendCapabilities:
     default_max_num_batched_tokens: int | None = None
     """The per-step token budget (``max_num_batched_tokens``) the engine uses when none is given; None:
     ``max(2048, max_num_seqs)``. Added in 1.4."""
+    quantizations: tuple[str, ...] = ()
+    """Quantization schemes of the model's linear layers (the engine's ``quantization``) this backend runs:
+    ``"fp8"`` — e4m3 weights with per-row scales and per-token input scales, through :meth:`Backend.linear_fp8`
+    (see ``pagedllm.backends.fp8_linear``). Claimed only where it runs on every dtype of ``dtypes``. Added in
+    1.5."""
 
     def __post_init__(self) -> None:
         """Normalize the sequences to tuples and refuse claims no engine could use.
@@ -137,8 +143,10 @@ class BackendCapabilities:
         Raises ValueError naming the field: an empty dtype/size list, a non-positive size, or
         ``needs_static_shapes`` without ``token_buckets``.
         """
-        for name in ("dtypes", "kv_cache_dtypes", "block_sizes", "head_sizes", "token_buckets"):
+        for name in ("dtypes", "kv_cache_dtypes", "block_sizes", "head_sizes", "token_buckets", "quantizations"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
+        if not all(isinstance(q, str) and q for q in self.quantizations):
+            raise ValueError(f"BackendCapabilities.quantizations must hold names, got {self.quantizations!r}")
         for name in ("dtypes", "kv_cache_dtypes"):
             values = getattr(self, name)
             if not values or not all(isinstance(v, torch.dtype) for v in values):
@@ -164,6 +172,8 @@ class BackendCapabilities:
         parts = [",".join(_dtype_name(d) for d in self.dtypes)]
         if set(self.kv_cache_dtypes) != set(self.dtypes):
             parts.append("kv " + ",".join(_dtype_name(d) for d in self.kv_cache_dtypes))
+        if self.quantizations:
+            parts.append("quantization " + ",".join(self.quantizations))
         parts.append("blocks " + ",".join(str(v) for v in sorted(self.block_sizes)))
         parts.append("heads " + ",".join(str(v) for v in sorted(self.head_sizes)))
         flags = [
@@ -377,6 +387,14 @@ class Backend(abc.ABC):
         group size (1 without TP). Returns None. Default: nothing to do.
         """
 
+    def weights_loaded(self) -> None:  # noqa: B027 - neutral default
+        """Called once per worker when the model's weights are in place as they will be stored (after an fp8
+        quantization freed the loaded ones), before the profiling forward that precedes
+        :meth:`kv_cache_budget_bytes`. A backend that sizes the KV pool from its peak memory restarts that
+        count here, so the transient peak of loading is not held against the pool. Default: nothing to do.
+        Added in 1.5.
+        """
+
     def device(self, rank: int = 0) -> torch.device:
         """Return the torch device of local rank ``rank``; called after :meth:`init_device` to place
         weights, the KV pool and step inputs. Default: ``torch.device(device_type)``."""
@@ -545,6 +563,24 @@ class Backend(abc.ABC):
         ``torch.nn.functional.linear``. Added in 1.3.
         """
         return torch.nn.functional.linear(x, weight, bias)
+
+    def linear_fp8(
+        self, x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """An fp8 linear layer: ``x`` quantized per token to e4m3, times the e4m3 ``weight``, both scales
+        applied (``pagedllm.backends.fp8_linear``); called instead of :meth:`linear` by every projection of a
+        model loaded with ``quantization="fp8"`` (not the LM head), per step, only when
+        ``"fp8" in capabilities().quantizations``.
+
+        ``x``: ``[num_tokens, in_features]`` in the model dtype; ``weight``: ``[out_features, in_features]``
+        ``torch.float8_e4m3fn``; ``weight_scale``: ``[out_features]`` float32; ``bias``: ``[out_features]`` in
+        the model dtype or None. Returns ``[num_tokens, out_features]`` in ``x.dtype``. Default: the float32
+        PyTorch reference (``reference_linear_fp8``), which the conformance kit compares every backend with.
+        Added in 1.5.
+        """
+        from pagedllm.backends.fp8_linear import reference_linear_fp8
+
+        return reference_linear_fp8(x, weight, weight_scale, bias)
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
         """Gated MLP activation ``silu(x[:, :d]) * x[:, d:]``; called by every MLP of the model, per step.

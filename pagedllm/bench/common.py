@@ -54,6 +54,7 @@ def engine_settings(args: argparse.Namespace) -> str:
     return (f"pagedllm engine: tensor_parallel_size={args.tensor_parallel_size}, max_num_seqs={args.max_num_seqs}, "
             f"max_num_batched_tokens={args.max_num_batched_tokens or 'auto'}, "
             f"enforce_eager={args.enforce_eager}, kv_cache_dtype={args.kv_cache_dtype}, "
+            f"quantization={args.quantization}, "
             f"async_scheduling={ {True: 'on', False: 'off', None: 'auto'}[args.async_scheduling] }")
 
 

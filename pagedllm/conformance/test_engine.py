@@ -98,14 +98,15 @@ def prompts(gen: torch.Generator, vocab_size: int) -> tuple[list[list[int]], lis
     return first, second
 
 
-def generate(model: Path, device: str, dtype: str, budget: int | None,
-             batches: tuple[list[list[int]], ...], kv_cache_dtype: str = "auto") -> list[list[object]]:
+def generate(model: Path, device: str, dtype: str, budget: int | None, batches: tuple[list[list[int]], ...],
+             kv_cache_dtype: str = "auto", quantization: str | None = None) -> list[list[object]]:
     """Run each batch of token-id prompts greedily through one engine; return the completions per batch."""
     from pagedllm.core.sampling_params import SamplingParams
     from pagedllm.entrypoints.llm import LLM
 
     llm = LLM(str(model), device=device, dtype=dtype, seed=0, max_model_len=256, kv_cache_dtype=kv_cache_dtype,
-              kv_cache_memory_bytes=KV_CACHE_BYTES, max_num_batched_tokens=budget, max_num_seqs=8)
+              quantization=quantization, kv_cache_memory_bytes=KV_CACHE_BYTES, max_num_batched_tokens=budget,
+              max_num_seqs=8)
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=TOP_N, ignore_eos=True)
     try:
         outputs = [[out.outputs[0] for out in llm.generate(batch, params, use_tqdm=False)] for batch in batches]
@@ -117,15 +118,16 @@ def generate(model: Path, device: str, dtype: str, budget: int | None,
 
 
 @pytest.fixture(scope="session")
-def engine_reference_outputs() -> dict[tuple[str, str, int | None, str], list[list[object]]]:
-    """The cpu backend's completions per (checkpoint, dtype, budget, kv_cache_dtype), computed once per session."""
+def engine_reference_outputs() -> dict[tuple[str, str, int | None, str, str | None], list[list[object]]]:
+    """The cpu backend's completions per (checkpoint, dtype, budget, kv_cache_dtype, quantization), computed
+    once per session."""
     return {}
 
 
 def check_against_cpu(
     target: ConformanceTarget, arch: str, kv_cache_dtype: str,
-    reference_outputs: dict[tuple[str, str, int | None, str], list[list[object]]],
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+    reference_outputs: dict[tuple[str, str, int | None, str, str | None], list[list[object]]],
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, quantization: str | None = None,
 ) -> None:
     """Generate through ``target`` and through the cpu backend; fail at a divergence outside the top-N rule."""
     dtype = engine_dtype(target)
@@ -135,10 +137,10 @@ def check_against_cpu(
     model = checkpoint_dir(request.config, tmp_path_factory, arch, engine_head_size(target))
     vocab_size = int(json.loads((model / "config.json").read_text())["vocab_size"])
     batches = prompts(torch.Generator().manual_seed(request.config.getoption("conformance_seed")), vocab_size)
-    actual = generate(model, target.name, dtype, engine_budget, batches, kv_cache_dtype)
-    key = (str(model), dtype, engine_budget, kv_cache_dtype)
+    actual = generate(model, target.name, dtype, engine_budget, batches, kv_cache_dtype, quantization)
+    key = (str(model), dtype, engine_budget, kv_cache_dtype, quantization)
     if key not in reference_outputs:
-        reference_outputs[key] = generate(model, "cpu", dtype, engine_budget, batches, kv_cache_dtype)
+        reference_outputs[key] = generate(model, "cpu", dtype, engine_budget, batches, kv_cache_dtype, quantization)
     expected = reference_outputs[key]
     for batch_index, (got_batch, want_batch) in enumerate(zip(actual, expected, strict=True)):
         for prompt_index, (got, want) in enumerate(zip(got_batch, want_batch, strict=True)):
@@ -156,7 +158,7 @@ def check_against_cpu(
 
 def test_greedy_generation_matches_cpu(
     conformance_target: ConformanceTarget, engine_arch: str,
-    engine_reference_outputs: dict[tuple[str, str, int | None, str], list[list[object]]],
+    engine_reference_outputs: dict[tuple[str, str, int | None, str, str | None], list[list[object]]],
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
     """Greedy completions through the whole engine equal the cpu backend's (top-N rule at a divergence)."""
@@ -165,10 +167,23 @@ def test_greedy_generation_matches_cpu(
 
 def test_greedy_generation_with_kv_only_cache_matches_cpu(
     conformance_target: ConformanceTarget, engine_kv_dtype: str,
-    engine_reference_outputs: dict[tuple[str, str, int | None, str], list[list[object]]],
+    engine_reference_outputs: dict[tuple[str, str, int | None, str, str | None], list[list[object]]],
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
     """The same with the KV cache in a KV-only dtype the backend claims (e.g. ``kv_cache_dtype="fp8_e4m3"``),
     on the GQA Llama: the cpu backend stores the same format, so both attend over the same rounded keys."""
     check_against_cpu(conformance_target, "llama", engine_kv_dtype, engine_reference_outputs, request,
                       tmp_path_factory)
+
+
+def test_greedy_generation_with_fp8_linear_matches_cpu(
+    conformance_target: ConformanceTarget,
+    engine_reference_outputs: dict[tuple[str, str, int | None, str, str | None], list[list[object]]],
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """The same with ``quantization="fp8"`` (when claimed), on the GQA Llama: both backends store the same
+    e4m3 weights and quantize each token's input the same way."""
+    if "fp8" not in conformance_target.capabilities.quantizations:
+        pytest.skip("fp8 linear layers not claimed (quantizations)")
+    check_against_cpu(conformance_target, "llama", "auto", engine_reference_outputs, request, tmp_path_factory,
+                      quantization="fp8")

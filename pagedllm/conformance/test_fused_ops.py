@@ -1,7 +1,8 @@
 """Op level: the backend's fused ops against the ``Backend`` base-class defaults computed in float32.
 
 A backend that does not override an op passes trivially; one that fuses it into a kernel must compute what
-the neutral default computes, within the dtype's tolerance.
+the neutral default computes, within the dtype's tolerance. For ``linear_fp8`` (when ``"fp8"`` is claimed)
+that includes quantizing the input exactly as the reference does: its e4m3 weight and scales are given.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
+from pagedllm.backends.fp8_linear import quantize_rows
 from pagedllm.backends.interface import Backend
 from pagedllm.conformance.cases import all_dtypes, base_head_size, dtype_skip, param
 from pagedllm.conformance.plugin import ConformanceTarget, case_id, get_target
@@ -19,19 +21,22 @@ from pagedllm.conformance.reference import DefaultOpsBackend, poisoned_allocatio
 NUM_TOKENS = 7
 HIDDEN = 96
 IN_FEATURES, OUT_FEATURES = 256, 80
-# case name -> the Backend method it calls; linear twice: a backend may take one-token inputs (batch-1
-# decode) through another kernel
+# case name -> the Backend method it calls; the linear layers twice: a backend may take one-token inputs
+# (batch-1 decode) through another kernel
 OPS: dict[str, str] = {"rms_norm": "rms_norm", "add_rms_norm": "add_rms_norm", "rotary_embedding": "rotary_embedding",
-                       "silu_and_mul": "silu_and_mul", "linear": "linear", "linear_one_token": "linear"}
+                       "silu_and_mul": "silu_and_mul", "linear": "linear", "linear_one_token": "linear",
+                       "linear_fp8": "linear_fp8", "linear_fp8_one_token": "linear_fp8"}
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Parametrize ``fused_case`` as (case, dtype) for every case of :data:`OPS` and dtype."""
     if "fused_case" in metafunc.fixturenames:
         capabilities = get_target(metafunc.config).capabilities
+        unclaimed_fp8 = None if "fp8" in capabilities.quantizations else "fp8 linear layers not claimed (quantizations)"
         metafunc.parametrize(
             "fused_case",
-            [param(case_id(metafunc.config, op, dtype), (op, dtype), skip=dtype_skip(capabilities, dtype))
+            [param(case_id(metafunc.config, op, dtype), (op, dtype),
+                   skip=dtype_skip(capabilities, dtype) or (unclaimed_fp8 if "fp8" in op else None))
              for op in OPS for dtype in all_dtypes(capabilities)],
         )
 
@@ -61,9 +66,12 @@ def op_inputs(op: str, head_dim: int, dtype: torch.dtype, gen: torch.Generator) 
         positions = torch.randint(0, 64, (NUM_TOKENS,), generator=gen)
         return positions, randn(NUM_TOKENS, 4, head_dim), randn(NUM_TOKENS, 2, head_dim), rotary_cache(head_dim, 64)
     if op.startswith("linear"):
-        rows = 1 if op == "linear_one_token" else NUM_TOKENS
-        scale = IN_FEATURES**-0.5
-        return randn(rows, IN_FEATURES), randn(OUT_FEATURES, IN_FEATURES) * scale, randn(OUT_FEATURES)
+        rows = 1 if op.endswith("one_token") else NUM_TOKENS
+        weight = torch.randn(OUT_FEATURES, IN_FEATURES, generator=gen) * IN_FEATURES**-0.5
+        x, bias = randn(rows, IN_FEATURES), randn(OUT_FEATURES)
+        if "fp8" in op:  # e4m3 weight rows with their float32 scales; the op quantizes x itself
+            return x, *quantize_rows(weight), bias
+        return x, weight.to(dtype), bias
     return (randn(NUM_TOKENS, 2 * HIDDEN),)
 
 

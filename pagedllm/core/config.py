@@ -31,6 +31,9 @@ KV_CACHE_DTYPES: dict[str, torch.dtype] = {
     "fp8_e5m2": torch.float8_e5m2,
 }
 
+QUANTIZATIONS = ("fp8",)
+"""Names ``EngineConfig.quantization`` accepts (vLLM's): ``fp8``, e4m3 weights and per-token e4m3 inputs."""
+
 
 @dataclass(slots=True)
 class EngineConfig:
@@ -38,6 +41,9 @@ class EngineConfig:
 
     ``model=None`` selects the built-in demo model. ``kv_cache_dtype`` stores the KV cache in the model
     dtype (``"auto"``) or another format the backend claims (``"fp8"``: see :data:`KV_CACHE_DTYPES`).
+    ``quantization="fp8"`` stores the projections' weights in e4m3 with per-row scales once loaded and runs
+    them as fp8 products (vLLM's online ``fp8``; the embeddings and LM head stay in ``dtype``; see
+    ``pagedllm.backends.fp8_linear``), where the backend claims it.
     ``num_kv_blocks`` sets the KV pool size in blocks (like vLLM's ``num_gpu_blocks_override``); else
     ``kv_cache_memory_bytes`` sizes it in bytes; else the backend's budget for ``gpu_memory_utilization``
     is used. ``async_scheduling`` schedules and launches
@@ -51,6 +57,7 @@ class EngineConfig:
     device: str = "auto"
     dtype: str = "auto"
     kv_cache_dtype: str = "auto"
+    quantization: str | None = None
     load_format: str = "auto"
     seed: int | None = 0
     block_size: int | None = None
@@ -76,6 +83,9 @@ class EngineConfig:
         if self.kv_cache_dtype not in ("auto", *KV_CACHE_DTYPES):
             raise ValueError(f"kv_cache_dtype must be one of auto, {', '.join(KV_CACHE_DTYPES)}; "
                              f"got {self.kv_cache_dtype!r}")
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be None or one of {', '.join(QUANTIZATIONS)}; "
+                             f"got {self.quantization!r}")
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}; got {self.load_format!r}")
         if self.tensor_parallel_size < 1:

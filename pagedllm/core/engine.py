@@ -97,6 +97,9 @@ class LLMEngine:
             raise ValueError(f"backend {self.backend_cls.name!r} does not support kv_cache_dtype "
                              f"{config.kv_cache_dtype!r} ({kv_dtype}); supported: "
                              f"{[str(d) for d in capabilities.kv_cache_dtypes]}")
+        if config.quantization is not None and config.quantization not in capabilities.quantizations:
+            raise ValueError(f"backend {self.backend_cls.name!r} does not support quantization "
+                             f"{config.quantization!r}; supported: {list(capabilities.quantizations) or 'none'}")
         if mc.head_dim not in capabilities.head_sizes:
             raise ValueError(f"backend {self.backend_cls.name!r} does not support head size {mc.head_dim}; "
                              f"supported: {list(capabilities.head_sizes)}")

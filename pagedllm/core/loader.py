@@ -12,7 +12,7 @@ from torch import nn
 
 from pagedllm.backends.interface import Backend
 from pagedllm.core.config import ModelConfig
-from pagedllm.core.models.layers import bind_linear_op
+from pagedllm.core.models.layers import bind_linear_op, quantize_linear_layers
 
 
 def model_class_for(architecture: str) -> type[nn.Module]:
@@ -96,13 +96,15 @@ def fill_dummy_weights(model: nn.Module, device: torch.device, seed: int | None)
 
 
 def load_model(
-    model_config: ModelConfig, backend: Backend, device: torch.device, load_format: str, seed: int | None = 0
+    model_config: ModelConfig, backend: Backend, device: torch.device, load_format: str, seed: int | None = 0,
+    quantization: str | None = None,
 ) -> nn.Module:
     """Instantiate the model on ``device`` in the configured dtype and load its weights.
 
     ``load_format``: ``auto``/``safetensors`` read the checkpoint; ``dummy`` fills every parameter with
-    small random values (for speed runs with a config-only directory). Raises ValueError naming any
-    parameter the checkpoint does not fill.
+    small random values (for speed runs with a config-only directory). ``quantization="fp8"``: then store
+    the projections' weights in e4m3 (:func:`quantize_linear_layers`, through ``backend.linear_fp8``).
+    Raises ValueError naming any parameter the checkpoint does not fill.
     """
     cls = model_class_for(model_config.architecture)
     with _default_dtype(model_config.dtype), torch.device(device):
@@ -120,4 +122,8 @@ def load_model(
                 f"checkpoint {model_config.path} does not provide parameter(s): {', '.join(missing[:8])}"
                 + (" ..." if len(missing) > 8 else "")
             )
+    if quantization == "fp8":
+        quantize_linear_layers(model, backend.linear_fp8)
+    elif quantization is not None:
+        raise ValueError(f"unknown quantization {quantization!r}")
     return model.eval()

@@ -58,7 +58,9 @@ class Worker:
         if config.seed is not None:
             torch.manual_seed(config.seed)
         with use_tp_group(self.tp_group):
-            model = load_model(model_config, self.backend, self.device, config.load_format, config.seed)
+            model = load_model(model_config, self.backend, self.device, config.load_format, config.seed,
+                               config.quantization)
+        self.backend.weights_loaded()
         self.runner = ModelRunner(model, self.backend, self.device, block_size, model_config.max_model_len)
         self.kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, model_config.dtype)
         self.num_kv_heads = kv_heads_per_rank(model_config.num_kv_heads, world_size)  # this rank's share

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
-from pagedllm.core.config import KV_CACHE_DTYPES, EngineConfig
+from pagedllm.core.config import KV_CACHE_DTYPES, QUANTIZATIONS, EngineConfig
 
 
 def add_device_arg(parser: argparse.ArgumentParser) -> None:
@@ -28,6 +28,9 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Tr
     parser.add_argument("--kv-cache-dtype", default="auto", choices=kv_choices,
                         help="the KV cache's storage dtype: auto (the model's) or one the backend claims, e.g. "
                              "fp8 (float8_e4m3fn: half the bytes of bf16, twice the tokens)")
+    parser.add_argument("--quantization", default=None, choices=list(QUANTIZATIONS),
+                        help="run the projections in fp8 where the backend claims it: e4m3 weights with "
+                             "per-row scales (quantized once loaded), inputs quantized per token")
     parser.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--block-size", type=int, default=None)

@@ -20,8 +20,8 @@ class LLM:
     """Generate completions for a batch of prompts with continuous batching.
 
     Takes the :class:`EngineConfig` fields as keyword arguments (``model``, ``device``, ``dtype``,
-    ``kv_cache_dtype``, ``block_size``, ``max_model_len``, ``max_num_seqs``, ``max_num_batched_tokens``,
-    ``kv_cache_memory_bytes``, ``seed``, ``load_format``, ``enable_prefix_caching``,
+    ``kv_cache_dtype``, ``quantization``, ``block_size``, ``max_model_len``, ``max_num_seqs``,
+    ``max_num_batched_tokens``, ``kv_cache_memory_bytes``, ``seed``, ``load_format``, ``enable_prefix_caching``,
     ``tensor_parallel_size``, ...). ``model=None`` uses the built-in demo model.
     """
 

@@ -96,6 +96,14 @@ def test_wrong_fused_op_is_caught_against_the_default() -> None:
     assert "broken_rms_norm-silu_and_mul-float32" in outcomes.ids("passed")
 
 
+def test_fp8_linear_without_input_quantization_is_caught() -> None:
+    code, outcomes = run_kit("broken_fp8_linear", "test_fused_op and linear")
+    assert code == pytest.ExitCode.TESTS_FAILED
+    assert {f"broken_fp8_linear-{op}-{dtype}" for op in ("linear_fp8", "linear_fp8_one_token")
+            for dtype in ("float32", "float16", "bfloat16")} == outcomes.ids("failed")
+    assert "broken_fp8_linear-linear-float32" in outcomes.ids("passed")
+
+
 def test_unknown_or_unavailable_device_stops_the_kit(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

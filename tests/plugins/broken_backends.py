@@ -90,7 +90,22 @@ class WrongRmsNormBackend(CpuBackend):
         return weight * (x32 * torch.rsqrt(x32.var(-1, keepdim=True, unbiased=False) + eps)).to(x.dtype)
 
 
-BROKEN: tuple[type[Backend], ...] = (OffByOneSlotBackend, WrongGqaBackend, UnwrittenRowBackend, WrongRmsNormBackend)
+class UnquantizedInputFp8Backend(CpuBackend):
+    """An fp8 linear layer that multiplies the e4m3 weights by the input as given, never quantizing it."""
+
+    name = "broken_fp8_linear"
+    interface_version = (1, 5)
+    priority = -1000
+
+    def linear_fp8(self, x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``x @ dequant(weight).T + bias``: off by the input's rounding to e4m3."""
+        return torch.nn.functional.linear(x.float(), weight.float() * weight_scale[:, None],
+                                          None if bias is None else bias.float()).to(x.dtype)
+
+
+BROKEN: tuple[type[Backend], ...] = (OffByOneSlotBackend, WrongGqaBackend, UnwrittenRowBackend, WrongRmsNormBackend,
+                                     UnquantizedInputFp8Backend)
 
 
 @hookimpl

@@ -179,6 +179,8 @@ class RowParallelLinear(nn.Module):
     fuses the all-reduce with its residual add). Same parameter names as ``nn.Linear``.
     """
 
+    quantizable = True  # see pagedllm.core.models.layers.quantize_linear_layers
+
     def __init__(
         self, in_features: int, out_features: int, bias: bool, tp: TensorParallelGroup | None = None,
         reduce_results: bool = True,

@@ -2,7 +2,9 @@
 
 Layers compute through the backend's fused-op hooks (``rms_norm``, ``rotary_embedding``, ``silu_and_mul``)
 and its paged attention, so model code never names a device. Linear layers hold a ``linear_op`` (plain
-``torch.nn.functional.linear`` until :func:`bind_linear_op` gives them the backend's ``linear``).
+``torch.nn.functional.linear`` until :func:`bind_linear_op` gives them the backend's ``linear``); those marked
+``quantizable`` (the projections, not the LM head) may have their weights stored in fp8 by
+:func:`quantize_linear_layers`.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from pagedllm.backends.fp8_linear import quantize_rows
 from pagedllm.backends.interface import AttentionMetadata, AttentionSpec, Backend
 from pagedllm.core.distributed.parallel_state import get_tp_group
 
@@ -25,6 +28,39 @@ def bind_linear_op(model: nn.Module, linear: LinearOp) -> None:
     for module in model.modules():
         if hasattr(module, "linear_op"):
             module.linear_op = linear
+
+
+Fp8LinearFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+"""``(x, weight e4m3, weight_scale [out] float32, bias | None) -> y``, as ``Backend.linear_fp8``."""
+
+
+class Fp8LinearOp:
+    """The ``linear_op`` of a layer whose weight is stored in e4m3: the backend's ``linear_fp8`` with the
+    layer's per-row weight scale; called like :data:`LinearOp` ``(x, weight, bias)``."""
+
+    def __init__(self, linear_fp8: Fp8LinearFn, weight_scale: torch.Tensor) -> None:
+        self.linear_fp8 = linear_fp8
+        self.weight_scale = weight_scale
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return self.linear_fp8(x, weight, self.weight_scale, bias)
+
+
+def quantize_linear_layers(model: nn.Module, linear_fp8: Fp8LinearFn) -> int:
+    """Store the weight of every ``quantizable`` linear layer of ``model`` in e4m3 with one float32 scale
+    per output row (``weight_scale`` buffer) and make it compute through ``linear_fp8`` (the backend's
+    ``Backend.linear_fp8``). Called by the loader once the weights are filled, for ``quantization="fp8"``;
+    each layer's original weight is freed as it goes. Returns the number of layers quantized.
+    """
+    count = 0
+    for module in model.modules():
+        if getattr(module, "quantizable", False):
+            weight, scale = quantize_rows(module.weight.data)
+            module.weight = nn.Parameter(weight, requires_grad=False)
+            module.register_buffer("weight_scale", scale)
+            module.linear_op = Fp8LinearOp(linear_fp8, scale)
+            count += 1
+    return count
 
 
 class RMSNorm(nn.Module):
@@ -100,6 +136,8 @@ class MergedLinear(nn.Module):
     ``shard_sizes`` are the output sizes of the parts, in order; ``load_shard`` copies a checkpoint tensor
     of part ``index`` into its rows. Tensor-parallel subclasses override ``load_shard``.
     """
+
+    quantizable = True  # see quantize_linear_layers
 
     def __init__(self, in_features: int, shard_sizes: Sequence[int], bias: bool) -> None:
         super().__init__()

@@ -1,0 +1,50 @@
+"""fp8 (e4m3) linear layers, the reference every backend's ``linear_fp8`` is checked against.
+
+``EngineConfig.quantization="fp8"`` (vLLM's online "fp8"): after loading, each projection's weight
+``[out, in]`` is stored as e4m3 with one float32 scale per output row (:func:`quantize_rows`), and at every
+call the input ``[num_tokens, in]`` is quantized the same way per token, so ``y = (x_q @ w_q.T) * x_scale *
+w_scale`` (:func:`reference_linear_fp8`). A scale maps a row's largest magnitude to e4m3's largest finite
+value (448); values are rounded to nearest, ties to even. Embeddings, norms and the LM head stay in the
+model dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0
+MIN_SCALE = 1e-12  # the smallest scale: an all-zero row quantizes to zeros, never 0 / 0
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize each row of ``x: [rows, cols]`` (any float dtype) to e4m3 with its own scale.
+
+    Returns ``(q [rows, cols] float8_e4m3fn, scale [rows] float32)`` with ``x ~= q * scale[:, None]``:
+    ``scale = max(amax(|row|) / 448, MIN_SCALE)``, ``q = round(clamp(row / scale, -448, 448))``, every step in
+    float32, each division correctly rounded (the same bits on any device). Called once per weight at load,
+    and per call on the input by the reference linear.
+    """
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1)
+    # a tensor divisor, not a Python number: CUDA builds of torch multiply by the reciprocal of a scalar
+    # divisor (not correctly rounded), which would give other scales on a GPU than on the CPU
+    scale = (amax / torch.full_like(amax, FP8_MAX)).clamp(min=MIN_SCALE)
+    q = (xf / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q, scale
+
+
+def reference_linear_fp8(
+    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x @ dequant(weight).T + bias`` with ``x`` quantized per token first, in float32.
+
+    ``x: [num_tokens, in]`` in the model dtype; ``weight: [out, in]`` float8_e4m3fn and ``weight_scale:
+    [out]`` float32 from :func:`quantize_rows`; ``bias: [out]`` or None. Returns ``[num_tokens, out]`` in
+    ``x.dtype``. The default of ``Backend.linear_fp8`` and the conformance kit's reference.
+    """
+    q, scale = quantize_rows(x)
+    y = (q.float() @ weight.float().t()) * scale[:, None] * weight_scale.float()[None, :]
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)

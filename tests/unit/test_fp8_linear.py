@@ -1,0 +1,82 @@
+"""The fp8 linear layer's reference (``pagedllm.backends.fp8_linear``) and how a model is quantized."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from pagedllm.backends.cpu.backend import CpuBackend
+from pagedllm.backends.fp8_linear import FP8_MAX, MIN_SCALE, quantize_rows, reference_linear_fp8
+from pagedllm.backends.interface import BackendCapabilities
+from pagedllm.core.distributed.parallel_layers import ParallelLMHead, RowParallelLinear
+from pagedllm.core.models.layers import MergedLinear, quantize_linear_layers
+
+
+def test_quantize_rows_maps_each_row_amax_to_448_and_rounds_to_nearest() -> None:
+    x = torch.randn(6, 50, dtype=torch.float64) * torch.logspace(-3, 3, 6, dtype=torch.float64)[:, None]
+    x[4] = 0.0
+    x[5, 7] = -1e6  # one outlier sets its row's scale
+    q, scale = quantize_rows(x)
+    assert q.dtype == torch.float8_e4m3fn and scale.dtype == torch.float32 and scale.shape == (6,)
+    amax = x.float().abs().amax(-1)
+    torch.testing.assert_close(scale[:4], amax[:4] / FP8_MAX, rtol=0, atol=0)
+    assert scale[4] == MIN_SCALE and torch.all(q[4].float() == 0)  # an all-zero row: zeros, no 0 / 0
+    assert q[5, 7].float() == -FP8_MAX
+    assert torch.all(q.float().abs().amax(-1)[[0, 1, 2, 3, 5]] == FP8_MAX)
+    # round to nearest: within half a step of e4m3 (3 mantissa bits) of the scaled value, never a step off
+    scaled = x.float() / scale[:, None]
+    error = (q.float() - scaled).abs()
+    step = torch.exp2(torch.floor(torch.log2(scaled.abs().clamp(min=2.0**-6))) - 3)
+    assert torch.all(error <= step / 2 + 1e-6)
+
+
+def test_reference_linear_fp8_is_the_dequantized_product() -> None:
+    torch.manual_seed(0)
+    x, w, b = torch.randn(9, 64), torch.randn(24, 64) / 8, torch.randn(24)
+    wq, ws = quantize_rows(w)
+    xq, xs = quantize_rows(x)
+    dequantized = (xq.float() * xs[:, None]) @ (wq.float() * ws[:, None]).t() + b
+    for dtype in (torch.float32, torch.bfloat16):
+        got = reference_linear_fp8(x.to(dtype), wq, ws, b.to(dtype))
+        assert got.dtype == dtype and got.shape == (9, 24)
+        if dtype == torch.float32:
+            torch.testing.assert_close(got, dequantized, rtol=1e-5, atol=1e-5)
+    # and it is a fair approximation of the unquantized layer (e4m3: ~6% per element, averaged by the sum)
+    plain = x @ w.t() + b
+    assert (reference_linear_fp8(x, wq, ws, b) - plain).abs().max() < 0.1 * plain.abs().max()
+    # the Backend default is the reference
+    torch.testing.assert_close(CpuBackend().linear_fp8(x, wq, ws, b), reference_linear_fp8(x, wq, ws, b))
+
+
+def test_quantize_linear_layers_leaves_the_lm_head_and_embeddings_alone() -> None:
+    model = nn.ModuleDict({"qkv": MergedLinear(32, [16, 8, 8], bias=True), "o": RowParallelLinear(32, 32, bias=False),
+                           "head": ParallelLMHead(100, 32), "norm": nn.LayerNorm(32)})
+    for p in model.parameters():
+        nn.init.normal_(p)
+    x = torch.randn(3, 32)
+    calls: list[tuple[int, ...]] = []
+
+    def linear_fp8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+        calls.append(tuple(weight.shape))
+        return reference_linear_fp8(x, weight, scale, bias)
+
+    head_weight = model["head"].weight.detach().clone()
+    expected = reference_linear_fp8(x, *quantize_rows(model["qkv"].weight.detach()), model["qkv"].bias.detach())
+    assert quantize_linear_layers(model, linear_fp8) == 2
+    assert model["qkv"].weight.dtype == model["o"].weight.dtype == torch.float8_e4m3fn
+    assert model["qkv"].weight_scale.shape == (32,) and "weight_scale" in dict(model["o"].named_buffers())
+    assert torch.equal(model["head"].weight, head_weight) and model["norm"].weight.dtype == torch.float32
+    torch.testing.assert_close(model["qkv"](x), expected)
+    model["o"](x)
+    assert calls == [(32, 32), (32, 32)]
+
+
+def test_capabilities_name_the_quantizations() -> None:
+    caps = BackendCapabilities(dtypes=(torch.float32,), kv_cache_dtypes=(torch.float32,), block_sizes=(16,),
+                               head_sizes=(64,), quantizations=["fp8"])
+    assert caps.quantizations == ("fp8",) and "quantization fp8" in caps.summary()
+    assert caps.as_dict()["quantizations"] == ["fp8"]
+    with pytest.raises(ValueError, match="quantizations must hold names"):
+        BackendCapabilities(dtypes=(torch.float32,), kv_cache_dtypes=(torch.float32,), block_sizes=(16,),
+                            head_sizes=(64,), quantizations=[""])
