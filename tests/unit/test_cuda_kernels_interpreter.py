@@ -38,6 +38,7 @@ KERNEL_MODULES = (
     "kv_cache_kernels",
     "fused_kernels",
     "gemv",
+    "fp8_linear",
 )
 TOLERANCE = {torch.float32: {"atol": 1e-4, "rtol": 1e-4}, torch.float16: {"atol": 3e-3, "rtol": 3e-3}}
 REFERENCE = CpuBackend()
@@ -388,6 +389,41 @@ def test_gemv_declines_what_it_does_not_take(kernels: SimpleNamespace) -> None:
     assert kernels.gemv.gemv_config(3072, 4096) == (8, 1024, 8)
 
 
+def _on_fp8_grid(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    """Inputs the per-token quantizer maps onto e4m3 exactly (each row: e4m3 values, 448 among them, times a
+    power of two), so the interpreter's fp8 cast, which does not round to nearest, cannot differ from it."""
+    from pagedllm.backends.fp8_linear import quantize_rows
+
+    grid, _ = quantize_rows(torch.randn(rows, cols))
+    grid[:, 0] = 448.0
+    return (grid.float() * 2.0 ** torch.arange(-6, rows - 6).float()[:, None]).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fp8_quantizer_and_gemv(kernels: SimpleNamespace, dtype: torch.dtype) -> None:
+    """The Triton per-token quantizer gives the reference's scales (any input) and values (inputs on the
+    e4m3 grid); the fp8 GEMV, which quantizes its input itself, computes the reference fp8 linear layer."""
+    from pagedllm.backends.fp8_linear import quantize_rows, reference_linear_fp8
+
+    x = torch.randn(5, 300).to(dtype) * 7
+    x[2] = 0  # an all-zero row: the smallest scale, zeros
+    got_q, got_scale = kernels.fp8_linear.quantize_rows(x)
+    want_q, want_scale = quantize_rows(x)
+    assert torch.equal(got_scale, want_scale) and got_q.dtype == want_q.dtype == torch.float8_e4m3fn
+    on_grid = _on_fp8_grid(5, 300, dtype)
+    got_q, _ = kernels.fp8_linear.quantize_rows(on_grid)
+    assert torch.equal(got_q.view(torch.uint8), quantize_rows(on_grid)[0].view(torch.uint8))
+    weight, weight_scale = quantize_rows(torch.randn(70, 256) / 16)
+    for bias in (None, torch.randn(70).to(dtype)):
+        x1 = _on_fp8_grid(1, 256, dtype)
+        got = kernels.gemv.gemv_fp8(x1, weight, weight_scale, bias, config=(16, 64, 4))
+        assert got is not None and got.shape == (1, 70) and got.dtype == dtype
+        torch.testing.assert_close(got.float(), reference_linear_fp8(x1, weight, weight_scale, bias).float(),
+                                   **TOLERANCE[dtype])
+    assert kernels.gemv.gemv_fp8(torch.randn(2, 256), weight, weight_scale) is None  # two rows: a GEMM's job
+    assert kernels.gemv.gemv_fp8(torch.randn(1, 256), weight.float(), weight_scale) is None  # not e4m3
+
+
 # --------------------------------------------------------------------------- backend identity
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the reason given on a machine without CUDA")
 def test_is_available_says_why_not() -> None:
@@ -448,6 +484,7 @@ def test_kernels_compile_for_sm90() -> None:
     from pagedllm.backends.cuda import (
         allreduce_norm,
         decode_attention,
+        fp8_linear,
         fused_kernels,
         gemv,
         kv_cache_kernels,
@@ -512,6 +549,16 @@ def test_kernels_compile_for_sm90() -> None:
     _compile_sm90(fused_kernels._silu_and_mul_kernel, fused, {"BLOCK": 1024}, enable_fp_fusion=False)
     _compile_sm90(gemv._gemv_kernel, {"y_ptr": "*bf16", "x_ptr": "*bf16", "w_ptr": "*bf16", "bias_ptr": "*bf16"},
                   {"HAS_BIAS": True, "BLOCK_N": 16, "BLOCK_K": 256}, num_warps=4)  # fmt: skip
+    # fp8 linear layers: the one-token GEMV over e4m3 weights, the per-token quantizer of the GEMM path
+    _compile_sm90(
+        gemv._gemv_fp8_kernel, {"y_ptr": "*bf16", "x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "w_scale_ptr": "*fp32",
+                                "bias_ptr": "*bf16"},
+        {"FP8_MAX": 448.0, "MIN_SCALE": 1e-12, "HAS_BIAS": False, "BLOCK_N": 16, "BLOCK_K": 256}, num_warps=4,
+    )  # fmt: skip
+    _compile_sm90(
+        fp8_linear._quantize_rows_kernel, {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "scale_ptr": "*fp32"},
+        {"FP8_MAX_C": 448.0, "MIN_SCALE_C": 1e-12, "BLOCK": 16384}, num_warps=16,
+    )  # fmt: skip
     # the tensor-parallel all-reduce + RMSNorm: peer pointers from int64, polling volatile loads
     for bits, dtype in ((16, "*bf16"), (32, "*fp32")):
         typed = {n: dtype for n in ("out_ptr", "x_ptr", "residual_ptr", "weight_ptr")}

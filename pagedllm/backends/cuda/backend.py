@@ -38,7 +38,7 @@ class CudaBackend(Backend):
     name = "cuda"
     device_type = "cuda"
     dist_backend = "nccl"
-    interface_version = (1, 4)  # create_communicator; linear, all_reduce_add_rms_norm; scheduler defaults
+    interface_version = (1, 5)  # create_communicator; linear, all_reduce_add_rms_norm; scheduler defaults; fp8 linear
     priority = 10  # below rocm: torch.cuda also answers on a ROCm build
 
     def __init__(self) -> None:
@@ -72,8 +72,9 @@ class CudaBackend(Backend):
         return True, ""
 
     def capabilities(self) -> BackendCapabilities:
-        """fp16/bf16/fp32 (bf16 from compute capability 8.0), the KV cache also in fp8 e4m3 (from compute
-        capability 8.9: vLLM's ``--kv-cache-dtype fp8``), KV blocks of 16/32/64, heads up to 256.
+        """fp16/bf16/fp32 (bf16 from compute capability 8.0), the KV cache also in fp8 e4m3 and fp8 linear
+        layers (from compute capability 8.9: vLLM's ``--kv-cache-dtype fp8`` and ``--quantization fp8``), KV
+        blocks of 16/32/64, heads up to 256.
 
         Scheduler defaults as vLLM's for offline runs: on GPUs of at least 70 GiB (H100, H200) up to 1024
         running requests and 16384 tokens a step (decode steps of hundreds of requests keep the matrix units
@@ -81,14 +82,15 @@ class CudaBackend(Backend):
         """
         dtypes: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32)
         kv_only: tuple[torch.dtype, ...] = (torch.float8_e4m3fn,)
+        quantizations: tuple[str, ...] = ("fp8",)
         large = False
         try:
             if torch.cuda.is_available():
                 capability = torch.cuda.get_device_capability()
                 if capability[0] < 8:
                     dtypes = (torch.float16, torch.float32)
-                if capability < (8, 9):  # Triton's e4m3 ("fp8e4nv") conversions need Ada or Hopper
-                    kv_only = ()
+                if capability < (8, 9):  # e4m3 conversions (Triton's "fp8e4nv") and products need Ada or Hopper
+                    kv_only, quantizations = (), ()
                 large = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory >= LARGE_GPU_BYTES
         except Exception:  # capabilities are also listed on machines without a GPU
             pass
@@ -103,13 +105,21 @@ class CudaBackend(Backend):
             runs_asynchronously=True,
             default_max_num_seqs=1024 if large else 256,
             default_max_num_batched_tokens=16384 if large else 8192,
+            quantizations=quantizations,
         )
 
     # ------------------------------------------------------------------ device life
     def init_device(self, rank: int, world_size: int) -> None:
         """Make the local GPU of ``rank`` the current device and restart its peak-memory count (the KV
-        budget subtracts the peak reached from here on: weights and the profiling forward)."""
+        budget subtracts the peak reached from here on, restarted by :meth:`weights_loaded`: the stored weights
+        and the profiling forward)."""
         torch.cuda.set_device(self.device(rank))
+        torch.cuda.reset_peak_memory_stats()
+
+    def weights_loaded(self) -> None:
+        """Restart the peak-memory count: with ``quantization="fp8"`` the model-dtype weights loaded first
+        are freed, and the KV budget should subtract only the stored weights and the profiling forward."""
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
 
     def device(self, rank: int = 0) -> torch.device:
@@ -125,7 +135,7 @@ class CudaBackend(Backend):
         """Bytes the KV pool may take: ``total * memory_utilization`` minus what the process needs besides it.
 
         Called right after the profiling forward at the token budget. Subtracted: torch's peak allocation
-        since :meth:`init_device` (weights plus that forward's activations, so the peak of any later step
+        since :meth:`weights_loaded` (the stored weights plus that forward's activations, so the peak of any later step
         fits) and the memory outside torch's pool (CUDA context, cuBLAS workspaces, other processes: used
         minus reserved). Capped by what can be allocated right now (free plus torch's cached, unused
         blocks), less a small margin. Cached activation blocks are released first so the pool can use them.
@@ -240,6 +250,22 @@ class CudaBackend(Backend):
             if y is not None:
                 return y
         return torch.nn.functional.linear(x, weight, bias)
+
+    def linear_fp8(
+        self, x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """One-token inputs through a Triton fp8 GEMV (the input quantized inside it); more tokens through the
+        Triton per-token quantizer and cuBLAS's e4m3 product (``torch._scaled_mm``, row-wise scales), which
+        needs both dimensions of ``weight`` to be multiples of 16 (the reference otherwise)."""
+        from pagedllm.backends.cuda.fp8_linear import linear_fp8
+
+        if x.shape[0] == 1 and x.dim() == 2:
+            from pagedllm.backends.cuda.gemv import gemv_fp8
+
+            y = gemv_fp8(x, weight, weight_scale, bias)
+            if y is not None:
+                return y
+        return linear_fp8(x, weight, weight_scale, bias)
 
     # ------------------------------------------------------------------ step capture
     def capture_graph(self, fn: Callable[[], None]) -> Callable[[], None]:

@@ -85,3 +85,68 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
     )  # fmt: skip
     return y
+
+
+@triton.jit
+def _gemv_fp8_kernel(
+    y_ptr,
+    x_ptr,
+    w_ptr,
+    w_scale_ptr,
+    bias_ptr,
+    N,
+    K,
+    stride_w,
+    FP8_MAX: tl.constexpr,
+    MIN_SCALE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    cols = tl.arange(0, BLOCK_K)
+    amax = tl.zeros([BLOCK_K], dtype=tl.float32)  # every program scales x itself: one read of x from L2
+    for k in range(0, K, BLOCK_K):
+        amax = tl.maximum(amax, tl.abs(tl.load(x_ptr + k + cols).to(tl.float32)))
+    x_scale = tl.maximum(tl.div_rn(tl.max(amax, 0), FP8_MAX), MIN_SCALE)
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_w
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):  # K is a multiple of BLOCK_K
+        w = tl.load(w_rows + (k + cols)[None, :], mask=row_mask[:, None], other=0.0, eviction_policy="evict_first")
+        x = tl.clamp(tl.div_rn(tl.load(x_ptr + k + cols).to(tl.float32), x_scale), -FP8_MAX, FP8_MAX)
+        acc += w.to(tl.float32) * x.to(w_ptr.dtype.element_ty).to(tl.float32)[None, :]
+    y = tl.sum(acc, 1) * x_scale * tl.load(w_scale_ptr + rows, mask=row_mask, other=0.0)
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_mask)
+
+
+def gemv_fp8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None,
+             config: tuple[int, int, int] | None = None) -> torch.Tensor | None:
+    """The fp8 linear layer of ``pagedllm.backends.fp8_linear`` for one row, or None when the kernel does not
+    take these inputs: ``x: [1, K]`` is quantized per token inside each program (the reference's rounding),
+    each ``[BLOCK_N, BLOCK_K]`` tile of the e4m3 ``weight: [N, K]`` (unit stride along K) is widened to
+    float32 and accumulated, and the sums are scaled by both scales (``weight_scale: [N]`` float32). ``bias``:
+    ``[N]`` in ``x``'s dtype or None. ``config`` overrides :func:`gemv_config`. Returns ``[1, N]`` in ``x``'s
+    dtype.
+    """
+    from pagedllm.backends.fp8_linear import FP8_DTYPE, FP8_MAX, MIN_SCALE
+
+    n, k = weight.shape
+    if x.shape != (1, k) or weight.stride(1) != 1 or weight.dtype != FP8_DTYPE or weight_scale.shape != (n,):
+        return None
+    if bias is not None and (bias.dtype != x.dtype or bias.shape != (n,)):
+        return None
+    config = config or gemv_config(n, k)
+    if config is None or k % config[1]:
+        return None
+    block_n, block_k, warps = config
+    x = x.contiguous()
+    y = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    _gemv_fp8_kernel[(triton.cdiv(n, block_n),)](
+        y, x, weight, weight_scale, bias.contiguous() if bias is not None else weight_scale, n, k, weight.stride(0),
+        FP8_MAX=FP8_MAX, MIN_SCALE=MIN_SCALE, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=warps,
+    )  # fmt: skip
+    return y

@@ -1,0 +1,136 @@
+"""What fp8 linear layers (``quantization="fp8"``) give on this GPU against bf16, layer by layer and per step.
+
+1. Checks: the Triton per-token quantizer against the PyTorch reference (bit for bit), and
+   ``torch._scaled_mm`` with row-wise scales against the float32 reference product, for several token counts
+   and output dtypes (an unsupported combination is recorded, not fatal).
+2. A step's projections back to back (qkv, o, gate_up, down of a Llama-3-8B-shaped model, 32 layers, two
+   layers' weights alternating) at ``--step-tokens`` rows: bf16 ``F.linear`` against fp8 (quantizer +
+   ``_scaled_mm``) and against the fp8 products alone (inputs quantized beforehand), in ms and TFLOP/s.
+3. One token (batch-1 decode): per projection and the LM head, our bf16 GEMV, cuBLAS bf16 and fp8.
+
+Writes ``fp8_gemm_probe.json`` under ``--out``. Example::
+
+    PYTHONPATH=. python benchmarks/fp8_gemm_probe.py --out /tmp/fp8
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from device_timing import device_time_us, write_results
+
+from pagedllm.backends.cuda.fp8_linear import linear_fp8, quantize_rows
+from pagedllm.backends.cuda.gemv import gemv
+from pagedllm.backends.fp8_linear import quantize_rows as reference_quantize_rows
+from pagedllm.backends.fp8_linear import reference_linear_fp8
+
+SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+LM_HEAD = (128256, 4096)
+
+
+def checks() -> list[dict]:
+    """Quantizer bit-exactness and product errors (relative to the reference's largest magnitude)."""
+    rows = []
+    for m, k in ((16384, 14336), (1000, 4096), (7, 4096)):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        x[0, 3] = 3e4
+        x[-1] = 0
+        q, s = quantize_rows(x)
+        rq, rs = reference_quantize_rows(x)
+        rows.append({"check": "quantize", "M": m, "K": k, "scale_equal": bool(torch.equal(s, rs)),
+                     "q_bytes_differ": int((q.view(torch.uint8) != rq.view(torch.uint8)).sum())})
+    n, k = SHAPES["qkv"]
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
+    wq, ws = reference_quantize_rows(w)
+    for m in (1, 7, 16, 1000):
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            x = torch.randn(m, k, device="cuda", dtype=dtype)
+            ref = reference_linear_fp8(x, wq, ws).float()
+            row = {"check": "linear_fp8", "M": m, "dtype": str(dtype)}
+            try:
+                y = linear_fp8(x, wq, ws)
+                row["max_rel_err"] = float((y.float() - ref).abs().max() / ref.abs().max())
+                row["out_dtype"] = str(y.dtype)
+            except Exception as exc:  # recorded: which shapes/dtypes _scaled_mm refuses here
+                row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            for fast in (False, True):
+                xq, xs = quantize_rows(x.to(torch.bfloat16))
+                try:
+                    y = torch._scaled_mm(xq, wq.t(), scale_a=xs[:, None], scale_b=ws[None, :],
+                                         out_dtype=dtype if dtype != torch.float32 else torch.float32,
+                                         use_fast_accum=fast)
+                    row[f"direct_out_{dtype}_fast{fast}"] = "ok"
+                except Exception as exc:
+                    row[f"direct_out_{dtype}_fast{fast}"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+            print(row, flush=True)
+            rows.append(row)
+    return rows
+
+
+def step_ms(tokens: int, mode: str, fast_accum: bool = False, layers: int = 32) -> float:
+    """Milliseconds of a step's 4 x ``layers`` projections at ``tokens`` rows: ``bf16`` (``F.linear``), ``fp8``
+    (quantize the input, then ``_scaled_mm``) or ``fp8_gemm`` (the products alone)."""
+    shapes = list(SHAPES.values())
+    weights = [[torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for n, k in shapes] for _ in range(2)]
+    inputs = [torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16) for _, k in shapes]
+    if mode == "bf16":
+        def run(layer: int) -> None:
+            for x, w in zip(inputs, weights[layer % 2], strict=True):
+                torch.nn.functional.linear(x, w)
+    else:
+        qweights = [[reference_quantize_rows(w) for w in ws] for ws in weights]
+        qinputs = [quantize_rows(x) for x in inputs]
+
+        def run(layer: int) -> None:
+            for x, xqs, (wq, ws) in zip(inputs, qinputs, qweights[layer % 2], strict=True):
+                xq, xs = quantize_rows(x) if mode == "fp8" else xqs
+                torch._scaled_mm(xq, wq.t(), scale_a=xs[:, None], scale_b=ws[None, :], out_dtype=torch.bfloat16,
+                                 use_fast_accum=fast_accum)
+    return device_time_us(run, iters=layers, runs=3, warmup=4) * layers / 1e3
+
+
+def one_token() -> list[dict]:
+    """Per-call microseconds at one token: bf16 GEMV (ours), cuBLAS bf16, fp8 (quantizer + ``_scaled_mm``)."""
+    rows = []
+    for name, (n, k) in {**SHAPES, "lm_head": LM_HEAD}.items():
+        ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for _ in range(4)]
+        qs = [reference_quantize_rows(w) for w in ws]
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        row = {"one_token": name, "N": n, "K": k,
+               "gemv_bf16_us": device_time_us(lambda i, x=x, ws=ws: gemv(x, ws[i % 4], None), warmup=4),
+               "cublas_bf16_us": device_time_us(lambda i, x=x, ws=ws: torch.nn.functional.linear(x, ws[i % 4]),
+                                                warmup=4)}
+        try:
+            row["fp8_us"] = device_time_us(lambda i, x=x, qs=qs: linear_fp8(x, *qs[i % 4]), warmup=4)
+        except Exception as exc:
+            row["fp8_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        row = {key: round(v, 2) if isinstance(v, float) else v for key, v in row.items()}
+        print(row, flush=True)
+        rows.append(row)
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--step-tokens", default="16384,8192,1000,256")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    results = checks()
+    for m in (int(t) for t in args.step_tokens.split(",") if t):
+        flop = 32 * sum(2 * m * n * k for n, k in SHAPES.values())
+        for mode, fast in (("bf16", False), ("fp8", False), ("fp8_gemm", False), ("fp8", True), ("fp8_gemm", True)):
+            ms = step_ms(m, mode, fast)
+            torch.cuda.empty_cache()
+            row = {"step_tokens": m, "mode": mode, "fast_accum": fast, "ms": round(ms, 2),
+                   "TFLOPs": round(flop / ms / 1e9, 1)}
+            print(row, flush=True)
+            results.append(row)
+    results += one_token()
+    write_results(args.out, "fp8_gemm_probe.json", results)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
