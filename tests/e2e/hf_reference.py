@@ -70,3 +70,30 @@ def hf_greedy(
                     tops.append(dict(zip(lp.indices.tolist(), lp.values.tolist(), strict=True)))
             results.append((tokens, tops))
     return results
+
+
+
+def assert_greedy_matches_rounded_reference(llm: object, model_dir: Path, max_tokens: int, **rounding: object) -> None:
+    """Generate ``mixed_prompts`` (chunked, sharing prefixes) with ``llm`` and check, against
+    :func:`hf_greedy` with ``rounding`` (``kv_dtype=...`` or ``fp8_linear=True``: transformers rounding as
+    pagedllm does): the same tokens; top logprobs within 1e-4 of that reference's and more than 5e-3 from the
+    unrounded model's (the rounding is real and measured); prefix-cache hits; every KV block back in the pool."""
+    from pagedllm import SamplingParams
+    from tests.conftest import assert_pool_free
+    from tests.e2e.test_hf_parity import mixed_prompts
+
+    prompts = mixed_prompts(llm.get_tokenizer())
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, min_tokens=max_tokens, logprobs=5)
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    expected = hf_greedy(model_dir, prompts, max_tokens, top_logprobs=5, **rounding)
+    plain = hf_greedy(model_dir, prompts, max_tokens, top_logprobs=5)
+    gap_to_rounded, gap_to_plain = 0.0, 0.0
+    for prompt, out, (ref, ref_tops), (_, plain_tops) in zip(prompts, outputs, expected, plain, strict=True):
+        assert out.outputs[0].token_ids == ref, f"prompt of {len(prompt)} tokens diverged"
+        for ours, theirs, unrounded in zip(out.outputs[0].logprobs, ref_tops, plain_tops, strict=True):
+            token = max(theirs, key=theirs.get)
+            gap_to_rounded = max(gap_to_rounded, abs(ours[token].logprob - theirs[token]))
+            gap_to_plain = max(gap_to_plain, abs(ours[token].logprob - unrounded.get(token, -float("inf"))))
+    assert gap_to_rounded < 1e-4 and gap_to_plain > 5e-3, (gap_to_rounded, gap_to_plain)
+    assert llm.llm_engine.stats().prefix_cache_hit_tokens > 0
+    assert_pool_free(llm)

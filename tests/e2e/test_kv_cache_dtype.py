@@ -9,13 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pagedllm import LLM, SamplingParams
+from pagedllm import LLM
 from pagedllm.backends.cpu.backend import CpuBackend
 from pagedllm.core.config import EngineConfig, resolve_kv_cache_dtype
 from pagedllm.entrypoints.engine_args import add_engine_args, engine_config_from_args
-from tests.conftest import assert_pool_free
-from tests.e2e.hf_reference import hf_greedy
-from tests.e2e.test_hf_parity import mixed_prompts
+from tests.e2e.hf_reference import assert_greedy_matches_rounded_reference
 
 MAX_TOKENS = 10
 
@@ -48,23 +46,8 @@ def test_greedy_equals_transformers_attending_over_rounded_kv(checkpoint_factory
                                                         torch.float32)
     assert engine.executor.bytes_per_block() * 4 == fp32_bytes
     assert engine.block_manager.pool.num_blocks == budget // (fp32_bytes // 4)
-    prompts = mixed_prompts(llm.get_tokenizer())
-    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, min_tokens=MAX_TOKENS, logprobs=5)
-    outputs = llm.generate(prompts, params, use_tqdm=False)
     kv_dtype = resolve_kv_cache_dtype(kv_cache_dtype, torch.float32)
-    expected = hf_greedy(model_dir, prompts, MAX_TOKENS, top_logprobs=5, kv_dtype=kv_dtype)
-    plain = hf_greedy(model_dir, prompts, MAX_TOKENS, top_logprobs=5)
-    gap_to_rounded, gap_to_plain = 0.0, 0.0
-    for prompt, out, (ref, ref_tops), (_, plain_tops) in zip(prompts, outputs, expected, plain, strict=True):
-        assert out.outputs[0].token_ids == ref, f"prompt of {len(prompt)} tokens diverged"
-        for ours, theirs, unrounded in zip(out.outputs[0].logprobs, ref_tops, plain_tops, strict=True):
-            token = max(theirs, key=theirs.get)
-            gap_to_rounded = max(gap_to_rounded, abs(ours[token].logprob - theirs[token]))
-            gap_to_plain = max(gap_to_plain, abs(ours[token].logprob - unrounded.get(token, -float("inf"))))
-    # the logprobs are the rounded reference's, and the rounding moves them measurably
-    assert gap_to_rounded < 1e-4 and gap_to_plain > 5e-3, (gap_to_rounded, gap_to_plain)
-    assert llm.llm_engine.stats().prefix_cache_hit_tokens > 0
-    assert_pool_free(llm)
+    assert_greedy_matches_rounded_reference(llm, model_dir, MAX_TOKENS, kv_dtype=kv_dtype)
 
 
 def test_a_format_the_backend_does_not_claim_is_refused(llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -60,6 +60,20 @@ def gemv_config(n: int, k: int) -> tuple[int, int, int] | None:
     return block_n, block_k, 4 if block_n * block_k <= 4096 else 8
 
 
+def _accepted_config(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, weight_dtype: torch.dtype,
+                     config: tuple[int, int, int] | None) -> tuple[int, int, int] | None:
+    """The tiles (``config`` or :func:`gemv_config`'s) for ``x @ weight.T`` over one row, or None when the
+    kernels do not take the inputs: ``x: [1, K]``, ``weight: [N, K]`` of ``weight_dtype`` with unit stride
+    along K, ``bias: [N]`` in ``x``'s dtype or None, K a multiple of the tiles' ``BLOCK_K``."""
+    n, k = weight.shape
+    if x.shape != (1, k) or weight.stride(1) != 1 or weight.dtype != weight_dtype:
+        return None
+    if bias is not None and (bias.dtype != x.dtype or bias.shape != (n,)):
+        return None
+    config = config or gemv_config(n, k)
+    return None if config is None or k % config[1] else config
+
+
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
          config: tuple[int, int, int] | None = None) -> torch.Tensor | None:
     """``x @ weight.T + bias`` for one row, or None when the kernel does not take these inputs.
@@ -68,15 +82,11 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     floating dtype for all. ``config`` overrides :func:`gemv_config` (benchmarks sweep it). Returns ``[1, N]``
     in ``x``'s dtype.
     """
-    n, k = weight.shape
-    if x.shape != (1, k) or weight.stride(1) != 1 or weight.dtype != x.dtype:
-        return None
-    if bias is not None and (bias.dtype != x.dtype or bias.shape != (n,)):
-        return None
-    config = config or gemv_config(n, k)
-    if config is None or k % config[1]:
+    config = _accepted_config(x, weight, bias, x.dtype, config)
+    if config is None:
         return None
     block_n, block_k, warps = config
+    n, k = weight.shape
     x = x.contiguous()
     bias = bias.contiguous() if bias is not None else None
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
@@ -133,13 +143,9 @@ def gemv_fp8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, 
     """
     from pagedllm.backends.fp8_linear import FP8_DTYPE, FP8_MAX, MIN_SCALE
 
+    config = _accepted_config(x, weight, bias, FP8_DTYPE, config)
     n, k = weight.shape
-    if x.shape != (1, k) or weight.stride(1) != 1 or weight.dtype != FP8_DTYPE or weight_scale.shape != (n,):
-        return None
-    if bias is not None and (bias.dtype != x.dtype or bias.shape != (n,)):
-        return None
-    config = config or gemv_config(n, k)
-    if config is None or k % config[1]:
+    if config is None or weight_scale.shape != (n,):
         return None
     block_n, block_k, warps = config
     x = x.contiguous()
