@@ -5,7 +5,7 @@
 #   conformance  the conformance kit on --device cuda
 #   profile      benchmarks/cuda_step_profile.py on the Llama-3-8B-shaped config
 #   tprof        benchmarks/tput_step_profile.py: the throughput workload step by step, windows under the profiler
-#                (TPROF_WINDOWS: their first steps, default 10,100)
+#                (TPROF_WINDOWS: their first steps, default 10,100; TPROF_EXTRA: more options, e.g. --quantization fp8)
 #   tput         bench throughput, 1000 x 512/128, pagedllm and hf
 #   tput-pg      the same, pagedllm only
 #   tests-engine only the engine tests of tests/gpu (greedy parity with the cpu backend, bf16, KV budget)
@@ -63,7 +63,7 @@ torch.cuda.get_device_name())"; } > "$LOGS/env.txt" 2>&1
             --out "$LOGS/prof" ;;
         tprof) TAIL=60 stage tprof "${TPROF_LIMIT:-200}" python benchmarks/tput_step_profile.py --model $MODEL \
             ${MAX_NUM_SEQS:+--max-num-seqs $MAX_NUM_SEQS} ${MNBT:+--max-num-batched-tokens $MNBT} \
-            --window-start "${TPROF_WINDOWS:-10,100}" --out "$LOGS/tprof" ;;
+            --window-start "${TPROF_WINDOWS:-10,100}" ${TPROF_EXTRA:-} --out "$LOGS/tprof" ;;
         tput) stage tput "${TPUT_LIMIT:-300}" $BENCH throughput $COMMON \
             --backend pagedllm,hf --output-json "$LOGS/tput.json" ;;
         tput-pg) stage tput_pg "${TPUT_LIMIT:-150}" $BENCH throughput $COMMON \

@@ -33,6 +33,7 @@ KERNEL_CLASSES = (  # first match wins; matched against the lower-cased kernel n
     ("norm", ("rms_norm",)),
     ("silu_and_mul", ("silu",)),
     ("rotary", ("rotary",)),
+    ("fp8 quantize", ("quantize_rows",)),
     ("kv write", ("kv_cache", "write_kv")),
     ("gemv", ("gemv",)),
     ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "sm90", "splitk")),
@@ -119,6 +120,8 @@ def main() -> int:
     parser.add_argument("--max-num-batched-tokens", type=int, default=None, help="default: the backend's")
     parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--quantization", default=None, choices=["fp8"])
+    parser.add_argument("--kv-cache-dtype", default="auto")
     parser.add_argument("--window-start", default="10,100",
                         help="first profiled step of each window, comma-separated (the default: a prefill-heavy "
                              "and a pure-decode window under the cuda backend's limits on an H200)")
@@ -135,7 +138,8 @@ def main() -> int:
     llm = LLM.from_config(EngineConfig(
         model=args.model, device=args.device, load_format="dummy", max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
-        async_scheduling=args.async_scheduling))  # fmt: skip
+        async_scheduling=args.async_scheduling, quantization=args.quantization,
+        kv_cache_dtype=args.kv_cache_dtype))  # fmt: skip
     engine = llm.llm_engine
     backend = engine.backend_cls()
     vocab = engine.model_config.vocab_size
