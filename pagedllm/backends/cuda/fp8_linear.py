@@ -1,10 +1,10 @@
 """fp8 linear layers on ``cuda``: a Triton kernel quantizes the input per token, cuBLAS multiplies in e4m3.
 
 The quantization is :func:`pagedllm.backends.fp8_linear.quantize_rows` bit for bit (correctly rounded
-divisions, round to nearest even); the product is ``torch._scaled_mm`` with row-wise scales (per token and per
-output row), which needs compute capability 8.9 (Ada, Hopper) or above. On an H200 the projections of a
-16384-token step of a Llama-3-8B-shaped model take 207 ms this way against 331 ms in bf16
-(``benchmarks/fp8_gemm_probe.py``; 11 ms of the 207 are the quantizer).
+divisions and products, round to nearest even); the product is ``torch._scaled_mm`` with row-wise scales
+(per token and per output row), which needs compute capability 8.9 (Ada, Hopper) or above. On an H200 the
+projections of a 16384-token step of a Llama-3-8B-shaped model take 202.5 ms this way against 333.7 ms in
+bf16 (``benchmarks/fp8_gemm_probe.py``; ~5 ms of the 202.5 are the quantizer).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, n_cols, x_row_stride, FP8_MAX
     mask = cols < n_cols
     x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
     scale = tl.maximum(tl.div_rn(tl.max(tl.abs(x), axis=0), FP8_MAX_C), MIN_SCALE_C)
-    q = tl.clamp(tl.div_rn(x, scale), -FP8_MAX_C, FP8_MAX_C)
+    q = tl.clamp(x * tl.div_rn(1.0, scale), -FP8_MAX_C, FP8_MAX_C)
     tl.store(q_ptr + row * n_cols + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(scale_ptr + row, scale)
 

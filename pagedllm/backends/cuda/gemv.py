@@ -118,13 +118,14 @@ def _gemv_fp8_kernel(
     for k in range(0, K, BLOCK_K):
         amax = tl.maximum(amax, tl.abs(tl.load(x_ptr + k + cols).to(tl.float32)))
     x_scale = tl.maximum(tl.div_rn(tl.max(amax, 0), FP8_MAX), MIN_SCALE)
+    x_inverse = tl.div_rn(1.0, x_scale)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_w
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     for k in range(0, K, BLOCK_K):  # K is a multiple of BLOCK_K
         w = tl.load(w_rows + (k + cols)[None, :], mask=row_mask[:, None], other=0.0, eviction_policy="evict_first")
-        x = tl.clamp(tl.div_rn(tl.load(x_ptr + k + cols).to(tl.float32), x_scale), -FP8_MAX, FP8_MAX)
+        x = tl.clamp(tl.load(x_ptr + k + cols).to(tl.float32) * x_inverse, -FP8_MAX, FP8_MAX)
         acc += w.to(tl.float32) * x.to(w_ptr.dtype.element_ty).to(tl.float32)[None, :]
     y = tl.sum(acc, 1) * x_scale * tl.load(w_scale_ptr + rows, mask=row_mask, other=0.0)
     if HAS_BIAS:
