@@ -123,11 +123,19 @@ def _timed_run(model: torch.nn.Module, requests: list[BenchRequest], device: tor
     return time.perf_counter() - start
 
 
-def weight_bytes(model_dir: str | Path, dtype: torch.dtype) -> int:
-    """Bytes of the model's parameters in ``dtype`` (from its config, without loading it)."""
+def weight_bytes(model_dir: str | Path, dtype: torch.dtype, quantization: str | None = None) -> int:
+    """Bytes of the model's parameters in ``dtype`` (from its config, without loading it); with
+    ``quantization="fp8"``, as pagedllm stores them: the projections (every ``nn.Linear`` but the LM head) at
+    one byte per weight plus a float32 scale per output row, the rest in ``dtype``."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(str(model_dir))
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    return sum(p.numel() for p in model.parameters()) * torch.empty(0, dtype=dtype).element_size()
+    size = torch.empty(0, dtype=dtype).element_size()
+    total = sum(p.numel() for p in model.parameters()) * size
+    if quantization == "fp8":
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head"):
+                total -= module.weight.numel() * (size - 1) - 4 * module.weight.shape[0]
+    return total

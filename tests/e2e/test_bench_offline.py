@@ -43,6 +43,20 @@ def test_latency_runs_both_engines_against_the_weight_read_floor(tmp_path: Path)
     assert any(line.startswith("pagedllm engine: ") and "async_scheduling=off" in line for line in result["lines"])
 
 
+@pytest.mark.timeout(300)
+def test_latency_with_fp8_layers_reports_the_floor_of_the_stored_weights(tmp_path: Path) -> None:
+    out = tmp_path / "latency.json"
+    rc = main(["bench", "latency", "--device", "cpu", "--dtype", "bfloat16", "--quantization", "fp8", "--batch-size",
+               "1", "--input-len", "8", "--output-len", "4", "--num-iters", "1", "--backend", "pagedllm",
+               "--output-json", str(out)])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    extra = result["results"][0]["extra"]
+    # fewer bytes to read (the projections at one byte), so the same time is further from its floor
+    assert float(extra["x_floor_stored"]) > float(extra["x_floor"]) > 0
+    assert any("quantization=fp8" in line and "GB" in line for line in result["lines"])
+
+
 def test_hf_sample_is_seeded_ordered_and_validated() -> None:
     requests = [BenchRequest([i], 1) for i in range(10)]
     assert hf_sample(requests, None, 0) is requests and hf_sample(requests, 10, 0) is requests
