@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from torch import nn
 from pagedllm.backends.interface import Backend
 from pagedllm.core.config import ModelConfig
 from pagedllm.core.models.layers import bind_linear_op, quantize_linear_layers
+
+logger = logging.getLogger(__name__)
 
 
 def model_class_for(architecture: str) -> type[nn.Module]:
@@ -123,7 +126,19 @@ def load_model(
                 + (" ..." if len(missing) > 8 else "")
             )
     if quantization == "fp8":
-        quantize_linear_layers(model, backend.linear_fp8)
+        before = _parameter_bytes(model)
+        count = quantize_linear_layers(model, backend.linear_fp8)
+        if count == 0:
+            raise ValueError(f"quantization='fp8': {model_config.architecture} has no linear layer marked "
+                             "quantizable (see pagedllm.core.models.layers.quantize_linear_layers)")
+        logger.info("fp8: %d linear layers stored in e4m3 with per-row scales; weights %.1f MiB -> %.1f MiB",
+                    count, before / 2**20, _parameter_bytes(model) / 2**20)
     elif quantization is not None:
         raise ValueError(f"unknown quantization {quantization!r}")
     return model.eval()
+
+
+def _parameter_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and buffers (scales included), shared tensors counted once."""
+    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())

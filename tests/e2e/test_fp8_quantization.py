@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -45,6 +46,26 @@ def test_greedy_equals_transformers_with_fp8_projections(checkpoint_factory, arc
     assert stored["model.embed_tokens.weight"] == torch.float32
     assert all(dtype == torch.float32 for name, dtype in stored.items() if "lm_head" in name or "norm" in name)
     assert_greedy_matches_rounded_reference(llm, model_dir, MAX_TOKENS, fp8_linear=True)
+
+
+def test_loading_logs_what_fp8_stores(llama_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("INFO", logger="pagedllm.core.loader"):
+        LLM(str(llama_dir), device="cpu", quantization="fp8", num_kv_blocks=16)
+    messages = [r.getMessage() for r in caplog.records if r.getMessage().startswith("fp8: ")]
+    assert len(messages) == 1 and "fp8: 8 linear layers stored in e4m3" in messages[0], caplog.text  # 2 layers x 4
+    before, after = (float(v) for v in re.findall(r"([0-9.]+) MiB", messages[0]))
+    assert after < before
+
+
+def test_a_model_without_quantizable_layers_is_refused(llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plugin's model whose linear layers are not marked ``quantizable`` cannot silently run unquantized."""
+    from pagedllm.core.distributed.parallel_layers import RowParallelLinear
+    from pagedllm.core.models.layers import MergedLinear
+
+    monkeypatch.setattr(MergedLinear, "quantizable", False)
+    monkeypatch.setattr(RowParallelLinear, "quantizable", False)
+    with pytest.raises(ValueError, match="LlamaForCausalLM has no linear layer marked quantizable"):
+        LLM(str(llama_dir), device="cpu", quantization="fp8", num_kv_blocks=16)
 
 
 def test_a_quantization_the_backend_does_not_claim_is_refused(llama_dir: Path,
