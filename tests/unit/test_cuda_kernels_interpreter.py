@@ -444,6 +444,22 @@ def test_identity_and_capabilities() -> None:
     assert backend.kv_cache_shape(7, 16, 2, 64) == (2, 7, 16, 2, 64)
 
 
+@pytest.mark.parametrize(("capability", "kv_fp8", "fp8_linear"), [((8, 0), False, False), ((8, 9), True, False),
+                                                                ((9, 0), True, True)])
+def test_fp8_claims_follow_the_compute_capability(monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int],
+                                                  kv_fp8: bool, fp8_linear: bool) -> None:
+    """The fp8 KV cache from 8.9 (Triton's e4m3 conversions), fp8 linear layers from 9.0 (where the row-wise
+    scaled e4m3 product has run)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a: SimpleNamespace(total_memory=80 << 30))
+    caps = CudaBackend().capabilities()
+    assert (torch.float8_e4m3fn in caps.kv_cache_dtypes) == kv_fp8
+    assert caps.quantizations == (("fp8",) if fp8_linear else ())
+    assert caps.default_max_num_seqs == 1024  # an 80 GiB GPU
+
+
 def test_interpreted_kernels_do_not_leak(interpreted_modules: SimpleNamespace) -> None:
     """A GPU test later in the session must get compiled kernels, not the interpreted ones."""
     import triton.language as tl

@@ -72,9 +72,9 @@ class CudaBackend(Backend):
         return True, ""
 
     def capabilities(self) -> BackendCapabilities:
-        """fp16/bf16/fp32 (bf16 from compute capability 8.0), the KV cache also in fp8 e4m3 and fp8 linear
-        layers (from compute capability 8.9: vLLM's ``--kv-cache-dtype fp8`` and ``--quantization fp8``), KV
-        blocks of 16/32/64, heads up to 256.
+        """fp16/bf16/fp32 (bf16 from compute capability 8.0), the KV cache also in fp8 e4m3 (vLLM's
+        ``--kv-cache-dtype fp8``, from compute capability 8.9), fp8 linear layers (``--quantization fp8``, from
+        9.0: its row-wise scaled e4m3 product has run on Hopper only), KV blocks of 16/32/64, heads up to 256.
 
         Scheduler defaults as vLLM's for offline runs: on GPUs of at least 70 GiB (H100, H200) up to 1024
         running requests and 16384 tokens a step (decode steps of hundreds of requests keep the matrix units
@@ -89,8 +89,10 @@ class CudaBackend(Backend):
                 capability = torch.cuda.get_device_capability()
                 if capability[0] < 8:
                     dtypes = (torch.float16, torch.float32)
-                if capability < (8, 9):  # e4m3 conversions (Triton's "fp8e4nv") and products need Ada or Hopper
-                    kv_only, quantizations = (), ()
+                if capability < (8, 9):  # e4m3 conversions (Triton's "fp8e4nv") need Ada or Hopper
+                    kv_only = ()
+                if capability < (9, 0):  # torch._scaled_mm's row-wise scales: tested on Hopper only
+                    quantizations = ()
                 large = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory >= LARGE_GPU_BYTES
         except Exception:  # capabilities are also listed on machines without a GPU
             pass

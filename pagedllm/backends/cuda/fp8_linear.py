@@ -2,7 +2,7 @@
 
 The quantization is :func:`pagedllm.backends.fp8_linear.quantize_rows` bit for bit (correctly rounded
 divisions and products, round to nearest even); the product is ``torch._scaled_mm`` with row-wise scales
-(per token and per output row), which needs compute capability 8.9 (Ada, Hopper) or above. On an H200 the
+(per token and per output row), which the backend claims from compute capability 9.0 (Hopper). On an H200 the
 projections of a 16384-token step of a Llama-3-8B-shaped model take 202.5 ms this way against 333.7 ms in
 bf16 (``benchmarks/fp8_gemm_probe.py``; ~5 ms of the 202.5 are the quantizer).
 """
