@@ -19,14 +19,14 @@ import argparse
 
 import torch
 from device_timing import device_time_us, write_results
+from gemm_probe import SHAPES as MODEL_SHAPES
 
 from pagedllm.backends.cuda.fp8_linear import linear_fp8, quantize_rows
 from pagedllm.backends.cuda.gemv import gemv
 from pagedllm.backends.fp8_linear import quantize_rows as reference_quantize_rows
 from pagedllm.backends.fp8_linear import reference_linear_fp8
 
-SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
-LM_HEAD = (128256, 4096)
+SHAPES = {name: shape for name, shape in MODEL_SHAPES.items() if name != "lm_head"}  # a step's projections
 
 
 def checks() -> list[dict]:
@@ -93,7 +93,7 @@ def step_ms(tokens: int, mode: str, fast_accum: bool = False, layers: int = 32) 
 def one_token() -> list[dict]:
     """Per-call microseconds at one token: bf16 GEMV (ours), cuBLAS bf16, fp8 (quantizer + ``_scaled_mm``)."""
     rows = []
-    for name, (n, k) in {**SHAPES, "lm_head": LM_HEAD}.items():
+    for name, (n, k) in MODEL_SHAPES.items():
         ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for _ in range(4)]
         qs = [reference_quantize_rows(w) for w in ws]
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)

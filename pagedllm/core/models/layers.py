@@ -36,14 +36,15 @@ Fp8LinearFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor 
 
 class Fp8LinearOp:
     """The ``linear_op`` of a layer whose weight is stored in e4m3: the backend's ``linear_fp8`` with the
-    layer's per-row weight scale; called like :data:`LinearOp` ``(x, weight, bias)``."""
+    layer's per-row ``weight_scale`` buffer (read from the layer at each call, so it is wherever the layer's
+    buffers are); called like :data:`LinearOp` ``(x, weight, bias)``."""
 
-    def __init__(self, linear_fp8: Fp8LinearFn, weight_scale: torch.Tensor) -> None:
+    def __init__(self, linear_fp8: Fp8LinearFn, layer: nn.Module) -> None:
         self.linear_fp8 = linear_fp8
-        self.weight_scale = weight_scale
+        self.layer = layer
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return self.linear_fp8(x, weight, self.weight_scale, bias)
+        return self.linear_fp8(x, weight, self.layer.weight_scale, bias)
 
 
 def quantize_linear_layers(model: nn.Module, linear_fp8: Fp8LinearFn) -> int:
@@ -58,7 +59,7 @@ def quantize_linear_layers(model: nn.Module, linear_fp8: Fp8LinearFn) -> int:
             weight, scale = quantize_rows(module.weight.data)
             module.weight = nn.Parameter(weight, requires_grad=False)
             module.register_buffer("weight_scale", scale)
-            module.linear_op = Fp8LinearOp(linear_fp8, scale)
+            module.linear_op = Fp8LinearOp(linear_fp8, module)
             count += 1
     return count
 
