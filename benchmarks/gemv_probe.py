@@ -7,7 +7,11 @@ Decides whether a Triton GEMV for one-token steps is worth offering, and checks 
 batch 1 reads every weight once, and the halved shapes of tp=2 (qkv 3072x4096, o 4096x2048) are where
 cuBLAS was measured slow.
 
-    python benchmarks/gemv_probe.py [--out results.json]
+With ``--fp8``: the e4m3 weights of ``quantization="fp8"`` (the projections; the LM head stays bf16) through
+``gemv_fp8`` with its default tiles and the best of a sweep, each checked against the float32 reference,
+beside cuBLAS bf16 on the same shapes.
+
+    python benchmarks/gemv_probe.py [--fp8] [--out results.json]
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from pagedllm.backends.cuda.gemv import gemv, gemv_config
+from pagedllm.backends.cuda.gemv import gemv, gemv_config, gemv_fp8, gemv_fp8_config
+from pagedllm.backends.fp8_linear import quantize_rows, reference_linear_fp8
 
 SHAPES = {  # name: (N, K) of the weight [N, K]
     "qkv tp1": (6144, 4096), "o tp1": (4096, 4096), "gate_up tp1": (28672, 4096), "down tp1": (4096, 14336),
@@ -50,10 +55,64 @@ def graph_time_us(fn, weights: list[torch.Tensor]) -> float:
     return start.elapsed_time(end) * 1e3 / (20 * CALLS)
 
 
+FP8_CONFIGS = list(itertools.product([8, 16, 32], [256, 512, 1024], [4, 8]))  # (BLOCK_N, BLOCK_K, warps)
+
+
+def probe_fp8() -> dict[str, object]:
+    """Each projection's e4m3 weight at batch 1: cuBLAS bf16 on a bf16 weight, ``gemv_fp8``'s default tiles
+    and the best of FP8_CONFIGS; results per shape, printed as they come."""
+    dev = torch.device("cuda")
+    report: dict[str, object] = {"device": torch.cuda.get_device_name(), "fp8": True, "shapes": {}}
+    for name, (n, k) in SHAPES.items():
+        if name.startswith("lm_head"):
+            continue
+        count = max(2, ROTATE_BYTES // (n * k))
+        pairs = [quantize_rows(torch.randn(n, k, device=dev) * 0.02) for _ in range(count)]
+        bf16 = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) for _ in range(max(2, count // 2))]
+        x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
+        ref = reference_linear_fp8(x, *pairs[0]).float()
+        tol = 1e-2 * ref.abs().max().item() + 1e-3
+        row: dict[str, object] = {"bytes": n * k}
+        row["cublas_bf16_us"] = graph_time_us(lambda w, x=x: torch.nn.functional.linear(x, w), bf16)
+        del bf16
+        row["default_config"] = gemv_fp8_config(n, k)
+        row["default_us"] = graph_time_us(lambda p, x=x: gemv_fp8(x, *p), pairs)
+        best: tuple[float, tuple[int, ...]] | None = None
+        for config in FP8_CONFIGS:
+            if k % config[1]:
+                continue
+            err = (gemv_fp8(x, *pairs[0], config=config).float() - ref).abs().max().item()
+            if err > tol:
+                row.setdefault("errors", []).append([*config, err])
+                continue
+            t = graph_time_us(lambda p, x=x, c=config: gemv_fp8(x, *p, config=c), pairs)
+            row.setdefault("sweep", []).append([*config, round(t, 2)])
+            if best is None or t < best[0]:
+                best = (t, config)
+        if best:
+            row.update(best_us=best[0], best_config=best[1])
+        report["shapes"][name] = row
+        del pairs
+        torch.cuda.empty_cache()
+        tb = lambda us, size=n * k: size / us / 1e6  # noqa: E731 - TB/s of e4m3 weight
+        line = f"{name:12} {n:>6}x{k:<6} cuBLAS bf16 {row['cublas_bf16_us']:6.1f} us"
+        line += f" | default {row['default_us']:6.1f} us {tb(row['default_us']):4.2f} TB/s {row['default_config']}"
+        if best:
+            line += f" | best {best[0]:6.1f} us {tb(best[0]):4.2f} TB/s {best[1]}"
+        print(line + (f" | {len(row['errors'])} configs wrong" if "errors" in row else ""), flush=True)
+    return report
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--fp8", action="store_true", help="the e4m3 GEMV of quantization='fp8'")
     args = parser.parse_args()
+    if args.fp8:
+        report = probe_fp8()
+        if args.out:
+            args.out.write_text(json.dumps(report, indent=1))
+        return 0
     dev = torch.device("cuda")
     dtype = torch.bfloat16
     report: dict[str, object] = {"device": torch.cuda.get_device_name(), "shapes": {}}

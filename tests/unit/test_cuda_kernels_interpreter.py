@@ -414,14 +414,17 @@ def test_fp8_quantizer_and_gemv(kernels: SimpleNamespace, dtype: torch.dtype) ->
     got_q, _ = kernels.fp8_linear.quantize_rows(on_grid)
     assert torch.equal(got_q.view(torch.uint8), quantize_rows(on_grid)[0].view(torch.uint8))
     weight, weight_scale = quantize_rows(torch.randn(70, 256) / 16)
-    for bias in (None, torch.randn(70).to(dtype)):
+    for bias, config in ((None, (16, 64, 4)), (torch.randn(70).to(dtype), None)):  # None: (8, 256, 4)
         x1 = _on_fp8_grid(1, 256, dtype)
-        got = kernels.gemv.gemv_fp8(x1, weight, weight_scale, bias, config=(16, 64, 4))
+        got = kernels.gemv.gemv_fp8(x1, weight, weight_scale, bias, config=config)
         assert got is not None and got.shape == (1, 70) and got.dtype == dtype
         torch.testing.assert_close(got.float(), reference_linear_fp8(x1, weight, weight_scale, bias).float(),
                                    **TOLERANCE[dtype])
     assert kernels.gemv.gemv_fp8(torch.randn(2, 256), weight, weight_scale) is None  # two rows: a GEMM's job
     assert kernels.gemv.gemv_fp8(torch.randn(1, 256), weight.float(), weight_scale) is None  # not e4m3
+    assert kernels.gemv.gemv_fp8_config(28672, 4096) == (16, 512, 4)  # gate|up: wide, shorter tiles
+    assert kernels.gemv.gemv_fp8_config(4096, 14336) == (8, 1024, 4)
+    assert kernels.gemv.gemv_fp8_config(70, 320) == (8, 64, 4) and kernels.gemv.gemv_fp8_config(70, 300) is None
 
 
 # --------------------------------------------------------------------------- backend identity
@@ -569,7 +572,8 @@ def test_kernels_compile_for_sm90() -> None:
     _compile_sm90(
         gemv._gemv_fp8_kernel, {"y_ptr": "*bf16", "x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "w_scale_ptr": "*fp32",
                                 "bias_ptr": "*bf16"},
-        {"FP8_MAX": 448.0, "MIN_SCALE": 1e-12, "HAS_BIAS": False, "BLOCK_N": 16, "BLOCK_K": 256}, num_warps=4,
+        {"FP8_MAX": 448.0, "MIN_SCALE": 1e-12, "HAS_BIAS": False, "BLOCK_N": 8, "BLOCK_K": 1024, "GROUP": 16},
+        num_warps=4,
     )  # fmt: skip
     _compile_sm90(
         fp8_linear._quantize_rows_kernel, {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "scale_ptr": "*fp32"},
