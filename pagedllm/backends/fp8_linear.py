@@ -5,7 +5,8 @@
 call the input ``[num_tokens, in]`` is quantized the same way per token, so ``y = (x_q @ w_q.T) * x_scale *
 w_scale`` (:func:`reference_linear_fp8`). A scale maps a row's largest magnitude to e4m3's largest finite
 value (448); values are rounded to nearest, ties to even. Embeddings, norms and the LM head stay in the
-model dtype.
+model dtype. A checkpoint stored in fp8 (``pagedllm.core.checkpoint_quantization``) brings its own e4m3
+weights and scales (:func:`per_row_scale`); the inputs are quantized as above.
 """
 
 from __future__ import annotations
@@ -34,6 +35,18 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     inverse = torch.ones_like(scale) / scale
     q = (xf * inverse[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q, scale
+
+
+def per_row_scale(scale: torch.Tensor, rows: int) -> torch.Tensor:
+    """A checkpoint's weight scale as one float32 scale per output row: ``scale`` of one element (per tensor:
+    every row takes it) or of ``rows`` elements (``[rows]`` or ``[rows, 1]``, per channel); any float dtype.
+    Called when an fp8 checkpoint is loaded. Raises ValueError naming the shape otherwise."""
+    if scale.numel() == 1:
+        return scale.float().reshape(1).expand(rows).contiguous()
+    if tuple(scale.shape) not in ((rows,), (rows, 1)):
+        raise ValueError(f"weight scale of shape {tuple(scale.shape)}: expected one per tensor or one per each of "
+                         f"the {rows} output rows")
+    return scale.float().reshape(rows)
 
 
 def reference_linear_fp8(

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from pagedllm.core.checkpoint_quantization import checkpoint_quantization
+
 if TYPE_CHECKING:
     from pagedllm.backends.interface import BackendCapabilities
 
@@ -43,7 +45,8 @@ class EngineConfig:
     dtype (``"auto"``) or another format the backend claims (``"fp8"``: see :data:`KV_CACHE_DTYPES`).
     ``quantization="fp8"`` stores the projections' weights in e4m3 with per-row scales once loaded and runs
     them as fp8 products (vLLM's online ``fp8``; the embeddings and LM head stay in ``dtype``; see
-    ``pagedllm.backends.fp8_linear``), where the backend claims it.
+    ``pagedllm.backends.fp8_linear``), where the backend claims it; a checkpoint stored in fp8 (see
+    ``pagedllm.core.checkpoint_quantization``) runs so whether it is set or not.
     ``num_kv_blocks`` sets the KV pool size in blocks (like vLLM's ``num_gpu_blocks_override``); else
     ``kv_cache_memory_bytes`` sizes it in bytes; else the backend's budget for ``gpu_memory_utilization``
     is used. ``async_scheduling`` schedules and launches
@@ -143,7 +146,7 @@ def resolve_async_scheduling(config: EngineConfig, runs_asynchronously: bool) ->
 
 @dataclass(slots=True)
 class ModelConfig:
-    """What the checkpoint says: architecture, Hugging Face config, dtype, lengths, EOS ids."""
+    """What the checkpoint says: architecture, Hugging Face config, dtype, lengths, EOS ids, quantization."""
 
     path: str
     hf_config: object
@@ -152,6 +155,9 @@ class ModelConfig:
     max_model_len: int
     eos_token_ids: frozenset[int]
     generation_defaults: dict[str, object]
+    quantization: str | None = None
+    """What the checkpoint's weights are stored in (``quantization_config``; see
+    ``pagedllm.core.checkpoint_quantization``): ``fp8`` or None."""
 
     @property
     def num_layers(self) -> int:
@@ -184,8 +190,8 @@ class ModelConfig:
 def load_model_config(path: str, dtype: str, max_model_len: int | None) -> ModelConfig:
     """Read ``config.json`` (and ``generation_config.json`` if present) from a local directory.
 
-    Raises FileNotFoundError naming the missing file, ValueError for a config without architectures or
-    a ``max_model_len`` beyond the model's positions.
+    Raises FileNotFoundError naming the missing file, ValueError for a config without architectures, a
+    ``max_model_len`` beyond the model's positions or a ``quantization_config`` pagedllm does not load.
     """
     directory = Path(path)
     config_file = directory / "config.json"
@@ -218,6 +224,7 @@ def load_model_config(path: str, dtype: str, max_model_len: int | None) -> Model
         max_model_len=max_model_len,
         eos_token_ids=eos_ids,
         generation_defaults=defaults,
+        quantization=checkpoint_quantization(hf_config),
     )
 
 

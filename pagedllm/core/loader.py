@@ -13,7 +13,7 @@ from torch import nn
 
 from pagedllm.backends.interface import Backend
 from pagedllm.core.config import ModelConfig
-from pagedllm.core.models.layers import bind_linear_op, quantize_linear_layers
+from pagedllm.core.models.layers import bind_linear_op, prepare_fp8_weights, quantize_linear_layers
 
 logger = logging.getLogger(__name__)
 
@@ -105,14 +105,23 @@ def load_model(
     """Instantiate the model on ``device`` in the configured dtype and load its weights.
 
     ``load_format``: ``auto``/``safetensors`` read the checkpoint; ``dummy`` fills every parameter with
-    small random values (for speed runs with a config-only directory). ``quantization="fp8"``: then store
-    the projections' weights in e4m3 (:func:`quantize_linear_layers`, through ``backend.linear_fp8``).
-    Raises ValueError naming any parameter the checkpoint does not fill.
+    small random values (for speed runs with a config-only directory). ``quantization="fp8"``: the
+    projections' weights in e4m3 with per-row scales, computing through ``backend.linear_fp8``: read as they
+    are from a checkpoint stored in fp8 (``model_config.quantization``; :func:`prepare_fp8_weights`), else
+    quantized once loaded (:func:`quantize_linear_layers`). Raises ValueError naming any parameter the
+    checkpoint does not fill, or a model with no quantizable layer under ``quantization="fp8"``.
     """
+    if quantization not in (None, "fp8"):
+        raise ValueError(f"unknown quantization {quantization!r}")
     cls = model_class_for(model_config.architecture)
     with _default_dtype(model_config.dtype), torch.device(device):
         model = cls(model_config.hf_config, backend)
     bind_linear_op(model, backend.linear)
+    stored_fp8 = model_config.quantization == "fp8" and load_format != "dummy"
+    count = 0
+    if stored_fp8:
+        count = prepare_fp8_weights(model, backend.linear_fp8)
+        _check_quantizable(count, model_config)
     if load_format == "dummy":
         fill_dummy_weights(model, device, seed)
     else:
@@ -125,17 +134,22 @@ def load_model(
                 f"checkpoint {model_config.path} does not provide parameter(s): {', '.join(missing[:8])}"
                 + (" ..." if len(missing) > 8 else "")
             )
-    if quantization == "fp8":
+    if stored_fp8:
+        logger.info("fp8 checkpoint: %d linear layers loaded in e4m3 with their scales; weights %.1f MiB",
+                    count, _parameter_bytes(model) / 2**20)
+    elif quantization == "fp8":
         before = _parameter_bytes(model)
         count = quantize_linear_layers(model, backend.linear_fp8)
-        if count == 0:
-            raise ValueError(f"quantization='fp8': {model_config.architecture} has no linear layer marked "
-                             "quantizable (see pagedllm.core.models.layers.quantize_linear_layers)")
+        _check_quantizable(count, model_config)
         logger.info("fp8: %d linear layers stored in e4m3 with per-row scales; weights %.1f MiB -> %.1f MiB",
                     count, before / 2**20, _parameter_bytes(model) / 2**20)
-    elif quantization is not None:
-        raise ValueError(f"unknown quantization {quantization!r}")
     return model.eval()
+
+
+def _check_quantizable(count: int, model_config: ModelConfig) -> None:
+    if count == 0:
+        raise ValueError(f"quantization='fp8': {model_config.architecture} has no linear layer marked "
+                         "quantizable (see pagedllm.core.models.layers.quantize_linear_layers)")
 
 
 def _parameter_bytes(model: nn.Module) -> int:

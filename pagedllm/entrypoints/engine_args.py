@@ -30,7 +30,8 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Tr
                              "fp8 (float8_e4m3fn: half the bytes of bf16, twice the tokens)")
     parser.add_argument("--quantization", default=None, choices=list(QUANTIZATIONS),
                         help="run the projections in fp8 where the backend claims it: e4m3 weights with "
-                             "per-row scales (quantized once loaded), inputs quantized per token")
+                             "per-row scales (quantized once loaded), inputs quantized per token; a checkpoint "
+                             "stored in fp8 (its config.json's quantization_config) runs so without it")
     parser.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--block-size", type=int, default=None)

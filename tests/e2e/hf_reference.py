@@ -26,9 +26,10 @@ def _register_rounded_kv_attention(kv_dtype: torch.dtype) -> str:
     return name
 
 
-def _fake_quantize_fp8(model: torch.nn.Module) -> None:
+def _fake_quantize_fp8(model: torch.nn.Module, weights: bool = True) -> None:
     """Make every ``nn.Linear`` of ``model`` but the LM head compute what an fp8 linear layer computes: its
-    weight replaced by the dequantized e4m3 rows, its input by the dequantized per-token e4m3 values."""
+    weight replaced by the dequantized e4m3 rows (unless ``weights`` is False: they are dequantized e4m3
+    already), its input by the dequantized per-token e4m3 values."""
 
     def quantize_input(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         x = args[0]
@@ -37,25 +38,29 @@ def _fake_quantize_fp8(model: torch.nn.Module) -> None:
 
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head"):
-            q, scale = quantize_rows(module.weight.data)
-            module.weight.data = (q.float() * scale[:, None]).to(module.weight.dtype)
+            if weights:
+                q, scale = quantize_rows(module.weight.data)
+                module.weight.data = (q.float() * scale[:, None]).to(module.weight.dtype)
             module.register_forward_pre_hook(quantize_input)
 
 
 def hf_greedy(
     model_dir: Path, prompts_ids: list[list[int]], max_new_tokens: int, dtype: torch.dtype = torch.float32,
     top_logprobs: int = 0, kv_dtype: torch.dtype | None = None, fp8_linear: bool = False,
+    fp8_weights_stored: bool = False,
 ) -> list[tuple[list[int], list[dict[int, float]]]]:
     """Generate each prompt alone (no padding) with ``do_sample=False``; EOS is suppressed for exactly
     ``max_new_tokens`` tokens. ``kv_dtype``: attend over keys and values rounded to it, as a KV cache in
     that dtype stores them. ``fp8_linear``: the projections compute as ``quantization="fp8"`` defines them
-    (see :func:`_fake_quantize_fp8`). Returns ``(token_ids, per-token top-k {id: logprob})`` per prompt."""
+    (see :func:`_fake_quantize_fp8`); with ``fp8_weights_stored`` their weights are an fp8 checkpoint's,
+    dequantized (``write_fp8_checkpoint``'s twin), and only their inputs are rounded. Returns ``(token_ids,
+    per-token top-k {id: logprob})`` per prompt."""
     from transformers import AutoModelForCausalLM
 
     extra = {"attn_implementation": _register_rounded_kv_attention(kv_dtype)} if kv_dtype is not None else {}
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, **extra).eval()
     if fp8_linear:
-        _fake_quantize_fp8(model)
+        _fake_quantize_fp8(model, weights=not fp8_weights_stored)
     results = []
     with torch.inference_mode():
         for ids in prompts_ids:

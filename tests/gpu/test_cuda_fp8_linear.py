@@ -82,3 +82,18 @@ def test_fp8_linear_bf16_generation_runs_with_graphs(llama_checkpoint: Path) -> 
     assert all(len(t) == 24 and all(0 <= x < vocab for x in t) for t in got)
     agree = sum(ours[:4] == ref[:4] for ours, ref in zip(got, expected, strict=True))
     assert agree >= len(got) // 2, f"only {agree}/{len(got)} prompts agree on their first 4 tokens"
+
+
+@pytest.mark.parametrize("scheme", ["compressed-tensors-channel", "fp8"])
+def test_fp8_checkpoint_greedy_equals_cpu_fp32(llama_checkpoint: Path, tmp_path: Path, scheme: str) -> None:
+    """A checkpoint stored in fp8 (per-row or per-tensor scales) loads onto the GPU as it is and generates the
+    cpu backend's tokens from the same file (float32, decode graphs)."""
+    from pagedllm.testing.fp8_checkpoints import write_fp8_checkpoint
+
+    fp8_dir, _ = write_fp8_checkpoint(llama_checkpoint, tmp_path, scheme)
+    expected, _ = _generate(fp8_dir, "cpu", "float32")
+    got, llm = _generate(fp8_dir, "cuda", "float32")
+    assert llm.llm_engine.config.quantization == "fp8"
+    assert llm.llm_engine.executor.worker.runner.model.model.layers[0].mlp.down_proj.weight.is_cuda
+    for i, (ours, ref) in enumerate(zip(got, expected, strict=True)):
+        assert ours == ref, f"prompt {i} diverged"

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from pagedllm.backends.cpu.backend import CpuBackend
-from pagedllm.backends.fp8_linear import FP8_MAX, MIN_SCALE, quantize_rows, reference_linear_fp8
+from pagedllm.backends.fp8_linear import FP8_MAX, MIN_SCALE, per_row_scale, quantize_rows, reference_linear_fp8
 from pagedllm.backends.interface import BackendCapabilities
 from pagedllm.core.distributed.parallel_layers import ParallelLMHead, RowParallelLinear
 from pagedllm.core.models.layers import MergedLinear, quantize_linear_layers
@@ -65,7 +65,7 @@ def test_quantize_linear_layers_leaves_the_lm_head_and_embeddings_alone() -> Non
     expected = reference_linear_fp8(x, *quantize_rows(model["qkv"].weight.detach()), model["qkv"].bias.detach())
     assert quantize_linear_layers(model, linear_fp8) == 2
     assert model["qkv"].weight.dtype == model["o"].weight.dtype == torch.float8_e4m3fn
-    assert model["qkv"].weight_scale.shape == (32,) and "weight_scale" in dict(model["o"].named_buffers())
+    assert model["qkv"].weight_scale.shape == (32,) and "weight_scale" in dict(model["o"].named_parameters())
     assert torch.equal(model["head"].weight, head_weight) and model["norm"].weight.dtype == torch.float32
     torch.testing.assert_close(model["qkv"](x), expected)
     model["o"](x)
@@ -80,3 +80,15 @@ def test_capabilities_name_the_quantizations() -> None:
     with pytest.raises(ValueError, match="quantizations must hold names"):
         BackendCapabilities(dtypes=(torch.float32,), kv_cache_dtypes=(torch.float32,), block_sizes=(16,),
                             head_sizes=(64,), quantizations=[""])
+
+
+def test_per_row_scale_reads_the_checkpoint_layouts() -> None:
+    """Per tensor (``[]``, ``[1]``) and per channel (``[rows]``, ``[rows, 1]``, bf16 too) become float32 rows."""
+    assert torch.equal(per_row_scale(torch.tensor(0.5), 3), torch.full((3,), 0.5))
+    assert torch.equal(per_row_scale(torch.tensor([0.25]), 2), torch.full((2,), 0.25))
+    rows = torch.tensor([[1.5], [2.0], [0.125]], dtype=torch.bfloat16)
+    got = per_row_scale(rows, 3)
+    assert got.dtype == torch.float32 and got.tolist() == [1.5, 2.0, 0.125]
+    assert per_row_scale(rows[:, 0], 3).tolist() == [1.5, 2.0, 0.125]
+    with pytest.raises(ValueError, match=r"weight scale of shape \(2, 2\): expected one per tensor or one per each"):
+        per_row_scale(torch.ones(2, 2), 4)

@@ -21,8 +21,9 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from pagedllm.backends.fp8_linear import per_row_scale
 from pagedllm.core.distributed.parallel_state import TensorParallelGroup, get_tp_group, kv_heads_per_rank
-from pagedllm.core.models.layers import LinearOp, MergedLinear
+from pagedllm.core.models.layers import LinearOp, MergedLinear, copy_checked
 
 
 class LazyTensor(Protocol):
@@ -54,7 +55,7 @@ def narrow_weight(loaded: WeightLike, dim: int, start: int, length: int) -> torc
 
 def materialize(loaded: WeightLike) -> torch.Tensor:
     """Read a whole checkpoint tensor (a no-op for a tensor)."""
-    return loaded if isinstance(loaded, torch.Tensor) else loaded[:]
+    return loaded if isinstance(loaded, torch.Tensor) else loaded[...]
 
 
 def check_full_shape(loaded: WeightLike, expected: Sequence[int]) -> None:
@@ -62,13 +63,6 @@ def check_full_shape(loaded: WeightLike, expected: Sequence[int]) -> None:
     (checked before a rank narrows it, so a wrong tensor is never silently sliced to fit)."""
     if shape_of(loaded) != tuple(expected):
         raise ValueError(f"shape mismatch: expected {tuple(expected)}, got {shape_of(loaded)}")
-
-
-def copy_checked(target: torch.Tensor, loaded: torch.Tensor) -> None:
-    """Copy ``loaded`` into ``target``; raises ValueError naming both shapes when they differ."""
-    if target.shape != loaded.shape:
-        raise ValueError(f"shape mismatch: expected {tuple(target.shape)}, got {tuple(loaded.shape)}")
-    target.copy_(loaded)
 
 
 def set_loader(
@@ -115,7 +109,10 @@ class MergedColumnParallelLinear(MergedLinear):
         return self.tp.rank * self.shard_sizes[index]
 
     def load_shard(self, param_name: str, index: int, loaded: WeightLike) -> None:
-        """Copy this rank's rows of the unsharded checkpoint tensor of part ``index`` (weight or bias)."""
+        """Copy this rank's rows of the unsharded checkpoint tensor of part ``index`` (weight, bias or an fp8
+        checkpoint's weight_scale)."""
+        if param_name == "weight_scale":
+            loaded = per_row_scale(materialize(loaded), self.full_shard_sizes[index])
         check_full_shape(loaded, (self.full_shard_sizes[index], *getattr(self, param_name).shape[1:]))
         part = narrow_weight(loaded, 0, self.shard_start(index), self.shard_sizes[index])
         super().load_shard(param_name, index, part)
@@ -198,6 +195,10 @@ class RowParallelLinear(nn.Module):
         check_full_shape(loaded, param.full_shape)  # type: ignore[attr-defined]
         start = self.tp.rank * self.in_features_per_rank
         copy_checked(param.data, narrow_weight(loaded, 1, start, self.in_features_per_rank))
+
+    def load_weight_scale(self, param: nn.Parameter, loaded: WeightLike) -> None:
+        """An fp8 checkpoint's scale (per tensor or per output row): every rank holds all output rows."""
+        copy_checked(param.data, per_row_scale(materialize(loaded), param.shape[0]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """See the class docstring."""

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from pagedllm.backends.fp8_linear import quantize_rows
+from pagedllm.backends.fp8_linear import FP8_DTYPE, per_row_scale, quantize_rows
 from pagedllm.backends.interface import AttentionMetadata, AttentionSpec, Backend
 from pagedllm.core.distributed.parallel_state import get_tp_group
 
@@ -49,7 +49,7 @@ class Fp8LinearOp:
 
 def quantize_linear_layers(model: nn.Module, linear_fp8: Fp8LinearFn) -> int:
     """Store the weight of every ``quantizable`` linear layer of ``model`` in e4m3 with one float32 scale
-    per output row (``weight_scale`` buffer) and make it compute through ``linear_fp8`` (the backend's
+    per output row (``weight_scale`` parameter) and make it compute through ``linear_fp8`` (the backend's
     ``Backend.linear_fp8``). Called by the loader once the weights are filled, for ``quantization="fp8"``;
     each layer's original weight is freed as it goes. Returns the number of layers quantized.
     """
@@ -57,11 +57,52 @@ def quantize_linear_layers(model: nn.Module, linear_fp8: Fp8LinearFn) -> int:
     for module in model.modules():
         if getattr(module, "quantizable", False):
             weight, scale = quantize_rows(module.weight.data)
-            module.weight = nn.Parameter(weight, requires_grad=False)
-            module.register_buffer("weight_scale", scale)
-            module.linear_op = Fp8LinearOp(linear_fp8, module)
+            _store_fp8(module, weight, scale, linear_fp8)
             count += 1
     return count
+
+
+def prepare_fp8_weights(model: nn.Module, linear_fp8: Fp8LinearFn) -> int:
+    """Give every ``quantizable`` linear layer of ``model`` an empty e4m3 ``weight`` (its loader kept) and an
+    empty float32 ``weight_scale [out]`` parameter loaded by the layer's ``load_weight_scale``, computing
+    through ``linear_fp8``. Called by the loader before it reads a checkpoint stored in fp8, whose tensors
+    then fill them. Returns the number of layers prepared."""
+    count = 0
+    for module in model.modules():
+        if getattr(module, "quantizable", False):
+            old = module.weight
+            weight = torch.empty(old.shape, dtype=FP8_DTYPE, device=old.device)
+            scale = torch.empty(old.shape[0], dtype=torch.float32, device=old.device)
+            _store_fp8(module, weight, scale, linear_fp8)
+            for attr in ("weight_loader", "full_shape"):
+                if hasattr(old, attr):
+                    setattr(module.weight, attr, getattr(old, attr))
+            loader = getattr(module, "load_weight_scale", None)
+            if loader is None:
+                raise ValueError(f"{type(module).__name__} is quantizable but has no load_weight_scale: it cannot "
+                                 "load a checkpoint stored in fp8")
+            module.weight_scale.weight_loader = loader
+            count += 1
+    return count
+
+
+def _store_fp8(module: nn.Module, weight: torch.Tensor, scale: torch.Tensor, linear_fp8: Fp8LinearFn) -> None:
+    module.weight = nn.Parameter(weight, requires_grad=False)
+    module.weight_scale = nn.Parameter(scale, requires_grad=False)
+    module.linear_op = Fp8LinearOp(linear_fp8, module)
+
+
+def copy_checked(target: torch.Tensor, loaded: torch.Tensor) -> None:
+    """Copy the checkpoint tensor ``loaded`` into ``target``. Raises ValueError naming both shapes when they
+    differ, or both dtypes when one is e4m3 and the other not (an e4m3 layer filled from unquantized
+    weights, or e4m3 weights read without their scales, would be silently wrong)."""
+    if target.shape != loaded.shape:
+        raise ValueError(f"shape mismatch: expected {tuple(target.shape)}, got {tuple(loaded.shape)}")
+    if (target.dtype == FP8_DTYPE) != (loaded.dtype == FP8_DTYPE):
+        raise ValueError(f"dtype mismatch: the layer stores {target.dtype}, the checkpoint {loaded.dtype} (fp8 "
+                         f"weights load only into layers that config.json's quantization_config makes fp8, "
+                         f"and all of them must be fp8)")
+    target.copy_(loaded)
 
 
 class RMSNorm(nn.Module):
@@ -143,6 +184,7 @@ class MergedLinear(nn.Module):
     def __init__(self, in_features: int, shard_sizes: Sequence[int], bias: bool) -> None:
         super().__init__()
         self.shard_sizes = list(shard_sizes)
+        self.full_shard_sizes = list(shard_sizes)  # the parts' sizes in the checkpoint (tensor parallel: more)
         self.weight = nn.Parameter(torch.empty(sum(shard_sizes), in_features))
         self.bias = nn.Parameter(torch.empty(sum(shard_sizes))) if bias else None
         self.linear_op: LinearOp = nn.functional.linear
@@ -152,16 +194,24 @@ class MergedLinear(nn.Module):
         return self.linear_op(x, self.weight, self.bias)
 
     def load_shard(self, param_name: str, index: int, loaded: torch.Tensor) -> None:
-        """Copy part ``index`` of ``weight`` or ``bias`` (``param_name``) from a checkpoint tensor (or a lazy
-        safetensors slice, read whole here)."""
+        """Copy part ``index`` of ``weight``, ``bias`` or an fp8 checkpoint's ``weight_scale`` (``param_name``)
+        from a checkpoint tensor (or a lazy safetensors slice, read whole here)."""
         if not isinstance(loaded, torch.Tensor):
-            loaded = loaded[:]
+            loaded = loaded[...]
+        if param_name == "weight_scale":
+            loaded = per_row_scale(loaded, self.shard_sizes[index])
         param = getattr(self, param_name)
         start = sum(self.shard_sizes[:index])
-        target = param.data[start : start + self.shard_sizes[index]]
-        if target.shape != loaded.shape:
-            raise ValueError(f"shape mismatch: expected {tuple(target.shape)}, got {tuple(loaded.shape)}")
-        target.copy_(loaded)
+        copy_checked(param.data[start : start + self.shard_sizes[index]], loaded)
+
+    def load_weight_scale(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+        """Load one checkpoint scale for all parts at once (per tensor, or ``[sum(full_shard_sizes)(, 1)]``)
+        part by part; see :func:`prepare_fp8_weights`."""
+        if not isinstance(loaded, torch.Tensor):
+            loaded = loaded[...]
+        scales = per_row_scale(loaded, sum(self.full_shard_sizes))
+        for index, part in enumerate(scales.split(self.full_shard_sizes)):
+            self.load_shard("weight_scale", index, part)
 
 
 class PagedAttention(nn.Module):

@@ -23,7 +23,7 @@ from pagedllm.core.distributed.parallel_layers import (
     RowParallelLinear,
     VocabParallelEmbedding,
 )
-from pagedllm.core.models.layers import PagedAttention, RMSNorm, RotaryEmbedding
+from pagedllm.core.models.layers import PagedAttention, RMSNorm, RotaryEmbedding, copy_checked
 
 # checkpoint name fragment -> (our fused parameter fragment, part index)
 STACKED_PARAMS: dict[str, tuple[str, int]] = {
@@ -246,12 +246,11 @@ class LlamaForCausalLM(nn.Module):
                 raise ValueError(f"checkpoint tensor {name!r}: {exc}") from exc
             return
         if not isinstance(tensor, torch.Tensor):
-            tensor = tensor[:]
-        if param.shape != tensor.shape:
-            raise ValueError(
-                f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}"
-            )
-        param.data.copy_(tensor)
+            tensor = tensor[...]
+        try:
+            copy_checked(param.data, tensor)
+        except ValueError as exc:
+            raise ValueError(f"checkpoint tensor {name!r}: {exc}") from exc
 
 
 class MistralForCausalLM(LlamaForCausalLM):

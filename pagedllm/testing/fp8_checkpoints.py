@@ -1,0 +1,89 @@
+"""Tiny checkpoints stored in fp8 the way quantization tools write them, made from an unquantized one.
+
+Used by the tests (and by anyone checking a backend on fp8 checkpoints) to load what AutoFP8 / vLLM's ``fp8``
+method and llm-compressor's ``FP8_DYNAMIC`` (compressed-tensors) write, without those tools: the projections'
+weights in e4m3 with their ``weight_scale``, the rest as it was, and ``quantization_config`` in config.json.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from pagedllm.backends.fp8_linear import FP8_DTYPE, FP8_MAX, MIN_SCALE, quantize_rows
+
+PROJECTION = re.compile(r"\.(q|k|v|o|gate|up|down)_proj\.weight$")
+"""The checkpoint tensors quantization tools store in fp8 for a Llama-family model (``ignore: [lm_head]``)."""
+
+SCHEMES = ("compressed-tensors-channel", "compressed-tensors-tensor", "fp8")
+"""``compressed-tensors-channel``: llm-compressor's FP8_DYNAMIC (``weight_scale [out, 1]`` in the weights'
+dtype: from a float32 checkpoint, exactly the scales of ``quantization="fp8"``);
+``compressed-tensors-tensor``: the same with one scale per tensor (``[1]``); ``fp8``: vLLM's/AutoFP8's
+method with dynamic activations (a scalar float32 ``weight_scale``)."""
+
+
+def _quantize_tensor(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One scale for the whole tensor, rounded as :func:`quantize_rows` rounds a row."""
+    amax = weight.float().abs().amax().reshape(1)
+    scale = (amax / torch.full_like(amax, FP8_MAX)).clamp(min=MIN_SCALE)
+    q = (weight.float() * (torch.ones_like(scale) / scale)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q, scale
+
+
+def _quantization_config(scheme: str) -> dict[str, object]:
+    if scheme == "fp8":
+        return {"quant_method": "fp8", "activation_scheme": "dynamic"}
+    strategy = scheme.rsplit("-", 1)[1]
+    return {
+        "quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
+        "ignore": ["lm_head"], "kv_cache_scheme": None,
+        "config_groups": {"group_0": {
+            "targets": ["Linear"], "output_activations": None,
+            "weights": {"num_bits": 8, "type": "float", "strategy": strategy, "symmetric": True, "dynamic": False},
+            "input_activations": {"num_bits": 8, "type": "float", "strategy": "token", "symmetric": True,
+                                  "dynamic": True},
+        }},
+    }  # fmt: skip
+
+
+def write_fp8_checkpoint(source: str | Path, directory: str | Path, scheme: str) -> tuple[Path, Path]:
+    """Write ``source`` (an unquantized safetensors checkpoint, one file) stored in fp8 by ``scheme`` (see
+    :data:`SCHEMES`) to ``directory/fp8``, and the same weights dequantized (``e4m3 * scale`` in the source
+    dtype; no ``quantization_config``) to ``directory/dequantized``, for a reference that loads no fp8.
+
+    Returns ``(fp8 directory, dequantized directory)``. Raises ValueError for an unknown scheme.
+    """
+    from safetensors.torch import load_file, save_file
+
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown fp8 checkpoint scheme {scheme!r}; known: {', '.join(SCHEMES)}")
+    source, directory = Path(source), Path(directory)
+    quantized: dict[str, torch.Tensor] = {}
+    dequantized: dict[str, torch.Tensor] = {}
+    for name, tensor in load_file(str(source / "model.safetensors")).items():
+        if not PROJECTION.search(name):
+            quantized[name] = dequantized[name] = tensor
+            continue
+        if scheme == "compressed-tensors-channel":
+            q, scale = quantize_rows(tensor)
+            scale = scale.to(tensor.dtype)[:, None]  # as llm-compressor stores it: [out, 1] in the weights' dtype
+        else:
+            q, scale = _quantize_tensor(tensor)
+            scale = scale.reshape(()) if scheme == "fp8" else scale
+        quantized[name], quantized[name.replace(".weight", ".weight_scale")] = q, scale
+        dequantized[name] = (q.float() * scale.float().reshape(-1, 1)).to(tensor.dtype)
+    paths = []
+    for kind, tensors in (("fp8", quantized), ("dequantized", dequantized)):
+        target = directory / kind
+        shutil.copytree(source, target, ignore=shutil.ignore_patterns("*.safetensors"), dirs_exist_ok=True)
+        save_file(tensors, str(target / "model.safetensors"), metadata={"format": "pt"})
+        if kind == "fp8":
+            config = json.loads((target / "config.json").read_text())
+            config["quantization_config"] = _quantization_config(scheme)
+            (target / "config.json").write_text(json.dumps(config, indent=2))
+        paths.append(target)
+    return paths[0], paths[1]

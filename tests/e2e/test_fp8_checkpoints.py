@@ -1,0 +1,160 @@
+"""Checkpoints stored in fp8 (``quantization_config`` in config.json): loaded as they are, with no
+``quantization`` argument, computing what ``quantization="fp8"`` computes; and what is refused, with why."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from pagedllm import LLM, SamplingParams
+from pagedllm.core.checkpoint_quantization import checkpoint_quantization
+from pagedllm.testing.fp8_checkpoints import write_fp8_checkpoint
+from tests.e2e.hf_reference import assert_greedy_matches_rounded_reference
+
+MAX_TOKENS = 10
+ENGINE = dict(device="cpu", dtype="float32", block_size=4, max_num_batched_tokens=64, num_kv_blocks=256)
+
+
+@pytest.fixture(scope="module")
+def fp8_checkpoint(checkpoint_factory, tmp_path_factory):
+    """``fp8_checkpoint(arch, scheme)``: ``(fp8 dir, dequantized twin dir)`` of the tiny float32 checkpoint."""
+    cache: dict[tuple[str, str], tuple[Path, Path]] = {}
+
+    def get(arch: str, scheme: str) -> tuple[Path, Path]:
+        if (arch, scheme) not in cache:
+            target = tmp_path_factory.mktemp(f"{arch}_{scheme}")
+            cache[arch, scheme] = write_fp8_checkpoint(checkpoint_factory(arch), target, scheme)
+        return cache[arch, scheme]
+
+    return get
+
+
+def _model(llm: LLM) -> torch.nn.Module:
+    return llm.llm_engine.executor.worker.runner.model
+
+
+def _generate(llm: LLM) -> list[tuple[list[int], list[dict[int, float]]]]:
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, min_tokens=MAX_TOKENS, logprobs=3)
+    outputs = llm.generate([[1, 2, 3, 4, 5], list(range(10, 40)), [100, 200, 300]], params, use_tqdm=False)
+    return [(o.outputs[0].token_ids, [{t: lp.logprob for t, lp in step.items()} for step in o.outputs[0].logprobs])
+            for o in outputs]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: q|k|v biases
+def test_a_per_row_checkpoint_computes_exactly_what_online_fp8_computes(checkpoint_factory, fp8_checkpoint,
+                                                                       arch: str) -> None:
+    """llm-compressor's FP8_DYNAMIC layout of a float32 model holds the very e4m3 weights and scales that
+    ``quantization="fp8"`` makes of it: the same logprobs, bit for bit, and the same stored weights."""
+    fp8_dir, _ = fp8_checkpoint(arch, "compressed-tensors-channel")
+    stored = LLM(str(fp8_dir), **ENGINE)
+    online = LLM(str(checkpoint_factory(arch)), quantization="fp8", **ENGINE)
+    assert stored.llm_engine.config.quantization == "fp8"
+    ours, theirs = dict(_model(stored).named_parameters()), dict(_model(online).named_parameters())
+    assert ours.keys() == theirs.keys()
+    for name, param in ours.items():
+        assert param.dtype == theirs[name].dtype, name
+        assert torch.equal(param.view(torch.uint8), theirs[name].view(torch.uint8)), name
+    assert ours["model.layers.0.mlp.down_proj.weight"].dtype == torch.float8_e4m3fn
+    assert _generate(stored) == _generate(online)
+
+
+@pytest.mark.parametrize("scheme", ["fp8", "compressed-tensors-tensor"])
+def test_per_tensor_checkpoints_match_transformers(fp8_checkpoint, scheme: str) -> None:
+    """One scale per tensor (q, k and v each their own, in one fused layer): token for token what transformers
+    generates on the dequantized weights with per-token e4m3 inputs, logprobs within 1e-4."""
+    fp8_dir, dequantized_dir = fp8_checkpoint("llama", scheme)
+    llm = LLM(str(fp8_dir), **ENGINE)
+    qkv = _model(llm).model.layers[0].self_attn.qkv_proj
+    assert qkv.weight.dtype == torch.float8_e4m3fn
+    q, k, v = qkv.weight_scale.split(qkv.shard_sizes)
+    assert all(len(part.unique()) == 1 for part in (q, k, v)) and len({q[0].item(), k[0].item(), v[0].item()}) == 3
+    assert_greedy_matches_rounded_reference(llm, dequantized_dir, MAX_TOKENS, fp8_linear=True, fp8_weights_stored=True)
+
+
+def test_loading_logs_what_the_checkpoint_stores(fp8_checkpoint, caplog: pytest.LogCaptureFixture) -> None:
+    fp8_dir, _ = fp8_checkpoint("llama", "fp8")
+    with caplog.at_level("INFO", logger="pagedllm.core.loader"):
+        LLM(str(fp8_dir), device="cpu", quantization="fp8", num_kv_blocks=16)  # asked for and stored: the same
+    assert "fp8 checkpoint: 8 linear layers loaded in e4m3 with their scales" in caplog.text
+
+
+GOOD_CT = {"quant_method": "compressed-tensors", "format": "float-quantized", "config_groups": {"g": {
+    "weights": {"num_bits": 8, "type": "float", "strategy": "channel"},
+    "input_activations": {"num_bits": 8, "type": "float", "strategy": "token", "dynamic": True}}}}
+
+
+def _ct(weights: dict | None = None, inputs: dict | str | None = "keep", **top: object) -> dict:
+    group = json.loads(json.dumps(GOOD_CT["config_groups"]["g"]))
+    group["weights"].update(weights or {})
+    if inputs != "keep":
+        group["input_activations"] = inputs if inputs is None else {**group["input_activations"], **inputs}
+    return {**GOOD_CT, "config_groups": {"g": group}, **top}
+
+
+@pytest.mark.parametrize(("config", "message"), [
+    ({"quant_method": "fp8", "activation_scheme": "static"}, "activation_scheme 'static'"),
+    ({"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}, "weight_block_size"),
+    ({"quant_method": "awq", "bits": 4}, "quant_method 'awq': not supported"),
+    (_ct(format="pack-quantized"), "format 'pack-quantized'"),
+    (_ct({"type": "int", "num_bits": 4}), "weights of type 'int', 4 bits"),
+    (_ct({"strategy": "block"}), "weight strategy 'block'"),
+    (_ct(inputs=None), "weight-only fp8"),
+    (_ct(inputs={"dynamic": False}), "static input activation scales"),
+])  # fmt: skip
+def test_unsupported_quantization_configs_are_refused(config: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message) as info:
+        checkpoint_quantization(SimpleNamespace(quantization_config=config))
+    assert "pagedllm loads quant_method 'fp8' with activation_scheme 'dynamic'" in str(info.value)
+
+
+def test_supported_configs_and_unquantized_checkpoints() -> None:
+    assert checkpoint_quantization(SimpleNamespace(quantization_config=GOOD_CT)) == "fp8"
+    assert checkpoint_quantization(SimpleNamespace(quantization_config={"quant_method": "fp8"})) == "fp8"
+    assert checkpoint_quantization(SimpleNamespace()) is None
+
+
+def _variant(source: Path, target: Path, edit_tensors=None, edit_config=None) -> Path:
+    shutil.copytree(source, target)
+    if edit_tensors:
+        tensors = load_file(str(target / "model.safetensors"))
+        edit_tensors(tensors)
+        save_file(tensors, str(target / "model.safetensors"), metadata={"format": "pt"})
+    if edit_config:
+        config = json.loads((target / "config.json").read_text())
+        edit_config(config)
+        (target / "config.json").write_text(json.dumps(config))
+    return target
+
+
+def test_broken_fp8_checkpoints_are_refused_with_the_reason(fp8_checkpoint, tmp_path: Path) -> None:
+    fp8_dir, dequantized_dir = fp8_checkpoint("llama", "fp8")
+    down = "model.layers.1.mlp.down_proj.weight"
+    awq = _variant(fp8_dir, tmp_path / "awq",
+                   edit_config=lambda c: c.update(quantization_config={"quant_method": "awq"}))
+    with pytest.raises(ValueError, match="quant_method 'awq': not supported"):
+        LLM(str(awq), device="cpu", num_kv_blocks=16)
+    undeclared = _variant(fp8_dir, tmp_path / "undeclared", edit_config=lambda c: c.pop("quantization_config"))
+    with pytest.raises(ValueError, match=r"0.mlp.down_proj.weight': dtype mismatch: the layer stores torch.float32, "
+                                         r"the checkpoint torch.float8_e4m3fn"):
+        LLM(str(undeclared), device="cpu", num_kv_blocks=16)
+
+    def unquantize_one(tensors: dict[str, torch.Tensor]) -> None:  # one layer left out of the quantization
+        tensors[down] = load_file(str(dequantized_dir / "model.safetensors"))[down]
+        del tensors[down + "_scale"]
+
+    mixed = _variant(fp8_dir, tmp_path / "mixed", edit_tensors=unquantize_one)
+    with pytest.raises(ValueError, match=r"down_proj.weight': dtype mismatch: the layer stores torch.float8_e4m3fn"):
+        LLM(str(mixed), device="cpu", num_kv_blocks=16)
+    no_scale = _variant(fp8_dir, tmp_path / "no_scale", edit_tensors=lambda t: t.pop(down + "_scale"))
+    with pytest.raises(ValueError, match=r"does not provide parameter\(s\): model.layers.1.mlp.down_proj.weight_sc"):
+        LLM(str(no_scale), device="cpu", num_kv_blocks=16)
+    bad_scale = _variant(fp8_dir, tmp_path / "bad_scale",
+                         edit_tensors=lambda t: t.update({down + "_scale": torch.ones(3)}))
+    with pytest.raises(ValueError, match=r"weight scale of shape \(3,\)"):
+        LLM(str(bad_scale), device="cpu", num_kv_blocks=16)
