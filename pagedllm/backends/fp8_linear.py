@@ -58,8 +58,18 @@ def reference_linear_fp8(
     [out]`` float32 from :func:`quantize_rows`; ``bias: [out]`` or None. Returns ``[num_tokens, out]`` in
     ``x.dtype``. The default of ``Backend.linear_fp8`` and the conformance kit's reference.
     """
-    q, scale = quantize_rows(x)
-    y = (q.float() @ weight.float().t()) * scale[:, None] * weight_scale.float()[None, :]
+    return reference_linear_fp8_quantized(*quantize_rows(x), weight, weight_scale, bias, x.dtype)
+
+
+def reference_linear_fp8_quantized(
+    x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+    bias: torch.Tensor | None, out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """The fp8 linear layer of an input already quantized per token (``x_q: [num_tokens, in]`` e4m3,
+    ``x_scale: [num_tokens]`` float32, as :func:`quantize_rows` gives them), in float32; ``weight``,
+    ``weight_scale``, ``bias`` as in :func:`reference_linear_fp8`. Returns ``[num_tokens, out]`` in
+    ``out_dtype``. The default of ``Backend.linear_fp8_quantized``."""
+    y = (x_q.float() @ weight.float().t()) * x_scale.float()[:, None] * weight_scale.float()[None, :]
     if bias is not None:
         y = y + bias.float()
-    return y.to(x.dtype)
+    return y.to(out_dtype)

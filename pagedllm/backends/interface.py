@@ -31,8 +31,10 @@ import torch
 # model's linear layers), ``DeviceCommunicator.all_reduce_add_rms_norm`` (an all-reduce fused with the
 # residual add and norm after it) and ``BackendCapabilities.runs_asynchronously``; 1.4 — the scheduler
 # defaults ``BackendCapabilities.default_max_num_seqs`` and ``default_max_num_batched_tokens``; 1.5 — fp8
-# linear layers: ``Backend.linear_fp8`` and ``BackendCapabilities.quantizations``; ``Backend.weights_loaded``.
-INTERFACE_VERSION: tuple[int, int] = (1, 5)
+# linear layers: ``Backend.linear_fp8`` and ``BackendCapabilities.quantizations``; ``Backend.weights_loaded``;
+# 1.6 — fp8 inputs quantized by the op before the projection: ``Backend.rms_norm_fp8``, ``add_rms_norm_fp8``,
+# ``silu_and_mul_fp8`` and ``linear_fp8_quantized``.
+INTERFACE_VERSION: tuple[int, int] = (1, 6)
 
 
 class InterfaceVersionError(ValueError):
@@ -589,6 +591,51 @@ class Backend(abc.ABC):
         """
         gate, up = x.chunk(2, dim=-1)
         return torch.nn.functional.silu(gate) * up
+
+    # ------------------------------------------------------------------ optional fp8 input ops (1.6)
+    # With fp8 linear layers the op before a projection may hand it its input already quantized per token
+    # (``pagedllm.backends.fp8_linear.quantize_rows`` of what the op would return), so a backend can fuse the
+    # quantization into the norm or activation kernel. Each default composes the ops above with the reference
+    # quantization; an override must give the same values and scales. Called only for models loaded with
+    # ``quantization="fp8"`` on a backend that claims it, without tensor parallelism across the norm.
+    def rms_norm_fp8(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`rms_norm` quantized per token: ``x``: ``[num_tokens, hidden]``; returns ``(q [num_tokens,
+        hidden] float8_e4m3fn, scale [num_tokens] float32)`` of ``quantize_rows(rms_norm(x, weight, eps))``.
+        Called by the first norm of a model whose next projection is fp8. Added in 1.6."""
+        from pagedllm.backends.fp8_linear import quantize_rows
+
+        return quantize_rows(self.rms_norm(x, weight, eps))
+
+    def add_rms_norm_fp8(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`add_rms_norm` with its normed output quantized per token: returns ``(q [num_tokens, hidden]
+        float8_e4m3fn, scale [num_tokens] float32, x + residual)``; may write into ``residual`` in place, as
+        :meth:`add_rms_norm` may. Called by the norms before fp8 projections. Added in 1.6."""
+        from pagedllm.backends.fp8_linear import quantize_rows
+
+        normed, residual = self.add_rms_norm(x, residual, weight, eps)
+        return (*quantize_rows(normed), residual)
+
+    def silu_and_mul_fp8(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`silu_and_mul` quantized per token: ``x``: ``[num_tokens, 2 * d]``; returns ``(q [num_tokens,
+        d] float8_e4m3fn, scale [num_tokens] float32)``. Called by MLPs whose down projection is fp8. Added in
+        1.6."""
+        from pagedllm.backends.fp8_linear import quantize_rows
+
+        return quantize_rows(self.silu_and_mul(x))
+
+    def linear_fp8_quantized(
+        self, x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+        bias: torch.Tensor | None, out_dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """:meth:`linear_fp8` of an input quantized by one of the ops above: ``x_q: [num_tokens, in_features]``
+        float8_e4m3fn, ``x_scale: [num_tokens]`` float32; ``weight``, ``weight_scale``, ``bias`` as in
+        :meth:`linear_fp8`. Returns ``[num_tokens, out_features]`` in ``out_dtype`` (the model dtype). Default:
+        the float32 reference (``reference_linear_fp8_quantized``). Added in 1.6."""
+        from pagedllm.backends.fp8_linear import reference_linear_fp8_quantized
+
+        return reference_linear_fp8_quantized(x_q, x_scale, weight, weight_scale, bias, out_dtype)
 
     # ------------------------------------------------------------------ optional step capture
     def capture_graph(self, fn: Callable[[], None]) -> Callable[[], None]:

@@ -2,7 +2,12 @@
 
 A backend that does not override an op passes trivially; one that fuses it into a kernel must compute what
 the neutral default computes, within the dtype's tolerance. For ``linear_fp8`` (when ``"fp8"`` is claimed)
-that includes quantizing the input exactly as the reference does: its e4m3 weight and scales are given.
+that includes quantizing the input exactly as the reference does: its e4m3 weight and scales are given;
+``linear_fp8_quantized`` gets its input quantized already. The ops that quantize their output for an fp8
+projection (``rms_norm_fp8``, ``add_rms_norm_fp8``, ``silu_and_mul_fp8``) are compared dequantized: the
+backend rounds the op's result to its dtype before quantizing, the float32 default does not, so an element
+may land one e4m3 step away (at most 1/8 of its magnitude); a missing or wrong normalization, activation or
+scale is far outside that.
 """
 
 from __future__ import annotations
@@ -25,19 +30,29 @@ IN_FEATURES, OUT_FEATURES = 256, 80
 # (batch-1 decode) through another kernel
 OPS: dict[str, str] = {"rms_norm": "rms_norm", "add_rms_norm": "add_rms_norm", "rotary_embedding": "rotary_embedding",
                        "silu_and_mul": "silu_and_mul", "linear": "linear", "linear_one_token": "linear",
-                       "linear_fp8": "linear_fp8", "linear_fp8_one_token": "linear_fp8"}
+                       "linear_fp8": "linear_fp8", "linear_fp8_one_token": "linear_fp8",
+                       "linear_fp8_quantized": "linear_fp8_quantized",
+                       "linear_fp8_quantized_one_token": "linear_fp8_quantized"}
+FP8_INPUT_OPS: dict[str, str] = {"rms_norm_fp8": "rms_norm", "add_rms_norm_fp8": "add_rms_norm",
+                                 "silu_and_mul_fp8": "silu_and_mul"}
+"""The ops that quantize their output for an fp8 projection -> the op whose inputs they take."""
+E4M3_STEP = 0.125  # the widest relative spacing of e4m3 values (3 mantissa bits)
+E4M3_SUBNORMAL_STEP = 2.0**-9  # the spacing of its subnormals, in units of the scale
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """Parametrize ``fused_case`` as (case, dtype) for every case of :data:`OPS` and dtype."""
-    if "fused_case" in metafunc.fixturenames:
+    """Parametrize ``fused_case`` (every case of :data:`OPS`) and ``fp8_input_case`` (of
+    :data:`FP8_INPUT_OPS`) as (case, dtype) for every dtype; fp8 cases skipped unless fp8 is claimed."""
+    for fixture, ops in (("fused_case", OPS), ("fp8_input_case", FP8_INPUT_OPS)):
+        if fixture not in metafunc.fixturenames:
+            continue
         capabilities = get_target(metafunc.config).capabilities
         unclaimed_fp8 = None if "fp8" in capabilities.quantizations else "fp8 linear layers not claimed (quantizations)"
         metafunc.parametrize(
-            "fused_case",
+            fixture,
             [param(case_id(metafunc.config, op, dtype), (op, dtype),
                    skip=dtype_skip(capabilities, dtype) or (unclaimed_fp8 if "fp8" in op else None))
-             for op in OPS for dtype in all_dtypes(capabilities)],
+             for op in ops for dtype in all_dtypes(capabilities)],
         )
 
 
@@ -69,6 +84,8 @@ def op_inputs(op: str, head_dim: int, dtype: torch.dtype, gen: torch.Generator) 
         rows = 1 if op.endswith("one_token") else NUM_TOKENS
         weight = torch.randn(OUT_FEATURES, IN_FEATURES, generator=gen) * IN_FEATURES**-0.5
         x, bias = randn(rows, IN_FEATURES), randn(OUT_FEATURES)
+        if "fp8_quantized" in op:  # the input quantized per token already; the output dtype last
+            return *quantize_rows(x), *quantize_rows(weight), bias, dtype
         if "fp8" in op:  # e4m3 weight rows with their float32 scales; the op quantizes x itself
             return x, *quantize_rows(weight), bias
         return x, weight.to(dtype), bias
@@ -80,14 +97,9 @@ def as_outputs(result: object) -> list[torch.Tensor]:
     return list(result) if isinstance(result, tuple) else [result]  # type: ignore[list-item]
 
 
-def test_fused_op_matches_default(
-    conformance_target: ConformanceTarget, fused_case: tuple[str, torch.dtype], conformance_generator: torch.Generator
-) -> None:
-    """The backend's op on ``dtype`` inputs equals the base-class default on the same values in float32."""
-    case, dtype = fused_case
-    op = OPS[case]
-    target = conformance_target
-    inputs = op_inputs(case, base_head_size(target.capabilities), dtype, conformance_generator)
+def run_op_and_default(target: ConformanceTarget, op: str, inputs: tuple[object, ...]) -> tuple[list[torch.Tensor],
+                                                                                               list[torch.Tensor]]:
+    """``(the backend's outputs on its device, the base-class default's on the CPU in float32)`` of ``op``."""
 
     def on(device: torch.device, float32: bool) -> list[object]:
         moved = []
@@ -97,6 +109,8 @@ def test_fused_op_matches_default(
                 if float32 and x.is_floating_point():
                     x = x.float()
                 x = x.to(device)
+            elif float32 and isinstance(x, torch.dtype):  # an output dtype (linear_fp8_quantized)
+                x = torch.float32
             moved.append(x)
         return moved
 
@@ -104,7 +118,18 @@ def test_fused_op_matches_default(
     with poisoned_allocations():
         actual = as_outputs(method(*on(target.device, float32=False)))
     reference: Callable[..., object] = getattr(DefaultOpsBackend(), op)
-    expected = as_outputs(reference(*on(torch.device("cpu"), float32=True)))
+    return actual, as_outputs(reference(*on(torch.device("cpu"), float32=True)))
+
+
+def test_fused_op_matches_default(
+    conformance_target: ConformanceTarget, fused_case: tuple[str, torch.dtype], conformance_generator: torch.Generator
+) -> None:
+    """The backend's op on ``dtype`` inputs equals the base-class default on the same values in float32."""
+    case, dtype = fused_case
+    op = OPS[case]
+    target = conformance_target
+    inputs = op_inputs(case, base_head_size(target.capabilities), dtype, conformance_generator)
+    actual, expected = run_op_and_default(target, op, inputs)
     overridden = getattr(type(target.backend), op) is not getattr(Backend, op)
     assert len(actual) == len(expected), f"{op} returned {len(actual)} tensors, expected {len(expected)}"
     tol = tolerance(dtype)
@@ -119,3 +144,38 @@ def test_fused_op_matches_default(
             pytest.fail(f"{op} ({'overridden' if overridden else 'default'}) output {index} differs from the "
                         f"base-class default in float32: max |err| {float(err):.4g} (atol={tol.atol}, rtol={tol.rtol})",
                         pytrace=False)
+
+
+def test_fp8_input_op_matches_default(
+    conformance_target: ConformanceTarget, fp8_input_case: tuple[str, torch.dtype],
+    conformance_generator: torch.Generator,
+) -> None:
+    """The backend's op that quantizes its output (e4m3 values, float32 scale per token; then the residual
+    sum, in ``dtype``) against the base-class default in float32: scales within the dtype's tolerance,
+    dequantized values within one e4m3 step, the residual within the dtype's tolerance."""
+    op, dtype = fp8_input_case
+    inputs = op_inputs(FP8_INPUT_OPS[op], base_head_size(conformance_target.capabilities), dtype, conformance_generator)
+    actual, expected = run_op_and_default(conformance_target, op, inputs)
+    assert len(actual) == len(expected), f"{op} returned {len(actual)} tensors, expected {len(expected)}"
+    (q, scale), (q_ref, scale_ref) = actual[:2], expected[:2]
+    assert q.dtype == torch.float8_e4m3fn and scale.dtype == torch.float32, f"{op} returned {q.dtype}, {scale.dtype}"
+    assert tuple(q.shape) == tuple(q_ref.shape) and tuple(scale.shape) == tuple(scale_ref.shape), (
+        f"{op} returned shapes {tuple(q.shape)}, {tuple(scale.shape)}; expected {tuple(q_ref.shape)}, "
+        f"{tuple(scale_ref.shape)}"
+    )
+    tol = tolerance(dtype)
+    scale = scale.cpu()
+    if not torch.allclose(scale, scale_ref, atol=0.0, rtol=tol.rtol):
+        pytest.fail(f"{op}: scales differ from the default's beyond rtol={tol.rtol}: got {scale.tolist()}, expected "
+                    f"{scale_ref.tolist()}", pytrace=False)
+    values = q.float().cpu() * scale[:, None]
+    reference = q_ref.float() * scale_ref[:, None]
+    bound = E4M3_STEP * reference.abs() + E4M3_SUBNORMAL_STEP * scale_ref[:, None] + tol.atol
+    err = (values - reference).abs().nan_to_num(float("inf"))
+    if (err > bound).any():
+        worst = int((err - bound).argmax())
+        pytest.fail(f"{op}: dequantized output differs from the default's by more than one e4m3 step: "
+                    f"{values.flatten()[worst]:.4g} against {reference.flatten()[worst]:.4g}", pytrace=False)
+    for a, e in zip(actual[2:], expected[2:], strict=True):  # add_rms_norm_fp8's residual sum
+        assert a.dtype == dtype, f"{op} residual is {a.dtype}, expected {dtype}"
+        assert torch.allclose(a.float().cpu(), e, atol=tol.atol, rtol=tol.rtol), f"{op}: residual sum differs"

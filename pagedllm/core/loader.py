@@ -13,7 +13,7 @@ from torch import nn
 
 from pagedllm.backends.interface import Backend
 from pagedllm.core.config import ModelConfig
-from pagedllm.core.models.layers import bind_linear_op, prepare_fp8_weights, quantize_linear_layers
+from pagedllm.core.models.layers import bind_linear_op, prepare_fp8_weights, quantize_linear_layers, use_fp8_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def load_model(
     stored_fp8 = model_config.quantization == "fp8" and load_format != "dummy"
     count = 0
     if stored_fp8:
-        count = prepare_fp8_weights(model, backend.linear_fp8)
+        count = prepare_fp8_weights(model, backend)
         _check_quantizable(count, model_config)
     if load_format == "dummy":
         fill_dummy_weights(model, device, seed)
@@ -139,10 +139,12 @@ def load_model(
                     count, _parameter_bytes(model) / 2**20)
     elif quantization == "fp8":
         before = _parameter_bytes(model)
-        count = quantize_linear_layers(model, backend.linear_fp8)
+        count = quantize_linear_layers(model, backend)
         _check_quantizable(count, model_config)
         logger.info("fp8: %d linear layers stored in e4m3 with per-row scales; weights %.1f MiB -> %.1f MiB",
                     count, before / 2**20, _parameter_bytes(model) / 2**20)
+    if quantization == "fp8":
+        use_fp8_inputs(model)
     return model.eval()
 
 

@@ -88,12 +88,20 @@ def test_unwritten_output_row_is_caught_by_poisoning() -> None:
 
 
 def test_wrong_fused_op_is_caught_against_the_default() -> None:
-    code, outcomes = run_kit("broken_rms_norm", "test_fused_op")
+    code, outcomes = run_kit("broken_rms_norm", "test_fused_op_matches")
     assert code == pytest.ExitCode.TESTS_FAILED
     failed = outcomes.ids("failed")
     assert {f"broken_rms_norm-{op}-{dtype}" for op in ("rms_norm", "add_rms_norm")
             for dtype in ("float32", "float16", "bfloat16")} == failed
     assert "broken_rms_norm-silu_and_mul-float32" in outcomes.ids("passed")
+
+
+def test_a_wrong_norm_is_caught_in_the_fp8_input_ops_that_compose_it() -> None:
+    code, outcomes = run_kit("broken_rms_norm", "test_fp8_input_op_matches")
+    assert code == pytest.ExitCode.TESTS_FAILED
+    assert {f"broken_rms_norm-{op}-{dtype}" for op in ("rms_norm_fp8", "add_rms_norm_fp8")
+            for dtype in ("float32", "float16", "bfloat16")} == outcomes.ids("failed")
+    assert "broken_rms_norm-silu_and_mul_fp8-float32" in outcomes.ids("passed")
 
 
 def test_fp8_linear_without_input_quantization_is_caught() -> None:
@@ -102,6 +110,13 @@ def test_fp8_linear_without_input_quantization_is_caught() -> None:
     assert {f"broken_fp8_linear-{op}-{dtype}" for op in ("linear_fp8", "linear_fp8_one_token")
             for dtype in ("float32", "float16", "bfloat16")} == outcomes.ids("failed")
     assert "broken_fp8_linear-linear-float32" in outcomes.ids("passed")
+
+
+def test_fp8_inputs_with_the_wrong_scale_are_caught() -> None:
+    code, outcomes = run_kit("broken_fp8_inputs", "test_fp8_input_op_matches")
+    assert code == pytest.ExitCode.TESTS_FAILED
+    assert {f"broken_fp8_inputs-{op}-{dtype}" for op in ("rms_norm_fp8", "add_rms_norm_fp8", "silu_and_mul_fp8")
+            for dtype in ("float32", "float16", "bfloat16")} == outcomes.ids("failed")
 
 
 def test_unknown_or_unavailable_device_stops_the_kit(

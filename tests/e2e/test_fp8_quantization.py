@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pagedllm import LLM
+from pagedllm import LLM, SamplingParams
 from pagedllm.backends.cpu.backend import CpuBackend
 from pagedllm.core.config import EngineConfig
 from pagedllm.entrypoints.engine_args import add_engine_args, engine_config_from_args
@@ -74,3 +74,47 @@ def test_a_quantization_the_backend_does_not_claim_is_refused(llama_dir: Path,
     monkeypatch.setattr(CpuBackend, "capabilities", lambda self: unclaimed)
     with pytest.raises(ValueError, match=r"backend 'cpu' does not support quantization 'fp8'; supported: none"):
         LLM(str(llama_dir), device="cpu", quantization="fp8", num_kv_blocks=16)
+
+
+def test_norms_and_activation_quantize_the_fp8_projections_inputs(llama_dir: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each layer's norms and MLP activation hand its fp8 projections their inputs quantized per token
+    (``rms_norm_fp8``/``add_rms_norm_fp8``/``silu_and_mul_fp8``, then ``linear_fp8_quantized``); only the
+    attention output is quantized inside ``linear_fp8``. That computes exactly what quantizing every input
+    inside ``linear_fp8`` does: the same logprobs, bit for bit, with the switches off."""
+    llm = LLM(str(llama_dir), device="cpu", dtype="float32", quantization="fp8", num_kv_blocks=64)
+    model = llm.llm_engine.executor.worker.runner.model
+    layers = list(model.model.layers)
+    assert all(layer.input_layernorm.fp8_output and layer.post_attention_layernorm.fp8_output
+               and layer.mlp.fp8_activation for layer in layers)
+    assert not model.model.norm.fp8_output  # before the LM head, which stays in the model dtype
+    backend = llm.llm_engine.executor.worker.backend
+    calls: dict[str, int] = {}
+
+    def counting(name: str) -> object:
+        method = getattr(backend, name)
+
+        def counted(*args: object) -> object:
+            calls[name] = calls.get(name, 0) + 1
+            return method(*args)
+
+        return counted
+
+    for name in ("rms_norm_fp8", "add_rms_norm_fp8", "silu_and_mul_fp8", "linear_fp8_quantized", "linear_fp8"):
+        monkeypatch.setattr(backend, name, counting(name))
+    params = SamplingParams(temperature=0.0, max_tokens=6, logprobs=3)
+    prompts = [[1, 2, 3, 4, 5], list(range(10, 40))]
+
+    def run() -> list[object]:
+        return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in llm.generate(prompts, params, use_tqdm=False)]
+
+    fused = run()
+    steps = calls["rms_norm_fp8"]  # the first layer's input norm, once per forward
+    assert steps > 0 and calls["add_rms_norm_fp8"] == steps * (2 * len(layers) - 1)
+    assert calls["silu_and_mul_fp8"] == steps * len(layers) and calls["linear_fp8"] == steps * len(layers)  # o_proj
+    assert calls["linear_fp8_quantized"] == steps * 3 * len(layers)
+    for layer in layers:
+        layer.input_layernorm.fp8_output = layer.post_attention_layernorm.fp8_output = False
+        layer.mlp.fp8_activation = False
+    calls.clear()
+    assert run() == fused and "linear_fp8_quantized" not in calls

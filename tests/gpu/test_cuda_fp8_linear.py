@@ -97,3 +97,31 @@ def test_fp8_checkpoint_greedy_equals_cpu_fp32(llama_checkpoint: Path, tmp_path:
     assert llm.llm_engine.executor.worker.runner.model.model.layers[0].mlp.down_proj.weight.is_cuda
     for i, (ours, ref) in enumerate(zip(got, expected, strict=True)):
         assert ours == ref, f"prompt {i} diverged"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 7, 1000])
+def test_fused_fp8_inputs_equal_the_unfused_ops_bit_for_bit(dtype: torch.dtype, rows: int) -> None:
+    """RMSNorm (with and without the residual add) and SiLU-and-mul quantizing their outputs give the bytes
+    and scales of the unfused op followed by the quantizer (the reference on the CPU); the projection of such
+    an input (GEMV at one row, cuBLAS above) equals ``linear_fp8`` of the unfused output."""
+    from pagedllm.backends.cuda.backend import CudaBackend
+
+    backend = CudaBackend()
+    x = (2 * torch.randn(rows, 4096, device="cuda") + 1).to(dtype)
+    residual = torch.randn(rows, 4096, device="cuda").to(dtype)
+    weight = (1 + 0.1 * torch.randn(4096, device="cuda")).to(dtype)
+    gate_up = (3 * torch.randn(rows, 2 * 14336, device="cuda")).to(dtype)
+    normed, summed = backend.add_rms_norm(x, residual.clone(), weight, 1e-5)
+    q, scale, fused_sum = backend.add_rms_norm_fp8(x, residual.clone(), weight, 1e-5)
+    assert torch.equal(fused_sum, summed)
+    for (got_q, got_scale), unfused in (((q, scale), normed), (backend.rms_norm_fp8(x, weight, 1e-6),
+                                                               backend.rms_norm(x, weight, 1e-6)),
+                                        (backend.silu_and_mul_fp8(gate_up), backend.silu_and_mul(gate_up))):
+        want_q, want_scale = quantize_rows(unfused.cpu())
+        assert torch.equal(got_scale.cpu(), want_scale)
+        assert torch.equal(got_q.cpu().view(torch.uint8), want_q.view(torch.uint8))
+    w_q, w_scale = quantize_rows(torch.randn(6144, 4096, device="cuda") * 0.02)
+    bias = torch.randn(6144, device="cuda").to(dtype)
+    got = backend.linear_fp8_quantized(q, scale, w_q, w_scale, bias, dtype)
+    assert torch.equal(got, backend.linear_fp8(normed, w_q, w_scale, bias))

@@ -104,8 +104,33 @@ class UnquantizedInputFp8Backend(CpuBackend):
                                           None if bias is None else bias.float()).to(x.dtype)
 
 
+class FnuzScaleFp8InputsBackend(CpuBackend):
+    """Quantizes the outputs it hands fp8 projections with e4m3fnuz's largest value (240) where e4m3fn's is 448:
+    the dequantized values stay close, the scales are 448/240 too large."""
+
+    name = "broken_fp8_inputs"
+    interface_version = (1, 6)
+    priority = -1000
+
+    @staticmethod
+    def _quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = (x.float().abs().amax(-1) / 240.0).clamp(min=1e-12)
+        return (x.float() / scale[:, None]).clamp(-448, 448).to(torch.float8_e4m3fn), scale
+
+    def rms_norm_fp8(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._quantize(self.rms_norm(x, weight, eps))
+
+    def add_rms_norm_fp8(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                         eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        normed, residual = self.add_rms_norm(x, residual, weight, eps)
+        return (*self._quantize(normed), residual)
+
+    def silu_and_mul_fp8(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._quantize(self.silu_and_mul(x))
+
+
 BROKEN: tuple[type[Backend], ...] = (OffByOneSlotBackend, WrongGqaBackend, UnwrittenRowBackend, WrongRmsNormBackend,
-                                     UnquantizedInputFp8Backend)
+                                     UnquantizedInputFp8Backend, FnuzScaleFp8InputsBackend)
 
 
 @hookimpl

@@ -365,6 +365,49 @@ def test_silu_and_mul(kernels: SimpleNamespace, dtype: torch.dtype) -> None:
     torch.testing.assert_close(kernels.fused_kernels.silu_and_mul(x), REFERENCE.silu_and_mul(x), **TOLERANCE[dtype])
 
 
+def _assert_quantized_like(got: tuple[torch.Tensor, torch.Tensor], values: torch.Tensor, kernels: SimpleNamespace,
+                           rtol: float) -> None:
+    """``got = (q, scale)`` is the interpreted quantizer's output on ``values`` (the unfused op's): scales
+    within ``rtol`` (sums of squares in another order), nearly every e4m3 byte equal. Against the
+    interpreted quantizer, not the reference, because the interpreter's fp8 cast does not round to nearest
+    (it can even drop a carry into the exponent); bit-exactness against the reference is checked on the GPU."""
+    q, scale = got
+    want_q, want_scale = kernels.fp8_linear.quantize_rows(values)
+    assert q.dtype == torch.float8_e4m3fn and q.shape == values.shape and scale.dtype == torch.float32
+    torch.testing.assert_close(scale, want_scale, rtol=rtol, atol=0.0)
+    same = (q.view(torch.uint8) == want_q.view(torch.uint8)).float().mean().item()
+    assert same >= 0.98, f"only {same:.1%} of the e4m3 values equal the unfused op's"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fp8_input_ops(kernels: SimpleNamespace, dtype: torch.dtype) -> None:
+    """RMSNorm (with and without the residual add) and SiLU-and-mul quantizing their outputs per token for an
+    fp8 projection: the unfused op's output, quantized; the residual sum as ``add_rms_norm``'s. The GEMV of
+    an input quantized already equals the reference product."""
+    from pagedllm.backends.fp8_linear import quantize_rows, reference_linear_fp8_quantized
+
+    rtol = {torch.float32: 1e-5, torch.float16: 1e-3}[dtype]
+    x, residual = (2 * torch.randn(5, 96) + 1).to(dtype), torch.randn(5, 96).to(dtype)
+    weight = (1 + 0.1 * torch.randn(96)).to(dtype)
+    _assert_quantized_like(kernels.fused_kernels.rms_norm_fp8(x, weight, 1e-6), REFERENCE.rms_norm(x, weight, 1e-6),
+                           kernels, rtol)
+    expected_out, expected_sum = REFERENCE.add_rms_norm(x, residual.clone(), weight, 1e-5)
+    q, scale, new_residual = kernels.fused_kernels.add_rms_norm_fp8(x, residual, weight, 1e-5)
+    _assert_quantized_like((q, scale), expected_out, kernels, rtol)
+    assert torch.equal(new_residual, expected_sum)
+    gate_up = (torch.randn(4, 2 * 1100) * 3).to(dtype)
+    _assert_quantized_like(kernels.fused_kernels.silu_and_mul_fp8(gate_up), REFERENCE.silu_and_mul(gate_up),
+                           kernels, rtol)
+    x_q, x_scale = quantize_rows(torch.randn(1, 256))
+    w_q, w_scale = quantize_rows(torch.randn(70, 256) / 16)
+    bias = torch.randn(70).to(dtype)
+    got = kernels.gemv.gemv_fp8_quantized(x_q, x_scale, w_q, w_scale, bias, dtype, config=(16, 64, 4))
+    assert got is not None and got.dtype == dtype
+    torch.testing.assert_close(got, reference_linear_fp8_quantized(x_q, x_scale, w_q, w_scale, bias, dtype),
+                               **TOLERANCE[dtype])
+    assert kernels.gemv.gemv_fp8_quantized(x_q, x_scale[None], w_q, w_scale, None, dtype) is None  # scale [1, 1]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("n", "k", "bias"), [(80, 256, True), (1030, 128, False), (4100, 192, True)])
 def test_gemv_matches_linear(kernels: SimpleNamespace, n: int, k: int, bias: bool, dtype: torch.dtype) -> None:
@@ -500,6 +543,8 @@ def test_kernels_compile_for_sm90() -> None:
     if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
         pytest.skip("triton ships no ptxas here")
     pytest.importorskip("triton.compiler")
+    import triton.language as tl
+
     from pagedllm.backends.cuda import (
         allreduce_norm,
         decode_attention,
@@ -557,8 +602,9 @@ def test_kernels_compile_for_sm90() -> None:
         num_warps=4, num_stages=2, enable_fp_fusion=True,
     )  # fmt: skip
     fused = {n: "*bf16" for n in ("out_ptr", "x_ptr", "residual_ptr", "weight_ptr", "q_out_ptr", "k_out_ptr", "k_ptr")}
-    fused.update(q_ptr="*bf16", positions_ptr="*i64", cos_sin_ptr="*fp32")
-    _compile_sm90(fused_kernels._rms_norm_kernel, fused, {"HAS_RESIDUAL": True, "BLOCK": 4096}, num_warps=8,
+    fused.update(q_ptr="*bf16", positions_ptr="*i64", cos_sin_ptr="*fp32", scale_ptr="*fp32")
+    _compile_sm90(fused_kernels._rms_norm_kernel, fused,
+                  {"HAS_RESIDUAL": True, "QUANTIZE": False, "ROUND_TO": tl.bfloat16, "BLOCK": 4096}, num_warps=8,
                   enable_fp_fusion=False)  # fmt: skip
     _compile_sm90(
         fused_kernels._rotary_kernel, fused,
@@ -570,11 +616,23 @@ def test_kernels_compile_for_sm90() -> None:
                   {"HAS_BIAS": True, "BLOCK_N": 16, "BLOCK_K": 256}, num_warps=4)  # fmt: skip
     # fp8 linear layers: the one-token GEMV over e4m3 weights, the per-token quantizer of the GEMM path
     _compile_sm90(
-        gemv._gemv_fp8_kernel, {"y_ptr": "*bf16", "x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "w_scale_ptr": "*fp32",
-                                "bias_ptr": "*bf16"},
-        {"FP8_MAX": 448.0, "MIN_SCALE": 1e-12, "HAS_BIAS": False, "BLOCK_N": 8, "BLOCK_K": 1024, "GROUP": 16},
-        num_warps=4,
+        gemv._gemv_fp8_kernel, {"y_ptr": "*bf16", "x_ptr": "*bf16", "x_scale_ptr": "*fp32", "w_ptr": "*fp8e4nv",
+                                "w_scale_ptr": "*fp32", "bias_ptr": "*bf16"},
+        {"FP8_MAX": 448.0, "MIN_SCALE": 1e-12, "HAS_BIAS": False, "BLOCK_N": 8, "BLOCK_K": 1024, "GROUP": 16,
+         "X_QUANTIZED": False}, num_warps=4,
     )  # fmt: skip
+    _compile_sm90(
+        gemv._gemv_fp8_kernel, {"y_ptr": "*bf16", "x_ptr": "*fp8e4nv", "x_scale_ptr": "*fp32", "w_ptr": "*fp8e4nv",
+                                "w_scale_ptr": "*fp32", "bias_ptr": "*bf16"},
+        {"FP8_MAX": 448.0, "MIN_SCALE": 1e-12, "HAS_BIAS": False, "BLOCK_N": 8, "BLOCK_K": 1024, "GROUP": 16,
+         "X_QUANTIZED": True}, num_warps=4,
+    )  # fmt: skip
+    # the norm and the activation quantizing their outputs for an fp8 projection
+    _compile_sm90(fused_kernels._rms_norm_kernel, {**fused, "out_ptr": "*fp8e4nv"},
+                  {"HAS_RESIDUAL": True, "QUANTIZE": True, "ROUND_TO": tl.bfloat16, "BLOCK": 4096}, num_warps=8,
+                  enable_fp_fusion=False)  # fmt: skip
+    _compile_sm90(fused_kernels._silu_and_mul_fp8_kernel, {"q_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "x_ptr": "*bf16"},
+                  {"BLOCK": 16384}, num_warps=16, enable_fp_fusion=False)
     _compile_sm90(
         fp8_linear._quantize_rows_kernel, {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "scale_ptr": "*fp32"},
         {"FP8_MAX_C": 448.0, "MIN_SCALE_C": 1e-12, "BLOCK": 16384}, num_warps=16,

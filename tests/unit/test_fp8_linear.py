@@ -57,13 +57,15 @@ def test_quantize_linear_layers_leaves_the_lm_head_and_embeddings_alone() -> Non
     x = torch.randn(3, 32)
     calls: list[tuple[int, ...]] = []
 
-    def linear_fp8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
-        calls.append(tuple(weight.shape))
-        return reference_linear_fp8(x, weight, scale, bias)
+    class Recording(CpuBackend):
+        def linear_fp8(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                       bias: torch.Tensor | None = None) -> torch.Tensor:
+            calls.append(tuple(weight.shape))
+            return super().linear_fp8(x, weight, scale, bias)
 
     head_weight = model["head"].weight.detach().clone()
     expected = reference_linear_fp8(x, *quantize_rows(model["qkv"].weight.detach()), model["qkv"].bias.detach())
-    assert quantize_linear_layers(model, linear_fp8) == 2
+    assert quantize_linear_layers(model, Recording()) == 2
     assert model["qkv"].weight.dtype == model["o"].weight.dtype == torch.float8_e4m3fn
     assert model["qkv"].weight_scale.shape == (32,) and "weight_scale" in dict(model["o"].named_parameters())
     assert torch.equal(model["head"].weight, head_weight) and model["norm"].weight.dtype == torch.float32

@@ -38,7 +38,7 @@ class CudaBackend(Backend):
     name = "cuda"
     device_type = "cuda"
     dist_backend = "nccl"
-    interface_version = (1, 5)  # create_communicator; linear, all_reduce_add_rms_norm; scheduler defaults; fp8 linear
+    interface_version = (1, 6)  # communicator; linear, all_reduce_add_rms_norm; scheduler defaults; fp8 linear, inputs
     priority = 10  # below rocm: torch.cuda also answers on a ROCm build
 
     def __init__(self) -> None:
@@ -241,6 +241,44 @@ class CudaBackend(Backend):
         from pagedllm.backends.cuda.fused_kernels import silu_and_mul
 
         return silu_and_mul(x)
+
+    def rms_norm_fp8(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Triton RMSNorm writing its output quantized per token (bit for bit the default's)."""
+        from pagedllm.backends.cuda.fused_kernels import rms_norm_fp8
+
+        return rms_norm_fp8(x, weight, eps)
+
+    def add_rms_norm_fp8(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Fused residual add + RMSNorm + per-token quantization; the sum is written into ``residual``."""
+        if residual.dtype != x.dtype or residual.shape != x.shape or not residual.is_contiguous():
+            return super().add_rms_norm_fp8(x, residual, weight, eps)
+        from pagedllm.backends.cuda.fused_kernels import add_rms_norm_fp8
+
+        return add_rms_norm_fp8(x, residual, weight, eps)
+
+    def silu_and_mul_fp8(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Triton SiLU-and-mul writing its output quantized per token (bit for bit the default's)."""
+        from pagedllm.backends.cuda.fused_kernels import silu_and_mul_fp8
+
+        return silu_and_mul_fp8(x)
+
+    def linear_fp8_quantized(
+        self, x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+        bias: torch.Tensor | None, out_dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """One token through the fp8 GEMV (no pass over the input for its scale); more through cuBLAS's e4m3
+        product, as :meth:`linear_fp8` after its quantizer."""
+        if x_q.shape[0] == 1 and x_q.dim() == 2:
+            from pagedllm.backends.cuda.gemv import gemv_fp8_quantized
+
+            y = gemv_fp8_quantized(x_q, x_scale, weight, weight_scale, bias, out_dtype)
+            if y is not None:
+                return y
+        from pagedllm.backends.cuda.fp8_linear import linear_fp8_quantized
+
+        return linear_fp8_quantized(x_q, x_scale, weight, weight_scale, bias, out_dtype)
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """A Triton GEMV for one-token inputs (``x: [1, K]``, batch-1 decode), where it streams the weights

@@ -1,5 +1,6 @@
 """Fused element-wise ops overriding the ``Backend`` defaults: RMSNorm (with residual add), rotary
-embedding, SiLU-and-mul.
+embedding, SiLU-and-mul; and RMSNorm and SiLU-and-mul quantizing their output per token for an fp8
+projection (one program per row, so a row's scale is known before it is stored).
 
 They round exactly where the Hugging Face / ``Backend`` default code rounds (after each PyTorch op in the
 activation dtype), computing each op in float32 in between, so on the GPU they match the defaults to the
@@ -13,6 +14,14 @@ import torch
 import triton
 import triton.language as tl
 
+from pagedllm.backends.cuda.fp8_linear import MAX_ROW, quantize_row_store, row_warps
+from pagedllm.backends.fp8_linear import FP8_DTYPE, FP8_MAX, MIN_SCALE
+from pagedllm.backends.fp8_linear import quantize_rows as reference_quantize_rows
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+_FP8_MAX = tl.constexpr(FP8_MAX)
+_MIN_SCALE = tl.constexpr(MIN_SCALE)
+
 
 @triton.jit
 def _rms_norm_kernel(
@@ -20,12 +29,15 @@ def _rms_norm_kernel(
     x_ptr,
     residual_ptr,
     weight_ptr,
+    scale_ptr,
     stride_x,
     stride_r,
     stride_o,
     hidden,
     eps,
     HAS_RESIDUAL: tl.constexpr,
+    QUANTIZE: tl.constexpr,
+    ROUND_TO: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -41,7 +53,11 @@ def _rms_norm_kernel(
     normed = (x32 * tl.rsqrt(variance + eps)).to(x.dtype)
     w = tl.load(weight_ptr + offs, mask=mask, other=0.0)
     out = w.to(tl.float32) * normed.to(tl.float32)
-    tl.store(out_ptr + row * stride_o + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+    if QUANTIZE:  # e4m3 of the output rounded as the unfused norm returns it; scale_ptr gets its scale
+        quantize_row_store(out_ptr + row * stride_o + offs, scale_ptr + row, out.to(ROUND_TO).to(tl.float32), mask,
+                           _FP8_MAX, _MIN_SCALE)
+    else:
+        tl.store(out_ptr + row * stride_o + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -50,21 +66,31 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
+def _norm(x2: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+          quantize: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Launch the norm over the rows of ``x2: [rows, hidden]`` (``residual``: added first, in place);
+    returns ``(out, None)`` in the dtype of ``weight * x``, or ``(e4m3 out, scale [rows])``."""
+    num_rows, hidden = x2.shape
+    dtype = torch.result_type(weight, x2)
+    out = torch.empty(x2.shape, dtype=FP8_DTYPE if quantize else dtype, device=x2.device)
+    scale = torch.empty(num_rows, dtype=torch.float32, device=x2.device) if quantize else None
+    if num_rows:
+        res = x2 if residual is None else residual
+        _rms_norm_kernel[(num_rows,)](
+            out, x2, res, weight.contiguous(), out if scale is None else scale, x2.stride(0), res.stride(0),
+            out.stride(0), hidden, eps, HAS_RESIDUAL=residual is not None, QUANTIZE=quantize,
+            ROUND_TO=_TL_DTYPES[dtype], BLOCK=triton.next_power_of_2(hidden), num_warps=_norm_warps(hidden),
+            enable_fp_fusion=False,
+        )  # fmt: skip
+    return out, scale
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm as Hugging Face computes it. ``x``: ``[..., hidden]``; ``weight``: ``[hidden]``.
 
     Returns ``[..., hidden]`` in the dtype of ``weight * x`` (PyTorch promotion).
     """
-    x2 = _rows(x)
-    hidden = x2.shape[1]
-    out = torch.empty(x2.shape, dtype=torch.result_type(weight, x), device=x.device)
-    if x2.shape[0]:
-        _rms_norm_kernel[(x2.shape[0],)](
-            out, x2, x2, weight.contiguous(), x2.stride(0), x2.stride(0), out.stride(0), hidden, eps,
-            HAS_RESIDUAL=False, BLOCK=triton.next_power_of_2(hidden), num_warps=_norm_warps(hidden),
-            enable_fp_fusion=False,
-        )  # fmt: skip
-    return out.view(x.shape)
+    return _norm(_rows(x), None, weight, eps, quantize=False)[0].view(x.shape)
 
 
 def add_rms_norm(
@@ -76,16 +102,23 @@ def add_rms_norm(
     into it in place, and it is the second element returned); ``weight``: ``[hidden]``.
     """
     x2 = _rows(x)
-    num_rows, hidden = x2.shape
-    res2 = residual.view(num_rows, hidden)
-    out = torch.empty(x2.shape, dtype=torch.result_type(weight, x), device=x.device)
-    if num_rows:
-        _rms_norm_kernel[(num_rows,)](
-            out, x2, res2, weight.contiguous(), x2.stride(0), res2.stride(0), out.stride(0), hidden, eps,
-            HAS_RESIDUAL=True, BLOCK=triton.next_power_of_2(hidden), num_warps=_norm_warps(hidden),
-            enable_fp_fusion=False,
-        )  # fmt: skip
+    out, _ = _norm(x2, residual.view(x2.shape), weight, eps, quantize=False)
     return out.view(x.shape), residual
+
+
+def rms_norm_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_rows(rms_norm(x, weight, eps))`` in one pass, bit for bit: ``x: [num_tokens, hidden]`` ->
+    ``(q [num_tokens, hidden] e4m3, scale [num_tokens] float32)``."""
+    return _norm(_rows(x), None, weight, eps, quantize=True)  # type: ignore[return-value]
+
+
+def add_rms_norm_fp8(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`add_rms_norm` with its normed output quantized per token in the same pass: returns ``(q, scale,
+    x + residual)`` (the sum written into ``residual``, contiguous, in place)."""
+    x2 = _rows(x)
+    q, scale = _norm(x2, residual.view(x2.shape), weight, eps, quantize=True)
+    return q, scale, residual  # type: ignore[return-value]
 
 
 def _norm_warps(hidden: int) -> int:
@@ -193,16 +226,31 @@ def rotary_embedding(
 
 
 @triton.jit
+def _silu_mul(x_row_ptr, cols, mask, d):
+    """``silu(gate) * up`` of one row's columns ``cols``, in the input dtype, rounded as PyTorch rounds."""
+    gate = tl.load(x_row_ptr + cols, mask=mask, other=0.0)
+    up = tl.load(x_row_ptr + d + cols, mask=mask, other=0.0)
+    g = gate.to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(gate.dtype)  # silu as PyTorch computes it, rounded like it
+    return (act.to(tl.float32) * up.to(tl.float32)).to(gate.dtype)
+
+
+@triton.jit
 def _silu_and_mul_kernel(out_ptr, x_ptr, stride_x, stride_o, d, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < d
-    gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
-    up = tl.load(x_ptr + row * stride_x + d + cols, mask=mask, other=0.0)
-    g = gate.to(tl.float32)
-    act = (g / (1.0 + tl.exp(-g))).to(gate.dtype)  # silu as PyTorch computes it, rounded like it
-    out = (act.to(tl.float32) * up.to(tl.float32)).to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + row * stride_o + cols, out, mask=mask)
+    out = _silu_mul(x_ptr + row * stride_x, cols, mask, d)
+    tl.store(out_ptr + row * stride_o + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _silu_and_mul_fp8_kernel(q_ptr, scale_ptr, x_ptr, stride_x, d, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < d
+    out = _silu_mul(x_ptr + row * stride_x, cols, mask, d).to(tl.float32)
+    quantize_row_store(q_ptr + row * d + cols, scale_ptr + row, out, mask, _FP8_MAX, _MIN_SCALE)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
@@ -216,3 +264,20 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
             out, x2, x2.stride(0), out.stride(0), d, BLOCK=block, num_warps=4, enable_fp_fusion=False
         )
     return out.view(*x.shape[:-1], d)
+
+
+def silu_and_mul_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_rows(silu_and_mul(x))`` in one pass, bit for bit: ``x: [num_tokens, 2 * d]`` -> ``(q
+    [num_tokens, d] e4m3, scale [num_tokens] float32)``; one program per row (wider rows than MAX_ROW: the
+    two ops apart)."""
+    x2 = _rows(x)
+    num_rows, d = x2.shape[0], x2.shape[1] // 2
+    block = triton.next_power_of_2(d)
+    if block > MAX_ROW:
+        return reference_quantize_rows(silu_and_mul(x2))
+    q = torch.empty((num_rows, d), dtype=FP8_DTYPE, device=x.device)
+    scale = torch.empty(num_rows, dtype=torch.float32, device=x.device)
+    if num_rows:
+        _silu_and_mul_fp8_kernel[(num_rows,)](q, scale, x2, x2.stride(0), d, BLOCK=block, num_warps=row_warps(block),
+                                              enable_fp_fusion=False)
+    return q, scale

@@ -66,14 +66,14 @@ def gemv_config(n: int, k: int) -> tuple[int, int, int] | None:
 
 
 def _accepted_config(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, weight_dtype: torch.dtype,
-                     config: tuple[int, ...] | None) -> tuple[int, ...] | None:
+                     out_dtype: torch.dtype, config: tuple[int, ...] | None) -> tuple[int, ...] | None:
     """``config`` (the tiles) for ``x @ weight.T`` over one row, or None when the kernels do not take the
     inputs or there are no tiles: ``x: [1, K]``, ``weight: [N, K]`` of ``weight_dtype`` with unit stride
-    along K, ``bias: [N]`` in ``x``'s dtype or None, K a multiple of the tiles' ``BLOCK_K``."""
+    along K, ``bias: [N]`` in ``out_dtype`` or None, K a multiple of the tiles' ``BLOCK_K``."""
     n, k = weight.shape
     if x.shape != (1, k) or weight.stride(1) != 1 or weight.dtype != weight_dtype:
         return None
-    if bias is not None and (bias.dtype != x.dtype or bias.shape != (n,)):
+    if bias is not None and (bias.dtype != out_dtype or bias.shape != (n,)):
         return None
     return None if config is None or k % config[1] else config
 
@@ -87,7 +87,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     in ``x``'s dtype.
     """
     n, k = weight.shape
-    config = _accepted_config(x, weight, bias, x.dtype, config or gemv_config(n, k))
+    config = _accepted_config(x, weight, bias, x.dtype, x.dtype, config or gemv_config(n, k))
     if config is None:
         return None
     block_n, block_k, warps = config
@@ -111,6 +111,7 @@ tiles (on an H200: qkv 12.6 -> 9.1 us, gate_up 34.8 -> 31.4 us; RESULTS.md run 6
 def _gemv_fp8_kernel(
     y_ptr,
     x_ptr,
+    x_scale_ptr,
     w_ptr,
     w_scale_ptr,
     bias_ptr,
@@ -123,21 +124,30 @@ def _gemv_fp8_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP: tl.constexpr,
+    X_QUANTIZED: tl.constexpr,
 ):
     cols = tl.arange(0, BLOCK_K)
-    amax = tl.zeros([BLOCK_K], dtype=tl.float32)  # every program scales x itself: one read of x from L2
-    for k in range(0, K, BLOCK_K):
-        amax = tl.maximum(amax, tl.abs(tl.load(x_ptr + k + cols).to(tl.float32)))
-    x_scale = tl.maximum(tl.div_rn(tl.max(amax, 0), FP8_MAX), MIN_SCALE)
-    x_inverse = tl.div_rn(1.0, x_scale)
+    if X_QUANTIZED:  # x is e4m3 already, its scale at x_scale_ptr
+        x_scale = tl.load(x_scale_ptr)
+        x_inverse = 1.0
+    else:  # every program scales x itself: one read of x from L2
+        amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for k in range(0, K, BLOCK_K):
+            amax = tl.maximum(amax, tl.abs(tl.load(x_ptr + k + cols).to(tl.float32)))
+        x_scale = tl.maximum(tl.div_rn(tl.max(amax, 0), FP8_MAX), MIN_SCALE)
+        x_inverse = tl.div_rn(1.0, x_scale)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_w
     acc = tl.zeros([BLOCK_N, BLOCK_K // GROUP], dtype=tl.float32)
     for k in range(0, K, BLOCK_K):  # K is a multiple of BLOCK_K
         w = tl.load(w_rows + (k + cols)[None, :], mask=row_mask[:, None], other=0.0, eviction_policy="evict_first")
-        x = tl.clamp(tl.load(x_ptr + k + cols).to(tl.float32) * x_inverse, -FP8_MAX, FP8_MAX)
-        p = w.to(tl.float32) * x.to(w_ptr.dtype.element_ty).to(tl.float32)[None, :]
+        if X_QUANTIZED:
+            x = tl.load(x_ptr + k + cols).to(tl.float32)
+        else:
+            x = tl.clamp(tl.load(x_ptr + k + cols).to(tl.float32) * x_inverse, -FP8_MAX, FP8_MAX)
+            x = x.to(w_ptr.dtype.element_ty).to(tl.float32)
+        p = w.to(tl.float32) * x[None, :]
         acc += tl.sum(tl.reshape(p, [BLOCK_N, BLOCK_K // GROUP, GROUP]), 2)  # runs of GROUP summed first
     y = tl.sum(acc, 1) * x_scale * tl.load(w_scale_ptr + rows, mask=row_mask, other=0.0)
     if HAS_BIAS:
@@ -164,18 +174,36 @@ def gemv_fp8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, 
     (``weight_scale: [N]`` float32). ``bias``: ``[N]`` in ``x``'s dtype or None. ``config`` overrides
     :func:`gemv_fp8_config` (benchmarks sweep it). Returns ``[1, N]`` in ``x``'s dtype.
     """
+    return _gemv_fp8(x, None, weight, weight_scale, bias, x.dtype, config)
+
+
+def gemv_fp8_quantized(x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                       bias: torch.Tensor | None, out_dtype: torch.dtype,
+                       config: tuple[int, int, int] | None = None) -> torch.Tensor | None:
+    """:func:`gemv_fp8` of an input quantized already (``x_q: [1, K]`` e4m3, ``x_scale: [1]`` float32): no
+    pass over x for its scale. ``bias`` in ``out_dtype``; returns ``[1, N]`` in ``out_dtype``, or None when
+    the kernel does not take the inputs."""
+    if x_scale.shape != (1,) or x_scale.dtype != torch.float32:
+        return None
+    return _gemv_fp8(x_q, x_scale, weight, weight_scale, bias, out_dtype, config)
+
+
+def _gemv_fp8(x: torch.Tensor, x_scale: torch.Tensor | None, weight: torch.Tensor, weight_scale: torch.Tensor,
+              bias: torch.Tensor | None, out_dtype: torch.dtype,
+              config: tuple[int, int, int] | None) -> torch.Tensor | None:
     from pagedllm.backends.fp8_linear import FP8_DTYPE, FP8_MAX, MIN_SCALE
 
     n, k = weight.shape
-    config = _accepted_config(x, weight, bias, FP8_DTYPE, config or gemv_fp8_config(n, k))
+    config = _accepted_config(x, weight, bias, FP8_DTYPE, out_dtype, config or gemv_fp8_config(n, k))
     if config is None or weight_scale.shape != (n,):
         return None
     block_n, block_k, warps = config
     x = x.contiguous()
-    y = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    y = torch.empty(1, n, dtype=out_dtype, device=x.device)
     _gemv_fp8_kernel[(triton.cdiv(n, block_n),)](
-        y, x, weight, weight_scale, bias.contiguous() if bias is not None else weight_scale, n, k, weight.stride(0),
-        FP8_MAX=FP8_MAX, MIN_SCALE=MIN_SCALE, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
-        GROUP=FP8_GROUP, num_warps=warps,
+        y, x, weight_scale if x_scale is None else x_scale, weight, weight_scale,
+        bias.contiguous() if bias is not None else weight_scale, n, k, weight.stride(0), FP8_MAX=FP8_MAX,
+        MIN_SCALE=MIN_SCALE, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, GROUP=FP8_GROUP,
+        X_QUANTIZED=x_scale is not None, num_warps=warps,
     )  # fmt: skip
     return y

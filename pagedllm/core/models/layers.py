@@ -10,6 +10,7 @@ and its paged attention, so model code never names a device. Linear layers hold 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -30,50 +31,76 @@ def bind_linear_op(model: nn.Module, linear: LinearOp) -> None:
             module.linear_op = linear
 
 
-Fp8LinearFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
-"""``(x, weight e4m3, weight_scale [out] float32, bias | None) -> y``, as ``Backend.linear_fp8``."""
+@dataclass(frozen=True, slots=True)
+class Fp8Activation:
+    """An activation already quantized per token by the op that produced it (a norm, the MLP activation),
+    for the fp8 projection that consumes it: ``q [num_tokens, features]`` float8_e4m3fn, ``scale
+    [num_tokens]`` float32, ``dtype`` the model dtype the projection returns."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    dtype: torch.dtype
 
 
 class Fp8LinearOp:
     """The ``linear_op`` of a layer whose weight is stored in e4m3: the backend's ``linear_fp8`` with the
-    layer's per-row ``weight_scale`` buffer (read from the layer at each call, so it is wherever the layer's
-    buffers are); called like :data:`LinearOp` ``(x, weight, bias)``."""
+    layer's per-row ``weight_scale`` (read from the layer at each call, so it is wherever the layer's
+    parameters are), or its ``linear_fp8_quantized`` for an :class:`Fp8Activation`; called like
+    :data:`LinearOp` ``(x, weight, bias)``."""
 
-    def __init__(self, linear_fp8: Fp8LinearFn, layer: nn.Module) -> None:
-        self.linear_fp8 = linear_fp8
+    def __init__(self, backend: Backend, layer: nn.Module) -> None:
+        self.backend = backend
         self.layer = layer
 
-    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return self.linear_fp8(x, weight, self.layer.weight_scale, bias)
+    def __call__(self, x: torch.Tensor | Fp8Activation, weight: torch.Tensor,
+                 bias: torch.Tensor | None = None) -> torch.Tensor:
+        if isinstance(x, Fp8Activation):
+            return self.backend.linear_fp8_quantized(x.q, x.scale, weight, self.layer.weight_scale, bias, x.dtype)
+        return self.backend.linear_fp8(x, weight, self.layer.weight_scale, bias)
 
 
-def quantize_linear_layers(model: nn.Module, linear_fp8: Fp8LinearFn) -> int:
+def feeds_fp8(layer: nn.Module) -> bool:
+    """Whether ``layer`` (a linear layer) computes in fp8, so its producer may hand it an
+    :class:`Fp8Activation`."""
+    return isinstance(getattr(layer, "linear_op", None), Fp8LinearOp)
+
+
+def use_fp8_inputs(model: nn.Module) -> None:
+    """Let the ops before fp8 projections quantize their outputs themselves: calls ``use_fp8_inputs()`` on
+    every module of ``model`` that defines it (a decoder layer sets its norms' and MLP's switches by
+    :func:`feeds_fp8`). Called by the loader once the projections are fp8."""
+    for module in model.modules():
+        if module is not model and hasattr(module, "use_fp8_inputs"):
+            module.use_fp8_inputs()
+
+
+def quantize_linear_layers(model: nn.Module, backend: Backend) -> int:
     """Store the weight of every ``quantizable`` linear layer of ``model`` in e4m3 with one float32 scale
-    per output row (``weight_scale`` parameter) and make it compute through ``linear_fp8`` (the backend's
-    ``Backend.linear_fp8``). Called by the loader once the weights are filled, for ``quantization="fp8"``;
+    per output row (``weight_scale`` parameter) and make it compute through ``backend``'s
+    ``linear_fp8`` (:class:`Fp8LinearOp`). Called by the loader once the weights are filled, for ``quantization="fp8"``;
     each layer's original weight is freed as it goes. Returns the number of layers quantized.
     """
     count = 0
     for module in model.modules():
         if getattr(module, "quantizable", False):
             weight, scale = quantize_rows(module.weight.data)
-            _store_fp8(module, weight, scale, linear_fp8)
+            _store_fp8(module, weight, scale, backend)
             count += 1
     return count
 
 
-def prepare_fp8_weights(model: nn.Module, linear_fp8: Fp8LinearFn) -> int:
+def prepare_fp8_weights(model: nn.Module, backend: Backend) -> int:
     """Give every ``quantizable`` linear layer of ``model`` an empty e4m3 ``weight`` (its loader kept) and an
     empty float32 ``weight_scale [out]`` parameter loaded by the layer's ``load_weight_scale``, computing
-    through ``linear_fp8``. Called by the loader before it reads a checkpoint stored in fp8, whose tensors
-    then fill them. Returns the number of layers prepared."""
+    through ``backend`` (:class:`Fp8LinearOp`). Called by the loader before it reads a checkpoint stored in
+    fp8, whose tensors then fill them. Returns the number of layers prepared."""
     count = 0
     for module in model.modules():
         if getattr(module, "quantizable", False):
             old = module.weight
             weight = torch.empty(old.shape, dtype=FP8_DTYPE, device=old.device)
             scale = torch.empty(old.shape[0], dtype=torch.float32, device=old.device)
-            _store_fp8(module, weight, scale, linear_fp8)
+            _store_fp8(module, weight, scale, backend)
             for attr in ("weight_loader", "full_shape"):
                 if hasattr(old, attr):
                     setattr(module.weight, attr, getattr(old, attr))
@@ -86,10 +113,10 @@ def prepare_fp8_weights(model: nn.Module, linear_fp8: Fp8LinearFn) -> int:
     return count
 
 
-def _store_fp8(module: nn.Module, weight: torch.Tensor, scale: torch.Tensor, linear_fp8: Fp8LinearFn) -> None:
+def _store_fp8(module: nn.Module, weight: torch.Tensor, scale: torch.Tensor, backend: Backend) -> None:
     module.weight = nn.Parameter(weight, requires_grad=False)
     module.weight_scale = nn.Parameter(scale, requires_grad=False)
-    module.linear_op = Fp8LinearOp(linear_fp8, module)
+    module.linear_op = Fp8LinearOp(backend, module)
 
 
 def copy_checked(target: torch.Tensor, loaded: torch.Tensor) -> None:
@@ -119,17 +146,26 @@ class RMSNorm(nn.Module):
         self.variance_epsilon = eps
         self.backend = backend
         self.tp = get_tp_group() if reduce_partial_input else None
+        self.fp8_output = False  # set when an fp8 projection consumes the output (see use_fp8_inputs)
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor | Fp8Activation, torch.Tensor] | torch.Tensor | Fp8Activation:
         """``x``: ``[num_tokens, hidden]``. Without ``residual``: the normed x. With it: ``(normed(x +
-        residual), x + residual)``, ``x`` first summed over the ranks if ``reduce_partial_input``."""
+        residual), x + residual)``, ``x`` first summed over the ranks if ``reduce_partial_input``. With
+        ``fp8_output`` the normed x comes quantized per token (:class:`Fp8Activation`), except after the
+        tensor-parallel sum (its fused kernel writes the model dtype; the projection quantizes it)."""
+        eps = self.variance_epsilon
         if residual is None:
-            return self.backend.rms_norm(x, self.weight, self.variance_epsilon)
+            if self.fp8_output:
+                return Fp8Activation(*self.backend.rms_norm_fp8(x, self.weight, eps), x.dtype)
+            return self.backend.rms_norm(x, self.weight, eps)
         if self.tp is not None and self.tp.world_size > 1:
-            return self.tp.all_reduce_add_rms_norm(x, residual, self.weight, self.variance_epsilon, self.backend)
-        return self.backend.add_rms_norm(x, residual, self.weight, self.variance_epsilon)
+            return self.tp.all_reduce_add_rms_norm(x, residual, self.weight, eps, self.backend)
+        if self.fp8_output:
+            q, scale, residual = self.backend.add_rms_norm_fp8(x, residual, self.weight, eps)
+            return Fp8Activation(q, scale, x.dtype), residual
+        return self.backend.add_rms_norm(x, residual, self.weight, eps)
 
 
 def rope_inv_freq(hf_config: object, head_dim: int) -> tuple[torch.Tensor, float]:

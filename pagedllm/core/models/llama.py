@@ -23,7 +23,14 @@ from pagedllm.core.distributed.parallel_layers import (
     RowParallelLinear,
     VocabParallelEmbedding,
 )
-from pagedllm.core.models.layers import PagedAttention, RMSNorm, RotaryEmbedding, copy_checked
+from pagedllm.core.models.layers import (
+    Fp8Activation,
+    PagedAttention,
+    RMSNorm,
+    RotaryEmbedding,
+    copy_checked,
+    feeds_fp8,
+)
 
 # checkpoint name fragment -> (our fused parameter fragment, part index)
 STACKED_PARAMS: dict[str, tuple[str, int]] = {
@@ -66,17 +73,19 @@ class LlamaAttention(nn.Module):
 
     qkv_bias_default = False
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor | Fp8Activation,
+                metadata: AttentionMetadata) -> torch.Tensor:
         """``hidden: [num_tokens, hidden_size]`` -> ``[num_tokens, hidden_size]`` (this rank's partial sum)."""
         return self.o_proj(self.attn(*self.project_qkv(positions, hidden), metadata))
 
     def project_qkv(
-        self, positions: torch.Tensor, hidden: torch.Tensor
+        self, positions: torch.Tensor, hidden: torch.Tensor | Fp8Activation
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The attention's inputs: ``(q [num_tokens, num_heads, head_dim], k, v [num_tokens, num_kv_heads,
-        head_dim])``, q and k rotated, from ``hidden: [num_tokens, hidden_size]``."""
+        head_dim])``, q and k rotated, from ``hidden: [num_tokens, hidden_size]`` (quantized for an fp8
+        q|k|v projection)."""
         q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        num_tokens = hidden.shape[0]
+        num_tokens = q.shape[0]
         q = q.reshape(num_tokens, self.num_heads, self.head_dim)
         k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
@@ -94,10 +103,15 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = MergedColumnParallelLinear(hf_config.hidden_size, [inter, inter], bias)
         self.down_proj = RowParallelLinear(inter, hf_config.hidden_size, bias=bias, reduce_results=False)
         self.backend = backend
+        self.fp8_activation = False  # set when down_proj is fp8: the activation quantizes its output
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x: [num_tokens, hidden_size]`` -> same shape (this rank's partial sum)."""
-        return self.down_proj(self.backend.silu_and_mul(self.gate_up_proj(x)))
+    def forward(self, x: torch.Tensor | Fp8Activation) -> torch.Tensor:
+        """``x: [num_tokens, hidden_size]`` (quantized for an fp8 gate|up) -> same shape (this rank's partial
+        sum)."""
+        gate_up = self.gate_up_proj(x)
+        if self.fp8_activation:
+            return self.down_proj(Fp8Activation(*self.backend.silu_and_mul_fp8(gate_up), gate_up.dtype))
+        return self.down_proj(self.backend.silu_and_mul(gate_up))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -112,6 +126,13 @@ class LlamaDecoderLayer(nn.Module):
         eps = hf_config.rms_norm_eps
         self.input_layernorm = RMSNorm(hf_config.hidden_size, eps, backend, reduce_partial_input=True)
         self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, eps, backend, reduce_partial_input=True)
+
+    def use_fp8_inputs(self) -> None:
+        """Have the norms and the MLP activation quantize their outputs for the fp8 projections after them
+        (called by the loader, see ``pagedllm.core.models.layers.use_fp8_inputs``)."""
+        self.input_layernorm.fp8_output = feeds_fp8(self.self_attn.qkv_proj)
+        self.post_attention_layernorm.fp8_output = feeds_fp8(self.mlp.gate_up_proj)
+        self.mlp.fp8_activation = feeds_fp8(self.mlp.down_proj)
 
     def forward(
         self,
