@@ -596,7 +596,8 @@ class Backend(abc.ABC):
     # With fp8 linear layers the op before a projection may hand it its input already quantized per token
     # (``pagedllm.backends.fp8_linear.quantize_rows`` of what the op would return), so a backend can fuse the
     # quantization into the norm or activation kernel. Each default composes the ops above with the reference
-    # quantization; an override must give the same values and scales. Called only for models loaded with
+    # quantization; an override must give what that composition gives up to the summation order the plain
+    # op may choose (a norm's sum of squares), within one e4m3 step. Called only for models loaded with
     # ``quantization="fp8"`` on a backend that claims it, without tensor parallelism across the norm.
     def rms_norm_fp8(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`rms_norm` quantized per token: ``x``: ``[num_tokens, hidden]``; returns ``(q [num_tokens,
