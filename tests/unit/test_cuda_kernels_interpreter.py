@@ -615,18 +615,14 @@ def test_kernels_compile_for_sm90() -> None:
     _compile_sm90(gemv._gemv_kernel, {"y_ptr": "*bf16", "x_ptr": "*bf16", "w_ptr": "*bf16", "bias_ptr": "*bf16"},
                   {"HAS_BIAS": True, "BLOCK_N": 16, "BLOCK_K": 256}, num_warps=4)  # fmt: skip
     # fp8 linear layers: the one-token GEMV over e4m3 weights, the per-token quantizer of the GEMM path
-    _compile_sm90(
-        gemv._gemv_fp8_kernel, {"y_ptr": "*bf16", "x_ptr": "*bf16", "x_scale_ptr": "*fp32", "w_ptr": "*fp8e4nv",
-                                "w_scale_ptr": "*fp32", "bias_ptr": "*bf16"},
-        {"FP8_MAX": 448.0, "MIN_SCALE": 1e-12, "HAS_BIAS": False, "BLOCK_N": 8, "BLOCK_K": 1024, "GROUP": 16,
-         "X_QUANTIZED": False}, num_warps=4,
-    )  # fmt: skip
-    _compile_sm90(
-        gemv._gemv_fp8_kernel, {"y_ptr": "*bf16", "x_ptr": "*fp8e4nv", "x_scale_ptr": "*fp32", "w_ptr": "*fp8e4nv",
-                                "w_scale_ptr": "*fp32", "bias_ptr": "*bf16"},
-        {"FP8_MAX": 448.0, "MIN_SCALE": 1e-12, "HAS_BIAS": False, "BLOCK_N": 8, "BLOCK_K": 1024, "GROUP": 16,
-         "X_QUANTIZED": True}, num_warps=4,
-    )  # fmt: skip
+    for x_quantized in (False, True):  # the input quantized inside the GEMV, or given in e4m3 with its scale
+        _compile_sm90(
+            gemv._gemv_fp8_kernel,
+            {"y_ptr": "*bf16", "x_ptr": "*fp8e4nv" if x_quantized else "*bf16", "x_scale_ptr": "*fp32",
+             "w_ptr": "*fp8e4nv", "w_scale_ptr": "*fp32", "bias_ptr": "*bf16"},
+            {"FP8_MAX": 448.0, "MIN_SCALE": 1e-12, "HAS_BIAS": False, "BLOCK_N": 8, "BLOCK_K": 1024, "GROUP": 16,
+             "X_QUANTIZED": x_quantized}, num_warps=4,
+        )  # fmt: skip
     # the norm and the activation quantizing their outputs for an fp8 projection
     _compile_sm90(fused_kernels._rms_norm_kernel, {**fused, "out_ptr": "*fp8e4nv"},
                   {"HAS_RESIDUAL": True, "QUANTIZE": True, "ROUND_TO": tl.bfloat16, "BLOCK": 4096}, num_warps=8,

@@ -4,7 +4,9 @@ Layers compute through the backend's fused-op hooks (``rms_norm``, ``rotary_embe
 and its paged attention, so model code never names a device. Linear layers hold a ``linear_op`` (plain
 ``torch.nn.functional.linear`` until :func:`bind_linear_op` gives them the backend's ``linear``); those marked
 ``quantizable`` (the projections, not the LM head) may have their weights stored in fp8 by
-:func:`quantize_linear_layers`.
+:func:`quantize_linear_layers` (or read so from a checkpoint stored in fp8: :func:`prepare_fp8_weights`);
+the norms and activations before them then hand them their inputs quantized (:class:`Fp8Activation`,
+:func:`use_fp8_inputs`).
 """
 
 from __future__ import annotations
