@@ -70,6 +70,8 @@ def _check_compressed_tensors(config: Mapping[str, object]) -> None:
     if not isinstance(groups, Mapping) or not groups:
         raise _refuse("no config_groups")
     for name, group in groups.items():
+        if not isinstance(group, Mapping):
+            raise _refuse(f"config group {name!r} that is not a mapping")
         weights = group.get("weights") or {}
         inputs = group.get("input_activations")
         if weights.get("type") != "float" or weights.get("num_bits") != 8:

@@ -106,6 +106,7 @@ def _ct(weights: dict | None = None, inputs: dict | str | None = "keep", **top: 
     (_ct({"strategy": "block"}), "weight strategy 'block'"),
     (_ct(inputs=None), "weight-only fp8"),
     (_ct(inputs={"dynamic": False}), "static input activation scales"),
+    ({**GOOD_CT, "config_groups": {"g": "fp8"}}, "config group 'g' that is not a mapping"),
 ])  # fmt: skip
 def test_unsupported_quantization_configs_are_refused(config: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message) as info:
