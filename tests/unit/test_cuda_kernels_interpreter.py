@@ -406,6 +406,7 @@ def test_fp8_input_ops(kernels: SimpleNamespace, dtype: torch.dtype) -> None:
     torch.testing.assert_close(got, reference_linear_fp8_quantized(x_q, x_scale, w_q, w_scale, bias, dtype),
                                **TOLERANCE[dtype])
     assert kernels.gemv.gemv_fp8_quantized(x_q, x_scale[None], w_q, w_scale, None, dtype) is None  # scale [1, 1]
+    assert kernels.gemv.gemv_fp8_quantized(x_q.float(), x_scale, w_q, w_scale, None, dtype) is None  # not e4m3
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -243,7 +243,7 @@ class CudaBackend(Backend):
         return silu_and_mul(x)
 
     def rms_norm_fp8(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Triton RMSNorm writing its output quantized per token (bit for bit the default's)."""
+        """Triton RMSNorm writing its output quantized per token (the default's up to the sum-of-squares order)."""
         from pagedllm.backends.cuda.fused_kernels import rms_norm_fp8
 
         return rms_norm_fp8(x, weight, eps)

@@ -107,8 +107,9 @@ def add_rms_norm(
 
 
 def rms_norm_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``quantize_rows(rms_norm(x, weight, eps))`` in one pass, bit for bit: ``x: [num_tokens, hidden]`` ->
-    ``(q [num_tokens, hidden] e4m3, scale [num_tokens] float32)``."""
+    """``quantize_rows(rms_norm(x, weight, eps))`` in one pass: ``x: [num_tokens, hidden]`` -> ``(q [num_tokens,
+    hidden] e4m3, scale [num_tokens] float32)``; bit for bit but for the order of the sum of squares, which
+    this compilation of the kernel may reduce differently from :func:`rms_norm`'s (RESULTS.md run 69)."""
     return _norm(_rows(x), None, weight, eps, quantize=True)  # type: ignore[return-value]
 
 

@@ -8,9 +8,9 @@ the same shapes (``benchmarks/gemv_probe.py``): each program owns ``BLOCK_N`` ou
 there are enough programs (one per ``BLOCK_N`` rows) to keep every SM's loads in flight.
 
 The fp8 GEMV (``quantization="fp8"``) streams e4m3 weights the same way, quantizes its input per token
-inside each program, and sums runs of products before accumulating (:data:`FP8_GROUP`): 1.7 to 3.7 TB/s of
-e4m3 weight on the same shapes, the smallest matrices slowest (each program first reads all of ``x`` for
-its scale).
+inside each program (or takes it quantized by the norm or activation before it), and sums runs of products
+before accumulating (:data:`FP8_GROUP`): 1.7 to 3.7 TB/s of e4m3 weight on the same shapes, the smallest
+matrices slowest.
 """
 
 from __future__ import annotations
@@ -183,7 +183,9 @@ def gemv_fp8_quantized(x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.T
     """:func:`gemv_fp8` of an input quantized already (``x_q: [1, K]`` e4m3, ``x_scale: [1]`` float32): no
     pass over x for its scale. ``bias`` in ``out_dtype``; returns ``[1, N]`` in ``out_dtype``, or None when
     the kernel does not take the inputs."""
-    if x_scale.shape != (1,) or x_scale.dtype != torch.float32:
+    from pagedllm.backends.fp8_linear import FP8_DTYPE
+
+    if x_q.dtype != FP8_DTYPE or x_scale.shape != (1,) or x_scale.dtype != torch.float32:
         return None
     return _gemv_fp8(x_q, x_scale, weight, weight_scale, bias, out_dtype, config)
 
