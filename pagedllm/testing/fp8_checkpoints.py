@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from pagedllm.backends.fp8_linear import FP8_DTYPE, FP8_MAX, MIN_SCALE, quantize_rows
+from pagedllm.backends.fp8_linear import quantize_rows
 
 PROJECTION = re.compile(r"\.(q|k|v|o|gate|up|down)_proj\.weight$")
 """The checkpoint tensors quantization tools store in fp8 for a Llama-family model (``ignore: [lm_head]``)."""
@@ -24,14 +24,6 @@ SCHEMES = ("compressed-tensors-channel", "compressed-tensors-tensor", "fp8")
 dtype: from a float32 checkpoint, exactly the scales of ``quantization="fp8"``);
 ``compressed-tensors-tensor``: the same with one scale per tensor (``[1]``); ``fp8``: vLLM's/AutoFP8's
 method with dynamic activations (a scalar float32 ``weight_scale``)."""
-
-
-def _quantize_tensor(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One scale for the whole tensor, rounded as :func:`quantize_rows` rounds a row."""
-    amax = weight.float().abs().amax().reshape(1)
-    scale = (amax / torch.full_like(amax, FP8_MAX)).clamp(min=MIN_SCALE)
-    q = (weight.float() * (torch.ones_like(scale) / scale)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    return q, scale
 
 
 def _quantization_config(scheme: str) -> dict[str, object]:
@@ -72,7 +64,8 @@ def write_fp8_checkpoint(source: str | Path, directory: str | Path, scheme: str)
             q, scale = quantize_rows(tensor)
             scale = scale.to(tensor.dtype)[:, None]  # as llm-compressor stores it: [out, 1] in the weights' dtype
         else:
-            q, scale = _quantize_tensor(tensor)
+            q, scale = quantize_rows(tensor.reshape(1, -1))  # the whole tensor as one row: one scale [1]
+            q = q.reshape(tensor.shape)
             scale = scale.reshape(()) if scheme == "fp8" else scale
         quantized[name], quantized[name.replace(".weight", ".weight_scale")] = q, scale
         dequantized[name] = (q.float() * scale.float().reshape(-1, 1)).to(tensor.dtype)
