@@ -120,7 +120,7 @@ def main() -> int:
     parser.add_argument("--max-num-batched-tokens", type=int, default=None, help="default: the backend's")
     parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--enforce-eager", action="store_true")
-    parser.add_argument("--quantization", default=None, choices=["fp8"])
+    parser.add_argument("--quantization", default=None, choices=["fp8", "fp8_block"])
     parser.add_argument("--kv-cache-dtype", default="auto")
     parser.add_argument("--window-start", default="10,100",
                         help="first profiled step of each window, comma-separated (the default: a prefill-heavy "

@@ -7,6 +7,12 @@ w_scale`` (:func:`reference_linear_fp8`). A scale maps a row's largest magnitude
 value (448); values are rounded to nearest, ties to even. Embeddings, norms and the LM head stay in the
 model dtype. A checkpoint stored in fp8 (``pagedllm.core.checkpoint_quantization``) brings its own e4m3
 weights and scales (:func:`per_row_scale`); the inputs are quantized as above.
+
+``"fp8_block"`` (DeepSeek-V3's and Qwen3-FP8's scheme, vLLM's ``fp8`` with ``weight_block_size: [128, 128]``):
+one float32 scale per 128 x 128 tile of the weight (:func:`quantize_blocks`) and per group of 128 consecutive
+input features of each token (:func:`quantize_groups`), so ``y[m, n] = sum_g (x_q[m, g] . w_q[n, g]) *
+x_scale[m, g] * w_scale[n // 128, g]`` over the groups ``g`` of 128 features
+(:func:`reference_linear_fp8_block`). Every scale is :func:`quantize_rows`'s, over the group or the tile.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import torch
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
 MIN_SCALE = 1e-12  # the smallest scale: an all-zero row quantizes to zeros, never 0 / 0
+FP8_BLOCK = 128  # "fp8_block": the side of a weight tile and the length of an input group
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,3 +80,78 @@ def reference_linear_fp8_quantized(
     if bias is not None:
         y = y + bias.float()
     return y.to(out_dtype)
+
+
+def _padded(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """``x`` padded with zeros to ``[rows, cols]`` (itself when it has that shape)."""
+    if tuple(x.shape) == (rows, cols):
+        return x
+    return torch.nn.functional.pad(x, (0, cols - x.shape[1], 0, rows - x.shape[0]))
+
+
+def _blocks(size: int) -> int:
+    return -(-size // FP8_BLOCK)
+
+
+def quantize_groups(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize ``x: [rows, cols]`` per group of ``FP8_BLOCK`` consecutive elements of a row (the last group
+    of a row may be shorter), each as :func:`quantize_rows` quantizes a row. Returns ``(q [rows, cols]
+    float8_e4m3fn, scale [rows, ceil(cols / 128)] float32)``. The inputs of ``"fp8_block"`` linear layers,
+    per call, in the reference."""
+    rows, cols = x.shape
+    groups = _blocks(cols)
+    q, scale = quantize_rows(_padded(x, rows, groups * FP8_BLOCK).reshape(rows * groups, FP8_BLOCK))
+    return q.reshape(rows, groups * FP8_BLOCK)[:, :cols], scale.reshape(rows, groups)
+
+
+def quantize_blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize ``w: [out, in]`` per ``FP8_BLOCK x FP8_BLOCK`` tile (edge tiles may be smaller), each tile as
+    :func:`quantize_rows` quantizes a row. Returns ``(q [out, in] float8_e4m3fn, scale [ceil(out / 128),
+    ceil(in / 128)] float32)``. Called once per weight at load for ``quantization="fp8_block"``."""
+    out, inp = w.shape
+    bo, bi = _blocks(out), _blocks(inp)
+    tiles = _padded(w, bo * FP8_BLOCK, bi * FP8_BLOCK).reshape(bo, FP8_BLOCK, bi, FP8_BLOCK).transpose(1, 2)
+    q, scale = quantize_rows(tiles.reshape(bo * bi, FP8_BLOCK * FP8_BLOCK))
+    q = q.reshape(bo, bi, FP8_BLOCK, FP8_BLOCK).transpose(1, 2).reshape(bo * FP8_BLOCK, bi * FP8_BLOCK)
+    return q[:out, :inp].contiguous(), scale.reshape(bo, bi)
+
+
+def dequantize_blocks(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``q: [out, in]`` e4m3 times its tile scales ``scale: [ceil(out / 128), ceil(in / 128)]``, in float32."""
+    out, inp = q.shape
+    expanded = scale.float().repeat_interleave(FP8_BLOCK, 0).repeat_interleave(FP8_BLOCK, 1)
+    return q.float() * expanded[:out, :inp]
+
+
+def block_scale_shape(out_features: int, in_features: int) -> tuple[int, int]:
+    """The shape of an ``"fp8_block"`` weight's scales: one per 128 x 128 tile."""
+    return _blocks(out_features), _blocks(in_features)
+
+
+def scale_block_range(start: int, size: int, total: int) -> tuple[int, int]:
+    """The tiles of an ``"fp8_block"`` scale, along one dimension, that cover elements ``[start, start + size)``
+    of a dimension of ``total`` elements: ``(first tile, number of tiles)``. Called when a checkpoint's tile
+    scales are cut for one part of a merged projection or one tensor-parallel shard. Raises ValueError unless
+    the range starts on a tile boundary and ends on one or at ``total`` (a tile split between two parts or
+    ranks has no scale of its own)."""
+    if start % FP8_BLOCK or (size % FP8_BLOCK and start + size != total):
+        raise ValueError(f"fp8_block: rows or columns [{start}, {start + size}) of {total} do not fall on the "
+                         f"{FP8_BLOCK} x {FP8_BLOCK} tiles of the weight scales (parts of merged projections and "
+                         f"tensor-parallel shards must be multiples of {FP8_BLOCK})")
+    return start // FP8_BLOCK, _blocks(size)
+
+
+def reference_linear_fp8_block(
+    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The ``"fp8_block"`` linear layer in float32: ``x: [num_tokens, in]`` (model dtype) quantized per group
+    of 128 features (:func:`quantize_groups`), ``weight: [out, in]`` float8_e4m3fn with ``weight_scale:
+    [ceil(out / 128), ceil(in / 128)]`` float32 (:func:`quantize_blocks`), ``bias: [out]`` or None. Returns
+    ``[num_tokens, out]`` in ``x.dtype``. The default of ``Backend.linear_fp8_block`` and the conformance kit's
+    reference."""
+    x_q, x_scale = quantize_groups(x)
+    x_deq = x_q.float() * x_scale.repeat_interleave(FP8_BLOCK, 1)[:, : x.shape[1]]
+    y = x_deq @ dequantize_blocks(weight, weight_scale).t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)

@@ -33,8 +33,9 @@ import torch
 # defaults ``BackendCapabilities.default_max_num_seqs`` and ``default_max_num_batched_tokens``; 1.5 — fp8
 # linear layers: ``Backend.linear_fp8`` and ``BackendCapabilities.quantizations``; ``Backend.weights_loaded``;
 # 1.6 — fp8 inputs quantized by the op before the projection: ``Backend.rms_norm_fp8``, ``add_rms_norm_fp8``,
-# ``silu_and_mul_fp8`` and ``linear_fp8_quantized``.
-INTERFACE_VERSION: tuple[int, int] = (1, 6)
+# ``silu_and_mul_fp8`` and ``linear_fp8_quantized``; 1.7 — fp8 weights with 128 x 128 tile scales:
+# ``Backend.linear_fp8_block`` and the ``"fp8_block"`` name in ``BackendCapabilities.quantizations``.
+INTERFACE_VERSION: tuple[int, int] = (1, 7)
 
 
 class InterfaceVersionError(ValueError):
@@ -136,8 +137,9 @@ class BackendCapabilities:
     quantizations: tuple[str, ...] = ()
     """Quantization schemes of the model's linear layers (the engine's ``quantization``) this backend runs:
     ``"fp8"`` — e4m3 weights with per-row scales and per-token input scales, through :meth:`Backend.linear_fp8`
-    (see ``pagedllm.backends.fp8_linear``). Claimed only where it runs on every dtype of ``dtypes``. Added in
-    1.5."""
+    (see ``pagedllm.backends.fp8_linear``; added in 1.5); ``"fp8_block"`` — e4m3 weights with a scale per 128 x
+    128 tile and inputs with a scale per token and 128 features, through :meth:`Backend.linear_fp8_block`
+    (added in 1.7). Claimed only where it runs on every dtype of ``dtypes``."""
 
     def __post_init__(self) -> None:
         """Normalize the sequences to tuples and refuse claims no engine could use.
@@ -583,6 +585,25 @@ class Backend(abc.ABC):
         from pagedllm.backends.fp8_linear import reference_linear_fp8
 
         return reference_linear_fp8(x, weight, weight_scale, bias)
+
+    def linear_fp8_block(
+        self, x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """An fp8 linear layer with tile scales: ``x`` quantized to e4m3 per token and group of 128 features,
+        times the e4m3 ``weight`` whose 128 x 128 tiles each have a scale (``pagedllm.backends.fp8_linear``);
+        called instead of :meth:`linear` by every projection of a model loaded with
+        ``quantization="fp8_block"`` (a DeepSeek-V3- or Qwen3-FP8-style checkpoint, or online), per step, only
+        when ``"fp8_block" in capabilities().quantizations``.
+
+        ``x``: ``[num_tokens, in_features]`` in the model dtype; ``weight``: ``[out_features, in_features]``
+        ``torch.float8_e4m3fn``; ``weight_scale``: ``[ceil(out_features / 128), ceil(in_features / 128)]``
+        float32; ``bias``: ``[out_features]`` in the model dtype or None. Returns ``[num_tokens,
+        out_features]`` in ``x.dtype``. Default: the float32 PyTorch reference (``reference_linear_fp8_block``),
+        which the conformance kit compares every backend with. Added in 1.7.
+        """
+        from pagedllm.backends.fp8_linear import reference_linear_fp8_block
+
+        return reference_linear_fp8_block(x, weight, weight_scale, bias)
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
         """Gated MLP activation ``silu(x[:, :d]) * x[:, d:]``; called by every MLP of the model, per step.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -125,17 +126,22 @@ def _timed_run(model: torch.nn.Module, requests: list[BenchRequest], device: tor
 
 def weight_bytes(model_dir: str | Path, dtype: torch.dtype, quantization: str | None = None) -> int:
     """Bytes of the model's parameters in ``dtype`` (from its config, without loading it); with
-    ``quantization="fp8"``, as pagedllm stores them: the projections (every ``nn.Linear`` but the LM head) at
-    one byte per weight plus a float32 scale per output row, the rest in ``dtype``."""
+    ``quantization="fp8"`` / ``"fp8_block"``, as pagedllm stores them: the projections (every ``nn.Linear`` but
+    the LM head) at one byte per weight plus a float32 scale per output row / per 128 x 128 tile, the rest in
+    ``dtype``."""
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from pagedllm.backends.fp8_linear import block_scale_shape
 
     config = AutoConfig.from_pretrained(str(model_dir))
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     size = torch.empty(0, dtype=dtype).element_size()
     total = sum(p.numel() for p in model.parameters()) * size
-    if quantization == "fp8":
+    if quantization is not None:
         for name, module in model.named_modules():
             if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head"):
-                total -= module.weight.numel() * (size - 1) - 4 * module.weight.shape[0]
+                rows, cols = module.weight.shape
+                scales = math.prod(block_scale_shape(rows, cols)) if quantization == "fp8_block" else rows
+                total -= rows * cols * (size - 1) - 4 * scales
     return total

@@ -187,3 +187,16 @@ def test_greedy_generation_with_fp8_linear_matches_cpu(
         pytest.skip("fp8 linear layers not claimed (quantizations)")
     check_against_cpu(conformance_target, "llama", "auto", engine_reference_outputs, request, tmp_path_factory,
                       quantization="fp8")
+
+
+def test_greedy_generation_with_fp8_block_linear_matches_cpu(
+    conformance_target: ConformanceTarget,
+    engine_reference_outputs: dict[tuple[str, str, int | None, str, str | None], list[list[object]]],
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """The same with ``quantization="fp8_block"`` (when claimed): 128 x 128 tile scales, inputs quantized per
+    token and group of 128 features."""
+    if "fp8_block" not in conformance_target.capabilities.quantizations:
+        pytest.skip("fp8_block linear layers not claimed (quantizations)")
+    check_against_cpu(conformance_target, "llama", "auto", engine_reference_outputs, request, tmp_path_factory,
+                      quantization="fp8_block")

@@ -3,11 +3,14 @@
 A backend that does not override an op passes trivially; one that fuses it into a kernel must compute what
 the neutral default computes, within the dtype's tolerance. For ``linear_fp8`` (when ``"fp8"`` is claimed)
 that includes quantizing the input exactly as the reference does: its e4m3 weight and scales are given;
-``linear_fp8_quantized`` gets its input quantized already. The ops that quantize their output for an fp8
-projection (``rms_norm_fp8``, ``add_rms_norm_fp8``, ``silu_and_mul_fp8``) are compared dequantized: the
-backend rounds the op's result to its dtype before quantizing, the float32 default does not, so an element
-may land one e4m3 step away (at most 1/8 of its magnitude); a missing or wrong normalization, activation or
-scale is far outside that.
+``linear_fp8_quantized`` gets its input quantized already. ``linear_fp8_block`` (when ``"fp8_block"`` is
+claimed) gets an e4m3 weight with 128 x 128 tile scales and an input with one 128-feature group 2^16 times
+smaller than the others (its weight columns as much larger, so it weighs alike in the sums): quantized per
+token instead of per group, it would fall among e4m3's subnormals and lose its precision. The ops that
+quantize their output for an fp8 projection (``rms_norm_fp8``, ``add_rms_norm_fp8``, ``silu_and_mul_fp8``)
+are compared dequantized: the backend rounds the op's result to its dtype before quantizing, the float32
+default does not, so an element may land one e4m3 step away (at most 1/8 of its magnitude); a missing or
+wrong normalization, activation or scale is far outside that.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from pagedllm.backends.fp8_linear import quantize_rows
+from pagedllm.backends.fp8_linear import quantize_blocks, quantize_rows
 from pagedllm.backends.interface import Backend
 from pagedllm.conformance.cases import all_dtypes, base_head_size, dtype_skip, param
 from pagedllm.conformance.plugin import ConformanceTarget, case_id, get_target
@@ -26,13 +29,16 @@ from pagedllm.conformance.reference import DefaultOpsBackend, poisoned_allocatio
 NUM_TOKENS = 7
 HIDDEN = 96
 IN_FEATURES, OUT_FEATURES = 256, 80
+BLOCK_IN_FEATURES, BLOCK_OUT_FEATURES = 512, 256  # whole tiles, four groups: what block-scaled GEMMs take
+GROUP_MAGNITUDES = (1.0, 2.0**-16, 4.0, 0.5)  # of the four input groups of the linear_fp8_block cases
 # case name -> the Backend method it calls; the linear layers twice: a backend may take one-token inputs
 # (batch-1 decode) through another kernel
 OPS: dict[str, str] = {"rms_norm": "rms_norm", "add_rms_norm": "add_rms_norm", "rotary_embedding": "rotary_embedding",
                        "silu_and_mul": "silu_and_mul", "linear": "linear", "linear_one_token": "linear",
                        "linear_fp8": "linear_fp8", "linear_fp8_one_token": "linear_fp8",
                        "linear_fp8_quantized": "linear_fp8_quantized",
-                       "linear_fp8_quantized_one_token": "linear_fp8_quantized"}
+                       "linear_fp8_quantized_one_token": "linear_fp8_quantized",
+                       "linear_fp8_block": "linear_fp8_block", "linear_fp8_block_one_token": "linear_fp8_block"}
 FP8_INPUT_OPS: dict[str, str] = {"rms_norm_fp8": "rms_norm", "add_rms_norm_fp8": "add_rms_norm",
                                  "silu_and_mul_fp8": "silu_and_mul"}
 """The ops that quantize their output for an fp8 projection -> the op whose inputs they take."""
@@ -42,18 +48,27 @@ E4M3_SUBNORMAL_STEP = 2.0**-9  # the spacing of its subnormals, in units of the 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Parametrize ``fused_case`` (every case of :data:`OPS`) and ``fp8_input_case`` (of
-    :data:`FP8_INPUT_OPS`) as (case, dtype) for every dtype; fp8 cases skipped unless fp8 is claimed."""
+    :data:`FP8_INPUT_OPS`) as (case, dtype) for every dtype; fp8 cases skipped unless their quantization
+    (``fp8`` or ``fp8_block``) is claimed."""
     for fixture, ops in (("fused_case", OPS), ("fp8_input_case", FP8_INPUT_OPS)):
         if fixture not in metafunc.fixturenames:
             continue
         capabilities = get_target(metafunc.config).capabilities
-        unclaimed_fp8 = None if "fp8" in capabilities.quantizations else "fp8 linear layers not claimed (quantizations)"
         metafunc.parametrize(
             fixture,
             [param(case_id(metafunc.config, op, dtype), (op, dtype),
-                   skip=dtype_skip(capabilities, dtype) or (unclaimed_fp8 if "fp8" in op else None))
+                   skip=dtype_skip(capabilities, dtype) or unclaimed_quantization(op, capabilities.quantizations))
              for op in ops for dtype in all_dtypes(capabilities)],
         )
+
+
+def unclaimed_quantization(op: str, claimed: tuple[str, ...]) -> str | None:
+    """Why case ``op`` is skipped on a backend claiming the quantizations ``claimed``, or None: the fp8 cases
+    need their scheme (``fp8_block`` or ``fp8``) claimed."""
+    needed = "fp8_block" if "fp8_block" in op else "fp8" if "fp8" in op else None
+    if needed is None or needed in claimed:
+        return None
+    return f"{needed} linear layers not claimed (quantizations)"
 
 
 def rotary_cache(head_dim: int, max_position: int) -> torch.Tensor:
@@ -80,6 +95,13 @@ def op_inputs(op: str, head_dim: int, dtype: torch.dtype, gen: torch.Generator) 
     if op == "rotary_embedding":
         positions = torch.randint(0, 64, (NUM_TOKENS,), generator=gen)
         return positions, randn(NUM_TOKENS, 4, head_dim), randn(NUM_TOKENS, 2, head_dim), rotary_cache(head_dim, 64)
+    if op.startswith("linear_fp8_block"):
+        rows = 1 if op.endswith("one_token") else NUM_TOKENS
+        magnitudes = torch.tensor(GROUP_MAGNITUDES).repeat_interleave(BLOCK_IN_FEATURES // len(GROUP_MAGNITUDES))
+        weight = torch.randn(BLOCK_OUT_FEATURES, BLOCK_IN_FEATURES, generator=gen) * BLOCK_IN_FEATURES**-0.5
+        weight = weight / magnitudes  # every group of x weighs alike in the sums
+        x = (torch.randn(rows, BLOCK_IN_FEATURES, generator=gen) * magnitudes).to(dtype)
+        return x, *quantize_blocks(weight), randn(BLOCK_OUT_FEATURES)
     if op.startswith("linear"):
         rows = 1 if op.endswith("one_token") else NUM_TOKENS
         weight = torch.randn(OUT_FEATURES, IN_FEATURES, generator=gen) * IN_FEATURES**-0.5

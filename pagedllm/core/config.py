@@ -33,8 +33,11 @@ KV_CACHE_DTYPES: dict[str, torch.dtype] = {
     "fp8_e5m2": torch.float8_e5m2,
 }
 
-QUANTIZATIONS = ("fp8",)
-"""Names ``EngineConfig.quantization`` accepts (vLLM's): ``fp8``, e4m3 weights and per-token e4m3 inputs."""
+QUANTIZATIONS = ("fp8", "fp8_block")
+"""Names ``EngineConfig.quantization`` accepts: ``fp8`` (vLLM's online fp8), e4m3 weights with a scale per output
+row and inputs with a scale per token; ``fp8_block``, e4m3 weights with a scale per 128 x 128 tile and inputs
+with a scale per token and 128 features (DeepSeek-V3's and Qwen3-FP8's scheme). See
+``pagedllm.backends.fp8_linear``."""
 
 
 @dataclass(slots=True)
@@ -45,8 +48,10 @@ class EngineConfig:
     dtype (``"auto"``) or another format the backend claims (``"fp8"``: see :data:`KV_CACHE_DTYPES`).
     ``quantization="fp8"`` stores the projections' weights in e4m3 with per-row scales once loaded and runs
     them as fp8 products (vLLM's online ``fp8``; the embeddings and LM head stay in ``dtype``; see
-    ``pagedllm.backends.fp8_linear``), where the backend claims it; a checkpoint stored in fp8 (see
-    ``pagedllm.core.checkpoint_quantization``) runs so whether it is set or not.
+    ``pagedllm.backends.fp8_linear``), where the backend claims it; ``"fp8_block"`` likewise with tile scales. A
+    checkpoint stored in fp8 (see ``pagedllm.core.checkpoint_quantization``) runs in its scheme whether this
+    is set or not (``"fp8"`` is accepted for a checkpoint in ``"fp8_block"``, as vLLM's ``fp8`` method covers
+    both).
     ``num_kv_blocks`` sets the KV pool size in blocks (like vLLM's ``num_gpu_blocks_override``); else
     ``kv_cache_memory_bytes`` sizes it in bytes; else the backend's budget for ``gpu_memory_utilization``
     is used. ``async_scheduling`` schedules and launches
@@ -157,7 +162,7 @@ class ModelConfig:
     generation_defaults: dict[str, object]
     quantization: str | None = None
     """What the checkpoint's weights are stored in (``quantization_config``; see
-    ``pagedllm.core.checkpoint_quantization``): ``fp8`` or None."""
+    ``pagedllm.core.checkpoint_quantization``): ``fp8``, ``fp8_block`` or None."""
 
     @property
     def num_layers(self) -> int:

@@ -97,8 +97,8 @@ class LLMEngine:
             raise ValueError(f"backend {self.backend_cls.name!r} does not support kv_cache_dtype "
                              f"{config.kv_cache_dtype!r} ({kv_dtype}); supported: "
                              f"{[str(d) for d in capabilities.kv_cache_dtypes]}")
-        if mc.quantization is not None:  # an fp8 checkpoint runs as fp8, asked for or not (as in vLLM)
-            if config.quantization not in (None, mc.quantization):
+        if mc.quantization is not None:  # an fp8 checkpoint runs in its scheme, asked for or not (as in vLLM)
+            if config.quantization not in (None, mc.quantization, "fp8"):  # vLLM's "fp8" names both schemes
                 raise ValueError(f"quantization {config.quantization!r} was asked for, but the checkpoint's weights "
                                  f"are stored in {mc.quantization!r}")
             config = self.config = replace(config, quantization=mc.quantization)

@@ -5,14 +5,14 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from pagedllm.backends.interface import Backend
-from pagedllm.core.config import ModelConfig
+from pagedllm.core.config import QUANTIZATIONS, ModelConfig
 from pagedllm.core.models.layers import bind_linear_op, prepare_fp8_weights, quantize_linear_layers, use_fp8_inputs
 
 logger = logging.getLogger(__name__)
@@ -105,28 +105,34 @@ def load_model(
     """Instantiate the model on ``device`` in the configured dtype and load its weights.
 
     ``load_format``: ``auto``/``safetensors`` read the checkpoint; ``dummy`` fills every parameter with
-    small random values (for speed runs with a config-only directory). ``quantization="fp8"``: the
-    projections' weights in e4m3 with per-row scales, computing through ``backend.linear_fp8``: read as they
-    are from a checkpoint stored in fp8 (``model_config.quantization``; :func:`prepare_fp8_weights`), else
-    quantized once loaded (:func:`quantize_linear_layers`). Raises ValueError naming any parameter the
-    checkpoint does not fill, or a model with no quantizable layer under ``quantization="fp8"``.
+    small random values (for speed runs with a config-only directory). ``quantization="fp8"`` /
+    ``"fp8_block"``: the projections' weights in e4m3 with per-row / per-tile scales, computing through the
+    backend's fp8 ops: read as they are from a checkpoint stored in fp8 (``model_config.quantization``, which
+    must then equal ``quantization``; :func:`prepare_fp8_weights`), else quantized once loaded
+    (:func:`quantize_linear_layers`). Raises ValueError naming any parameter the checkpoint does not fill, or a
+    model with no quantizable layer under fp8.
     """
-    if quantization not in (None, "fp8"):
+    if quantization not in (None, *QUANTIZATIONS):
         raise ValueError(f"unknown quantization {quantization!r}")
     cls = model_class_for(model_config.architecture)
     with _default_dtype(model_config.dtype), torch.device(device):
         model = cls(model_config.hf_config, backend)
     bind_linear_op(model, backend.linear)
-    stored_fp8 = model_config.quantization == "fp8" and load_format != "dummy"
+    block = quantization == "fp8_block"
+    stored_fp8 = model_config.quantization is not None and load_format != "dummy"
+    if stored_fp8 and quantization != model_config.quantization:
+        raise ValueError(f"the checkpoint's weights are stored in {model_config.quantization!r}; loading them "
+                         f"with quantization {quantization!r} is not possible")
     count = 0
     if stored_fp8:
-        count = prepare_fp8_weights(model, backend)
+        count = prepare_fp8_weights(model, backend, block)
         _check_quantizable(count, model_config)
     if load_format == "dummy":
         fill_dummy_weights(model, device, seed)
     else:
         lazy = bool(getattr(cls, "supports_tensor_parallel", False))
-        loaded = model.load_weights(iterate_weights(Path(model_config.path), lazy=lazy))
+        weights = iterate_weights(Path(model_config.path), lazy=lazy)
+        loaded = model.load_weights(_block_scale_names(weights) if stored_fp8 and block else weights)
         expected = {name for name, _ in model.named_parameters()}
         missing = sorted(expected - loaded)
         if missing:
@@ -135,17 +141,25 @@ def load_model(
                 + (" ..." if len(missing) > 8 else "")
             )
     if stored_fp8:
-        logger.info("fp8 checkpoint: %d linear layers loaded in e4m3 with their scales; weights %.1f MiB",
-                    count, _parameter_bytes(model) / 2**20)
-    elif quantization == "fp8":
+        logger.info("%s checkpoint: %d linear layers loaded in e4m3 with their scales; weights %.1f MiB",
+                    quantization, count, _parameter_bytes(model) / 2**20)
+    elif quantization is not None:
         before = _parameter_bytes(model)
-        count = quantize_linear_layers(model, backend)
+        count = quantize_linear_layers(model, backend, block)
         _check_quantizable(count, model_config)
-        logger.info("fp8: %d linear layers stored in e4m3 with per-row scales; weights %.1f MiB -> %.1f MiB",
-                    count, before / 2**20, _parameter_bytes(model) / 2**20)
+        logger.info("%s: %d linear layers stored in e4m3 with %s scales; weights %.1f MiB -> %.1f MiB",
+                    quantization, count, "128 x 128 tile" if block else "per-row", before / 2**20,
+                    _parameter_bytes(model) / 2**20)
     if quantization == "fp8":
         use_fp8_inputs(model)
     return model.eval()
+
+
+def _block_scale_names(weights: Iterable[tuple[str, object]]) -> Iterator[tuple[str, object]]:
+    """The checkpoint's tensors with DeepSeek's name for tile scales, ``weight_scale_inv`` (what dequantizing
+    multiplies by, despite the name), read as ``weight_scale``, the name compressed-tensors and pagedllm use."""
+    for name, tensor in weights:
+        yield (name[: -len("_inv")] if name.endswith(".weight_scale_inv") else name), tensor
 
 
 def _check_quantizable(count: int, model_config: ModelConfig) -> None:

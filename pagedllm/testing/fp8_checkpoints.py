@@ -1,8 +1,9 @@
 """Tiny checkpoints stored in fp8 the way quantization tools write them, made from an unquantized one.
 
 Used by the tests (and by anyone checking a backend on fp8 checkpoints) to load what AutoFP8 / vLLM's ``fp8``
-method and llm-compressor's ``FP8_DYNAMIC`` (compressed-tensors) write, without those tools: the projections'
-weights in e4m3 with their ``weight_scale``, the rest as it was, and ``quantization_config`` in config.json.
+method (also with DeepSeek-V3's 128 x 128 tiles) and llm-compressor's ``FP8_DYNAMIC`` / ``FP8_BLOCK``
+(compressed-tensors) write, without those tools: the projections' weights in e4m3 with their scales, the rest
+as it was, and ``quantization_config`` in config.json.
 """
 
 from __future__ import annotations
@@ -14,30 +15,39 @@ from pathlib import Path
 
 import torch
 
-from pagedllm.backends.fp8_linear import quantize_rows
+from pagedllm.backends.fp8_linear import dequantize_blocks, quantize_blocks, quantize_rows
 
 PROJECTION = re.compile(r"\.(q|k|v|o|gate|up|down)_proj\.weight$")
 """The checkpoint tensors quantization tools store in fp8 for a Llama-family model (``ignore: [lm_head]``)."""
 
-SCHEMES = ("compressed-tensors-channel", "compressed-tensors-tensor", "fp8")
+SCHEMES = ("compressed-tensors-channel", "compressed-tensors-tensor", "fp8", "fp8-block", "compressed-tensors-block")
 """``compressed-tensors-channel``: llm-compressor's FP8_DYNAMIC (``weight_scale [out, 1]`` in the weights'
 dtype: from a float32 checkpoint, exactly the scales of ``quantization="fp8"``);
 ``compressed-tensors-tensor``: the same with one scale per tensor (``[1]``); ``fp8``: vLLM's/AutoFP8's
-method with dynamic activations (a scalar float32 ``weight_scale``)."""
+method with dynamic activations (a scalar float32 ``weight_scale``). With 128 x 128 tile scales
+(``quantization="fp8_block"``): ``fp8-block``, the ``fp8`` method with ``weight_block_size: [128, 128]`` as
+DeepSeek-V3 and Qwen3-FP8 store it (float32 ``weight_scale_inv [ceil(out / 128), ceil(in / 128)]``), and
+``compressed-tensors-block``, llm-compressor's FP8_BLOCK (``weight_scale`` of that shape in the weights'
+dtype, inputs in groups of 128). Every part of a merged projection (q, k, v; gate, up) must span whole
+tiles for these two."""
 
 
 def _quantization_config(scheme: str) -> dict[str, object]:
     if scheme == "fp8":
         return {"quant_method": "fp8", "activation_scheme": "dynamic"}
+    if scheme == "fp8-block":
+        return {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
     strategy = scheme.rsplit("-", 1)[1]
+    block = {"block_structure": [128, 128]} if strategy == "block" else {}
+    inputs = {"strategy": "group", "group_size": 128} if strategy == "block" else {"strategy": "token"}
     return {
         "quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
         "ignore": ["lm_head"], "kv_cache_scheme": None,
         "config_groups": {"group_0": {
             "targets": ["Linear"], "output_activations": None,
-            "weights": {"num_bits": 8, "type": "float", "strategy": strategy, "symmetric": True, "dynamic": False},
-            "input_activations": {"num_bits": 8, "type": "float", "strategy": "token", "symmetric": True,
-                                  "dynamic": True},
+            "weights": {"num_bits": 8, "type": "float", "strategy": strategy, "symmetric": True, "dynamic": False,
+                        **block},
+            "input_activations": {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": True, **inputs},
         }},
     }  # fmt: skip
 
@@ -60,6 +70,16 @@ def write_fp8_checkpoint(source: str | Path, directory: str | Path, scheme: str)
         if not PROJECTION.search(name):
             quantized[name] = dequantized[name] = tensor
             continue
+        scale_name = name.replace(".weight", ".weight_scale")
+        if scheme.endswith("block"):
+            q, scale = quantize_blocks(tensor)
+            if scheme == "fp8-block":
+                scale_name += "_inv"  # DeepSeek's name; float32
+            else:
+                scale = scale.to(tensor.dtype)  # llm-compressor: in the weights' dtype
+            quantized[name], quantized[scale_name] = q, scale
+            dequantized[name] = dequantize_blocks(q, scale).to(tensor.dtype)
+            continue
         if scheme == "compressed-tensors-channel":
             q, scale = quantize_rows(tensor)
             scale = scale.to(tensor.dtype)[:, None]  # as llm-compressor stores it: [out, 1] in the weights' dtype
@@ -67,7 +87,7 @@ def write_fp8_checkpoint(source: str | Path, directory: str | Path, scheme: str)
             q, scale = quantize_rows(tensor.reshape(1, -1))  # the whole tensor as one row: one scale [1]
             q = q.reshape(tensor.shape)
             scale = scale.reshape(()) if scheme == "fp8" else scale
-        quantized[name], quantized[name.replace(".weight", ".weight_scale")] = q, scale
+        quantized[name], quantized[scale_name] = q, scale
         dequantized[name] = (q.float() * scale.float().reshape(-1, 1)).to(tensor.dtype)
     paths = []
     for kind, tensors in (("fp8", quantized), ("dequantized", dequantized)):

@@ -119,6 +119,14 @@ def test_fp8_inputs_with_the_wrong_scale_are_caught() -> None:
             for dtype in ("float32", "float16", "bfloat16")} == outcomes.ids("failed")
 
 
+def test_tile_scaled_fp8_with_per_token_inputs_is_caught() -> None:
+    code, outcomes = run_kit("broken_fp8_block", "test_fused_op and linear")
+    assert code == pytest.ExitCode.TESTS_FAILED
+    assert {f"broken_fp8_block-{op}-{dtype}" for op in ("linear_fp8_block", "linear_fp8_block_one_token")
+            for dtype in ("float32", "float16", "bfloat16")} == outcomes.ids("failed")
+    assert "broken_fp8_block-linear_fp8-float32" in outcomes.ids("passed")
+
+
 def test_unknown_or_unavailable_device_stops_the_kit(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from pagedllm.backends.fp8_linear import quantize_rows
+from pagedllm.backends.fp8_linear import dequantize_blocks, quantize_blocks, quantize_groups, quantize_rows
 from pagedllm.backends.kv_storage import to_cache_dtype
 
 
@@ -26,41 +26,51 @@ def _register_rounded_kv_attention(kv_dtype: torch.dtype) -> str:
     return name
 
 
-def _fake_quantize_fp8(model: torch.nn.Module, weights: bool = True) -> None:
+def _fake_quantize_fp8(model: torch.nn.Module, weights: bool = True, block: bool = False) -> None:
     """Make every ``nn.Linear`` of ``model`` but the LM head compute what an fp8 linear layer computes: its
-    weight replaced by the dequantized e4m3 rows (unless ``weights`` is False: they are dequantized e4m3
-    already), its input by the dequantized per-token e4m3 values."""
+    weight replaced by the dequantized e4m3 rows (with ``block``: tiles; unless ``weights`` is False: they are
+    dequantized e4m3 already), its input by the dequantized per-token (``block``: per-group) e4m3 values."""
 
     def quantize_input(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         x = args[0]
-        q, scale = quantize_rows(x.reshape(-1, x.shape[-1]))
-        return ((q.float() * scale[:, None]).to(x.dtype).reshape(x.shape), *args[1:])
+        rows = x.reshape(-1, x.shape[-1])
+        if block:
+            q, scale = quantize_groups(rows)
+            values = q.float() * scale.repeat_interleave(128, 1)[:, : rows.shape[1]]
+        else:
+            q, scale = quantize_rows(rows)
+            values = q.float() * scale[:, None]
+        return (values.to(x.dtype).reshape(x.shape), *args[1:])
 
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head"):
             if weights:
-                q, scale = quantize_rows(module.weight.data)
-                module.weight.data = (q.float() * scale[:, None]).to(module.weight.dtype)
+                if block:
+                    module.weight.data = dequantize_blocks(*quantize_blocks(module.weight.data)).to(module.weight.dtype)
+                else:
+                    q, scale = quantize_rows(module.weight.data)
+                    module.weight.data = (q.float() * scale[:, None]).to(module.weight.dtype)
             module.register_forward_pre_hook(quantize_input)
 
 
 def hf_greedy(
     model_dir: Path, prompts_ids: list[list[int]], max_new_tokens: int, dtype: torch.dtype = torch.float32,
     top_logprobs: int = 0, kv_dtype: torch.dtype | None = None, fp8_linear: bool = False,
-    fp8_weights_stored: bool = False,
+    fp8_weights_stored: bool = False, fp8_block: bool = False,
 ) -> list[tuple[list[int], list[dict[int, float]]]]:
     """Generate each prompt alone (no padding) with ``do_sample=False``; EOS is suppressed for exactly
     ``max_new_tokens`` tokens. ``kv_dtype``: attend over keys and values rounded to it, as a KV cache in
     that dtype stores them. ``fp8_linear``: the projections compute as ``quantization="fp8"`` defines them
     (see :func:`_fake_quantize_fp8`); with ``fp8_weights_stored`` their weights are an fp8 checkpoint's,
-    dequantized (``write_fp8_checkpoint``'s twin), and only their inputs are rounded. Returns ``(token_ids,
+    dequantized (``write_fp8_checkpoint``'s twin), and only their inputs are rounded; with ``fp8_block`` as
+    ``quantization="fp8_block"`` defines them. Returns ``(token_ids,
     per-token top-k {id: logprob})`` per prompt."""
     from transformers import AutoModelForCausalLM
 
     extra = {"attn_implementation": _register_rounded_kv_attention(kv_dtype)} if kv_dtype is not None else {}
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, **extra).eval()
     if fp8_linear:
-        _fake_quantize_fp8(model, weights=not fp8_weights_stored)
+        _fake_quantize_fp8(model, weights=not fp8_weights_stored, block=fp8_block)
     results = []
     with torch.inference_mode():
         for ids in prompts_ids:

@@ -1,5 +1,6 @@
 """Checkpoints stored in fp8 (``quantization_config`` in config.json): loaded as they are, with no
-``quantization`` argument, computing what ``quantization="fp8"`` computes; and what is refused, with why."""
+``quantization`` argument, computing what ``quantization="fp8"`` (per-row scales) or ``"fp8_block"`` (128 x 128
+tile scales) computes; and what is refused, with why."""
 
 from __future__ import annotations
 
@@ -19,17 +20,21 @@ from tests.e2e.hf_reference import assert_greedy_matches_rounded_reference
 
 MAX_TOKENS = 10
 ENGINE = dict(device="cpu", dtype="float32", block_size=4, max_num_batched_tokens=64, num_kv_blocks=256)
+TILED = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+"""A tiny Llama whose projections' parts (q 256, k 128, v 128; gate, up 512) span whole 128 x 128 tiles."""
 
 
 @pytest.fixture(scope="module")
 def fp8_checkpoint(checkpoint_factory, tmp_path_factory):
-    """``fp8_checkpoint(arch, scheme)``: ``(fp8 dir, dequantized twin dir)`` of the tiny float32 checkpoint."""
+    """``fp8_checkpoint(arch, scheme)``: ``(fp8 dir, dequantized twin dir)`` of the tiny float32 checkpoint
+    (``arch`` ``"llama-tiled"``: the Llama of :data:`TILED`)."""
     cache: dict[tuple[str, str], tuple[Path, Path]] = {}
 
     def get(arch: str, scheme: str) -> tuple[Path, Path]:
         if (arch, scheme) not in cache:
             target = tmp_path_factory.mktemp(f"{arch}_{scheme}")
-            cache[arch, scheme] = write_fp8_checkpoint(checkpoint_factory(arch), target, scheme)
+            source = checkpoint_factory("llama", **TILED) if arch == "llama-tiled" else checkpoint_factory(arch)
+            cache[arch, scheme] = write_fp8_checkpoint(source, target, scheme)
         return cache[arch, scheme]
 
     return get
@@ -77,6 +82,47 @@ def test_per_tensor_checkpoints_match_transformers(fp8_checkpoint, scheme: str) 
     assert_greedy_matches_rounded_reference(llm, dequantized_dir, MAX_TOKENS, fp8_linear=True, fp8_weights_stored=True)
 
 
+@pytest.mark.parametrize("scheme", ["fp8-block", "compressed-tensors-block"])
+def test_a_tile_checkpoint_computes_exactly_what_online_fp8_block_computes(checkpoint_factory, fp8_checkpoint,
+                                                                         scheme: str) -> None:
+    """DeepSeek-V3's / Qwen3-FP8's layout (``weight_block_size: [128, 128]``, ``weight_scale_inv``) and
+    llm-compressor's FP8_BLOCK of a float32 model hold the very e4m3 weights and tile scales that
+    ``quantization="fp8_block"`` makes of it: the same stored parameters, the same logprobs bit for bit."""
+    fp8_dir, _ = fp8_checkpoint("llama-tiled", scheme)
+    stored = LLM(str(fp8_dir), **ENGINE)
+    online = LLM(str(checkpoint_factory("llama", **TILED)), quantization="fp8_block", **ENGINE)
+    assert stored.llm_engine.config.quantization == "fp8_block"
+    ours, theirs = dict(_model(stored).named_parameters()), dict(_model(online).named_parameters())
+    assert ours.keys() == theirs.keys()
+    for name, param in ours.items():
+        assert param.dtype == theirs[name].dtype, name
+        assert torch.equal(param.view(torch.uint8), theirs[name].view(torch.uint8)), name
+    qkv = _model(stored).model.layers[0].self_attn.qkv_proj
+    assert qkv.weight.dtype == torch.float8_e4m3fn and qkv.weight_scale.shape == (4, 2)  # 512 rows, 256 columns
+    assert _generate(stored) == _generate(online)
+
+
+def test_tile_checkpoint_matches_transformers(fp8_checkpoint) -> None:
+    """A tile-scaled checkpoint, asked for as ``quantization="fp8"`` (vLLM's name for both layouts): token
+    for token what transformers generates on its dequantized weights with inputs rounded to e4m3 per group of
+    128 features, logprobs within 1e-4."""
+    fp8_dir, dequantized_dir = fp8_checkpoint("llama-tiled", "fp8-block")
+    llm = LLM(str(fp8_dir), quantization="fp8", **ENGINE)
+    assert llm.llm_engine.config.quantization == "fp8_block"
+    assert_greedy_matches_rounded_reference(llm, dequantized_dir, MAX_TOKENS, fp8_linear=True, fp8_weights_stored=True,
+                                            fp8_block=True)
+
+
+def test_tiles_that_straddle_parts_are_refused(fp8_checkpoint) -> None:
+    """The default tiny Llama's k and v parts (32 rows each) share a tile row with q's: no tile scale of the
+    checkpoint belongs to one part, so loading it names the rows (``weight_scale_inv`` is read as
+    ``weight_scale``)."""
+    fp8_dir, _ = fp8_checkpoint("llama", "fp8-block")
+    with pytest.raises(ValueError, match=r"k_proj.weight_scale'.*rows or columns \[64, 96\) of 128 do not "
+                                         r"fall on the 128 x 128 tiles"):
+        LLM(str(fp8_dir), **ENGINE)
+
+
 def test_loading_logs_what_the_checkpoint_stores(fp8_checkpoint, caplog: pytest.LogCaptureFixture) -> None:
     fp8_dir, _ = fp8_checkpoint("llama", "fp8")
     with caplog.at_level("INFO", logger="pagedllm.core.loader"):
@@ -99,11 +145,15 @@ def _ct(weights: dict | None = None, inputs: dict | str | None = "keep", **top: 
 
 @pytest.mark.parametrize(("config", "message"), [
     ({"quant_method": "fp8", "activation_scheme": "static"}, "activation_scheme 'static'"),
-    ({"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}, "weight_block_size"),
+    ({"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [64, 64]},
+     r"weight_block_size \[64, 64\] \(only \[128, 128\] tiles\)"),
     ({"quant_method": "awq", "bits": 4}, "quant_method 'awq': not supported"),
     (_ct(format="pack-quantized"), "format 'pack-quantized'"),
     (_ct({"type": "int", "num_bits": 4}), "weights of type 'int', 4 bits"),
-    (_ct({"strategy": "block"}), "weight strategy 'block'"),
+    (_ct({"strategy": "group", "group_size": 128}), "weight strategy 'group'"),
+    (_ct({"strategy": "block"}), "block_structure None"),
+    (_ct({"strategy": "block", "block_structure": [128, 128]}), "block-wise weights with input activations in "
+                                                                "strategy 'token', group size None"),
     (_ct(inputs=None), "weight-only fp8"),
     (_ct(inputs={"dynamic": False}), "static input activation scales"),
     ({**GOOD_CT, "config_groups": {"g": "fp8"}}, "config group 'g' that is not a mapping"),
@@ -117,6 +167,13 @@ def test_unsupported_quantization_configs_are_refused(config: dict, message: str
 def test_supported_configs_and_unquantized_checkpoints() -> None:
     assert checkpoint_quantization(SimpleNamespace(quantization_config=GOOD_CT)) == "fp8"
     assert checkpoint_quantization(SimpleNamespace(quantization_config={"quant_method": "fp8"})) == "fp8"
+    deepseek = {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+    assert checkpoint_quantization(SimpleNamespace(quantization_config=deepseek)) == "fp8_block"
+    ct_block = _ct({"strategy": "block", "block_structure": [128, 128]}, {"strategy": "group", "group_size": 128})
+    assert checkpoint_quantization(SimpleNamespace(quantization_config=ct_block)) == "fp8_block"
+    mixed = {**ct_block, "config_groups": {**ct_block["config_groups"], "h": GOOD_CT["config_groups"]["g"]}}
+    with pytest.raises(ValueError, match="mixing block-wise and per-row weight scales"):
+        checkpoint_quantization(SimpleNamespace(quantization_config=mixed))
     assert checkpoint_quantization(SimpleNamespace()) is None
 
 

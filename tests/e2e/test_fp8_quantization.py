@@ -21,7 +21,7 @@ MAX_TOKENS = 10
 
 def test_names_and_options() -> None:
     assert EngineConfig(quantization="fp8").quantization == "fp8"
-    with pytest.raises(ValueError, match=r"quantization must be None or one of fp8; got 'int4'"):
+    with pytest.raises(ValueError, match=r"quantization must be None or one of fp8, fp8_block; got 'int4'"):
         EngineConfig(quantization="int4")
     parser = argparse.ArgumentParser()
     add_engine_args(parser)

@@ -38,6 +38,9 @@ CHECKPOINTS: dict[str, tuple[str, dict[str, object]]] = {
     "llama": ("llama", {}),
     "qwen2": ("qwen2", {}),
     "qwen2-untied": ("qwen2", {"tie_word_embeddings": False}),
+    # every rank's rows of q, k, v, gate, up and columns of down span whole 128 x 128 tiles ("fp8_block")
+    "llama-tiled": ("llama", {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4,
+                              "num_key_value_heads": 4, "head_dim": 64}),
 }
 
 
@@ -228,6 +231,33 @@ def test_mp_tp2_fp8_checkpoint_stays_close_to_tp1(references, tmp_path: Path) ->
         assert layer.self_attn.o_proj.weight.dtype == qkv.weight.dtype == torch.float8_e4m3fn
         scales = [part.unique() for part in qkv.weight_scale.split(qkv.shard_sizes)]  # rank 0's q, k, v rows
         assert [len(part) for part in scales] == [1, 1, 1] and len(set(torch.cat(scales).tolist())) == 3
+        outputs = [o.outputs[0] for o in llm.generate(PROMPTS, PARAMS, use_tqdm=False)]
+        assert_pool_free(llm)
+    finally:
+        llm.llm_engine.shutdown()
+    assert_same_up_to_a_near_tie(expected, outputs)
+
+
+@pytest.mark.timeout(180)
+def test_mp_tp2_tile_checkpoint_equals_tp1(references, tmp_path: Path) -> None:
+    """A checkpoint with 128 x 128 tile scales (DeepSeek's ``weight_scale_inv``) whose shards fall on tiles:
+    each rank loads its tile rows of the column-parallel layers and its tile columns of the row-parallel
+    ones, and quantizes the same 128-feature groups of each input as tp=1; the all-reduce sums in another
+    order, which can move an activation across an e4m3 rounding boundary (measured here: one logprob 0.04
+    apart at step 5), so the tokens are tp=1's up to a near tie."""
+    import torch
+
+    from pagedllm.testing.fp8_checkpoints import write_fp8_checkpoint
+
+    fp8_dir, _ = write_fp8_checkpoint(references("llama-tiled")[0], tmp_path, "fp8-block")
+    expected, _ = generate(fp8_dir)
+    llm = LLM(str(fp8_dir), **ENGINE_KWARGS, tensor_parallel_size=2)
+    try:
+        layer = llm.llm_engine.executor.worker.runner.model.model.layers[0]
+        assert llm.llm_engine.config.quantization == "fp8_block"
+        assert layer.self_attn.qkv_proj.weight_scale.shape == (3, 2)  # rank 0: q, k, v rows 128 each; in 256
+        assert layer.mlp.down_proj.weight_scale.shape == (2, 2)  # out 256; rank 0's 256 of the 512 inputs
+        assert layer.mlp.down_proj.weight.dtype == torch.float8_e4m3fn
         outputs = [o.outputs[0] for o in llm.generate(PROMPTS, PARAMS, use_tqdm=False)]
         assert_pool_free(llm)
     finally:

@@ -129,8 +129,26 @@ class FnuzScaleFp8InputsBackend(CpuBackend):
         return self._quantize(self.silu_and_mul(x))
 
 
+class PerTokenInputFp8BlockBackend(CpuBackend):
+    """A tile-scaled fp8 layer (``"fp8_block"``) that quantizes its input per token, as the per-row scheme does,
+    instead of per group of 128 features: small groups beside large ones lose their precision."""
+
+    name = "broken_fp8_block"
+    interface_version = (1, 7)
+    priority = -1000
+
+    def linear_fp8_block(self, x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                         bias: torch.Tensor | None = None) -> torch.Tensor:
+        from pagedllm.backends.fp8_linear import dequantize_blocks, quantize_rows
+
+        q, scale = quantize_rows(x)
+        y = (q.float() * scale[:, None]) @ dequantize_blocks(weight, weight_scale).t()
+        return (y if bias is None else y + bias.float()).to(x.dtype)
+
+
 BROKEN: tuple[type[Backend], ...] = (OffByOneSlotBackend, WrongGqaBackend, UnwrittenRowBackend, WrongRmsNormBackend,
-                                     UnquantizedInputFp8Backend, FnuzScaleFp8InputsBackend)
+                                     UnquantizedInputFp8Backend, FnuzScaleFp8InputsBackend,
+                                     PerTokenInputFp8BlockBackend)
 
 
 @hookimpl

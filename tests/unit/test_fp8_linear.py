@@ -7,7 +7,18 @@ import torch
 from torch import nn
 
 from pagedllm.backends.cpu.backend import CpuBackend
-from pagedllm.backends.fp8_linear import FP8_MAX, MIN_SCALE, per_row_scale, quantize_rows, reference_linear_fp8
+from pagedllm.backends.fp8_linear import (
+    FP8_MAX,
+    MIN_SCALE,
+    dequantize_blocks,
+    per_row_scale,
+    quantize_blocks,
+    quantize_groups,
+    quantize_rows,
+    reference_linear_fp8,
+    reference_linear_fp8_block,
+    scale_block_range,
+)
 from pagedllm.backends.interface import BackendCapabilities
 from pagedllm.core.distributed.parallel_layers import ParallelLMHead, RowParallelLinear
 from pagedllm.core.models.layers import MergedLinear, quantize_linear_layers
@@ -94,3 +105,65 @@ def test_per_row_scale_reads_the_checkpoint_layouts() -> None:
     assert per_row_scale(rows[:, 0], 3).tolist() == [1.5, 2.0, 0.125]
     with pytest.raises(ValueError, match=r"weight scale of shape \(2, 2\): expected one per tensor or one per each"):
         per_row_scale(torch.ones(2, 2), 4)
+
+
+def test_groups_and_tiles_are_rows_of_their_own() -> None:
+    """``fp8_block``: each 128-feature group of a token and each 128 x 128 tile of a weight (edges shorter)
+    is quantized exactly as ``quantize_rows`` quantizes a row made of its elements."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 300) * torch.tensor([1.0, 100.0, 0.01])[:, None]
+    x[2, 256:] = 0  # an all-zero last group
+    q, scale = quantize_groups(x)
+    assert q.shape == (3, 300) and scale.shape == (3, 3)
+    for row, group in ((0, 0), (1, 1), (2, 2), (0, 2)):
+        want_q, want_scale = quantize_rows(x[row : row + 1, group * 128 : (group + 1) * 128])
+        assert scale[row, group] == want_scale[0]
+        assert torch.equal(q[row, group * 128 : (group + 1) * 128].view(torch.uint8), want_q[0].view(torch.uint8))
+    assert scale[2, 2] == MIN_SCALE
+    w = torch.randn(200, 300)
+    wq, ws = quantize_blocks(w)
+    assert wq.shape == (200, 300) and ws.shape == (2, 3)
+    want_q, want_scale = quantize_rows(w[128:200, 256:300].reshape(1, -1))  # the corner tile: 72 x 44
+    assert ws[1, 2] == want_scale[0] and torch.equal(wq[128:, 256:].reshape(-1).view(torch.uint8),
+                                                     want_q[0].view(torch.uint8))
+    assert (dequantize_blocks(wq, ws) - w).abs().max() <= ws.max() * 16  # half an e4m3 step at the top binade
+
+
+def test_reference_linear_fp8_block_is_the_dequantized_product() -> None:
+    torch.manual_seed(0)
+    x, w, b = torch.randn(5, 256), torch.randn(130, 256) / 16, torch.randn(130)
+    wq, ws = quantize_blocks(w)
+    xq, xs = quantize_groups(x)
+    dequantized = (xq.float() * xs.repeat_interleave(128, 1)) @ dequantize_blocks(wq, ws).t() + b
+    torch.testing.assert_close(reference_linear_fp8_block(x, wq, ws, b), dequantized, rtol=1e-5, atol=1e-5)
+    plain = x @ w.t() + b
+    assert (reference_linear_fp8_block(x, wq, ws, b) - plain).abs().max() < 0.1 * plain.abs().max()
+    got = CpuBackend().linear_fp8_block(x.bfloat16(), wq, ws, b.bfloat16())  # the Backend default
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, reference_linear_fp8_block(x.bfloat16(), wq, ws, b.bfloat16()))
+
+
+def test_tile_scales_cut_only_on_tile_boundaries() -> None:
+    assert scale_block_range(0, 256, 512) == (0, 2)
+    assert scale_block_range(384, 128, 512) == (3, 1)
+    assert scale_block_range(256, 100, 356) == (2, 1)  # the last part may end mid-tile, at the end
+    for start, size, total in ((64, 128, 512), (0, 100, 512)):
+        with pytest.raises(ValueError, match=rf"\[{start}, {start + size}\) of {total} do not fall on the 128 x 128"):
+            scale_block_range(start, size, total)
+
+
+def test_quantize_linear_layers_in_tiles() -> None:
+    """``block=True``: tile scales ``[ceil(out / 128), ceil(in / 128)]`` and ``linear_fp8_block``; the layers
+    do not take inputs quantized per token from the op before them (they quantize per group themselves)."""
+    from pagedllm.core.models.layers import feeds_fp8
+
+    model = nn.ModuleDict({"qkv": MergedLinear(256, [256, 128, 128], bias=False),
+                           "o": RowParallelLinear(256, 200, bias=True)})
+    for p in model.parameters():
+        nn.init.normal_(p)
+    x = torch.randn(3, 256)
+    expected = reference_linear_fp8_block(x, *quantize_blocks(model["o"].weight.detach()), model["o"].bias.detach())
+    assert quantize_linear_layers(model, CpuBackend(), block=True) == 2
+    assert model["qkv"].weight_scale.shape == (4, 2) and model["o"].weight_scale.shape == (2, 2)
+    torch.testing.assert_close(model["o"](x), expected)
+    assert not feeds_fp8(model["qkv"]) and not feeds_fp8(model["o"])

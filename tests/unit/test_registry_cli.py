@@ -82,8 +82,8 @@ def test_backends_table(capsys: pytest.CaptureFixture[str]) -> None:
     cpu_row = next(line for line in lines if line.split()[:2] == ["*", "cpu"])
     assert "pagedllm 0.1.0" in cpu_row and " yes " in cpu_row
     assert f" {format_version(CpuBackend.interface_version)} " in cpu_row
-    assert ("float32,bfloat16,float16; kv float32,bfloat16,float16,float8_e4m3fn,float8_e5m2; quantization fp8; "
-            "blocks 1,2,4") in cpu_row
+    assert ("float32,bfloat16,float16; kv float32,bfloat16,float16,float8_e4m3fn,float8_e5m2; "
+            "quantization fp8,fp8_block; blocks 1,2,4") in cpu_row
     assert "--device auto selects: cpu" in out or "--device auto selects: cuda" in out
 
 
@@ -96,8 +96,8 @@ def test_backends_json_with_a_third_party_plugin(
     assert document["interface_version"] == format_version(INTERFACE_VERSION)
     assert document["selected"] == "cpu" and document["error"] is None
     rows = {row["name"]: row for row in document["backends"]}
-    assert list(rows)[:6] == ["broken_fp8_inputs", "broken_fp8_linear", "broken_gqa", "broken_rms_norm",
-                              "broken_slot", "broken_unwritten"]  # auto order
+    assert list(rows)[:7] == ["broken_fp8_block", "broken_fp8_inputs", "broken_fp8_linear", "broken_gqa",
+                              "broken_rms_norm", "broken_slot", "broken_unwritten"]  # auto order
     assert rows["broken_slot"]["distribution"] == "broken-backends" and rows["broken_slot"]["version"] == "0.3"
     assert rows["cpu"]["available"] is True and rows["cpu"]["capabilities"]["dtypes"][0] == "float32"
     assert set(rows["cuda"]) == {"name", "distribution", "version", "interface_version", "available", "reason",

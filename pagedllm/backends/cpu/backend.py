@@ -29,7 +29,7 @@ class CpuBackend(Backend):
     name = "cpu"
     device_type = "cpu"
     dist_backend = "gloo"
-    interface_version = (1, 6)
+    interface_version = (1, 7)
     priority = -100  # auto picks cpu last
 
     @classmethod
@@ -39,15 +39,15 @@ class CpuBackend(Backend):
 
     def capabilities(self) -> BackendCapabilities:
         """Any block size and head size; float32, bfloat16 and float16; the KV cache also in fp8 (e4m3 and
-        e5m2: the reference of what an fp8 cache computes); fp8 linear layers (the reference,
-        :meth:`Backend.linear_fp8`'s default)."""
+        e5m2: the reference of what an fp8 cache computes); fp8 linear layers with row or tile scales (the
+        references, the defaults of :meth:`Backend.linear_fp8` and :meth:`Backend.linear_fp8_block`)."""
         dtypes = (torch.float32, torch.bfloat16, torch.float16)
         return BackendCapabilities(
             dtypes=dtypes,
             kv_cache_dtypes=(*dtypes, torch.float8_e4m3fn, torch.float8_e5m2),
             block_sizes=(16, 1, 2, 4, 8, 32, 64, 128),
             head_sizes=(32, 64, 80, 96, 112, 128, 256, 8, 16),
-            quantizations=("fp8",),
+            quantizations=("fp8", "fp8_block"),
         )
 
     def init_device(self, rank: int, world_size: int) -> None:

@@ -21,7 +21,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from pagedllm.backends.fp8_linear import per_row_scale
+from pagedllm.backends.fp8_linear import block_scale_shape, per_row_scale, scale_block_range
 from pagedllm.core.distributed.parallel_state import TensorParallelGroup, get_tp_group, kv_heads_per_rank
 from pagedllm.core.models.layers import LinearOp, MergedLinear, copy_checked
 
@@ -111,11 +111,15 @@ class MergedColumnParallelLinear(MergedLinear):
     def load_shard(self, param_name: str, index: int, loaded: WeightLike) -> None:
         """Copy this rank's rows of the unsharded checkpoint tensor of part ``index`` (weight, bias or an fp8
         checkpoint's weight_scale)."""
-        if param_name == "weight_scale":
-            loaded = per_row_scale(materialize(loaded), self.full_shard_sizes[index])
-        check_full_shape(loaded, (self.full_shard_sizes[index], *getattr(self, param_name).shape[1:]))
-        part = narrow_weight(loaded, 0, self.shard_start(index), self.shard_sizes[index])
-        super().load_shard(param_name, index, part)
+        full, start, size = self.full_shard_sizes[index], self.shard_start(index), self.shard_sizes[index]
+        if param_name == "weight_scale" and self.weight_scale.dim() == 2:  # "fp8_block": this rank's tile rows
+            check_full_shape(loaded, block_scale_shape(full, self.weight.shape[1]))
+            start, size = scale_block_range(start, size, full)
+        else:
+            if param_name == "weight_scale":
+                loaded = per_row_scale(materialize(loaded), full)
+            check_full_shape(loaded, (full, *getattr(self, param_name).shape[1:]))
+        super().load_shard(param_name, index, narrow_weight(loaded, 0, start, size))
 
     def _load_fused(self, param: nn.Parameter, loaded: WeightLike) -> None:
         """Load an unsharded fused tensor (all parts stacked, e.g. dummy weights) part by part."""
@@ -197,7 +201,14 @@ class RowParallelLinear(nn.Module):
         copy_checked(param.data, narrow_weight(loaded, 1, start, self.in_features_per_rank))
 
     def load_weight_scale(self, param: nn.Parameter, loaded: WeightLike) -> None:
-        """An fp8 checkpoint's scale (per tensor or per output row): every rank holds all output rows."""
+        """An fp8 checkpoint's scale: per tensor or per output row (every rank holds all output rows), or the
+        tiles of ``"fp8_block"`` (this rank's tile columns)."""
+        if param.dim() == 2:
+            check_full_shape(loaded, block_scale_shape(*self.weight.full_shape))  # type: ignore[attr-defined]
+            start, size = scale_block_range(self.tp.rank * self.in_features_per_rank, self.in_features_per_rank,
+                                            self.weight.full_shape[1])  # type: ignore[attr-defined]
+            copy_checked(param.data, narrow_weight(loaded, 1, start, size))
+            return
         copy_checked(param.data, per_row_scale(materialize(loaded), param.shape[0]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -4,9 +4,9 @@ Layers compute through the backend's fused-op hooks (``rms_norm``, ``rotary_embe
 and its paged attention, so model code never names a device. Linear layers hold a ``linear_op`` (plain
 ``torch.nn.functional.linear`` until :func:`bind_linear_op` gives them the backend's ``linear``); those marked
 ``quantizable`` (the projections, not the LM head) may have their weights stored in fp8 by
-:func:`quantize_linear_layers` (or read so from a checkpoint stored in fp8: :func:`prepare_fp8_weights`);
-the norms and activations before them then hand them their inputs quantized (:class:`Fp8Activation`,
-:func:`use_fp8_inputs`).
+:func:`quantize_linear_layers` (or read so from a checkpoint stored in fp8: :func:`prepare_fp8_weights`), with
+a scale per output row (``"fp8"``) or per 128 x 128 tile (``"fp8_block"``); before ``"fp8"`` projections the
+norms and activations hand them their inputs quantized (:class:`Fp8Activation`, :func:`use_fp8_inputs`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pagedllm.backends.fp8_linear import FP8_DTYPE, per_row_scale, quantize_rows
+from pagedllm.backends.fp8_linear import (
+    FP8_DTYPE,
+    block_scale_shape,
+    per_row_scale,
+    quantize_blocks,
+    quantize_rows,
+    scale_block_range,
+)
 from pagedllm.backends.interface import AttentionMetadata, AttentionSpec, Backend
 from pagedllm.core.distributed.parallel_state import get_tp_group
 
@@ -45,26 +52,31 @@ class Fp8Activation:
 
 
 class Fp8LinearOp:
-    """The ``linear_op`` of a layer whose weight is stored in e4m3: the backend's ``linear_fp8`` with the
-    layer's per-row ``weight_scale`` (read from the layer at each call, so it is wherever the layer's
-    parameters are), or its ``linear_fp8_quantized`` for an :class:`Fp8Activation`; called like
-    :data:`LinearOp` ``(x, weight, bias)``."""
+    """The ``linear_op`` of a layer whose weight is stored in e4m3, called like :data:`LinearOp` ``(x, weight,
+    bias)``, with the layer's ``weight_scale`` (read from the layer at each call, so it is wherever the layer's
+    parameters are): per output row (``[out]``), the backend's ``linear_fp8``, or its ``linear_fp8_quantized``
+    for an :class:`Fp8Activation`; per tile (``block``, ``[ceil(out / 128), ceil(in / 128)]``), its
+    ``linear_fp8_block``."""
 
-    def __init__(self, backend: Backend, layer: nn.Module) -> None:
+    def __init__(self, backend: Backend, layer: nn.Module, block: bool = False) -> None:
         self.backend = backend
         self.layer = layer
+        self.block = block
 
     def __call__(self, x: torch.Tensor | Fp8Activation, weight: torch.Tensor,
                  bias: torch.Tensor | None = None) -> torch.Tensor:
         if isinstance(x, Fp8Activation):
             return self.backend.linear_fp8_quantized(x.q, x.scale, weight, self.layer.weight_scale, bias, x.dtype)
+        if self.block:
+            return self.backend.linear_fp8_block(x, weight, self.layer.weight_scale, bias)
         return self.backend.linear_fp8(x, weight, self.layer.weight_scale, bias)
 
 
 def feeds_fp8(layer: nn.Module) -> bool:
-    """Whether ``layer`` (a linear layer) computes in fp8, so its producer may hand it an
-    :class:`Fp8Activation`."""
-    return isinstance(getattr(layer, "linear_op", None), Fp8LinearOp)
+    """Whether ``layer`` (a linear layer) computes in ``"fp8"`` with per-row scales, so its producer may hand it
+    an :class:`Fp8Activation` (``"fp8_block"`` layers quantize their inputs per group themselves)."""
+    op = getattr(layer, "linear_op", None)
+    return isinstance(op, Fp8LinearOp) and not op.block
 
 
 def use_fp8_inputs(model: nn.Module) -> None:
@@ -76,33 +88,37 @@ def use_fp8_inputs(model: nn.Module) -> None:
             module.use_fp8_inputs()
 
 
-def quantize_linear_layers(model: nn.Module, backend: Backend) -> int:
-    """Store the weight of every ``quantizable`` linear layer of ``model`` in e4m3 with one float32 scale
-    per output row (``weight_scale`` parameter) and make it compute through ``backend``'s
-    ``linear_fp8`` (:class:`Fp8LinearOp`). Called by the loader once the weights are filled, for ``quantization="fp8"``;
-    each layer's original weight is freed as it goes. Returns the number of layers quantized.
+def quantize_linear_layers(model: nn.Module, backend: Backend, block: bool = False) -> int:
+    """Store the weight of every ``quantizable`` linear layer of ``model`` in e4m3 with float32 scales
+    (``weight_scale`` parameter): one per output row, or with ``block`` one per 128 x 128 tile; the layer then
+    computes through ``backend`` (:class:`Fp8LinearOp`). Called by the loader once the weights are filled, for
+    ``quantization="fp8"`` / ``"fp8_block"``; each layer's original weight is freed as it goes. Returns the
+    number of layers quantized.
     """
+    quantize = quantize_blocks if block else quantize_rows
     count = 0
     for module in model.modules():
         if getattr(module, "quantizable", False):
-            weight, scale = quantize_rows(module.weight.data)
-            _store_fp8(module, weight, scale, backend)
+            weight, scale = quantize(module.weight.data)
+            _store_fp8(module, weight, scale, backend, block)
             count += 1
     return count
 
 
-def prepare_fp8_weights(model: nn.Module, backend: Backend) -> int:
+def prepare_fp8_weights(model: nn.Module, backend: Backend, block: bool = False) -> int:
     """Give every ``quantizable`` linear layer of ``model`` an empty e4m3 ``weight`` (its loader kept) and an
-    empty float32 ``weight_scale [out]`` parameter loaded by the layer's ``load_weight_scale``, computing
-    through ``backend`` (:class:`Fp8LinearOp`). Called by the loader before it reads a checkpoint stored in
-    fp8, whose tensors then fill them. Returns the number of layers prepared."""
+    empty float32 ``weight_scale`` parameter (``[out]``, or with ``block`` ``[ceil(out / 128), ceil(in /
+    128)]``) loaded by the layer's ``load_weight_scale``, computing through ``backend``
+    (:class:`Fp8LinearOp`). Called by the loader before it reads a checkpoint stored in fp8, whose tensors
+    then fill them. Returns the number of layers prepared."""
     count = 0
     for module in model.modules():
         if getattr(module, "quantizable", False):
             old = module.weight
             weight = torch.empty(old.shape, dtype=FP8_DTYPE, device=old.device)
-            scale = torch.empty(old.shape[0], dtype=torch.float32, device=old.device)
-            _store_fp8(module, weight, scale, backend)
+            shape = block_scale_shape(*old.shape) if block else old.shape[:1]
+            scale = torch.empty(shape, dtype=torch.float32, device=old.device)
+            _store_fp8(module, weight, scale, backend, block)
             for attr in ("weight_loader", "full_shape"):
                 if hasattr(old, attr):
                     setattr(module.weight, attr, getattr(old, attr))
@@ -115,10 +131,10 @@ def prepare_fp8_weights(model: nn.Module, backend: Backend) -> int:
     return count
 
 
-def _store_fp8(module: nn.Module, weight: torch.Tensor, scale: torch.Tensor, backend: Backend) -> None:
+def _store_fp8(module: nn.Module, weight: torch.Tensor, scale: torch.Tensor, backend: Backend, block: bool) -> None:
     module.weight = nn.Parameter(weight, requires_grad=False)
     module.weight_scale = nn.Parameter(scale, requires_grad=False)
-    module.linear_op = Fp8LinearOp(backend, module)
+    module.linear_op = Fp8LinearOp(backend, module, block)
 
 
 def copy_checked(target: torch.Tensor, loaded: torch.Tensor) -> None:
@@ -233,21 +249,37 @@ class MergedLinear(nn.Module):
 
     def load_shard(self, param_name: str, index: int, loaded: torch.Tensor) -> None:
         """Copy part ``index`` of ``weight``, ``bias`` or an fp8 checkpoint's ``weight_scale`` (``param_name``)
-        from a checkpoint tensor (or a lazy safetensors slice, read whole here)."""
+        from a checkpoint tensor (or a lazy safetensors slice, read whole here); a tile scale (``"fp8_block"``)
+        fills the tile rows of the part, which must fall on tile boundaries."""
         if not isinstance(loaded, torch.Tensor):
             loaded = loaded[...]
-        if param_name == "weight_scale":
-            loaded = per_row_scale(loaded, self.shard_sizes[index])
         param = getattr(self, param_name)
-        start = sum(self.shard_sizes[:index])
-        copy_checked(param.data[start : start + self.shard_sizes[index]], loaded)
+        start, size = sum(self.shard_sizes[:index]), self.shard_sizes[index]
+        if param_name == "weight_scale":
+            if param.dim() == 2:
+                start, size = scale_block_range(start, size, sum(self.shard_sizes))
+            else:
+                loaded = per_row_scale(loaded, size)
+        copy_checked(param.data[start : start + size], loaded)
 
     def load_weight_scale(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
-        """Load one checkpoint scale for all parts at once (per tensor, or ``[sum(full_shard_sizes)(, 1)]``)
-        part by part; see :func:`prepare_fp8_weights`."""
+        """Load one checkpoint scale for all parts at once (per tensor, ``[sum(full_shard_sizes)(, 1)]``, or
+        the tiles ``[ceil(sum(full_shard_sizes) / 128), ceil(in / 128)]``) part by part; see
+        :func:`prepare_fp8_weights`."""
         if not isinstance(loaded, torch.Tensor):
             loaded = loaded[...]
-        scales = per_row_scale(loaded, sum(self.full_shard_sizes))
+        total = sum(self.full_shard_sizes)
+        if param.dim() == 2:
+            expected = block_scale_shape(total, self.weight.shape[1])
+            if tuple(loaded.shape) != expected:
+                raise ValueError(f"weight scale of shape {tuple(loaded.shape)}: expected the tiles {expected}")
+            offset = 0
+            for index, size in enumerate(self.full_shard_sizes):
+                first, count = scale_block_range(offset, size, total)
+                self.load_shard("weight_scale", index, loaded[first : first + count])
+                offset += size
+            return
+        scales = per_row_scale(loaded, total)
         for index, part in enumerate(scales.split(self.full_shard_sizes)):
             self.load_shard("weight_scale", index, part)
 
