@@ -471,6 +471,55 @@ def test_fp8_quantizer_and_gemv(kernels: SimpleNamespace, dtype: torch.dtype) ->
     assert kernels.gemv.gemv_fp8_config(70, 320) == (8, 64, 4) and kernels.gemv.gemv_fp8_config(70, 300) is None
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fp8_group_quantizer(kernels: SimpleNamespace, dtype: torch.dtype) -> None:
+    """``"fp8_block"`` inputs: the Triton per-group quantizer gives the reference's scales (any input, a short
+    last group, an all-zero group) transposed, and its values (inputs on the e4m3 grid); the rows padded to
+    a multiple of four are zeros. The product itself (cuBLAS's block scales) runs on the GPU only; shapes it
+    declines and float32 go through the reference."""
+    from pagedllm.backends.fp8_linear import quantize_blocks, quantize_groups, reference_linear_fp8_block
+
+    x = torch.randn(5, 300).to(dtype) * 7
+    x[1, 128:256] = 0
+    got_q, got_scale = kernels.fp8_linear.quantize_groups(x, 8)
+    _, want_scale = quantize_groups(x)
+    assert got_q.shape == (8, 300) and got_scale.shape == (3, 8) and got_q.dtype == torch.float8_e4m3fn
+    assert torch.equal(got_scale[:, :5].t(), want_scale)
+    assert not got_q[5:].float().any() and torch.equal(got_scale[:, 5:], torch.full((3, 3), 1e-12))
+    on_grid = torch.cat([_on_fp8_grid(5, 128, dtype), _on_fp8_grid(5, 128, dtype).flip(0)], dim=1)
+    got_q, _ = kernels.fp8_linear.quantize_groups(on_grid, 5)
+    assert torch.equal(got_q.view(torch.uint8), quantize_groups(on_grid)[0].view(torch.uint8))
+    weight, weight_scale = quantize_blocks(torch.randn(256, 384) / 16)
+    takes = kernels.fp8_linear.block_product_takes
+    assert takes(4096, 14336, torch.bfloat16) and takes(256, 512, torch.float16)
+    assert not takes(256, 384, torch.bfloat16)  # three groups: cuBLAS summed them wrong (fp8_block_probe.py)
+    assert not takes(200, 512, torch.bfloat16) and not takes(256, 512, torch.float32)
+    x = torch.randn(3, 384).to(dtype)
+    torch.testing.assert_close(kernels.fp8_linear.linear_fp8_block(x, weight, weight_scale),
+                               reference_linear_fp8_block(x, weight, weight_scale), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fp8_block_gemv(kernels: SimpleNamespace, dtype: torch.dtype) -> None:
+    """One token through the GEMV with tile scales: each 128-feature group of the input quantized with its own
+    scale (groups 2^12 apart, on the e4m3 grid so the interpreter's cast rounds as the reference does), each
+    group's sums scaled by its input and tile scales; a partial last row of tiles, a bias."""
+    from pagedllm.backends.fp8_linear import quantize_blocks, reference_linear_fp8_block
+
+    x = torch.cat([_on_fp8_grid(1, 128, dtype) * 2.0 ** (12 * (g % 2) - 6) for g in range(4)], dim=1).to(dtype)
+    weight, weight_scale = quantize_blocks(torch.randn(200, 512) / 16 * torch.tensor([1.0, 64.0]).repeat(256))
+    gemv_fp8_block = kernels.gemv.gemv_fp8_block
+    for bias, config in ((None, (16, 256, 4)), (torch.randn(200).to(dtype), None)):  # None: (8, 512, 4)
+        got = gemv_fp8_block(x, weight, weight_scale, bias, config=config)
+        assert got is not None and got.shape == (1, 200) and got.dtype == dtype
+        want = reference_linear_fp8_block(x, weight, weight_scale, bias).float()
+        tol = TOLERANCE[dtype]["rtol"]  # the groups' sums cancel: errors relative to the largest output
+        torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol * want.abs().max().item())
+    assert gemv_fp8_block(x, weight, weight_scale, config=(16, 64, 4)) is None  # a tile shorter than a group
+    assert gemv_fp8_block(x, weight, weight_scale[:, :2]) is None  # scales of another shape
+    assert gemv_fp8_block(torch.cat([x, x]), weight, weight_scale) is None  # two rows: a GEMM's job
+
+
 # --------------------------------------------------------------------------- backend identity
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the reason given on a machine without CUDA")
 def test_is_available_says_why_not() -> None:
@@ -491,19 +540,22 @@ def test_identity_and_capabilities() -> None:
     assert backend.kv_cache_shape(7, 16, 2, 64) == (2, 7, 16, 2, 64)
 
 
-@pytest.mark.parametrize(("capability", "kv_fp8", "fp8_linear"), [((8, 0), False, False), ((8, 9), True, False),
-                                                                ((9, 0), True, True)])
+@pytest.mark.parametrize(("capability", "cuda", "kv_fp8", "quantizations"), [
+    ((8, 0), "13.0", False, ()), ((8, 9), "13.0", True, ()), ((9, 0), "12.8", True, ("fp8",)),
+    ((9, 0), "13.0", True, ("fp8", "fp8_block")), ((10, 0), "13.0", True, ("fp8",)),
+])  # fmt: skip
 def test_fp8_claims_follow_the_compute_capability(monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int],
-                                                  kv_fp8: bool, fp8_linear: bool) -> None:
+                                                  cuda: str, kv_fp8: bool, quantizations: tuple[str, ...]) -> None:
     """The fp8 KV cache from 8.9 (Triton's e4m3 conversions), fp8 linear layers from 9.0 (where the row-wise
-    scaled e4m3 product has run)."""
+    scaled e4m3 product has run), tile scales on Hopper with CUDA 12.9 or later (cuBLAS's block scales)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a: SimpleNamespace(total_memory=80 << 30))
+    monkeypatch.setattr(torch.version, "cuda", cuda)
     caps = CudaBackend().capabilities()
     assert (torch.float8_e4m3fn in caps.kv_cache_dtypes) == kv_fp8
-    assert caps.quantizations == (("fp8",) if fp8_linear else ())
+    assert caps.quantizations == quantizations
     assert caps.default_max_num_seqs == 1024  # an 80 GiB GPU
 
 
@@ -621,8 +673,7 @@ def test_kernels_compile_for_sm90() -> None:
             gemv._gemv_fp8_kernel,
             {"y_ptr": "*bf16", "x_ptr": "*fp8e4nv" if x_quantized else "*bf16", "x_scale_ptr": "*fp32",
              "w_ptr": "*fp8e4nv", "w_scale_ptr": "*fp32", "bias_ptr": "*bf16"},
-            {"FP8_MAX": 448.0, "MIN_SCALE": 1e-12, "HAS_BIAS": False, "BLOCK_N": 8, "BLOCK_K": 1024, "GROUP": 16,
-             "X_QUANTIZED": x_quantized}, num_warps=4,
+            {"HAS_BIAS": False, "BLOCK_N": 8, "BLOCK_K": 1024, "GROUP": 16, "X_QUANTIZED": x_quantized}, num_warps=4,
         )  # fmt: skip
     # the norm and the activation quantizing their outputs for an fp8 projection
     _compile_sm90(fused_kernels._rms_norm_kernel, {**fused, "out_ptr": "*fp8e4nv"},
@@ -630,9 +681,15 @@ def test_kernels_compile_for_sm90() -> None:
                   enable_fp_fusion=False)  # fmt: skip
     _compile_sm90(fused_kernels._silu_and_mul_fp8_kernel, {"q_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "x_ptr": "*bf16"},
                   {"BLOCK": 16384}, num_warps=16, enable_fp_fusion=False)
+    quantizer = {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "scale_ptr": "*fp32"}
+    _compile_sm90(fp8_linear._quantize_rows_kernel, quantizer, {"BLOCK": 16384}, num_warps=16)
+    # "fp8_block": the input quantized per token and 128 features (14336 features: 112 groups, padded to 128),
+    # and the one-token GEMV with tile scales
+    _compile_sm90(fp8_linear._quantize_groups_kernel, quantizer, {"GROUPS": 128, "GROUP": 128}, num_warps=16)
     _compile_sm90(
-        fp8_linear._quantize_rows_kernel, {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "scale_ptr": "*fp32"},
-        {"FP8_MAX_C": 448.0, "MIN_SCALE_C": 1e-12, "BLOCK": 16384}, num_warps=16,
+        gemv._gemv_fp8_block_kernel,
+        {"y_ptr": "*bf16", "x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "w_scale_ptr": "*fp32", "bias_ptr": "*bf16"},
+        {"HAS_BIAS": True, "BLOCK_N": 8, "BLOCK_K": 1024, "GROUP": 16, "TILE": 128}, num_warps=4,
     )  # fmt: skip
     # the tensor-parallel all-reduce + RMSNorm: peer pointers from int64, polling volatile loads
     for bits, dtype in ((16, "*bf16"), (32, "*fp32")):

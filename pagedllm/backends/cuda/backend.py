@@ -32,13 +32,21 @@ LARGE_GPU_BYTES = 70 * 2**30
 """Device memory from which the larger scheduler defaults apply (vLLM's threshold)."""
 
 
+def _cuda_version() -> tuple[int, ...]:
+    """The CUDA version torch was built with, as numbers (``()`` for a build without CUDA)."""
+    try:
+        return tuple(int(part) for part in (torch.version.cuda or "").split(".")[:2])
+    except ValueError:
+        return ()
+
+
 class CudaBackend(Backend):
     """Triton kernels on CUDA; KV layout ``[2, num_blocks, block_size, num_kv_heads, head_dim]``."""
 
     name = "cuda"
     device_type = "cuda"
     dist_backend = "nccl"
-    interface_version = (1, 6)  # communicator; linear, all_reduce_add_rms_norm; scheduler defaults; fp8 linear, inputs
+    interface_version = (1, 7)  # communicator; linear, all_reduce_add_rms_norm; scheduler defaults; fp8; fp8_block
     priority = 10  # below rocm: torch.cuda also answers on a ROCm build
 
     def __init__(self) -> None:
@@ -74,7 +82,8 @@ class CudaBackend(Backend):
     def capabilities(self) -> BackendCapabilities:
         """fp16/bf16/fp32 (bf16 from compute capability 8.0), the KV cache also in fp8 e4m3 (vLLM's
         ``--kv-cache-dtype fp8``, from compute capability 8.9), fp8 linear layers (``--quantization fp8``, from
-        9.0: its row-wise scaled e4m3 product has run on Hopper only), KV blocks of 16/32/64, heads up to 256.
+        9.0: its row-wise scaled e4m3 product has run on Hopper only; ``fp8_block`` on Hopper with CUDA 12.9 or later,
+        where cuBLAS has block-scaled e4m3 products), KV blocks of 16/32/64, heads up to 256.
 
         Scheduler defaults as vLLM's for offline runs: on GPUs of at least 70 GiB (H100, H200) up to 1024
         running requests and 16384 tokens a step (decode steps of hundreds of requests keep the matrix units
@@ -93,6 +102,8 @@ class CudaBackend(Backend):
                     kv_only = ()
                 if capability < (9, 0):  # torch._scaled_mm's row-wise scales: tested on Hopper only
                     quantizations = ()
+                elif capability == (9, 0) and _cuda_version() >= (12, 9):  # cuBLAS's block scales: Hopper only
+                    quantizations = ("fp8", "fp8_block")
                 large = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory >= LARGE_GPU_BYTES
         except Exception:  # capabilities are also listed on machines without a GPU
             pass
@@ -279,6 +290,23 @@ class CudaBackend(Backend):
         from pagedllm.backends.cuda.fp8_linear import linear_fp8_quantized
 
         return linear_fp8_quantized(x_q, x_scale, weight, weight_scale, bias, out_dtype)
+
+    def linear_fp8_block(
+        self, x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """One-token inputs through a Triton fp8 GEMV with tile scales (the input quantized per group inside
+        it); more tokens through the Triton per-group quantizer and cuBLAS's block-scaled e4m3 product
+        (``torch._scaled_mm`` with 1 x 128 and 128 x 128 scales; rows padded to a multiple of four); the
+        reference for the shapes and float32 outputs it declines (``cuda.fp8_linear.block_product_takes``)."""
+        from pagedllm.backends.cuda.fp8_linear import linear_fp8_block
+
+        if x.shape[0] == 1 and x.dim() == 2:
+            from pagedllm.backends.cuda.gemv import gemv_fp8_block
+
+            y = gemv_fp8_block(x, weight, weight_scale, bias)
+            if y is not None:
+                return y
+        return linear_fp8_block(x, weight, weight_scale, bias)
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """A Triton GEMV for one-token inputs (``x: [1, K]``, batch-1 decode), where it streams the weights

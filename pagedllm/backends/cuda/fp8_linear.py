@@ -1,10 +1,13 @@
-"""fp8 linear layers on ``cuda``: a Triton kernel quantizes the input per token, cuBLAS multiplies in e4m3.
+"""fp8 linear layers on ``cuda``: a Triton kernel quantizes the input per token (``"fp8"``) or per token and
+128 features (``"fp8_block"``), cuBLAS multiplies in e4m3.
 
 The quantization is :func:`pagedllm.backends.fp8_linear.quantize_rows` bit for bit (correctly rounded
-divisions and products, round to nearest even); the product is ``torch._scaled_mm`` with row-wise scales
-(per token and per output row), which the backend claims from compute capability 9.0 (Hopper). On an H200 the
-projections of a 16384-token step of a Llama-3-8B-shaped model take 202.5 ms this way against 333.7 ms in
-bf16 (``benchmarks/fp8_gemm_probe.py``; ~5 ms of the 202.5 are the quantizer).
+divisions and products, round to nearest even), over rows or groups; the product is ``torch._scaled_mm``
+with row-wise scales (per token and per output row), which the backend claims from compute capability 9.0
+(Hopper), or with block-wise scales (1 x 128 for the input, 128 x 128 for the weight: cuBLAS 12.9 and later,
+Hopper only). On an H200 the projections of a 16384-token step of a Llama-3-8B-shaped model take 202.5 ms
+row-wise against 333.7 ms in bf16 (``benchmarks/fp8_gemm_probe.py``; ~5 ms of the 202.5 are the quantizer);
+the products alone 192.8 ms row-wise, 213.6 ms block-wise (``benchmarks/fp8_block_probe.py``).
 """
 
 from __future__ import annotations
@@ -14,36 +17,58 @@ import triton
 import triton.language as tl
 
 from pagedllm.backends.fp8_linear import (
+    FP8_BLOCK,
     FP8_DTYPE,
     FP8_MAX,
     MIN_SCALE,
     reference_linear_fp8,
+    reference_linear_fp8_block,
     reference_linear_fp8_quantized,
 )
 from pagedllm.backends.fp8_linear import quantize_rows as reference_quantize_rows
 
 MAX_ROW = 32768  # wider rows than this are quantized by the PyTorch reference (no model here has them)
+E4M3_MAX = tl.constexpr(FP8_MAX)
+E4M3_MIN_SCALE = tl.constexpr(MIN_SCALE)
+"""e4m3's largest finite value and the smallest scale, as every Triton kernel that quantizes reads them."""
 
 
 @triton.jit
-def quantize_row_store(q_ptrs, scale_ptr, x, mask, FP8_MAX_C: tl.constexpr, MIN_SCALE_C: tl.constexpr):
+def quantize_row_store(q_ptrs, scale_ptr, x, mask):
     """Quantize one row ``x`` (float32, masked lanes 0) as ``quantize_rows`` does: store its e4m3 values at
     ``q_ptrs`` (where ``mask``) and its scale at ``scale_ptr``. Shared by the quantizer and the fused ops
     that hand fp8 projections their inputs (``fused_kernels``)."""
-    scale = tl.maximum(tl.div_rn(tl.max(tl.abs(x), axis=0), FP8_MAX_C), MIN_SCALE_C)
-    q = tl.clamp(x * tl.div_rn(1.0, scale), -FP8_MAX_C, FP8_MAX_C)
+    scale = tl.maximum(tl.div_rn(tl.max(tl.abs(x), axis=0), E4M3_MAX), E4M3_MIN_SCALE)
+    q = tl.clamp(x * tl.div_rn(1.0, scale), -E4M3_MAX, E4M3_MAX)
     tl.store(q_ptrs, q.to(q_ptrs.dtype.element_ty), mask=mask)
     tl.store(scale_ptr, scale)
 
 
 @triton.jit
-def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, n_cols, x_row_stride, FP8_MAX_C: tl.constexpr,
-                          MIN_SCALE_C: tl.constexpr, BLOCK: tl.constexpr):
+def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, n_cols, x_row_stride, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    quantize_row_store(q_ptr + row * n_cols + cols, scale_ptr + row, x, mask, FP8_MAX_C, MIN_SCALE_C)
+    quantize_row_store(q_ptr + row * n_cols + cols, scale_ptr + row, x, mask)
+
+
+@triton.jit
+def _quantize_groups_kernel(x_ptr, q_ptr, scale_ptr, n_rows, n_cols, x_row_stride, scale_stride,
+                            GROUPS: tl.constexpr, GROUP: tl.constexpr):
+    """One row of ``x`` per program (rows from ``n_rows`` on read as zeros: padding), as ``[GROUPS, GROUP]``:
+    a scale per group, rounded as ``quantize_row_store`` rounds a row's; the scales stored column-major
+    (group ``g`` of row ``r`` at ``g * scale_stride + r``)."""
+    row = tl.program_id(0).to(tl.int64)
+    groups = tl.arange(0, GROUPS)
+    offs = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+    mask = offs < n_cols
+    valid = tl.where(row < n_rows, n_cols, 0)  # padding rows load nothing
+    x = tl.load(x_ptr + row * x_row_stride + offs, mask=offs < valid, other=0.0).to(tl.float32)
+    scale = tl.maximum(tl.div_rn(tl.max(tl.abs(x), axis=1), E4M3_MAX), E4M3_MIN_SCALE)
+    q = tl.clamp(x * tl.div_rn(tl.full([GROUPS], 1.0, tl.float32), scale)[:, None], -E4M3_MAX, E4M3_MAX)
+    tl.store(q_ptr + row * n_cols + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
+    tl.store(scale_ptr + groups * scale_stride + row, scale, mask=groups * GROUP < n_cols)
 
 
 def row_warps(block: int) -> int:
@@ -61,8 +86,24 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     q = torch.empty(rows, cols, dtype=FP8_DTYPE, device=x.device)
     scale = torch.empty(rows, dtype=torch.float32, device=x.device)
     if rows:
-        _quantize_rows_kernel[(rows,)](x, q, scale, cols, x.stride(0), FP8_MAX_C=FP8_MAX, MIN_SCALE_C=MIN_SCALE,
-                                       BLOCK=block, num_warps=row_warps(block))
+        _quantize_rows_kernel[(rows,)](x, q, scale, cols, x.stride(0), BLOCK=block, num_warps=row_warps(block))
+    return q, scale
+
+
+def quantize_groups(x: torch.Tensor, padded_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x: [rows, cols]`` (unit stride along cols, ``cols <= MAX_ROW``) quantized per group of 128 features
+    as ``pagedllm.backends.fp8_linear.quantize_groups`` quantizes it, bit for bit, with zero rows appended up
+    to ``padded_rows``: ``(q [padded_rows, cols] e4m3, scale [ceil(cols / 128), padded_rows] float32)`` — the
+    scales transposed, as ``torch._scaled_mm`` takes 1 x 128 scales (column-major); one program per row."""
+    rows, cols = x.shape
+    groups = -(-cols // FP8_BLOCK)
+    q = torch.empty(padded_rows, cols, dtype=FP8_DTYPE, device=x.device)
+    scale = torch.empty(groups, padded_rows, dtype=torch.float32, device=x.device)
+    if padded_rows:
+        block_groups = triton.next_power_of_2(groups)
+        _quantize_groups_kernel[(padded_rows,)](x, q, scale, rows, cols, x.stride(0), padded_rows,
+                                                GROUPS=block_groups, GROUP=FP8_BLOCK,
+                                                num_warps=row_warps(block_groups * FP8_BLOCK))
     return q, scale
 
 
@@ -90,4 +131,31 @@ def linear_fp8_quantized(x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch
         return reference_linear_fp8_quantized(x_q, x_scale, weight, weight_scale, bias, out_dtype)
     y = torch._scaled_mm(x_q.contiguous(), weight.t(), scale_a=x_scale[:, None], scale_b=weight_scale[None, :],
                          out_dtype=out_dtype)
+    return y if bias is None else y + bias
+
+
+def block_product_takes(n: int, k: int, dtype: torch.dtype) -> bool:
+    """Whether cuBLAS's block-scaled e4m3 product computes an ``[n, k]`` ``"fp8_block"`` layer with ``dtype``
+    output here: whole 128-row tiles, a multiple of four 128-feature groups (other widths gave wrong sums on
+    an H200 with torch 2.11: ``benchmarks/fp8_block_probe.py``, K = 384), not float32 (its accumulation is
+    below float32's precision, as for row-wise scales)."""
+    return n % FP8_BLOCK == 0 and k % (4 * FP8_BLOCK) == 0 and k <= MAX_ROW and dtype != torch.float32
+
+
+def linear_fp8_block(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x: [num_tokens, in]`` (bf16/fp16/fp32), ``weight: [out, in]`` e4m3, ``weight_scale: [ceil(out / 128),
+    ceil(in / 128)]`` float32 -> ``[num_tokens, out]`` in ``x.dtype``: the input quantized per token and
+    group of 128 features by :func:`quantize_groups` (its rows padded to a multiple of four, which cuBLAS's
+    block-scaled product needs), then ``torch._scaled_mm`` with 1 x 128 and 128 x 128 scales. Shapes and
+    dtypes :func:`block_product_takes` declines go through the reference."""
+    n, k = weight.shape
+    if x.dim() != 2 or not block_product_takes(n, k, x.dtype):
+        return reference_linear_fp8_block(x, weight, weight_scale, bias)
+    rows = x.shape[0]
+    if rows == 0:
+        return x.new_empty(0, n)
+    x_q, x_scale = quantize_groups(x if x.stride(1) == 1 else x.contiguous(), rows + (-rows) % 4)
+    y = torch._scaled_mm(x_q, weight.t(), scale_a=x_scale.t(), scale_b=weight_scale.t(), out_dtype=x.dtype)
+    y = y[:rows]
     return y if bias is None else y + bias

@@ -15,12 +15,10 @@ import triton
 import triton.language as tl
 
 from pagedllm.backends.cuda.fp8_linear import MAX_ROW, quantize_row_store, row_warps
-from pagedllm.backends.fp8_linear import FP8_DTYPE, FP8_MAX, MIN_SCALE
+from pagedllm.backends.fp8_linear import FP8_DTYPE
 from pagedllm.backends.fp8_linear import quantize_rows as reference_quantize_rows
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
-_FP8_MAX = tl.constexpr(FP8_MAX)
-_MIN_SCALE = tl.constexpr(MIN_SCALE)
 
 
 @triton.jit
@@ -54,8 +52,7 @@ def _rms_norm_kernel(
     w = tl.load(weight_ptr + offs, mask=mask, other=0.0)
     out = w.to(tl.float32) * normed.to(tl.float32)
     if QUANTIZE:  # e4m3 of the output rounded as the unfused norm returns it; scale_ptr gets its scale
-        quantize_row_store(out_ptr + row * stride_o + offs, scale_ptr + row, out.to(ROUND_TO).to(tl.float32), mask,
-                           _FP8_MAX, _MIN_SCALE)
+        quantize_row_store(out_ptr + row * stride_o + offs, scale_ptr + row, out.to(ROUND_TO).to(tl.float32), mask)
     else:
         tl.store(out_ptr + row * stride_o + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -251,7 +248,7 @@ def _silu_and_mul_fp8_kernel(q_ptr, scale_ptr, x_ptr, stride_x, d, BLOCK: tl.con
     cols = tl.arange(0, BLOCK)
     mask = cols < d
     out = _silu_mul(x_ptr + row * stride_x, cols, mask, d).to(tl.float32)
-    quantize_row_store(q_ptr + row * d + cols, scale_ptr + row, out, mask, _FP8_MAX, _MIN_SCALE)
+    quantize_row_store(q_ptr + row * d + cols, scale_ptr + row, out, mask)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,10 @@ there are enough programs (one per ``BLOCK_N`` rows) to keep every SM's loads in
 The fp8 GEMV (``quantization="fp8"``) streams e4m3 weights the same way, quantizes its input per token
 inside each program (or takes it quantized by the norm or activation before it), and sums runs of products
 before accumulating (:data:`FP8_GROUP`): 1.7 to 3.7 TB/s of e4m3 weight on the same shapes, the smallest
-matrices slowest.
+matrices slowest. With 128 x 128 tile scales (``quantization="fp8_block"``) it quantizes each 128-feature group
+of its input and scales each group's sums by that group's input and weight-tile scales
+(:func:`gemv_fp8_block`); cuBLAS's block-scaled product, which needs four rows, took 4.29 ms per token at
+batch 1 on an H200 where the row-wise fp8 GEMV takes 3.0 (RESULTS.md run 74).
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from pagedllm.backends.cuda.fp8_linear import E4M3_MAX, E4M3_MIN_SCALE
 
 
 @triton.jit
@@ -118,8 +123,6 @@ def _gemv_fp8_kernel(
     N,
     K,
     stride_w,
-    FP8_MAX: tl.constexpr,
-    MIN_SCALE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -134,7 +137,7 @@ def _gemv_fp8_kernel(
         amax = tl.zeros([BLOCK_K], dtype=tl.float32)
         for k in range(0, K, BLOCK_K):
             amax = tl.maximum(amax, tl.abs(tl.load(x_ptr + k + cols).to(tl.float32)))
-        x_scale = tl.maximum(tl.div_rn(tl.max(amax, 0), FP8_MAX), MIN_SCALE)
+        x_scale = tl.maximum(tl.div_rn(tl.max(amax, 0), E4M3_MAX), E4M3_MIN_SCALE)
         x_inverse = tl.div_rn(1.0, x_scale)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
@@ -145,7 +148,7 @@ def _gemv_fp8_kernel(
         if X_QUANTIZED:
             x = tl.load(x_ptr + k + cols).to(tl.float32)
         else:
-            x = tl.clamp(tl.load(x_ptr + k + cols).to(tl.float32) * x_inverse, -FP8_MAX, FP8_MAX)
+            x = tl.clamp(tl.load(x_ptr + k + cols).to(tl.float32) * x_inverse, -E4M3_MAX, E4M3_MAX)
             x = x.to(w_ptr.dtype.element_ty).to(tl.float32)
         p = w.to(tl.float32) * x[None, :]
         acc += tl.sum(tl.reshape(p, [BLOCK_N, BLOCK_K // GROUP, GROUP]), 2)  # runs of GROUP summed first
@@ -193,7 +196,7 @@ def gemv_fp8_quantized(x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.T
 def _gemv_fp8(x: torch.Tensor, x_scale: torch.Tensor | None, weight: torch.Tensor, weight_scale: torch.Tensor,
               bias: torch.Tensor | None, out_dtype: torch.dtype,
               config: tuple[int, int, int] | None) -> torch.Tensor | None:
-    from pagedllm.backends.fp8_linear import FP8_DTYPE, FP8_MAX, MIN_SCALE
+    from pagedllm.backends.fp8_linear import FP8_DTYPE
 
     n, k = weight.shape
     config = _accepted_config(x, weight, bias, FP8_DTYPE, out_dtype, config or gemv_fp8_config(n, k))
@@ -204,8 +207,77 @@ def _gemv_fp8(x: torch.Tensor, x_scale: torch.Tensor | None, weight: torch.Tenso
     y = torch.empty(1, n, dtype=out_dtype, device=x.device)
     _gemv_fp8_kernel[(triton.cdiv(n, block_n),)](
         y, x, weight_scale if x_scale is None else x_scale, weight, weight_scale,
-        bias.contiguous() if bias is not None else weight_scale, n, k, weight.stride(0), FP8_MAX=FP8_MAX,
-        MIN_SCALE=MIN_SCALE, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, GROUP=FP8_GROUP,
+        bias.contiguous() if bias is not None else weight_scale, n, k, weight.stride(0),
+        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, GROUP=FP8_GROUP,
         X_QUANTIZED=x_scale is not None, num_warps=warps,
+    )  # fmt: skip
+    return y
+
+
+@triton.jit
+def _gemv_fp8_block_kernel(
+    y_ptr,
+    x_ptr,
+    w_ptr,
+    w_scale_ptr,
+    bias_ptr,
+    N,
+    K,
+    stride_w,
+    stride_s,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP: tl.constexpr,
+    TILE: tl.constexpr,
+):
+    """One program per ``BLOCK_N`` output rows (inside one row of 128 x 128 weight tiles: BLOCK_N divides
+    TILE); per ``BLOCK_K`` columns, the input's ``BLOCK_K // TILE`` groups quantized as
+    ``quantize_groups`` does, the products summed per group and scaled by both scales."""
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_K)
+    GROUPS: tl.constexpr = BLOCK_K // TILE
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_w
+    scale_row = w_scale_ptr + ((pid * BLOCK_N) // TILE) * stride_s
+    acc = tl.zeros([BLOCK_N, GROUPS], dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):  # K is a multiple of BLOCK_K
+        w = tl.load(w_rows + (k + cols)[None, :], mask=row_mask[:, None], other=0.0, eviction_policy="evict_first")
+        x = tl.reshape(tl.load(x_ptr + k + cols).to(tl.float32), [GROUPS, TILE])
+        x_scale = tl.maximum(tl.div_rn(tl.max(tl.abs(x), axis=1), E4M3_MAX), E4M3_MIN_SCALE)
+        x = tl.clamp(x * tl.div_rn(tl.full([GROUPS], 1.0, tl.float32), x_scale)[:, None], -E4M3_MAX, E4M3_MAX)
+        x = tl.reshape(x.to(w_ptr.dtype.element_ty).to(tl.float32), [BLOCK_K])
+        runs = tl.sum(tl.reshape(w.to(tl.float32) * x[None, :], [BLOCK_N, BLOCK_K // GROUP, GROUP]), 2)
+        sums = tl.sum(tl.reshape(runs, [BLOCK_N, GROUPS, TILE // GROUP]), 2)
+        acc += sums * (x_scale * tl.load(scale_row + k // TILE + tl.arange(0, GROUPS)))[None, :]
+    y = tl.sum(acc, 1)
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_mask)
+
+
+def gemv_fp8_block(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                   bias: torch.Tensor | None = None, config: tuple[int, int, int] | None = None) -> torch.Tensor | None:
+    """The ``"fp8_block"`` linear layer (``pagedllm.backends.fp8_linear.reference_linear_fp8_block``) for one
+    row, or None when the kernel does not take these inputs: ``x: [1, K]`` (bf16/fp16/fp32) quantized per
+    group of 128 features inside each program, ``weight: [N, K]`` e4m3 (unit stride along K, K a multiple of
+    128), ``weight_scale: [ceil(N / 128), K / 128]`` float32, ``bias: [N]`` in ``x``'s dtype or None; the
+    tiles of :func:`gemv_fp8_config` (or ``config``). Returns ``[1, N]`` in ``x``'s dtype."""
+    from pagedllm.backends.fp8_linear import FP8_BLOCK, FP8_DTYPE, block_scale_shape
+
+    n, k = weight.shape
+    config = _accepted_config(x, weight, bias, FP8_DTYPE, x.dtype, config or gemv_fp8_config(n, k))
+    if config is None or weight_scale.shape != block_scale_shape(n, k) or weight_scale.stride(1) != 1:
+        return None
+    block_n, block_k, warps = config
+    if block_k % FP8_BLOCK or FP8_BLOCK % block_n:
+        return None
+    x = x.contiguous()
+    y = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    _gemv_fp8_block_kernel[(triton.cdiv(n, block_n),)](
+        y, x, weight, weight_scale, bias.contiguous() if bias is not None else weight_scale, n, k, weight.stride(0),
+        weight_scale.stride(0), HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, GROUP=FP8_GROUP,
+        TILE=FP8_BLOCK, num_warps=warps,
     )  # fmt: skip
     return y

@@ -1,0 +1,113 @@
+"""What ``torch._scaled_mm`` offers this GPU for ``"fp8_block"`` linear layers (128 x 128 weight tiles, inputs
+scaled per token and group of 128 features), against the float32 reference and against row-wise fp8 and bf16.
+
+1. Checks: for several token counts and projection shapes, the block-scaled product (scales of the input
+   ``[M, K/128]`` column-major, of the weight ``[N/128, K/128]`` row-major, passed transposed) against
+   ``reference_linear_fp8_block``; a combination ``_scaled_mm`` refuses is recorded, not fatal.
+2. A step's projections back to back (Llama-3-8B shapes, 32 layers, two layers' weights alternating) at
+   ``--step-tokens`` rows: bf16 ``F.linear``, row-wise fp8 products and block-wise fp8 products (inputs
+   quantized beforehand), in ms and TFLOP/s.
+
+Writes ``fp8_block_probe.json`` under ``--out``. Example::
+
+    PYTHONPATH=. python benchmarks/fp8_block_probe.py --out /tmp/fp8b
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from device_timing import device_time_us, write_results
+from gemm_probe import SHAPES as MODEL_SHAPES
+
+from pagedllm.backends.fp8_linear import (
+    quantize_blocks,
+    quantize_groups,
+    quantize_rows,
+    reference_linear_fp8_block,
+)
+
+SHAPES = {name: shape for name, shape in MODEL_SHAPES.items() if name != "lm_head"}
+
+
+def block_mm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+             out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """``_scaled_mm`` with 1x128 input scales (made column-major) and 128x128 weight scales."""
+    return torch._scaled_mm(x_q, w_q.t(), scale_a=x_scale.t().contiguous().t(), scale_b=w_scale.t(),
+                            out_dtype=out_dtype)
+
+
+def checks() -> list[dict]:
+    """Relative errors (to the reference's largest magnitude) of the block-scaled product."""
+    rows = []
+    for n, k in ((6144, 4096), (4096, 14336), (256, 384), (64, 64), (200, 136)):
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
+        w_q, w_s = quantize_blocks(w)
+        for m in (1, 3, 4, 16, 1000):
+            for dtype in (torch.bfloat16, torch.float16, torch.float32):
+                x = torch.randn(m, k, device="cuda", dtype=dtype)
+                ref = reference_linear_fp8_block(x, w_q, w_s).float()
+                row = {"check": "block_mm", "M": m, "N": n, "K": k, "dtype": str(dtype)}
+                try:
+                    y = block_mm(*quantize_groups(x), w_q, w_s, dtype).float()
+                    row["max_rel_err"] = float((y - ref).abs().max() / ref.abs().max())
+                except Exception as exc:  # recorded: which shapes _scaled_mm refuses
+                    row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                print(row, flush=True)
+                rows.append(row)
+    return rows
+
+
+def step_ms(tokens: int, mode: str, layers: int = 32) -> float:
+    """Milliseconds of a step's 4 x ``layers`` projections at ``tokens`` rows, inputs quantized beforehand:
+    ``bf16``, ``fp8_row`` or ``fp8_block`` products."""
+    shapes = list(SHAPES.values())
+    weights = [[torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for n, k in shapes] for _ in range(2)]
+    inputs = [torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16) for _, k in shapes]
+    if mode == "bf16":
+        def run(layer: int) -> None:
+            for x, w in zip(inputs, weights[layer % 2], strict=True):
+                torch.nn.functional.linear(x, w)
+    elif mode == "fp8_row":
+        qw = [[quantize_rows(w) for w in ws] for ws in weights]
+        qx = [quantize_rows(x) for x in inputs]
+
+        def run(layer: int) -> None:
+            for (xq, xs), (wq, ws) in zip(qx, qw[layer % 2], strict=True):
+                torch._scaled_mm(xq, wq.t(), scale_a=xs[:, None], scale_b=ws[None, :], out_dtype=torch.bfloat16)
+    else:
+        qw = [[quantize_blocks(w) for w in ws] for ws in weights]
+        qx = [(xq, xs.t().contiguous().t()) for xq, xs in (quantize_groups(x) for x in inputs)]
+
+        def run(layer: int) -> None:
+            for (xq, xs), (wq, ws) in zip(qx, qw[layer % 2], strict=True):
+                torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws.t(), out_dtype=torch.bfloat16)
+    return device_time_us(run, iters=layers, runs=3, warmup=4) * layers / 1e3
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--step-tokens", default="16384,1000,64")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.get_device_name()}", flush=True)
+    results = checks()
+    for m in (int(t) for t in args.step_tokens.split(",") if t):
+        flop = 32 * sum(2 * m * n * k for n, k in SHAPES.values())
+        for mode in ("bf16", "fp8_row", "fp8_block"):
+            try:
+                ms = step_ms(m, mode)
+                row = {"step_tokens": m, "mode": mode, "ms": round(ms, 2), "TFLOPs": round(flop / ms / 1e9, 1)}
+            except Exception as exc:
+                row = {"step_tokens": m, "mode": mode, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+            torch.cuda.empty_cache()
+            print(row, flush=True)
+            results.append(row)
+    write_results(args.out, "fp8_block_probe.json", results)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
