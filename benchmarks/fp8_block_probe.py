@@ -6,7 +6,8 @@ scaled per token and group of 128 features), against the float32 reference and a
    ``reference_linear_fp8_block``; a combination ``_scaled_mm`` refuses is recorded, not fatal.
 2. A step's projections back to back (Llama-3-8B shapes, 32 layers, two layers' weights alternating) at
    ``--step-tokens`` rows: bf16 ``F.linear``, row-wise fp8 products and block-wise fp8 products (inputs
-   quantized beforehand), in ms and TFLOP/s.
+   quantized beforehand), in ms and TFLOP/s (``fp8_gemm_probe.step_rows``; RESULTS.md run 73 named the modes
+   ``bf16``, ``fp8_row``, ``fp8_block``).
 
 Writes ``fp8_block_probe.json`` under ``--out``. Example::
 
@@ -18,17 +19,10 @@ from __future__ import annotations
 import argparse
 
 import torch
-from device_timing import device_time_us, write_results
-from gemm_probe import SHAPES as MODEL_SHAPES
+from device_timing import write_results
+from fp8_gemm_probe import step_rows
 
-from pagedllm.backends.fp8_linear import (
-    quantize_blocks,
-    quantize_groups,
-    quantize_rows,
-    reference_linear_fp8_block,
-)
-
-SHAPES = {name: shape for name, shape in MODEL_SHAPES.items() if name != "lm_head"}
+from pagedllm.backends.fp8_linear import quantize_blocks, quantize_groups, reference_linear_fp8_block
 
 
 def block_mm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
@@ -59,33 +53,6 @@ def checks() -> list[dict]:
     return rows
 
 
-def step_ms(tokens: int, mode: str, layers: int = 32) -> float:
-    """Milliseconds of a step's 4 x ``layers`` projections at ``tokens`` rows, inputs quantized beforehand:
-    ``bf16``, ``fp8_row`` or ``fp8_block`` products."""
-    shapes = list(SHAPES.values())
-    weights = [[torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for n, k in shapes] for _ in range(2)]
-    inputs = [torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16) for _, k in shapes]
-    if mode == "bf16":
-        def run(layer: int) -> None:
-            for x, w in zip(inputs, weights[layer % 2], strict=True):
-                torch.nn.functional.linear(x, w)
-    elif mode == "fp8_row":
-        qw = [[quantize_rows(w) for w in ws] for ws in weights]
-        qx = [quantize_rows(x) for x in inputs]
-
-        def run(layer: int) -> None:
-            for (xq, xs), (wq, ws) in zip(qx, qw[layer % 2], strict=True):
-                torch._scaled_mm(xq, wq.t(), scale_a=xs[:, None], scale_b=ws[None, :], out_dtype=torch.bfloat16)
-    else:
-        qw = [[quantize_blocks(w) for w in ws] for ws in weights]
-        qx = [(xq, xs.t().contiguous().t()) for xq, xs in (quantize_groups(x) for x in inputs)]
-
-        def run(layer: int) -> None:
-            for (xq, xs), (wq, ws) in zip(qx, qw[layer % 2], strict=True):
-                torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws.t(), out_dtype=torch.bfloat16)
-    return device_time_us(run, iters=layers, runs=3, warmup=4) * layers / 1e3
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True)
@@ -94,17 +61,7 @@ def main() -> int:
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.get_device_name()}", flush=True)
     results = checks()
-    for m in (int(t) for t in args.step_tokens.split(",") if t):
-        flop = 32 * sum(2 * m * n * k for n, k in SHAPES.values())
-        for mode in ("bf16", "fp8_row", "fp8_block"):
-            try:
-                ms = step_ms(m, mode)
-                row = {"step_tokens": m, "mode": mode, "ms": round(ms, 2), "TFLOPs": round(flop / ms / 1e9, 1)}
-            except Exception as exc:
-                row = {"step_tokens": m, "mode": mode, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
-            torch.cuda.empty_cache()
-            print(row, flush=True)
-            results.append(row)
+    results += step_rows(args.step_tokens, (("bf16", False), ("fp8_gemm", False), ("fp8_block_gemm", False)))
     write_results(args.out, "fp8_block_probe.json", results)
     return 0
 

@@ -16,6 +16,7 @@ Writes ``fp8_gemm_probe.json`` under ``--out``. Example::
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 
 import torch
 from device_timing import device_time_us, write_results
@@ -23,8 +24,8 @@ from gemm_probe import SHAPES as MODEL_SHAPES
 
 from pagedllm.backends.cuda.fp8_linear import linear_fp8, quantize_rows
 from pagedllm.backends.cuda.gemv import gemv
+from pagedllm.backends.fp8_linear import quantize_blocks, quantize_groups, reference_linear_fp8
 from pagedllm.backends.fp8_linear import quantize_rows as reference_quantize_rows
-from pagedllm.backends.fp8_linear import reference_linear_fp8
 
 SHAPES = {name: shape for name, shape in MODEL_SHAPES.items() if name != "lm_head"}  # a step's projections
 
@@ -70,7 +71,8 @@ def checks() -> list[dict]:
 
 def step_ms(tokens: int, mode: str, fast_accum: bool = False, layers: int = 32) -> float:
     """Milliseconds of a step's 4 x ``layers`` projections at ``tokens`` rows: ``bf16`` (``F.linear``), ``fp8``
-    (quantize the input, then ``_scaled_mm``) or ``fp8_gemm`` (the products alone)."""
+    (quantize the input, then ``_scaled_mm``), ``fp8_gemm`` (the products alone) or ``fp8_block_gemm`` (the
+    products alone with 1 x 128 input and 128 x 128 weight scales, ``quantization="fp8_block"``)."""
     shapes = list(SHAPES.values())
     weights = [[torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for n, k in shapes] for _ in range(2)]
     inputs = [torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16) for _, k in shapes]
@@ -78,6 +80,13 @@ def step_ms(tokens: int, mode: str, fast_accum: bool = False, layers: int = 32) 
         def run(layer: int) -> None:
             for x, w in zip(inputs, weights[layer % 2], strict=True):
                 torch.nn.functional.linear(x, w)
+    elif mode == "fp8_block_gemm":
+        tile_weights = [[quantize_blocks(w) for w in ws] for ws in weights]
+        group_inputs = [(xq, xs.t().contiguous().t()) for xq, xs in (quantize_groups(x) for x in inputs)]
+
+        def run(layer: int) -> None:
+            for (xq, xs), (wq, ws) in zip(group_inputs, tile_weights[layer % 2], strict=True):
+                torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws.t(), out_dtype=torch.bfloat16)
     else:
         qweights = [[reference_quantize_rows(w) for w in ws] for ws in weights]
         qinputs = [quantize_rows(x) for x in inputs]
@@ -88,6 +97,25 @@ def step_ms(tokens: int, mode: str, fast_accum: bool = False, layers: int = 32) 
                 torch._scaled_mm(xq, wq.t(), scale_a=xs[:, None], scale_b=ws[None, :], out_dtype=torch.bfloat16,
                                  use_fast_accum=fast_accum)
     return device_time_us(run, iters=layers, runs=3, warmup=4) * layers / 1e3
+
+
+def step_rows(step_tokens: str, modes: Sequence[tuple[str, bool]]) -> list[dict]:
+    """For each token count of ``step_tokens`` (comma-separated) and each ``(mode, fast_accum)`` of ``modes``,
+    :func:`step_ms` as a printed row with its TFLOP/s (or the error, for a mode the GPU refuses)."""
+    rows = []
+    for m in (int(t) for t in step_tokens.split(",") if t):
+        flop = 32 * sum(2 * m * n * k for n, k in SHAPES.values())
+        for mode, fast in modes:
+            row: dict[str, object] = {"step_tokens": m, "mode": mode, "fast_accum": fast}
+            try:
+                ms = step_ms(m, mode, fast)
+                row.update(ms=round(ms, 2), TFLOPs=round(flop / ms / 1e9, 1))
+            except Exception as exc:  # recorded, not fatal
+                row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            torch.cuda.empty_cache()
+            print(row, flush=True)
+            rows.append(row)
+    return rows
 
 
 def one_token() -> list[dict]:
@@ -118,15 +146,8 @@ def main() -> int:
     args = parser.parse_args()
     torch.manual_seed(0)
     results = checks()
-    for m in (int(t) for t in args.step_tokens.split(",") if t):
-        flop = 32 * sum(2 * m * n * k for n, k in SHAPES.values())
-        for mode, fast in (("bf16", False), ("fp8", False), ("fp8_gemm", False), ("fp8", True), ("fp8_gemm", True)):
-            ms = step_ms(m, mode, fast)
-            torch.cuda.empty_cache()
-            row = {"step_tokens": m, "mode": mode, "fast_accum": fast, "ms": round(ms, 2),
-                   "TFLOPs": round(flop / ms / 1e9, 1)}
-            print(row, flush=True)
-            results.append(row)
+    modes = (("bf16", False), ("fp8", False), ("fp8_gemm", False), ("fp8", True), ("fp8_gemm", True))
+    results += step_rows(args.step_tokens, modes)
     results += one_token()
     write_results(args.out, "fp8_gemm_probe.json", results)
     return 0

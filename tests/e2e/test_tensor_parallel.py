@@ -17,9 +17,11 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 import torch.distributed as dist
 
 from pagedllm.core.config import EngineConfig
@@ -60,11 +62,14 @@ def references(checkpoint_factory):
     return get
 
 
-def generate(model_dir: Path, **kwargs: object) -> tuple[list[CompletionOutput], list[int]]:
-    """Run PROMPTS to completion on a fresh engine, check the pool is free, shut down; returns the completions
-    and the pids the executor's workers had."""
+def generate(model_dir: Path, check: Callable[[LLM], None] | None = None,
+             **kwargs: object) -> tuple[list[CompletionOutput], list[int]]:
+    """Run PROMPTS to completion on a fresh engine (``check(llm)`` first, to inspect it), check the pool is
+    free, shut down; returns the completions and the pids the executor's workers had."""
     llm = LLM(str(model_dir), **ENGINE_KWARGS, **kwargs)
     try:
+        if check is not None:
+            check(llm)
         outputs = llm.generate(PROMPTS, PARAMS, use_tqdm=False)
         assert_pool_free(llm)
         pids = list(getattr(llm.llm_engine.executor, "worker_pids", []))
@@ -174,8 +179,6 @@ def local_ray():
 def test_mp_tp2_fp8_kv_cache_equals_tp1(references, monkeypatch) -> None:
     """``kv_cache_dtype="fp8"`` with tp=2 and decode graphs: each rank stores its heads in e4m3, the
     communicator is still asked for the model dtype's collectives, and the tokens equal tp=1's fp8 run."""
-    import torch
-
     from pagedllm.backends.registry import get_registry
     from tests.e2e.graph_cpu_backend import GraphCpuBackend
 
@@ -198,18 +201,13 @@ def test_mp_tp2_fp8_linear_stays_close_to_tp1(references) -> None:
     """``quantization="fp8"`` with tp=2: each rank quantizes its slice of a row-parallel layer (and that slice
     of each token's input) with its own scales, as vLLM does, so the numbers are not tp=1's. The completions
     follow tp=1's fp8 run up to a near tie: where the tokens first differ, each is in the other's top 3."""
-    import torch
-
     model_dir, _ = references("llama")
     expected, _ = generate(model_dir, quantization="fp8")
-    llm = LLM(str(model_dir), **ENGINE_KWARGS, tensor_parallel_size=2, quantization="fp8")
-    try:
-        layer = llm.llm_engine.executor.worker.runner.model.model.layers[0]
-        assert layer.self_attn.o_proj.weight.dtype == torch.float8_e4m3fn
-        outputs = [o.outputs[0] for o in llm.generate(PROMPTS, PARAMS, use_tqdm=False)]
-        assert_pool_free(llm)
-    finally:
-        llm.llm_engine.shutdown()
+
+    def check(llm: LLM) -> None:
+        assert rank0_layer(llm).self_attn.o_proj.weight.dtype == torch.float8_e4m3fn
+
+    outputs, _ = generate(model_dir, check, tensor_parallel_size=2, quantization="fp8")
     assert_same_up_to_a_near_tie(expected, outputs)
 
 
@@ -218,23 +216,19 @@ def test_mp_tp2_fp8_checkpoint_stays_close_to_tp1(references, tmp_path: Path) ->
     """A checkpoint stored in fp8 with one scale per tensor (q, k, v: three, in one fused layer each rank
     slices): each rank loads its rows of the column-parallel layers with their scales and all rows' scales of
     the row-parallel ones; as with ``quantization="fp8"``, tp=1's tokens up to a near tie."""
-    import torch
-
     from pagedllm.testing.fp8_checkpoints import write_fp8_checkpoint
 
     fp8_dir, _ = write_fp8_checkpoint(references("llama")[0], tmp_path, "fp8")
     expected, _ = generate(fp8_dir)
-    llm = LLM(str(fp8_dir), **ENGINE_KWARGS, tensor_parallel_size=2)
-    try:
-        layer = llm.llm_engine.executor.worker.runner.model.model.layers[0]
+
+    def check(llm: LLM) -> None:
+        layer = rank0_layer(llm)
         qkv = layer.self_attn.qkv_proj
         assert layer.self_attn.o_proj.weight.dtype == qkv.weight.dtype == torch.float8_e4m3fn
         scales = [part.unique() for part in qkv.weight_scale.split(qkv.shard_sizes)]  # rank 0's q, k, v rows
         assert [len(part) for part in scales] == [1, 1, 1] and len(set(torch.cat(scales).tolist())) == 3
-        outputs = [o.outputs[0] for o in llm.generate(PROMPTS, PARAMS, use_tqdm=False)]
-        assert_pool_free(llm)
-    finally:
-        llm.llm_engine.shutdown()
+
+    outputs, _ = generate(fp8_dir, check, tensor_parallel_size=2)
     assert_same_up_to_a_near_tie(expected, outputs)
 
 
@@ -245,24 +239,25 @@ def test_mp_tp2_tile_checkpoint_equals_tp1(references, tmp_path: Path) -> None:
     ones, and quantizes the same 128-feature groups of each input as tp=1; the all-reduce sums in another
     order, which can move an activation across an e4m3 rounding boundary (measured here: one logprob 0.04
     apart at step 5), so the tokens are tp=1's up to a near tie."""
-    import torch
-
     from pagedllm.testing.fp8_checkpoints import write_fp8_checkpoint
 
     fp8_dir, _ = write_fp8_checkpoint(references("llama-tiled")[0], tmp_path, "fp8-block")
     expected, _ = generate(fp8_dir)
-    llm = LLM(str(fp8_dir), **ENGINE_KWARGS, tensor_parallel_size=2)
-    try:
-        layer = llm.llm_engine.executor.worker.runner.model.model.layers[0]
+
+    def check(llm: LLM) -> None:
+        layer = rank0_layer(llm)
         assert llm.llm_engine.config.quantization == "fp8_block"
         assert layer.self_attn.qkv_proj.weight_scale.shape == (3, 2)  # rank 0: q, k, v rows 128 each; in 256
         assert layer.mlp.down_proj.weight_scale.shape == (2, 2)  # out 256; rank 0's 256 of the 512 inputs
         assert layer.mlp.down_proj.weight.dtype == torch.float8_e4m3fn
-        outputs = [o.outputs[0] for o in llm.generate(PROMPTS, PARAMS, use_tqdm=False)]
-        assert_pool_free(llm)
-    finally:
-        llm.llm_engine.shutdown()
+
+    outputs, _ = generate(fp8_dir, check, tensor_parallel_size=2)
     assert_same_up_to_a_near_tie(expected, outputs)
+
+
+def rank0_layer(llm: LLM) -> torch.nn.Module:
+    """The first decoder layer of rank 0's model (the driver's worker)."""
+    return llm.llm_engine.executor.worker.runner.model.model.layers[0]
 
 
 def assert_same_up_to_a_near_tie(expected: list[CompletionOutput], actual: list[CompletionOutput]) -> None:

@@ -25,7 +25,11 @@ def _claimed() -> bool:
 pytestmark = pytest.mark.skipif(not _claimed(), reason="the cuda backend does not claim fp8_block on this machine")
 
 from pagedllm.backends.fp8_linear import quantize_blocks, quantize_groups, reference_linear_fp8_block  # noqa: E402
-from tests.gpu.test_cuda_backend import DTYPES, _generate, assert_close_to_reference  # noqa: E402
+from tests.gpu.test_cuda_backend import DTYPES  # noqa: E402
+from tests.gpu.test_cuda_fp8_linear import (  # noqa: E402
+    assert_bf16_generation_agrees_with_cpu,
+    assert_fp8_layer_matches_reference,
+)
 
 TILED = dict(hidden_size=512, intermediate_size=1024, num_attention_heads=8, num_key_value_heads=4, head_dim=64)
 """A tiny Llama every projection of which cuBLAS's block-scaled product takes (whole tiles, four groups)."""
@@ -54,18 +58,13 @@ def test_group_quantizer_matches_the_cpu_reference_bit_for_bit(dtype: torch.dtyp
 @pytest.mark.parametrize(("n", "k"), [(6144, 4096), (4096, 14336), (256, 384)])
 def test_linear_fp8_block_matches_the_reference(dtype: torch.dtype, rows: int, n: int, k: int) -> None:
     """The quantizer and ``torch._scaled_mm`` with block scales (rows padded to four; 384 features and float32
-    through the reference), with a bias, against the float32 reference on the CPU."""
-    from pagedllm.backends.cuda.backend import CudaBackend
+    through the reference; one token through the GEMV with tile scales), with a bias, against the float32
+    reference on the CPU."""
     from pagedllm.backends.cuda.fp8_linear import block_product_takes
 
     assert block_product_takes(n, k, dtype) == (k % 512 == 0 and dtype != torch.float32)
-    weight, scale = quantize_blocks(torch.randn(n, k, device="cuda") * k**-0.5)
-    bias = torch.randn(n, device="cuda").to(dtype)
-    x = torch.randn(rows, k, device="cuda").to(dtype)
-    out = CudaBackend().linear_fp8_block(x, weight, scale, bias)
-    assert out.shape == (rows, n) and out.dtype == dtype
-    expected = reference_linear_fp8_block(x.float().cpu(), weight.cpu(), scale.cpu(), bias.float().cpu())
-    assert_close_to_reference(out, expected, dtype)
+    assert_fp8_layer_matches_reference("linear_fp8_block", quantize_blocks, reference_linear_fp8_block, dtype, rows,
+                                       n, k)
 
 
 @pytest.fixture(scope="module")
@@ -117,9 +116,4 @@ def test_fp8_block_bf16_generation_runs_with_graphs(tiled_checkpoint: Path) -> N
     """bf16 through the block-scaled product (prefill and decode steps, decode graphs): not bit-equal to the cpu
     backend (other summation orders), so it must run, stay in the vocabulary and agree with the cpu backend's
     fp8_block bf16 tokens on most prompts' first tokens."""
-    got, llm = _generate(tiled_checkpoint, "cuda", "bfloat16", quantization="fp8_block")
-    expected, _ = _generate(tiled_checkpoint, "cpu", "bfloat16", quantization="fp8_block")
-    vocab = llm.llm_engine.model_config.vocab_size
-    assert all(len(t) == 24 and all(0 <= x < vocab for x in t) for t in got)
-    agree = sum(ours[:4] == ref[:4] for ours, ref in zip(got, expected, strict=True))
-    assert agree >= len(got) // 2, f"only {agree}/{len(got)} prompts agree on their first 4 tokens"
+    assert_bf16_generation_agrees_with_cpu(tiled_checkpoint, "fp8_block")

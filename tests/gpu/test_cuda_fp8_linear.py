@@ -7,6 +7,7 @@ Skipped without CUDA or below compute capability 9.0 (where the backend claims f
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -42,14 +43,21 @@ def test_linear_fp8_matches_the_reference(dtype: torch.dtype, rows: int, n: int,
     """One token through the fp8 GEMV, more through the quantizer and ``torch._scaled_mm`` (float32 inputs and
     an output size not a multiple of 16 through the reference), with a bias, against the float32 reference
     on the CPU."""
+    assert_fp8_layer_matches_reference("linear_fp8", quantize_rows, reference_linear_fp8, dtype, rows, n, k)
+
+
+def assert_fp8_layer_matches_reference(method: str, quantize: Callable, reference: Callable, dtype: torch.dtype,
+                                       rows: int, n: int, k: int) -> None:
+    """``CudaBackend().<method>`` on ``rows`` random ``dtype`` inputs, a random ``[n, k]`` weight quantized by
+    ``quantize`` and a bias, against ``reference`` on the same values on the CPU in float32."""
     from pagedllm.backends.cuda.backend import CudaBackend
 
-    weight, scale = quantize_rows(torch.randn(n, k, device="cuda") * k**-0.5)
+    weight, scale = quantize(torch.randn(n, k, device="cuda") * k**-0.5)
     bias = torch.randn(n, device="cuda").to(dtype)
     x = torch.randn(rows, k, device="cuda").to(dtype)
-    out = CudaBackend().linear_fp8(x, weight, scale, bias)
+    out = getattr(CudaBackend(), method)(x, weight, scale, bias)
     assert out.shape == (rows, n) and out.dtype == dtype
-    expected = reference_linear_fp8(x.float().cpu(), weight.cpu(), scale.cpu(), bias.float().cpu())
+    expected = reference(x.float().cpu(), weight.cpu(), scale.cpu(), bias.float().cpu())
     assert_close_to_reference(out, expected, dtype)
 
 
@@ -76,8 +84,14 @@ def test_fp8_linear_bf16_generation_runs_with_graphs(llama_checkpoint: Path) -> 
     """bf16 through ``torch._scaled_mm`` (prefill and decode steps of several requests): not bit-equal to the
     cpu backend (other summation orders), so it must run, stay in the vocabulary and agree with the cpu
     backend's fp8 bf16 tokens on most prompts' first tokens."""
-    got, llm = _generate(llama_checkpoint, "cuda", "bfloat16", quantization="fp8")
-    expected, _ = _generate(llama_checkpoint, "cpu", "bfloat16", quantization="fp8")
+    assert_bf16_generation_agrees_with_cpu(llama_checkpoint, "fp8")
+
+
+def assert_bf16_generation_agrees_with_cpu(model_dir: Path, quantization: str) -> None:
+    """bf16 generation with ``quantization`` on ``cuda`` (decode graphs) runs, stays in the vocabulary and agrees
+    with the cpu backend's on the first 4 tokens of at least half the prompts."""
+    got, llm = _generate(model_dir, "cuda", "bfloat16", quantization=quantization)
+    expected, _ = _generate(model_dir, "cpu", "bfloat16", quantization=quantization)
     vocab = llm.llm_engine.model_config.vocab_size
     assert all(len(t) == 24 and all(0 <= x < vocab for x in t) for t in got)
     agree = sum(ours[:4] == ref[:4] for ours, ref in zip(got, expected, strict=True))
