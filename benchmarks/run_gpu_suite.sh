@@ -31,7 +31,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # an editable install was not
 OUT=${OUT:-/tmp/gpu_out}
 LOGS=${LOGS:-/tmp/gpu_logs}
 mkdir -p "$LOGS"
-MODEL=benchmarks/llama3_8b_config
+MODEL=${MODEL:-benchmarks/llama3_8b_config}  # a config.json directory (dummy weights)
 BENCH="python -m pagedllm bench"
 COMMON="--model $MODEL --load-format dummy --device cuda ${MAX_NUM_SEQS:+--max-num-seqs $MAX_NUM_SEQS} ${MNBT:+--max-num-batched-tokens $MNBT} ${BENCH_EXTRA:-}"
 

@@ -16,6 +16,9 @@ TINY_CONFIGS: dict[str, dict[str, object]] = {
                     num_key_value_heads=2, max_position_embeddings=1024, sliding_window=32, head_dim=16),
     "qwen2": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=1, max_position_embeddings=1024, tie_word_embeddings=True),
+    # head_dim 32, not hidden / heads = 16 (Qwen3 sets it apart); per-head q/k norms
+    "qwen3": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=32, max_position_embeddings=1024, tie_word_embeddings=True),
 }
 
 
@@ -61,7 +64,7 @@ def build_tokenizer(directory: str | Path, vocab_size: int = 512) -> object:
 
 def build_checkpoint(directory: str | Path, arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32,
                      vocab_size: int = 512, max_shard_size: str | None = None, **overrides: object) -> Path:
-    """Write a tiny random ``arch`` checkpoint (llama, mistral or qwen2) plus tokenizer to ``directory``.
+    """Write a tiny random ``arch`` checkpoint (llama, mistral, qwen2 or qwen3) plus tokenizer to ``directory``.
 
     The weights are scaled up from transformers' default init so greedy continuations vary with the
     prompt (a near-uniform model would make every comparison trivially equal). Returns the directory.
@@ -72,9 +75,9 @@ def build_checkpoint(directory: str | Path, arch: str = "llama", seed: int = 0, 
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(directory, vocab_size)
     config_cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-                  "qwen2": transformers.Qwen2Config}[arch]
+                  "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}[arch]
     model_cls = {"llama": transformers.LlamaForCausalLM, "mistral": transformers.MistralForCausalLM,
-                 "qwen2": transformers.Qwen2ForCausalLM}[arch]
+                 "qwen2": transformers.Qwen2ForCausalLM, "qwen3": transformers.Qwen3ForCausalLM}[arch]
     kwargs = dict(TINY_CONFIGS[arch])
     kwargs.update(overrides)
     config = config_cls(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
@@ -85,6 +88,8 @@ def build_checkpoint(directory: str | Path, arch: str = "llama", seed: int = 0, 
         for name, param in model.named_parameters():
             if param.dim() > 1:
                 param.mul_(8.0 if "embed" in name or "lm_head" in name else 2.0)
+            elif "q_norm" in name or "k_norm" in name:  # per-head norms (Qwen3): weights that matter
+                param.normal_(1.0, 0.3)
             elif "norm" not in name:
                 param.normal_(0.0, 0.2)
     model = model.to(dtype)

@@ -21,19 +21,20 @@ from tests.e2e.hf_reference import assert_greedy_matches_rounded_reference
 MAX_TOKENS = 10
 ENGINE = dict(device="cpu", dtype="float32", block_size=4, max_num_batched_tokens=64, num_kv_blocks=256)
 TILED = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
-"""A tiny Llama whose projections' parts (q 256, k 128, v 128; gate, up 512) span whole 128 x 128 tiles."""
+"""Tiny sizes whose projections' parts (q 256, k 128, v 128; gate, up 512) span whole 128 x 128 tiles."""
 
 
 @pytest.fixture(scope="module")
 def fp8_checkpoint(checkpoint_factory, tmp_path_factory):
     """``fp8_checkpoint(arch, scheme)``: ``(fp8 dir, dequantized twin dir)`` of the tiny float32 checkpoint
-    (``arch`` ``"llama-tiled"``: the Llama of :data:`TILED`)."""
+    (``arch`` ending in ``-tiled``: that architecture with :data:`TILED`'s sizes)."""
     cache: dict[tuple[str, str], tuple[Path, Path]] = {}
 
     def get(arch: str, scheme: str) -> tuple[Path, Path]:
         if (arch, scheme) not in cache:
             target = tmp_path_factory.mktemp(f"{arch}_{scheme}")
-            source = checkpoint_factory("llama", **TILED) if arch == "llama-tiled" else checkpoint_factory(arch)
+            base, tiled = arch.removesuffix("-tiled"), arch.endswith("-tiled")
+            source = checkpoint_factory(base, **TILED) if tiled else checkpoint_factory(arch)
             cache[arch, scheme] = write_fp8_checkpoint(source, target, scheme)
         return cache[arch, scheme]
 
@@ -82,15 +83,17 @@ def test_per_tensor_checkpoints_match_transformers(fp8_checkpoint, scheme: str) 
     assert_greedy_matches_rounded_reference(llm, dequantized_dir, MAX_TOKENS, fp8_linear=True, fp8_weights_stored=True)
 
 
-@pytest.mark.parametrize("scheme", ["fp8-block", "compressed-tensors-block"])
+@pytest.mark.parametrize(("arch", "scheme"), [("llama", "fp8-block"), ("llama", "compressed-tensors-block"),
+                                              ("qwen3", "fp8-block")])
 def test_a_tile_checkpoint_computes_exactly_what_online_fp8_block_computes(checkpoint_factory, fp8_checkpoint,
-                                                                         scheme: str) -> None:
+                                                                         arch: str, scheme: str) -> None:
     """DeepSeek-V3's / Qwen3-FP8's layout (``weight_block_size: [128, 128]``, ``weight_scale_inv``) and
     llm-compressor's FP8_BLOCK of a float32 model hold the very e4m3 weights and tile scales that
-    ``quantization="fp8_block"`` makes of it: the same stored parameters, the same logprobs bit for bit."""
-    fp8_dir, _ = fp8_checkpoint("llama-tiled", scheme)
+    ``quantization="fp8_block"`` makes of it: the same stored parameters, the same logprobs bit for bit
+    (Qwen3: its per-head q/k norms stay in the model dtype)."""
+    fp8_dir, _ = fp8_checkpoint(f"{arch}-tiled", scheme)
     stored = LLM(str(fp8_dir), **ENGINE)
-    online = LLM(str(checkpoint_factory("llama", **TILED)), quantization="fp8_block", **ENGINE)
+    online = LLM(str(checkpoint_factory(arch, **TILED)), quantization="fp8_block", **ENGINE)
     assert stored.llm_engine.config.quantization == "fp8_block"
     ours, theirs = dict(_model(stored).named_parameters()), dict(_model(online).named_parameters())
     assert ours.keys() == theirs.keys()

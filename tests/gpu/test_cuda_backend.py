@@ -335,7 +335,8 @@ def _prompts(tokenizer) -> list[list[int]]:
 def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from pagedllm.testing.checkpoints import build_checkpoint
 
-    return {arch: build_checkpoint(tmp_path_factory.mktemp(arch), arch) for arch in ("llama", "mistral", "qwen2")}
+    return {arch: build_checkpoint(tmp_path_factory.mktemp(arch), arch)
+            for arch in ("llama", "mistral", "qwen2", "qwen3")}
 
 
 def _generate(model_dir: Path, device: str, dtype: str, **kwargs: object) -> tuple[list[list[int]], object]:
@@ -349,7 +350,7 @@ def _generate(model_dir: Path, device: str, dtype: str, **kwargs: object) -> tup
 
 
 @pytest.mark.parametrize("enforce_eager", [True, False], ids=["eager", "graphs"])
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
 def test_greedy_equals_cpu_fp32(tiny_checkpoints: dict[str, Path], arch: str, enforce_eager: bool) -> None:
     """Chunked prefill (64-token steps), mixed batches and decode steps; graphs replay the decode steps.
     Synchronous scheduling (the next test covers the default on ``cuda``, asynchronous)."""

@@ -1,11 +1,12 @@
-"""Llama-family decoders (Llama 2/3, Mistral, Qwen2) with Hugging Face class and parameter names.
+"""Llama-family decoders (Llama 2/3, Mistral, Qwen2, Qwen3) with Hugging Face class and parameter names.
 
-Differences between the family members are configuration, not code: Qwen2 has biases on q/k/v and often
-ties its embeddings; Mistral has a sliding window. q/k/v and gate/up are stored fused (``qkv_proj``,
-``gate_up_proj``); ``load_weights`` maps the Hugging Face names onto them, so ``forward`` never sees the
-checkpoint layout. With tensor parallelism the attention and MLP blocks return this rank's partial sum
-(row-parallel layers built with ``reduce_results=False``); the next RMSNorm sums it over the ranks together
-with its residual add, in one kernel where the backend offers it.
+Differences between the family members are mostly configuration: Qwen2 has biases on q/k/v and often ties
+its embeddings; Mistral has a sliding window; Qwen3 normalizes each head of q and k (RMSNorm over the head,
+before the rotary embedding) and sets its head size apart from the hidden size. q/k/v and gate/up are stored
+fused (``qkv_proj``, ``gate_up_proj``); ``load_weights`` maps the Hugging Face names onto them, so
+``forward`` never sees the checkpoint layout. With tensor parallelism the attention and MLP blocks return
+this rank's partial sum (row-parallel layers built with ``reduce_results=False``); the next RMSNorm sums it
+over the ranks together with its residual add, in one kernel where the backend offers it.
 """
 
 from __future__ import annotations
@@ -89,8 +90,13 @@ class LlamaAttention(nn.Module):
         q = q.reshape(num_tokens, self.num_heads, self.head_dim)
         k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary_emb(positions, q, k)
+        q, k = self.rotary_emb(positions, *self.before_rotary(q, k))
         return q, k, v
+
+    def before_rotary(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What a family member does to ``q: [num_tokens, num_heads, head_dim]`` and ``k: [num_tokens,
+        num_kv_heads, head_dim]`` before they are rotated: nothing in Llama."""
+        return q, k
 
 
 class LlamaMLP(nn.Module):
@@ -294,3 +300,34 @@ class Qwen2ForCausalLM(LlamaForCausalLM):
     """Qwen2: q/k/v biases; embeddings often tied; sliding window only where ``layer_types`` says so."""
 
     layer_cls = Qwen2DecoderLayer
+
+
+class Qwen3Attention(LlamaAttention):
+    """Qwen3 attention: Llama's (q/k/v biases only if ``attention_bias``) with an RMSNorm over each head of q
+    and of k (``q_norm``, ``k_norm``: weights ``[head_dim]``, the same for every head and every rank)
+    before the rotary embedding, through the backend's ``rms_norm`` on ``[num_tokens * heads, head_dim]``
+    (as transformers' Qwen3 norms them)."""
+
+    def __init__(self, hf_config: object, layer_idx: int, sliding_window: int | None, backend: Backend) -> None:
+        super().__init__(hf_config, layer_idx, sliding_window, backend)
+        self.q_norm = RMSNorm(self.head_dim, hf_config.rms_norm_eps, backend)
+        self.k_norm = RMSNorm(self.head_dim, hf_config.rms_norm_eps, backend)
+
+    def before_rotary(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each head of q and of k through its RMSNorm."""
+        q_rows = q.reshape(-1, self.head_dim)
+        k_rows = k.reshape(-1, self.head_dim)
+        return self.q_norm(q_rows).view(q.shape), self.k_norm(k_rows).view(k.shape)
+
+
+class Qwen3DecoderLayer(LlamaDecoderLayer):
+    """Qwen3 decoder layer."""
+
+    attention_cls = Qwen3Attention
+
+
+class Qwen3ForCausalLM(LlamaForCausalLM):
+    """Qwen3 (dense): per-head q/k norms, ``head_dim`` from the config; embeddings tied in the small models;
+    sliding window only where ``layer_types`` says so."""
+
+    layer_cls = Qwen3DecoderLayer

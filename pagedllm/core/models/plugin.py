@@ -9,11 +9,12 @@ from pagedllm.backends.hookspecs import hookimpl
 
 @hookimpl
 def pagedllm_register_models() -> dict[str, type[nn.Module]]:
-    """Llama, Mistral and Qwen2 decoders."""
-    from pagedllm.core.models.llama import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
+    """Llama, Mistral, Qwen2 and Qwen3 decoders."""
+    from pagedllm.core.models.llama import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
 
     return {
         "LlamaForCausalLM": LlamaForCausalLM,
         "MistralForCausalLM": MistralForCausalLM,
         "Qwen2ForCausalLM": Qwen2ForCausalLM,
+        "Qwen3ForCausalLM": Qwen3ForCausalLM,
     }
