@@ -8,7 +8,13 @@
    ``_scaled_mm``) and against the fp8 products alone (inputs quantized beforehand), in ms and TFLOP/s.
 3. One token (batch-1 decode): per projection and the LM head, our bf16 GEMV, cuBLAS bf16 and fp8.
 
-Writes ``fp8_gemm_probe.json`` under ``--out``. Example::
+With ``--block`` (``quantization="fp8_block"``: 128 x 128 weight tiles, inputs scaled per token and group of
+128 features): 1. the block-scaled ``_scaled_mm`` against ``reference_linear_fp8_block`` for several token
+counts and shapes; 2. the step's products in bf16, row-wise fp8 and block-wise fp8 (inputs quantized
+beforehand). (RESULTS.md runs 73 and 76 ran it as ``fp8_block_probe.py``, trees ``7920b9a`` + the probe and
+``210eb13``.)
+
+Writes ``fp8_gemm_probe.json`` (``fp8_block_probe.json`` with ``--block``) under ``--out``. Example::
 
     PYTHONPATH=. python benchmarks/fp8_gemm_probe.py --out /tmp/fp8
 """
@@ -24,7 +30,12 @@ from gemm_probe import SHAPES as MODEL_SHAPES
 
 from pagedllm.backends.cuda.fp8_linear import linear_fp8, quantize_rows
 from pagedllm.backends.cuda.gemv import gemv
-from pagedllm.backends.fp8_linear import quantize_blocks, quantize_groups, reference_linear_fp8
+from pagedllm.backends.fp8_linear import (
+    quantize_blocks,
+    quantize_groups,
+    reference_linear_fp8,
+    reference_linear_fp8_block,
+)
 from pagedllm.backends.fp8_linear import quantize_rows as reference_quantize_rows
 
 SHAPES = {name: shape for name, shape in MODEL_SHAPES.items() if name != "lm_head"}  # a step's projections
@@ -66,6 +77,36 @@ def checks() -> list[dict]:
                     row[f"direct_out_{dtype}_fast{fast}"] = f"{type(exc).__name__}: {str(exc)[:200]}"
             print(row, flush=True)
             rows.append(row)
+    return rows
+
+
+def block_mm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+             out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """``_scaled_mm`` with 1x128 input scales (made column-major) and 128x128 weight scales."""
+    return torch._scaled_mm(x_q, w_q.t(), scale_a=x_scale.t().contiguous().t(), scale_b=w_scale.t(),
+                            out_dtype=out_dtype)
+
+
+def block_checks() -> list[dict]:
+    """``--block``: relative errors (to the reference's largest magnitude) of ``_scaled_mm`` with 1 x 128
+    input scales (column-major) and 128 x 128 weight scales (row-major, passed transposed) against
+    ``reference_linear_fp8_block``; a combination it refuses is recorded, not fatal."""
+    rows = []
+    for n, k in ((6144, 4096), (4096, 14336), (256, 384), (64, 64), (200, 136)):
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
+        w_q, w_s = quantize_blocks(w)
+        for m in (1, 3, 4, 16, 1000):
+            for dtype in (torch.bfloat16, torch.float16, torch.float32):
+                x = torch.randn(m, k, device="cuda", dtype=dtype)
+                ref = reference_linear_fp8_block(x, w_q, w_s).float()
+                row = {"check": "block_mm", "M": m, "N": n, "K": k, "dtype": str(dtype)}
+                try:
+                    y = block_mm(*quantize_groups(x), w_q, w_s, dtype).float()
+                    row["max_rel_err"] = float((y - ref).abs().max() / ref.abs().max())
+                except Exception as exc:  # recorded: which shapes _scaled_mm refuses
+                    row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                print(row, flush=True)
+                rows.append(row)
     return rows
 
 
@@ -143,8 +184,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--step-tokens", default="16384,8192,1000,256")
+    parser.add_argument("--block", action="store_true", help="the block-scaled product of fp8_block")
     args = parser.parse_args()
     torch.manual_seed(0)
+    if args.block:
+        results = block_checks()
+        results += step_rows(args.step_tokens, (("bf16", False), ("fp8_gemm", False), ("fp8_block_gemm", False)))
+        write_results(args.out, "fp8_block_probe.json", results)
+        return 0
     results = checks()
     modes = (("bf16", False), ("fp8", False), ("fp8_gemm", False), ("fp8", True), ("fp8_gemm", True))
     results += step_rows(args.step_tokens, modes)

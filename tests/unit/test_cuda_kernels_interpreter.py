@@ -492,7 +492,7 @@ def test_fp8_group_quantizer(kernels: SimpleNamespace, dtype: torch.dtype) -> No
     weight, weight_scale = quantize_blocks(torch.randn(256, 384) / 16)
     takes = kernels.fp8_linear.block_product_takes
     assert takes(4096, 14336, torch.bfloat16) and takes(256, 512, torch.float16)
-    assert not takes(256, 384, torch.bfloat16)  # three groups: cuBLAS summed them wrong (fp8_block_probe.py)
+    assert not takes(256, 384, torch.bfloat16)  # three groups: cuBLAS summed them wrong (fp8_gemm_probe.py --block)
     assert not takes(200, 512, torch.bfloat16) and not takes(256, 512, torch.float32)
     x = torch.randn(3, 384).to(dtype)
     torch.testing.assert_close(kernels.fp8_linear.linear_fp8_block(x, weight, weight_scale),

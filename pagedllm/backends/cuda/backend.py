@@ -40,6 +40,17 @@ def _cuda_version() -> tuple[int, ...]:
         return ()
 
 
+def _one_token_first(gemv: Callable[..., torch.Tensor | None], gemm: Callable[..., torch.Tensor], x: torch.Tensor,
+                     *args: object) -> torch.Tensor:
+    """``gemv(x, *args)`` for a one-row ``x: [1, K]`` (a batch-1 decode step's linear layer) where that GEMV
+    takes the inputs (it returns None where not), else ``gemm(x, *args)``."""
+    if x.dim() == 2 and x.shape[0] == 1:
+        y = gemv(x, *args)
+        if y is not None:
+            return y
+    return gemm(x, *args)
+
+
 class CudaBackend(Backend):
     """Triton kernels on CUDA; KV layout ``[2, num_blocks, block_size, num_kv_heads, head_dim]``."""
 
@@ -281,15 +292,10 @@ class CudaBackend(Backend):
     ) -> torch.Tensor:
         """One token through the fp8 GEMV (no pass over the input for its scale); more through cuBLAS's e4m3
         product, as :meth:`linear_fp8` after its quantizer."""
-        if x_q.shape[0] == 1 and x_q.dim() == 2:
-            from pagedllm.backends.cuda.gemv import gemv_fp8_quantized
+        from pagedllm.backends.cuda import fp8_linear, gemv
 
-            y = gemv_fp8_quantized(x_q, x_scale, weight, weight_scale, bias, out_dtype)
-            if y is not None:
-                return y
-        from pagedllm.backends.cuda.fp8_linear import linear_fp8_quantized
-
-        return linear_fp8_quantized(x_q, x_scale, weight, weight_scale, bias, out_dtype)
+        return _one_token_first(gemv.gemv_fp8_quantized, fp8_linear.linear_fp8_quantized, x_q, x_scale, weight,
+                                weight_scale, bias, out_dtype)
 
     def linear_fp8_block(
         self, x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None
@@ -298,26 +304,16 @@ class CudaBackend(Backend):
         it); more tokens through the Triton per-group quantizer and cuBLAS's block-scaled e4m3 product
         (``torch._scaled_mm`` with 1 x 128 and 128 x 128 scales; rows padded to a multiple of four); the
         reference for the shapes and float32 outputs it declines (``cuda.fp8_linear.block_product_takes``)."""
-        from pagedllm.backends.cuda.fp8_linear import linear_fp8_block
+        from pagedllm.backends.cuda import fp8_linear, gemv
 
-        if x.shape[0] == 1 and x.dim() == 2:
-            from pagedllm.backends.cuda.gemv import gemv_fp8_block
-
-            y = gemv_fp8_block(x, weight, weight_scale, bias)
-            if y is not None:
-                return y
-        return linear_fp8_block(x, weight, weight_scale, bias)
+        return _one_token_first(gemv.gemv_fp8_block, fp8_linear.linear_fp8_block, x, weight, weight_scale, bias)
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """A Triton GEMV for one-token inputs (``x: [1, K]``, batch-1 decode), where it streams the weights
         faster than cuBLAS; cuBLAS (``torch.nn.functional.linear``) for everything else."""
-        if x.shape[0] == 1 and x.dim() == 2:
-            from pagedllm.backends.cuda.gemv import gemv
+        from pagedllm.backends.cuda import gemv
 
-            y = gemv(x, weight, bias)
-            if y is not None:
-                return y
-        return torch.nn.functional.linear(x, weight, bias)
+        return _one_token_first(gemv.gemv, torch.nn.functional.linear, x, weight, bias)
 
     def linear_fp8(
         self, x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None
@@ -325,15 +321,9 @@ class CudaBackend(Backend):
         """One-token inputs through a Triton fp8 GEMV (the input quantized inside it); more tokens through the
         Triton per-token quantizer and cuBLAS's e4m3 product (``torch._scaled_mm``, row-wise scales), which
         needs both dimensions of ``weight`` to be multiples of 16 (the reference otherwise)."""
-        from pagedllm.backends.cuda.fp8_linear import linear_fp8
+        from pagedllm.backends.cuda import fp8_linear, gemv
 
-        if x.shape[0] == 1 and x.dim() == 2:
-            from pagedllm.backends.cuda.gemv import gemv_fp8
-
-            y = gemv_fp8(x, weight, weight_scale, bias)
-            if y is not None:
-                return y
-        return linear_fp8(x, weight, weight_scale, bias)
+        return _one_token_first(gemv.gemv_fp8, fp8_linear.linear_fp8, x, weight, weight_scale, bias)
 
     # ------------------------------------------------------------------ step capture
     def capture_graph(self, fn: Callable[[], None]) -> Callable[[], None]:

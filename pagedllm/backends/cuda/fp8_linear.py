@@ -7,7 +7,7 @@ with row-wise scales (per token and per output row), which the backend claims fr
 (Hopper), or with block-wise scales (1 x 128 for the input, 128 x 128 for the weight: cuBLAS 12.9 and later,
 Hopper only). On an H200 the projections of a 16384-token step of a Llama-3-8B-shaped model take 202.5 ms
 row-wise against 333.7 ms in bf16 (``benchmarks/fp8_gemm_probe.py``; ~5 ms of the 202.5 are the quantizer);
-the products alone 192.8 ms row-wise, 213.6 ms block-wise (``benchmarks/fp8_block_probe.py``).
+the products alone 192.8 ms row-wise, 213.6 ms block-wise (``benchmarks/fp8_gemm_probe.py --block``).
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ def linear_fp8_quantized(x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch
 def block_product_takes(n: int, k: int, dtype: torch.dtype) -> bool:
     """Whether cuBLAS's block-scaled e4m3 product computes an ``[n, k]`` ``"fp8_block"`` layer with ``dtype``
     output here: whole 128-row tiles, a multiple of four 128-feature groups (other widths gave wrong sums on
-    an H200 with torch 2.11: ``benchmarks/fp8_block_probe.py``, K = 384), not float32 (its accumulation is
+    an H200 with torch 2.11: ``benchmarks/fp8_gemm_probe.py --block``, K = 384), not float32 (its accumulation is
     below float32's precision, as for row-wise scales)."""
     return n % FP8_BLOCK == 0 and k % (4 * FP8_BLOCK) == 0 and k <= MAX_ROW and dtype != torch.float32
 
