@@ -116,6 +116,12 @@ def quantize_blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q[:out, :inp].contiguous(), scale.reshape(bo, bi)
 
 
+def dequantize_groups(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``q: [rows, cols]`` e4m3 times its group scales ``scale: [rows, ceil(cols / 128)]`` (as
+    :func:`quantize_groups` gives them), in float32."""
+    return q.float() * scale.float().repeat_interleave(FP8_BLOCK, 1)[:, : q.shape[1]]
+
+
 def dequantize_blocks(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``q: [out, in]`` e4m3 times its tile scales ``scale: [ceil(out / 128), ceil(in / 128)]``, in float32."""
     out, inp = q.shape
@@ -149,9 +155,7 @@ def reference_linear_fp8_block(
     [ceil(out / 128), ceil(in / 128)]`` float32 (:func:`quantize_blocks`), ``bias: [out]`` or None. Returns
     ``[num_tokens, out]`` in ``x.dtype``. The default of ``Backend.linear_fp8_block`` and the conformance kit's
     reference."""
-    x_q, x_scale = quantize_groups(x)
-    x_deq = x_q.float() * x_scale.repeat_interleave(FP8_BLOCK, 1)[:, : x.shape[1]]
-    y = x_deq @ dequantize_blocks(weight, weight_scale).t()
+    y = dequantize_groups(*quantize_groups(x)) @ dequantize_blocks(weight, weight_scale).t()
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)

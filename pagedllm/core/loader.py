@@ -126,7 +126,7 @@ def load_model(
     count = 0
     if stored_fp8:
         count = prepare_fp8_weights(model, backend, block)
-        _check_quantizable(count, model_config)
+        _check_quantizable(count, model_config, quantization)
     if load_format == "dummy":
         fill_dummy_weights(model, device, seed)
     else:
@@ -146,7 +146,7 @@ def load_model(
     elif quantization is not None:
         before = _parameter_bytes(model)
         count = quantize_linear_layers(model, backend, block)
-        _check_quantizable(count, model_config)
+        _check_quantizable(count, model_config, quantization)
         logger.info("%s: %d linear layers stored in e4m3 with %s scales; weights %.1f MiB -> %.1f MiB",
                     quantization, count, "128 x 128 tile" if block else "per-row", before / 2**20,
                     _parameter_bytes(model) / 2**20)
@@ -162,9 +162,9 @@ def _block_scale_names(weights: Iterable[tuple[str, object]]) -> Iterator[tuple[
         yield (name[: -len("_inv")] if name.endswith(".weight_scale_inv") else name), tensor
 
 
-def _check_quantizable(count: int, model_config: ModelConfig) -> None:
+def _check_quantizable(count: int, model_config: ModelConfig, quantization: str | None) -> None:
     if count == 0:
-        raise ValueError(f"quantization='fp8': {model_config.architecture} has no linear layer marked "
+        raise ValueError(f"quantization={quantization!r}: {model_config.architecture} has no linear layer marked "
                          "quantizable (see pagedllm.core.models.layers.quantize_linear_layers)")
 
 

@@ -29,9 +29,10 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Tr
                         help="the KV cache's storage dtype: auto (the model's) or one the backend claims, e.g. "
                              "fp8 (float8_e4m3fn: half the bytes of bf16, twice the tokens)")
     parser.add_argument("--quantization", default=None, choices=list(QUANTIZATIONS),
-                        help="run the projections in fp8 where the backend claims it: e4m3 weights with "
-                             "per-row scales (quantized once loaded), inputs quantized per token; a checkpoint "
-                             "stored in fp8 (its config.json's quantization_config) runs so without it")
+                        help="run the projections in fp8 where the backend claims it: e4m3 weights (quantized "
+                             "once loaded) with per-row scales and inputs quantized per token (fp8), or with "
+                             "128 x 128 tile scales and inputs quantized per 128 features (fp8_block); a "
+                             "checkpoint stored in fp8 (its config.json's quantization_config) runs so without it")
     parser.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--block-size", type=int, default=None)

@@ -77,18 +77,18 @@ def write_fp8_checkpoint(source: str | Path, directory: str | Path, scheme: str)
                 scale_name += "_inv"  # DeepSeek's name; float32
             else:
                 scale = scale.to(tensor.dtype)  # llm-compressor: in the weights' dtype
-            quantized[name], quantized[scale_name] = q, scale
-            dequantized[name] = dequantize_blocks(q, scale).to(tensor.dtype)
-            continue
-        if scheme == "compressed-tensors-channel":
+            values = dequantize_blocks(q, scale)
+        elif scheme == "compressed-tensors-channel":
             q, scale = quantize_rows(tensor)
             scale = scale.to(tensor.dtype)[:, None]  # as llm-compressor stores it: [out, 1] in the weights' dtype
+            values = q.float() * scale.float()
         else:
             q, scale = quantize_rows(tensor.reshape(1, -1))  # the whole tensor as one row: one scale [1]
             q = q.reshape(tensor.shape)
             scale = scale.reshape(()) if scheme == "fp8" else scale
+            values = q.float() * scale.float()
         quantized[name], quantized[scale_name] = q, scale
-        dequantized[name] = (q.float() * scale.float().reshape(-1, 1)).to(tensor.dtype)
+        dequantized[name] = values.to(tensor.dtype)
     paths = []
     for kind, tensors in (("fp8", quantized), ("dequantized", dequantized)):
         target = directory / kind

@@ -6,7 +6,13 @@ from pathlib import Path
 
 import torch
 
-from pagedllm.backends.fp8_linear import dequantize_blocks, quantize_blocks, quantize_groups, quantize_rows
+from pagedllm.backends.fp8_linear import (
+    dequantize_blocks,
+    dequantize_groups,
+    quantize_blocks,
+    quantize_groups,
+    quantize_rows,
+)
 from pagedllm.backends.kv_storage import to_cache_dtype
 
 
@@ -35,8 +41,7 @@ def _fake_quantize_fp8(model: torch.nn.Module, weights: bool = True, block: bool
         x = args[0]
         rows = x.reshape(-1, x.shape[-1])
         if block:
-            q, scale = quantize_groups(rows)
-            values = q.float() * scale.repeat_interleave(128, 1)[:, : rows.shape[1]]
+            values = dequantize_groups(*quantize_groups(rows))
         else:
             q, scale = quantize_rows(rows)
             values = q.float() * scale[:, None]

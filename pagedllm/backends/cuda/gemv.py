@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from pagedllm.backends.cuda.fp8_linear import E4M3_MAX, E4M3_MIN_SCALE
+from pagedllm.backends.fp8_linear import FP8_BLOCK, FP8_DTYPE, block_scale_shape
 
 
 @triton.jit
@@ -186,8 +187,6 @@ def gemv_fp8_quantized(x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.T
     """:func:`gemv_fp8` of an input quantized already (``x_q: [1, K]`` e4m3, ``x_scale: [1]`` float32): no
     pass over x for its scale. ``bias`` in ``out_dtype``; returns ``[1, N]`` in ``out_dtype``, or None when
     the kernel does not take the inputs."""
-    from pagedllm.backends.fp8_linear import FP8_DTYPE
-
     if x_q.dtype != FP8_DTYPE or x_scale.shape != (1,) or x_scale.dtype != torch.float32:
         return None
     return _gemv_fp8(x_q, x_scale, weight, weight_scale, bias, out_dtype, config)
@@ -196,8 +195,6 @@ def gemv_fp8_quantized(x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.T
 def _gemv_fp8(x: torch.Tensor, x_scale: torch.Tensor | None, weight: torch.Tensor, weight_scale: torch.Tensor,
               bias: torch.Tensor | None, out_dtype: torch.dtype,
               config: tuple[int, int, int] | None) -> torch.Tensor | None:
-    from pagedllm.backends.fp8_linear import FP8_DTYPE
-
     n, k = weight.shape
     config = _accepted_config(x, weight, bias, FP8_DTYPE, out_dtype, config or gemv_fp8_config(n, k))
     if config is None or weight_scale.shape != (n,):
@@ -264,8 +261,6 @@ def gemv_fp8_block(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Te
     group of 128 features inside each program, ``weight: [N, K]`` e4m3 (unit stride along K, K a multiple of
     128), ``weight_scale: [ceil(N / 128), K / 128]`` float32, ``bias: [N]`` in ``x``'s dtype or None; the
     tiles of :func:`gemv_fp8_config` (or ``config``). Returns ``[1, N]`` in ``x``'s dtype."""
-    from pagedllm.backends.fp8_linear import FP8_BLOCK, FP8_DTYPE, block_scale_shape
-
     n, k = weight.shape
     config = _accepted_config(x, weight, bias, FP8_DTYPE, x.dtype, config or gemv_fp8_config(n, k))
     if config is None or weight_scale.shape != block_scale_shape(n, k) or weight_scale.stride(1) != 1:
