@@ -34,13 +34,27 @@ E4M3_MIN_SCALE = tl.constexpr(MIN_SCALE)
 
 
 @triton.jit
+def e4m3_scale(amax):
+    """The rule of ``quantize_rows`` for a row's or group's largest magnitude ``amax`` (float32, a scalar or
+    one per group): returns ``(scale, inverse)``, ``scale = max(amax / 448, MIN_SCALE)`` and ``inverse = 1 /
+    scale``, both correctly rounded. Every Triton kernel that quantizes to e4m3 takes its scales from here."""
+    scale = tl.maximum(tl.div_rn(amax, E4M3_MAX), E4M3_MIN_SCALE)
+    return scale, tl.div_rn(scale * 0.0 + 1.0, scale)  # 1.0 shaped as scale (a scalar or a vector)
+
+
+@triton.jit
+def e4m3_scaled(x, inverse):
+    """``x * inverse`` (float32) clamped to e4m3's finite range: the value a ``.to(float8e4nv)`` rounds."""
+    return tl.clamp(x * inverse, -E4M3_MAX, E4M3_MAX)
+
+
+@triton.jit
 def quantize_row_store(q_ptrs, scale_ptr, x, mask):
     """Quantize one row ``x`` (float32, masked lanes 0) as ``quantize_rows`` does: store its e4m3 values at
     ``q_ptrs`` (where ``mask``) and its scale at ``scale_ptr``. Shared by the quantizer and the fused ops
     that hand fp8 projections their inputs (``fused_kernels``)."""
-    scale = tl.maximum(tl.div_rn(tl.max(tl.abs(x), axis=0), E4M3_MAX), E4M3_MIN_SCALE)
-    q = tl.clamp(x * tl.div_rn(1.0, scale), -E4M3_MAX, E4M3_MAX)
-    tl.store(q_ptrs, q.to(q_ptrs.dtype.element_ty), mask=mask)
+    scale, inverse = e4m3_scale(tl.max(tl.abs(x), axis=0))
+    tl.store(q_ptrs, e4m3_scaled(x, inverse).to(q_ptrs.dtype.element_ty), mask=mask)
     tl.store(scale_ptr, scale)
 
 
@@ -65,9 +79,8 @@ def _quantize_groups_kernel(x_ptr, q_ptr, scale_ptr, n_rows, n_cols, x_row_strid
     mask = offs < n_cols
     valid = tl.where(row < n_rows, n_cols, 0)  # padding rows load nothing
     x = tl.load(x_ptr + row * x_row_stride + offs, mask=offs < valid, other=0.0).to(tl.float32)
-    scale = tl.maximum(tl.div_rn(tl.max(tl.abs(x), axis=1), E4M3_MAX), E4M3_MIN_SCALE)
-    q = tl.clamp(x * tl.div_rn(tl.full([GROUPS], 1.0, tl.float32), scale)[:, None], -E4M3_MAX, E4M3_MAX)
-    tl.store(q_ptr + row * n_cols + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
+    scale, inverse = e4m3_scale(tl.max(tl.abs(x), axis=1))
+    tl.store(q_ptr + row * n_cols + offs, e4m3_scaled(x, inverse[:, None]).to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(scale_ptr + groups * scale_stride + row, scale, mask=groups * GROUP < n_cols)
 
 

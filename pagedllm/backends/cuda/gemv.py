@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedllm.backends.cuda.fp8_linear import E4M3_MAX, E4M3_MIN_SCALE
+from pagedllm.backends.cuda.fp8_linear import e4m3_scale, e4m3_scaled
 from pagedllm.backends.fp8_linear import FP8_BLOCK, FP8_DTYPE, block_scale_shape
 
 
@@ -138,8 +138,7 @@ def _gemv_fp8_kernel(
         amax = tl.zeros([BLOCK_K], dtype=tl.float32)
         for k in range(0, K, BLOCK_K):
             amax = tl.maximum(amax, tl.abs(tl.load(x_ptr + k + cols).to(tl.float32)))
-        x_scale = tl.maximum(tl.div_rn(tl.max(amax, 0), E4M3_MAX), E4M3_MIN_SCALE)
-        x_inverse = tl.div_rn(1.0, x_scale)
+        x_scale, x_inverse = e4m3_scale(tl.max(amax, 0))
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_w
@@ -149,7 +148,7 @@ def _gemv_fp8_kernel(
         if X_QUANTIZED:
             x = tl.load(x_ptr + k + cols).to(tl.float32)
         else:
-            x = tl.clamp(tl.load(x_ptr + k + cols).to(tl.float32) * x_inverse, -E4M3_MAX, E4M3_MAX)
+            x = e4m3_scaled(tl.load(x_ptr + k + cols).to(tl.float32), x_inverse)
             x = x.to(w_ptr.dtype.element_ty).to(tl.float32)
         p = w.to(tl.float32) * x[None, :]
         acc += tl.sum(tl.reshape(p, [BLOCK_N, BLOCK_K // GROUP, GROUP]), 2)  # runs of GROUP summed first
@@ -242,8 +241,8 @@ def _gemv_fp8_block_kernel(
     for k in range(0, K, BLOCK_K):  # K is a multiple of BLOCK_K
         w = tl.load(w_rows + (k + cols)[None, :], mask=row_mask[:, None], other=0.0, eviction_policy="evict_first")
         x = tl.reshape(tl.load(x_ptr + k + cols).to(tl.float32), [GROUPS, TILE])
-        x_scale = tl.maximum(tl.div_rn(tl.max(tl.abs(x), axis=1), E4M3_MAX), E4M3_MIN_SCALE)
-        x = tl.clamp(x * tl.div_rn(tl.full([GROUPS], 1.0, tl.float32), x_scale)[:, None], -E4M3_MAX, E4M3_MAX)
+        x_scale, x_inverse = e4m3_scale(tl.max(tl.abs(x), axis=1))
+        x = e4m3_scaled(x, x_inverse[:, None])
         x = tl.reshape(x.to(w_ptr.dtype.element_ty).to(tl.float32), [BLOCK_K])
         runs = tl.sum(tl.reshape(w.to(tl.float32) * x[None, :], [BLOCK_N, BLOCK_K // GROUP, GROUP]), 2)
         sums = tl.sum(tl.reshape(runs, [BLOCK_N, GROUPS, TILE // GROUP]), 2)
