@@ -34,8 +34,9 @@ import torch
 # linear layers: ``Backend.linear_fp8`` and ``BackendCapabilities.quantizations``; ``Backend.weights_loaded``;
 # 1.6 — fp8 inputs quantized by the op before the projection: ``Backend.rms_norm_fp8``, ``add_rms_norm_fp8``,
 # ``silu_and_mul_fp8`` and ``linear_fp8_quantized``; 1.7 — fp8 weights with 128 x 128 tile scales:
-# ``Backend.linear_fp8_block`` and the ``"fp8_block"`` name in ``BackendCapabilities.quantizations``.
-INTERFACE_VERSION: tuple[int, int] = (1, 7)
+# ``Backend.linear_fp8_block`` and the ``"fp8_block"`` name in ``BackendCapabilities.quantizations``; 1.8 —
+# per-head q/k norms with the rotary embedding: ``Backend.qk_norm_rotary_embedding``.
+INTERFACE_VERSION: tuple[int, int] = (1, 8)
 
 
 class InterfaceVersionError(ValueError):
@@ -557,6 +558,25 @@ class Backend(abc.ABC):
             return torch.cat((-x2, x1), dim=-1)
 
         return query * cos + rotate_half(query) * sin, key * cos + rotate_half(key) * sin
+
+    def qk_norm_rotary_embedding(
+        self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, q_weight: torch.Tensor,
+        k_weight: torch.Tensor, eps: float, cos_sin_cache: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """RMSNorm of every head of ``query`` (weights ``q_weight``) and of ``key`` (``k_weight``), then
+        :meth:`rotary_embedding`; called by the attention layers of models that norm q and k per head before
+        the rotary embedding (Qwen3), per step, instead of :meth:`rotary_embedding`.
+
+        ``query: [num_tokens, num_heads, head_dim]``, ``key: [num_tokens, num_kv_heads, head_dim]`` (views of a
+        fused q|k|v output are fine); ``q_weight``, ``k_weight``: ``[head_dim]``; ``eps``: the norms'; the
+        rest as in :meth:`rotary_embedding`. Returns the normed and rotated ``(query, key)`` in their dtype.
+        Default: :meth:`rms_norm` over ``[num_tokens * heads, head_dim]`` rows, then :meth:`rotary_embedding`
+        (so a backend that fuses only those ops keeps them). Added in 1.8.
+        """
+        head_dim = query.shape[-1]
+        q = self.rms_norm(query.reshape(-1, head_dim), q_weight, eps).view(query.shape)
+        k = self.rms_norm(key.reshape(-1, head_dim), k_weight, eps).view(key.shape)
+        return self.rotary_embedding(positions, q, k, cos_sin_cache)
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``x @ weight.T + bias``; called by every linear layer of the model (projections and the LM head),

@@ -12,8 +12,9 @@ import shutil
 from pathlib import Path
 
 # arch -> (num_attention_heads, num_key_value_heads); the hidden size is heads * head size
-ARCH_HEADS: dict[str, tuple[int, int]] = {"llama": (4, 2), "qwen2": (4, 1), "mistral": (4, 2)}
-"""GQA Llama, MQA Qwen2, GQA Mistral with a sliding window (from ``pagedllm.testing.checkpoints``)."""
+ARCH_HEADS: dict[str, tuple[int, int]] = {"llama": (4, 2), "qwen2": (4, 1), "mistral": (4, 2), "qwen3": (4, 2)}
+"""GQA Llama, MQA Qwen2, GQA Mistral with a sliding window, GQA Qwen3 with per-head q/k norms (from
+``pagedllm.testing.checkpoints``)."""
 
 
 def cached_checkpoint(root: Path, arch: str, head_dim: int) -> Path:

@@ -10,7 +10,9 @@ token instead of per group, it would fall among e4m3's subnormals and lose its p
 quantize their output for an fp8 projection (``rms_norm_fp8``, ``add_rms_norm_fp8``, ``silu_and_mul_fp8``)
 are compared dequantized: the backend rounds the op's result to its dtype before quantizing, the float32
 default does not, so an element may land one e4m3 step away (at most 1/8 of its magnitude); a missing or
-wrong normalization, activation or scale is far outside that.
+wrong normalization, activation or scale is far outside that. ``qk_norm_rotary_embedding`` (Qwen3's per-head
+q/k norms with the rotary embedding) gets heads of magnitudes 32 times apart, so a norm over the wrong span
+shows.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ GROUP_MAGNITUDES = (1.0, 2.0**-16, 4.0, 0.5)  # of the four input groups of the 
 # case name -> the Backend method it calls; the linear layers twice: a backend may take one-token inputs
 # (batch-1 decode) through another kernel
 OPS: dict[str, str] = {"rms_norm": "rms_norm", "add_rms_norm": "add_rms_norm", "rotary_embedding": "rotary_embedding",
+                       "qk_norm_rotary_embedding": "qk_norm_rotary_embedding",
                        "silu_and_mul": "silu_and_mul", "linear": "linear", "linear_one_token": "linear",
                        "linear_fp8": "linear_fp8", "linear_fp8_one_token": "linear_fp8",
                        "linear_fp8_quantized": "linear_fp8_quantized",
@@ -42,6 +45,7 @@ OPS: dict[str, str] = {"rms_norm": "rms_norm", "add_rms_norm": "add_rms_norm", "
 FP8_INPUT_OPS: dict[str, str] = {"rms_norm_fp8": "rms_norm", "add_rms_norm_fp8": "add_rms_norm",
                                  "silu_and_mul_fp8": "silu_and_mul"}
 """The ops that quantize their output for an fp8 projection -> the op whose inputs they take."""
+HEAD_SCALES = (1.0, 8.0, 0.25, 2.0, 4.0, 0.5)  # of the four query and two key heads of qk_norm_rotary_embedding
 E4M3_STEP = 0.125  # the widest relative spacing of e4m3 values (3 mantissa bits)
 E4M3_SUBNORMAL_STEP = 2.0**-9  # the spacing of its subnormals, in units of the scale
 
@@ -95,6 +99,13 @@ def op_inputs(op: str, head_dim: int, dtype: torch.dtype, gen: torch.Generator) 
     if op == "rotary_embedding":
         positions = torch.randint(0, 64, (NUM_TOKENS,), generator=gen)
         return positions, randn(NUM_TOKENS, 4, head_dim), randn(NUM_TOKENS, 2, head_dim), rotary_cache(head_dim, 64)
+    if op == "qk_norm_rotary_embedding":  # heads of unlike scales: a norm over all heads at once would show
+        positions = torch.randint(0, 64, (NUM_TOKENS,), generator=gen)
+        head_scales = torch.tensor(HEAD_SCALES)[:, None]
+        q = (2.0 * torch.randn(NUM_TOKENS, 6, head_dim, generator=gen) + 1.0) * head_scales
+        norm_weights = (1.0 + 0.2 * torch.randn(2, head_dim, generator=gen)).to(dtype)
+        return (positions, q[:, :4].to(dtype), q[:, 4:].to(dtype), norm_weights[0], norm_weights[1], 1e-6,
+                rotary_cache(head_dim, 64))
     if op.startswith("linear_fp8_block"):
         rows = 1 if op.endswith("one_token") else NUM_TOKENS
         magnitudes = torch.tensor(GROUP_MAGNITUDES).repeat_interleave(BLOCK_IN_FEATURES // len(GROUP_MAGNITUDES))

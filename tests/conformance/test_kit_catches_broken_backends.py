@@ -91,8 +91,8 @@ def test_wrong_fused_op_is_caught_against_the_default() -> None:
     code, outcomes = run_kit("broken_rms_norm", "test_fused_op_matches")
     assert code == pytest.ExitCode.TESTS_FAILED
     failed = outcomes.ids("failed")
-    assert {f"broken_rms_norm-{op}-{dtype}" for op in ("rms_norm", "add_rms_norm")
-            for dtype in ("float32", "float16", "bfloat16")} == failed
+    assert {f"broken_rms_norm-{op}-{dtype}" for op in ("rms_norm", "add_rms_norm", "qk_norm_rotary_embedding")
+            for dtype in ("float32", "float16", "bfloat16")} == failed  # the q/k norms' default composes rms_norm
     assert "broken_rms_norm-silu_and_mul-float32" in outcomes.ids("passed")
 
 
@@ -125,6 +125,14 @@ def test_tile_scaled_fp8_with_per_token_inputs_is_caught() -> None:
     assert {f"broken_fp8_block-{op}-{dtype}" for op in ("linear_fp8_block", "linear_fp8_block_one_token")
             for dtype in ("float32", "float16", "bfloat16")} == outcomes.ids("failed")
     assert "broken_fp8_block-linear_fp8-float32" in outcomes.ids("passed")
+
+
+def test_qk_norm_over_the_wrong_span_is_caught() -> None:
+    code, outcomes = run_kit("broken_qk_norm", "test_fused_op_matches")
+    assert code == pytest.ExitCode.TESTS_FAILED
+    assert {f"broken_qk_norm-qk_norm_rotary_embedding-{dtype}" for dtype in ("float32", "float16", "bfloat16")
+            } == outcomes.ids("failed")
+    assert "broken_qk_norm-rotary_embedding-float32" in outcomes.ids("passed")
 
 
 def test_unknown_or_unavailable_device_stops_the_kit(

@@ -146,9 +146,28 @@ class PerTokenInputFp8BlockBackend(CpuBackend):
         return (y if bias is None else y + bias.float()).to(x.dtype)
 
 
+class TokenNormQkRotaryBackend(CpuBackend):
+    """Norms every token's query (and key) over all its heads at once where Qwen3's q/k norms take each head
+    alone (right when every head has the same magnitude)."""
+
+    name = "broken_qk_norm"
+    interface_version = (1, 8)
+    priority = -1000
+
+    def qk_norm_rotary_embedding(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+                                 q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
+                                 cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def norm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+            rows = x.reshape(x.shape[0], -1)
+            inverse_rms = torch.rsqrt(rows.float().pow(2).mean(-1, keepdim=True) + eps)
+            return (rows.float() * inverse_rms).to(x.dtype).view(x.shape) * weight
+
+        return self.rotary_embedding(positions, norm(query, q_weight), norm(key, k_weight), cos_sin_cache)
+
+
 BROKEN: tuple[type[Backend], ...] = (OffByOneSlotBackend, WrongGqaBackend, UnwrittenRowBackend, WrongRmsNormBackend,
                                      UnquantizedInputFp8Backend, FnuzScaleFp8InputsBackend,
-                                     PerTokenInputFp8BlockBackend)
+                                     PerTokenInputFp8BlockBackend, TokenNormQkRotaryBackend)
 
 
 @hookimpl

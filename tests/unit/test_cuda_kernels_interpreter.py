@@ -357,6 +357,15 @@ def test_rotary_embedding(kernels: SimpleNamespace, head_dim: int, dtype: torch.
     assert torch.equal(qkv, before)
     torch.testing.assert_close(q_out, q_ref, **TOLERANCE[dtype])
     torch.testing.assert_close(k_out, k_ref, **TOLERANCE[dtype])
+    # with Qwen3's per-head q/k norms first (qk_norm_rotary_embedding), against the default's two steps
+    q_weight, k_weight = (1 + 0.2 * torch.randn(head_dim)).to(dtype), (1 + 0.2 * torch.randn(head_dim)).to(dtype)
+    query.mul_(3.0).add_(0.5)  # an offset mean: RMS and std differ, as in real activations
+    normed = kernels.fused_kernels.rotary_embedding(positions, query, key, cos_sin_cache,
+                                                    head_norms=(q_weight, k_weight, 1e-6))
+    expected = REFERENCE.qk_norm_rotary_embedding(positions, query, key, q_weight, k_weight, 1e-6, cos_sin_cache)
+    for got, want in zip(normed, expected, strict=True):
+        torch.testing.assert_close(got, want, **TOLERANCE[dtype])
+    assert not torch.allclose(normed[0], q_ref, **TOLERANCE[dtype])  # the norm did something
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -661,8 +670,13 @@ def test_kernels_compile_for_sm90() -> None:
                   enable_fp_fusion=False)  # fmt: skip
     _compile_sm90(
         fused_kernels._rotary_kernel, fused,
-        {"NUM_Q_HEADS": 32, "NUM_K_HEADS": 8, "HALF": 40, "BLOCK_HQ": 32, "BLOCK_HK": 8, "BLOCK_HALF": 64},
-        enable_fp_fusion=False,
+        {"NUM_Q_HEADS": 32, "NUM_K_HEADS": 8, "HALF": 40, "BLOCK_HQ": 32, "BLOCK_HK": 8, "BLOCK_HALF": 64,
+         "NORM": False}, enable_fp_fusion=False,
+    )  # fmt: skip
+    _compile_sm90(  # with Qwen3's q/k norms (head_dim 128)
+        fused_kernels._rotary_kernel, {**fused, "q_weight_ptr": "*bf16", "k_weight_ptr": "*bf16"},
+        {"NUM_Q_HEADS": 32, "NUM_K_HEADS": 8, "HALF": 64, "BLOCK_HQ": 32, "BLOCK_HK": 8, "BLOCK_HALF": 64,
+         "NORM": True}, enable_fp_fusion=False,
     )  # fmt: skip
     _compile_sm90(fused_kernels._silu_and_mul_kernel, fused, {"BLOCK": 1024}, enable_fp_fusion=False)
     _compile_sm90(gemv._gemv_kernel, {"y_ptr": "*bf16", "x_ptr": "*bf16", "w_ptr": "*bf16", "bias_ptr": "*bf16"},

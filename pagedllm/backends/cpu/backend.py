@@ -29,7 +29,7 @@ class CpuBackend(Backend):
     name = "cpu"
     device_type = "cpu"
     dist_backend = "gloo"
-    interface_version = (1, 7)
+    interface_version = (1, 8)
     priority = -100  # auto picks cpu last
 
     @classmethod

@@ -57,7 +57,8 @@ class CudaBackend(Backend):
     name = "cuda"
     device_type = "cuda"
     dist_backend = "nccl"
-    interface_version = (1, 7)  # communicator; linear, all_reduce_add_rms_norm; scheduler defaults; fp8; fp8_block
+    interface_version = (1, 8)  # communicator; linear, all_reduce_add_rms_norm; scheduler defaults; fp8; fp8_block;
+    # qk_norm_rotary_embedding
     priority = 10  # below rocm: torch.cuda also answers on a ROCm build
 
     def __init__(self) -> None:
@@ -257,6 +258,19 @@ class CudaBackend(Backend):
         from pagedllm.backends.cuda.fused_kernels import rotary_embedding
 
         return rotary_embedding(positions, query, key, cos_sin_cache)
+
+    def qk_norm_rotary_embedding(
+        self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, q_weight: torch.Tensor,
+        k_weight: torch.Tensor, eps: float, cos_sin_cache: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Qwen3's per-head q/k RMSNorms inside the Triton rotary kernel: one launch, q and k read once from
+        the q|k|v output (the default: two copies, two norm launches and the rotary)."""
+        if (cos_sin_cache.shape[-1] != query.shape[-1] or query.dtype != key.dtype
+                or q_weight.dtype != query.dtype or k_weight.dtype != query.dtype):
+            return super().qk_norm_rotary_embedding(positions, query, key, q_weight, k_weight, eps, cos_sin_cache)
+        from pagedllm.backends.cuda.fused_kernels import rotary_embedding
+
+        return rotary_embedding(positions, query, key, cos_sin_cache, head_norms=(q_weight, k_weight, eps))
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
         """Triton ``silu(x[:, :d]) * x[:, d:]`` for ``x: [num_tokens, 2 * d]``, rounded like the default."""

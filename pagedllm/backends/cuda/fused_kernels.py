@@ -1,6 +1,7 @@
 """Fused element-wise ops overriding the ``Backend`` defaults: RMSNorm (with residual add), rotary
-embedding, SiLU-and-mul; and RMSNorm and SiLU-and-mul quantizing their output per token for an fp8
-projection (one program per row, so a row's scale is known before it is stored).
+embedding (also with per-head q/k norms before it), SiLU-and-mul; and RMSNorm and SiLU-and-mul quantizing
+their output per token for an fp8 projection (one program per row, so a row's scale is known before it is
+stored).
 
 They round exactly where the Hugging Face / ``Backend`` default code rounds (after each PyTorch op in the
 activation dtype), computing each op in float32 in between, so on the GPU they match the defaults to the
@@ -127,27 +128,40 @@ def _norm_warps(hidden: int) -> int:
 def _rotate_heads(
     out_ptr,
     in_ptr,
+    weight_ptr,
     stride_in_h,
     stride_out_h,
     cos,
     sin,
+    eps,
     NUM_HEADS: tl.constexpr,
     HALF: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
+    NORM: tl.constexpr,
 ):
-    """Rotate every head of one token: ``out = x * cos + rotate_half(x) * sin`` rounding as PyTorch does."""
+    """Rotate every head of one token: ``out = x * cos + rotate_half(x) * sin`` rounding as PyTorch does; with
+    ``NORM``, each head is first RMS-normed over its ``2 * HALF`` elements with ``weight_ptr``'s ``[2 * HALF]``
+    weights, rounded as :func:`rms_norm` rounds a row (Qwen3's q/k norms)."""
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_HALF)
-    mask = (offs_h < NUM_HEADS)[:, None] & (offs_d < HALF)[None, :]
+    d_mask = offs_d < HALF
+    mask = (offs_h < NUM_HEADS)[:, None] & d_mask[None, :]
     src = in_ptr + offs_h[:, None] * stride_in_h + offs_d[None, :]
     x1 = tl.load(src, mask=mask, other=0.0)
     x2 = tl.load(src + HALF, mask=mask, other=0.0)
     dt = x1.dtype
-    c = cos.to(dt).to(tl.float32)[None, :]  # the default casts cos/sin to the activation dtype first
-    s = sin.to(dt).to(tl.float32)[None, :]
     x1f = x1.to(tl.float32)
     x2f = x2.to(tl.float32)
+    if NORM:
+        variance = (tl.sum(x1f * x1f, 1) + tl.sum(x2f * x2f, 1)) / (2 * HALF)
+        inverse_rms = tl.rsqrt(variance + eps)[:, None]
+        w1 = tl.load(weight_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+        w2 = tl.load(weight_ptr + HALF + offs_d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+        x1f = (w1 * (x1f * inverse_rms).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+        x2f = (w2 * (x2f * inverse_rms).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+    c = cos.to(dt).to(tl.float32)[None, :]  # the default casts cos/sin to the activation dtype first
+    s = sin.to(dt).to(tl.float32)[None, :]
     o1 = ((x1f * c).to(dt).to(tl.float32) - (x2f * s).to(dt).to(tl.float32)).to(dt)
     o2 = ((x2f * c).to(dt).to(tl.float32) + (x1f * s).to(dt).to(tl.float32)).to(dt)
     dst = out_ptr + offs_h[:, None] * stride_out_h + offs_d[None, :]
@@ -163,6 +177,9 @@ def _rotary_kernel(
     k_ptr,
     positions_ptr,
     cos_sin_ptr,
+    q_weight_ptr,
+    k_weight_ptr,
+    eps,
     stride_qt,
     stride_qh,
     stride_kt,
@@ -178,6 +195,7 @@ def _rotary_kernel(
     BLOCK_HQ: tl.constexpr,
     BLOCK_HK: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
+    NORM: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + token).to(tl.int64)
@@ -185,21 +203,24 @@ def _rotary_kernel(
     d_mask = offs_d < HALF
     cos = tl.load(cos_sin_ptr + pos * stride_cs + offs_d, mask=d_mask, other=0.0)
     sin = tl.load(cos_sin_ptr + pos * stride_cs + HALF + offs_d, mask=d_mask, other=0.0)
-    _rotate_heads(q_out_ptr + token * stride_qot, q_ptr + token * stride_qt, stride_qh, stride_qoh, cos, sin,
-                  NUM_Q_HEADS, HALF, BLOCK_HQ, BLOCK_HALF)  # fmt: skip
-    _rotate_heads(k_out_ptr + token * stride_kot, k_ptr + token * stride_kt, stride_kh, stride_koh, cos, sin,
-                  NUM_K_HEADS, HALF, BLOCK_HK, BLOCK_HALF)  # fmt: skip
+    _rotate_heads(q_out_ptr + token * stride_qot, q_ptr + token * stride_qt, q_weight_ptr, stride_qh, stride_qoh,
+                  cos, sin, eps, NUM_Q_HEADS, HALF, BLOCK_HQ, BLOCK_HALF, NORM)  # fmt: skip
+    _rotate_heads(k_out_ptr + token * stride_kot, k_ptr + token * stride_kt, k_weight_ptr, stride_kh, stride_koh,
+                  cos, sin, eps, NUM_K_HEADS, HALF, BLOCK_HK, BLOCK_HALF, NORM)  # fmt: skip
 
 
 def rotary_embedding(
-    positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, cos_sin_cache: torch.Tensor
+    positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, cos_sin_cache: torch.Tensor,
+    head_norms: tuple[torch.Tensor, torch.Tensor, float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary embedding, NeoX / "rotate half" layout, of query and key in one launch.
 
     ``positions``: ``[num_tokens]`` int64; ``query``: ``[num_tokens, num_heads, head_dim]``; ``key``:
     ``[num_tokens, num_kv_heads, head_dim]`` (views of a fused QKV tensor are fine); ``cos_sin_cache``:
-    ``[max_position, head_dim]`` float32, cos in the first half, sin in the second. Returns new rotated
-    ``(query, key)`` tensors of the same shapes and dtypes; the inputs are not modified.
+    ``[max_position, head_dim]`` float32, cos in the first half, sin in the second; ``head_norms``: ``(q_weight
+    [head_dim], k_weight [head_dim], eps)`` to RMS-norm every head of query and key first, in the same pass
+    (``Backend.qk_norm_rotary_embedding``; weights in the activation dtype). Returns new rotated ``(query,
+    key)`` tensors of the same shapes and dtypes; the inputs are not modified.
     """
     if query.stride(-1) != 1:
         query = query.contiguous()
@@ -210,15 +231,16 @@ def rotary_embedding(
     cos_sin_cache = cos_sin_cache.contiguous()
     q_out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     k_out = torch.empty(key.shape, dtype=key.dtype, device=key.device)
+    q_weight, k_weight, eps = (query, key, 0.0) if head_norms is None else head_norms  # unread without norms
     if num_tokens:
         half = head_dim // 2
         _rotary_kernel[(num_tokens,)](
-            q_out, k_out, query, key, positions, cos_sin_cache,
+            q_out, k_out, query, key, positions, cos_sin_cache, q_weight.contiguous(), k_weight.contiguous(), eps,
             query.stride(0), query.stride(1), key.stride(0), key.stride(1),
             q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1), cos_sin_cache.stride(0),
             NUM_Q_HEADS=num_heads, NUM_K_HEADS=num_kv_heads, HALF=half,
             BLOCK_HQ=triton.next_power_of_2(num_heads), BLOCK_HK=triton.next_power_of_2(num_kv_heads),
-            BLOCK_HALF=triton.next_power_of_2(half), num_warps=4, enable_fp_fusion=False,
+            BLOCK_HALF=triton.next_power_of_2(half), NORM=head_norms is not None, num_warps=4, enable_fp_fusion=False,
         )  # fmt: skip
     return q_out, k_out
 

@@ -225,6 +225,14 @@ class RotaryEmbedding(nn.Module):
         num_kv_heads, head_dim]``; returns the rotated pair."""
         return self.backend.rotary_embedding(positions, query, key, self.cos_sin_cache)
 
+    def with_head_norms(
+        self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, q_norm: RMSNorm, k_norm: RMSNorm
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward` after every head of ``query`` and ``key`` went through ``q_norm`` / ``k_norm``
+        (RMSNorms over ``head_dim``, one epsilon), in one backend op (Qwen3)."""
+        return self.backend.qk_norm_rotary_embedding(positions, query, key, q_norm.weight, k_norm.weight,
+                                                     q_norm.variance_epsilon, self.cos_sin_cache)
+
 
 class MergedLinear(nn.Module):
     """Several linear layers on the same input stored as one matrix (e.g. q|k|v or gate|up).

@@ -90,13 +90,13 @@ class LlamaAttention(nn.Module):
         q = q.reshape(num_tokens, self.num_heads, self.head_dim)
         k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary_emb(positions, *self.before_rotary(q, k))
+        q, k = self.rotate(positions, q, k)
         return q, k, v
 
-    def before_rotary(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """What a family member does to ``q: [num_tokens, num_heads, head_dim]`` and ``k: [num_tokens,
-        num_kv_heads, head_dim]`` before they are rotated: nothing in Llama."""
-        return q, k
+    def rotate(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``q: [num_tokens, num_heads, head_dim]`` and ``k: [num_tokens, num_kv_heads, head_dim]`` (views of the
+        q|k|v output) as the attention reads them: rotated, in Llama; a family member may do more first."""
+        return self.rotary_emb(positions, q, k)
 
 
 class LlamaMLP(nn.Module):
@@ -305,19 +305,17 @@ class Qwen2ForCausalLM(LlamaForCausalLM):
 class Qwen3Attention(LlamaAttention):
     """Qwen3 attention: Llama's (q/k/v biases only if ``attention_bias``) with an RMSNorm over each head of q
     and of k (``q_norm``, ``k_norm``: weights ``[head_dim]``, the same for every head and every rank)
-    before the rotary embedding, through the backend's ``rms_norm`` on ``[num_tokens * heads, head_dim]``
-    (as transformers' Qwen3 norms them)."""
+    before the rotary embedding, both through the backend's ``qk_norm_rotary_embedding`` (transformers' Qwen3
+    norms and rotates in two steps; the default op does too)."""
 
     def __init__(self, hf_config: object, layer_idx: int, sliding_window: int | None, backend: Backend) -> None:
         super().__init__(hf_config, layer_idx, sliding_window, backend)
         self.q_norm = RMSNorm(self.head_dim, hf_config.rms_norm_eps, backend)
         self.k_norm = RMSNorm(self.head_dim, hf_config.rms_norm_eps, backend)
 
-    def before_rotary(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each head of q and of k through its RMSNorm."""
-        q_rows = q.reshape(-1, self.head_dim)
-        k_rows = k.reshape(-1, self.head_dim)
-        return self.q_norm(q_rows).view(q.shape), self.k_norm(k_rows).view(k.shape)
+    def rotate(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each head of q and of k through its RMSNorm, then rotated: one backend op."""
+        return self.rotary_emb.with_head_norms(positions, q, k, self.q_norm, self.k_norm)
 
 
 class Qwen3DecoderLayer(LlamaDecoderLayer):
