@@ -155,7 +155,19 @@ def reference_linear_fp8_block(
     [ceil(out / 128), ceil(in / 128)]`` float32 (:func:`quantize_blocks`), ``bias: [out]`` or None. Returns
     ``[num_tokens, out]`` in ``x.dtype``. The default of ``Backend.linear_fp8_block`` and the conformance kit's
     reference."""
-    y = dequantize_groups(*quantize_groups(x)) @ dequantize_blocks(weight, weight_scale).t()
+    return reference_linear_fp8_block_quantized(*quantize_groups(x), weight, weight_scale, bias, x.dtype)
+
+
+def reference_linear_fp8_block_quantized(
+    x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+    bias: torch.Tensor | None, out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """The ``"fp8_block"`` linear layer of an input already quantized per token and group of 128 features
+    (``x_q: [num_tokens, in]`` e4m3, ``x_scale: [num_tokens, ceil(in / 128)]`` float32, as
+    :func:`quantize_groups` gives them), in float32; ``weight``, ``weight_scale``, ``bias`` as in
+    :func:`reference_linear_fp8_block`. Returns ``[num_tokens, out]`` in ``out_dtype``. The default of
+    ``Backend.linear_fp8_block_quantized``."""
+    y = dequantize_groups(x_q, x_scale) @ dequantize_blocks(weight, weight_scale).t()
     if bias is not None:
         y = y + bias.float()
-    return y.to(x.dtype)
+    return y.to(out_dtype)

@@ -35,7 +35,9 @@ import torch
 # 1.6 — fp8 inputs quantized by the op before the projection: ``Backend.rms_norm_fp8``, ``add_rms_norm_fp8``,
 # ``silu_and_mul_fp8`` and ``linear_fp8_quantized``; 1.7 — fp8 weights with 128 x 128 tile scales:
 # ``Backend.linear_fp8_block`` and the ``"fp8_block"`` name in ``BackendCapabilities.quantizations``; 1.8 —
-# per-head q/k norms with the rotary embedding: ``Backend.qk_norm_rotary_embedding``.
+# per-head q/k norms with the rotary embedding: ``Backend.qk_norm_rotary_embedding``; the fp8 input ops for
+# tile-scaled layers: ``Backend.rms_norm_fp8_groups``, ``add_rms_norm_fp8_groups``, ``silu_and_mul_fp8_groups``
+# and ``linear_fp8_block_quantized``.
 INTERFACE_VERSION: tuple[int, int] = (1, 8)
 
 
@@ -678,6 +680,53 @@ class Backend(abc.ABC):
         from pagedllm.backends.fp8_linear import reference_linear_fp8_quantized
 
         return reference_linear_fp8_quantized(x_q, x_scale, weight, weight_scale, bias, out_dtype)
+
+    # ------------------------------------------------------------------ optional fp8 group input ops (1.8)
+    # The same for ``"fp8_block"`` projections, whose inputs are quantized per token and group of 128
+    # features (``pagedllm.backends.fp8_linear.quantize_groups``): the scales are ``[num_tokens, ceil(features
+    # / 128)]`` float32 (any strides). The same rule for overrides as above. Called only for models loaded with
+    # ``quantization="fp8_block"`` on a backend that claims it, without tensor parallelism across the norm.
+    def rms_norm_fp8_groups(
+        self, x: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`rms_norm` quantized per token and group of 128: ``x``: ``[num_tokens, hidden]``; returns ``(q
+        [num_tokens, hidden] float8_e4m3fn, scale [num_tokens, ceil(hidden / 128)] float32)`` of
+        ``quantize_groups(rms_norm(x, weight, eps))``. Called by the first norm of a model whose next
+        projection is ``"fp8_block"``. Added in 1.8."""
+        from pagedllm.backends.fp8_linear import quantize_groups
+
+        return quantize_groups(self.rms_norm(x, weight, eps))
+
+    def add_rms_norm_fp8_groups(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`add_rms_norm` with its normed output quantized per token and group of 128: returns ``(q,
+        scale [num_tokens, ceil(hidden / 128)], x + residual)``; may write into ``residual`` in place. Called by
+        the norms before ``"fp8_block"`` projections. Added in 1.8."""
+        from pagedllm.backends.fp8_linear import quantize_groups
+
+        normed, residual = self.add_rms_norm(x, residual, weight, eps)
+        return (*quantize_groups(normed), residual)
+
+    def silu_and_mul_fp8_groups(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`silu_and_mul` quantized per token and group of 128: ``x``: ``[num_tokens, 2 * d]``; returns
+        ``(q [num_tokens, d] float8_e4m3fn, scale [num_tokens, ceil(d / 128)] float32)``. Called by MLPs whose
+        down projection is ``"fp8_block"``. Added in 1.8."""
+        from pagedllm.backends.fp8_linear import quantize_groups
+
+        return quantize_groups(self.silu_and_mul(x))
+
+    def linear_fp8_block_quantized(
+        self, x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+        bias: torch.Tensor | None, out_dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """:meth:`linear_fp8_block` of an input quantized by one of the three ops above: ``x_q: [num_tokens,
+        in_features]`` float8_e4m3fn, ``x_scale: [num_tokens, ceil(in_features / 128)]`` float32; ``weight``,
+        ``weight_scale``, ``bias`` as in :meth:`linear_fp8_block`. Returns ``[num_tokens, out_features]`` in
+        ``out_dtype``. Default: the float32 reference (``reference_linear_fp8_block_quantized``). Added in 1.8."""
+        from pagedllm.backends.fp8_linear import reference_linear_fp8_block_quantized
+
+        return reference_linear_fp8_block_quantized(x_q, x_scale, weight, weight_scale, bias, out_dtype)
 
     # ------------------------------------------------------------------ optional step capture
     def capture_graph(self, fn: Callable[[], None]) -> Callable[[], None]:

@@ -22,7 +22,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from pagedllm.backends.fp8_linear import quantize_blocks, quantize_rows
+from pagedllm.backends.fp8_linear import dequantize_groups, quantize_blocks, quantize_groups, quantize_rows
 from pagedllm.backends.interface import Backend
 from pagedllm.conformance.cases import all_dtypes, base_head_size, dtype_skip, param
 from pagedllm.conformance.plugin import ConformanceTarget, case_id, get_target
@@ -41,10 +41,15 @@ OPS: dict[str, str] = {"rms_norm": "rms_norm", "add_rms_norm": "add_rms_norm", "
                        "linear_fp8": "linear_fp8", "linear_fp8_one_token": "linear_fp8",
                        "linear_fp8_quantized": "linear_fp8_quantized",
                        "linear_fp8_quantized_one_token": "linear_fp8_quantized",
-                       "linear_fp8_block": "linear_fp8_block", "linear_fp8_block_one_token": "linear_fp8_block"}
+                       "linear_fp8_block": "linear_fp8_block", "linear_fp8_block_one_token": "linear_fp8_block",
+                       "linear_fp8_block_quantized": "linear_fp8_block_quantized",
+                       "linear_fp8_block_quantized_one_token": "linear_fp8_block_quantized"}
 FP8_INPUT_OPS: dict[str, str] = {"rms_norm_fp8": "rms_norm", "add_rms_norm_fp8": "add_rms_norm",
-                                 "silu_and_mul_fp8": "silu_and_mul"}
-"""The ops that quantize their output for an fp8 projection -> the op whose inputs they take."""
+                                 "silu_and_mul_fp8": "silu_and_mul", "rms_norm_fp8_groups": "rms_norm",
+                                 "add_rms_norm_fp8_groups": "add_rms_norm", "silu_and_mul_fp8_groups": "silu_and_mul"}
+"""The ops that quantize their output for an fp8 projection -> the op whose inputs they take. The ``_groups``
+ops (for ``"fp8_block"`` projections) take inputs whose 128-feature groups differ in magnitude
+(:data:`GROUP_MAGNITUDES`), so a scale per token where one per group is due shows."""
 HEAD_SCALES = (1.0, 8.0, 0.25, 2.0, 4.0, 0.5)  # of the four query and two key heads of qk_norm_rotary_embedding
 E4M3_STEP = 0.125  # the widest relative spacing of e4m3 values (3 mantissa bits)
 E4M3_SUBNORMAL_STEP = 2.0**-9  # the spacing of its subnormals, in units of the scale
@@ -68,8 +73,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 def unclaimed_quantization(op: str, claimed: tuple[str, ...]) -> str | None:
     """Why case ``op`` is skipped on a backend claiming the quantizations ``claimed``, or None: the fp8 cases
-    need their scheme (``fp8_block`` or ``fp8``) claimed."""
-    needed = "fp8_block" if "fp8_block" in op else "fp8" if "fp8" in op else None
+    need their scheme (``fp8_block``, for the tile-scaled layers and the ``_groups`` ops, or ``fp8``) claimed."""
+    needed = "fp8_block" if "fp8_block" in op or op.endswith("_groups") else "fp8" if "fp8" in op else None
     if needed is None or needed in claimed:
         return None
     return f"{needed} linear layers not claimed (quantizations)"
@@ -82,16 +87,27 @@ def rotary_cache(head_dim: int, max_position: int) -> torch.Tensor:
     return torch.cat((freqs.cos(), freqs.sin()), dim=-1)
 
 
-def op_inputs(op: str, head_dim: int, dtype: torch.dtype, gen: torch.Generator) -> tuple[object, ...]:
-    """The positional inputs of case ``op`` (float tensors in ``dtype``; caches and positions as the op wants)."""
+def group_magnitudes(width: int) -> torch.Tensor:
+    """``[width]`` float32: :data:`GROUP_MAGNITUDES` over ``width``'s equal runs of features (groups of 128 when
+    ``width`` is ``128 * len(GROUP_MAGNITUDES)``)."""
+    return torch.tensor(GROUP_MAGNITUDES).repeat_interleave(width // len(GROUP_MAGNITUDES))
+
+
+def op_inputs(op: str, head_dim: int, dtype: torch.dtype, gen: torch.Generator,
+              grouped: bool = False) -> tuple[object, ...]:
+    """The positional inputs of case ``op`` (float tensors in ``dtype``; caches and positions as the op wants);
+    with ``grouped``, the norms' and the activation's features are ``BLOCK_IN_FEATURES`` wide, their groups of
+    128 scaled by :data:`GROUP_MAGNITUDES`."""
+    width = BLOCK_IN_FEATURES if grouped else HIDDEN
+    magnitudes = group_magnitudes(width) if grouped else torch.ones(width)
 
     def randn(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=gen).to(dtype)
 
     def hidden() -> torch.Tensor:  # an offset mean, as real hidden states have: RMS and std differ
-        return (2.0 * torch.randn(NUM_TOKENS, HIDDEN, generator=gen) + 1.5).to(dtype)
+        return ((2.0 * torch.randn(NUM_TOKENS, width, generator=gen) + 1.5) * magnitudes).to(dtype)
 
-    weight = (1.0 + 0.1 * torch.randn(HIDDEN, generator=gen)).to(dtype)
+    weight = (1.0 + 0.1 * torch.randn(width, generator=gen)).to(dtype)
     if op == "rms_norm":
         return hidden(), weight, 1e-6
     if op == "add_rms_norm":
@@ -108,10 +124,12 @@ def op_inputs(op: str, head_dim: int, dtype: torch.dtype, gen: torch.Generator) 
                 rotary_cache(head_dim, 64))
     if op.startswith("linear_fp8_block"):
         rows = 1 if op.endswith("one_token") else NUM_TOKENS
-        magnitudes = torch.tensor(GROUP_MAGNITUDES).repeat_interleave(BLOCK_IN_FEATURES // len(GROUP_MAGNITUDES))
+        magnitudes = group_magnitudes(BLOCK_IN_FEATURES)
         weight = torch.randn(BLOCK_OUT_FEATURES, BLOCK_IN_FEATURES, generator=gen) * BLOCK_IN_FEATURES**-0.5
         weight = weight / magnitudes  # every group of x weighs alike in the sums
         x = (torch.randn(rows, BLOCK_IN_FEATURES, generator=gen) * magnitudes).to(dtype)
+        if "quantized" in op:  # the input quantized per token and group already; the output dtype last
+            return *quantize_groups(x), *quantize_blocks(weight), randn(BLOCK_OUT_FEATURES), dtype
         return x, *quantize_blocks(weight), randn(BLOCK_OUT_FEATURES)
     if op.startswith("linear"):
         rows = 1 if op.endswith("one_token") else NUM_TOKENS
@@ -122,7 +140,9 @@ def op_inputs(op: str, head_dim: int, dtype: torch.dtype, gen: torch.Generator) 
         if "fp8" in op:  # e4m3 weight rows with their float32 scales; the op quantizes x itself
             return x, *quantize_rows(weight), bias
         return x, weight.to(dtype), bias
-    return (randn(NUM_TOKENS, 2 * HIDDEN),)
+    gate_up = torch.randn(NUM_TOKENS, 2 * width, generator=gen)  # the groups' magnitudes on up only: the
+    gate_up[:, width:] *= magnitudes  # products of two small halves would leave fp16's range
+    return (gate_up.to(dtype),)
 
 
 def as_outputs(result: object) -> list[torch.Tensor]:
@@ -179,15 +199,22 @@ def test_fused_op_matches_default(
                         pytrace=False)
 
 
+def dequantized(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``q [rows, cols]`` (e4m3 or float) times its scales, ``[rows]`` (per token) or ``[rows, ceil(cols / 128)]``
+    (per token and group), in float32."""
+    return dequantize_groups(q, scale) if scale.dim() == 2 else q.float() * scale[:, None]
+
+
 def test_fp8_input_op_matches_default(
     conformance_target: ConformanceTarget, fp8_input_case: tuple[str, torch.dtype],
     conformance_generator: torch.Generator,
 ) -> None:
-    """The backend's op that quantizes its output (e4m3 values, float32 scale per token; then the residual
-    sum, in ``dtype``) against the base-class default in float32: scales within the dtype's tolerance,
-    dequantized values within one e4m3 step, the residual within the dtype's tolerance."""
+    """The backend's op that quantizes its output (e4m3 values, float32 scales per token or per token and
+    group; then the residual sum, in ``dtype``) against the base-class default in float32: scales within the
+    dtype's tolerance, dequantized values within one e4m3 step, the residual within the dtype's tolerance."""
     op, dtype = fp8_input_case
-    inputs = op_inputs(FP8_INPUT_OPS[op], base_head_size(conformance_target.capabilities), dtype, conformance_generator)
+    inputs = op_inputs(FP8_INPUT_OPS[op], base_head_size(conformance_target.capabilities), dtype, conformance_generator,
+                       grouped=op.endswith("_groups"))
     actual, expected = run_op_and_default(conformance_target, op, inputs)
     assert len(actual) == len(expected), f"{op} returned {len(actual)} tensors, expected {len(expected)}"
     (q, scale), (q_ref, scale_ref) = actual[:2], expected[:2]
@@ -201,9 +228,9 @@ def test_fp8_input_op_matches_default(
     if not torch.allclose(scale, scale_ref, atol=0.0, rtol=tol.rtol):
         pytest.fail(f"{op}: scales differ from the default's beyond rtol={tol.rtol}: got {scale.tolist()}, expected "
                     f"{scale_ref.tolist()}", pytrace=False)
-    values = q.float().cpu() * scale[:, None]
-    reference = q_ref.float() * scale_ref[:, None]
-    bound = E4M3_STEP * reference.abs() + E4M3_SUBNORMAL_STEP * scale_ref[:, None] + tol.atol
+    values, reference = dequantized(q.cpu(), scale), dequantized(q_ref, scale_ref)
+    spacing = dequantized(torch.ones_like(q_ref, dtype=torch.float32), scale_ref)  # each element's scale
+    bound = E4M3_STEP * reference.abs() + E4M3_SUBNORMAL_STEP * spacing + tol.atol
     err = (values - reference).abs().nan_to_num(float("inf"))
     if (err > bound).any():
         worst = int((err - bound).argmax())

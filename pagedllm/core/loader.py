@@ -150,7 +150,7 @@ def load_model(
         logger.info("%s: %d linear layers stored in e4m3 with %s scales; weights %.1f MiB -> %.1f MiB",
                     quantization, count, "128 x 128 tile" if block else "per-row", before / 2**20,
                     _parameter_bytes(model) / 2**20)
-    if quantization == "fp8":
+    if quantization is not None:
         use_fp8_inputs(model)
     return model.eval()
 

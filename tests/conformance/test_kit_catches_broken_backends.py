@@ -99,9 +99,10 @@ def test_wrong_fused_op_is_caught_against_the_default() -> None:
 def test_a_wrong_norm_is_caught_in_the_fp8_input_ops_that_compose_it() -> None:
     code, outcomes = run_kit("broken_rms_norm", "test_fp8_input_op_matches")
     assert code == pytest.ExitCode.TESTS_FAILED
-    assert {f"broken_rms_norm-{op}-{dtype}" for op in ("rms_norm_fp8", "add_rms_norm_fp8")
-            for dtype in ("float32", "float16", "bfloat16")} == outcomes.ids("failed")
-    assert "broken_rms_norm-silu_and_mul_fp8-float32" in outcomes.ids("passed")
+    assert {f"broken_rms_norm-{op}{groups}-{dtype}" for op in ("rms_norm_fp8", "add_rms_norm_fp8")
+            for groups in ("", "_groups") for dtype in ("float32", "float16", "bfloat16")} == outcomes.ids("failed")
+    assert {"broken_rms_norm-silu_and_mul_fp8-float32", "broken_rms_norm-silu_and_mul_fp8_groups-float32"
+            } <= outcomes.ids("passed")
 
 
 def test_fp8_linear_without_input_quantization_is_caught() -> None:
@@ -125,6 +126,15 @@ def test_tile_scaled_fp8_with_per_token_inputs_is_caught() -> None:
     assert {f"broken_fp8_block-{op}-{dtype}" for op in ("linear_fp8_block", "linear_fp8_block_one_token")
             for dtype in ("float32", "float16", "bfloat16")} == outcomes.ids("failed")
     assert "broken_fp8_block-linear_fp8-float32" in outcomes.ids("passed")
+
+
+def test_group_inputs_quantized_per_token_are_caught() -> None:
+    code, outcomes = run_kit("broken_fp8_groups", "test_fp8_input_op_matches")
+    assert code == pytest.ExitCode.TESTS_FAILED
+    assert {f"broken_fp8_groups-{op}-{dtype}" for op in ("rms_norm_fp8_groups", "add_rms_norm_fp8_groups",
+                                                          "silu_and_mul_fp8_groups")
+            for dtype in ("float32", "float16", "bfloat16")} == outcomes.ids("failed")
+    assert "broken_fp8_groups-rms_norm_fp8-float32" in outcomes.ids("passed")
 
 
 def test_qk_norm_over_the_wrong_span_is_caught() -> None:

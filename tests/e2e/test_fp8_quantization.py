@@ -76,18 +76,28 @@ def test_a_quantization_the_backend_does_not_claim_is_refused(llama_dir: Path,
         LLM(str(llama_dir), device="cpu", quantization="fp8", num_kv_blocks=16)
 
 
-def test_norms_and_activation_quantize_the_fp8_projections_inputs(llama_dir: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each layer's norms and MLP activation hand its fp8 projections their inputs quantized per token
-    (``rms_norm_fp8``/``add_rms_norm_fp8``/``silu_and_mul_fp8``, then ``linear_fp8_quantized``); only the
-    attention output is quantized inside ``linear_fp8``. That computes exactly what quantizing every input
-    inside ``linear_fp8`` does: the same logprobs, bit for bit, with the switches off."""
-    llm = LLM(str(llama_dir), device="cpu", dtype="float32", quantization="fp8", num_kv_blocks=64)
+FP8_INPUT_OPS = {"fp8": ("rms_norm_fp8", "add_rms_norm_fp8", "silu_and_mul_fp8", "linear_fp8_quantized", "linear_fp8"),
+                 "fp8_block": ("rms_norm_fp8_groups", "add_rms_norm_fp8_groups", "silu_and_mul_fp8_groups",
+                               "linear_fp8_block_quantized", "linear_fp8_block")}
+"""scheme -> the backend ops its norms, activation and projections call: first norm, later norms, activation,
+projection of a quantized input, projection quantizing its own (o_proj)."""
+
+
+@pytest.mark.parametrize("quantization", ["fp8", "fp8_block"])
+def test_norms_and_activation_quantize_the_fp8_projections_inputs(llama_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  quantization: str) -> None:
+    """Each layer's norms and MLP activation hand its fp8 projections their inputs quantized as they take
+    them — per token (``"fp8"``: ``rms_norm_fp8``/``add_rms_norm_fp8``/``silu_and_mul_fp8``, then
+    ``linear_fp8_quantized``) or per token and group of 128 (``"fp8_block"``: the ``*_groups`` ops, then
+    ``linear_fp8_block_quantized``); only the attention output is quantized inside its projection. That
+    computes exactly what quantizing every input inside the projection does: the same logprobs, bit for
+    bit, with the switches off."""
+    llm = LLM(str(llama_dir), device="cpu", dtype="float32", quantization=quantization, num_kv_blocks=64)
     model = llm.llm_engine.executor.worker.runner.model
     layers = list(model.model.layers)
-    assert all(layer.input_layernorm.fp8_output and layer.post_attention_layernorm.fp8_output
-               and layer.mlp.fp8_activation for layer in layers)
-    assert not model.model.norm.fp8_output  # before the LM head, which stays in the model dtype
+    assert all(layer.input_layernorm.fp8_output == layer.post_attention_layernorm.fp8_output
+               == layer.mlp.fp8_activation == quantization for layer in layers)
+    assert model.model.norm.fp8_output is None  # before the LM head, which stays in the model dtype
     backend = llm.llm_engine.executor.worker.backend
     calls: dict[str, int] = {}
 
@@ -100,7 +110,8 @@ def test_norms_and_activation_quantize_the_fp8_projections_inputs(llama_dir: Pat
 
         return counted
 
-    for name in ("rms_norm_fp8", "add_rms_norm_fp8", "silu_and_mul_fp8", "linear_fp8_quantized", "linear_fp8"):
+    first_norm, norm, activation, quantized, projection = FP8_INPUT_OPS[quantization]
+    for name in FP8_INPUT_OPS[quantization]:
         monkeypatch.setattr(backend, name, counting(name))
     params = SamplingParams(temperature=0.0, max_tokens=6, logprobs=3)
     prompts = [[1, 2, 3, 4, 5], list(range(10, 40))]
@@ -109,12 +120,12 @@ def test_norms_and_activation_quantize_the_fp8_projections_inputs(llama_dir: Pat
         return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in llm.generate(prompts, params, use_tqdm=False)]
 
     fused = run()
-    steps = calls["rms_norm_fp8"]  # the first layer's input norm, once per forward
-    assert steps > 0 and calls["add_rms_norm_fp8"] == steps * (2 * len(layers) - 1)
-    assert calls["silu_and_mul_fp8"] == steps * len(layers) and calls["linear_fp8"] == steps * len(layers)  # o_proj
-    assert calls["linear_fp8_quantized"] == steps * 3 * len(layers)
+    steps = calls[first_norm]  # the first layer's input norm, once per forward
+    assert steps > 0 and calls[norm] == steps * (2 * len(layers) - 1)
+    assert calls[activation] == steps * len(layers) and calls[projection] == steps * len(layers)  # o_proj
+    assert calls[quantized] == steps * 3 * len(layers)
     for layer in layers:
-        layer.input_layernorm.fp8_output = layer.post_attention_layernorm.fp8_output = False
-        layer.mlp.fp8_activation = False
+        layer.input_layernorm.fp8_output = layer.post_attention_layernorm.fp8_output = None
+        layer.mlp.fp8_activation = None
     calls.clear()
-    assert run() == fused and "linear_fp8_quantized" not in calls
+    assert run() == fused and quantized not in calls

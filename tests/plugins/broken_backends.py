@@ -146,6 +146,34 @@ class PerTokenInputFp8BlockBackend(CpuBackend):
         return (y if bias is None else y + bias.float()).to(x.dtype)
 
 
+class PerTokenGroupInputsBackend(CpuBackend):
+    """Hands ``"fp8_block"`` projections inputs quantized per token, the token's scale repeated for every group
+    of 128: the shapes are right, the small groups beside large ones lose their precision."""
+
+    name = "broken_fp8_groups"
+    interface_version = (1, 8)
+    priority = -1000
+
+    @staticmethod
+    def _quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from pagedllm.backends.fp8_linear import quantize_rows
+
+        q, scale = quantize_rows(x)
+        return q, scale[:, None].expand(-1, -(-x.shape[1] // 128)).contiguous()
+
+    def rms_norm_fp8_groups(self, x: torch.Tensor, weight: torch.Tensor,
+                            eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._quantize(self.rms_norm(x, weight, eps))
+
+    def add_rms_norm_fp8_groups(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                                eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        normed, residual = self.add_rms_norm(x, residual, weight, eps)
+        return (*self._quantize(normed), residual)
+
+    def silu_and_mul_fp8_groups(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._quantize(self.silu_and_mul(x))
+
+
 class TokenNormQkRotaryBackend(CpuBackend):
     """Norms every token's query (and key) over all its heads at once where Qwen3's q/k norms take each head
     alone (right when every head has the same magnitude)."""
@@ -167,7 +195,7 @@ class TokenNormQkRotaryBackend(CpuBackend):
 
 BROKEN: tuple[type[Backend], ...] = (OffByOneSlotBackend, WrongGqaBackend, UnwrittenRowBackend, WrongRmsNormBackend,
                                      UnquantizedInputFp8Backend, FnuzScaleFp8InputsBackend,
-                                     PerTokenInputFp8BlockBackend, TokenNormQkRotaryBackend)
+                                     PerTokenInputFp8BlockBackend, PerTokenGroupInputsBackend, TokenNormQkRotaryBackend)
 
 
 @hookimpl

@@ -154,8 +154,10 @@ def test_tile_scales_cut_only_on_tile_boundaries() -> None:
 
 def test_quantize_linear_layers_in_tiles() -> None:
     """``block=True``: tile scales ``[ceil(out / 128), ceil(in / 128)]`` and ``linear_fp8_block``; the layers
-    do not take inputs quantized per token from the op before them (they quantize per group themselves)."""
-    from pagedllm.core.models.layers import feeds_fp8
+    take inputs quantized per token and group (``"fp8_block"``) from the op before them, and then compute what
+    they compute quantizing the input themselves."""
+    from pagedllm.backends.fp8_linear import quantize_groups
+    from pagedllm.core.models.layers import Fp8Activation, fp8_input_of
 
     model = nn.ModuleDict({"qkv": MergedLinear(256, [256, 128, 128], bias=False),
                            "o": RowParallelLinear(256, 200, bias=True)})
@@ -166,4 +168,6 @@ def test_quantize_linear_layers_in_tiles() -> None:
     assert quantize_linear_layers(model, CpuBackend(), block=True) == 2
     assert model["qkv"].weight_scale.shape == (4, 2) and model["o"].weight_scale.shape == (2, 2)
     torch.testing.assert_close(model["o"](x), expected)
-    assert not feeds_fp8(model["qkv"]) and not feeds_fp8(model["o"])
+    assert fp8_input_of(model["qkv"]) == fp8_input_of(model["o"]) == "fp8_block"
+    assert torch.equal(model["o"](Fp8Activation(*quantize_groups(x), x.dtype)), model["o"](x))
+    assert fp8_input_of(nn.Linear(4, 4)) is None

@@ -5,8 +5,8 @@ and its paged attention, so model code never names a device. Linear layers hold 
 ``torch.nn.functional.linear`` until :func:`bind_linear_op` gives them the backend's ``linear``); those marked
 ``quantizable`` (the projections, not the LM head) may have their weights stored in fp8 by
 :func:`quantize_linear_layers` (or read so from a checkpoint stored in fp8: :func:`prepare_fp8_weights`), with
-a scale per output row (``"fp8"``) or per 128 x 128 tile (``"fp8_block"``); before ``"fp8"`` projections the
-norms and activations hand them their inputs quantized (:class:`Fp8Activation`, :func:`use_fp8_inputs`).
+a scale per output row (``"fp8"``) or per 128 x 128 tile (``"fp8_block"``); before fp8 projections the norms
+and activations hand them their inputs quantized (:class:`Fp8Activation`, :func:`use_fp8_inputs`).
 """
 
 from __future__ import annotations
@@ -42,9 +42,10 @@ def bind_linear_op(model: nn.Module, linear: LinearOp) -> None:
 
 @dataclass(frozen=True, slots=True)
 class Fp8Activation:
-    """An activation already quantized per token by the op that produced it (a norm, the MLP activation),
-    for the fp8 projection that consumes it: ``q [num_tokens, features]`` float8_e4m3fn, ``scale
-    [num_tokens]`` float32, ``dtype`` the model dtype the projection returns."""
+    """An activation already quantized by the op that produced it (a norm, the MLP activation), for the fp8
+    projection that consumes it: ``q [num_tokens, features]`` float8_e4m3fn, ``scale`` float32 ``[num_tokens]``
+    (per token, for an ``"fp8"`` projection) or ``[num_tokens, ceil(features / 128)]`` (per token and group,
+    for an ``"fp8_block"`` one), ``dtype`` the model dtype the projection returns."""
 
     q: torch.Tensor
     scale: torch.Tensor
@@ -56,7 +57,7 @@ class Fp8LinearOp:
     bias)``, with the layer's ``weight_scale`` (read from the layer at each call, so it is wherever the layer's
     parameters are): per output row (``[out]``), the backend's ``linear_fp8``, or its ``linear_fp8_quantized``
     for an :class:`Fp8Activation`; per tile (``block``, ``[ceil(out / 128), ceil(in / 128)]``), its
-    ``linear_fp8_block``."""
+    ``linear_fp8_block``, or ``linear_fp8_block_quantized``."""
 
     def __init__(self, backend: Backend, layer: nn.Module, block: bool = False) -> None:
         self.backend = backend
@@ -66,23 +67,27 @@ class Fp8LinearOp:
     def __call__(self, x: torch.Tensor | Fp8Activation, weight: torch.Tensor,
                  bias: torch.Tensor | None = None) -> torch.Tensor:
         if isinstance(x, Fp8Activation):
-            return self.backend.linear_fp8_quantized(x.q, x.scale, weight, self.layer.weight_scale, bias, x.dtype)
+            quantized = self.backend.linear_fp8_block_quantized if self.block else self.backend.linear_fp8_quantized
+            return quantized(x.q, x.scale, weight, self.layer.weight_scale, bias, x.dtype)
         if self.block:
             return self.backend.linear_fp8_block(x, weight, self.layer.weight_scale, bias)
         return self.backend.linear_fp8(x, weight, self.layer.weight_scale, bias)
 
 
-def feeds_fp8(layer: nn.Module) -> bool:
-    """Whether ``layer`` (a linear layer) computes in ``"fp8"`` with per-row scales, so its producer may hand it
-    an :class:`Fp8Activation` (``"fp8_block"`` layers quantize their inputs per group themselves)."""
+def fp8_input_of(layer: nn.Module) -> str | None:
+    """The scheme in which ``layer`` (a linear layer) takes its input quantized — ``"fp8"`` (per token) or
+    ``"fp8_block"`` (per token and group of 128) — so its producer may hand it an :class:`Fp8Activation`; None
+    for a layer that is not fp8."""
     op = getattr(layer, "linear_op", None)
-    return isinstance(op, Fp8LinearOp) and not op.block
+    if not isinstance(op, Fp8LinearOp):
+        return None
+    return "fp8_block" if op.block else "fp8"
 
 
 def use_fp8_inputs(model: nn.Module) -> None:
     """Let the ops before fp8 projections quantize their outputs themselves: calls ``use_fp8_inputs()`` on
     every module of ``model`` that defines it (a decoder layer sets its norms' and MLP's switches by
-    :func:`feeds_fp8`). Called by the loader once the projections are fp8."""
+    :func:`fp8_input_of`). Called by the loader once the projections are fp8."""
     for module in model.modules():
         if module is not model and hasattr(module, "use_fp8_inputs"):
             module.use_fp8_inputs()
@@ -164,24 +169,28 @@ class RMSNorm(nn.Module):
         self.variance_epsilon = eps
         self.backend = backend
         self.tp = get_tp_group() if reduce_partial_input else None
-        self.fp8_output = False  # set when an fp8 projection consumes the output (see use_fp8_inputs)
+        self.fp8_output: str | None = None  # an fp8 projection's scheme when it consumes the output (use_fp8_inputs)
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> tuple[torch.Tensor | Fp8Activation, torch.Tensor] | torch.Tensor | Fp8Activation:
         """``x``: ``[num_tokens, hidden]``. Without ``residual``: the normed x. With it: ``(normed(x +
         residual), x + residual)``, ``x`` first summed over the ranks if ``reduce_partial_input``. With
-        ``fp8_output`` the normed x comes quantized per token (:class:`Fp8Activation`), except after the
-        tensor-parallel sum (its fused kernel writes the model dtype; the projection quantizes it)."""
+        ``fp8_output`` the normed x comes quantized as that scheme's projection takes it (:class:`Fp8Activation`),
+        except after the tensor-parallel sum (its fused kernel writes the model dtype; the projection quantizes
+        it)."""
         eps = self.variance_epsilon
         if residual is None:
-            if self.fp8_output:
-                return Fp8Activation(*self.backend.rms_norm_fp8(x, self.weight, eps), x.dtype)
+            if self.fp8_output is not None:
+                norm = self.backend.rms_norm_fp8_groups if self.fp8_output == "fp8_block" else self.backend.rms_norm_fp8
+                return Fp8Activation(*norm(x, self.weight, eps), x.dtype)
             return self.backend.rms_norm(x, self.weight, eps)
         if self.tp is not None and self.tp.world_size > 1:
             return self.tp.all_reduce_add_rms_norm(x, residual, self.weight, eps, self.backend)
-        if self.fp8_output:
-            q, scale, residual = self.backend.add_rms_norm_fp8(x, residual, self.weight, eps)
+        if self.fp8_output is not None:
+            add_norm = (self.backend.add_rms_norm_fp8_groups if self.fp8_output == "fp8_block"
+                        else self.backend.add_rms_norm_fp8)
+            q, scale, residual = add_norm(x, residual, self.weight, eps)
             return Fp8Activation(q, scale, x.dtype), residual
         return self.backend.add_rms_norm(x, residual, self.weight, eps)
 

@@ -30,7 +30,7 @@ from pagedllm.core.models.layers import (
     RMSNorm,
     RotaryEmbedding,
     copy_checked,
-    feeds_fp8,
+    fp8_input_of,
 )
 
 # checkpoint name fragment -> (our fused parameter fragment, part index)
@@ -109,14 +109,16 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = MergedColumnParallelLinear(hf_config.hidden_size, [inter, inter], bias)
         self.down_proj = RowParallelLinear(inter, hf_config.hidden_size, bias=bias, reduce_results=False)
         self.backend = backend
-        self.fp8_activation = False  # set when down_proj is fp8: the activation quantizes its output
+        self.fp8_activation: str | None = None  # down_proj's fp8 scheme: the activation quantizes its output
 
     def forward(self, x: torch.Tensor | Fp8Activation) -> torch.Tensor:
         """``x: [num_tokens, hidden_size]`` (quantized for an fp8 gate|up) -> same shape (this rank's partial
         sum)."""
         gate_up = self.gate_up_proj(x)
-        if self.fp8_activation:
-            return self.down_proj(Fp8Activation(*self.backend.silu_and_mul_fp8(gate_up), gate_up.dtype))
+        if self.fp8_activation is not None:
+            act = (self.backend.silu_and_mul_fp8_groups if self.fp8_activation == "fp8_block"
+                   else self.backend.silu_and_mul_fp8)
+            return self.down_proj(Fp8Activation(*act(gate_up), gate_up.dtype))
         return self.down_proj(self.backend.silu_and_mul(gate_up))
 
 
@@ -136,9 +138,9 @@ class LlamaDecoderLayer(nn.Module):
     def use_fp8_inputs(self) -> None:
         """Have the norms and the MLP activation quantize their outputs for the fp8 projections after them
         (called by the loader, see ``pagedllm.core.models.layers.use_fp8_inputs``)."""
-        self.input_layernorm.fp8_output = feeds_fp8(self.self_attn.qkv_proj)
-        self.post_attention_layernorm.fp8_output = feeds_fp8(self.mlp.gate_up_proj)
-        self.mlp.fp8_activation = feeds_fp8(self.mlp.down_proj)
+        self.input_layernorm.fp8_output = fp8_input_of(self.self_attn.qkv_proj)
+        self.post_attention_layernorm.fp8_output = fp8_input_of(self.mlp.gate_up_proj)
+        self.mlp.fp8_activation = fp8_input_of(self.mlp.down_proj)
 
     def forward(
         self,
