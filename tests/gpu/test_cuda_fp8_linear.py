@@ -16,7 +16,7 @@ import torch
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
                                 reason="needs a CUDA GPU of compute capability 9.0 or above")
 
-from pagedllm.backends.fp8_linear import quantize_rows, reference_linear_fp8  # noqa: E402
+from pagedllm.backends.fp8_linear import quantize_blocks, quantize_groups, quantize_rows, reference_linear_fp8  # noqa: E402
 from tests.gpu.test_cuda_backend import DTYPES, _generate, assert_close_to_reference  # noqa: E402
 
 
@@ -113,38 +113,51 @@ def test_fp8_checkpoint_greedy_equals_cpu_fp32(llama_checkpoint: Path, tmp_path:
         assert ours == ref, f"prompt {i} diverged"
 
 
+FUSED_SCHEMES = {"fp8": ("", quantize_rows, quantize_rows, "linear_fp8"),
+                 "fp8_block": ("_groups", quantize_groups, quantize_blocks, "linear_fp8_block")}
+"""scheme -> (the fused ops' suffix, the input quantizer they fuse, the weight quantizer, the projection)."""
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [1, 7, 1000])
-def test_fused_fp8_inputs_equal_the_unfused_ops(dtype: torch.dtype, rows: int) -> None:
-    """SiLU-and-mul quantizing its output gives the bytes and scales of the unfused op followed by the
-    quantizer (the reference on the CPU). RMSNorm (with and without the residual add) too, up to the order of
-    its sum of squares, which the two compilations of the kernel may reduce differently: scales within a few
-    float32 ulps, nearly every byte equal and none more than one e4m3 step away. The projection of an input
-    quantized beforehand (GEMV at one row, cuBLAS above) equals ``linear_fp8``, which quantizes it itself."""
+@pytest.mark.parametrize("scheme", list(FUSED_SCHEMES))
+def test_fused_fp8_inputs_equal_the_unfused_ops(dtype: torch.dtype, rows: int, scheme: str) -> None:
+    """SiLU-and-mul quantizing its output (per token, or per token and group of 128 for ``fp8_block``) gives
+    the bytes and scales of the unfused op followed by the quantizer (the reference on the CPU). RMSNorm (with
+    and without the residual add) too, up to the order of its sum of squares, which the two compilations of
+    the kernel may reduce differently: scales within a few float32 ulps, nearly every byte equal and none more
+    than one e4m3 step away. The projection of an input quantized beforehand (GEMV at one row, cuBLAS above;
+    for groups, the fused ops' padded layout read in place and any other layout copied) equals the projection
+    that quantizes it itself."""
     from pagedllm.backends.cuda.backend import CudaBackend
 
+    suffix, quantize, quantize_weight, projection = FUSED_SCHEMES[scheme]
     backend = CudaBackend()
+    if scheme not in backend.capabilities().quantizations:
+        pytest.skip(f"{scheme} not claimed on this GPU")
     x = (2 * torch.randn(rows, 4096, device="cuda") + 1).to(dtype)
     residual = torch.randn(rows, 4096, device="cuda").to(dtype)
     weight = (1 + 0.1 * torch.randn(4096, device="cuda")).to(dtype)
     gate_up = (3 * torch.randn(rows, 2 * 14336, device="cuda")).to(dtype)
-    got_q, got_scale = backend.silu_and_mul_fp8(gate_up)
-    want_q, want_scale = quantize_rows(backend.silu_and_mul(gate_up).cpu())
+    got_q, got_scale = getattr(backend, "silu_and_mul_fp8" + suffix)(gate_up)
+    want_q, want_scale = quantize(backend.silu_and_mul(gate_up).cpu())
     assert torch.equal(got_scale.cpu(), want_scale)
     assert torch.equal(got_q.cpu().view(torch.uint8), want_q.view(torch.uint8))
     normed, summed = backend.add_rms_norm(x, residual.clone(), weight, 1e-5)
-    q, scale, fused_sum = backend.add_rms_norm_fp8(x, residual.clone(), weight, 1e-5)
+    q, scale, fused_sum = getattr(backend, "add_rms_norm_fp8" + suffix)(x, residual.clone(), weight, 1e-5)
     assert torch.equal(fused_sum, summed)
-    for (got_q, got_scale), unfused in (((q, scale), normed), (backend.rms_norm_fp8(x, weight, 1e-6),
-                                                               backend.rms_norm(x, weight, 1e-6))):
-        want_q, want_scale = quantize_rows(unfused.cpu())
+    first = getattr(backend, "rms_norm_fp8" + suffix)(x, weight, 1e-6)
+    for (got_q, got_scale), unfused in (((q, scale), normed), (first, backend.rms_norm(x, weight, 1e-6))):
+        want_q, want_scale = quantize(unfused.cpu())
         torch.testing.assert_close(got_scale.cpu(), want_scale, rtol=2.0**-21, atol=0.0)
         same = (got_q.cpu().view(torch.uint8) == want_q.view(torch.uint8)).float().mean().item()
         assert same > 0.99, f"{same:.2%} of the bytes equal"
         got, want = got_q.cpu().float(), want_q.float()
         assert ((got - want).abs() <= 0.125 * want.abs() + 2.0**-9).all()
-    w_q, w_scale = quantize_rows(torch.randn(6144, 4096, device="cuda") * 0.02)
+    w_q, w_scale = quantize_weight(torch.randn(6144, 4096, device="cuda") * 0.02)
     bias = torch.randn(6144, device="cuda").to(dtype)
-    x_q, x_scale = quantize_rows(normed)
-    got = backend.linear_fp8_quantized(x_q, x_scale, w_q, w_scale, bias, dtype)
-    assert torch.equal(got, backend.linear_fp8(normed, w_q, w_scale, bias))
+    quantized = getattr(backend, projection + "_quantized")
+    got = quantized(*quantize(normed), w_q, w_scale, bias, dtype)
+    assert torch.equal(got, getattr(backend, projection)(normed, w_q, w_scale, bias))
+    in_place = quantized(q, scale, w_q, w_scale, bias, dtype)  # the fused op's own layout
+    assert torch.equal(in_place, quantized(q.clone(), scale.contiguous(), w_q, w_scale, bias, dtype))

@@ -481,6 +481,57 @@ def test_fp8_quantizer_and_gemv(kernels: SimpleNamespace, dtype: torch.dtype) ->
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_fp8_group_input_ops(kernels: SimpleNamespace, dtype: torch.dtype) -> None:
+    """The same ops quantizing per token and group of 128 (``"fp8_block"`` inputs; groups of unlike magnitudes,
+    a short last group, 5 rows): the interpreted group quantizer's scales and nearly every byte, the scales
+    returned as ``[rows, groups]`` views of storage laid out for cuBLAS (rows padded to 8, column-major),
+    which ``as_group_operands`` widens back without a copy. The GEMV of a quantized input equals the
+    reference product."""
+    from pagedllm.backends.fp8_linear import quantize_blocks, quantize_groups, reference_linear_fp8_block_quantized
+
+    fp8 = kernels.fp8_linear
+    rtol = {torch.float32: 1e-5, torch.float16: 1e-3}[dtype]
+    magnitudes = torch.tensor([1.0, 2.0**-6, 8.0]).repeat_interleave(128)[:300]
+    x, residual = ((2 * torch.randn(5, 300) + 1) * magnitudes).to(dtype), torch.randn(5, 300).to(dtype)
+    weight = (1 + 0.1 * torch.randn(300)).to(dtype)
+
+    def check(got: tuple[torch.Tensor, ...], values: torch.Tensor) -> None:
+        q, scale = got[:2]
+        want_q, want_scale = fp8.quantize_groups(values, 8)
+        assert q.shape == values.shape and scale.shape == (5, 3) and scale.stride() == (1, 8)
+        torch.testing.assert_close(scale, want_scale[:, :5].t(), rtol=rtol, atol=0.0)
+        same = (q.view(torch.uint8) == want_q[:5].view(torch.uint8)).float().mean().item()
+        assert same >= 0.98, f"only {same:.1%} of the e4m3 values equal the unfused op's"
+        padded_q, padded_scale = fp8.as_group_operands(q, scale)
+        assert padded_q.shape == (8, 300) and padded_q.data_ptr() == q.data_ptr()
+        assert padded_scale.shape == (3, 8) and padded_scale.data_ptr() == scale.data_ptr()
+
+    fused = kernels.fused_kernels
+    check(fused.rms_norm_fp8(x, weight, 1e-6, quantize="groups"), REFERENCE.rms_norm(x, weight, 1e-6))
+    expected_out, expected_sum = REFERENCE.add_rms_norm(x, residual.clone(), weight, 1e-5)
+    got = fused.add_rms_norm_fp8(x, residual, weight, 1e-5, quantize="groups")
+    check(got, expected_out)
+    assert torch.equal(got[2], expected_sum)
+    gate_up = torch.randn(5, 600)
+    gate_up[:, 300:] *= magnitudes
+    check(fused.silu_and_mul_fp8(gate_up.to(dtype), quantize="groups"), REFERENCE.silu_and_mul(gate_up.to(dtype)))
+    small = fused.rms_norm_fp8(x[:, :64], weight[:64], 1e-6, quantize="groups")  # narrower than one group
+    assert small[1].shape == (5, 1) and small[0].shape == (5, 64)
+    copied_q, copied_scale = fp8.as_group_operands(*quantize_groups(x))  # another layout: copied, padded
+    assert copied_q.shape == (8, 300) and copied_scale.shape == (3, 8) and torch.equal(copied_scale[:, 5:],
+                                                                                       torch.ones(3, 3))
+    x_q, x_scale = quantize_groups(torch.randn(1, 512) * magnitudes.repeat(2)[:512])
+    w_q, w_scale = quantize_blocks(torch.randn(200, 512) / 16)
+    bias = torch.randn(200).to(dtype)
+    got = kernels.gemv.gemv_fp8_block_quantized(x_q, x_scale, w_q, w_scale, bias, dtype, config=(16, 256, 4))
+    assert got is not None and got.dtype == dtype
+    want = reference_linear_fp8_block_quantized(x_q, x_scale, w_q, w_scale, bias, dtype).float()
+    tol = TOLERANCE[dtype]["rtol"]
+    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol * want.abs().max().item())
+    assert kernels.gemv.gemv_fp8_block_quantized(x_q, x_scale[:, :2], w_q, w_scale, None, dtype) is None
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_fp8_group_quantizer(kernels: SimpleNamespace, dtype: torch.dtype) -> None:
     """``"fp8_block"`` inputs: the Triton per-group quantizer gives the reference's scales (any input, a short
     last group, an all-zero group) transposed, and its values (inputs on the e4m3 grid); the rows padded to
@@ -666,8 +717,8 @@ def test_kernels_compile_for_sm90() -> None:
     fused = {n: "*bf16" for n in ("out_ptr", "x_ptr", "residual_ptr", "weight_ptr", "q_out_ptr", "k_out_ptr", "k_ptr")}
     fused.update(q_ptr="*bf16", positions_ptr="*i64", cos_sin_ptr="*fp32", scale_ptr="*fp32")
     _compile_sm90(fused_kernels._rms_norm_kernel, fused,
-                  {"HAS_RESIDUAL": True, "QUANTIZE": False, "ROUND_TO": tl.bfloat16, "BLOCK": 4096}, num_warps=8,
-                  enable_fp_fusion=False)  # fmt: skip
+                  {"HAS_RESIDUAL": True, "QUANTIZE": False, "ROUND_TO": tl.bfloat16, "BLOCK": 4096, "GROUP": 0},
+                  num_warps=8, enable_fp_fusion=False)  # fmt: skip
     _compile_sm90(
         fused_kernels._rotary_kernel, fused,
         {"NUM_Q_HEADS": 32, "NUM_K_HEADS": 8, "HALF": 40, "BLOCK_HQ": 32, "BLOCK_HK": 8, "BLOCK_HALF": 64,
@@ -690,21 +741,26 @@ def test_kernels_compile_for_sm90() -> None:
             {"HAS_BIAS": False, "BLOCK_N": 8, "BLOCK_K": 1024, "GROUP": 16, "X_QUANTIZED": x_quantized}, num_warps=4,
         )  # fmt: skip
     # the norm and the activation quantizing their outputs for an fp8 projection
-    _compile_sm90(fused_kernels._rms_norm_kernel, {**fused, "out_ptr": "*fp8e4nv"},
-                  {"HAS_RESIDUAL": True, "QUANTIZE": True, "ROUND_TO": tl.bfloat16, "BLOCK": 4096}, num_warps=8,
-                  enable_fp_fusion=False)  # fmt: skip
-    _compile_sm90(fused_kernels._silu_and_mul_fp8_kernel, {"q_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "x_ptr": "*bf16"},
-                  {"BLOCK": 16384}, num_warps=16, enable_fp_fusion=False)
+    for group in (0, 128):  # per token; per token and group of 128 (fp8_block)
+        _compile_sm90(fused_kernels._silu_and_mul_fp8_kernel,
+                      {"q_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "x_ptr": "*bf16"}, {"BLOCK": 16384, "GROUP": group},
+                      num_warps=16, enable_fp_fusion=False)  # fmt: skip
+        _compile_sm90(fused_kernels._rms_norm_kernel, {**fused, "out_ptr": "*fp8e4nv"},
+                      {"HAS_RESIDUAL": True, "QUANTIZE": True, "ROUND_TO": tl.bfloat16, "BLOCK": 4096, "GROUP": group},
+                      num_warps=8, enable_fp_fusion=False)  # fmt: skip
     quantizer = {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "scale_ptr": "*fp32"}
     _compile_sm90(fp8_linear._quantize_rows_kernel, quantizer, {"BLOCK": 16384}, num_warps=16)
     # "fp8_block": the input quantized per token and 128 features (14336 features: 112 groups, padded to 128),
     # and the one-token GEMV with tile scales
     _compile_sm90(fp8_linear._quantize_groups_kernel, quantizer, {"GROUPS": 128, "GROUP": 128}, num_warps=16)
-    _compile_sm90(
-        gemv._gemv_fp8_block_kernel,
-        {"y_ptr": "*bf16", "x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "w_scale_ptr": "*fp32", "bias_ptr": "*bf16"},
-        {"HAS_BIAS": True, "BLOCK_N": 8, "BLOCK_K": 1024, "GROUP": 16, "TILE": 128}, num_warps=4,
-    )  # fmt: skip
+    for x_quantized in (False, True):
+        _compile_sm90(
+            gemv._gemv_fp8_block_kernel,
+            {"y_ptr": "*bf16", "x_ptr": "*fp8e4nv" if x_quantized else "*bf16", "x_scale_ptr": "*fp32",
+             "w_ptr": "*fp8e4nv", "w_scale_ptr": "*fp32", "bias_ptr": "*bf16"},
+            {"HAS_BIAS": True, "BLOCK_N": 8, "BLOCK_K": 1024, "GROUP": 16, "TILE": 128, "X_QUANTIZED": x_quantized},
+            num_warps=4,
+        )  # fmt: skip
     # the tensor-parallel all-reduce + RMSNorm: peer pointers from int64, polling volatile loads
     for bits, dtype in ((16, "*bf16"), (32, "*fp32")):
         typed = {n: dtype for n in ("out_ptr", "x_ptr", "residual_ptr", "weight_ptr")}

@@ -322,6 +322,43 @@ class CudaBackend(Backend):
 
         return _one_token_first(gemv.gemv_fp8_block, fp8_linear.linear_fp8_block, x, weight, weight_scale, bias)
 
+    def rms_norm_fp8_groups(
+        self, x: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Triton RMSNorm writing its output quantized per token and group of 128, scales laid out for cuBLAS's
+        block-scaled product (rows padded to four, column-major; returned as ``[num_tokens, groups]`` views)."""
+        from pagedllm.backends.cuda.fused_kernels import rms_norm_fp8
+
+        return rms_norm_fp8(x, weight, eps, quantize="groups")
+
+    def add_rms_norm_fp8_groups(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Fused residual add + RMSNorm + per-group quantization; the sum is written into ``residual``."""
+        if residual.dtype != x.dtype or residual.shape != x.shape or not residual.is_contiguous():
+            return super().add_rms_norm_fp8_groups(x, residual, weight, eps)
+        from pagedllm.backends.cuda.fused_kernels import add_rms_norm_fp8
+
+        return add_rms_norm_fp8(x, residual, weight, eps, quantize="groups")
+
+    def silu_and_mul_fp8_groups(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Triton SiLU-and-mul writing its output quantized per token and group of 128 (bit for bit the
+        default's), laid out as :meth:`rms_norm_fp8_groups` lays it out."""
+        from pagedllm.backends.cuda.fused_kernels import silu_and_mul_fp8
+
+        return silu_and_mul_fp8(x, quantize="groups")
+
+    def linear_fp8_block_quantized(
+        self, x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+        bias: torch.Tensor | None, out_dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """One token through the tile-scaled fp8 GEMV reading the quantized input; more through cuBLAS's
+        block-scaled product on the fused ops' layout (no copy), as :meth:`linear_fp8_block` after its quantizer."""
+        from pagedllm.backends.cuda import fp8_linear, gemv
+
+        return _one_token_first(gemv.gemv_fp8_block_quantized, fp8_linear.linear_fp8_block_quantized, x_q, x_scale,
+                                weight, weight_scale, bias, out_dtype)
+
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """A Triton GEMV for one-token inputs (``x: [1, K]``, batch-1 decode), where it streams the weights
         faster than cuBLAS; cuBLAS (``torch.nn.functional.linear``) for everything else."""

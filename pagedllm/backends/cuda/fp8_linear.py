@@ -23,6 +23,7 @@ from pagedllm.backends.fp8_linear import (
     MIN_SCALE,
     reference_linear_fp8,
     reference_linear_fp8_block,
+    reference_linear_fp8_block_quantized,
     reference_linear_fp8_quantized,
 )
 from pagedllm.backends.fp8_linear import quantize_rows as reference_quantize_rows
@@ -68,20 +69,30 @@ def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, n_cols, x_row_stride, BLOCK: 
 
 
 @triton.jit
+def quantize_groups_store(q_ptrs, scale_ptrs, x, mask, n_cols, GROUPS: tl.constexpr, GROUP: tl.constexpr):
+    """Quantize one row ``x`` (float32, ``[GROUPS * GROUP]``, lanes from ``n_cols`` on 0) per group of ``GROUP``
+    as ``quantize_groups`` does: store its e4m3 values at ``q_ptrs`` (where ``mask``) and group ``g``'s scale
+    at ``scale_ptrs + g * ...`` (``scale_ptrs``: ``[GROUPS]`` pointers; groups from ``n_cols`` on not stored).
+    Shared by the group quantizer and the fused ops for ``"fp8_block"`` projections (``fused_kernels``)."""
+    groups = tl.reshape(x, [GROUPS, GROUP])
+    scale, inverse = e4m3_scale(tl.max(tl.abs(groups), axis=1))
+    q = tl.reshape(e4m3_scaled(groups, inverse[:, None]), [GROUPS * GROUP])
+    tl.store(q_ptrs, q.to(q_ptrs.dtype.element_ty), mask=mask)
+    tl.store(scale_ptrs, scale, mask=tl.arange(0, GROUPS) * GROUP < n_cols)
+
+
+@triton.jit
 def _quantize_groups_kernel(x_ptr, q_ptr, scale_ptr, n_rows, n_cols, x_row_stride, scale_stride,
                             GROUPS: tl.constexpr, GROUP: tl.constexpr):
-    """One row of ``x`` per program (rows from ``n_rows`` on read as zeros: padding), as ``[GROUPS, GROUP]``:
-    a scale per group, rounded as ``quantize_row_store`` rounds a row's; the scales stored column-major
-    (group ``g`` of row ``r`` at ``g * scale_stride + r``)."""
+    """One row of ``x`` per program (rows from ``n_rows`` on read as zeros: padding); the scales stored
+    column-major (group ``g`` of row ``r`` at ``g * scale_stride + r``)."""
     row = tl.program_id(0).to(tl.int64)
-    groups = tl.arange(0, GROUPS)
-    offs = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+    offs = tl.arange(0, GROUPS * GROUP)
     mask = offs < n_cols
     valid = tl.where(row < n_rows, n_cols, 0)  # padding rows load nothing
     x = tl.load(x_ptr + row * x_row_stride + offs, mask=offs < valid, other=0.0).to(tl.float32)
-    scale, inverse = e4m3_scale(tl.max(tl.abs(x), axis=1))
-    tl.store(q_ptr + row * n_cols + offs, e4m3_scaled(x, inverse[:, None]).to(q_ptr.dtype.element_ty), mask=mask)
-    tl.store(scale_ptr + groups * scale_stride + row, scale, mask=groups * GROUP < n_cols)
+    quantize_groups_store(q_ptr + row * n_cols + offs, scale_ptr + tl.arange(0, GROUPS) * scale_stride + row, x, mask,
+                          n_cols, GROUPS, GROUP)
 
 
 def row_warps(block: int) -> int:
@@ -103,21 +114,52 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-def quantize_groups(x: torch.Tensor, padded_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+def padded_rows(rows: int) -> int:
+    """``rows`` rounded up to a multiple of four: the rows of a block-scaled product's input, as cuBLAS takes
+    them (its scales' leading dimension)."""
+    return rows + (-rows) % 4
+
+
+def group_outputs(padded: int, cols: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Storage for ``padded`` rows (:func:`padded_rows`) of an input quantized per group for cuBLAS's
+    block-scaled product: ``(q [padded, cols] e4m3, scale [ceil(cols / 128), padded] float32)`` — the scales
+    transposed, as ``torch._scaled_mm`` takes 1 x 128 scales (column-major)."""
+    q = torch.empty(padded, cols, dtype=FP8_DTYPE, device=device)
+    return q, torch.empty(-(-cols // FP8_BLOCK), padded, dtype=torch.float32, device=device)
+
+
+def quantize_groups(x: torch.Tensor, padded: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``x: [rows, cols]`` (unit stride along cols, ``cols <= MAX_ROW``) quantized per group of 128 features
     as ``pagedllm.backends.fp8_linear.quantize_groups`` quantizes it, bit for bit, with zero rows appended up
-    to ``padded_rows``: ``(q [padded_rows, cols] e4m3, scale [ceil(cols / 128), padded_rows] float32)`` — the
-    scales transposed, as ``torch._scaled_mm`` takes 1 x 128 scales (column-major); one program per row."""
+    to ``padded``: ``(q [padded, cols] e4m3, scale [ceil(cols / 128), padded] float32)`` (see
+    :func:`group_outputs`); one program per row."""
     rows, cols = x.shape
-    groups = -(-cols // FP8_BLOCK)
-    q = torch.empty(padded_rows, cols, dtype=FP8_DTYPE, device=x.device)
-    scale = torch.empty(groups, padded_rows, dtype=torch.float32, device=x.device)
-    if padded_rows:
-        block_groups = triton.next_power_of_2(groups)
-        _quantize_groups_kernel[(padded_rows,)](x, q, scale, rows, cols, x.stride(0), padded_rows,
-                                                GROUPS=block_groups, GROUP=FP8_BLOCK,
-                                                num_warps=row_warps(block_groups * FP8_BLOCK))
+    q, scale = group_outputs(padded, cols, x.device)
+    if padded:
+        block_groups = triton.next_power_of_2(scale.shape[0])
+        _quantize_groups_kernel[(padded,)](x, q, scale, rows, cols, x.stride(0), padded,
+                                           GROUPS=block_groups, GROUP=FP8_BLOCK,
+                                           num_warps=row_warps(block_groups * FP8_BLOCK))
     return q, scale
+
+
+def as_group_operands(x_q: torch.Tensor, x_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An input quantized per group (``x_q: [rows, cols]`` e4m3, ``x_scale: [rows, groups]`` float32) as the
+    block-scaled product takes it: ``(q [padded_rows(rows), cols], scale [groups, padded_rows(rows)])``. The
+    views the fused ops return (:func:`group_outputs`' storage, cut to ``rows``) are widened back in place;
+    other layouts are copied."""
+    rows, cols = x_q.shape
+    padded = padded_rows(rows)
+    groups = x_scale.shape[1]
+    if (x_q.stride() == (cols, 1) and x_q.storage_offset() == 0
+            and x_q.untyped_storage().nbytes() >= padded * cols):
+        q = x_q.as_strided((padded, cols), (cols, 1))
+    else:
+        q = torch.nn.functional.pad(x_q.contiguous().view(torch.uint8), (0, 0, 0, padded - rows)).view(FP8_DTYPE)
+    if (x_scale.stride() == (1, padded) and x_scale.storage_offset() == 0
+            and x_scale.untyped_storage().nbytes() >= 4 * groups * padded):
+        return q, x_scale.as_strided((groups, padded), (padded, 1))
+    return q, torch.nn.functional.pad(x_scale.t(), (0, padded - rows), value=1.0).contiguous()
 
 
 def linear_fp8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
@@ -168,7 +210,30 @@ def linear_fp8_block(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
     rows = x.shape[0]
     if rows == 0:
         return x.new_empty(0, n)
-    x_q, x_scale = quantize_groups(x if x.stride(1) == 1 else x.contiguous(), rows + (-rows) % 4)
-    y = torch._scaled_mm(x_q, weight.t(), scale_a=x_scale.t(), scale_b=weight_scale.t(), out_dtype=x.dtype)
+    x_q, x_scale = quantize_groups(x if x.stride(1) == 1 else x.contiguous(), padded_rows(rows))
+    return _block_product(x_q, x_scale, rows, weight, weight_scale, bias, x.dtype)
+
+
+def linear_fp8_block_quantized(x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,
+                               weight_scale: torch.Tensor, bias: torch.Tensor | None,
+                               out_dtype: torch.dtype) -> torch.Tensor:
+    """The ``"fp8_block"`` product of an input already quantized per token and group (``x_q: [num_tokens, in]``
+    e4m3, ``x_scale: [num_tokens, ceil(in / 128)]`` float32; from the fused ops, :func:`group_outputs`' layout
+    cut to ``num_tokens``, which costs no copy) in ``out_dtype``, then the bias; the reference for what
+    :func:`block_product_takes` declines."""
+    n, k = weight.shape
+    if x_q.dim() != 2 or not block_product_takes(n, k, out_dtype):
+        return reference_linear_fp8_block_quantized(x_q, x_scale, weight, weight_scale, bias, out_dtype)
+    rows = x_q.shape[0]
+    if rows == 0:
+        return x_q.new_empty(0, n, dtype=out_dtype)
+    return _block_product(*as_group_operands(x_q, x_scale), rows, weight, weight_scale, bias, out_dtype)
+
+
+def _block_product(x_q: torch.Tensor, x_scale: torch.Tensor, rows: int, weight: torch.Tensor,
+                   weight_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """cuBLAS's block-scaled product of ``x_q: [padded, K]`` with scales ``x_scale: [K / 128, padded]`` and the
+    tile-scaled ``weight``; the first ``rows`` rows, plus the bias."""
+    y = torch._scaled_mm(x_q, weight.t(), scale_a=x_scale.t(), scale_b=weight_scale.t(), out_dtype=out_dtype)
     y = y[:rows]
     return y if bias is None else y + bias

@@ -15,8 +15,16 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedllm.backends.cuda.fp8_linear import MAX_ROW, quantize_row_store, row_warps
-from pagedllm.backends.fp8_linear import FP8_DTYPE
+from pagedllm.backends.cuda.fp8_linear import (
+    MAX_ROW,
+    group_outputs,
+    padded_rows,
+    quantize_groups_store,
+    quantize_row_store,
+    row_warps,
+)
+from pagedllm.backends.fp8_linear import FP8_BLOCK, FP8_DTYPE
+from pagedllm.backends.fp8_linear import quantize_groups as reference_quantize_groups
 from pagedllm.backends.fp8_linear import quantize_rows as reference_quantize_rows
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -32,12 +40,14 @@ def _rms_norm_kernel(
     stride_x,
     stride_r,
     stride_o,
+    stride_s,
     hidden,
     eps,
     HAS_RESIDUAL: tl.constexpr,
     QUANTIZE: tl.constexpr,
     ROUND_TO: tl.constexpr,
     BLOCK: tl.constexpr,
+    GROUP: tl.constexpr = 0,
 ):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
@@ -52,7 +62,10 @@ def _rms_norm_kernel(
     normed = (x32 * tl.rsqrt(variance + eps)).to(x.dtype)
     w = tl.load(weight_ptr + offs, mask=mask, other=0.0)
     out = w.to(tl.float32) * normed.to(tl.float32)
-    if QUANTIZE:  # e4m3 of the output rounded as the unfused norm returns it; scale_ptr gets its scale
+    if QUANTIZE and GROUP > 0:  # per group of GROUP: scales column-major, ``stride_s`` apart per group
+        quantize_groups_store(out_ptr + row * stride_o + offs, scale_ptr + tl.arange(0, BLOCK // GROUP) * stride_s
+                              + row, out.to(ROUND_TO).to(tl.float32), mask, hidden, BLOCK // GROUP, GROUP)
+    elif QUANTIZE:  # e4m3 of the output rounded as the unfused norm returns it; scale_ptr gets its scale
         quantize_row_store(out_ptr + row * stride_o + offs, scale_ptr + row, out.to(ROUND_TO).to(tl.float32), mask)
     else:
         tl.store(out_ptr + row * stride_o + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
@@ -65,22 +78,46 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def _norm(x2: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
-          quantize: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+          quantize: str | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launch the norm over the rows of ``x2: [rows, hidden]`` (``residual``: added first, in place);
-    returns ``(out, None)`` in the dtype of ``weight * x``, or ``(e4m3 out, scale [rows])``."""
+    returns ``(out, None)`` in the dtype of ``weight * x``, or quantized (``quantize``: ``"rows"``, ``"groups"``)
+    ``(e4m3 out, scale)`` as :func:`_quantized_outputs` gives them."""
     num_rows, hidden = x2.shape
     dtype = torch.result_type(weight, x2)
-    out = torch.empty(x2.shape, dtype=FP8_DTYPE if quantize else dtype, device=x2.device)
-    scale = torch.empty(num_rows, dtype=torch.float32, device=x2.device) if quantize else None
+    block = triton.next_power_of_2(hidden)
+    if quantize is None:
+        out, scale = torch.empty(x2.shape, dtype=dtype, device=x2.device), None
+    else:
+        out, scale, block = _quantized_outputs(num_rows, hidden, block, quantize, x2.device)
     if num_rows:
         res = x2 if residual is None else residual
         _rms_norm_kernel[(num_rows,)](
             out, x2, res, weight.contiguous(), out if scale is None else scale, x2.stride(0), res.stride(0),
-            out.stride(0), hidden, eps, HAS_RESIDUAL=residual is not None, QUANTIZE=quantize,
-            ROUND_TO=_TL_DTYPES[dtype], BLOCK=triton.next_power_of_2(hidden), num_warps=_norm_warps(hidden),
-            enable_fp_fusion=False,
+            out.stride(0), 0 if scale is None or scale.dim() == 1 else scale.stride(0), hidden, eps,
+            HAS_RESIDUAL=residual is not None, QUANTIZE=quantize is not None, ROUND_TO=_TL_DTYPES[dtype], BLOCK=block,
+            GROUP=FP8_BLOCK if quantize == "groups" else 0, num_warps=_norm_warps(hidden), enable_fp_fusion=False,
         )  # fmt: skip
-    return out, scale
+    return _quantized_views(out, scale, num_rows)
+
+
+def _quantized_outputs(rows: int, cols: int, block: int, quantize: str,
+                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(q, scale, block)`` for a row kernel quantizing ``[rows, cols]``: per token ``q [rows, cols]``, ``scale
+    [rows]``; per group the storage of ``cuda.fp8_linear.group_outputs`` (rows padded, scales column-major)
+    and a block of at least one group."""
+    if quantize == "groups":
+        return (*group_outputs(padded_rows(rows), cols, device), max(block, FP8_BLOCK))
+    q = torch.empty(rows, cols, dtype=FP8_DTYPE, device=device)
+    return q, torch.empty(rows, dtype=torch.float32, device=device), block
+
+
+def _quantized_views(q: torch.Tensor, scale: torch.Tensor | None,
+                     rows: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The first ``rows`` rows of a kernel's outputs: group scales ``[groups, padded]`` seen as ``[rows,
+    groups]`` (the interface's shape; ``linear_fp8_block_quantized`` widens them back without a copy)."""
+    if scale is None or scale.dim() == 1:
+        return q, scale
+    return q[:rows], scale[:, :rows].t()
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -88,7 +125,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
     Returns ``[..., hidden]`` in the dtype of ``weight * x`` (PyTorch promotion).
     """
-    return _norm(_rows(x), None, weight, eps, quantize=False)[0].view(x.shape)
+    return _norm(_rows(x), None, weight, eps, quantize=None)[0].view(x.shape)
 
 
 def add_rms_norm(
@@ -100,23 +137,26 @@ def add_rms_norm(
     into it in place, and it is the second element returned); ``weight``: ``[hidden]``.
     """
     x2 = _rows(x)
-    out, _ = _norm(x2, residual.view(x2.shape), weight, eps, quantize=False)
+    out, _ = _norm(x2, residual.view(x2.shape), weight, eps, quantize=None)
     return out.view(x.shape), residual
 
 
-def rms_norm_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rms_norm_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                 quantize: str = "rows") -> tuple[torch.Tensor, torch.Tensor]:
     """``quantize_rows(rms_norm(x, weight, eps))`` in one pass: ``x: [num_tokens, hidden]`` -> ``(q [num_tokens,
     hidden] e4m3, scale [num_tokens] float32)``; bit for bit but for the order of the sum of squares, which
-    this compilation of the kernel may reduce differently from :func:`rms_norm`'s (RESULTS.md run 69)."""
-    return _norm(_rows(x), None, weight, eps, quantize=True)  # type: ignore[return-value]
+    this compilation of the kernel may reduce differently from :func:`rms_norm`'s (RESULTS.md run 69). With
+    ``quantize="groups"``, ``quantize_groups`` of it instead: ``scale [num_tokens, ceil(hidden / 128)]``."""
+    return _norm(_rows(x), None, weight, eps, quantize=quantize)  # type: ignore[return-value]
 
 
-def add_rms_norm_fp8(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                     eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`add_rms_norm` with its normed output quantized per token in the same pass: returns ``(q, scale,
-    x + residual)`` (the sum written into ``residual``, contiguous, in place)."""
+def add_rms_norm_fp8(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                     quantize: str = "rows") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`add_rms_norm` with its normed output quantized per token (or per token and group: ``quantize``
+    as in :func:`rms_norm_fp8`) in the same pass: returns ``(q, scale, x + residual)`` (the sum written into
+    ``residual``, contiguous, in place)."""
     x2 = _rows(x)
-    q, scale = _norm(x2, residual.view(x2.shape), weight, eps, quantize=True)
+    q, scale = _norm(x2, residual.view(x2.shape), weight, eps, quantize=quantize)
     return q, scale, residual  # type: ignore[return-value]
 
 
@@ -265,12 +305,17 @@ def _silu_and_mul_kernel(out_ptr, x_ptr, stride_x, stride_o, d, BLOCK: tl.conste
 
 
 @triton.jit
-def _silu_and_mul_fp8_kernel(q_ptr, scale_ptr, x_ptr, stride_x, d, BLOCK: tl.constexpr):
+def _silu_and_mul_fp8_kernel(q_ptr, scale_ptr, x_ptr, stride_x, stride_s, d, BLOCK: tl.constexpr,
+                             GROUP: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < d
     out = _silu_mul(x_ptr + row * stride_x, cols, mask, d).to(tl.float32)
-    quantize_row_store(q_ptr + row * d + cols, scale_ptr + row, out, mask)
+    if GROUP > 0:  # per group of GROUP: scales column-major, ``stride_s`` apart per group
+        quantize_groups_store(q_ptr + row * d + cols, scale_ptr + tl.arange(0, BLOCK // GROUP) * stride_s + row, out,
+                              mask, d, BLOCK // GROUP, GROUP)
+    else:
+        quantize_row_store(q_ptr + row * d + cols, scale_ptr + row, out, mask)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
@@ -286,18 +331,20 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return out.view(*x.shape[:-1], d)
 
 
-def silu_and_mul_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def silu_and_mul_fp8(x: torch.Tensor, quantize: str = "rows") -> tuple[torch.Tensor, torch.Tensor]:
     """``quantize_rows(silu_and_mul(x))`` in one pass, bit for bit: ``x: [num_tokens, 2 * d]`` -> ``(q
-    [num_tokens, d] e4m3, scale [num_tokens] float32)``; one program per row (wider rows than MAX_ROW: the
-    two ops apart)."""
+    [num_tokens, d] e4m3, scale [num_tokens] float32)``; with ``quantize="groups"``, ``quantize_groups`` of it
+    (``scale [num_tokens, ceil(d / 128)]``, as :func:`rms_norm_fp8` lays it out). One program per row (wider
+    rows than MAX_ROW: the two ops apart)."""
     x2 = _rows(x)
     num_rows, d = x2.shape[0], x2.shape[1] // 2
     block = triton.next_power_of_2(d)
     if block > MAX_ROW:
-        return reference_quantize_rows(silu_and_mul(x2))
-    q = torch.empty((num_rows, d), dtype=FP8_DTYPE, device=x.device)
-    scale = torch.empty(num_rows, dtype=torch.float32, device=x.device)
+        quantizer = reference_quantize_rows if quantize == "rows" else reference_quantize_groups
+        return quantizer(silu_and_mul(x2))
+    q, scale, block = _quantized_outputs(num_rows, d, block, quantize, x.device)
     if num_rows:
-        _silu_and_mul_fp8_kernel[(num_rows,)](q, scale, x2, x2.stride(0), d, BLOCK=block, num_warps=row_warps(block),
-                                              enable_fp_fusion=False)
-    return q, scale
+        _silu_and_mul_fp8_kernel[(num_rows,)](q, scale, x2, x2.stride(0), scale.stride(0) if scale.dim() == 2 else 0,
+                                              d, BLOCK=block, GROUP=FP8_BLOCK if quantize == "groups" else 0,
+                                              num_warps=row_warps(block), enable_fp_fusion=False)
+    return _quantized_views(q, scale, num_rows)  # type: ignore[return-value]

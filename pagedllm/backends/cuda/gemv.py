@@ -214,6 +214,7 @@ def _gemv_fp8(x: torch.Tensor, x_scale: torch.Tensor | None, weight: torch.Tenso
 def _gemv_fp8_block_kernel(
     y_ptr,
     x_ptr,
+    x_scale_ptr,
     w_ptr,
     w_scale_ptr,
     bias_ptr,
@@ -221,18 +222,22 @@ def _gemv_fp8_block_kernel(
     K,
     stride_w,
     stride_s,
+    stride_xs,
     HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP: tl.constexpr,
     TILE: tl.constexpr,
+    X_QUANTIZED: tl.constexpr,
 ):
     """One program per ``BLOCK_N`` output rows (inside one row of 128 x 128 weight tiles: BLOCK_N divides
     TILE); per ``BLOCK_K`` columns, the input's ``BLOCK_K // TILE`` groups quantized as
-    ``quantize_groups`` does, the products summed per group and scaled by both scales."""
+    ``quantize_groups`` does (or, ``X_QUANTIZED``, read in e4m3 with their scales at ``x_scale_ptr``, one
+    every ``stride_xs``), the products summed per group and scaled by both scales."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_K)
     GROUPS: tl.constexpr = BLOCK_K // TILE
+    groups = tl.arange(0, GROUPS)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_w
@@ -240,13 +245,17 @@ def _gemv_fp8_block_kernel(
     acc = tl.zeros([BLOCK_N, GROUPS], dtype=tl.float32)
     for k in range(0, K, BLOCK_K):  # K is a multiple of BLOCK_K
         w = tl.load(w_rows + (k + cols)[None, :], mask=row_mask[:, None], other=0.0, eviction_policy="evict_first")
-        x = tl.reshape(tl.load(x_ptr + k + cols).to(tl.float32), [GROUPS, TILE])
-        x_scale, x_inverse = e4m3_scale(tl.max(tl.abs(x), axis=1))
-        x = e4m3_scaled(x, x_inverse[:, None])
-        x = tl.reshape(x.to(w_ptr.dtype.element_ty).to(tl.float32), [BLOCK_K])
+        if X_QUANTIZED:
+            x_scale = tl.load(x_scale_ptr + (k // TILE + groups) * stride_xs)
+            x = tl.load(x_ptr + k + cols).to(tl.float32)
+        else:
+            x = tl.reshape(tl.load(x_ptr + k + cols).to(tl.float32), [GROUPS, TILE])
+            x_scale, x_inverse = e4m3_scale(tl.max(tl.abs(x), axis=1))
+            x = e4m3_scaled(x, x_inverse[:, None])
+            x = tl.reshape(x.to(w_ptr.dtype.element_ty).to(tl.float32), [BLOCK_K])
         runs = tl.sum(tl.reshape(w.to(tl.float32) * x[None, :], [BLOCK_N, BLOCK_K // GROUP, GROUP]), 2)
         sums = tl.sum(tl.reshape(runs, [BLOCK_N, GROUPS, TILE // GROUP]), 2)
-        acc += sums * (x_scale * tl.load(scale_row + k // TILE + tl.arange(0, GROUPS)))[None, :]
+        acc += sums * (x_scale * tl.load(scale_row + k // TILE + groups))[None, :]
     y = tl.sum(acc, 1)
     if HAS_BIAS:
         y += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
@@ -260,18 +269,36 @@ def gemv_fp8_block(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Te
     group of 128 features inside each program, ``weight: [N, K]`` e4m3 (unit stride along K, K a multiple of
     128), ``weight_scale: [ceil(N / 128), K / 128]`` float32, ``bias: [N]`` in ``x``'s dtype or None; the
     tiles of :func:`gemv_fp8_config` (or ``config``). Returns ``[1, N]`` in ``x``'s dtype."""
+    return _gemv_fp8_block(x, None, weight, weight_scale, bias, x.dtype, config)
+
+
+def gemv_fp8_block_quantized(x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,
+                             weight_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
+                             config: tuple[int, int, int] | None = None) -> torch.Tensor | None:
+    """:func:`gemv_fp8_block` of an input quantized per group already (``x_q: [1, K]`` e4m3, ``x_scale: [1, K /
+    128]`` float32, any strides): no quantization in the programs. ``bias`` in ``out_dtype``; returns ``[1,
+    N]`` in ``out_dtype``, or None when the kernel does not take the inputs."""
+    if x_q.dtype != FP8_DTYPE or x_scale.shape != (1, x_q.shape[-1] // FP8_BLOCK) or x_scale.dtype != torch.float32:
+        return None
+    return _gemv_fp8_block(x_q, x_scale, weight, weight_scale, bias, out_dtype, config)
+
+
+def _gemv_fp8_block(x: torch.Tensor, x_scale: torch.Tensor | None, weight: torch.Tensor, weight_scale: torch.Tensor,
+                    bias: torch.Tensor | None, out_dtype: torch.dtype,
+                    config: tuple[int, int, int] | None) -> torch.Tensor | None:
     n, k = weight.shape
-    config = _accepted_config(x, weight, bias, FP8_DTYPE, x.dtype, config or gemv_fp8_config(n, k))
+    config = _accepted_config(x, weight, bias, FP8_DTYPE, out_dtype, config or gemv_fp8_config(n, k))
     if config is None or weight_scale.shape != block_scale_shape(n, k) or weight_scale.stride(1) != 1:
         return None
     block_n, block_k, warps = config
     if block_k % FP8_BLOCK or FP8_BLOCK % block_n:
         return None
     x = x.contiguous()
-    y = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    y = torch.empty(1, n, dtype=out_dtype, device=x.device)
     _gemv_fp8_block_kernel[(triton.cdiv(n, block_n),)](
-        y, x, weight, weight_scale, bias.contiguous() if bias is not None else weight_scale, n, k, weight.stride(0),
-        weight_scale.stride(0), HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, GROUP=FP8_GROUP,
-        TILE=FP8_BLOCK, num_warps=warps,
+        y, x, weight_scale if x_scale is None else x_scale, weight, weight_scale,
+        bias.contiguous() if bias is not None else weight_scale, n, k, weight.stride(0), weight_scale.stride(0),
+        1 if x_scale is None else x_scale.stride(1), HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
+        GROUP=FP8_GROUP, TILE=FP8_BLOCK, X_QUANTIZED=x_scale is not None, num_warps=warps,
     )  # fmt: skip
     return y
