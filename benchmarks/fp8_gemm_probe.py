@@ -12,7 +12,8 @@ With ``--block`` (``quantization="fp8_block"``: 128 x 128 weight tiles, inputs s
 128 features): 1. the block-scaled ``_scaled_mm`` against ``reference_linear_fp8_block`` for several token
 counts and shapes; 2. the step's products in bf16, row-wise fp8 and block-wise fp8 (inputs quantized
 beforehand). (RESULTS.md runs 73 and 76 ran it as ``fp8_block_probe.py``, trees ``7920b9a`` + the probe and
-``210eb13``.)
+``210eb13``.) With ``--inputs``: the norm and the activation before a projection, alone, followed by the
+quantizer (per token, per group) and fused with it.
 
 Writes ``fp8_gemm_probe.json`` (``fp8_block_probe.json`` with ``--block``) under ``--out``. Example::
 
@@ -22,7 +23,7 @@ Writes ``fp8_gemm_probe.json`` (``fp8_block_probe.json`` with ``--block``) under
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from device_timing import device_time_us, write_results
@@ -180,13 +181,61 @@ def one_token() -> list[dict]:
     return rows
 
 
+def input_op_calls(tokens: int) -> dict[str, tuple[Callable[[], object], Callable[[str], object]]]:
+    """For ``tokens`` rows of a Llama-3-8B step: op name -> (the bf16 op, the op fused with a quantization
+    ``"rows"`` or ``"groups"``)."""
+    from pagedllm.backends.cuda import fused_kernels
+
+    k, d = SHAPES["qkv"][1], SHAPES["down"][1]
+    x, residual = (torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    weight = torch.ones(k, device="cuda", dtype=torch.bfloat16)
+    gate_up = torch.randn(tokens, 2 * d, device="cuda", dtype=torch.bfloat16)
+    return {"add_rms_norm": (lambda: fused_kernels.add_rms_norm(x, residual, weight, 1e-5)[0],
+                             lambda q: fused_kernels.add_rms_norm_fp8(x, residual, weight, 1e-5, quantize=q)),
+            "silu_and_mul": (lambda: fused_kernels.silu_and_mul(gate_up),
+                             lambda q: fused_kernels.silu_and_mul_fp8(gate_up, quantize=q))}
+
+
+def input_op_row(plain: Callable[[], object], fused: Callable[[str], object]) -> dict[str, float]:
+    """Microseconds of ``plain``, of ``plain`` then each Triton quantizer, and of ``fused`` for each scheme."""
+    from pagedllm.backends.cuda.fp8_linear import padded_rows
+    from pagedllm.backends.cuda.fp8_linear import quantize_groups as triton_quantize_groups
+
+    def groups(x: torch.Tensor) -> object:
+        return triton_quantize_groups(x, padded_rows(x.shape[0]))
+
+    row = {"bf16_us": device_time_us(lambda i: plain())}
+    for scheme, quantize in (("rows", quantize_rows), ("groups", groups)):
+        row[f"then_{scheme}_us"] = device_time_us(lambda i, quantize=quantize: quantize(plain()))
+        row[f"fused_{scheme}_us"] = device_time_us(lambda i, scheme=scheme: fused(scheme))
+    return {key: round(v, 1) for key, v in row.items()}
+
+
+def input_ops(step_tokens: str) -> list[dict]:
+    """Per-call microseconds of the ops before a projection at each token count of ``step_tokens``: the
+    residual add + RMSNorm (hidden 4096) and SiLU-and-mul (14336 out) in bf16; each followed by the Triton
+    quantizer (per token, per token and group of 128); and each fused with that quantization (``--inputs``)."""
+    rows = []
+    for m in (int(t) for t in step_tokens.split(",") if t):
+        for name, (plain, fused) in input_op_calls(m).items():
+            row = {"input_op": name, "tokens": m, **input_op_row(plain, fused)}
+            print(row, flush=True)
+            rows.append(row)
+        torch.cuda.empty_cache()
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--step-tokens", default="16384,8192,1000,256")
     parser.add_argument("--block", action="store_true", help="the block-scaled product of fp8_block")
+    parser.add_argument("--inputs", action="store_true", help="the ops that quantize a projection's input, alone")
     args = parser.parse_args()
     torch.manual_seed(0)
+    if args.inputs:
+        write_results(args.out, "fp8_input_ops.json", input_ops(args.step_tokens))
+        return 0
     if args.block:
         results = block_checks()
         results += step_rows(args.step_tokens, (("bf16", False), ("fp8_gemm", False), ("fp8_block_gemm", False)))
