@@ -104,29 +104,57 @@ class UnquantizedInputFp8Backend(CpuBackend):
                                           None if bias is None else bias.float()).to(x.dtype)
 
 
-class FnuzScaleFp8InputsBackend(CpuBackend):
-    """Quantizes the outputs it hands fp8 projections with e4m3fnuz's largest value (240) where e4m3fn's is 448:
-    the dequantized values stay close, the scales are 448/240 too large."""
+class QuantizedInputOpsBackend(CpuBackend):
+    """The ``cpu`` backend with the ops that hand fp8 projections their inputs written out over two quantizers,
+    per token (:meth:`quantize_tokens`) and per token and group (:meth:`quantize_token_groups`), the
+    reference's here; each broken backend below gets one of them wrong."""
 
-    name = "broken_fp8_inputs"
-    interface_version = (1, 6)
     priority = -1000
 
-    @staticmethod
-    def _quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scale = (x.float().abs().amax(-1) / 240.0).clamp(min=1e-12)
-        return (x.float() / scale[:, None]).clamp(-448, 448).to(torch.float8_e4m3fn), scale
+    def quantize_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from pagedllm.backends.fp8_linear import quantize_rows
+
+        return quantize_rows(x)
+
+    def quantize_token_groups(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from pagedllm.backends.fp8_linear import quantize_groups
+
+        return quantize_groups(x)
 
     def rms_norm_fp8(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._quantize(self.rms_norm(x, weight, eps))
+        return self.quantize_tokens(self.rms_norm(x, weight, eps))
 
     def add_rms_norm_fp8(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                          eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         normed, residual = self.add_rms_norm(x, residual, weight, eps)
-        return (*self._quantize(normed), residual)
+        return (*self.quantize_tokens(normed), residual)
 
     def silu_and_mul_fp8(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._quantize(self.silu_and_mul(x))
+        return self.quantize_tokens(self.silu_and_mul(x))
+
+    def rms_norm_fp8_groups(self, x: torch.Tensor, weight: torch.Tensor,
+                            eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.quantize_token_groups(self.rms_norm(x, weight, eps))
+
+    def add_rms_norm_fp8_groups(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                                eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        normed, residual = self.add_rms_norm(x, residual, weight, eps)
+        return (*self.quantize_token_groups(normed), residual)
+
+    def silu_and_mul_fp8_groups(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.quantize_token_groups(self.silu_and_mul(x))
+
+
+class FnuzScaleFp8InputsBackend(QuantizedInputOpsBackend):
+    """Quantizes the outputs it hands fp8 projections with e4m3fnuz's largest value (240) where e4m3fn's is 448:
+    the dequantized values stay close, the scales are 448/240 too large."""
+
+    name = "broken_fp8_inputs"
+    interface_version = (1, 8)
+
+    def quantize_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = (x.float().abs().amax(-1) / 240.0).clamp(min=1e-12)
+        return (x.float() / scale[:, None]).clamp(-448, 448).to(torch.float8_e4m3fn), scale
 
 
 class PerTokenInputFp8BlockBackend(CpuBackend):
@@ -146,32 +174,16 @@ class PerTokenInputFp8BlockBackend(CpuBackend):
         return (y if bias is None else y + bias.float()).to(x.dtype)
 
 
-class PerTokenGroupInputsBackend(CpuBackend):
+class PerTokenGroupInputsBackend(QuantizedInputOpsBackend):
     """Hands ``"fp8_block"`` projections inputs quantized per token, the token's scale repeated for every group
     of 128: the shapes are right, the small groups beside large ones lose their precision."""
 
     name = "broken_fp8_groups"
     interface_version = (1, 8)
-    priority = -1000
 
-    @staticmethod
-    def _quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        from pagedllm.backends.fp8_linear import quantize_rows
-
-        q, scale = quantize_rows(x)
+    def quantize_token_groups(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q, scale = self.quantize_tokens(x)
         return q, scale[:, None].expand(-1, -(-x.shape[1] // 128)).contiguous()
-
-    def rms_norm_fp8_groups(self, x: torch.Tensor, weight: torch.Tensor,
-                            eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._quantize(self.rms_norm(x, weight, eps))
-
-    def add_rms_norm_fp8_groups(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                                eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        normed, residual = self.add_rms_norm(x, residual, weight, eps)
-        return (*self._quantize(normed), residual)
-
-    def silu_and_mul_fp8_groups(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._quantize(self.silu_and_mul(x))
 
 
 class TokenNormQkRotaryBackend(CpuBackend):
