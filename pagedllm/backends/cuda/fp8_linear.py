@@ -1,5 +1,6 @@
 """fp8 linear layers on ``cuda``: a Triton kernel quantizes the input per token (``"fp8"``) or per token and
-128 features (``"fp8_block"``), cuBLAS multiplies in e4m3.
+128 features (``"fp8_block"``) — or the norm or activation before the projection did (``fused_kernels``,
+sharing this module's quantizing helpers) — and cuBLAS multiplies in e4m3.
 
 The quantization is :func:`pagedllm.backends.fp8_linear.quantize_rows` bit for bit (correctly rounded
 divisions and products, round to nearest even), over rows or groups; the product is ``torch._scaled_mm``
@@ -71,9 +72,9 @@ def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, n_cols, x_row_stride, BLOCK: 
 @triton.jit
 def quantize_groups_store(q_ptrs, scale_ptrs, x, mask, n_cols, GROUPS: tl.constexpr, GROUP: tl.constexpr):
     """Quantize one row ``x`` (float32, ``[GROUPS * GROUP]``, lanes from ``n_cols`` on 0) per group of ``GROUP``
-    as ``quantize_groups`` does: store its e4m3 values at ``q_ptrs`` (where ``mask``) and group ``g``'s scale
-    at ``scale_ptrs + g * ...`` (``scale_ptrs``: ``[GROUPS]`` pointers; groups from ``n_cols`` on not stored).
-    Shared by the group quantizer and the fused ops for ``"fp8_block"`` projections (``fused_kernels``)."""
+    as ``quantize_groups`` does: store its e4m3 values at ``q_ptrs`` (where ``mask``) and its scales at
+    ``scale_ptrs`` (``[GROUPS]`` pointers, one per group; groups from ``n_cols`` on not stored). Shared by the
+    group quantizer and the fused ops for ``"fp8_block"`` projections (``fused_kernels``)."""
     groups = tl.reshape(x, [GROUPS, GROUP])
     scale, inverse = e4m3_scale(tl.max(tl.abs(groups), axis=1))
     q = tl.reshape(e4m3_scaled(groups, inverse[:, None]), [GROUPS * GROUP])

@@ -1,7 +1,7 @@
 """Fused element-wise ops overriding the ``Backend`` defaults: RMSNorm (with residual add), rotary
 embedding (also with per-head q/k norms before it), SiLU-and-mul; and RMSNorm and SiLU-and-mul quantizing
-their output per token for an fp8 projection (one program per row, so a row's scale is known before it is
-stored).
+their output for an fp8 projection, per token or per token and group of 128 (one program per row, so a
+row's scales are known before it is stored).
 
 They round exactly where the Hugging Face / ``Backend`` default code rounds (after each PyTorch op in the
 activation dtype), computing each op in float32 in between, so on the GPU they match the defaults to the
