@@ -44,6 +44,18 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+def quantize_with_scale(x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize ``x: [rows, cols]`` to e4m3 with a given ``scale: [1]`` float32 (a checkpoint's static
+    ``input_scale``), as :func:`quantize_rows` quantizes a row once its scale is known: ``q = round(clamp(x *
+    (1 / scale), -448, 448))``. Returns ``(q [rows, cols] float8_e4m3fn, scale [rows] float32)`` (the scale per
+    token, as ``Backend.linear_fp8_quantized`` takes it). Called per call on the inputs of layers with static
+    input scales; PyTorch ops, so on any device."""
+    scale = scale.float().reshape(1)
+    inverse = torch.ones_like(scale) / scale
+    q = (x.float() * inverse).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q, scale.expand(x.shape[0]).contiguous()
+
+
 def per_row_scale(scale: torch.Tensor, rows: int) -> torch.Tensor:
     """A checkpoint's weight scale as one float32 scale per output row: ``scale`` of one element (per tensor:
     every row takes it) or of ``rows`` elements (``[rows]`` or ``[rows, 1]``, per channel); any float dtype.

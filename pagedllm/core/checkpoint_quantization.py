@@ -1,17 +1,22 @@
 """What a checkpoint's ``config.json`` says about quantized weights (``quantization_config``), checked against
 what pagedllm computes.
 
-pagedllm runs fp8 linear layers in two schemes (``pagedllm.backends.fp8_linear``), with inputs always quantized
-dynamically at each call. A checkpoint whose projections are already stored in one of them is loaded as it
-is, without its bf16 weights ever existing:
+pagedllm runs fp8 linear layers in two schemes (``pagedllm.backends.fp8_linear``), with inputs quantized
+dynamically at each call, or, for per-row weights, with one calibrated scale per layer that the checkpoint
+brings (``input_scale``: static input scales, :func:`checkpoint_input_scales`). A checkpoint whose projections
+are already stored in one of them is loaded as it is, without its bf16 weights ever existing:
 
 - ``fp8`` (e4m3 weights with a float32 scale per output row, inputs per token; one scale per tensor is the
   same computation with equal row scales):
   - vLLM's ``fp8`` method (AutoFP8, ``quant_method: "fp8"``) with ``activation_scheme: "dynamic"``: a scalar
     ``weight_scale`` per layer. vLLM scales such inputs per tensor; pagedllm per token, as for every fp8 layer.
+    With ``activation_scheme: "static"`` (AutoFP8's default, the ``-FP8`` checkpoints of Meta-Llama-3 and
+    others) each layer also has a scalar ``input_scale``: its inputs are quantized with that scale, as vLLM
+    does (the parts of a merged projection, which share their input, take the largest of their scales).
   - compressed-tensors' ``float-quantized`` format (llm-compressor's ``FP8_DYNAMIC``, the ``-FP8-dynamic``
     checkpoints): 8-bit float weights with the ``channel`` (``weight_scale [out, 1]``) or ``tensor``
-    strategy, 8-bit float input activations quantized dynamically per token.
+    strategy, 8-bit float input activations quantized dynamically per token — or statically per tensor
+    (llm-compressor's ``FP8``: ``input_scale`` per layer, as above).
 - ``fp8_block`` (a scale per 128 x 128 weight tile, inputs per token and 128 features):
   - vLLM's ``fp8`` method with ``weight_block_size: [128, 128]`` (DeepSeek-V3, Qwen3-*-FP8): the scales as
     ``weight_scale_inv [ceil(out / 128), ceil(in / 128)]`` (despite the name, what dequantization multiplies
@@ -19,8 +24,8 @@ is, without its bf16 weights ever existing:
   - compressed-tensors with the weights' ``block`` strategy, ``block_structure: [128, 128]`` (llm-compressor's
     ``FP8_BLOCK``), input activations in ``group`` strategy with ``group_size: 128``, dynamic.
 
-Refused, with the reason: static input scales (``input_scale``, calibrated per tensor: pagedllm would ignore
-them), weight-only fp8, block sizes other than 128 x 128, group-wise weight scales, and every other method
+Refused, with the reason: static input scales with tile-scaled weights or per token, weight-only fp8, block
+sizes other than 128 x 128, group-wise weight scales, config groups mixing schemes, and every other method
 (AWQ, GPTQ, bitsandbytes...).
 """
 
@@ -29,10 +34,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 SUPPORTED = (
-    "quant_method 'fp8' with activation_scheme 'dynamic' (and no weight_block_size, or [128, 128]), or "
-    "'compressed-tensors' in format 'float-quantized' with 8-bit float weights (strategy 'channel' or 'tensor' "
-    "with dynamic per-token 8-bit float input activations, or strategy 'block' with block_structure [128, 128] "
-    "and dynamic 8-bit float input activations in groups of 128)"
+    "quant_method 'fp8' with activation_scheme 'dynamic' (and no weight_block_size, or [128, 128]) or 'static' "
+    "(no weight_block_size), or 'compressed-tensors' in format 'float-quantized' with 8-bit float weights "
+    "(strategy 'channel' or 'tensor' with 8-bit float input activations dynamic per token or static per "
+    "tensor, or strategy 'block' with block_structure [128, 128] and dynamic 8-bit float input activations in "
+    "groups of 128)"
 )
 BLOCK = [128, 128]  # the only weight tile pagedllm's "fp8_block" computes
 
@@ -44,6 +50,21 @@ def checkpoint_quantization(hf_config: object) -> str | None:
     ``hf_config``: the Hugging Face config; its ``quantization_config`` may be a dict or a transformers
     quantization config object. Raises ValueError naming what the checkpoint declares and what is supported.
     """
+    parsed = _parse(hf_config)
+    return None if parsed is None else parsed[0]
+
+
+def checkpoint_input_scales(hf_config: object) -> str | None:
+    """How the checkpoint's fp8 projections scale their inputs: ``"dynamic"`` (computed at each call) or
+    ``"static"`` (a calibrated ``input_scale`` per layer, stored in the checkpoint; per-row weights only); None
+    for an unquantized checkpoint. Called when the model config is read; raises as
+    :func:`checkpoint_quantization` does."""
+    parsed = _parse(hf_config)
+    return None if parsed is None else parsed[1]
+
+
+def _parse(hf_config: object) -> tuple[str, str] | None:
+    """``(scheme, input scales)`` of the checkpoint's ``quantization_config``, or None."""
     config = getattr(hf_config, "quantization_config", None)
     if config is None:
         return None
@@ -62,26 +83,29 @@ def _refuse(what: str) -> ValueError:
     return ValueError(f"fp8 checkpoint with {what}: not supported; pagedllm loads {SUPPORTED}")
 
 
-def _check_fp8_method(config: Mapping[str, object]) -> str:
-    scheme = config.get("activation_scheme", "dynamic")
-    if scheme != "dynamic":
-        raise _refuse(f"activation_scheme {scheme!r} (static input scales)")
+def _check_fp8_method(config: Mapping[str, object]) -> tuple[str, str]:
+    inputs = config.get("activation_scheme", "dynamic")
+    if inputs not in ("dynamic", "static"):
+        raise _refuse(f"activation_scheme {inputs!r}")
     block = config.get("weight_block_size")
     if not block:
-        return "fp8"
+        return "fp8", inputs
     if list(block) != BLOCK:
         raise _refuse(f"weight_block_size {block!r} (only [128, 128] tiles)")
-    return "fp8_block"
+    if inputs == "static":
+        raise _refuse("weight_block_size with activation_scheme 'static' (tile-scaled weights take dynamic "
+                      "inputs in groups of 128)")
+    return "fp8_block", inputs
 
 
-def _check_compressed_tensors(config: Mapping[str, object]) -> str:
+def _check_compressed_tensors(config: Mapping[str, object]) -> tuple[str, str]:
     fmt = config.get("format")
     if fmt != "float-quantized":
         raise _refuse(f"compressed-tensors format {fmt!r}")
     groups = config.get("config_groups") or {}
     if not isinstance(groups, Mapping) or not groups:
         raise _refuse("no config_groups")
-    schemes: set[str] = set()
+    schemes: set[tuple[str, str]] = set()
     for name, group in groups.items():
         if not isinstance(group, Mapping):
             raise _refuse(f"config group {name!r} that is not a mapping")
@@ -99,12 +123,15 @@ def _check_compressed_tensors(config: Mapping[str, object]) -> str:
         if inputs.get("type") != "float" or inputs.get("num_bits") != 8:
             raise _refuse(f"{name}: input activations of type {inputs.get('type')!r}, {inputs.get('num_bits')} "
                           f"bits")
-        if not inputs.get("dynamic"):
-            raise _refuse(f"{name}: static input activation scales")
+        static = not inputs.get("dynamic")
+        if static and (strategy == "block" or inputs.get("strategy") != "tensor"):
+            raise _refuse(f"{name}: static input activation scales in strategy {inputs.get('strategy')!r} with "
+                          f"{strategy!r} weights (static scales are taken per tensor, with per-row weights)")
         if strategy == "block" and (inputs.get("strategy"), inputs.get("group_size")) != ("group", 128):
             raise _refuse(f"{name}: block-wise weights with input activations in strategy "
                           f"{inputs.get('strategy')!r}, group size {inputs.get('group_size')!r}")
-        schemes.add("fp8_block" if strategy == "block" else "fp8")
+        schemes.add(("fp8_block" if strategy == "block" else "fp8", "static" if static else "dynamic"))
     if len(schemes) > 1:
-        raise _refuse("config groups mixing block-wise and per-row weight scales")
+        raise _refuse("config groups mixing schemes (block-wise and per-row weight scales, or static and "
+                      "dynamic input scales)")
     return schemes.pop()

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pagedllm.core.checkpoint_quantization import checkpoint_quantization
+from pagedllm.core.checkpoint_quantization import checkpoint_input_scales, checkpoint_quantization
 
 if TYPE_CHECKING:
     from pagedllm.backends.interface import BackendCapabilities
@@ -163,6 +163,9 @@ class ModelConfig:
     quantization: str | None = None
     """What the checkpoint's weights are stored in (``quantization_config``; see
     ``pagedllm.core.checkpoint_quantization``): ``fp8``, ``fp8_block`` or None."""
+    input_scales: str | None = None
+    """How those fp8 projections scale their inputs: ``"dynamic"``, ``"static"`` (a calibrated ``input_scale``
+    per layer in the checkpoint) or None (unquantized)."""
 
     @property
     def num_layers(self) -> int:
@@ -230,6 +233,7 @@ def load_model_config(path: str, dtype: str, max_model_len: int | None) -> Model
         eos_token_ids=eos_ids,
         generation_defaults=defaults,
         quantization=checkpoint_quantization(hf_config),
+        input_scales=checkpoint_input_scales(hf_config),
     )
 
 

@@ -125,7 +125,7 @@ def load_model(
                          f"with quantization {quantization!r} is not possible")
     count = 0
     if stored_fp8:
-        count = prepare_fp8_weights(model, backend, block)
+        count = prepare_fp8_weights(model, backend, block, static_inputs=model_config.input_scales == "static")
         _check_quantizable(count, model_config, quantization)
     if load_format == "dummy":
         fill_dummy_weights(model, device, seed)
@@ -141,8 +141,8 @@ def load_model(
                 + (" ..." if len(missing) > 8 else "")
             )
     if stored_fp8:
-        logger.info("%s checkpoint: %d linear layers loaded in e4m3 with their scales; weights %.1f MiB",
-                    quantization, count, _parameter_bytes(model) / 2**20)
+        logger.info("%s checkpoint: %d linear layers loaded in e4m3 with their scales (%s input scales); weights "
+                    "%.1f MiB", quantization, count, model_config.input_scales, _parameter_bytes(model) / 2**20)
     elif quantization is not None:
         before = _parameter_bytes(model)
         count = quantize_linear_layers(model, backend, block)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -20,7 +21,8 @@ from pagedllm.backends.fp8_linear import dequantize_blocks, quantize_blocks, qua
 PROJECTION = re.compile(r"\.(q|k|v|o|gate|up|down)_proj\.weight$")
 """The checkpoint tensors quantization tools store in fp8 for a Llama-family model (``ignore: [lm_head]``)."""
 
-SCHEMES = ("compressed-tensors-channel", "compressed-tensors-tensor", "fp8", "fp8-block", "compressed-tensors-block")
+SCHEMES = ("compressed-tensors-channel", "compressed-tensors-tensor", "fp8", "fp8-block", "compressed-tensors-block",
+           "fp8-static", "compressed-tensors-static")
 """``compressed-tensors-channel``: llm-compressor's FP8_DYNAMIC (``weight_scale [out, 1]`` in the weights'
 dtype: from a float32 checkpoint, exactly the scales of ``quantization="fp8"``);
 ``compressed-tensors-tensor``: the same with one scale per tensor (``[1]``); ``fp8``: vLLM's/AutoFP8's
@@ -29,17 +31,28 @@ method with dynamic activations (a scalar float32 ``weight_scale``). With 128 x 
 DeepSeek-V3 and Qwen3-FP8 store it (float32 ``weight_scale_inv [ceil(out / 128), ceil(in / 128)]``), and
 ``compressed-tensors-block``, llm-compressor's FP8_BLOCK (``weight_scale`` of that shape in the weights'
 dtype, inputs in groups of 128). Every part of a merged projection (q, k, v; gate, up) must span whole
-tiles for these two."""
+tiles for these two. With static input scales (a calibrated ``input_scale`` per projection: the largest
+magnitude its input reaches over a calibration prompt, divided by 448): ``fp8-static``, AutoFP8's default
+(``activation_scheme: static``, scalar float32 scales), and ``compressed-tensors-static``, llm-compressor's
+FP8 (per-tensor weights and inputs, ``[1]`` scales in the weights' dtype)."""
+
+
+CALIBRATION = list(range(3, 67))
+"""The token ids of the calibration prompt the static schemes' input scales come from."""
 
 
 def _quantization_config(scheme: str) -> dict[str, object]:
-    if scheme == "fp8":
-        return {"quant_method": "fp8", "activation_scheme": "dynamic"}
+    if scheme in ("fp8", "fp8-static"):
+        return {"quant_method": "fp8", "activation_scheme": "static" if scheme == "fp8-static" else "dynamic"}
     if scheme == "fp8-block":
         return {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
     strategy = scheme.rsplit("-", 1)[1]
+    static = strategy == "static"
+    strategy = "tensor" if static else strategy
     block = {"block_structure": [128, 128]} if strategy == "block" else {}
     inputs = {"strategy": "group", "group_size": 128} if strategy == "block" else {"strategy": "token"}
+    if static:
+        inputs = {"strategy": "tensor"}
     return {
         "quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
         "ignore": ["lm_head"], "kv_cache_scheme": None,
@@ -47,7 +60,8 @@ def _quantization_config(scheme: str) -> dict[str, object]:
             "targets": ["Linear"], "output_activations": None,
             "weights": {"num_bits": 8, "type": "float", "strategy": strategy, "symmetric": True, "dynamic": False,
                         **block},
-            "input_activations": {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": True, **inputs},
+            "input_activations": {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": not static,
+                                  **inputs},
         }},
     }  # fmt: skip
 
@@ -66,6 +80,7 @@ def write_fp8_checkpoint(source: str | Path, directory: str | Path, scheme: str)
     source, directory = Path(source), Path(directory)
     quantized: dict[str, torch.Tensor] = {}
     dequantized: dict[str, torch.Tensor] = {}
+    input_amax = calibrate_input_amax(source) if scheme.endswith("static") else {}
     for name, tensor in load_file(str(source / "model.safetensors")).items():
         if not PROJECTION.search(name):
             quantized[name] = dequantized[name] = tensor
@@ -85,10 +100,14 @@ def write_fp8_checkpoint(source: str | Path, directory: str | Path, scheme: str)
         else:
             q, scale = quantize_rows(tensor.reshape(1, -1))  # the whole tensor as one row: one scale [1]
             q = q.reshape(tensor.shape)
-            scale = scale.reshape(()) if scheme == "fp8" else scale
+            scale = scale.reshape(()) if scheme.startswith("fp8") else scale
             values = q.float() * scale.float()
         quantized[name], quantized[scale_name] = q, scale
         dequantized[name] = values.to(tensor.dtype)
+        if input_amax:  # AutoFP8: a float32 scalar; llm-compressor: [1] in the weights' dtype
+            input_scale = torch.tensor(input_amax[name.removesuffix(".weight")] / 448.0, dtype=torch.float32)
+            quantized[name.replace(".weight", ".input_scale")] = (input_scale if scheme == "fp8-static"
+                                                                  else input_scale.reshape(1).to(tensor.dtype))
     paths = []
     for kind, tensors in (("fp8", quantized), ("dequantized", dequantized)):
         target = directory / kind
@@ -100,3 +119,26 @@ def write_fp8_checkpoint(source: str | Path, directory: str | Path, scheme: str)
             (target / "config.json").write_text(json.dumps(config, indent=2))
         paths.append(target)
     return paths[0], paths[1]
+
+
+def calibrate_input_amax(source: Path) -> dict[str, float]:
+    """The largest magnitude the input of each projection of ``source`` (a transformers checkpoint) reaches
+    over the :data:`CALIBRATION` prompt, by module name (``model.layers.0.self_attn.q_proj``): what
+    calibration tools derive static input scales from."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32).eval()
+    amax: dict[str, float] = {}
+
+    def record(name: str) -> Callable[[torch.nn.Module, tuple[torch.Tensor, ...]], None]:
+        def hook(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            amax[name] = max(amax.get(name, 0.0), float(args[0].abs().max()))
+
+        return hook
+
+    for name, module in model.named_modules():
+        if PROJECTION.search(name + ".weight"):
+            module.register_forward_pre_hook(record(name))
+    with torch.inference_mode():
+        model(torch.tensor([CALIBRATION]))
+    return amax

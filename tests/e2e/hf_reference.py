@@ -12,6 +12,7 @@ from pagedllm.backends.fp8_linear import (
     quantize_blocks,
     quantize_groups,
     quantize_rows,
+    quantize_with_scale,
 )
 from pagedllm.backends.kv_storage import to_cache_dtype
 
@@ -32,10 +33,12 @@ def _register_rounded_kv_attention(kv_dtype: torch.dtype) -> str:
     return name
 
 
-def _fake_quantize_fp8(model: torch.nn.Module, weights: bool = True, block: bool = False) -> None:
+def _fake_quantize_fp8(model: torch.nn.Module, weights: bool = True, block: bool = False,
+                       input_scales: dict[str, float] | None = None) -> None:
     """Make every ``nn.Linear`` of ``model`` but the LM head compute what an fp8 linear layer computes: its
     weight replaced by the dequantized e4m3 rows (with ``block``: tiles; unless ``weights`` is False: they are
-    dequantized e4m3 already), its input by the dequantized per-token (``block``: per-group) e4m3 values."""
+    dequantized e4m3 already), its input by the dequantized per-token (``block``: per-group; with
+    ``input_scales``, module name -> static scale: with that scale) e4m3 values."""
 
     def quantize_input(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         x = args[0]
@@ -43,11 +46,14 @@ def _fake_quantize_fp8(model: torch.nn.Module, weights: bool = True, block: bool
         if block:
             values = dequantize_groups(*quantize_groups(rows))
         else:
-            q, scale = quantize_rows(rows)
+            static = getattr(module, "static_input_scale", None)
+            q, scale = quantize_rows(rows) if static is None else quantize_with_scale(rows, torch.tensor([static]))
             values = q.float() * scale[:, None]
         return (values.to(x.dtype).reshape(x.shape), *args[1:])
 
     for name, module in model.named_modules():
+        if input_scales is not None and name in input_scales:
+            module.static_input_scale = input_scales[name]
         if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head"):
             if weights:
                 if block:
@@ -61,21 +67,22 @@ def _fake_quantize_fp8(model: torch.nn.Module, weights: bool = True, block: bool
 def hf_greedy(
     model_dir: Path, prompts_ids: list[list[int]], max_new_tokens: int, dtype: torch.dtype = torch.float32,
     top_logprobs: int = 0, kv_dtype: torch.dtype | None = None, fp8_linear: bool = False,
-    fp8_weights_stored: bool = False, fp8_block: bool = False,
+    fp8_weights_stored: bool = False, fp8_block: bool = False, fp8_input_scales: dict[str, float] | None = None,
 ) -> list[tuple[list[int], list[dict[int, float]]]]:
     """Generate each prompt alone (no padding) with ``do_sample=False``; EOS is suppressed for exactly
     ``max_new_tokens`` tokens. ``kv_dtype``: attend over keys and values rounded to it, as a KV cache in
     that dtype stores them. ``fp8_linear``: the projections compute as ``quantization="fp8"`` defines them
     (see :func:`_fake_quantize_fp8`); with ``fp8_weights_stored`` their weights are an fp8 checkpoint's,
     dequantized (``write_fp8_checkpoint``'s twin), and only their inputs are rounded; with ``fp8_block`` as
-    ``quantization="fp8_block"`` defines them. Returns ``(token_ids,
+    ``quantization="fp8_block"`` defines them; ``fp8_input_scales`` (module name -> scale): inputs rounded with
+    those static scales. Returns ``(token_ids,
     per-token top-k {id: logprob})`` per prompt."""
     from transformers import AutoModelForCausalLM
 
     extra = {"attn_implementation": _register_rounded_kv_attention(kv_dtype)} if kv_dtype is not None else {}
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, **extra).eval()
     if fp8_linear:
-        _fake_quantize_fp8(model, weights=not fp8_weights_stored, block=fp8_block)
+        _fake_quantize_fp8(model, weights=not fp8_weights_stored, block=fp8_block, input_scales=fp8_input_scales)
     results = []
     with torch.inference_mode():
         for ids in prompts_ids:
@@ -91,6 +98,24 @@ def hf_greedy(
             results.append((tokens, tops))
     return results
 
+
+def merged_input_scales(fp8_dir: Path) -> dict[str, float]:
+    """The static input scales of an fp8 checkpoint by transformers module name, each merged projection's
+    parts (q, k, v; gate, up) given the largest of their scales, as pagedllm loads them."""
+    from safetensors.torch import load_file
+
+    scales = {name.removesuffix(".input_scale"): float(t.float().max())
+              for name, t in load_file(str(fp8_dir / "model.safetensors")).items() if name.endswith(".input_scale")}
+    groups = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
+
+    def group(name: str) -> str:
+        prefix, _, last = name.rpartition(".")
+        return f"{prefix}.{groups.get(last, last)}"
+
+    largest: dict[str, float] = {}
+    for name, scale in scales.items():
+        largest[group(name)] = max(largest.get(group(name), 0.0), scale)
+    return {name: largest[group(name)] for name in scales}
 
 
 def assert_greedy_matches_rounded_reference(llm: object, model_dir: Path, max_tokens: int, **rounding: object) -> None:

@@ -14,9 +14,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pagedllm import LLM, SamplingParams
-from pagedllm.core.checkpoint_quantization import checkpoint_quantization
+from pagedllm.core.checkpoint_quantization import checkpoint_input_scales, checkpoint_quantization
 from pagedllm.testing.fp8_checkpoints import write_fp8_checkpoint
-from tests.e2e.hf_reference import assert_greedy_matches_rounded_reference
+from tests.e2e.hf_reference import assert_greedy_matches_rounded_reference, merged_input_scales
 
 MAX_TOKENS = 10
 ENGINE = dict(device="cpu", dtype="float32", block_size=4, max_num_batched_tokens=64, num_kv_blocks=256)
@@ -83,6 +83,38 @@ def test_per_tensor_checkpoints_match_transformers(fp8_checkpoint, scheme: str) 
     assert_greedy_matches_rounded_reference(llm, dequantized_dir, MAX_TOKENS, fp8_linear=True, fp8_weights_stored=True)
 
 
+@pytest.mark.parametrize("scheme", ["fp8-static", "compressed-tensors-static"])
+def test_static_input_scale_checkpoints_match_transformers(fp8_checkpoint, scheme: str) -> None:
+    """AutoFP8's default layout (``activation_scheme: static``) and llm-compressor's FP8 (per-tensor weights
+    and inputs): every projection's input quantized with the checkpoint's calibrated ``input_scale`` (the
+    largest of q/k/v's, of gate/up's), so the norms and the activation hand over no quantized inputs; token
+    for token what transformers generates on the dequantized weights with inputs rounded by those scales,
+    logprobs within 1e-4."""
+    fp8_dir, dequantized_dir = fp8_checkpoint("llama", scheme)
+    llm = LLM(str(fp8_dir), **ENGINE)
+    layer = _model(llm).model.layers[0]
+    scales = merged_input_scales(fp8_dir)
+    assert llm.llm_engine.model_config.input_scales == "static"
+    assert layer.self_attn.qkv_proj.input_scale.item() == pytest.approx(scales["model.layers.0.self_attn.q_proj"])
+    assert layer.input_layernorm.fp8_output is None and layer.mlp.fp8_activation is None
+    assert_greedy_matches_rounded_reference(llm, dequantized_dir, MAX_TOKENS, fp8_linear=True, fp8_weights_stored=True,
+                                            fp8_input_scales=scales)
+
+
+def test_broken_static_input_scales_are_refused(fp8_checkpoint, tmp_path: Path) -> None:
+    fp8_dir, _ = fp8_checkpoint("llama", "fp8-static")
+    name = "model.layers.1.mlp.down_proj.input_scale"
+    missing = _variant(fp8_dir, tmp_path / "missing", edit_tensors=lambda t: t.pop(name))
+    with pytest.raises(ValueError, match=r"does not provide parameter\(s\): model.layers.1.mlp.down_proj.input_sc"):
+        LLM(str(missing), **ENGINE)
+    zero = _variant(fp8_dir, tmp_path / "zero", edit_tensors=lambda t: t.update({name: torch.tensor(0.0)}))
+    with pytest.raises(ValueError, match=r"down_proj.input_scale': input scale 0.0: expected a positive finite"):
+        LLM(str(zero), **ENGINE)
+    per_row = _variant(fp8_dir, tmp_path / "per_row", edit_tensors=lambda t: t.update({name: torch.ones(3)}))
+    with pytest.raises(ValueError, match=r"input scale of shape \(3,\): expected one per tensor"):
+        LLM(str(per_row), **ENGINE)
+
+
 @pytest.mark.parametrize(("arch", "scheme"), [("llama", "fp8-block"), ("llama", "compressed-tensors-block"),
                                               ("qwen3", "fp8-block")])
 def test_a_tile_checkpoint_computes_exactly_what_online_fp8_block_computes(checkpoint_factory, fp8_checkpoint,
@@ -130,7 +162,7 @@ def test_loading_logs_what_the_checkpoint_stores(fp8_checkpoint, caplog: pytest.
     fp8_dir, _ = fp8_checkpoint("llama", "fp8")
     with caplog.at_level("INFO", logger="pagedllm.core.loader"):
         LLM(str(fp8_dir), device="cpu", quantization="fp8", num_kv_blocks=16)  # asked for and stored: the same
-    assert "fp8 checkpoint: 8 linear layers loaded in e4m3 with their scales" in caplog.text
+    assert "fp8 checkpoint: 8 linear layers loaded in e4m3 with their scales (dynamic input scales)" in caplog.text
 
 
 GOOD_CT = {"quant_method": "compressed-tensors", "format": "float-quantized", "config_groups": {"g": {
@@ -147,7 +179,9 @@ def _ct(weights: dict | None = None, inputs: dict | str | None = "keep", **top: 
 
 
 @pytest.mark.parametrize(("config", "message"), [
-    ({"quant_method": "fp8", "activation_scheme": "static"}, "activation_scheme 'static'"),
+    ({"quant_method": "fp8", "activation_scheme": "static", "weight_block_size": [128, 128]},
+     "weight_block_size with activation_scheme 'static'"),
+    ({"quant_method": "fp8", "activation_scheme": "per-token"}, "activation_scheme 'per-token'"),
     ({"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [64, 64]},
      r"weight_block_size \[64, 64\] \(only \[128, 128\] tiles\)"),
     ({"quant_method": "awq", "bits": 4}, "quant_method 'awq': not supported"),
@@ -158,7 +192,9 @@ def _ct(weights: dict | None = None, inputs: dict | str | None = "keep", **top: 
     (_ct({"strategy": "block", "block_structure": [128, 128]}), "block-wise weights with input activations in "
                                                                 "strategy 'token', group size None"),
     (_ct(inputs=None), "weight-only fp8"),
-    (_ct(inputs={"dynamic": False}), "static input activation scales"),
+    (_ct(inputs={"dynamic": False}), "static input activation scales in strategy 'token'"),
+    (_ct({"strategy": "block", "block_structure": [128, 128]}, {"dynamic": False, "strategy": "tensor"}),
+     "static input activation scales in strategy 'tensor' with 'block' weights"),
     ({**GOOD_CT, "config_groups": {"g": "fp8"}}, "config group 'g' that is not a mapping"),
 ])  # fmt: skip
 def test_unsupported_quantization_configs_are_refused(config: dict, message: str) -> None:
@@ -175,9 +211,19 @@ def test_supported_configs_and_unquantized_checkpoints() -> None:
     ct_block = _ct({"strategy": "block", "block_structure": [128, 128]}, {"strategy": "group", "group_size": 128})
     assert checkpoint_quantization(SimpleNamespace(quantization_config=ct_block)) == "fp8_block"
     mixed = {**ct_block, "config_groups": {**ct_block["config_groups"], "h": GOOD_CT["config_groups"]["g"]}}
-    with pytest.raises(ValueError, match="mixing block-wise and per-row weight scales"):
+    with pytest.raises(ValueError, match="mixing schemes"):
         checkpoint_quantization(SimpleNamespace(quantization_config=mixed))
     assert checkpoint_quantization(SimpleNamespace()) is None
+    static = {"quant_method": "fp8", "activation_scheme": "static"}
+    ct_static = _ct({"strategy": "tensor"}, {"strategy": "tensor", "dynamic": False})
+    for config, inputs in ((static, "static"), (ct_static, "static"), (GOOD_CT, "dynamic"), (deepseek, "dynamic")):
+        assert checkpoint_input_scales(SimpleNamespace(quantization_config=config)) == inputs
+    assert checkpoint_quantization(SimpleNamespace(quantization_config=ct_static)) == "fp8"
+    assert checkpoint_input_scales(SimpleNamespace()) is None
+    static_and_dynamic = {**ct_static, "config_groups": {**ct_static["config_groups"],
+                                                         "h": GOOD_CT["config_groups"]["g"]}}
+    with pytest.raises(ValueError, match="mixing schemes"):
+        checkpoint_quantization(SimpleNamespace(quantization_config=static_and_dynamic))
 
 
 def _variant(source: Path, target: Path, edit_tensors=None, edit_config=None) -> Path:

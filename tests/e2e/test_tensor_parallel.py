@@ -213,13 +213,15 @@ def test_mp_tp2_fp8_linear_stays_close_to_tp1(references) -> None:
 
 
 @pytest.mark.timeout(180)
-def test_mp_tp2_fp8_checkpoint_stays_close_to_tp1(references, tmp_path: Path) -> None:
+@pytest.mark.parametrize("scheme", ["fp8", "fp8-static"])
+def test_mp_tp2_fp8_checkpoint_stays_close_to_tp1(references, tmp_path: Path, scheme: str) -> None:
     """A checkpoint stored in fp8 with one scale per tensor (q, k, v: three, in one fused layer each rank
     slices): each rank loads its rows of the column-parallel layers with their scales and all rows' scales of
-    the row-parallel ones; as with ``quantization="fp8"``, tp=1's tokens up to a near tie."""
+    the row-parallel ones (with ``fp8-static``, every layer's input scale whole); as with
+    ``quantization="fp8"``, tp=1's tokens up to a near tie."""
     from pagedllm.testing.fp8_checkpoints import write_fp8_checkpoint
 
-    fp8_dir, _ = write_fp8_checkpoint(references("llama")[0], tmp_path, "fp8")
+    fp8_dir, _ = write_fp8_checkpoint(references("llama")[0], tmp_path, scheme)
     expected, _ = generate(fp8_dir)
 
     def check(llm: LLM) -> None:
@@ -228,6 +230,8 @@ def test_mp_tp2_fp8_checkpoint_stays_close_to_tp1(references, tmp_path: Path) ->
         assert layer.self_attn.o_proj.weight.dtype == qkv.weight.dtype == torch.float8_e4m3fn
         scales = [part.unique() for part in qkv.weight_scale.split(qkv.shard_sizes)]  # rank 0's q, k, v rows
         assert [len(part) for part in scales] == [1, 1, 1] and len(set(torch.cat(scales).tolist())) == 3
+        static = getattr(layer.mlp.down_proj, "input_scale", None)
+        assert (static is not None and float(static) > 0) == (scheme == "fp8-static")
 
     outputs, _ = generate(fp8_dir, check, tensor_parallel_size=2)
     assert_same_up_to_a_near_tie(expected, outputs)

@@ -87,6 +87,15 @@ def test_fp8_linear_bf16_generation_runs_with_graphs(llama_checkpoint: Path) -> 
     assert_bf16_generation_agrees_with_cpu(llama_checkpoint, "fp8")
 
 
+def test_static_input_scales_bf16_generation_runs_with_graphs(llama_checkpoint: Path, tmp_path: Path) -> None:
+    """An AutoFP8-style checkpoint with static input scales in bf16: inputs quantized with the checkpoint's
+    scales, then ``torch._scaled_mm`` (and the fp8 GEMV at one token), decode graphs; as the dynamic case."""
+    from pagedllm.testing.fp8_checkpoints import write_fp8_checkpoint
+
+    fp8_dir, _ = write_fp8_checkpoint(llama_checkpoint, tmp_path, "fp8-static")
+    assert_bf16_generation_agrees_with_cpu(fp8_dir, "fp8")
+
+
 def assert_bf16_generation_agrees_with_cpu(model_dir: Path, quantization: str) -> None:
     """bf16 generation with ``quantization`` on ``cuda`` (decode graphs) runs, stays in the vocabulary and agrees
     with the cpu backend's on the first 4 tokens of at least half the prompts."""
@@ -98,10 +107,11 @@ def assert_bf16_generation_agrees_with_cpu(model_dir: Path, quantization: str) -
     assert agree >= len(got) // 2, f"only {agree}/{len(got)} prompts agree on their first 4 tokens"
 
 
-@pytest.mark.parametrize("scheme", ["compressed-tensors-channel", "fp8"])
+@pytest.mark.parametrize("scheme", ["compressed-tensors-channel", "fp8", "fp8-static"])
 def test_fp8_checkpoint_greedy_equals_cpu_fp32(llama_checkpoint: Path, tmp_path: Path, scheme: str) -> None:
-    """A checkpoint stored in fp8 (per-row or per-tensor scales) loads onto the GPU as it is and generates the
-    cpu backend's tokens from the same file (float32, decode graphs)."""
+    """A checkpoint stored in fp8 (per-row or per-tensor scales; ``fp8-static``: with static input scales)
+    loads onto the GPU as it is and generates the cpu backend's tokens from the same file (float32, decode
+    graphs)."""
     from pagedllm.testing.fp8_checkpoints import write_fp8_checkpoint
 
     fp8_dir, _ = write_fp8_checkpoint(llama_checkpoint, tmp_path, scheme)

@@ -110,7 +110,10 @@ class MergedColumnParallelLinear(MergedLinear):
 
     def load_shard(self, param_name: str, index: int, loaded: WeightLike) -> None:
         """Copy this rank's rows of the unsharded checkpoint tensor of part ``index`` (weight, bias or an fp8
-        checkpoint's weight_scale)."""
+        checkpoint's weight_scale; its static input_scale whole)."""
+        if param_name == "input_scale":  # one per tensor: every rank takes it whole
+            super().load_shard(param_name, index, loaded)
+            return
         full, start, size = self.full_shard_sizes[index], self.shard_start(index), self.shard_sizes[index]
         if param_name == "weight_scale" and self.weight_scale.dim() == 2:  # "fp8_block": this rank's tile rows
             check_full_shape(loaded, block_scale_shape(full, self.weight.shape[1]))

@@ -23,6 +23,7 @@ from pagedllm.backends.fp8_linear import (
     per_row_scale,
     quantize_blocks,
     quantize_rows,
+    quantize_with_scale,
     scale_block_range,
 )
 from pagedllm.backends.interface import AttentionMetadata, AttentionSpec, Backend
@@ -56,7 +57,8 @@ class Fp8LinearOp:
     """The ``linear_op`` of a layer whose weight is stored in e4m3, called like :data:`LinearOp` ``(x, weight,
     bias)``, with the layer's ``weight_scale`` (read from the layer at each call, so it is wherever the layer's
     parameters are): per output row (``[out]``), the backend's ``linear_fp8``, or its ``linear_fp8_quantized``
-    for an :class:`Fp8Activation`; per tile (``block``, ``[ceil(out / 128), ceil(in / 128)]``), its
+    for an :class:`Fp8Activation` or, when the layer has a static ``input_scale`` (``[1]``, from the checkpoint),
+    for its input quantized with that scale; per tile (``block``, ``[ceil(out / 128), ceil(in / 128)]``), its
     ``linear_fp8_block``, or ``linear_fp8_block_quantized``."""
 
     def __init__(self, backend: Backend, layer: nn.Module, block: bool = False) -> None:
@@ -66,6 +68,10 @@ class Fp8LinearOp:
 
     def __call__(self, x: torch.Tensor | Fp8Activation, weight: torch.Tensor,
                  bias: torch.Tensor | None = None) -> torch.Tensor:
+        input_scale = getattr(self.layer, "input_scale", None)
+        if input_scale is not None:  # a checkpoint's static input scale (per-row weights)
+            x_q, x_scale = quantize_with_scale(x, input_scale)
+            return self.backend.linear_fp8_quantized(x_q, x_scale, weight, self.layer.weight_scale, bias, x.dtype)
         if isinstance(x, Fp8Activation):
             quantized = self.backend.linear_fp8_block_quantized if self.block else self.backend.linear_fp8_quantized
             return quantized(x.q, x.scale, weight, self.layer.weight_scale, bias, x.dtype)
@@ -77,10 +83,10 @@ class Fp8LinearOp:
 def fp8_input_of(layer: nn.Module) -> str | None:
     """The scheme in which ``layer`` (a linear layer) takes its input quantized — ``"fp8"`` (per token) or
     ``"fp8_block"`` (per token and group of 128) — so its producer may hand it an :class:`Fp8Activation`; None
-    for a layer that is not fp8."""
+    for a layer that is not fp8 or scales its inputs statically."""
     op = getattr(layer, "linear_op", None)
-    if not isinstance(op, Fp8LinearOp):
-        return None
+    if not isinstance(op, Fp8LinearOp) or getattr(layer, "input_scale", None) is not None:
+        return None  # not fp8, or its inputs take the checkpoint's static scale
     return "fp8_block" if op.block else "fp8"
 
 
@@ -110,12 +116,13 @@ def quantize_linear_layers(model: nn.Module, backend: Backend, block: bool = Fal
     return count
 
 
-def prepare_fp8_weights(model: nn.Module, backend: Backend, block: bool = False) -> int:
+def prepare_fp8_weights(model: nn.Module, backend: Backend, block: bool = False, static_inputs: bool = False) -> int:
     """Give every ``quantizable`` linear layer of ``model`` an empty e4m3 ``weight`` (its loader kept) and an
     empty float32 ``weight_scale`` parameter (``[out]``, or with ``block`` ``[ceil(out / 128), ceil(in /
-    128)]``) loaded by the layer's ``load_weight_scale``, computing through ``backend``
-    (:class:`Fp8LinearOp`). Called by the loader before it reads a checkpoint stored in fp8, whose tensors
-    then fill them. Returns the number of layers prepared."""
+    128)]``) loaded by the layer's ``load_weight_scale``, and with ``static_inputs`` an ``input_scale``
+    (``[1]``, :func:`load_input_scale`), computing through ``backend`` (:class:`Fp8LinearOp`). Called by the
+    loader before it reads a checkpoint stored in fp8, whose tensors then fill them. Returns the number of
+    layers prepared."""
     count = 0
     for module in model.modules():
         if getattr(module, "quantizable", False):
@@ -132,8 +139,27 @@ def prepare_fp8_weights(model: nn.Module, backend: Backend, block: bool = False)
                 raise ValueError(f"{type(module).__name__} is quantizable but has no load_weight_scale: it cannot "
                                  "load a checkpoint stored in fp8")
             module.weight_scale.weight_loader = loader
+            if static_inputs:
+                module.input_scale = nn.Parameter(torch.zeros(1, dtype=torch.float32, device=old.device),
+                                                  requires_grad=False)
+                module.input_scale.weight_loader = load_input_scale
             count += 1
     return count
+
+
+def load_input_scale(param: nn.Parameter, loaded: torch.Tensor) -> None:
+    """Load a checkpoint's static ``input_scale`` (one positive value, any float dtype) into ``param`` (``[1]``
+    float32, zero until loaded), keeping the larger when several arrive: the parts of a merged projection
+    (q, k, v; gate, up) share their input and take the largest of their scales, as vLLM does. Raises
+    ValueError naming the shape or the value otherwise."""
+    if not isinstance(loaded, torch.Tensor):
+        loaded = loaded[...]
+    if loaded.numel() != 1:
+        raise ValueError(f"input scale of shape {tuple(loaded.shape)}: expected one per tensor")
+    value = loaded.float().reshape(1).to(param.device)
+    if not (torch.isfinite(value).all() and (value > 0).all()):
+        raise ValueError(f"input scale {value.item()!r}: expected a positive finite value")
+    param.data.copy_(torch.maximum(param.data, value))
 
 
 def _store_fp8(module: nn.Module, weight: torch.Tensor, scale: torch.Tensor, backend: Backend, block: bool) -> None:
@@ -268,6 +294,9 @@ class MergedLinear(nn.Module):
         """Copy part ``index`` of ``weight``, ``bias`` or an fp8 checkpoint's ``weight_scale`` (``param_name``)
         from a checkpoint tensor (or a lazy safetensors slice, read whole here); a tile scale (``"fp8_block"``)
         fills the tile rows of the part, which must fall on tile boundaries."""
+        if param_name == "input_scale":
+            load_input_scale(self.input_scale, loaded)
+            return
         if not isinstance(loaded, torch.Tensor):
             loaded = loaded[...]
         param = getattr(self, param_name)
