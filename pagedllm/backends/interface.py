@@ -37,7 +37,7 @@ import torch
 # ``Backend.linear_fp8_block`` and the ``"fp8_block"`` name in ``BackendCapabilities.quantizations``; 1.8 —
 # per-head q/k norms with the rotary embedding: ``Backend.qk_norm_rotary_embedding``; the fp8 input ops for
 # tile-scaled layers: ``Backend.rms_norm_fp8_groups``, ``add_rms_norm_fp8_groups``, ``silu_and_mul_fp8_groups``
-# and ``linear_fp8_block_quantized``.
+# and ``linear_fp8_block_quantized``; fp8 layers with static input scales: ``Backend.linear_fp8_static``.
 INTERFACE_VERSION: tuple[int, int] = (1, 8)
 
 
@@ -680,6 +680,19 @@ class Backend(abc.ABC):
         from pagedllm.backends.fp8_linear import reference_linear_fp8_quantized
 
         return reference_linear_fp8_quantized(x_q, x_scale, weight, weight_scale, bias, out_dtype)
+
+    def linear_fp8_static(
+        self, x: torch.Tensor, input_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+        bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """:meth:`linear_fp8` with a static input scale: ``x`` quantized with ``input_scale`` (``[1]`` float32,
+        a checkpoint's calibrated scale; ``pagedllm.backends.fp8_linear.quantize_with_scale``: values beyond
+        the scale's range saturate), the rest as :meth:`linear_fp8`. Called by every projection of a
+        checkpoint stored in fp8 with static input scales, per step. Returns ``[num_tokens, out_features]`` in
+        ``x.dtype``. Default: that quantization in PyTorch, then :meth:`linear_fp8_quantized`. Added in 1.8."""
+        from pagedllm.backends.fp8_linear import quantize_with_scale
+
+        return self.linear_fp8_quantized(*quantize_with_scale(x, input_scale), weight, weight_scale, bias, x.dtype)
 
     # ------------------------------------------------------------------ optional fp8 group input ops (1.8)
     # The same for ``"fp8_block"`` projections, whose inputs are quantized per token and group of 128

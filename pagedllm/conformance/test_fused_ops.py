@@ -10,7 +10,8 @@ token instead of per group, it would fall among e4m3's subnormals and lose its p
 quantize their output for an fp8 projection (``rms_norm_fp8``, ``add_rms_norm_fp8``, ``silu_and_mul_fp8``)
 are compared dequantized: the backend rounds the op's result to its dtype before quantizing, the float32
 default does not, so an element may land one e4m3 step away (at most 1/8 of its magnitude); a missing or
-wrong normalization, activation or scale is far outside that. ``qk_norm_rotary_embedding`` (Qwen3's per-head
+wrong normalization, activation or scale is far outside that. ``linear_fp8_static`` gets a static input scale
+half of what the input needs, so its largest values must saturate at 448. ``qk_norm_rotary_embedding`` (Qwen3's per-head
 q/k norms with the rotary embedding) gets heads of magnitudes 32 times apart, so a norm over the wrong span
 shows.
 """
@@ -40,6 +41,7 @@ OPS: dict[str, str] = {"rms_norm": "rms_norm", "add_rms_norm": "add_rms_norm", "
                        "silu_and_mul": "silu_and_mul", "linear": "linear", "linear_one_token": "linear",
                        "linear_fp8": "linear_fp8", "linear_fp8_one_token": "linear_fp8",
                        "linear_fp8_quantized": "linear_fp8_quantized",
+                       "linear_fp8_static": "linear_fp8_static", "linear_fp8_static_one_token": "linear_fp8_static",
                        "linear_fp8_quantized_one_token": "linear_fp8_quantized",
                        "linear_fp8_block": "linear_fp8_block", "linear_fp8_block_one_token": "linear_fp8_block",
                        "linear_fp8_block_quantized": "linear_fp8_block_quantized",
@@ -137,6 +139,9 @@ def op_inputs(op: str, head_dim: int, dtype: torch.dtype, gen: torch.Generator,
         x, bias = randn(rows, IN_FEATURES), randn(OUT_FEATURES)
         if "fp8_quantized" in op:  # the input quantized per token already; the output dtype last
             return *quantize_rows(x), *quantize_rows(weight), bias, dtype
+        if "fp8_static" in op:  # a static input scale half of what x needs: its largest values saturate
+            input_scale = (x.float().abs().amax() / 448.0 / 2.0).reshape(1)
+            return x, input_scale, *quantize_rows(weight), bias
         if "fp8" in op:  # e4m3 weight rows with their float32 scales; the op quantizes x itself
             return x, *quantize_rows(weight), bias
         return x, weight.to(dtype), bias

@@ -125,6 +125,14 @@ def test_fp8_inputs_quantized_wrongly_are_caught(backend: str, suffix: str) -> N
     assert f"{backend}-rms_norm_fp8{other}-float32" in outcomes.ids("passed")
 
 
+def test_a_static_input_scale_ignored_is_caught() -> None:
+    code, outcomes = run_kit("broken_fp8_static", "test_fused_op and linear")
+    assert code == pytest.ExitCode.TESTS_FAILED
+    assert {f"broken_fp8_static-{op}-{dtype}" for op in ("linear_fp8_static", "linear_fp8_static_one_token")
+            for dtype in ("float32", "float16", "bfloat16")} == outcomes.ids("failed")
+    assert "broken_fp8_static-linear_fp8-float32" in outcomes.ids("passed")
+
+
 def test_tile_scaled_fp8_with_per_token_inputs_is_caught() -> None:
     code, outcomes = run_kit("broken_fp8_block", "test_fused_op and linear")
     assert code == pytest.ExitCode.TESTS_FAILED

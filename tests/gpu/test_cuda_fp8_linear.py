@@ -38,6 +38,30 @@ def test_quantizer_matches_the_cpu_reference_bit_for_bit(dtype: torch.dtype, row
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [1, 7, 300])
+def test_static_input_scale_matches_the_reference(dtype: torch.dtype, rows: int) -> None:
+    """The Triton quantizer with a static scale bit for bit against the CPU reference (a scale half of what the
+    input needs: the largest values saturate), and ``linear_fp8_static`` against the float32 reference."""
+    from pagedllm.backends.cuda.backend import CudaBackend
+    from pagedllm.backends.cuda.fp8_linear import quantize_with_scale as triton_quantize_with_scale
+    from pagedllm.backends.fp8_linear import quantize_with_scale, reference_linear_fp8_quantized
+
+    x = (torch.randn(rows, 4096, device="cuda") * 3).to(dtype)
+    scale = (x.float().abs().amax() / 448.0 / 2.0).reshape(1)
+    got_q, got_scale = triton_quantize_with_scale(x, scale)
+    want_q, want_scale = quantize_with_scale(x.cpu(), scale.cpu())
+    assert torch.equal(got_scale.cpu(), want_scale) and got_q.float().abs().max() == 448
+    assert torch.equal(got_q.cpu().view(torch.uint8), want_q.view(torch.uint8))
+    weight, weight_scale = quantize_rows(torch.randn(6144, 4096, device="cuda") * 0.02)
+    bias = torch.randn(6144, device="cuda").to(dtype)
+    out = CudaBackend().linear_fp8_static(x, scale, weight, weight_scale, bias)
+    assert out.shape == (rows, 6144) and out.dtype == dtype
+    expected = reference_linear_fp8_quantized(want_q, want_scale, weight.cpu(), weight_scale.cpu(), bias.float().cpu(),
+                                              torch.float32)
+    assert_close_to_reference(out, expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 7, 300])
 @pytest.mark.parametrize(("n", "k"), [(6144, 4096), (4096, 14336), (1000, 4160)])
 def test_linear_fp8_matches_the_reference(dtype: torch.dtype, rows: int, n: int, k: int) -> None:
     """One token through the fp8 GEMV, more through the quantizer and ``torch._scaled_mm`` (float32 inputs and

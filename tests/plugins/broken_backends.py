@@ -157,6 +157,19 @@ class FnuzScaleFp8InputsBackend(QuantizedInputOpsBackend):
         return (x.float() / scale[:, None]).clamp(-448, 448).to(torch.float8_e4m3fn), scale
 
 
+class DynamicStaticFp8Backend(CpuBackend):
+    """Ignores a checkpoint's static input scale and quantizes each token's input dynamically, as for dynamic
+    checkpoints: close values, but nothing saturates where the calibrated scale says it must."""
+
+    name = "broken_fp8_static"
+    interface_version = (1, 8)
+    priority = -1000
+
+    def linear_fp8_static(self, x: torch.Tensor, input_scale: torch.Tensor, weight: torch.Tensor,
+                          weight_scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return self.linear_fp8(x, weight, weight_scale, bias)
+
+
 class PerTokenInputFp8BlockBackend(CpuBackend):
     """A tile-scaled fp8 layer (``"fp8_block"``) that quantizes its input per token, as the per-row scheme does,
     instead of per group of 128 features: small groups beside large ones lose their precision."""
@@ -207,7 +220,8 @@ class TokenNormQkRotaryBackend(CpuBackend):
 
 BROKEN: tuple[type[Backend], ...] = (OffByOneSlotBackend, WrongGqaBackend, UnwrittenRowBackend, WrongRmsNormBackend,
                                      UnquantizedInputFp8Backend, FnuzScaleFp8InputsBackend,
-                                     PerTokenInputFp8BlockBackend, PerTokenGroupInputsBackend, TokenNormQkRotaryBackend)
+                                     PerTokenInputFp8BlockBackend, PerTokenGroupInputsBackend, TokenNormQkRotaryBackend,
+                                     DynamicStaticFp8Backend)
 
 
 @hookimpl

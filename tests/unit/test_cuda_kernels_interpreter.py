@@ -455,8 +455,9 @@ def _on_fp8_grid(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fp8_quantizer_and_gemv(kernels: SimpleNamespace, dtype: torch.dtype) -> None:
     """The Triton per-token quantizer gives the reference's scales (any input) and values (inputs on the
-    e4m3 grid); the fp8 GEMV, which quantizes its input itself, computes the reference fp8 linear layer."""
-    from pagedllm.backends.fp8_linear import quantize_rows, reference_linear_fp8
+    e4m3 grid), and so does the quantizer with a static scale; the fp8 GEMV, which quantizes its input itself,
+    computes the reference fp8 linear layer."""
+    from pagedllm.backends.fp8_linear import quantize_rows, quantize_with_scale, reference_linear_fp8
 
     x = torch.randn(5, 300).to(dtype) * 7
     x[2] = 0  # an all-zero row: the smallest scale, zeros
@@ -473,6 +474,13 @@ def test_fp8_quantizer_and_gemv(kernels: SimpleNamespace, dtype: torch.dtype) ->
         assert got is not None and got.shape == (1, 70) and got.dtype == dtype
         torch.testing.assert_close(got.float(), reference_linear_fp8(x1, weight, weight_scale, bias).float(),
                                    **TOLERANCE[dtype])
+    # a static input scale (fp8 checkpoints with input_scale): values on its grid, the largest saturating
+    static = on_grid[:, :128] * 0.5
+    scale = torch.tensor([2.0**-7])  # 448 * 2^-7 = 3.5: the rows scaled by 2^-6 fit, the larger saturate
+    got_q, got_scale = kernels.fp8_linear.quantize_with_scale(static, scale)
+    want_q, want_scale = quantize_with_scale(static, scale)
+    assert torch.equal(got_scale, want_scale) and torch.equal(got_scale, scale.expand(5))
+    assert torch.equal(got_q.view(torch.uint8), want_q.view(torch.uint8)) and got_q.float().abs().max() == 448
     assert kernels.gemv.gemv_fp8(torch.randn(2, 256), weight, weight_scale) is None  # two rows: a GEMM's job
     assert kernels.gemv.gemv_fp8(torch.randn(1, 256), weight.float(), weight_scale) is None  # not e4m3
     assert kernels.gemv.gemv_fp8_config(28672, 4096) == (16, 512, 4)  # gate|up: wide, shorter tiles
@@ -750,6 +758,8 @@ def test_kernels_compile_for_sm90() -> None:
                       num_warps=8, enable_fp_fusion=False)  # fmt: skip
     quantizer = {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "scale_ptr": "*fp32"}
     _compile_sm90(fp8_linear._quantize_rows_kernel, quantizer, {"BLOCK": 16384}, num_warps=16)
+    _compile_sm90(fp8_linear._quantize_with_scale_kernel, {**quantizer, "row_scale_ptr": "*fp32"}, {"BLOCK": 16384},
+                  num_warps=16)
     # "fp8_block": the input quantized per token and 128 features (14336 features: 112 groups, padded to 128),
     # and the one-token GEMV with tile scales
     _compile_sm90(fp8_linear._quantize_groups_kernel, quantizer, {"GROUPS": 128, "GROUP": 128}, num_warps=16)

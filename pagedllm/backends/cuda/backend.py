@@ -322,6 +322,17 @@ class CudaBackend(Backend):
 
         return _one_token_first(gemv.gemv_fp8_block, fp8_linear.linear_fp8_block, x, weight, weight_scale, bias)
 
+    def linear_fp8_static(
+        self, x: torch.Tensor, input_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+        bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The input quantized with its static scale by a Triton kernel (one pass), then
+        :meth:`linear_fp8_quantized` (the fp8 GEMV at one token, cuBLAS above)."""
+        from pagedllm.backends.cuda.fp8_linear import quantize_with_scale
+
+        x2 = x if x.stride(-1) == 1 else x.contiguous()
+        return self.linear_fp8_quantized(*quantize_with_scale(x2, input_scale), weight, weight_scale, bias, x.dtype)
+
     def rms_norm_fp8_groups(
         self, x: torch.Tensor, weight: torch.Tensor, eps: float
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,6 +28,7 @@ from pagedllm.backends.fp8_linear import (
     reference_linear_fp8_quantized,
 )
 from pagedllm.backends.fp8_linear import quantize_rows as reference_quantize_rows
+from pagedllm.backends.fp8_linear import quantize_with_scale as reference_quantize_with_scale
 
 MAX_ROW = 32768  # wider rows than this are quantized by the PyTorch reference (no model here has them)
 E4M3_MAX = tl.constexpr(FP8_MAX)
@@ -96,6 +97,20 @@ def _quantize_groups_kernel(x_ptr, q_ptr, scale_ptr, n_rows, n_cols, x_row_strid
                           n_cols, GROUPS, GROUP)
 
 
+@triton.jit
+def _quantize_with_scale_kernel(x_ptr, q_ptr, scale_ptr, row_scale_ptr, n_cols, x_row_stride, BLOCK: tl.constexpr):
+    """One row per program, quantized with the given scale at ``scale_ptr`` (as ``quantize_with_scale``), the
+    scale written for the row at ``row_scale_ptr``."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(scale_ptr)
+    q = e4m3_scaled(x, tl.div_rn(scale * 0.0 + 1.0, scale))
+    tl.store(q_ptr + row * n_cols + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
+    tl.store(row_scale_ptr + row, scale)
+
+
 def row_warps(block: int) -> int:
     """Warps for one program over a row of ``block`` (a power of two) elements."""
     return min(16, max(4, block // 1024))
@@ -113,6 +128,22 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if rows:
         _quantize_rows_kernel[(rows,)](x, q, scale, cols, x.stride(0), BLOCK=block, num_warps=row_warps(block))
     return q, scale
+
+
+def quantize_with_scale(x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x: [rows, cols]`` quantized with a static ``scale: [1]`` float32, bit for bit as
+    ``pagedllm.backends.fp8_linear.quantize_with_scale``: ``(q [rows, cols] e4m3, scale [rows] float32)``; one
+    read of ``x``, one program per row."""
+    rows, cols = x.shape
+    block = triton.next_power_of_2(cols)
+    if block > MAX_ROW or x.stride(1) != 1 or scale.dtype != torch.float32:
+        return reference_quantize_with_scale(x, scale)
+    q = torch.empty(rows, cols, dtype=FP8_DTYPE, device=x.device)
+    row_scale = torch.empty(rows, dtype=torch.float32, device=x.device)
+    if rows:
+        _quantize_with_scale_kernel[(rows,)](x, q, scale, row_scale, cols, x.stride(0), BLOCK=block,
+                                             num_warps=row_warps(block))
+    return q, row_scale
 
 
 def padded_rows(rows: int) -> int:

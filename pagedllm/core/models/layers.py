@@ -23,7 +23,6 @@ from pagedllm.backends.fp8_linear import (
     per_row_scale,
     quantize_blocks,
     quantize_rows,
-    quantize_with_scale,
     scale_block_range,
 )
 from pagedllm.backends.interface import AttentionMetadata, AttentionSpec, Backend
@@ -57,8 +56,8 @@ class Fp8LinearOp:
     """The ``linear_op`` of a layer whose weight is stored in e4m3, called like :data:`LinearOp` ``(x, weight,
     bias)``, with the layer's ``weight_scale`` (read from the layer at each call, so it is wherever the layer's
     parameters are): per output row (``[out]``), the backend's ``linear_fp8``, or its ``linear_fp8_quantized``
-    for an :class:`Fp8Activation` or, when the layer has a static ``input_scale`` (``[1]``, from the checkpoint),
-    for its input quantized with that scale; per tile (``block``, ``[ceil(out / 128), ceil(in / 128)]``), its
+    for an :class:`Fp8Activation`, or its ``linear_fp8_static`` when the layer has a static ``input_scale``
+    (``[1]``, from the checkpoint); per tile (``block``, ``[ceil(out / 128), ceil(in / 128)]``), its
     ``linear_fp8_block``, or ``linear_fp8_block_quantized``."""
 
     def __init__(self, backend: Backend, layer: nn.Module, block: bool = False) -> None:
@@ -70,8 +69,7 @@ class Fp8LinearOp:
                  bias: torch.Tensor | None = None) -> torch.Tensor:
         input_scale = getattr(self.layer, "input_scale", None)
         if input_scale is not None:  # a checkpoint's static input scale (per-row weights)
-            x_q, x_scale = quantize_with_scale(x, input_scale)
-            return self.backend.linear_fp8_quantized(x_q, x_scale, weight, self.layer.weight_scale, bias, x.dtype)
+            return self.backend.linear_fp8_static(x, input_scale, weight, self.layer.weight_scale, bias)
         if isinstance(x, Fp8Activation):
             quantized = self.backend.linear_fp8_block_quantized if self.block else self.backend.linear_fp8_quantized
             return quantized(x.q, x.scale, weight, self.layer.weight_scale, bias, x.dtype)
