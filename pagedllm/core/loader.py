@@ -13,7 +13,13 @@ from torch import nn
 
 from pagedllm.backends.interface import Backend
 from pagedllm.core.config import QUANTIZATIONS, ModelConfig
-from pagedllm.core.models.layers import bind_linear_op, prepare_fp8_weights, quantize_linear_layers, use_fp8_inputs
+from pagedllm.core.models.layers import (
+    add_input_scale,
+    bind_linear_op,
+    prepare_fp8_weights,
+    quantize_linear_layers,
+    use_fp8_inputs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +104,11 @@ def fill_dummy_weights(model: nn.Module, device: torch.device, seed: int | None)
             param.weight_loader(param, full)
 
 
+DUMMY_INPUT_SCALE = 1.0 / 448.0
+"""The static input scale every projection gets with dummy weights when config.json declares static input
+scales (inputs up to 1 in magnitude map onto e4m3's range): speed runs of such checkpoints."""
+
+
 def load_model(
     model_config: ModelConfig, backend: Backend, device: torch.device, load_format: str, seed: int | None = 0,
     quantization: str | None = None,
@@ -109,8 +120,9 @@ def load_model(
     ``"fp8_block"``: the projections' weights in e4m3 with per-row / per-tile scales, computing through the
     backend's fp8 ops: read as they are from a checkpoint stored in fp8 (``model_config.quantization``, which
     must then equal ``quantization``; :func:`prepare_fp8_weights`), else quantized once loaded
-    (:func:`quantize_linear_layers`). Raises ValueError naming any parameter the checkpoint does not fill, or a
-    model with no quantizable layer under fp8.
+    (:func:`quantize_linear_layers`; with dummy weights and static input scales in config.json, every
+    projection also gets :data:`DUMMY_INPUT_SCALE`). Raises ValueError naming any parameter the checkpoint does
+    not fill, or a model with no quantizable layer under fp8.
     """
     if quantization not in (None, *QUANTIZATIONS):
         raise ValueError(f"unknown quantization {quantization!r}")
@@ -150,6 +162,11 @@ def load_model(
         logger.info("%s: %d linear layers stored in e4m3 with %s scales; weights %.1f MiB -> %.1f MiB",
                     quantization, count, "128 x 128 tile" if block else "per-row", before / 2**20,
                     _parameter_bytes(model) / 2**20)
+        if load_format == "dummy" and model_config.input_scales == "static":
+            for module in model.modules():  # a speed run of a checkpoint with static input scales
+                if getattr(module, "quantizable", False):
+                    add_input_scale(module, DUMMY_INPUT_SCALE)
+            logger.info("dummy weights with static input scales: every input_scale %g", DUMMY_INPUT_SCALE)
     if quantization is not None:
         use_fp8_inputs(model)
     return model.eval()

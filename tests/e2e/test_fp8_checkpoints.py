@@ -101,6 +101,29 @@ def test_static_input_scale_checkpoints_match_transformers(fp8_checkpoint, schem
                                             fp8_input_scales=scales)
 
 
+def test_dummy_weights_with_static_input_scales(checkpoint_factory, tmp_path: Path) -> None:
+    """A config-only directory declaring static input scales (``benchmarks/llama3_8b_fp8_static_config``'s
+    kind) loads with dummy weights for speed runs: the projections quantized online, each with the dummy
+    static scale, so they run the static path (``linear_fp8_static``)."""
+    from pagedllm.core.loader import DUMMY_INPUT_SCALE
+
+    config = json.loads((checkpoint_factory("llama") / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "static"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    llm = LLM(str(tmp_path), load_format="dummy", **ENGINE)
+    layer = _model(llm).model.layers[0]
+    assert llm.llm_engine.config.quantization == "fp8" and layer.mlp.down_proj.weight.dtype == torch.float8_e4m3fn
+    assert layer.self_attn.o_proj.input_scale.item() == pytest.approx(DUMMY_INPUT_SCALE)
+    assert layer.post_attention_layernorm.fp8_output is None
+    backend = llm.llm_engine.executor.worker.backend
+    calls = []
+    original = backend.linear_fp8_static
+    backend.linear_fp8_static = lambda *args: calls.append(1) or original(*args)
+    outputs = llm.generate([[1, 2, 3]], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True),
+                           use_tqdm=False)
+    assert len(outputs[0].outputs[0].token_ids) == 4 and len(calls) > 0
+
+
 def test_broken_static_input_scales_are_refused(fp8_checkpoint, tmp_path: Path) -> None:
     fp8_dir, _ = fp8_checkpoint("llama", "fp8-static")
     name = "model.layers.1.mlp.down_proj.input_scale"

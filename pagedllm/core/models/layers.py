@@ -138,11 +138,19 @@ def prepare_fp8_weights(model: nn.Module, backend: Backend, block: bool = False,
                                  "load a checkpoint stored in fp8")
             module.weight_scale.weight_loader = loader
             if static_inputs:
-                module.input_scale = nn.Parameter(torch.zeros(1, dtype=torch.float32, device=old.device),
-                                                  requires_grad=False)
+                add_input_scale(module, 0.0)
                 module.input_scale.weight_loader = load_input_scale
             count += 1
     return count
+
+
+def add_input_scale(module: nn.Module, value: float) -> None:
+    """Give the fp8 linear layer ``module`` a static input scale: an ``input_scale`` parameter (``[1]`` float32,
+    on the weight's device) holding ``value``; its inputs are then quantized with it (:class:`Fp8LinearOp`).
+    Called by :func:`prepare_fp8_weights` (0, until the checkpoint's scale is loaded) and, for speed runs of
+    such checkpoints with dummy weights, by the loader."""
+    scale = torch.full((1,), value, dtype=torch.float32, device=module.weight.device)
+    module.input_scale = nn.Parameter(scale, requires_grad=False)
 
 
 def load_input_scale(param: nn.Parameter, loaded: torch.Tensor) -> None:
