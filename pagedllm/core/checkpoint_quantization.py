@@ -26,11 +26,13 @@ are already stored in one of them is loaded as it is, without its bf16 weights e
 
 Refused, with the reason: static input scales with tile-scaled weights or per token, weight-only fp8, block
 sizes other than 128 x 128, group-wise weight scales, config groups mixing schemes, and every other method
-(AWQ, GPTQ, bitsandbytes...).
+(AWQ, GPTQ, bitsandbytes...). KV-cache scales (:func:`checkpoint_kv_cache_scales`) are skipped with a KV cache in
+the model dtype and refused with an fp8 one (the engine says so).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 SUPPORTED = (
@@ -63,13 +65,34 @@ def checkpoint_input_scales(hf_config: object) -> str | None:
     return None if parsed is None else parsed[1]
 
 
+KV_SCALE_TENSOR = re.compile(r"\.self_attn\.(k_scale|v_scale|kv_scale|k_proj\.output_scale|v_proj\.output_scale)$")
+"""The names under which fp8 checkpoints store KV-cache scales (compressed-tensors' ``k_scale``/``v_scale``,
+AutoFP8's ``k_proj.output_scale``/``v_proj.output_scale``, the older ``kv_scale``)."""
+
+
+def checkpoint_kv_cache_scales(hf_config: object) -> bool:
+    """Whether the checkpoint declares per-layer KV-cache scales (compressed-tensors' ``kv_cache_scheme``,
+    AutoFP8's ``kv_cache_quant_targets``; the ``-FP8-KV`` checkpoints). pagedllm's KV cache holds unscaled
+    values (``kv_cache_dtype="auto"``: the model dtype; ``"fp8"``: e4m3 with scale 1, vLLM's default), so the
+    loader skips those tensors and the engine refuses them with an fp8 cache. Called when the model config is
+    read."""
+    config = _quantization_config(hf_config)
+    return config is not None and bool(config.get("kv_cache_scheme") or config.get("kv_cache_quant_targets"))
+
+
+def _quantization_config(hf_config: object) -> Mapping[str, object] | None:
+    """``hf_config.quantization_config`` as a mapping (a dict or a transformers config object), or None."""
+    config = getattr(hf_config, "quantization_config", None)
+    if config is None or isinstance(config, Mapping):
+        return config
+    return config.to_dict() if hasattr(config, "to_dict") else vars(config)
+
+
 def _parse(hf_config: object) -> tuple[str, str] | None:
     """``(scheme, input scales)`` of the checkpoint's ``quantization_config``, or None."""
-    config = getattr(hf_config, "quantization_config", None)
+    config = _quantization_config(hf_config)
     if config is None:
         return None
-    if not isinstance(config, Mapping):
-        config = config.to_dict() if hasattr(config, "to_dict") else vars(config)
     method = config.get("quant_method")
     if method == "fp8":
         return _check_fp8_method(config)

@@ -10,7 +10,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pagedllm.core.checkpoint_quantization import checkpoint_input_scales, checkpoint_quantization
+from pagedllm.core.checkpoint_quantization import (
+    checkpoint_input_scales,
+    checkpoint_kv_cache_scales,
+    checkpoint_quantization,
+)
 
 if TYPE_CHECKING:
     from pagedllm.backends.interface import BackendCapabilities
@@ -166,6 +170,9 @@ class ModelConfig:
     input_scales: str | None = None
     """How those fp8 projections scale their inputs: ``"dynamic"``, ``"static"`` (a calibrated ``input_scale``
     per layer in the checkpoint) or None (unquantized)."""
+    kv_cache_scales: bool = False
+    """Whether the checkpoint brings KV-cache scales (``k_scale``/``v_scale``), which pagedllm's unscaled KV cache
+    does not use: skipped at load, refused with an fp8 cache (``checkpoint_kv_cache_scales``)."""
 
     @property
     def num_layers(self) -> int:
@@ -234,6 +241,7 @@ def load_model_config(path: str, dtype: str, max_model_len: int | None) -> Model
         generation_defaults=defaults,
         quantization=checkpoint_quantization(hf_config),
         input_scales=checkpoint_input_scales(hf_config),
+        kv_cache_scales=checkpoint_kv_cache_scales(hf_config),
     )
 
 

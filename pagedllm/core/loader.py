@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from pagedllm.backends.interface import Backend
+from pagedllm.core.checkpoint_quantization import KV_SCALE_TENSOR
 from pagedllm.core.config import QUANTIZATIONS, ModelConfig
 from pagedllm.core.models.layers import (
     add_input_scale,
@@ -144,6 +145,8 @@ def load_model(
     else:
         lazy = bool(getattr(cls, "supports_tensor_parallel", False))
         weights = iterate_weights(Path(model_config.path), lazy=lazy)
+        if model_config.kv_cache_scales:
+            weights = _without_kv_scales(weights)
         loaded = model.load_weights(_block_scale_names(weights) if stored_fp8 and block else weights)
         expected = {name for name, _ in model.named_parameters()}
         missing = sorted(expected - loaded)
@@ -170,6 +173,18 @@ def load_model(
     if quantization is not None:
         use_fp8_inputs(model)
     return model.eval()
+
+
+def _without_kv_scales(weights: Iterable[tuple[str, object]]) -> Iterator[tuple[str, object]]:
+    """The checkpoint's tensors less its KV-cache scales (``KV_SCALE_TENSOR``), which the unscaled KV cache does
+    not use (the engine refuses such a checkpoint with an fp8 cache); logs how many were skipped."""
+    skipped = 0
+    for name, tensor in weights:
+        if KV_SCALE_TENSOR.search(name):
+            skipped += 1
+            continue
+        yield name, tensor
+    logger.info("skipped the checkpoint's %d KV-cache scale tensors: the KV cache stores the model dtype", skipped)
 
 
 def _block_scale_names(weights: Iterable[tuple[str, object]]) -> Iterator[tuple[str, object]]:

@@ -124,6 +124,36 @@ def test_dummy_weights_with_static_input_scales(checkpoint_factory, tmp_path: Pa
     assert len(outputs[0].outputs[0].token_ids) == 4 and len(calls) > 0
 
 
+@pytest.mark.parametrize(("scheme", "declared", "names"), [
+    ("compressed-tensors-static", {"kv_cache_scheme": {"num_bits": 8, "type": "float", "strategy": "tensor",
+                                                       "dynamic": False, "symmetric": True}}, ("k_scale", "v_scale")),
+    ("fp8-static", {"kv_cache_quant_targets": ["k_proj", "v_proj"]}, ("k_proj.output_scale", "v_proj.output_scale")),
+])  # fmt: skip
+def test_kv_cache_scales_are_skipped_with_the_model_dtype_cache(fp8_checkpoint, tmp_path: Path, scheme: str,
+                                                                declared: dict, names: tuple[str, str]) -> None:
+    """``-FP8-KV`` checkpoints (KV-cache scales in compressed-tensors' or AutoFP8's names): with the KV cache in
+    the model dtype (``kv_cache_dtype="auto"``) the scales are not needed and are skipped, the tokens those of
+    the checkpoint without them; with an fp8 cache, which pagedllm keeps unscaled, refused with the reason;
+    scale tensors the config does not declare are an unknown tensor, as before."""
+    fp8_dir, _ = fp8_checkpoint("llama", scheme)
+
+    def add_scales(tensors: dict[str, torch.Tensor]) -> None:
+        for layer in range(2):
+            for name in names:
+                tensors[f"model.layers.{layer}.self_attn.{name}"] = torch.tensor(0.05)
+
+    with_kv = _variant(fp8_dir, tmp_path / "kv", edit_tensors=add_scales,
+                       edit_config=lambda c: c["quantization_config"].update(declared))
+    llm = LLM(str(with_kv), **ENGINE)
+    assert llm.llm_engine.model_config.kv_cache_scales
+    assert _generate(llm) == _generate(LLM(str(fp8_dir), **ENGINE))
+    with pytest.raises(ValueError, match=r"brings KV-cache scales .* kv_cache_dtype 'fp8' would need"):
+        LLM(str(with_kv), kv_cache_dtype="fp8", **ENGINE)
+    undeclared = _variant(fp8_dir, tmp_path / "undeclared", edit_tensors=add_scales)
+    with pytest.raises(ValueError, match=rf"self_attn.{names[0]}' matches no parameter"):
+        LLM(str(undeclared), **ENGINE)
+
+
 def test_broken_static_input_scales_are_refused(fp8_checkpoint, tmp_path: Path) -> None:
     fp8_dir, _ = fp8_checkpoint("llama", "fp8-static")
     name = "model.layers.1.mlp.down_proj.input_scale"

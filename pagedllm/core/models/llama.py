@@ -249,8 +249,10 @@ class LlamaForCausalLM(nn.Module):
                 if fragment in name:
                     target = name.replace(fragment, fused)
                     module_name, _, param_name = target.rpartition(".")
-                    if module_name not in modules:
-                        raise ValueError(f"checkpoint tensor {name!r} has no matching parameter {target!r}")
+                    if module_name not in modules or not isinstance(getattr(modules[module_name], param_name, None),
+                                                                    nn.Parameter):
+                        raise ValueError(f"checkpoint tensor {name!r} matches no parameter ({target!r}) of "
+                                         f"{type(self).__name__}")
                     try:
                         modules[module_name].load_shard(param_name, index, tensor)
                     except ValueError as exc:
