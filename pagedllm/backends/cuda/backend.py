@@ -57,8 +57,9 @@ class CudaBackend(Backend):
     name = "cuda"
     device_type = "cuda"
     dist_backend = "nccl"
-    interface_version = (1, 8)  # communicator; linear, all_reduce_add_rms_norm; scheduler defaults; fp8; fp8_block;
-    # qk_norm_rotary_embedding
+    # communicator; linear, all_reduce_add_rms_norm; scheduler defaults; fp8; fp8_block; 1.8: qk_norm_rotary_embedding,
+    # the fp8_block input ops, linear_fp8_static
+    interface_version = (1, 8)
     priority = 10  # below rocm: torch.cuda also answers on a ROCm build
 
     def __init__(self) -> None:
