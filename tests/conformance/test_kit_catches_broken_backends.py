@@ -105,12 +105,18 @@ def test_a_wrong_norm_is_caught_in_the_fp8_input_ops_that_compose_it() -> None:
             } <= outcomes.ids("passed")
 
 
-def test_fp8_linear_without_input_quantization_is_caught() -> None:
-    code, outcomes = run_kit("broken_fp8_linear", "test_fused_op and linear")
+@pytest.mark.parametrize(("backend", "op", "passing"), [
+    ("broken_fp8_linear", "linear_fp8", "linear"),  # the input never quantized
+    ("broken_fp8_static", "linear_fp8_static", "linear_fp8"),  # the static input scale ignored
+    ("broken_fp8_block", "linear_fp8_block", "linear_fp8"),  # tile-scaled weights, inputs per token
+])  # fmt: skip
+def test_a_wrong_fp8_linear_layer_is_caught(backend: str, op: str, passing: str) -> None:
+    """Caught in exactly its op's cases, many tokens and one token, every dtype; a neighbouring op passes."""
+    code, outcomes = run_kit(backend, "test_fused_op and linear")
     assert code == pytest.ExitCode.TESTS_FAILED
-    assert {f"broken_fp8_linear-{op}-{dtype}" for op in ("linear_fp8", "linear_fp8_one_token")
+    assert {f"{backend}-{case}-{dtype}" for case in (op, f"{op}_one_token")
             for dtype in ("float32", "float16", "bfloat16")} == outcomes.ids("failed")
-    assert "broken_fp8_linear-linear-float32" in outcomes.ids("passed")
+    assert f"{backend}-{passing}-float32" in outcomes.ids("passed")
 
 
 @pytest.mark.parametrize(("backend", "suffix"), [("broken_fp8_inputs", ""), ("broken_fp8_groups", "_groups")])
@@ -123,22 +129,6 @@ def test_fp8_inputs_quantized_wrongly_are_caught(backend: str, suffix: str) -> N
             for dtype in ("float32", "float16", "bfloat16")} == outcomes.ids("failed")
     other = "_groups" if not suffix else ""
     assert f"{backend}-rms_norm_fp8{other}-float32" in outcomes.ids("passed")
-
-
-def test_a_static_input_scale_ignored_is_caught() -> None:
-    code, outcomes = run_kit("broken_fp8_static", "test_fused_op and linear")
-    assert code == pytest.ExitCode.TESTS_FAILED
-    assert {f"broken_fp8_static-{op}-{dtype}" for op in ("linear_fp8_static", "linear_fp8_static_one_token")
-            for dtype in ("float32", "float16", "bfloat16")} == outcomes.ids("failed")
-    assert "broken_fp8_static-linear_fp8-float32" in outcomes.ids("passed")
-
-
-def test_tile_scaled_fp8_with_per_token_inputs_is_caught() -> None:
-    code, outcomes = run_kit("broken_fp8_block", "test_fused_op and linear")
-    assert code == pytest.ExitCode.TESTS_FAILED
-    assert {f"broken_fp8_block-{op}-{dtype}" for op in ("linear_fp8_block", "linear_fp8_block_one_token")
-            for dtype in ("float32", "float16", "bfloat16")} == outcomes.ids("failed")
-    assert "broken_fp8_block-linear_fp8-float32" in outcomes.ids("passed")
 
 
 def test_qk_norm_over_the_wrong_span_is_caught() -> None:

@@ -45,6 +45,15 @@ def _model(llm: LLM) -> torch.nn.Module:
     return llm.llm_engine.executor.worker.runner.model
 
 
+def assert_same_parameters(stored: LLM, online: LLM) -> None:
+    """The two engines' models hold the same parameters, byte for byte and in the same dtypes."""
+    ours, theirs = dict(_model(stored).named_parameters()), dict(_model(online).named_parameters())
+    assert ours.keys() == theirs.keys()
+    for name, param in ours.items():
+        assert param.dtype == theirs[name].dtype, name
+        assert torch.equal(param.view(torch.uint8), theirs[name].view(torch.uint8)), name
+
+
 def _generate(llm: LLM) -> list[tuple[list[int], list[dict[int, float]]]]:
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, min_tokens=MAX_TOKENS, logprobs=3)
     outputs = llm.generate([[1, 2, 3, 4, 5], list(range(10, 40)), [100, 200, 300]], params, use_tqdm=False)
@@ -61,12 +70,8 @@ def test_a_per_row_checkpoint_computes_exactly_what_online_fp8_computes(checkpoi
     stored = LLM(str(fp8_dir), **ENGINE)
     online = LLM(str(checkpoint_factory(arch)), quantization="fp8", **ENGINE)
     assert stored.llm_engine.config.quantization == "fp8"
-    ours, theirs = dict(_model(stored).named_parameters()), dict(_model(online).named_parameters())
-    assert ours.keys() == theirs.keys()
-    for name, param in ours.items():
-        assert param.dtype == theirs[name].dtype, name
-        assert torch.equal(param.view(torch.uint8), theirs[name].view(torch.uint8)), name
-    assert ours["model.layers.0.mlp.down_proj.weight"].dtype == torch.float8_e4m3fn
+    assert_same_parameters(stored, online)
+    assert _model(stored).model.layers[0].mlp.down_proj.weight.dtype == torch.float8_e4m3fn
     assert _generate(stored) == _generate(online)
 
 
@@ -180,11 +185,7 @@ def test_a_tile_checkpoint_computes_exactly_what_online_fp8_block_computes(check
     stored = LLM(str(fp8_dir), **ENGINE)
     online = LLM(str(checkpoint_factory(arch, **TILED)), quantization="fp8_block", **ENGINE)
     assert stored.llm_engine.config.quantization == "fp8_block"
-    ours, theirs = dict(_model(stored).named_parameters()), dict(_model(online).named_parameters())
-    assert ours.keys() == theirs.keys()
-    for name, param in ours.items():
-        assert param.dtype == theirs[name].dtype, name
-        assert torch.equal(param.view(torch.uint8), theirs[name].view(torch.uint8)), name
+    assert_same_parameters(stored, online)
     qkv = _model(stored).model.layers[0].self_attn.qkv_proj
     assert qkv.weight.dtype == torch.float8_e4m3fn and qkv.weight_scale.shape == (4, 2)  # 512 rows, 256 columns
     assert _generate(stored) == _generate(online)
