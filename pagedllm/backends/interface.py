@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import torch
+
+from pagedllm.backends.kv_storage import divide_by_scale
 
 # The interface version a backend declares in ``Backend.interface_version``: (major, minor). The minor is
 # raised when something is added (a method with a neutral default, a capability field with a default), so
@@ -37,8 +39,10 @@ import torch
 # ``Backend.linear_fp8_block`` and the ``"fp8_block"`` name in ``BackendCapabilities.quantizations``; 1.8 —
 # per-head q/k norms with the rotary embedding: ``Backend.qk_norm_rotary_embedding``; the fp8 input ops for
 # tile-scaled layers: ``Backend.rms_norm_fp8_groups``, ``add_rms_norm_fp8_groups``, ``silu_and_mul_fp8_groups``
-# and ``linear_fp8_block_quantized``; fp8 layers with static input scales: ``Backend.linear_fp8_static``.
-INTERFACE_VERSION: tuple[int, int] = (1, 8)
+# and ``linear_fp8_block_quantized``; fp8 layers with static input scales: ``Backend.linear_fp8_static``; 1.9 —
+# KV caches holding scaled keys and values (the per-layer ``k_scale``/``v_scale`` of fp8 checkpoints):
+# ``Backend.write_kv_cache_scaled`` and ``Backend.attention_scaled``.
+INTERFACE_VERSION: tuple[int, int] = (1, 9)
 
 
 class InterfaceVersionError(ValueError):
@@ -513,6 +517,52 @@ class Backend(abc.ABC):
         num_kv_heads)``. Returns a new ``[num_tokens, num_heads, head_dim]`` tensor in ``query``'s dtype;
         every row of a real token must be written, rows of padding tokens (slot -1) may hold anything.
         """
+
+    # ------------------------------------------------------------------ scaled KV caches
+    def write_kv_cache_scaled(
+        self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+        k_scale: float, v_scale: float,
+    ) -> None:
+        """:meth:`write_kv_cache` of ``key / k_scale`` and ``value / v_scale``: called instead of it, once per
+        layer per step, by the layers of a model whose fp8 KV cache takes the checkpoint's per-layer scales
+        (``k_scale``/``v_scale`` of ``-FP8-KV`` checkpoints; a scale maps the layer's largest key or value onto
+        the format's largest finite value, so none saturates).
+
+        ``key``, ``value``: ``[num_tokens, num_kv_heads, head_dim]`` in the model dtype (unscaled); the cache and
+        ``slot_mapping`` as in :meth:`write_kv_cache`; ``k_scale``, ``v_scale``: positive finite floats. Each
+        value is stored as ``kv_storage.to_cache_dtype(kv_storage.divide_by_scale(x, scale))``: multiplied in
+        float32 by the float32 inverse of its scale, then cast as :meth:`write_kv_cache` casts. Default: the
+        products rounded to ``key``'s dtype, then :meth:`write_kv_cache` (one extra rounding, well inside an
+        8-bit cache's precision). Added in 1.9.
+        """
+        self.write_kv_cache(divide_by_scale(key, k_scale).to(key.dtype),
+                            divide_by_scale(value, v_scale).to(value.dtype), kv_cache, slot_mapping)
+
+    def attention_scaled(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+        spec: AttentionSpec,
+        k_scale: float,
+        v_scale: float,
+    ) -> torch.Tensor:
+        """:meth:`attention` over a cache written by :meth:`write_kv_cache_scaled`: every cached key counts as
+        ``k_scale`` times what is stored, every value as ``v_scale`` times; called instead of :meth:`attention`
+        by the layers that write scaled.
+
+        ``key``/``value``: this step's, as the layer computed them (unscaled); the rest as in :meth:`attention`.
+        Returns ``[num_tokens, num_heads, head_dim]`` in ``query``'s dtype. Default: :meth:`attention` with the
+        score scale times ``k_scale`` (``q . (k_scale k) = k_scale (q . k)``) over this step's keys and values
+        divided by their scales, its output times ``v_scale`` (the output is linear in the values). Added in
+        1.9.
+        """
+        out = self.attention(query, divide_by_scale(key, k_scale).to(key.dtype),
+                             divide_by_scale(value, v_scale).to(value.dtype), kv_cache, metadata,
+                             replace(spec, scale=spec.scale * k_scale))
+        return out * v_scale
 
     # ------------------------------------------------------------------ optional fused ops
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

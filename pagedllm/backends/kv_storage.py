@@ -3,6 +3,8 @@ with PyTorch indexing (block copies, slot reads)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -24,6 +26,25 @@ def to_cache_dtype(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         largest = torch.finfo(dtype).max
         values = values.clamp(-largest, largest)
     return values.to(dtype)
+
+
+def divide_by_scale(values: torch.Tensor, scale: float) -> torch.Tensor:
+    """Return ``values / scale`` as a scaled KV cache stores them before the cast: float32 ``values`` times the
+    float32 inverse of ``scale`` (what a kernel computes from an inverse passed as a 32-bit float argument).
+
+    Called by ``Backend.write_kv_cache_scaled`` and references of what a scaled cache holds. ``values``: any
+    shape and float dtype; ``scale``: a positive finite float. Returns a float32 tensor of the same shape.
+    """
+    return values.float() * inverse_scale(scale)
+
+
+def inverse_scale(scale: float) -> float:
+    """``1 / scale`` rounded to float32 (returned as a Python float holding exactly that value): the multiplier
+    every implementation of a scaled KV store uses, so they round alike. Raises ValueError unless ``scale`` is a
+    positive finite number."""
+    if not math.isfinite(scale) or scale <= 0.0:
+        raise ValueError(f"KV cache scale {scale!r}: expected a positive finite number")
+    return torch.tensor(1.0 / scale, dtype=torch.float32).item()
 
 
 def byte_view(tensor: torch.Tensor) -> torch.Tensor:

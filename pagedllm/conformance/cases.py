@@ -25,6 +25,10 @@ HEAD_LAYOUTS: dict[str, tuple[int, int]] = {"mha": (4, 4), "gqa": (8, 2), "mqa":
 """Layout name -> (num_heads, num_kv_heads)."""
 SCENARIOS: tuple[str, ...] = ("decode", "prefill", "prefix_prefill", "mixed")
 PADDING_TOKENS = 5
+K_SCALE = 1000.0
+V_SCALE = 300.0
+"""The KV-cache scales of the ``kv_scaled`` cases: keys and values that large saturate an unscaled 8-bit cache
+(e4m3's largest value is 448), and neither is a power of two, so a scale used the wrong way round shows."""
 """Padding rows (slot -1) appended by the ``padded`` cases on backends without static shapes."""
 
 
@@ -68,6 +72,10 @@ class AttentionCase:
     kv_dtype: torch.dtype
     sliding_window: int | None = None
     padded: bool = False
+    k_scale: float = 1.0
+    v_scale: float = 1.0
+    """Other than 1.0 (the ``kv_scaled`` cases): the cache holds keys and values divided by these, written and
+    read through ``write_kv_cache_scaled`` / ``attention_scaled``."""
 
     @property
     def num_heads(self) -> int:
@@ -87,7 +95,7 @@ class AttentionCase:
     def requests(self) -> list[RequestShape]:
         """The batch's requests."""
         scenario = "window" if self.sliding_window else self.scenario
-        if scenario in ("padded", "kv_only"):
+        if scenario in ("padded", "kv_only", "kv_scaled"):
             scenario = "mixed"
         return scenario_requests(scenario, self.block_size)
 
@@ -176,6 +184,14 @@ def _attention_cases(capabilities: BackendCapabilities) -> Iterator[tuple[Attent
     if not kv_only:
         yield (AttentionCase("kv_only", "gqa", head, block, claimed_dtypes[0], claimed_dtypes[0]),
                "no KV-only cache dtype claimed (every kv_cache_dtype is a model dtype, tested above)")
+    # the same caches holding scaled keys and values (the per-layer scales of -FP8-KV checkpoints)
+    scales = {"k_scale": K_SCALE, "v_scale": V_SCALE}
+    for kv_dtype in kv_only:
+        for dtype in claimed_dtypes:
+            yield AttentionCase("kv_scaled", "gqa", head, block, dtype, kv_dtype, **scales), None
+    if not kv_only:
+        yield (AttentionCase("kv_scaled", "gqa", head, block, claimed_dtypes[0], claimed_dtypes[0], **scales),
+               "no KV-only cache dtype claimed (scales are taken by 8-bit caches)")
     # sliding window and padding rows
     window = sliding_window_for(block)
     skip = None if capabilities.supports_sliding_window else "sliding window not claimed"
@@ -183,6 +199,15 @@ def _attention_cases(capabilities: BackendCapabilities) -> Iterator[tuple[Attent
         yield AttentionCase("window", "gqa", head, block, dtype, dtype, sliding_window=window), skip
     for dtype in claimed_dtypes:
         yield AttentionCase("padded", "gqa", head, block, dtype, dtype, padded=True), None
+
+
+def scaled_kv_cache_cases(capabilities: BackendCapabilities) -> Iterator[tuple[torch.dtype, torch.dtype]]:
+    """Yield ``(model dtype, kv dtype)`` for every KV-only cache dtype (scaled stores are taken by those) and
+    claimed model dtype."""
+    for kv_dtype in capabilities.kv_cache_dtypes:
+        if kv_dtype not in capabilities.dtypes:
+            for dtype in capabilities.dtypes:
+                yield dtype, kv_dtype
 
 
 def kv_cache_cases(capabilities: BackendCapabilities) -> Iterator[tuple[int, torch.dtype, torch.dtype]]:

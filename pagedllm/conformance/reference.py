@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from pagedllm.backends.interface import AttentionMetadata, AttentionSpec, Backend, BackendCapabilities
-from pagedllm.backends.kv_storage import to_cache_dtype
+from pagedllm.backends.kv_storage import divide_by_scale, to_cache_dtype
 
 # Unwritten KV slots hold this instead of NaN: a correct kernel may load a whole block and multiply the
 # masked tail by a zero probability, and 0 * NaN is NaN. A key of 100 dominates any softmax it enters and
@@ -105,6 +105,30 @@ class AttentionBatch:
     """Per request, ``[seq_len, num_kv_heads, head_dim]`` float32 (as stored: rounded to the KV dtype)."""
     full_values: list[torch.Tensor]
     """Same as ``full_keys``."""
+    k_scale: float = 1.0
+    """Other than 1.0: the cache holds keys divided by it (``write_kv_cache_scaled``); ``full_keys`` are what
+    it stores times ``k_scale``."""
+    v_scale: float = 1.0
+    """The same for values."""
+
+    @property
+    def scaled(self) -> bool:
+        """Whether the step runs through ``write_kv_cache_scaled`` and ``attention_scaled``."""
+        return self.k_scale != 1.0 or self.v_scale != 1.0
+
+    def write(self, backend: Backend, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """Store ``key``/``value`` at ``slot_mapping`` in the batch's cache as the engine would for this layer."""
+        if self.scaled:
+            backend.write_kv_cache_scaled(key, value, self.kv_cache, slot_mapping, self.k_scale, self.v_scale)
+        else:
+            backend.write_kv_cache(key, value, self.kv_cache, slot_mapping)
+
+    def attend(self, backend: Backend) -> torch.Tensor:
+        """The step's attention (after :meth:`write` of its keys and values), scaled or not."""
+        if self.scaled:
+            return backend.attention_scaled(self.query, self.key, self.value, self.kv_cache, self.metadata, self.spec,
+                                            self.k_scale, self.v_scale)
+        return backend.attention(self.query, self.key, self.value, self.kv_cache, self.metadata, self.spec)
 
 
 def order_requests(requests: list[RequestShape]) -> list[RequestShape]:
@@ -123,13 +147,17 @@ def build_attention_batch(
     generator: torch.Generator,
     num_padding_tokens: int = 0,
     spare_blocks: int = 3,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> AttentionBatch:
     """Lay out ``requests`` in a fresh paged cache and return this step's batch.
 
     Block ids come from a random permutation of ``1..num_blocks-1`` (block 0 is the null block that pads
     block tables); the cache gets ``spare_blocks`` unused blocks that only ever hold poison. The context
     of every request is written with one :meth:`Backend.write_kv_cache` call; this step's tokens are
-    *not* written: the caller does that, as the engine does, right before attention.
+    *not* written: the caller does that, as the engine does, right before attention. ``k_scale``/``v_scale``
+    other than 1.0: keys and values of that magnitude (queries divided by ``k_scale``, so the scores stay
+    near 1), written through :meth:`Backend.write_kv_cache_scaled`.
     """
     requests = order_requests(requests)
     num_kv_heads, head_dim = spec.num_kv_heads, spec.head_dim
@@ -145,11 +173,11 @@ def build_attention_batch(
     def slots_of(table: list[int], positions: range) -> list[int]:
         return [table[p // block_size] * block_size + p % block_size for p in positions]
 
-    def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=generator).to(dtype)
+    def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=generator) * scale).to(dtype)
 
-    full_keys = [randn(r.seq_len, num_kv_heads, head_dim) for r in requests]
-    full_values = [randn(r.seq_len, num_kv_heads, head_dim) for r in requests]
+    full_keys = [randn(r.seq_len, num_kv_heads, head_dim, scale=k_scale) for r in requests]
+    full_values = [randn(r.seq_len, num_kv_heads, head_dim, scale=v_scale) for r in requests]
     kv_cache = torch.zeros(backend.kv_cache_shape(num_blocks, block_size, num_kv_heads, head_dim), dtype=kv_dtype)
     kv_cache = kv_cache.fill_(KV_POISON).to(device)
 
@@ -157,18 +185,21 @@ def build_attention_batch(
     if context_slots:
         ctx_k = torch.cat([k[: r.context_len] for r, k in zip(requests, full_keys, strict=True)])
         ctx_v = torch.cat([v[: r.context_len] for r, v in zip(requests, full_values, strict=True)])
-        backend.write_kv_cache(ctx_k.to(device), ctx_v.to(device), kv_cache,
-                               torch.tensor(context_slots, dtype=torch.int64, device=device))
+        context = (ctx_k.to(device), ctx_v.to(device), kv_cache, torch.tensor(context_slots, device=device))
+        if k_scale != 1.0 or v_scale != 1.0:
+            backend.write_kv_cache_scaled(*context, k_scale, v_scale)
+        else:
+            backend.write_kv_cache(*context)
 
     new_slots = [s for r, t in zip(requests, tables, strict=True)
                  for s in slots_of(t, range(r.context_len, r.seq_len))]
     key = torch.cat([k[r.context_len :] for r, k in zip(requests, full_keys, strict=True)])
     value = torch.cat([v[r.context_len :] for r, v in zip(requests, full_values, strict=True)])
     num_tokens = key.shape[0]
-    query = randn(num_tokens + num_padding_tokens, spec.num_heads, head_dim)
+    query = randn(num_tokens + num_padding_tokens, spec.num_heads, head_dim, scale=1.0 / k_scale)
     if num_padding_tokens:
-        key = torch.cat([key, randn(num_padding_tokens, num_kv_heads, head_dim)])
-        value = torch.cat([value, randn(num_padding_tokens, num_kv_heads, head_dim)])
+        key = torch.cat([key, randn(num_padding_tokens, num_kv_heads, head_dim, scale=k_scale)])
+        value = torch.cat([value, randn(num_padding_tokens, num_kv_heads, head_dim, scale=v_scale)])
         new_slots += [-1] * num_padding_tokens
 
     query_lens = torch.tensor([r.query_len for r in requests], dtype=torch.int32)
@@ -200,9 +231,19 @@ def build_attention_batch(
         kv_cache=kv_cache,
         metadata=metadata,
         spec=spec,
-        full_keys=[to_cache_dtype(k, kv_dtype).float() for k in full_keys],
-        full_values=[to_cache_dtype(v, kv_dtype).float() for v in full_values],
+        full_keys=[stored_value(k, kv_dtype, k_scale) for k in full_keys],
+        full_values=[stored_value(v, kv_dtype, v_scale) for v in full_values],
+        k_scale=k_scale,
+        v_scale=v_scale,
     )
+
+
+def stored_value(values: torch.Tensor, kv_dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    """What a cache of ``kv_dtype`` holding ``values`` stands for, in float32: the values rounded to it, or with a
+    ``scale`` other than 1.0 ``values / scale`` rounded to it (``kv_storage.divide_by_scale``) times ``scale``."""
+    if scale == 1.0:
+        return to_cache_dtype(values, kv_dtype).float()
+    return to_cache_dtype(divide_by_scale(values, scale), kv_dtype).float() * scale
 
 
 def reference_attention(batch: AttentionBatch) -> torch.Tensor:

@@ -41,14 +41,15 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 def check_attention(batch: AttentionBatch, out: torch.Tensor, dtype: torch.dtype, kv_dtype: torch.dtype) -> None:
-    """Fail unless ``out`` has the query's shape and dtype and its real rows match the reference."""
+    """Fail unless ``out`` has the query's shape and dtype and its real rows match the reference (both divided by
+    the batch's ``v_scale``, so the tolerances keep meaning outputs of magnitude ~1)."""
     assert tuple(out.shape) == tuple(batch.query.shape), (
         f"attention returned shape {tuple(out.shape)}, expected [num_tokens, num_heads, head_dim] = "
         f"{tuple(batch.query.shape)}"
     )
     assert out.dtype == dtype, f"attention returned {out.dtype}, expected the query's dtype {dtype}"
-    actual = out[: batch.metadata.num_tokens].float().cpu()
-    expected = reference_attention(batch)
+    actual = out[: batch.metadata.num_tokens].float().cpu() / batch.v_scale
+    expected = reference_attention(batch) / batch.v_scale
     tol = tolerance(dtype, kv_dtype)
     if not torch.allclose(actual, expected, atol=tol.atol, rtol=tol.rtol):
         pytest.fail(
@@ -66,18 +67,20 @@ def build_case(target: ConformanceTarget, case: AttentionCase, generator: torch.
     if padding is None:
         pytest.skip(f"{num_tokens} tokens exceed the largest claimed token bucket")
     return build_attention_batch(target.backend, target.device, requests, case.spec(), case.block_size,
-                                 case.dtype, case.kv_dtype, generator, num_padding_tokens=padding)
+                                 case.dtype, case.kv_dtype, generator, num_padding_tokens=padding,
+                                 k_scale=case.k_scale, v_scale=case.v_scale)
 
 
 def test_attention(
     conformance_target: ConformanceTarget, attention_case: AttentionCase, conformance_generator: torch.Generator
 ) -> None:
-    """One step (write this step's K/V, then attend) matches the reference for the case's batch."""
+    """One step (write this step's K/V, then attend) matches the reference for the case's batch; the
+    ``kv_scaled`` cases through ``write_kv_cache_scaled`` and ``attention_scaled``."""
     backend = conformance_target.backend
     batch = build_case(conformance_target, attention_case, conformance_generator)
     with poisoned_allocations():
-        backend.write_kv_cache(batch.key, batch.value, batch.kv_cache, batch.metadata.slot_mapping)
-        out = backend.attention(batch.query, batch.key, batch.value, batch.kv_cache, batch.metadata, batch.spec)
+        batch.write(backend, batch.key, batch.value, batch.metadata.slot_mapping)
+        out = batch.attend(backend)
     check_attention(batch, out, attention_case.dtype, attention_case.kv_dtype)
 
 

@@ -12,23 +12,41 @@ import pytest
 import torch
 
 from pagedllm.backends.kv_storage import to_cache_dtype
-from pagedllm.conformance.cases import base_head_size, dtype_name, kv_cache_cases, param
+from pagedllm.conformance.cases import (
+    K_SCALE,
+    V_SCALE,
+    base_block_size,
+    base_head_size,
+    dtype_name,
+    kv_cache_cases,
+    param,
+    scaled_kv_cache_cases,
+)
 from pagedllm.conformance.plugin import ConformanceTarget, case_id, get_target
-from pagedllm.conformance.reference import poisoned_allocations, tolerance
+from pagedllm.conformance.reference import poisoned_allocations, stored_value, tolerance
 
 NUM_KV_HEADS = 2
 NUM_BLOCKS = 6
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """Parametrize ``kv_case`` over every claimed block size and KV cache dtype."""
+    """Parametrize ``kv_case`` over every claimed block size and KV cache dtype, ``scaled_kv_case`` over every
+    KV-only cache dtype and model dtype (one skipped case when no KV-only dtype is claimed)."""
+    capabilities = get_target(metafunc.config).capabilities if metafunc.fixturenames else None
     if "kv_case" in metafunc.fixturenames:
-        capabilities = get_target(metafunc.config).capabilities
         params = []
         for block_size, dtype, kv_dtype in kv_cache_cases(capabilities):
             parts = [f"b{block_size}", dtype] + ([f"kv_{dtype_name(kv_dtype)}"] if kv_dtype != dtype else [])
             params.append(param(case_id(metafunc.config, *parts), (block_size, dtype, kv_dtype)))
         metafunc.parametrize("kv_case", params)
+    if "scaled_kv_case" in metafunc.fixturenames:
+        params = [param(case_id(metafunc.config, "scaled", dtype, f"kv_{dtype_name(kv_dtype)}"), (dtype, kv_dtype))
+                  for dtype, kv_dtype in scaled_kv_cache_cases(capabilities)]
+        if not params:
+            dtype = capabilities.dtypes[0]
+            params = [param(case_id(metafunc.config, "scaled", dtype), (dtype, dtype),
+                            skip="no KV-only cache dtype claimed (scales are taken by 8-bit caches)")]
+        metafunc.parametrize("scaled_kv_case", params)
 
 
 def poisoned_cache(target: ConformanceTarget, num_blocks: int, block_size: int, kv_dtype: torch.dtype) -> torch.Tensor:
@@ -97,6 +115,35 @@ def test_write_then_read_back(
         actual_k, actual_v = read_all(target, cache, num_slots)
         assert_slots(actual_k, expected_k, f"keys after write {round_index}", dtype, kv_dtype)
         assert_slots(actual_v, expected_v, f"values after write {round_index}", dtype, kv_dtype)
+
+
+def test_scaled_write_then_read_back(
+    conformance_target: ConformanceTarget, scaled_kv_case: tuple[torch.dtype, torch.dtype],
+    conformance_generator: torch.Generator,
+) -> None:
+    """``write_kv_cache_scaled`` stores keys divided by ``k_scale`` and values by ``v_scale``: keys and values far
+    past the format's range (``K_SCALE``, ``V_SCALE`` times a normal sample) read back as that sample, rounded to
+    the cache's dtype; padding rows and every other slot stay untouched."""
+    dtype, kv_dtype = scaled_kv_case
+    target, gen = conformance_target, conformance_generator
+    block_size = base_block_size(target.capabilities)
+    head_dim = base_head_size(target.capabilities)
+    num_slots = NUM_BLOCKS * block_size
+    cache = poisoned_cache(target, NUM_BLOCKS, block_size, kv_dtype)
+    expected_k, expected_v = read_all(target, cache, num_slots)
+    num_tokens = num_slots // 2
+    slots = torch.randperm(num_slots, generator=gen)[:num_tokens]
+    slot_mapping = torch.cat([slots, torch.full((3,), -1)])
+    key = (torch.randn(num_tokens + 3, NUM_KV_HEADS, head_dim, generator=gen) * K_SCALE).to(dtype)
+    value = (torch.randn(num_tokens + 3, NUM_KV_HEADS, head_dim, generator=gen) * V_SCALE).to(dtype)
+    with poisoned_allocations():
+        target.backend.write_kv_cache_scaled(key.to(target.device), value.to(target.device), cache,
+                                             slot_mapping.to(target.device), K_SCALE, V_SCALE)
+    expected_k[slots] = stored_value(key[:num_tokens], kv_dtype, K_SCALE) / K_SCALE
+    expected_v[slots] = stored_value(value[:num_tokens], kv_dtype, V_SCALE) / V_SCALE
+    actual_k, actual_v = read_all(target, cache, num_slots)
+    assert_slots(actual_k, expected_k, f"keys written with k_scale {K_SCALE}", dtype, kv_dtype)
+    assert_slots(actual_v, expected_v, f"values written with v_scale {V_SCALE}", dtype, kv_dtype)
 
 
 def test_copy_blocks(

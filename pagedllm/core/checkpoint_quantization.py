@@ -26,8 +26,9 @@ are already stored in one of them is loaded as it is, without its bf16 weights e
 
 Refused, with the reason: static input scales with tile-scaled weights or per token, weight-only fp8, block
 sizes other than 128 x 128, group-wise weight scales, config groups mixing schemes, and every other method
-(AWQ, GPTQ, bitsandbytes...). KV-cache scales (:func:`checkpoint_kv_cache_scales`) are skipped with a KV cache in
-the model dtype and refused with an fp8 one (the engine says so).
+(AWQ, GPTQ, bitsandbytes...). KV-cache scales (:func:`checkpoint_kv_cache_scales`, one per layer for keys and
+one for values) are taken by an fp8 KV cache (``kv_cache_dtype="fp8"``), which then stores keys and values
+divided by them, and skipped with a cache in the model dtype; scales per head or channel are refused.
 """
 
 from __future__ import annotations
@@ -72,12 +73,25 @@ AutoFP8's ``k_proj.output_scale``/``v_proj.output_scale``, the older ``kv_scale`
 
 def checkpoint_kv_cache_scales(hf_config: object) -> bool:
     """Whether the checkpoint declares per-layer KV-cache scales (compressed-tensors' ``kv_cache_scheme``,
-    AutoFP8's ``kv_cache_quant_targets``; the ``-FP8-KV`` checkpoints). pagedllm's KV cache holds unscaled
-    values (``kv_cache_dtype="auto"``: the model dtype; ``"fp8"``: e4m3 with scale 1, vLLM's default), so the
-    loader skips those tensors and the engine refuses them with an fp8 cache. Called when the model config is
-    read."""
+    AutoFP8's ``kv_cache_quant_targets``; the ``-FP8-KV`` checkpoints). With ``kv_cache_dtype="fp8"`` each
+    attention layer's cache then holds keys and values divided by its scales (without them: scale 1, vLLM's
+    default too); with a cache in the model dtype the loader skips them. Called when the model config is read.
+    Raises ValueError for a ``kv_cache_scheme`` other than 8-bit floats with one static scale per tensor."""
     config = _quantization_config(hf_config)
-    return config is not None and bool(config.get("kv_cache_scheme") or config.get("kv_cache_quant_targets"))
+    if config is None:
+        return False
+    scheme = config.get("kv_cache_scheme")
+    if scheme:
+        if not isinstance(scheme, Mapping):
+            raise ValueError(f"kv_cache_scheme {scheme!r}: expected a mapping")
+        if (scheme.get("type", "float"), scheme.get("num_bits", 8)) != ("float", 8):
+            raise ValueError(f"kv_cache_scheme of type {scheme.get('type')!r}, {scheme.get('num_bits')} bits: not "
+                             f"supported; pagedllm's fp8 KV cache takes 8-bit float scales")
+        if scheme.get("strategy", "tensor") != "tensor" or scheme.get("dynamic"):
+            raise ValueError(f"kv_cache_scheme with strategy {scheme.get('strategy')!r}"
+                             f"{' (dynamic)' if scheme.get('dynamic') else ''}: not supported; pagedllm's fp8 KV "
+                             f"cache takes one static scale per layer for keys and one for values")
+    return bool(scheme or config.get("kv_cache_quant_targets"))
 
 
 def _quantization_config(hf_config: object) -> Mapping[str, object] | None:

@@ -171,8 +171,9 @@ class ModelConfig:
     """How those fp8 projections scale their inputs: ``"dynamic"``, ``"static"`` (a calibrated ``input_scale``
     per layer in the checkpoint) or None (unquantized)."""
     kv_cache_scales: bool = False
-    """Whether the checkpoint brings KV-cache scales (``k_scale``/``v_scale``), which pagedllm's unscaled KV cache
-    does not use: skipped at load, refused with an fp8 cache (``checkpoint_kv_cache_scales``)."""
+    """Whether the checkpoint brings per-layer KV-cache scales (``k_scale``/``v_scale``; the ``-FP8-KV``
+    checkpoints): an fp8 KV cache stores keys and values divided by them; a cache in the model dtype needs none
+    and skips them (``checkpoint_kv_cache_scales``)."""
 
     @property
     def num_layers(self) -> int:

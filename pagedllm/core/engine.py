@@ -97,10 +97,6 @@ class LLMEngine:
             raise ValueError(f"backend {self.backend_cls.name!r} does not support kv_cache_dtype "
                              f"{config.kv_cache_dtype!r} ({kv_dtype}); supported: "
                              f"{[str(d) for d in capabilities.kv_cache_dtypes]}")
-        if mc.kv_cache_scales and kv_dtype != mc.dtype:
-            raise ValueError(f"the checkpoint brings KV-cache scales (k_scale/v_scale), which kv_cache_dtype "
-                             f"{config.kv_cache_dtype!r} would need; pagedllm's fp8 KV cache is unscaled: run it "
-                             f"with kv_cache_dtype='auto' (the scales are then not needed)")
         if mc.quantization is not None:  # an fp8 checkpoint runs in its scheme, asked for or not (as in vLLM)
             if config.quantization not in (None, mc.quantization, "fp8"):  # vLLM's "fp8" names both schemes
                 raise ValueError(f"quantization {config.quantization!r} was asked for, but the checkpoint's weights "

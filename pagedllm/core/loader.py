@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from pagedllm.backends.interface import Backend
+from pagedllm.backends.kv_storage import is_fp8
 from pagedllm.core.checkpoint_quantization import KV_SCALE_TENSOR
 from pagedllm.core.config import QUANTIZATIONS, ModelConfig
 from pagedllm.core.models.layers import (
@@ -110,9 +111,14 @@ DUMMY_INPUT_SCALE = 1.0 / 448.0
 scales (inputs up to 1 in magnitude map onto e4m3's range): speed runs of such checkpoints."""
 
 
+DUMMY_KV_SCALE = 1.0 / 448.0
+"""The KV-cache scale of every layer with dummy weights when config.json declares KV-cache scales and the cache
+is fp8: speed runs of ``-FP8-KV`` checkpoints through the scaled kernels."""
+
+
 def load_model(
     model_config: ModelConfig, backend: Backend, device: torch.device, load_format: str, seed: int | None = 0,
-    quantization: str | None = None,
+    quantization: str | None = None, kv_cache_dtype: torch.dtype | None = None,
 ) -> nn.Module:
     """Instantiate the model on ``device`` in the configured dtype and load its weights.
 
@@ -122,8 +128,10 @@ def load_model(
     backend's fp8 ops: read as they are from a checkpoint stored in fp8 (``model_config.quantization``, which
     must then equal ``quantization``; :func:`prepare_fp8_weights`), else quantized once loaded
     (:func:`quantize_linear_layers`; with dummy weights and static input scales in config.json, every
-    projection also gets :data:`DUMMY_INPUT_SCALE`). Raises ValueError naming any parameter the checkpoint does
-    not fill, or a model with no quantizable layer under fp8.
+    projection also gets :data:`DUMMY_INPUT_SCALE`). ``kv_cache_dtype``: the KV cache's (None: the model's);
+    an 8-bit float cache takes the checkpoint's KV-cache scales, if it declares them, into its attention layers
+    (else they are skipped; with dummy weights every scale is :data:`DUMMY_KV_SCALE`). Raises ValueError naming
+    any parameter the checkpoint does not fill, or a model with no quantizable layer under fp8.
     """
     if quantization not in (None, *QUANTIZATIONS):
         raise ValueError(f"unknown quantization {quantization!r}")
@@ -140,13 +148,17 @@ def load_model(
     if stored_fp8:
         count = prepare_fp8_weights(model, backend, block, static_inputs=model_config.input_scales == "static")
         _check_quantizable(count, model_config, quantization)
+    fp8_cache = kv_cache_dtype is not None and is_fp8(kv_cache_dtype)
     if load_format == "dummy":
         fill_dummy_weights(model, device, seed)
+        if model_config.kv_cache_scales and fp8_cache:
+            for layer in model.attention_layers():
+                layer.k_scale = layer.v_scale = DUMMY_KV_SCALE
+            logger.info("dummy weights with KV-cache scales: every k_scale and v_scale %g", DUMMY_KV_SCALE)
     else:
         lazy = bool(getattr(cls, "supports_tensor_parallel", False))
         weights = iterate_weights(Path(model_config.path), lazy=lazy)
-        if model_config.kv_cache_scales:
-            weights = _without_kv_scales(weights)
+        weights = _kv_cache_scales(weights, model_config.kv_cache_scales, fp8_cache)
         loaded = model.load_weights(_block_scale_names(weights) if stored_fp8 and block else weights)
         expected = {name for name, _ in model.named_parameters()}
         missing = sorted(expected - loaded)
@@ -175,16 +187,26 @@ def load_model(
     return model.eval()
 
 
-def _without_kv_scales(weights: Iterable[tuple[str, object]]) -> Iterator[tuple[str, object]]:
-    """The checkpoint's tensors less its KV-cache scales (``KV_SCALE_TENSOR``), which the unscaled KV cache does
-    not use (the engine refuses such a checkpoint with an fp8 cache); logs how many were skipped."""
-    skipped = 0
+def _kv_cache_scales(weights: Iterable[tuple[str, object]], declared: bool, used: bool) -> Iterator[tuple[str, object]]:
+    """The checkpoint's tensors, its KV-cache scales (``KV_SCALE_TENSOR``) among them only when ``used`` (an fp8
+    cache, whose layers take them: ``PagedAttention.load_kv_scale``); with a cache in the model dtype they are
+    not needed and are skipped (logged). Raises ValueError for a KV-cache scale that config.json does not
+    declare (``declared``: ``ModelConfig.kv_cache_scales``)."""
+    skipped = passed = 0
     for name, tensor in weights:
         if KV_SCALE_TENSOR.search(name):
-            skipped += 1
-            continue
+            if not declared:
+                raise ValueError(f"checkpoint tensor {name!r} is a KV-cache scale, but config.json's "
+                                 f"quantization_config declares none (kv_cache_scheme or kv_cache_quant_targets)")
+            if not used:
+                skipped += 1
+                continue
+            passed += 1
         yield name, tensor
-    logger.info("skipped the checkpoint's %d KV-cache scale tensors: the KV cache stores the model dtype", skipped)
+    if skipped:
+        logger.info("skipped the checkpoint's %d KV-cache scale tensors: the KV cache stores the model dtype", skipped)
+    if passed:
+        logger.info("the fp8 KV cache takes the checkpoint's %d KV-cache scale tensors", passed)
 
 
 def _block_scale_names(weights: Iterable[tuple[str, object]]) -> Iterator[tuple[str, object]]:

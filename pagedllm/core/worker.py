@@ -57,12 +57,12 @@ class Worker:
             )
         if config.seed is not None:
             torch.manual_seed(config.seed)
+        self.kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, model_config.dtype)
         with use_tp_group(self.tp_group):
             model = load_model(model_config, self.backend, self.device, config.load_format, config.seed,
-                               config.quantization)
+                               config.quantization, self.kv_dtype)
         self.backend.weights_loaded()
         self.runner = ModelRunner(model, self.backend, self.device, block_size, model_config.max_model_len)
-        self.kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, model_config.dtype)
         self.num_kv_heads = kv_heads_per_rank(model_config.num_kv_heads, world_size)  # this rank's share
 
     def bytes_per_block(self) -> int:

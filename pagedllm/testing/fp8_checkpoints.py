@@ -34,7 +34,10 @@ dtype, inputs in groups of 128). Every part of a merged projection (q, k, v; gat
 tiles for these two. With static input scales (a calibrated ``input_scale`` per projection: the largest
 magnitude its input reaches over a calibration prompt, divided by 448): ``fp8-static``, AutoFP8's default
 (``activation_scheme: static``, scalar float32 scales), and ``compressed-tensors-static``, llm-compressor's
-FP8 (per-tensor weights and inputs, ``[1]`` scales in the weights' dtype)."""
+FP8 (per-tensor weights and inputs, ``[1]`` scales in the weights' dtype).
+
+Any scheme may also bring KV-cache scales (``kv_cache_scales=True``; the ``-FP8-KV`` checkpoints): one per layer
+for keys and one for values, declared and named as each tool does (:func:`write_fp8_checkpoint`)."""
 
 
 CALIBRATION = list(range(3, 67))
@@ -66,10 +69,16 @@ def _quantization_config(scheme: str) -> dict[str, object]:
     }  # fmt: skip
 
 
-def write_fp8_checkpoint(source: str | Path, directory: str | Path, scheme: str) -> tuple[Path, Path]:
+def write_fp8_checkpoint(source: str | Path, directory: str | Path, scheme: str,
+                         kv_cache_scales: bool = False) -> tuple[Path, Path]:
     """Write ``source`` (an unquantized safetensors checkpoint, one file) stored in fp8 by ``scheme`` (see
     :data:`SCHEMES`) to ``directory/fp8``, and the same weights dequantized (``e4m3 * scale`` in the source
     dtype; no ``quantization_config``) to ``directory/dequantized``, for a reference that loads no fp8.
+
+    ``kv_cache_scales``: the fp8 checkpoint also gets KV-cache scales from :func:`calibrate_kv_amax` (the
+    largest magnitude over 448): for the ``fp8*`` schemes as AutoFP8 writes them (``kv_cache_quant_targets``;
+    float32 scalars ``self_attn.k_proj.output_scale`` / ``v_proj.output_scale``), for the others as
+    llm-compressor does (``kv_cache_scheme``; ``self_attn.k_scale`` / ``v_scale``, ``[1]`` in the weights' dtype).
 
     Returns ``(fp8 directory, dequantized directory)``. Raises ValueError for an unknown scheme.
     """
@@ -108,6 +117,16 @@ def write_fp8_checkpoint(source: str | Path, directory: str | Path, scheme: str)
             input_scale = torch.tensor(input_amax[name.removesuffix(".weight")] / 448.0, dtype=torch.float32)
             quantized[name.replace(".weight", ".input_scale")] = (input_scale if scheme == "fp8-static"
                                                                   else input_scale.reshape(1).to(tensor.dtype))
+    auto_fp8 = scheme.startswith("fp8")
+    if kv_cache_scales:
+        for layer, amax in calibrate_kv_amax(source).items():
+            for which, value in zip("kv", amax, strict=True):
+                scale = torch.tensor(value / 448.0, dtype=torch.float32)
+                if auto_fp8:
+                    quantized[f"{layer}.{which}_proj.output_scale"] = scale
+                else:  # [1] in the weights' dtype
+                    dtype = dequantized[f"{layer}.k_proj.weight"].dtype
+                    quantized[f"{layer}.{which}_scale"] = scale.reshape(1).to(dtype)
     paths = []
     for kind, tensors in (("fp8", quantized), ("dequantized", dequantized)):
         target = directory / kind
@@ -116,6 +135,11 @@ def write_fp8_checkpoint(source: str | Path, directory: str | Path, scheme: str)
         if kind == "fp8":
             config = json.loads((target / "config.json").read_text())
             config["quantization_config"] = _quantization_config(scheme)
+            if kv_cache_scales and auto_fp8:
+                config["quantization_config"]["kv_cache_quant_targets"] = ["k_proj", "v_proj"]
+            elif kv_cache_scales:
+                config["quantization_config"]["kv_cache_scheme"] = {
+                    "num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False, "symmetric": True}
             (target / "config.json").write_text(json.dumps(config, indent=2))
         paths.append(target)
     return paths[0], paths[1]
@@ -142,3 +166,29 @@ def calibrate_input_amax(source: Path) -> dict[str, float]:
     with torch.inference_mode():
         model(torch.tensor([CALIBRATION]))
     return amax
+
+
+def calibrate_kv_amax(source: Path) -> dict[str, tuple[float, float]]:
+    """The largest magnitude the keys and the values of each attention layer of ``source`` (a transformers
+    checkpoint) reach over the :data:`CALIBRATION` prompt, by module name (``model.layers.0.self_attn``):
+    ``(keys, values)``. Keys are taken at ``k_proj``'s output times sqrt(2), a bound on their magnitude after the
+    rotary embedding (which turns pairs of features), so the scales cover what the cache stores."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32).eval()
+    amax: dict[str, list[float]] = {}
+
+    def record(layer: str, index: int, factor: float) -> Callable[..., None]:
+        def hook(module: torch.nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            values = amax.setdefault(layer, [0.0, 0.0])
+            values[index] = max(values[index], float(output.abs().max()) * factor)
+
+        return hook
+
+    for name, module in model.named_modules():
+        if name.endswith(".self_attn.k_proj") or name.endswith(".self_attn.v_proj"):
+            key = name.endswith("k_proj")
+            module.register_forward_hook(record(name.rsplit(".", 1)[0], 0 if key else 1, 2**0.5 if key else 1.0))
+    with torch.inference_mode():
+        model(torch.tensor([CALIBRATION]))
+    return {layer: (k, v) for layer, (k, v) in amax.items()}

@@ -139,6 +139,19 @@ def test_qk_norm_over_the_wrong_span_is_caught() -> None:
     assert "broken_qk_norm-rotary_embedding-float32" in outcomes.ids("passed")
 
 
+def test_key_scale_left_out_of_the_scores_is_caught() -> None:
+    code, outcomes = run_kit("broken_kv_scales", "test_attention and kv_ or test_scaled_write")
+    assert code == pytest.ExitCode.TESTS_FAILED
+    dtypes = ("float32", "bfloat16", "float16")
+    assert {f"broken_kv_scales-kv_scaled-gqa-h64-b16-{dtype}-kv_{kv}" for dtype in dtypes
+            for kv in ("float8_e4m3fn", "float8_e5m2")} == outcomes.ids("failed")
+    assert "attention differs from the float32 reference" in outcomes.longrepr[
+        "broken_kv_scales-kv_scaled-gqa-h64-b16-float32-kv_float8_e4m3fn"]
+    passed = outcomes.ids("passed")  # the scaled store and the unscaled fp8 cache are right
+    assert {"broken_kv_scales-scaled-float32-kv_float8_e4m3fn",
+            "broken_kv_scales-kv_only-gqa-h64-b16-float32-kv_float8_e4m3fn"} <= passed
+
+
 def test_unknown_or_unavailable_device_stops_the_kit(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

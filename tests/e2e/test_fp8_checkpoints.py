@@ -54,7 +54,8 @@ def assert_same_parameters(stored: LLM, online: LLM) -> None:
         assert torch.equal(param.view(torch.uint8), theirs[name].view(torch.uint8)), name
 
 
-def _generate(llm: LLM) -> list[tuple[list[int], list[dict[int, float]]]]:
+def greedy_outputs(llm: LLM) -> list[tuple[list[int], list[dict[int, float]]]]:
+    """Greedy tokens and top-3 logprobs of three prompts, :data:`MAX_TOKENS` each."""
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, min_tokens=MAX_TOKENS, logprobs=3)
     outputs = llm.generate([[1, 2, 3, 4, 5], list(range(10, 40)), [100, 200, 300]], params, use_tqdm=False)
     return [(o.outputs[0].token_ids, [{t: lp.logprob for t, lp in step.items()} for step in o.outputs[0].logprobs])
@@ -72,7 +73,7 @@ def test_a_per_row_checkpoint_computes_exactly_what_online_fp8_computes(checkpoi
     assert stored.llm_engine.config.quantization == "fp8"
     assert_same_parameters(stored, online)
     assert _model(stored).model.layers[0].mlp.down_proj.weight.dtype == torch.float8_e4m3fn
-    assert _generate(stored) == _generate(online)
+    assert greedy_outputs(stored) == greedy_outputs(online)
 
 
 @pytest.mark.parametrize("scheme", ["fp8", "compressed-tensors-tensor"])
@@ -129,46 +130,16 @@ def test_dummy_weights_with_static_input_scales(checkpoint_factory, tmp_path: Pa
     assert len(outputs[0].outputs[0].token_ids) == 4 and len(calls) > 0
 
 
-@pytest.mark.parametrize(("scheme", "declared", "names"), [
-    ("compressed-tensors-static", {"kv_cache_scheme": {"num_bits": 8, "type": "float", "strategy": "tensor",
-                                                       "dynamic": False, "symmetric": True}}, ("k_scale", "v_scale")),
-    ("fp8-static", {"kv_cache_quant_targets": ["k_proj", "v_proj"]}, ("k_proj.output_scale", "v_proj.output_scale")),
-])  # fmt: skip
-def test_kv_cache_scales_are_skipped_with_the_model_dtype_cache(fp8_checkpoint, tmp_path: Path, scheme: str,
-                                                                declared: dict, names: tuple[str, str]) -> None:
-    """``-FP8-KV`` checkpoints (KV-cache scales in compressed-tensors' or AutoFP8's names): with the KV cache in
-    the model dtype (``kv_cache_dtype="auto"``) the scales are not needed and are skipped, the tokens those of
-    the checkpoint without them; with an fp8 cache, which pagedllm keeps unscaled, refused with the reason;
-    scale tensors the config does not declare are an unknown tensor, as before."""
-    fp8_dir, _ = fp8_checkpoint("llama", scheme)
-
-    def add_scales(tensors: dict[str, torch.Tensor]) -> None:
-        for layer in range(2):
-            for name in names:
-                tensors[f"model.layers.{layer}.self_attn.{name}"] = torch.tensor(0.05)
-
-    with_kv = _variant(fp8_dir, tmp_path / "kv", edit_tensors=add_scales,
-                       edit_config=lambda c: c["quantization_config"].update(declared))
-    llm = LLM(str(with_kv), **ENGINE)
-    assert llm.llm_engine.model_config.kv_cache_scales
-    assert _generate(llm) == _generate(LLM(str(fp8_dir), **ENGINE))
-    with pytest.raises(ValueError, match=r"brings KV-cache scales .* kv_cache_dtype 'fp8' would need"):
-        LLM(str(with_kv), kv_cache_dtype="fp8", **ENGINE)
-    undeclared = _variant(fp8_dir, tmp_path / "undeclared", edit_tensors=add_scales)
-    with pytest.raises(ValueError, match=rf"self_attn.{names[0]}' matches no parameter"):
-        LLM(str(undeclared), **ENGINE)
-
-
 def test_broken_static_input_scales_are_refused(fp8_checkpoint, tmp_path: Path) -> None:
     fp8_dir, _ = fp8_checkpoint("llama", "fp8-static")
     name = "model.layers.1.mlp.down_proj.input_scale"
-    missing = _variant(fp8_dir, tmp_path / "missing", edit_tensors=lambda t: t.pop(name))
+    missing = checkpoint_variant(fp8_dir, tmp_path / "missing", edit_tensors=lambda t: t.pop(name))
     with pytest.raises(ValueError, match=r"does not provide parameter\(s\): model.layers.1.mlp.down_proj.input_sc"):
         LLM(str(missing), **ENGINE)
-    zero = _variant(fp8_dir, tmp_path / "zero", edit_tensors=lambda t: t.update({name: torch.tensor(0.0)}))
+    zero = checkpoint_variant(fp8_dir, tmp_path / "zero", edit_tensors=lambda t: t.update({name: torch.tensor(0.0)}))
     with pytest.raises(ValueError, match=r"down_proj.input_scale': input scale 0.0: expected a positive finite"):
         LLM(str(zero), **ENGINE)
-    per_row = _variant(fp8_dir, tmp_path / "per_row", edit_tensors=lambda t: t.update({name: torch.ones(3)}))
+    per_row = checkpoint_variant(fp8_dir, tmp_path / "per_row", edit_tensors=lambda t: t.update({name: torch.ones(3)}))
     with pytest.raises(ValueError, match=r"input scale of shape \(3,\): expected one per tensor"):
         LLM(str(per_row), **ENGINE)
 
@@ -188,7 +159,7 @@ def test_a_tile_checkpoint_computes_exactly_what_online_fp8_block_computes(check
     assert_same_parameters(stored, online)
     qkv = _model(stored).model.layers[0].self_attn.qkv_proj
     assert qkv.weight.dtype == torch.float8_e4m3fn and qkv.weight_scale.shape == (4, 2)  # 512 rows, 256 columns
-    assert _generate(stored) == _generate(online)
+    assert greedy_outputs(stored) == greedy_outputs(online)
 
 
 def test_tile_checkpoint_matches_transformers(fp8_checkpoint) -> None:
@@ -280,7 +251,9 @@ def test_supported_configs_and_unquantized_checkpoints() -> None:
         checkpoint_quantization(SimpleNamespace(quantization_config=static_and_dynamic))
 
 
-def _variant(source: Path, target: Path, edit_tensors=None, edit_config=None) -> Path:
+def checkpoint_variant(source: Path, target: Path, edit_tensors=None, edit_config=None) -> Path:
+    """A copy of the checkpoint ``source`` at ``target``, its tensors (a dict) and config.json (parsed) edited in
+    place by the given callables."""
     shutil.copytree(source, target)
     if edit_tensors:
         tensors = load_file(str(target / "model.safetensors"))
@@ -296,11 +269,12 @@ def _variant(source: Path, target: Path, edit_tensors=None, edit_config=None) ->
 def test_broken_fp8_checkpoints_are_refused_with_the_reason(fp8_checkpoint, tmp_path: Path) -> None:
     fp8_dir, dequantized_dir = fp8_checkpoint("llama", "fp8")
     down = "model.layers.1.mlp.down_proj.weight"
-    awq = _variant(fp8_dir, tmp_path / "awq",
+    awq = checkpoint_variant(fp8_dir, tmp_path / "awq",
                    edit_config=lambda c: c.update(quantization_config={"quant_method": "awq"}))
     with pytest.raises(ValueError, match="quant_method 'awq': not supported"):
         LLM(str(awq), device="cpu", num_kv_blocks=16)
-    undeclared = _variant(fp8_dir, tmp_path / "undeclared", edit_config=lambda c: c.pop("quantization_config"))
+    undeclared = checkpoint_variant(fp8_dir, tmp_path / "undeclared",
+                                    edit_config=lambda c: c.pop("quantization_config"))
     with pytest.raises(ValueError, match=r"0.mlp.down_proj.weight': dtype mismatch: the layer stores torch.float32, "
                                          r"the checkpoint torch.float8_e4m3fn"):
         LLM(str(undeclared), device="cpu", num_kv_blocks=16)
@@ -309,13 +283,13 @@ def test_broken_fp8_checkpoints_are_refused_with_the_reason(fp8_checkpoint, tmp_
         tensors[down] = load_file(str(dequantized_dir / "model.safetensors"))[down]
         del tensors[down + "_scale"]
 
-    mixed = _variant(fp8_dir, tmp_path / "mixed", edit_tensors=unquantize_one)
+    mixed = checkpoint_variant(fp8_dir, tmp_path / "mixed", edit_tensors=unquantize_one)
     with pytest.raises(ValueError, match=r"down_proj.weight': dtype mismatch: the layer stores torch.float8_e4m3fn"):
         LLM(str(mixed), device="cpu", num_kv_blocks=16)
-    no_scale = _variant(fp8_dir, tmp_path / "no_scale", edit_tensors=lambda t: t.pop(down + "_scale"))
+    no_scale = checkpoint_variant(fp8_dir, tmp_path / "no_scale", edit_tensors=lambda t: t.pop(down + "_scale"))
     with pytest.raises(ValueError, match=r"does not provide parameter\(s\): model.layers.1.mlp.down_proj.weight_sc"):
         LLM(str(no_scale), device="cpu", num_kv_blocks=16)
-    bad_scale = _variant(fp8_dir, tmp_path / "bad_scale",
+    bad_scale = checkpoint_variant(fp8_dir, tmp_path / "bad_scale",
                          edit_tensors=lambda t: t.update({down + "_scale": torch.ones(3)}))
     with pytest.raises(ValueError, match=r"weight scale of shape \(3,\)"):
         LLM(str(bad_scale), device="cpu", num_kv_blocks=16)

@@ -8,6 +8,7 @@ twins of the kernel tests (``tests/unit/test_cuda_kernels_interpreter.py``) run 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -185,6 +186,54 @@ def test_attention_over_fp8_cache(case: str, dtype: torch.dtype) -> None:
                               **extra)  # fmt: skip
     check_attention(batch, dtype)
     check_attention(batch, dtype, num_splits=4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_scaled_fp8_kv_write_stores_what_the_reference_stores(dtype: torch.dtype) -> None:
+    """``write_kv_cache_scaled`` into e4m3: the bytes the cpu backend stores (each value times the float32 inverse
+    of its scale, then the saturating cast), for keys and values far past 448 before the scales."""
+    from pagedllm.backends.cuda.backend import CudaBackend
+
+    backend = CudaBackend()
+    num_tokens, num_kv_heads, head_dim, block_size = 37, 8, 128, 16
+    key = (torch.randn(num_tokens, num_kv_heads, head_dim, device="cuda") * 3000).to(dtype)
+    value = (torch.randn(num_tokens, num_kv_heads, head_dim, device="cuda") * 0.01).to(dtype)
+    slots = torch.randperm(10 * block_size, device="cuda")[:num_tokens]
+    slots[[2, 30]] = -1
+    cache = torch.full(backend.kv_cache_shape(10, block_size, num_kv_heads, head_dim), 7.0,
+                       device="cuda").to(torch.float8_e4m3fn)
+    expected = cache.cpu().clone()
+    backend.write_kv_cache_scaled(key, value, cache, slots, 29.3, 1.7e-4)
+    REFERENCE.write_kv_cache_scaled(key.cpu(), value.cpu(), expected, slots.cpu(), 29.3, 1.7e-4)
+    differ = byte_view(cache.cpu()) != byte_view(expected)
+    assert not differ.any(), f"{int(differ.sum())} bytes differ from the reference's"
+    assert 100.0 < float(cache.float().abs().max()) <= 448.0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", ["decode", "mixed", "long_prefill"])
+def test_scaled_attention_over_fp8_cache(case: str, dtype: torch.dtype) -> None:
+    """``attention_scaled`` over an e4m3 cache: the key scale in the scores, the value scale on the output,
+    against the reference's scaled attention over the same stored bytes (with and without split-K)."""
+    from pagedllm.backends.cuda.attention import paged_attention
+    from pagedllm.backends.cuda.backend import CudaBackend
+
+    interp = _helpers()
+    query_lens, context_lens, num_decodes, extra = interp.ATTENTION_CASES[case]
+    batch = interp.make_batch(query_lens, context_lens, num_decodes, dtype=dtype, kv_dtype=torch.float8_e4m3fn,
+                              **extra)  # fmt: skip
+    k_scale, v_scale = 0.23, 41.0
+    expected = REFERENCE.attention_scaled(batch.query.float(), batch.key.float(), batch.value.float(), batch.cache,
+                                          batch.metadata, batch.spec, k_scale, v_scale) / v_scale
+    metadata, rows = to_cuda(batch.metadata), batch.real_rows
+    out = CudaBackend().attention_scaled(batch.query.cuda(), batch.key.cuda(), batch.value.cuda(),
+                                         batch.nan_cache.cuda(), metadata, batch.spec, k_scale, v_scale)
+    assert out.dtype == dtype
+    assert_close_to_reference(out[rows.cuda()].float() / v_scale, expected[rows], dtype)
+    folded = replace(batch.spec, scale=batch.spec.scale * k_scale)
+    split = paged_attention(batch.query.cuda(), batch.nan_cache.cuda(), metadata, folded, num_splits=4,
+                            v_scale=v_scale)
+    assert_close_to_reference(split[rows.cuda()].float() / v_scale, expected[rows], dtype)
 
 
 def test_bf16_queries_beyond_fp16_range_over_fp8_cache() -> None:
@@ -382,6 +431,24 @@ def test_fp8_kv_cache_greedy_equals_cpu_fp32(tiny_checkpoints: dict[str, Path], 
     got, llm = _generate(tiny_checkpoints["llama"], "cuda", "float32", enforce_eager=enforce_eager,
                          kv_cache_dtype="fp8")
     assert llm.llm_engine.executor.worker.kv_dtype == torch.float8_e4m3fn
+    for i, (ours, ref) in enumerate(zip(got, expected, strict=True)):
+        assert ours == ref, f"prompt {i} diverged"
+
+
+@pytest.mark.parametrize("enforce_eager", [True, False], ids=["eager", "graphs"])
+def test_fp8_kv_scales_greedy_equals_cpu_fp32(tiny_checkpoints: dict[str, Path], tmp_path: Path,
+                                              enforce_eager: bool) -> None:
+    """An ``-FP8-KV`` checkpoint (llm-compressor's naming) with ``kv_cache_dtype="fp8"``: each layer's cache
+    holds keys and values divided by its calibrated scales, written and read by the scaled kernels; the same
+    tokens as the cpu backend's."""
+    from pagedllm.testing.fp8_checkpoints import write_fp8_checkpoint
+
+    fp8_dir, _ = write_fp8_checkpoint(tiny_checkpoints["llama"], tmp_path, "compressed-tensors-static",
+                                      kv_cache_scales=True)
+    expected, _ = _generate(fp8_dir, "cpu", "float32", kv_cache_dtype="fp8")
+    got, llm = _generate(fp8_dir, "cuda", "float32", enforce_eager=enforce_eager, kv_cache_dtype="fp8")
+    layers = llm.llm_engine.executor.worker.runner.model.attention_layers()
+    assert all(layer.k_scale != 1.0 and layer.v_scale != 1.0 for layer in layers)
     for i, (ours, ref) in enumerate(zip(got, expected, strict=True)):
         assert ours == ref, f"prompt {i} diverged"
 

@@ -218,10 +218,24 @@ class TokenNormQkRotaryBackend(CpuBackend):
         return self.rotary_embedding(positions, norm(query, q_weight), norm(key, k_weight), cos_sin_cache)
 
 
+class UnscaledKeysBackend(CpuBackend):
+    """Stores scaled keys and values and scales the values it reads, but scores the stored keys as they are
+    (``k_scale`` left out of the score scale): right only when ``k_scale`` is 1."""
+
+    name = "broken_kv_scales"
+    interface_version = (1, 9)
+    priority = -1000
+
+    def attention_scaled(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                         metadata: AttentionMetadata, spec: AttentionSpec, k_scale: float,
+                         v_scale: float) -> torch.Tensor:
+        return super().attention_scaled(query, key, value, kv_cache, metadata, spec, 1.0, v_scale)
+
+
 BROKEN: tuple[type[Backend], ...] = (OffByOneSlotBackend, WrongGqaBackend, UnwrittenRowBackend, WrongRmsNormBackend,
                                      UnquantizedInputFp8Backend, FnuzScaleFp8InputsBackend,
                                      PerTokenInputFp8BlockBackend, PerTokenGroupInputsBackend, TokenNormQkRotaryBackend,
-                                     DynamicStaticFp8Backend)
+                                     DynamicStaticFp8Backend, UnscaledKeysBackend)
 
 
 @hookimpl

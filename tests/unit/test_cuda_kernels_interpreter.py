@@ -16,7 +16,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -239,6 +239,43 @@ def test_write_kv_cache_round_trip_skips_padding(kernels: SimpleNamespace, dtype
     keep = slots >= 0
     got_k, got_v = CudaBackend().read_kv_cache(cache, slots[keep])
     assert torch.equal(got_k, key[keep]) and torch.equal(got_v, value[keep])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_scaled_write_kv_cache(kernels: SimpleNamespace, dtype: torch.dtype) -> None:
+    """With scales the kernel stores each value times the float32 inverse of its scale, bit for bit as the
+    reference (``kv_storage.divide_by_scale``), padding rows skipped."""
+    num_tokens, num_kv_heads, head_dim, block_size = 12, 2, 64, 16
+    key = (torch.randn(num_tokens, num_kv_heads, head_dim) * 300).to(dtype)
+    value = (torch.randn(num_tokens, num_kv_heads, head_dim) * 7).to(dtype)
+    slots = torch.randperm(4 * block_size)[:num_tokens]
+    slots[[0, 5]] = -1
+    cache = torch.zeros(CudaBackend().kv_cache_shape(4, block_size, num_kv_heads, head_dim), dtype=dtype)
+    expected = cache.clone()
+    kernels.kv_cache_kernels.write_kv_cache(key, value, cache, slots, 3.7, 0.3)
+    REFERENCE.write_kv_cache_scaled(key, value, expected, slots, 3.7, 0.3)
+    assert torch.equal(cache, expected)
+    assert not torch.equal(cache, torch.zeros_like(cache))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", ["decode", "mixed", "long_prefill"])
+def test_scaled_attention(kernels: SimpleNamespace, case: str, dtype: torch.dtype) -> None:
+    """Over a cache of scaled keys and values, as ``CudaBackend.attention_scaled`` calls the kernels (the key
+    scale in ``spec.scale``, the value scale inside the kernels), against the reference's scaled attention;
+    with and without split-K."""
+    query_lens, context_lens, num_decodes, extra = ATTENTION_CASES[case]
+    batch = make_batch(query_lens, context_lens, num_decodes, dtype=dtype, **extra)
+    k_scale, v_scale = 0.37, 5.0
+    expected = REFERENCE.attention_scaled(batch.query, batch.key, batch.value, batch.cache, batch.metadata, batch.spec,
+                                          k_scale, v_scale)
+    folded = replace(batch.spec, scale=batch.spec.scale * k_scale)
+    rows = batch.real_rows
+    for splits in (None, 4):
+        out = kernels.attention.paged_attention(batch.query, batch.nan_cache, batch.metadata, folded,
+                                                num_splits=splits, v_scale=v_scale)
+        torch.testing.assert_close(out[rows].float() / v_scale, expected[rows].float() / v_scale,
+                                   **TOLERANCE[dtype])
 
 
 # --------------------------------------------------------------------------- attention
@@ -650,12 +687,16 @@ def _compile_sm90(kernel: object, pointers: dict[str, str], constexprs: dict[str
 
     params = list(inspect.signature(kernel.fn).parameters)  # type: ignore[attr-defined]
     signature = {
-        p: "constexpr" if p in constexprs else pointers.get(p, "fp32" if p in ("qk_scale", "eps") else "i32")
+        p: "constexpr" if p in constexprs else pointers.get(p, "fp32" if p in FLOAT_ARGUMENTS else "i32")
         for p in params
     }
     attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params) if p in pointers or p.startswith("stride")}
     source = ASTSource(kernel, signature, {(params.index(k),): v for k, v in constexprs.items()}, attrs)
     triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+FLOAT_ARGUMENTS = ("qk_scale", "eps", "v_scale", "k_inv_scale", "v_inv_scale")
+"""Scalar kernel arguments passed as Python floats (32-bit floats in the signature); other scalars are ints."""
 
 
 def test_kernels_compile_for_sm90() -> None:
@@ -680,33 +721,34 @@ def test_kernels_compile_for_sm90() -> None:
     ints = {n: "*i32" for n in ("block_tables_ptr", "seq_lens_ptr", "query_start_loc_ptr", "context_lens_ptr")}
     attention = {**bf16, **ints, "mid_o_ptr": "*fp32", "mid_lse_ptr": "*fp32"}
     geometry = {"GROUP": 4, "HEAD_DIM": 80, "BLOCK_D": 128, "BLOCK_SIZE": 16, "SLIDING_WINDOW": 0}
-    _compile_sm90(
-        decode_attention._decode_split_kernel, attention,
-        {**geometry, "BLOCK_G": 16, "BLOCK_N": 64, "NUM_SPLITS": 4, "DOT_PRECISION": "tf32", "UNMASKED_TILES": True},
-        num_warps=4, enable_fp_fusion=True,
-    )  # fmt: skip
+    for v_scaled in (False, True):
+        _compile_sm90(
+            decode_attention._decode_split_kernel, attention,
+            {**geometry, "BLOCK_G": 16, "BLOCK_N": 64, "NUM_SPLITS": 4, "DOT_PRECISION": "tf32",
+             "UNMASKED_TILES": True, "V_SCALED": v_scaled}, num_warps=4, enable_fp_fusion=True,
+        )  # fmt: skip
     _compile_sm90(
         decode_attention._decode_reduce_kernel, attention,
         {"HEAD_DIM": 80, "BLOCK_D": 128, "NUM_SPLITS": 4, "BLOCK_S": 4}, num_warps=4, enable_fp_fusion=True,
     )  # fmt: skip
     _compile_sm90(
         prefill_attention._prefill_kernel, attention,
-        {**geometry, "BLOCK_M": 64, "BLOCK_Q": 16, "BLOCK_N": 32, "DOT_PRECISION": "tf32", "UNMASKED_TILES": True},
-        num_warps=4, enable_fp_fusion=True,
+        {**geometry, "BLOCK_M": 64, "BLOCK_Q": 16, "BLOCK_N": 32, "DOT_PRECISION": "tf32", "UNMASKED_TILES": True,
+         "V_SCALED": False}, num_warps=4, enable_fp_fusion=True,
     )  # fmt: skip
     # fp32 MQA (the conformance kit's Qwen2): one masked loop, as the backend launches it for fp32
     fp32_attention = {**attention, **{n: "*fp32" for n in bf16}}
     _compile_sm90(
         prefill_attention._prefill_kernel, fp32_attention,
         {"GROUP": 4, "HEAD_DIM": 64, "BLOCK_D": 64, "BLOCK_SIZE": 16, "SLIDING_WINDOW": 0, "BLOCK_M": 32,
-         "BLOCK_Q": 8, "BLOCK_N": 32, "DOT_PRECISION": "ieee", "UNMASKED_TILES": False},
+         "BLOCK_Q": 8, "BLOCK_N": 32, "DOT_PRECISION": "ieee", "UNMASKED_TILES": False, "V_SCALED": False},
         num_warps=4, num_stages=2, enable_fp_fusion=True,
     )  # fmt: skip
-    for kv_type in ("*bf16", "*fp8e4nv"):
+    for kv_type, scaled in (("*bf16", False), ("*fp8e4nv", False), ("*fp8e4nv", True)):
         _compile_sm90(
             kv_cache_kernels._write_kv_kernel, {**bf16, "slot_mapping_ptr": "*i64", "k_cache_ptr": kv_type,
                                                 "v_cache_ptr": kv_type},
-            {"NUM_KV_HEADS": 8, "HEAD_DIM": 80, "BLOCK_H": 8, "BLOCK_D": 128, "BLOCK_SIZE": 16},
+            {"NUM_KV_HEADS": 8, "HEAD_DIM": 80, "BLOCK_H": 8, "BLOCK_D": 128, "BLOCK_SIZE": 16, "SCALED": scaled},
             enable_fp_fusion=False,
         )  # fmt: skip
     # an fp8 (e4m3) KV cache under bf16 queries: the tiles are converted to fp16 as they are loaded
@@ -715,12 +757,12 @@ def test_kernels_compile_for_sm90() -> None:
     _compile_sm90(
         decode_attention._decode_split_kernel, fp8_attention,
         {**fp8_geometry, "BLOCK_G": 16, "BLOCK_N": 64, "NUM_SPLITS": 1, "DOT_PRECISION": "tf32",
-         "UNMASKED_TILES": True}, num_warps=4, num_stages=2, enable_fp_fusion=True,
+         "UNMASKED_TILES": True, "V_SCALED": True}, num_warps=4, num_stages=2, enable_fp_fusion=True,
     )  # fmt: skip
     _compile_sm90(
         prefill_attention._prefill_kernel, fp8_attention,
-        {**fp8_geometry, "BLOCK_M": 64, "BLOCK_Q": 16, "BLOCK_N": 32, "DOT_PRECISION": "tf32", "UNMASKED_TILES": True},
-        num_warps=4, num_stages=2, enable_fp_fusion=True,
+        {**fp8_geometry, "BLOCK_M": 64, "BLOCK_Q": 16, "BLOCK_N": 32, "DOT_PRECISION": "tf32", "UNMASKED_TILES": True,
+         "V_SCALED": True}, num_warps=4, num_stages=2, enable_fp_fusion=True,
     )  # fmt: skip
     fused = {n: "*bf16" for n in ("out_ptr", "x_ptr", "residual_ptr", "weight_ptr", "q_out_ptr", "k_out_ptr", "k_ptr")}
     fused.update(q_ptr="*bf16", positions_ptr="*i64", cos_sin_ptr="*fp32", scale_ptr="*fp32")

@@ -96,9 +96,9 @@ def test_backends_json_with_a_third_party_plugin(
     assert document["interface_version"] == format_version(INTERFACE_VERSION)
     assert document["selected"] == "cpu" and document["error"] is None
     rows = {row["name"]: row for row in document["backends"]}
-    assert list(rows)[:10] == ["broken_fp8_block", "broken_fp8_groups", "broken_fp8_inputs", "broken_fp8_linear",
-                               "broken_fp8_static", "broken_gqa", "broken_qk_norm", "broken_rms_norm", "broken_slot",
-                               "broken_unwritten"]  # auto order
+    assert list(rows)[:11] == ["broken_fp8_block", "broken_fp8_groups", "broken_fp8_inputs", "broken_fp8_linear",
+                               "broken_fp8_static", "broken_gqa", "broken_kv_scales", "broken_qk_norm",
+                               "broken_rms_norm", "broken_slot", "broken_unwritten"]  # auto order
     assert rows["broken_slot"]["distribution"] == "broken-backends" and rows["broken_slot"]["version"] == "0.3"
     assert rows["cpu"]["available"] is True and rows["cpu"]["capabilities"]["dtypes"][0] == "float32"
     assert set(rows["cuda"]) == {"name", "distribution", "version", "interface_version", "available", "reason",

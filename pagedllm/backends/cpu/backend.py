@@ -9,12 +9,13 @@ prefills padded to the longest chunk in another), with no Python loop per token.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import torch
 
 from pagedllm.backends import kv_storage
 from pagedllm.backends.interface import AttentionMetadata, AttentionSpec, Backend, BackendCapabilities
-from pagedllm.backends.kv_storage import byte_view, to_cache_dtype
+from pagedllm.backends.kv_storage import byte_view, divide_by_scale, to_cache_dtype
 
 # Like vLLM's CPU default KV space: the pool never takes more than this unless asked explicitly.
 DEFAULT_MAX_KV_CACHE_BYTES = 4 << 30
@@ -29,7 +30,7 @@ class CpuBackend(Backend):
     name = "cpu"
     device_type = "cpu"
     dist_backend = "gloo"
-    interface_version = (1, 8)
+    interface_version = (1, 9)
     priority = -100  # auto picks cpu last
 
     @classmethod
@@ -117,6 +118,35 @@ class CpuBackend(Backend):
         spec: AttentionSpec,
     ) -> torch.Tensor:
         """Attention over the paged cache: decodes in groups of similar length, prefills padded together."""
+        return self._paged_attention(query, kv_cache, metadata, spec, 1.0)
+
+    def write_kv_cache_scaled(
+        self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+        k_scale: float, v_scale: float,
+    ) -> None:
+        """The reference of a scaled store: each value times the float32 inverse of its scale, in float32, then
+        cast to the cache's dtype (:func:`kv_storage.divide_by_scale`, :func:`kv_storage.to_cache_dtype`)."""
+        self.write_kv_cache(divide_by_scale(key, k_scale), divide_by_scale(value, v_scale), kv_cache, slot_mapping)
+
+    def attention_scaled(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+        spec: AttentionSpec,
+        k_scale: float,
+        v_scale: float,
+    ) -> torch.Tensor:
+        """:meth:`attention` with the score scale times ``k_scale`` and the float32 output times ``v_scale``
+        before its cast to the query's dtype."""
+        return self._paged_attention(query, kv_cache, metadata, replace(spec, scale=spec.scale * k_scale), v_scale)
+
+    def _paged_attention(
+        self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, spec: AttentionSpec,
+        v_scale: float,
+    ) -> torch.Tensor:
         out = torch.zeros_like(query)
         query_start = metadata.query_start_loc_cpu.tolist()
         num_requests = len(query_start) - 1
@@ -126,7 +156,7 @@ class CpuBackend(Backend):
             seq_lens = metadata.seq_lens_cpu[:num_decodes]
             order = torch.argsort(seq_lens)
             for group in order.split(max(DECODE_GROUP_MIN, -(-num_decodes // DECODE_GROUPS))):
-                out[group] = self._attend(query, group, 1, kv_cache, metadata, spec, group)
+                out[group] = self._attend(query, group, 1, kv_cache, metadata, spec, group, v_scale)
         if num_requests > num_decodes:
             starts = torch.tensor(query_start[num_decodes:num_requests])
             lens = torch.tensor(query_start[num_decodes + 1 :]) - starts
@@ -135,7 +165,7 @@ class CpuBackend(Backend):
             valid = offsets[None, :] < lens[:, None]  # [num_prefills, max_len]
             rows = (starts[:, None] + offsets[None, :]).where(valid, starts[:, None])
             requests = torch.arange(num_decodes, num_requests)
-            result = self._attend(query, rows.reshape(-1), max_len, kv_cache, metadata, spec, requests)
+            result = self._attend(query, rows.reshape(-1), max_len, kv_cache, metadata, spec, requests, v_scale)
             out[rows[valid]] = result.view(-1, max_len, *query.shape[1:])[valid]
         return out
 
@@ -148,9 +178,11 @@ class CpuBackend(Backend):
         metadata: AttentionMetadata,
         spec: AttentionSpec,
         requests: torch.Tensor,
+        v_scale: float,
     ) -> torch.Tensor:
         """Attention for the requests at indices ``requests``, whose query rows (padded to
-        ``max_query_len`` each) are ``rows``; returns ``[len(rows), num_heads, head_dim]``."""
+        ``max_query_len`` each) are ``rows``, the float32 result times ``v_scale``; returns ``[len(rows),
+        num_heads, head_dim]``."""
         seq_lens = metadata.seq_lens[requests].long()
         context_lens = metadata.context_lens[requests].long()
         num_requests = seq_lens.shape[0]
@@ -177,6 +209,7 @@ class CpuBackend(Backend):
         out = torch.nn.functional.scaled_dot_product_attention(
             q.float(), keys.float(), values.float(), attn_mask=allowed[:, None], scale=spec.scale,
             enable_gqa=num_kv_heads != spec.num_heads,
-        ).to(query.dtype)
+        )
+        out = (out * v_scale if v_scale != 1.0 else out).to(query.dtype)
         out = out.transpose(1, 2).reshape(num_requests * max_query_len, spec.num_heads, head_dim)
         return out.to(query.dtype)

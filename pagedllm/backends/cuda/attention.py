@@ -17,19 +17,22 @@ def paged_attention(
     spec: AttentionSpec,
     num_splits: int | None = None,
     block_m: int | None = None,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Causal attention of every request of the batch over the paged cache.
 
     ``query``: ``[num_tokens, num_heads, head_dim]``; ``kv_cache``: ``[2, num_blocks, block_size,
     num_kv_heads, head_dim]`` already holding this step's keys and values. ``num_splits``/``block_m``
-    override the decode split count and prefill tile rows (tests). Returns ``[num_tokens, num_heads,
-    head_dim]`` in ``query``'s dtype; rows of padding tokens are left uninitialized.
+    override the decode split count and prefill tile rows (tests). ``v_scale``: the output times it, in
+    float32 before the cast (a cache of values divided by it; a key scale is folded into ``spec.scale``).
+    Returns ``[num_tokens, num_heads, head_dim]`` in ``query``'s dtype; rows of padding tokens are left
+    uninitialized.
     """
     if query.stride(-1) != 1:
         query = query.contiguous()
     out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     if metadata.num_decodes > 0:
-        decode_attention(out, query, kv_cache, metadata, spec, num_splits=num_splits)
+        decode_attention(out, query, kv_cache, metadata, spec, num_splits=num_splits, v_scale=v_scale)
     if metadata.num_requests > metadata.num_decodes:
-        prefill_attention(out, query, kv_cache, metadata, spec, block_m=block_m)
+        prefill_attention(out, query, kv_cache, metadata, spec, block_m=block_m, v_scale=v_scale)
     return out

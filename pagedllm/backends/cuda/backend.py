@@ -10,6 +10,7 @@ import gc
 import importlib.util
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
@@ -58,8 +59,8 @@ class CudaBackend(Backend):
     device_type = "cuda"
     dist_backend = "nccl"
     # communicator; linear, all_reduce_add_rms_norm; scheduler defaults; fp8; fp8_block; 1.8: qk_norm_rotary_embedding,
-    # the fp8_block input ops, linear_fp8_static
-    interface_version = (1, 8)
+    # the fp8_block input ops, linear_fp8_static; 1.9: write_kv_cache_scaled, attention_scaled
+    interface_version = (1, 9)
     priority = 10  # below rocm: torch.cuda also answers on a ROCm build
 
     def __init__(self) -> None:
@@ -229,6 +230,33 @@ class CudaBackend(Backend):
         from pagedllm.backends.cuda.attention import paged_attention
 
         return paged_attention(query, kv_cache, metadata, spec)
+
+    def write_kv_cache_scaled(
+        self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+        k_scale: float, v_scale: float,
+    ) -> None:
+        """:meth:`write_kv_cache` dividing by the scales in the same kernel: each value times the float32 inverse
+        of its scale, in float32, before the cast to the cache's dtype."""
+        from pagedllm.backends.cuda.kv_cache_kernels import write_kv_cache
+
+        write_kv_cache(key, value, kv_cache, slot_mapping, k_scale, v_scale)
+
+    def attention_scaled(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+        spec: AttentionSpec,
+        k_scale: float,
+        v_scale: float,
+    ) -> torch.Tensor:
+        """:meth:`attention` over scaled keys and values: ``k_scale`` folded into the score scale, the float32
+        output times ``v_scale`` inside the same kernels, before the cast."""
+        from pagedllm.backends.cuda.attention import paged_attention
+
+        return paged_attention(query, kv_cache, metadata, replace(spec, scale=spec.scale * k_scale), v_scale=v_scale)
 
     # ------------------------------------------------------------------ fused ops
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

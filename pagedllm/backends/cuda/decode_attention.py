@@ -47,6 +47,7 @@ def _decode_split_kernel(
     seq_lens_ptr,
     query_start_loc_ptr,
     qk_scale,
+    v_scale,
     num_heads,
     num_kv_heads,
     max_blocks,
@@ -68,6 +69,7 @@ def _decode_split_kernel(
     NUM_SPLITS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UNMASKED_TILES: tl.constexpr,
+    V_SCALED: tl.constexpr,
 ):
     pid = tl.program_id(0)
     kv_head = pid % num_kv_heads
@@ -110,6 +112,8 @@ def _decode_split_kernel(
         HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, SLIDING_WINDOW, DOT_PRECISION, UNMASKED_TILES,
     )  # fmt: skip
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    if V_SCALED:  # the cache holds values divided by v_scale (the merge of splits is linear)
+        o = o * v_scale
     mask = g_mask[:, None] & d_mask[None, :]
     if NUM_SPLITS == 1:
         out_offs = q_row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
@@ -199,13 +203,15 @@ def decode_attention(
     spec: AttentionSpec,
     num_splits: int | None = None,
     tiles: tuple[int, int, int] | None = None,
+    v_scale: float = 1.0,
 ) -> None:
     """Attention of the first ``metadata.num_decodes`` requests (one query token each), into ``out``.
 
     ``out``/``query``: ``[num_tokens, num_heads, head_dim]`` (last dim contiguous); ``kv_cache``:
     ``[2, num_blocks, block_size, num_kv_heads, head_dim]``. ``num_splits``: force the split count (tests);
     None chooses it from shapes. ``tiles``: force ``(BLOCK_N, num_warps, num_stages)`` (benchmarks sweep
-    them). Reads no device value on the host, so it can be captured in a CUDA graph.
+    them). ``v_scale``: the output times it (a cache of values divided by it; a key scale is folded into
+    ``spec.scale``). Reads no device value on the host, so it can be captured in a CUDA graph.
     """
     num_decodes = metadata.num_decodes
     num_heads, num_kv_heads, head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
@@ -225,14 +231,14 @@ def decode_attention(
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     _decode_split_kernel[(num_decodes * num_kv_heads * num_splits,)](
         out, mid_o, mid_lse, query, k_cache, v_cache, block_tables, metadata.seq_lens, metadata.query_start_loc,
-        spec.scale * LOG2_E, num_heads, num_kv_heads, block_tables.shape[1],
+        spec.scale * LOG2_E, v_scale, num_heads, num_kv_heads, block_tables.shape[1],
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_G=max(16, triton.next_power_of_2(group)),
         BLOCK_D=block_d(head_dim), BLOCK_N=block_n, BLOCK_SIZE=block_size,
         SLIDING_WINDOW=spec.sliding_window or 0, NUM_SPLITS=num_splits,
         DOT_PRECISION=dot_precision(query.dtype), UNMASKED_TILES=unmasked_tiles(query.dtype),
-        num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=True,
+        V_SCALED=v_scale != 1.0, num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=True,
     )  # fmt: skip
     if num_splits > 1:
         _decode_reduce_kernel[(num_decodes, num_heads)](

@@ -33,6 +33,7 @@ def _prefill_kernel(
     query_start_loc_ptr,
     first_request,
     qk_scale,
+    v_scale,
     max_blocks,
     stride_qt,
     stride_qh,
@@ -52,6 +53,7 @@ def _prefill_kernel(
     SLIDING_WINDOW: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UNMASKED_TILES: tl.constexpr,
+    V_SCALED: tl.constexpr,
 ):
     # Last tiles first: under the causal mask they see the most keys, so the long programs start early.
     q_tile = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -90,6 +92,8 @@ def _prefill_kernel(
             HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, SLIDING_WINDOW, DOT_PRECISION, UNMASKED_TILES,
         )  # fmt: skip
         o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        if V_SCALED:  # the cache holds values divided by v_scale
+            o = o * v_scale
         out_offs = rows[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
         tl.store(out_ptr + out_offs, o.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -119,6 +123,7 @@ def prefill_attention(
     spec: AttentionSpec,
     block_m: int | None = None,
     tiles: tuple[int, int, int] | None = None,
+    v_scale: float = 1.0,
 ) -> None:
     """Attention of the prefill requests (those after the first ``metadata.num_decodes``), into ``out``.
 
@@ -126,6 +131,8 @@ def prefill_attention(
     ``[2, num_blocks, block_size, num_kv_heads, head_dim]`` already holding this step's keys and values.
     ``block_m``: force the query-tile row count (tests); None picks it from the head size. ``tiles``:
     force ``(BLOCK_N, num_warps, num_stages)`` (benchmarks sweep them); None: :func:`prefill_tiles`.
+    ``v_scale``: the output times it (a cache of values divided by it; a key scale is folded into
+    ``spec.scale``).
     """
     num_decodes = metadata.num_decodes
     num_prefills = metadata.num_requests - num_decodes
@@ -143,11 +150,11 @@ def prefill_attention(
     grid = (triton.cdiv(max_query_len, block_q), num_kv_heads, num_prefills)
     _prefill_kernel[grid](
         out, query, k_cache, v_cache, block_tables, metadata.context_lens, metadata.query_start_loc,
-        num_decodes, spec.scale * LOG2_E, block_tables.shape[1],
+        num_decodes, spec.scale * LOG2_E, v_scale, block_tables.shape[1],
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_M=tile_m, BLOCK_Q=block_q, BLOCK_D=block_d(head_dim),
         BLOCK_N=block_n, BLOCK_SIZE=kv_cache.shape[2], SLIDING_WINDOW=spec.sliding_window or 0,
         DOT_PRECISION=dot_precision(query.dtype), UNMASKED_TILES=unmasked_tiles(query.dtype),
-        num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=True,
+        V_SCALED=v_scale != 1.0, num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=True,
     )  # fmt: skip

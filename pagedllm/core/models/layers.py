@@ -11,6 +11,7 @@ and activations hand them their inputs quantized (:class:`Fp8Activation`, :func:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -337,19 +338,49 @@ class MergedLinear(nn.Module):
 
 
 class PagedAttention(nn.Module):
-    """Writes this step's K/V into the layer's paged cache and attends through the backend."""
+    """Writes this step's K/V into the layer's paged cache and attends through the backend.
+
+    ``k_scale``/``v_scale``: the layer's KV-cache scales (1.0 unless an fp8 cache takes the checkpoint's,
+    :meth:`load_kv_scale`): other than 1.0, the cache holds ``key / k_scale`` and ``value / v_scale``, written
+    and read through ``Backend.write_kv_cache_scaled`` and ``Backend.attention_scaled``.
+    """
 
     def __init__(self, spec: AttentionSpec, backend: Backend) -> None:
         super().__init__()
         self.spec = spec
         self.backend = backend
         self.kv_cache: torch.Tensor = torch.empty(0)  # bound by the model runner after allocation
+        self.k_scale = 1.0
+        self.v_scale = 1.0
+
+    def load_kv_scale(self, name: str, loaded: torch.Tensor) -> None:
+        """Take a checkpoint's KV-cache scale: ``name`` is ``"k_scale"``/``"k_proj.output_scale"`` (keys),
+        ``"v_scale"``/``"v_proj.output_scale"`` (values) or ``"kv_scale"`` (both); ``loaded``: one positive
+        finite value (any shape of one element, any float dtype; a lazy safetensors slice is read). Called by
+        the model's ``load_weights`` when the KV cache is fp8. Raises ValueError naming the shape or value."""
+        if not isinstance(loaded, torch.Tensor):
+            loaded = loaded[...]
+        if loaded.numel() != 1:
+            raise ValueError(f"KV-cache scale of shape {tuple(loaded.shape)}: expected one per layer (per tensor)")
+        value = float(loaded.float().item())
+        if not (math.isfinite(value) and value > 0.0):
+            raise ValueError(f"KV-cache scale {value!r}: expected a positive finite value")
+        if name in ("k_scale", "k_proj.output_scale", "kv_scale"):
+            self.k_scale = value
+        if name in ("v_scale", "v_proj.output_scale", "kv_scale"):
+            self.v_scale = value
 
     def forward(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, metadata: AttentionMetadata
     ) -> torch.Tensor:
         """``query: [num_tokens, num_heads, head_dim]``, ``key/value: [num_tokens, num_kv_heads, head_dim]``;
         returns ``[num_tokens, num_heads * head_dim]``."""
-        self.backend.write_kv_cache(key, value, self.kv_cache, metadata.slot_mapping)
-        out = self.backend.attention(query, key, value, self.kv_cache, metadata, self.spec)
+        if self.k_scale != 1.0 or self.v_scale != 1.0:
+            self.backend.write_kv_cache_scaled(key, value, self.kv_cache, metadata.slot_mapping, self.k_scale,
+                                               self.v_scale)
+            out = self.backend.attention_scaled(query, key, value, self.kv_cache, metadata, self.spec, self.k_scale,
+                                                self.v_scale)
+        else:
+            self.backend.write_kv_cache(key, value, self.kv_cache, metadata.slot_mapping)
+            out = self.backend.attention(query, key, value, self.kv_cache, metadata, self.spec)
         return out.reshape(out.shape[0], -1)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from pagedllm.backends.interface import AttentionMetadata, AttentionSpec, Backend
+from pagedllm.core.checkpoint_quantization import KV_SCALE_TENSOR
 from pagedllm.core.distributed.parallel_layers import (
     MergedColumnParallelLinear,
     ParallelLMHead,
@@ -235,7 +236,8 @@ class LlamaForCausalLM(nn.Module):
         return [layer.self_attn.attn for layer in self.model.layers]
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Copy checkpoint tensors into the parameters; returns the set of our parameter names filled.
+        """Copy checkpoint tensors into the parameters; returns the set of our parameter names filled. KV-cache
+        scales (``KV_SCALE_TENSOR``; not parameters) go to their layer's :meth:`PagedAttention.load_kv_scale`.
 
         Raises ValueError naming the parameter on a shape mismatch or an unexpected name.
         """
@@ -244,6 +246,14 @@ class LlamaForCausalLM(nn.Module):
         loaded: set[str] = set()
         for name, tensor in weights:
             if "rotary_emb.inv_freq" in name or (self.tie_word_embeddings and name == "lm_head.weight"):
+                continue
+            kv_scale = KV_SCALE_TENSOR.search(name)
+            attention = f"{name[: kv_scale.start()]}.self_attn.attn" if kv_scale else None
+            if attention in modules:  # an fp8 cache's scale (the loader passes them only for one)
+                try:
+                    modules[attention].load_kv_scale(kv_scale.group(1), tensor)
+                except ValueError as exc:
+                    raise ValueError(f"checkpoint tensor {name!r}: {exc}") from exc
                 continue
             for fragment, (fused, index) in STACKED_PARAMS.items():
                 if fragment in name:
