@@ -54,20 +54,22 @@ def engine_settings(args: argparse.Namespace) -> str:
     return (f"pagedllm engine: tensor_parallel_size={args.tensor_parallel_size}, max_num_seqs={args.max_num_seqs}, "
             f"max_num_batched_tokens={args.max_num_batched_tokens or 'auto'}, "
             f"enforce_eager={args.enforce_eager}, kv_cache_dtype={args.kv_cache_dtype}, "
-            f"quantization={args.quantization}, "
+            f"quantization={getattr(args, 'resolved_quantization', args.quantization)}, "
             f"async_scheduling={ {True: 'on', False: 'off', None: 'auto'}[args.async_scheduling] }")
 
 
 def make_llm(args: argparse.Namespace) -> object:
     """The pagedllm ``LLM`` for the benchmark's engine options; ``args.async_scheduling``, ``max_num_seqs``
-    and ``max_num_batched_tokens`` become the settings the engine resolved for its backend (the report
-    prints what ran)."""
+    and ``max_num_batched_tokens`` become the settings the engine resolved for its backend, and
+    ``args.resolved_quantization`` the quantization it runs (a checkpoint stored in fp8 sets it; ``args.quantization``
+    stays what was asked, which the transformers runner follows): the report prints what ran."""
     from pagedllm.entrypoints.llm import LLM
 
     llm = LLM.from_config(engine_config_from_args(args))
     engine = llm.llm_engine
     args.async_scheduling = engine.config.async_scheduling
     args.max_num_seqs, args.max_num_batched_tokens = engine.config.max_num_seqs, engine.max_num_batched_tokens
+    args.resolved_quantization = engine.config.quantization
     return llm
 
 

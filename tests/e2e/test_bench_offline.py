@@ -57,6 +57,21 @@ def test_latency_with_fp8_layers_reports_the_floor_of_the_stored_weights(tmp_pat
     assert any("quantization=fp8" in line and "GB" in line for line in result["lines"])
 
 
+@pytest.mark.timeout(300)
+def test_the_report_names_the_quantization_a_checkpoint_brings(checkpoint_factory, tmp_path: Path) -> None:
+    """A config declaring fp8 weights runs them without ``--quantization``: the engine line says what ran."""
+    config = json.loads((checkpoint_factory("llama") / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "result.json"
+    rc = main(["bench", "throughput", "--model", str(tmp_path), "--load-format", "dummy", "--device", "cpu",
+               "--input-len", "8", "--output-len", "2", "--num-prompts", "2", "--backend", "pagedllm",
+               "--output-json", str(out)])
+    assert rc == 0
+    lines = json.loads(out.read_text())["lines"]
+    assert any(line.startswith("pagedllm engine: ") and "quantization=fp8," in line for line in lines)
+
+
 def test_hf_sample_is_seeded_ordered_and_validated() -> None:
     requests = [BenchRequest([i], 1) for i in range(10)]
     assert hf_sample(requests, None, 0) is requests and hf_sample(requests, 10, 0) is requests
