@@ -191,25 +191,6 @@ def gemv_fp8_quantized(x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.T
     return _gemv_fp8(x_q, x_scale, weight, weight_scale, bias, out_dtype, config)
 
 
-def _gemv_fp8(x: torch.Tensor, x_scale: torch.Tensor | None, weight: torch.Tensor, weight_scale: torch.Tensor,
-              bias: torch.Tensor | None, out_dtype: torch.dtype,
-              config: tuple[int, int, int] | None) -> torch.Tensor | None:
-    n, k = weight.shape
-    config = _accepted_config(x, weight, bias, FP8_DTYPE, out_dtype, config or gemv_fp8_config(n, k))
-    if config is None or weight_scale.shape != (n,):
-        return None
-    block_n, block_k, warps = config
-    x = x.contiguous()
-    y = torch.empty(1, n, dtype=out_dtype, device=x.device)
-    _gemv_fp8_kernel[(triton.cdiv(n, block_n),)](
-        y, x, weight_scale if x_scale is None else x_scale, weight, weight_scale,
-        bias.contiguous() if bias is not None else weight_scale, n, k, weight.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, GROUP=FP8_GROUP,
-        X_QUANTIZED=x_scale is not None, num_warps=warps,
-    )  # fmt: skip
-    return y
-
-
 @triton.jit
 def _gemv_fp8_block_kernel(
     y_ptr,
@@ -269,7 +250,7 @@ def gemv_fp8_block(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Te
     group of 128 features inside each program, ``weight: [N, K]`` e4m3 (unit stride along K, K a multiple of
     128), ``weight_scale: [ceil(N / 128), K / 128]`` float32, ``bias: [N]`` in ``x``'s dtype or None; the
     tiles of :func:`gemv_fp8_config` (or ``config``). Returns ``[1, N]`` in ``x``'s dtype."""
-    return _gemv_fp8_block(x, None, weight, weight_scale, bias, x.dtype, config)
+    return _gemv_fp8(x, None, weight, weight_scale, bias, x.dtype, config, block=True)
 
 
 def gemv_fp8_block_quantized(x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,
@@ -280,25 +261,36 @@ def gemv_fp8_block_quantized(x_q: torch.Tensor, x_scale: torch.Tensor, weight: t
     N]`` in ``out_dtype``, or None when the kernel does not take the inputs."""
     if x_q.dtype != FP8_DTYPE or x_scale.shape != (1, x_q.shape[-1] // FP8_BLOCK) or x_scale.dtype != torch.float32:
         return None
-    return _gemv_fp8_block(x_q, x_scale, weight, weight_scale, bias, out_dtype, config)
+    return _gemv_fp8(x_q, x_scale, weight, weight_scale, bias, out_dtype, config, block=True)
 
 
-def _gemv_fp8_block(x: torch.Tensor, x_scale: torch.Tensor | None, weight: torch.Tensor, weight_scale: torch.Tensor,
-                    bias: torch.Tensor | None, out_dtype: torch.dtype,
-                    config: tuple[int, int, int] | None) -> torch.Tensor | None:
+def _gemv_fp8(x: torch.Tensor, x_scale: torch.Tensor | None, weight: torch.Tensor, weight_scale: torch.Tensor,
+              bias: torch.Tensor | None, out_dtype: torch.dtype, config: tuple[int, int, int] | None,
+              block: bool = False) -> torch.Tensor | None:
+    """Launch the fp8 GEMV with per-row weight scales (``_gemv_fp8_kernel``) or, ``block``, with 128 x 128 tile
+    scales (``_gemv_fp8_block_kernel``): ``x`` in its dtype (quantized in the programs) or, with ``x_scale``, in
+    e4m3; None when the kernel does not take these inputs (see the public entry points)."""
     n, k = weight.shape
     config = _accepted_config(x, weight, bias, FP8_DTYPE, out_dtype, config or gemv_fp8_config(n, k))
-    if config is None or weight_scale.shape != block_scale_shape(n, k) or weight_scale.stride(1) != 1:
+    if config is None:
         return None
     block_n, block_k, warps = config
-    if block_k % FP8_BLOCK or FP8_BLOCK % block_n:
+    if block:
+        tiles_fit = block_k % FP8_BLOCK == 0 and FP8_BLOCK % block_n == 0
+        if not tiles_fit or weight_scale.shape != block_scale_shape(n, k) or weight_scale.stride(1) != 1:
+            return None
+    elif weight_scale.shape != (n,):
         return None
     x = x.contiguous()
     y = torch.empty(1, n, dtype=out_dtype, device=x.device)
-    _gemv_fp8_block_kernel[(triton.cdiv(n, block_n),)](
-        y, x, weight_scale if x_scale is None else x_scale, weight, weight_scale,
-        bias.contiguous() if bias is not None else weight_scale, n, k, weight.stride(0), weight_scale.stride(0),
-        1 if x_scale is None else x_scale.stride(1), HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
-        GROUP=FP8_GROUP, TILE=FP8_BLOCK, X_QUANTIZED=x_scale is not None, num_warps=warps,
-    )  # fmt: skip
+    grid = (triton.cdiv(n, block_n),)
+    operands = (y, x, weight_scale if x_scale is None else x_scale, weight, weight_scale,
+                bias.contiguous() if bias is not None else weight_scale, n, k, weight.stride(0))
+    flags = dict(HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, GROUP=FP8_GROUP,
+                 X_QUANTIZED=x_scale is not None, num_warps=warps)
+    if block:
+        _gemv_fp8_block_kernel[grid](*operands, weight_scale.stride(0), 1 if x_scale is None else x_scale.stride(1),
+                                     TILE=FP8_BLOCK, **flags)  # fmt: skip
+    else:
+        _gemv_fp8_kernel[grid](*operands, **flags)
     return y
