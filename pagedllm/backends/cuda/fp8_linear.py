@@ -71,15 +71,21 @@ def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, n_cols, x_row_stride, BLOCK: 
 
 
 @triton.jit
+def group_offsets(GROUPS: tl.constexpr, GROUP: tl.constexpr):
+    """``[GROUPS, GROUP]`` offsets ``g * GROUP + c``: a row laid out one group per row of a 2-D block, so each
+    group's largest magnitude is a reduction along axis 1 (no reshape of a 1-D row, which costs a layout
+    conversion through shared memory)."""
+    return tl.arange(0, GROUPS)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+
+
+@triton.jit
 def quantize_groups_store(q_ptrs, scale_ptrs, x, mask, n_cols, GROUPS: tl.constexpr, GROUP: tl.constexpr):
-    """Quantize one row ``x`` (float32, ``[GROUPS * GROUP]``, lanes from ``n_cols`` on 0) per group of ``GROUP``
-    as ``quantize_groups`` does: store its e4m3 values at ``q_ptrs`` (where ``mask``) and its scales at
-    ``scale_ptrs`` (``[GROUPS]`` pointers, one per group; groups from ``n_cols`` on not stored). Shared by the
-    group quantizer and the fused ops for ``"fp8_block"`` projections (``fused_kernels``)."""
-    groups = tl.reshape(x, [GROUPS, GROUP])
-    scale, inverse = e4m3_scale(tl.max(tl.abs(groups), axis=1))
-    q = tl.reshape(e4m3_scaled(groups, inverse[:, None]), [GROUPS * GROUP])
-    tl.store(q_ptrs, q.to(q_ptrs.dtype.element_ty), mask=mask)
+    """Quantize one row ``x`` (float32, ``[GROUPS, GROUP]`` at :func:`group_offsets`, lanes from ``n_cols`` on 0)
+    per group as ``quantize_groups`` does: store its e4m3 values at ``q_ptrs`` (the same shape; where ``mask``)
+    and its scales at ``scale_ptrs`` (``[GROUPS]`` pointers, one per group; groups from ``n_cols`` on not
+    stored). Shared by the group quantizer and the fused ops for ``"fp8_block"`` projections (``fused_kernels``)."""
+    scale, inverse = e4m3_scale(tl.max(tl.abs(x), axis=1))
+    tl.store(q_ptrs, e4m3_scaled(x, inverse[:, None]).to(q_ptrs.dtype.element_ty), mask=mask)
     tl.store(scale_ptrs, scale, mask=tl.arange(0, GROUPS) * GROUP < n_cols)
 
 
@@ -89,7 +95,7 @@ def _quantize_groups_kernel(x_ptr, q_ptr, scale_ptr, n_rows, n_cols, x_row_strid
     """One row of ``x`` per program (rows from ``n_rows`` on read as zeros: padding); the scales stored
     column-major (group ``g`` of row ``r`` at ``g * scale_stride + r``)."""
     row = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, GROUPS * GROUP)
+    offs = group_offsets(GROUPS, GROUP)
     mask = offs < n_cols
     valid = tl.where(row < n_rows, n_cols, 0)  # padding rows load nothing
     x = tl.load(x_ptr + row * x_row_stride + offs, mask=offs < valid, other=0.0).to(tl.float32)

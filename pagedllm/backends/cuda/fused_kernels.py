@@ -17,6 +17,7 @@ import triton.language as tl
 
 from pagedllm.backends.cuda.fp8_linear import (
     MAX_ROW,
+    group_offsets,
     group_outputs,
     padded_rows,
     quantize_groups_store,
@@ -50,7 +51,10 @@ def _rms_norm_kernel(
     GROUP: tl.constexpr = 0,
 ):
     row = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK)
+    if QUANTIZE and GROUP > 0:
+        offs = group_offsets(BLOCK // GROUP, GROUP)  # the row as [groups, GROUP]: quantized per row of the block
+    else:
+        offs = tl.arange(0, BLOCK)
     mask = offs < hidden
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
     if HAS_RESIDUAL:
@@ -58,7 +62,10 @@ def _rms_norm_kernel(
         x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)  # HF adds in the activation dtype
         tl.store(residual_ptr + row * stride_r + offs, x, mask=mask)
     x32 = x.to(tl.float32)
-    variance = tl.sum(x32 * x32, 0) / hidden
+    if QUANTIZE and GROUP > 0:
+        variance = tl.sum(tl.sum(x32 * x32, 1), 0) / hidden
+    else:
+        variance = tl.sum(x32 * x32, 0) / hidden
     normed = (x32 * tl.rsqrt(variance + eps)).to(x.dtype)
     w = tl.load(weight_ptr + offs, mask=mask, other=0.0)
     out = w.to(tl.float32) * normed.to(tl.float32)
@@ -308,7 +315,10 @@ def _silu_and_mul_kernel(out_ptr, x_ptr, stride_x, stride_o, d, BLOCK: tl.conste
 def _silu_and_mul_fp8_kernel(q_ptr, scale_ptr, x_ptr, stride_x, stride_s, d, BLOCK: tl.constexpr,
                              GROUP: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
+    if GROUP > 0:
+        cols = group_offsets(BLOCK // GROUP, GROUP)  # the row as [groups, GROUP]: quantized per row of the block
+    else:
+        cols = tl.arange(0, BLOCK)
     mask = cols < d
     out = _silu_mul(x_ptr + row * stride_x, cols, mask, d).to(tl.float32)
     if GROUP > 0:  # per group of GROUP: scales column-major, ``stride_s`` apart per group
