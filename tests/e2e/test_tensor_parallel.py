@@ -213,16 +213,27 @@ def test_mp_tp2_fp8_linear_stays_close_to_tp1(references) -> None:
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("scheme", ["fp8", "fp8-static"])
+@pytest.mark.parametrize("scheme", ["fp8", "fp8-static", "fp8-static-kv"])
 def test_mp_tp2_fp8_checkpoint_stays_close_to_tp1(references, tmp_path: Path, scheme: str) -> None:
     """A checkpoint stored in fp8 with one scale per tensor (q, k, v: three, in one fused layer each rank
     slices): each rank loads its rows of the column-parallel layers with their scales and all rows' scales of
-    the row-parallel ones (with ``fp8-static``, every layer's input scale whole); as with
-    ``quantization="fp8"``, tp=1's tokens up to a near tie."""
+    the row-parallel ones (with ``fp8-static``, every layer's input scale whole; ``-kv``: also KV-cache scales,
+    taken whole by each rank's fp8 cache of its heads); as with ``quantization="fp8"``, tp=1's tokens up to a
+    near tie."""
     from pagedllm.testing.fp8_checkpoints import write_fp8_checkpoint
 
-    fp8_dir, _ = write_fp8_checkpoint(references("llama")[0], tmp_path, scheme)
-    expected, _ = generate(fp8_dir)
+    kv = scheme.endswith("-kv")
+    fp8_dir, _ = write_fp8_checkpoint(references("llama")[0], tmp_path, scheme.removesuffix("-kv"),
+                                      kv_cache_scales=kv)
+    cache = {"kv_cache_dtype": "fp8"} if kv else {}
+    kv_scales: list[tuple[float, float]] = []  # tp=1's, per layer
+
+    def tp1_scales(llm: LLM) -> None:
+        layers = llm.llm_engine.executor.worker.runner.model.attention_layers()
+        kv_scales.extend((layer.k_scale, layer.v_scale) for layer in layers)
+
+    expected, _ = generate(fp8_dir, tp1_scales, **cache)
+    assert kv_scales and all((k != 1.0 and v != 1.0) == kv for k, v in kv_scales)
 
     def check(llm: LLM) -> None:
         layer = rank0_layer(llm)
@@ -231,9 +242,10 @@ def test_mp_tp2_fp8_checkpoint_stays_close_to_tp1(references, tmp_path: Path, sc
         scales = [part.unique() for part in qkv.weight_scale.split(qkv.shard_sizes)]  # rank 0's q, k, v rows
         assert [len(part) for part in scales] == [1, 1, 1] and len(set(torch.cat(scales).tolist())) == 3
         static = getattr(layer.mlp.down_proj, "input_scale", None)
-        assert (static is not None and float(static) > 0) == (scheme == "fp8-static")
+        assert (static is not None and float(static) > 0) == scheme.startswith("fp8-static")
+        assert (layer.self_attn.attn.k_scale, layer.self_attn.attn.v_scale) == kv_scales[0]
 
-    outputs, _ = generate(fp8_dir, check, tensor_parallel_size=2)
+    outputs, _ = generate(fp8_dir, check, tensor_parallel_size=2, **cache)
     assert_same_up_to_a_near_tie(expected, outputs)
 
 
