@@ -121,13 +121,20 @@ def test_dummy_weights_with_static_input_scales(checkpoint_factory, tmp_path: Pa
     assert llm.llm_engine.config.quantization == "fp8" and layer.mlp.down_proj.weight.dtype == torch.float8_e4m3fn
     assert layer.self_attn.o_proj.input_scale.item() == pytest.approx(DUMMY_INPUT_SCALE)
     assert layer.post_attention_layernorm.fp8_output is None
+    assert calls_while_generating(llm, "linear_fp8_static") > 0
+
+
+def calls_while_generating(llm: LLM, op: str) -> int:
+    """How many times the engine's backend runs its method ``op`` while ``llm`` generates 4 tokens for one prompt
+    (which it must)."""
     backend = llm.llm_engine.executor.worker.backend
     calls = []
-    original = backend.linear_fp8_static
-    backend.linear_fp8_static = lambda *args: calls.append(1) or original(*args)
+    original = getattr(backend, op)
+    setattr(backend, op, lambda *args: calls.append(1) or original(*args))
     outputs = llm.generate([[1, 2, 3]], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True),
                            use_tqdm=False)
-    assert len(outputs[0].outputs[0].token_ids) == 4 and len(calls) > 0
+    assert len(outputs[0].outputs[0].token_ids) == 4
+    return len(calls)
 
 
 def test_broken_static_input_scales_are_refused(fp8_checkpoint, tmp_path: Path) -> None:

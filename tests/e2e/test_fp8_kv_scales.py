@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pagedllm import LLM, SamplingParams
+from pagedllm import LLM
 from pagedllm.testing.fp8_checkpoints import write_fp8_checkpoint
-from tests.e2e.test_fp8_checkpoints import ENGINE, checkpoint_variant, greedy_outputs
+from tests.e2e.test_fp8_checkpoints import ENGINE, calls_while_generating, checkpoint_variant, greedy_outputs
 
 INFLATION = 2.0**14
 SCALES = {"fp8-static": ("k_proj.output_scale", "v_proj.output_scale"),
@@ -117,12 +117,6 @@ def test_dummy_weights_with_kv_cache_scales(checkpoint_factory, tmp_path: Path) 
     (tmp_path / "config.json").write_text(json.dumps(config))
     llm = LLM(str(tmp_path), load_format="dummy", kv_cache_dtype="fp8", **ENGINE)
     assert all(layer.k_scale == layer.v_scale == DUMMY_KV_SCALE for layer in _layers(llm))
-    backend = llm.llm_engine.executor.worker.backend
-    calls = []
-    original = backend.attention_scaled
-    backend.attention_scaled = lambda *args: calls.append(1) or original(*args)
-    outputs = llm.generate([[1, 2, 3]], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True),
-                           use_tqdm=False)
-    assert len(outputs[0].outputs[0].token_ids) == 4 and len(calls) > 0
+    assert calls_while_generating(llm, "attention_scaled") > 0
     plain = LLM(str(tmp_path), load_format="dummy", **ENGINE)
     assert all(layer.k_scale == layer.v_scale == 1.0 for layer in _layers(plain))
