@@ -4,6 +4,7 @@ with PyTorch indexing (block copies, slot reads)."""
 from __future__ import annotations
 
 import math
+import struct
 
 import torch
 
@@ -44,7 +45,10 @@ def inverse_scale(scale: float) -> float:
     positive finite number."""
     if not math.isfinite(scale) or scale <= 0.0:
         raise ValueError(f"KV cache scale {scale!r}: expected a positive finite number")
-    return torch.tensor(1.0 / scale, dtype=torch.float32).item()
+    inverse = struct.unpack("f", struct.pack("f", 1.0 / scale))[0]  # the C cast: to nearest, ties to even
+    if math.isinf(inverse):
+        raise ValueError(f"KV cache scale {scale!r}: its inverse exceeds float32's range")
+    return inverse
 
 
 def byte_view(tensor: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,8 @@ def test_the_store_multiplies_by_the_float32_inverse() -> None:
     for bad in (0.0, -1.0, math.inf, math.nan):
         with pytest.raises(ValueError, match=r"KV cache scale .*: expected a positive finite number"):
             inverse_scale(bad)
+    with pytest.raises(ValueError, match="its inverse exceeds float32's range"):
+        inverse_scale(1e-45)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

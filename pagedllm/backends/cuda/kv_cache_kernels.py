@@ -87,8 +87,9 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tenso
     _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     scaled = k_scale != 1.0 or v_scale != 1.0
+    k_inverse, v_inverse = (inverse_scale(k_scale), inverse_scale(v_scale)) if scaled else (1.0, 1.0)
     _write_kv_kernel[(num_slots,)](
-        key, value, k_cache, v_cache, slot_mapping, inverse_scale(k_scale), inverse_scale(v_scale),
+        key, value, k_cache, v_cache, slot_mapping, k_inverse, v_inverse,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_H=triton.next_power_of_2(num_kv_heads),
