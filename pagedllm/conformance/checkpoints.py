@@ -40,3 +40,27 @@ def cached_checkpoint(root: Path, arch: str, head_dim: int) -> Path:
     except OSError:  # another process published it first
         shutil.rmtree(building, ignore_errors=True)
     return path
+
+
+def cached_fp8_kv_checkpoint(root: Path, head_dim: int) -> Path:
+    """Return the tiny GQA Llama of :func:`cached_checkpoint` stored as an ``-FP8-KV`` checkpoint (llm-compressor's
+    FP8 with KV-cache scales: e4m3 weights, static input scales and per-layer ``k_scale``/``v_scale``, calibrated
+    through transformers), building it under ``root`` unless it is already there."""
+    import transformers
+
+    from pagedllm.testing.fp8_checkpoints import write_fp8_checkpoint
+    from pagedllm.version import __version__
+
+    source = cached_checkpoint(root, "llama", head_dim)
+    path = root / f"llama-h{head_dim}-fp8kv-pagedllm{__version__}-transformers{transformers.__version__}"
+    if (path / ".complete").is_file():
+        return path / "fp8"
+    building = root / f".{path.name}.{os.getpid()}"
+    shutil.rmtree(building, ignore_errors=True)
+    write_fp8_checkpoint(source, building, "compressed-tensors-static", kv_cache_scales=True)
+    (building / ".complete").touch()
+    try:
+        building.rename(path)
+    except OSError:  # another process published it first
+        shutil.rmtree(building, ignore_errors=True)
+    return path / "fp8"

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from pagedllm.conformance.cases import dtype_name, param
-from pagedllm.conformance.checkpoints import ARCH_HEADS, cached_checkpoint
+from pagedllm.conformance.checkpoints import ARCH_HEADS, cached_checkpoint, cached_fp8_kv_checkpoint
 from pagedllm.conformance.plugin import ConformanceTarget, case_id, get_target
 from pagedllm.core.config import KV_CACHE_DTYPES
 
@@ -76,8 +76,8 @@ def engine_dtype(target: ConformanceTarget) -> str:
 
 
 def checkpoint_dir(config: pytest.Config, tmp_path_factory: pytest.TempPathFactory, arch: str, head_dim: int) -> Path:
-    """Return the tiny ``arch`` checkpoint, from ``--conformance-cache-dir``, else the pytest cache, else a
-    temporary directory of this session."""
+    """Return the tiny ``arch`` checkpoint (``"llama-fp8kv"``: the Llama as an ``-FP8-KV`` checkpoint), from
+    ``--conformance-cache-dir``, else the pytest cache, else a temporary directory of this session."""
     root_option = config.getoption("conformance_cache_dir")
     if root_option:
         root = Path(root_option)
@@ -85,6 +85,8 @@ def checkpoint_dir(config: pytest.Config, tmp_path_factory: pytest.TempPathFacto
         root = Path(config.cache.mkdir("pagedllm-conformance"))
     else:
         root = tmp_path_factory.mktemp("pagedllm-conformance")
+    if arch == "llama-fp8kv":
+        return cached_fp8_kv_checkpoint(root, head_dim)
     return cached_checkpoint(root, arch, head_dim)
 
 
@@ -200,3 +202,18 @@ def test_greedy_generation_with_fp8_block_linear_matches_cpu(
         pytest.skip("fp8_block linear layers not claimed (quantizations)")
     check_against_cpu(conformance_target, "llama", "auto", engine_reference_outputs, request, tmp_path_factory,
                       quantization="fp8_block")
+
+
+def test_greedy_generation_with_kv_cache_scales_matches_cpu(
+    conformance_target: ConformanceTarget,
+    engine_reference_outputs: dict[tuple[str, str, int | None, str, str | None], list[list[object]]],
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """The same on an ``-FP8-KV`` checkpoint of the GQA Llama (fp8 weights with static input scales, per-layer
+    KV-cache scales) with the KV cache in e4m3 (when ``fp8`` and that cache are claimed): every layer stores its
+    keys and values divided by its scales (``write_kv_cache_scaled``) and attends through ``attention_scaled``."""
+    capabilities = conformance_target.capabilities
+    if "fp8" not in capabilities.quantizations or torch.float8_e4m3fn not in capabilities.kv_cache_dtypes:
+        pytest.skip("needs fp8 linear layers (quantizations) and an e4m3 KV cache (kv_cache_dtypes) claimed")
+    check_against_cpu(conformance_target, "llama-fp8kv", "fp8_e4m3", engine_reference_outputs, request,
+                      tmp_path_factory)

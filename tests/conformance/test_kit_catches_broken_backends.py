@@ -150,6 +150,10 @@ def test_key_scale_left_out_of_the_scores_is_caught() -> None:
     passed = outcomes.ids("passed")  # the scaled store and the unscaled fp8 cache are right
     assert {"broken_kv_scales-scaled-float32-kv_float8_e4m3fn",
             "broken_kv_scales-kv_only-gqa-h64-b16-float32-kv_float8_e4m3fn"} <= passed
+    code, outcomes = run_kit("broken_kv_scales", "test_greedy_generation_with_kv_cache_scales")  # the whole engine
+    assert code == pytest.ExitCode.TESTS_FAILED
+    (failure,) = outcomes.longrepr.values()
+    assert "not in each other's top 5" in failure
 
 
 def test_unknown_or_unavailable_device_stops_the_kit(
