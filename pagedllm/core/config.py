@@ -29,7 +29,8 @@ _DTYPES: dict[str, torch.dtype] = {
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
 # The KV cache's storage formats by vLLM's names; "auto" stores the model dtype. 8-bit floats hold half the
 # bytes of bf16/fp16 (twice the tokens in the same pool, half the bytes read per decode), rounded to nearest
-# and saturated at the format's largest finite value on store, without a scale (vLLM's default scale 1.0).
+# and saturated at the format's largest finite value on store, divided by the checkpoint's per-layer KV-cache
+# scales where it brings them (else scale 1.0, vLLM's default).
 KV_CACHE_DTYPES: dict[str, torch.dtype] = {
     **_DTYPES,
     "fp8": torch.float8_e4m3fn,

@@ -135,23 +135,27 @@ def test_write_kv_cache_round_trip(dtype: torch.dtype) -> None:
     assert torch.equal(got_k, key[keep]) and torch.equal(got_v, value[keep])
 
 
+FP8_KV = [pytest.param(torch.float8_e4m3fn, id="e4m3"), pytest.param(torch.float8_e5m2, id="e5m2")]
+
+
+@pytest.mark.parametrize("kv_dtype", FP8_KV)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_write_fp8_kv_cache_stores_what_the_reference_stores(dtype: torch.dtype) -> None:
-    """An e4m3 cache stores what the cpu backend stores, bit for bit: torch's cast (to nearest even) with
-    values past +-448 saturated (torch 2.11's own cast gives NaN there), NaN kept; padding rows and other
-    slots untouched."""
+def test_write_fp8_kv_cache_stores_what_the_reference_stores(dtype: torch.dtype, kv_dtype: torch.dtype) -> None:
+    """An e4m3 or e5m2 cache stores what the cpu backend stores, bit for bit: torch's cast (to nearest even)
+    with values past the format's largest (448; 57344) saturated (torch 2.11's own e4m3 cast gives NaN there),
+    NaN kept; padding rows and other slots untouched."""
     from pagedllm.backends.cuda.backend import CudaBackend
 
     backend = CudaBackend()
-    assert torch.float8_e4m3fn in backend.capabilities().kv_cache_dtypes
+    assert kv_dtype in backend.capabilities().kv_cache_dtypes
     num_tokens, num_kv_heads, head_dim, block_size = 37, 8, 128, 16
     key = (torch.randn(num_tokens, num_kv_heads, head_dim, device="cuda") * 200).to(dtype)  # some past 448
     value = (torch.randn(num_tokens, num_kv_heads, head_dim, device="cuda") * 3).to(dtype)
-    key[0, 0, :4] = torch.tensor([float("nan"), 1e4, -1e4, 0.0], device="cuda").to(dtype)
+    key[0, 0, :4] = torch.tensor([float("nan"), 6e4, -6e4, 0.0], device="cuda").to(dtype)
     slots = torch.randperm(10 * block_size, device="cuda")[:num_tokens]
     slots[[2, 7, 30]] = -1
     shape = backend.kv_cache_shape(10, block_size, num_kv_heads, head_dim)
-    cache = torch.full(shape, 7.0, device="cuda").to(torch.float8_e4m3fn)
+    cache = torch.full(shape, 7.0, device="cuda").to(kv_dtype)
     expected = cache.cpu().clone()
     backend.write_kv_cache(key, value, cache, slots)
     REFERENCE.write_kv_cache(key.cpu(), value.cpu(), expected, slots.cpu())
@@ -168,21 +172,22 @@ def test_write_fp8_kv_cache_stores_what_the_reference_stores(dtype: torch.dtype)
         examples.append((value_in, int(ours[kv, block, offset, head, dim]), int(torchs[kv, block, offset, head, dim])))
     assert not differ.any(), f"{int(differ.sum())} bytes differ from torch's: (input, ours, torch) {examples}"
     assert int(both_nan.sum()) == int(expected.float().isnan().sum()) == 1
-    assert float(cache.float().nan_to_num(0).abs().max()) == 448.0
+    assert float(cache.float().nan_to_num(0).abs().max()) == torch.finfo(kv_dtype).max
     keep = slots >= 0
     got_k, _ = backend.read_kv_cache(cache, slots[keep])
-    want_k = to_cache_dtype(key[keep].cpu(), torch.float8_e4m3fn).float()
+    want_k = to_cache_dtype(key[keep].cpu(), kv_dtype).float()
     assert torch.equal(got_k.cpu().float().nan_to_num(1234.0), want_k.nan_to_num(1234.0))  # NaN bits may differ
 
 
+@pytest.mark.parametrize("kv_dtype", FP8_KV)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", ["decode", "prefill_over_prefix", "mixed", "gqa_group3", "head80", "long_prefill"])
-def test_attention_over_fp8_cache(case: str, dtype: torch.dtype) -> None:
-    """Keys and values stored in e4m3: the kernels read them converted to the query dtype (fp16 for bf16
-    queries); the reference is float32 attention over the same stored values."""
+def test_attention_over_fp8_cache(case: str, dtype: torch.dtype, kv_dtype: torch.dtype) -> None:
+    """Keys and values stored in e4m3 or e5m2: the kernels read them converted to the query dtype (fp16 for
+    bf16 queries); the reference is float32 attention over the same stored values."""
     interp = _helpers()
     query_lens, context_lens, num_decodes, extra = interp.ATTENTION_CASES[case]
-    batch = interp.make_batch(query_lens, context_lens, num_decodes, dtype=dtype, kv_dtype=torch.float8_e4m3fn,
+    batch = interp.make_batch(query_lens, context_lens, num_decodes, dtype=dtype, kv_dtype=kv_dtype,
                               **extra)  # fmt: skip
     check_attention(batch, dtype)
     check_attention(batch, dtype, num_splits=4)

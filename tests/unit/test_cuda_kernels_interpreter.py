@@ -306,13 +306,18 @@ def test_attention_matches_reference(kernels: SimpleNamespace, case: str, dtype:
     check_attention(kernels, make_batch(query_lens, context_lens, num_decodes, dtype=dtype, **extra))
 
 
+FP8_KV = [pytest.param(torch.float8_e4m3fn, id="e4m3"), pytest.param(torch.float8_e5m2, id="e5m2")]
+
+
+@pytest.mark.parametrize("kv_dtype", FP8_KV)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", ["decode", "mixed", "long_prefill", "gqa_group3", "head80"])
-def test_attention_over_fp8_cache(kernels: SimpleNamespace, case: str, dtype: torch.dtype) -> None:
-    """An fp8 (e4m3) cache, written by the reference: the kernels convert its tiles to the query dtype as
-    they load them. (The fp8 store is the GPU's: the interpreter rounds to fp8 its own way.)"""
+def test_attention_over_fp8_cache(kernels: SimpleNamespace, case: str, dtype: torch.dtype,
+                                  kv_dtype: torch.dtype) -> None:
+    """An fp8 (e4m3 or e5m2) cache, written by the reference: the kernels convert its tiles to the query dtype
+    as they load them. (The fp8 store is the GPU's: the interpreter rounds to fp8 its own way.)"""
     query_lens, context_lens, num_decodes, extra = ATTENTION_CASES[case]
-    batch = make_batch(query_lens, context_lens, num_decodes, dtype=dtype, kv_dtype=torch.float8_e4m3fn, **extra)
+    batch = make_batch(query_lens, context_lens, num_decodes, dtype=dtype, kv_dtype=kv_dtype, **extra)
     check_attention(kernels, batch)
     check_attention(kernels, batch, num_splits=4)
 
@@ -659,7 +664,7 @@ def test_fp8_claims_follow_the_compute_capability(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a: SimpleNamespace(total_memory=80 << 30))
     monkeypatch.setattr(torch.version, "cuda", cuda)
     caps = CudaBackend().capabilities()
-    assert (torch.float8_e4m3fn in caps.kv_cache_dtypes) == kv_fp8
+    assert (torch.float8_e4m3fn in caps.kv_cache_dtypes) == (torch.float8_e5m2 in caps.kv_cache_dtypes) == kv_fp8
     assert caps.quantizations == quantizations
     assert caps.default_max_num_seqs == 1024  # an 80 GiB GPU
 
@@ -744,7 +749,7 @@ def test_kernels_compile_for_sm90() -> None:
          "BLOCK_Q": 8, "BLOCK_N": 32, "DOT_PRECISION": "ieee", "UNMASKED_TILES": False, "V_SCALED": False},
         num_warps=4, num_stages=2, enable_fp_fusion=True,
     )  # fmt: skip
-    for kv_type, scaled in (("*bf16", False), ("*fp8e4nv", False), ("*fp8e4nv", True)):
+    for kv_type, scaled in (("*bf16", False), ("*fp8e4nv", False), ("*fp8e4nv", True), ("*fp8e5", True)):
         _compile_sm90(
             kv_cache_kernels._write_kv_kernel, {**bf16, "slot_mapping_ptr": "*i64", "k_cache_ptr": kv_type,
                                                 "v_cache_ptr": kv_type},
@@ -754,11 +759,12 @@ def test_kernels_compile_for_sm90() -> None:
     # an fp8 (e4m3) KV cache under bf16 queries: the tiles are converted to fp16 as they are loaded
     fp8_attention = {**attention, "k_cache_ptr": "*fp8e4nv", "v_cache_ptr": "*fp8e4nv"}
     fp8_geometry = {**geometry, "HEAD_DIM": 128}
-    _compile_sm90(
-        decode_attention._decode_split_kernel, fp8_attention,
-        {**fp8_geometry, "BLOCK_G": 16, "BLOCK_N": 64, "NUM_SPLITS": 1, "DOT_PRECISION": "tf32",
-         "UNMASKED_TILES": True, "V_SCALED": True}, num_warps=4, num_stages=2, enable_fp_fusion=True,
-    )  # fmt: skip
+    for fp8_type in ("*fp8e4nv", "*fp8e5"):
+        _compile_sm90(
+            decode_attention._decode_split_kernel, {**attention, "k_cache_ptr": fp8_type, "v_cache_ptr": fp8_type},
+            {**fp8_geometry, "BLOCK_G": 16, "BLOCK_N": 64, "NUM_SPLITS": 1, "DOT_PRECISION": "tf32",
+             "UNMASKED_TILES": True, "V_SCALED": True}, num_warps=4, num_stages=2, enable_fp_fusion=True,
+        )  # fmt: skip
     _compile_sm90(
         prefill_attention._prefill_kernel, fp8_attention,
         {**fp8_geometry, "BLOCK_M": 64, "BLOCK_Q": 16, "BLOCK_N": 32, "DOT_PRECISION": "tf32", "UNMASKED_TILES": True,

@@ -94,17 +94,18 @@ class CudaBackend(Backend):
         return True, ""
 
     def capabilities(self) -> BackendCapabilities:
-        """fp16/bf16/fp32 (bf16 from compute capability 8.0), the KV cache also in fp8 e4m3 (vLLM's
-        ``--kv-cache-dtype fp8``, from compute capability 8.9), fp8 linear layers (``--quantization fp8``, from
-        9.0: its row-wise scaled e4m3 product has run on Hopper only; ``fp8_block`` on Hopper with CUDA 12.9 or later,
-        where cuBLAS has block-scaled e4m3 products), KV blocks of 16/32/64, heads up to 256.
+        """fp16/bf16/fp32 (bf16 from compute capability 8.0), the KV cache also in fp8 e4m3 or e5m2 (vLLM's
+        ``--kv-cache-dtype fp8`` / ``fp8_e5m2``, from compute capability 8.9), fp8 linear layers
+        (``--quantization fp8``, from 9.0: its row-wise scaled e4m3 product has run on Hopper only; ``fp8_block`` on
+        Hopper with CUDA 12.9 or later, where cuBLAS has block-scaled e4m3 products), KV blocks of 16/32/64, heads
+        up to 256.
 
         Scheduler defaults as vLLM's for offline runs: on GPUs of at least 70 GiB (H100, H200) up to 1024
         running requests and 16384 tokens a step (decode steps of hundreds of requests keep the matrix units
         busy; measured in benchmarks/RESULTS.md), else 256 and 8192.
         """
         dtypes: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32)
-        kv_only: tuple[torch.dtype, ...] = (torch.float8_e4m3fn,)
+        kv_only: tuple[torch.dtype, ...] = (torch.float8_e4m3fn, torch.float8_e5m2)
         quantizations: tuple[str, ...] = ("fp8",)
         large = False
         try:
@@ -112,7 +113,7 @@ class CudaBackend(Backend):
                 capability = torch.cuda.get_device_capability()
                 if capability[0] < 8:
                     dtypes = (torch.float16, torch.float32)
-                if capability < (8, 9):  # e4m3 conversions (Triton's "fp8e4nv") need Ada or Hopper
+                if capability < (8, 9):  # 8-bit float conversions (Triton's "fp8e4nv", "fp8e5") need Ada or Hopper
                     kv_only = ()
                 if capability < (9, 0):  # torch._scaled_mm's row-wise scales: tested on Hopper only
                     quantizations = ()
