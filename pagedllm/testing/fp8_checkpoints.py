@@ -170,25 +170,15 @@ def calibrate_input_amax(source: Path) -> dict[str, float]:
 
 def calibrate_kv_amax(source: Path) -> dict[str, tuple[float, float]]:
     """The largest magnitude the keys and the values of each attention layer of ``source`` (a transformers
-    checkpoint) reach over the :data:`CALIBRATION` prompt, by module name (``model.layers.0.self_attn``):
-    ``(keys, values)``. Keys are taken at ``k_proj``'s output times sqrt(2), a bound on their magnitude after the
-    rotary embedding (which turns pairs of features), so the scales cover what the cache stores."""
+    checkpoint of the Llama family) reach over the :data:`CALIBRATION` prompt, by module name
+    (``model.layers.0.self_attn``): ``(keys, values)``, taken from the KV cache transformers fills, so the keys
+    are those the cache stores (after Qwen3's q/k norms and the rotary embedding)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32).eval()
-    amax: dict[str, list[float]] = {}
-
-    def record(layer: str, index: int, factor: float) -> Callable[..., None]:
-        def hook(module: torch.nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-            values = amax.setdefault(layer, [0.0, 0.0])
-            values[index] = max(values[index], float(output.abs().max()) * factor)
-
-        return hook
-
-    for name, module in model.named_modules():
-        if name.endswith(".self_attn.k_proj") or name.endswith(".self_attn.v_proj"):
-            key = name.endswith("k_proj")
-            module.register_forward_hook(record(name.rsplit(".", 1)[0], 0 if key else 1, 2**0.5 if key else 1.0))
     with torch.inference_mode():
-        model(torch.tensor([CALIBRATION]))
-    return {layer: (k, v) for layer, (k, v) in amax.items()}
+        output = model(torch.tensor([CALIBRATION]), use_cache=True)
+    cache = output["cache"] if "cache" in output else output["past_key_values"]  # renamed in transformers 5.2x
+    # each layer iterates as (keys, values) or, in later releases, (keys, values, sliding-window state)
+    return {f"model.layers.{index}.self_attn": (float(layer[0].abs().max()), float(layer[1].abs().max()))
+            for index, layer in enumerate(cache)}

@@ -120,3 +120,16 @@ def test_dummy_weights_with_kv_cache_scales(checkpoint_factory, tmp_path: Path) 
     assert calls_while_generating(llm, "attention_scaled") > 0
     plain = LLM(str(tmp_path), load_format="dummy", **ENGINE)
     assert all(layer.k_scale == layer.v_scale == 1.0 for layer in _layers(plain))
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "qwen2"])
+def test_other_architectures_take_their_kv_scales(checkpoint_factory, tmp_path: Path, arch: str) -> None:
+    """Qwen3 (keys normed per head before the rotary embedding: scales calibrated on what the cache stores) and
+    Qwen2 (biased k/v projections) as ``-FP8-KV`` checkpoints: each layer takes its scales, and the fp8 cache's
+    first tokens are the model dtype cache's."""
+    plain, _ = write_fp8_checkpoint(checkpoint_factory(arch), tmp_path, "compressed-tensors-static",
+                                    kv_cache_scales=True)
+    scaled = LLM(str(plain), kv_cache_dtype="fp8", **ENGINE)
+    assert all(layer.k_scale != 1.0 and layer.v_scale != 1.0 for layer in _layers(scaled))
+    outputs, reference = greedy_outputs(scaled), greedy_outputs(LLM(str(plain), **ENGINE))
+    assert [tokens[:3] for tokens, _ in outputs] == [tokens[:3] for tokens, _ in reference]
