@@ -73,9 +73,9 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tenso
     QKV tensor are fine); ``kv_cache``: ``[2, num_blocks, block_size, num_kv_heads, head_dim]``;
     ``slot_mapping``: ``[num_slots]`` int64. ``k_scale``/``v_scale`` other than 1.0: the keys and values are
     stored divided by them (in float32, times the float32 inverse: ``kv_storage.divide_by_scale``). An 8-bit
-    float cache (``float8_e4m3fn``) stores each value rounded to nearest even and saturated at +-448
-    (``kv_storage.to_cache_dtype``). The grid is ``num_slots`` programs, a shape, so the write can be captured
-    in a CUDA graph.
+    float cache (``float8_e4m3fn``, ``float8_e5m2``) stores each value rounded to nearest even and saturated at
+    the format's largest finite value, 448 or 57344 (``kv_storage.to_cache_dtype``). The grid is ``num_slots``
+    programs, a shape, so the write can be captured in a CUDA graph.
     """
     if key.stride(-1) != 1:
         key = key.contiguous()
