@@ -159,14 +159,21 @@ def load_input_scale(param: nn.Parameter, loaded: torch.Tensor) -> None:
     float32, zero until loaded), keeping the larger when several arrive: the parts of a merged projection
     (q, k, v; gate, up) share their input and take the largest of their scales, as vLLM does. Raises
     ValueError naming the shape or the value otherwise."""
+    param.data.clamp_(min=positive_scale(loaded, "input scale", "tensor"))
+
+
+def positive_scale(loaded: torch.Tensor, what: str, per: str) -> float:
+    """The one positive finite value of a checkpoint's scale tensor ``loaded`` (any shape of one element, any
+    float dtype; a lazy safetensors slice is read), as a float. Called when static input scales and KV-cache
+    scales load. Raises ValueError naming ``what`` and the shape (``expected one per {per}``) or the value."""
     if not isinstance(loaded, torch.Tensor):
         loaded = loaded[...]
     if loaded.numel() != 1:
-        raise ValueError(f"input scale of shape {tuple(loaded.shape)}: expected one per tensor")
-    value = loaded.float().reshape(1).to(param.device)
-    if not (torch.isfinite(value).all() and (value > 0).all()):
-        raise ValueError(f"input scale {value.item()!r}: expected a positive finite value")
-    param.data.copy_(torch.maximum(param.data, value))
+        raise ValueError(f"{what} of shape {tuple(loaded.shape)}: expected one per {per}")
+    value = float(loaded.float().item())
+    if not (math.isfinite(value) and value > 0.0):
+        raise ValueError(f"{what} {value!r}: expected a positive finite value")
+    return value
 
 
 def _store_fp8(module: nn.Module, weight: torch.Tensor, scale: torch.Tensor, backend: Backend, block: bool) -> None:
@@ -358,13 +365,7 @@ class PagedAttention(nn.Module):
         ``"v_scale"``/``"v_proj.output_scale"`` (values) or ``"kv_scale"`` (both); ``loaded``: one positive
         finite value (any shape of one element, any float dtype; a lazy safetensors slice is read). Called by
         the model's ``load_weights`` when the KV cache is fp8. Raises ValueError naming the shape or value."""
-        if not isinstance(loaded, torch.Tensor):
-            loaded = loaded[...]
-        if loaded.numel() != 1:
-            raise ValueError(f"KV-cache scale of shape {tuple(loaded.shape)}: expected one per layer (per tensor)")
-        value = float(loaded.float().item())
-        if not (math.isfinite(value) and value > 0.0):
-            raise ValueError(f"KV-cache scale {value!r}: expected a positive finite value")
+        value = positive_scale(loaded, "KV-cache scale", "layer (per tensor)")
         if name in ("k_scale", "k_proj.output_scale", "kv_scale"):
             self.k_scale = value
         if name in ("v_scale", "v_proj.output_scale", "kv_scale"):
