@@ -118,10 +118,7 @@ class AttentionBatch:
 
     def write(self, backend: Backend, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         """Store ``key``/``value`` at ``slot_mapping`` in the batch's cache as the engine would for this layer."""
-        if self.scaled:
-            backend.write_kv_cache_scaled(key, value, self.kv_cache, slot_mapping, self.k_scale, self.v_scale)
-        else:
-            backend.write_kv_cache(key, value, self.kv_cache, slot_mapping)
+        write_kv(backend, key, value, self.kv_cache, slot_mapping, self.k_scale, self.v_scale)
 
     def attend(self, backend: Backend) -> torch.Tensor:
         """The step's attention (after :meth:`write` of its keys and values), scaled or not."""
@@ -129,6 +126,16 @@ class AttentionBatch:
             return backend.attention_scaled(self.query, self.key, self.value, self.kv_cache, self.metadata, self.spec,
                                             self.k_scale, self.v_scale)
         return backend.attention(self.query, self.key, self.value, self.kv_cache, self.metadata, self.spec)
+
+
+def write_kv(backend: Backend, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+             slot_mapping: torch.Tensor, k_scale: float, v_scale: float) -> None:
+    """``backend.write_kv_cache``, or with a scale other than 1.0 ``write_kv_cache_scaled``, as a layer stores
+    its keys and values (``PagedAttention``)."""
+    if k_scale != 1.0 or v_scale != 1.0:
+        backend.write_kv_cache_scaled(key, value, kv_cache, slot_mapping, k_scale, v_scale)
+    else:
+        backend.write_kv_cache(key, value, kv_cache, slot_mapping)
 
 
 def order_requests(requests: list[RequestShape]) -> list[RequestShape]:
@@ -185,11 +192,8 @@ def build_attention_batch(
     if context_slots:
         ctx_k = torch.cat([k[: r.context_len] for r, k in zip(requests, full_keys, strict=True)])
         ctx_v = torch.cat([v[: r.context_len] for r, v in zip(requests, full_values, strict=True)])
-        context = (ctx_k.to(device), ctx_v.to(device), kv_cache, torch.tensor(context_slots, device=device))
-        if k_scale != 1.0 or v_scale != 1.0:
-            backend.write_kv_cache_scaled(*context, k_scale, v_scale)
-        else:
-            backend.write_kv_cache(*context)
+        write_kv(backend, ctx_k.to(device), ctx_v.to(device), kv_cache,
+                 torch.tensor(context_slots, dtype=torch.int64, device=device), k_scale, v_scale)
 
     new_slots = [s for r, t in zip(requests, tables, strict=True)
                  for s in slots_of(t, range(r.context_len, r.seq_len))]
