@@ -42,7 +42,14 @@ def e4m3_scale(amax):
     one per group): returns ``(scale, inverse)``, ``scale = max(amax / 448, MIN_SCALE)`` and ``inverse = 1 /
     scale``, both correctly rounded. Every Triton kernel that quantizes to e4m3 takes its scales from here."""
     scale = tl.maximum(tl.div_rn(amax, E4M3_MAX), E4M3_MIN_SCALE)
-    return scale, tl.div_rn(scale * 0.0 + 1.0, scale)  # 1.0 shaped as scale (a scalar or a vector)
+    return scale, e4m3_inverse(scale)
+
+
+@triton.jit
+def e4m3_inverse(scale):
+    """``1 / scale`` correctly rounded (float32, a scalar or a vector): what a value is multiplied by before its
+    cast to e4m3."""
+    return tl.div_rn(scale * 0.0 + 1.0, scale)  # 1.0 shaped as scale
 
 
 @triton.jit
@@ -79,14 +86,17 @@ def group_offsets(GROUPS: tl.constexpr, GROUP: tl.constexpr):
 
 
 @triton.jit
-def quantize_groups_store(q_ptrs, scale_ptrs, x, mask, n_cols, GROUPS: tl.constexpr, GROUP: tl.constexpr):
-    """Quantize one row ``x`` (float32, ``[GROUPS, GROUP]`` at :func:`group_offsets`, lanes from ``n_cols`` on 0)
-    per group as ``quantize_groups`` does: store its e4m3 values at ``q_ptrs`` (the same shape; where ``mask``)
-    and its scales at ``scale_ptrs`` (``[GROUPS]`` pointers, one per group; groups from ``n_cols`` on not
-    stored). Shared by the group quantizer and the fused ops for ``"fp8_block"`` projections (``fused_kernels``)."""
+def quantize_groups_store(q_ptrs, scale_ptr, scale_stride, row, x, mask, n_cols, GROUPS: tl.constexpr,
+                          GROUP: tl.constexpr):
+    """Quantize row ``row`` ``x`` (float32, ``[GROUPS, GROUP]`` at :func:`group_offsets`, lanes from ``n_cols`` on
+    0) per group as ``quantize_groups`` does: store its e4m3 values at ``q_ptrs`` (the same shape; where ``mask``)
+    and its scales column-major, group ``g`` at ``scale_ptr + g * scale_stride + row`` (groups from ``n_cols`` on
+    not stored). Shared by the group quantizer and the fused ops for ``"fp8_block"`` projections
+    (``fused_kernels``)."""
     scale, inverse = e4m3_scale(tl.max(tl.abs(x), axis=1))
     tl.store(q_ptrs, e4m3_scaled(x, inverse[:, None]).to(q_ptrs.dtype.element_ty), mask=mask)
-    tl.store(scale_ptrs, scale, mask=tl.arange(0, GROUPS) * GROUP < n_cols)
+    groups = tl.arange(0, GROUPS)
+    tl.store(scale_ptr + groups * scale_stride + row, scale, mask=groups * GROUP < n_cols)
 
 
 @triton.jit
@@ -99,8 +109,7 @@ def _quantize_groups_kernel(x_ptr, q_ptr, scale_ptr, n_rows, n_cols, x_row_strid
     mask = offs < n_cols
     valid = tl.where(row < n_rows, n_cols, 0)  # padding rows load nothing
     x = tl.load(x_ptr + row * x_row_stride + offs, mask=offs < valid, other=0.0).to(tl.float32)
-    quantize_groups_store(q_ptr + row * n_cols + offs, scale_ptr + tl.arange(0, GROUPS) * scale_stride + row, x, mask,
-                          n_cols, GROUPS, GROUP)
+    quantize_groups_store(q_ptr + row * n_cols + offs, scale_ptr, scale_stride, row, x, mask, n_cols, GROUPS, GROUP)
 
 
 @triton.jit
@@ -112,7 +121,7 @@ def _quantize_with_scale_kernel(x_ptr, q_ptr, scale_ptr, row_scale_ptr, n_cols, 
     mask = cols < n_cols
     x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
     scale = tl.load(scale_ptr)
-    q = e4m3_scaled(x, tl.div_rn(scale * 0.0 + 1.0, scale))
+    q = e4m3_scaled(x, e4m3_inverse(scale))
     tl.store(q_ptr + row * n_cols + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(row_scale_ptr + row, scale)
 

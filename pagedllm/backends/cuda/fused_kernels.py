@@ -70,8 +70,8 @@ def _rms_norm_kernel(
     w = tl.load(weight_ptr + offs, mask=mask, other=0.0)
     out = w.to(tl.float32) * normed.to(tl.float32)
     if QUANTIZE and GROUP > 0:  # per group of GROUP: scales column-major, ``stride_s`` apart per group
-        quantize_groups_store(out_ptr + row * stride_o + offs, scale_ptr + tl.arange(0, BLOCK // GROUP) * stride_s
-                              + row, out.to(ROUND_TO).to(tl.float32), mask, hidden, BLOCK // GROUP, GROUP)
+        quantize_groups_store(out_ptr + row * stride_o + offs, scale_ptr, stride_s, row,
+                              out.to(ROUND_TO).to(tl.float32), mask, hidden, BLOCK // GROUP, GROUP)
     elif QUANTIZE:  # e4m3 of the output rounded as the unfused norm returns it; scale_ptr gets its scale
         quantize_row_store(out_ptr + row * stride_o + offs, scale_ptr + row, out.to(ROUND_TO).to(tl.float32), mask)
     else:
@@ -322,8 +322,7 @@ def _silu_and_mul_fp8_kernel(q_ptr, scale_ptr, x_ptr, stride_x, stride_s, d, BLO
     mask = cols < d
     out = _silu_mul(x_ptr + row * stride_x, cols, mask, d).to(tl.float32)
     if GROUP > 0:  # per group of GROUP: scales column-major, ``stride_s`` apart per group
-        quantize_groups_store(q_ptr + row * d + cols, scale_ptr + tl.arange(0, BLOCK // GROUP) * stride_s + row, out,
-                              mask, d, BLOCK // GROUP, GROUP)
+        quantize_groups_store(q_ptr + row * d + cols, scale_ptr, stride_s, row, out, mask, d, BLOCK // GROUP, GROUP)
     else:
         quantize_row_store(q_ptr + row * d + cols, scale_ptr + row, out, mask)
 
