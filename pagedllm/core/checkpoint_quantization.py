@@ -3,7 +3,7 @@ what pagedllm computes.
 
 pagedllm runs fp8 linear layers in two schemes (``pagedllm.backends.fp8_linear``), with inputs quantized
 dynamically at each call, or, for per-row weights, with one calibrated scale per layer that the checkpoint
-brings (``input_scale``: static input scales, :func:`checkpoint_input_scales`). A checkpoint whose projections
+brings (``input_scale``: static input scales; :func:`checkpoint_fp8` reads which). A checkpoint whose projections
 are already stored in one of them is loaded as it is, without its bf16 weights ever existing:
 
 - ``fp8`` (e4m3 weights with a float32 scale per output row, inputs per token; one scale per tensor is the
@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from typing import NamedTuple
 
 SUPPORTED = (
     "quant_method 'fp8' with activation_scheme 'dynamic' (and no weight_block_size, or [128, 128]) or 'static' "
@@ -46,24 +47,33 @@ SUPPORTED = (
 BLOCK = [128, 128]  # the only weight tile pagedllm's "fp8_block" computes
 
 
-def checkpoint_quantization(hf_config: object) -> str | None:
-    """The quantization (``"fp8"`` or ``"fp8_block"``, names of ``pagedllm.core.config.QUANTIZATIONS``) the
-    checkpoint's weights are stored in, or None for an unquantized checkpoint. Called when the model config is read.
+class CheckpointFp8(NamedTuple):
+    """What a checkpoint's weights are stored in: :func:`checkpoint_fp8`'s answer."""
+
+    quantization: str | None
+    """``"fp8"`` or ``"fp8_block"`` (names of ``pagedllm.core.config.QUANTIZATIONS``); None: unquantized."""
+    input_scales: str | None
+    """How the fp8 projections scale their inputs: ``"dynamic"`` (computed at each call) or ``"static"`` (a
+    calibrated ``input_scale`` per layer, stored in the checkpoint; per-row weights only); None: unquantized."""
+
+
+def checkpoint_fp8(hf_config: object) -> CheckpointFp8:
+    """The fp8 scheme the checkpoint's weights are stored in (both fields None for an unquantized checkpoint).
+    Called once, when the model config is read.
 
     ``hf_config``: the Hugging Face config; its ``quantization_config`` may be a dict or a transformers
     quantization config object. Raises ValueError naming what the checkpoint declares and what is supported.
     """
-    parsed = _parse(hf_config)
-    return None if parsed is None else parsed[0]
-
-
-def checkpoint_input_scales(hf_config: object) -> str | None:
-    """How the checkpoint's fp8 projections scale their inputs: ``"dynamic"`` (computed at each call) or
-    ``"static"`` (a calibrated ``input_scale`` per layer, stored in the checkpoint; per-row weights only); None
-    for an unquantized checkpoint. Called when the model config is read; raises as
-    :func:`checkpoint_quantization` does."""
-    parsed = _parse(hf_config)
-    return None if parsed is None else parsed[1]
+    config = _quantization_config(hf_config)
+    if config is None:
+        return CheckpointFp8(None, None)
+    method = config.get("quant_method")
+    if method == "fp8":
+        return CheckpointFp8(*_check_fp8_method(config))
+    if method == "compressed-tensors":
+        return CheckpointFp8(*_check_compressed_tensors(config))
+    raise ValueError(f"checkpoint quantized with quant_method {method!r}: not supported; pagedllm loads "
+                     f"{SUPPORTED}")
 
 
 KV_SCALE_TENSOR = re.compile(r"\.self_attn\.(k_scale|v_scale|kv_scale|k_proj\.output_scale|v_proj\.output_scale)$")
@@ -100,20 +110,6 @@ def _quantization_config(hf_config: object) -> Mapping[str, object] | None:
     if config is None or isinstance(config, Mapping):
         return config
     return config.to_dict() if hasattr(config, "to_dict") else vars(config)
-
-
-def _parse(hf_config: object) -> tuple[str, str] | None:
-    """``(scheme, input scales)`` of the checkpoint's ``quantization_config``, or None."""
-    config = _quantization_config(hf_config)
-    if config is None:
-        return None
-    method = config.get("quant_method")
-    if method == "fp8":
-        return _check_fp8_method(config)
-    if method == "compressed-tensors":
-        return _check_compressed_tensors(config)
-    raise ValueError(f"checkpoint quantized with quant_method {method!r}: not supported; pagedllm loads "
-                     f"{SUPPORTED}")
 
 
 def _refuse(what: str) -> ValueError:

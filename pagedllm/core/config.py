@@ -11,9 +11,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from pagedllm.core.checkpoint_quantization import (
-    checkpoint_input_scales,
+    checkpoint_fp8,
     checkpoint_kv_cache_scales,
-    checkpoint_quantization,
 )
 
 if TYPE_CHECKING:
@@ -233,6 +232,7 @@ def load_model_config(path: str, dtype: str, max_model_len: int | None) -> Model
             f"max_model_len {max_model_len} exceeds the model's max_position_embeddings {model_positions}"
         )
     eos_ids, defaults = _generation_config(directory, hf_config)
+    stored = checkpoint_fp8(hf_config)
     return ModelConfig(
         path=str(directory),
         hf_config=hf_config,
@@ -241,8 +241,8 @@ def load_model_config(path: str, dtype: str, max_model_len: int | None) -> Model
         max_model_len=max_model_len,
         eos_token_ids=eos_ids,
         generation_defaults=defaults,
-        quantization=checkpoint_quantization(hf_config),
-        input_scales=checkpoint_input_scales(hf_config),
+        quantization=stored.quantization,
+        input_scales=stored.input_scales,
         kv_cache_scales=checkpoint_kv_cache_scales(hf_config),
     )
 

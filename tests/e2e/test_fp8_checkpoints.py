@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pagedllm import LLM, SamplingParams
-from pagedllm.core.checkpoint_quantization import checkpoint_input_scales, checkpoint_quantization
+from pagedllm.core.checkpoint_quantization import checkpoint_fp8
 from pagedllm.testing.fp8_checkpoints import write_fp8_checkpoint
 from tests.e2e.hf_reference import assert_greedy_matches_rounded_reference, merged_input_scales
 
@@ -231,31 +231,31 @@ def _ct(weights: dict | None = None, inputs: dict | str | None = "keep", **top: 
 ])  # fmt: skip
 def test_unsupported_quantization_configs_are_refused(config: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message) as info:
-        checkpoint_quantization(SimpleNamespace(quantization_config=config))
+        checkpoint_fp8(SimpleNamespace(quantization_config=config))
     assert "pagedllm loads quant_method 'fp8' with activation_scheme 'dynamic'" in str(info.value)
 
 
 def test_supported_configs_and_unquantized_checkpoints() -> None:
-    assert checkpoint_quantization(SimpleNamespace(quantization_config=GOOD_CT)) == "fp8"
-    assert checkpoint_quantization(SimpleNamespace(quantization_config={"quant_method": "fp8"})) == "fp8"
+    assert checkpoint_fp8(SimpleNamespace(quantization_config=GOOD_CT)).quantization == "fp8"
+    assert checkpoint_fp8(SimpleNamespace(quantization_config={"quant_method": "fp8"})).quantization == "fp8"
     deepseek = {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
-    assert checkpoint_quantization(SimpleNamespace(quantization_config=deepseek)) == "fp8_block"
+    assert checkpoint_fp8(SimpleNamespace(quantization_config=deepseek)).quantization == "fp8_block"
     ct_block = _ct({"strategy": "block", "block_structure": [128, 128]}, {"strategy": "group", "group_size": 128})
-    assert checkpoint_quantization(SimpleNamespace(quantization_config=ct_block)) == "fp8_block"
+    assert checkpoint_fp8(SimpleNamespace(quantization_config=ct_block)).quantization == "fp8_block"
     mixed = {**ct_block, "config_groups": {**ct_block["config_groups"], "h": GOOD_CT["config_groups"]["g"]}}
     with pytest.raises(ValueError, match="mixing schemes"):
-        checkpoint_quantization(SimpleNamespace(quantization_config=mixed))
-    assert checkpoint_quantization(SimpleNamespace()) is None
+        checkpoint_fp8(SimpleNamespace(quantization_config=mixed))
+    assert checkpoint_fp8(SimpleNamespace()).quantization is None
     static = {"quant_method": "fp8", "activation_scheme": "static"}
     ct_static = _ct({"strategy": "tensor"}, {"strategy": "tensor", "dynamic": False})
     for config, inputs in ((static, "static"), (ct_static, "static"), (GOOD_CT, "dynamic"), (deepseek, "dynamic")):
-        assert checkpoint_input_scales(SimpleNamespace(quantization_config=config)) == inputs
-    assert checkpoint_quantization(SimpleNamespace(quantization_config=ct_static)) == "fp8"
-    assert checkpoint_input_scales(SimpleNamespace()) is None
+        assert checkpoint_fp8(SimpleNamespace(quantization_config=config)).input_scales == inputs
+    assert checkpoint_fp8(SimpleNamespace(quantization_config=ct_static)).quantization == "fp8"
+    assert checkpoint_fp8(SimpleNamespace()).input_scales is None
     static_and_dynamic = {**ct_static, "config_groups": {**ct_static["config_groups"],
                                                          "h": GOOD_CT["config_groups"]["g"]}}
     with pytest.raises(ValueError, match="mixing schemes"):
-        checkpoint_quantization(SimpleNamespace(quantization_config=static_and_dynamic))
+        checkpoint_fp8(SimpleNamespace(quantization_config=static_and_dynamic))
 
 
 def checkpoint_variant(source: Path, target: Path, edit_tensors=None, edit_config=None) -> Path:
