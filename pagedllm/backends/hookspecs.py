@@ -73,7 +73,10 @@ def pagedllm_register_models() -> dict[str, type[nn.Module]]:
     lazily), so a vendor or user can add a model without touching the core. The class is built as
     ``cls(hf_config, backend)`` and must follow the model contract of ``pagedllm.core.models``
     (``forward(input_ids, positions, metadata)``, ``compute_logits(hidden)``, ``load_weights(iterable)``,
-    ``attention_layers()``) and compute through the backend it is given.
+    ``attention_layers()``) and compute through the backend it is given. A class that sets
+    ``supports_sampled_rows = True`` is also called as ``forward(..., sampled=SampledRows)`` on steps where some
+    rows are not sampled, and then returns the hidden states of the sampled rows only (its last layer may skip
+    the others after storing their keys and values; ``pagedllm.core.sampled_rows``).
 
     Takes no parameters.
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from pagedllm.backends.interface import AttentionMetadata, Backend
 from pagedllm.core.block_manager import cdiv
+from pagedllm.core.sampled_rows import SampledRows, sampled_rows
 from pagedllm.core.scheduler import ScheduledRequest, SchedulerOutput
 
 if TYPE_CHECKING:
@@ -48,6 +49,7 @@ class ModelInput:
     metadata: AttentionMetadata
     logits_indices: torch.Tensor  # [num_sampled] int64: rows whose logits are sampled
     sampled_request_ids: list[str]  # request of each logits row, in row order
+    sampled: SampledRows | None = None  # those rows for the model's last layer, when it computes only them
 
 
 @dataclass(slots=True)
@@ -74,6 +76,13 @@ class ModelRunner:
         capabilities = backend.capabilities()
         # static-shape devices compile one graph per token count: pad every batch to a bucket
         self.token_buckets = sorted(capabilities.token_buckets) if capabilities.needs_static_shapes else []
+        self.model_takes_sampled_rows = bool(getattr(model, "supports_sampled_rows", False))
+
+    @property
+    def computes_sampled_rows_only(self) -> bool:
+        """Whether the model's last layer computes only the rows a step samples: where the model supports it,
+        and not on static shapes (the number of sampled rows varies from step to step)."""
+        return self.model_takes_sampled_rows and not self.token_buckets
 
     # ------------------------------------------------------------------ KV cache
     def kv_cache_bytes_per_block(self, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -184,13 +193,27 @@ class ModelRunner:
         pending = self.pending_token_ids(host, sampled_token_ids)
         if pending is not None:
             input_ids.index_copy_(0, *pending)
+        sampled = None
+        if self.computes_sampled_rows_only and len(host.logits_indices) < metadata.num_tokens:
+            sampled = sampled_rows(host.logits_indices, host.positions, host.query_start, metadata, dev)
         return ModelInput(
             input_ids=input_ids,
             positions=to_dev(host.positions),
             metadata=metadata,
-            logits_indices=to_dev(host.logits_indices),
+            logits_indices=sampled.indices if sampled is not None else to_dev(host.logits_indices),
             sampled_request_ids=host.sampled_request_ids,
+            sampled=sampled,
         )
+
+    def compute_logits(self, model_input: ModelInput) -> torch.Tensor:
+        """Run the model over a prepared batch; returns the logits ``[num_sampled, vocab_size]`` of its
+        sampled rows (the last layer computes only those where :attr:`computes_sampled_rows_only`)."""
+        if model_input.sampled is not None:
+            hidden = self.model(model_input.input_ids, model_input.positions, model_input.metadata,
+                                sampled=model_input.sampled)
+            return self.model.compute_logits(hidden)
+        hidden = self.model(model_input.input_ids, model_input.positions, model_input.metadata)
+        return self.model.compute_logits(hidden[model_input.logits_indices])
 
     def capture_decode_graphs(self, max_num_seqs: int, with_logits: bool = True) -> None:
         """Record decode graphs for batch sizes up to ``max_num_seqs`` (backends that can capture only);
@@ -221,9 +244,7 @@ class ModelRunner:
                 logits = logits[torch.from_numpy(host.logits_indices).to(self.device, non_blocking=True)]
             return ModelRunnerOutput(host.sampled_request_ids, logits)
         model_input = self.prepare(scheduled, sampled_token_ids)
-        hidden = self.model(model_input.input_ids, model_input.positions, model_input.metadata)
-        logits = self.model.compute_logits(hidden[model_input.logits_indices])
-        return ModelRunnerOutput(model_input.sampled_request_ids, logits)
+        return ModelRunnerOutput(model_input.sampled_request_ids, self.compute_logits(model_input))
 
     @torch.inference_mode()
     def profile_run(self, num_tokens: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
@@ -234,7 +255,6 @@ class ModelRunner:
         scheduled = [ScheduledRequest("profile", [0] * num_tokens, 0, [], needs_sample=True)]
         model_input = self.prepare(scheduled)
         model_input.metadata.slot_mapping.fill_(-1)
-        hidden = self.model(model_input.input_ids, model_input.positions, model_input.metadata)
-        self.model.compute_logits(hidden[model_input.logits_indices])
+        self.compute_logits(model_input)
         self.backend.synchronize()
         self.kv_caches = []

@@ -429,6 +429,23 @@ def test_async_scheduling_greedy_equals_cpu_fp32(tiny_checkpoints: dict[str, Pat
         assert ours == ref, f"prompt {i} diverged"
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_last_layer_of_sampled_rows_only(tiny_checkpoints: dict[str, Path], arch: str, dtype: torch.dtype) -> None:
+    """A mixed step whose last layer computes only the sampled rows (their attention through the decode
+    kernel) gives the logits of the whole batch's step (that row through the prefill kernel) and the same
+    KV cache, bit for bit."""
+    from tests.unit.test_sampled_rows import MIXED_STEP, run_both_ways, runner_over_random_cache
+
+    runner = runner_over_random_cache(tiny_checkpoints[arch], device="cuda", dtype=str(dtype).split(".")[-1],
+                                      block_size=16, kv_cache_memory_bytes=8 << 20, enforce_eager=True)
+    logits, reference, caches, reference_caches = run_both_ways(runner, MIXED_STEP)
+    assert logits.shape == reference.shape and logits.shape[0] == 3
+    assert_close_to_reference(logits, reference, dtype)
+    for cache, expected in zip(caches, reference_caches, strict=True):
+        assert torch.equal(byte_view(cache), byte_view(expected))
+
+
 @pytest.mark.parametrize("enforce_eager", [True, False], ids=["eager", "graphs"])
 def test_fp8_kv_cache_greedy_equals_cpu_fp32(tiny_checkpoints: dict[str, Path], enforce_eager: bool) -> None:
     """``kv_cache_dtype="fp8"`` on both backends: the same rounded keys and values, the same tokens."""

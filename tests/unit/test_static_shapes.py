@@ -17,6 +17,7 @@ def test_batches_padded_to_buckets_give_same_tokens(llama_dir: Path) -> None:
     llm = LLM(str(llama_dir), **kwargs)
     runner = llm.llm_engine.executor.worker.runner
     runner.token_buckets = [4, 16, 64]
+    assert not runner.computes_sampled_rows_only  # the last layer keeps every row: one shape per bucket
     seen: list[int] = []
     runner.model.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[0]))
     padded = llm.generate(prompts, params, use_tqdm=False)

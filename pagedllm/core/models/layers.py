@@ -28,6 +28,7 @@ from pagedllm.backends.fp8_linear import (
 )
 from pagedllm.backends.interface import AttentionMetadata, AttentionSpec, Backend
 from pagedllm.core.distributed.parallel_state import get_tp_group
+from pagedllm.core.sampled_rows import SampledRows
 
 LinearOp = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 """``(x [num_tokens, in], weight [out, in], bias [out] | None) -> [num_tokens, out]``, as ``Backend.linear``."""
@@ -360,6 +361,11 @@ class PagedAttention(nn.Module):
         self.k_scale = 1.0
         self.v_scale = 1.0
 
+    @property
+    def scaled(self) -> bool:
+        """Whether the cache holds scaled keys or values (a scale other than 1.0)."""
+        return self.k_scale != 1.0 or self.v_scale != 1.0
+
     def load_kv_scale(self, name: str, loaded: torch.Tensor) -> None:
         """Take a checkpoint's KV-cache scale: ``name`` is ``"k_scale"``/``"k_proj.output_scale"`` (keys),
         ``"v_scale"``/``"v_proj.output_scale"`` (values) or ``"kv_scale"`` (both); ``loaded``: one positive
@@ -372,16 +378,28 @@ class PagedAttention(nn.Module):
             self.v_scale = value
 
     def forward(
-        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, metadata: AttentionMetadata
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, metadata: AttentionMetadata,
+        sampled: SampledRows | None = None,
     ) -> torch.Tensor:
         """``query: [num_tokens, num_heads, head_dim]``, ``key/value: [num_tokens, num_kv_heads, head_dim]``;
-        returns ``[num_tokens, num_heads * head_dim]``."""
-        if self.k_scale != 1.0 or self.v_scale != 1.0:
-            self.backend.write_kv_cache_scaled(key, value, self.kv_cache, metadata.slot_mapping, self.k_scale,
-                                               self.v_scale)
+        every token's key and value are stored. Returns ``[num_tokens, num_heads * head_dim]``, or, with
+        ``sampled`` (the model's last layer), ``[num_sampled, num_heads * head_dim]``: only those rows attend."""
+        self.store(key, value, metadata)
+        if sampled is not None:
+            rows = sampled.indices
+            query, key, value, metadata = query[rows], key[rows], value[rows], sampled.metadata
+        if self.scaled:
             out = self.backend.attention_scaled(query, key, value, self.kv_cache, metadata, self.spec, self.k_scale,
                                                 self.v_scale)
         else:
-            self.backend.write_kv_cache(key, value, self.kv_cache, metadata.slot_mapping)
             out = self.backend.attention(query, key, value, self.kv_cache, metadata, self.spec)
         return out.reshape(out.shape[0], -1)
+
+    def store(self, key: torch.Tensor, value: torch.Tensor, metadata: AttentionMetadata) -> None:
+        """Write ``key/value: [num_tokens, num_kv_heads, head_dim]`` to their slots (``metadata.slot_mapping``),
+        divided by the layer's scales where they are not 1."""
+        if self.scaled:
+            self.backend.write_kv_cache_scaled(key, value, self.kv_cache, metadata.slot_mapping, self.k_scale,
+                                               self.v_scale)
+        else:
+            self.backend.write_kv_cache(key, value, self.kv_cache, metadata.slot_mapping)

@@ -33,6 +33,7 @@ from pagedllm.core.models.layers import (
     copy_checked,
     fp8_input_of,
 )
+from pagedllm.core.sampled_rows import SampledRows
 
 # checkpoint name fragment -> (our fused parameter fragment, part index)
 STACKED_PARAMS: dict[str, tuple[str, int]] = {
@@ -76,9 +77,17 @@ class LlamaAttention(nn.Module):
     qkv_bias_default = False
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor | Fp8Activation,
-                metadata: AttentionMetadata) -> torch.Tensor:
-        """``hidden: [num_tokens, hidden_size]`` -> ``[num_tokens, hidden_size]`` (this rank's partial sum)."""
-        return self.o_proj(self.attn(*self.project_qkv(positions, hidden), metadata))
+                metadata: AttentionMetadata, sampled: SampledRows | None = None) -> torch.Tensor:
+        """``hidden: [num_tokens, hidden_size]`` -> ``[num_tokens, hidden_size]`` (this rank's partial sum), or
+        ``[num_sampled, hidden_size]`` for the ``sampled`` rows only (every token's keys and values stored)."""
+        return self.o_proj(self.attn(*self.project_qkv(positions, hidden), metadata, sampled))
+
+    def store_kv(self, positions: torch.Tensor, hidden: torch.Tensor | Fp8Activation,
+                 metadata: AttentionMetadata) -> None:
+        """Only store the keys and values of ``hidden: [num_tokens, hidden_size]`` (a last layer none of whose
+        rows is sampled this step)."""
+        _, key, value = self.project_qkv(positions, hidden)
+        self.attn.store(key, value, metadata)
 
     def project_qkv(
         self, positions: torch.Tensor, hidden: torch.Tensor | Fp8Activation
@@ -149,17 +158,29 @@ class LlamaDecoderLayer(nn.Module):
         hidden: torch.Tensor,
         residual: torch.Tensor | None,
         metadata: AttentionMetadata,
+        sampled: SampledRows | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns ``(hidden, residual)``, each ``[num_tokens, hidden_size]``; the layer output is ``hidden``
-        summed over the tensor-parallel ranks plus ``residual`` (the next norm computes it)."""
-        if residual is None:
-            residual = hidden
-            hidden = self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, metadata)
+        """Returns ``(hidden, residual)``, each ``[num_tokens, hidden_size]`` (``[num_sampled, hidden_size]``
+        with ``sampled``: the last layer); the layer output is ``hidden`` summed over the tensor-parallel ranks
+        plus ``residual`` (the next norm computes it)."""
+        hidden, residual = self.normed_input(hidden, residual)
+        hidden = self.self_attn(positions, hidden, metadata, sampled)
+        if sampled is not None:
+            residual = residual[sampled.indices]
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
+
+    def store_kv(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
+                 metadata: AttentionMetadata) -> None:
+        """Only store the layer's keys and values for the step (the last layer, when no row samples)."""
+        self.self_attn.store_kv(positions, self.normed_input(hidden, residual)[0], metadata)
+
+    def normed_input(self, hidden: torch.Tensor, residual: torch.Tensor | None
+                     ) -> tuple[torch.Tensor | Fp8Activation, torch.Tensor]:
+        """``(input_layernorm(hidden + residual), hidden + residual)``; the first layer has no residual yet."""
+        if residual is None:
+            return self.input_layernorm(hidden), hidden
+        return self.input_layernorm(hidden, residual)
 
 
 class LlamaModel(nn.Module):
@@ -174,12 +195,19 @@ class LlamaModel(nn.Module):
         )
         self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps, backend, reduce_partial_input=True)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
-        """``input_ids``, ``positions``: ``[num_tokens]`` -> hidden states ``[num_tokens, hidden_size]``."""
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata,
+                sampled: SampledRows | None = None) -> torch.Tensor:
+        """``input_ids``, ``positions``: ``[num_tokens]`` -> hidden states ``[num_tokens, hidden_size]``, or
+        ``[num_sampled, hidden_size]`` of the ``sampled`` rows: the last layer computes only those."""
         hidden = self.embed_tokens(input_ids)
         residual = None
-        for layer in self.layers:
+        *body, last = self.layers
+        for layer in body:
             hidden, residual = layer(positions, hidden, residual, metadata)
+        if sampled is not None and not len(sampled):
+            last.store_kv(positions, hidden, residual, metadata)
+            return hidden.new_empty((0, hidden.shape[-1]))
+        hidden, residual = last(positions, hidden, residual, metadata, sampled)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
@@ -202,7 +230,10 @@ def sliding_window_of(hf_config: object, layer_idx: int) -> int | None:
 class LlamaForCausalLM(nn.Module):
     """Causal LM head over :class:`LlamaModel`; the model contract every registered architecture follows.
 
-    - ``forward(input_ids, positions, metadata)`` -> hidden ``[num_tokens, hidden_size]``;
+    - ``forward(input_ids, positions, metadata)`` -> hidden ``[num_tokens, hidden_size]``; a model with
+      ``supports_sampled_rows`` also takes ``sampled`` (:class:`SampledRows`, the step's rows whose logits are
+      computed) and then returns ``[num_sampled, hidden_size]``, its last layer attending and computing its MLP
+      for those rows only (every token's keys and values are still stored);
     - ``compute_logits(hidden [num_sampled, hidden_size])`` -> ``[num_sampled, vocab_size]``;
     - ``load_weights(iterable of (name, tensor))`` with Hugging Face names;
     - ``attention_layers()`` -> the :class:`PagedAttention` modules to bind KV caches to.
@@ -213,6 +244,7 @@ class LlamaForCausalLM(nn.Module):
 
     layer_cls: type[LlamaDecoderLayer] = LlamaDecoderLayer
     supports_tensor_parallel: bool = True
+    supports_sampled_rows: bool = True
 
     def __init__(self, hf_config: object, backend: Backend) -> None:
         super().__init__()
@@ -223,9 +255,10 @@ class LlamaForCausalLM(nn.Module):
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata,
+                sampled: SampledRows | None = None) -> torch.Tensor:
         """See the class docstring."""
-        return self.model(input_ids, positions, metadata)
+        return self.model(input_ids, positions, metadata, sampled)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Project the hidden states of the sampled tokens onto the vocabulary."""
