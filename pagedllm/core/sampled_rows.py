@@ -34,6 +34,26 @@ class SampledRows:
         return int(self.indices.shape[0])
 
 
+ALIGNMENT = 16
+"""Bytes each array of a packed copy starts on: Triton specializes kernels on 16-byte aligned pointers, so an
+unaligned slice would compile (mid-run) a variant of the attention kernels for it."""
+
+
+def _packed(parts: list[np.ndarray], dtype: np.dtype, device: torch.device
+            ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """``parts`` (1-D) laid end to end in one host buffer of ``dtype``, each starting on :data:`ALIGNMENT`
+    bytes, and copied to ``device`` at once; returns the parts' host views and their device views."""
+    per_alignment = ALIGNMENT // np.dtype(dtype).itemsize
+    starts = np.cumsum([0] + [-(-len(p) // per_alignment) * per_alignment for p in parts])[:-1]
+    flat = np.zeros(int(starts[-1]) + len(parts[-1]), dtype=dtype)
+    for part, start in zip(parts, starts, strict=True):
+        flat[start : start + len(part)] = part
+    host = torch.from_numpy(flat)
+    dev = host.to(device, non_blocking=True)
+    spans = [(int(start), int(start) + len(part)) for part, start in zip(parts, starts, strict=True)]
+    return [host[a:b] for a, b in spans], [dev[a:b] for a, b in spans]
+
+
 def sampled_rows(rows: np.ndarray, positions: np.ndarray, query_start: np.ndarray, metadata: AttentionMetadata,
                  device: torch.device) -> SampledRows:
     """Describe ``rows`` of a step's batch to its last layer.
@@ -47,26 +67,23 @@ def sampled_rows(rows: np.ndarray, positions: np.ndarray, query_start: np.ndarra
     num_rows = len(rows)
     request_of_row = np.searchsorted(query_start, rows, side="right") - 1
     seq_lens = positions[rows] + 1
-    indices = np.concatenate([rows, request_of_row]).astype(np.int64)
-    lengths = np.concatenate([np.arange(num_rows + 1), seq_lens, seq_lens - 1]).astype(np.int32)
-    indices_dev = torch.from_numpy(indices).to(device, non_blocking=True)
-    lengths_cpu = torch.from_numpy(lengths)
-    lengths_dev = lengths_cpu.to(device, non_blocking=True)
-    row_indices = indices_dev[:num_rows]
+    _, (row_indices, requests) = _packed([rows, request_of_row], np.int64, device)
+    (query_start_cpu, seq_lens_cpu, _), (query_start_dev, seq_lens_dev, context_lens_dev) = _packed(
+        [np.arange(num_rows + 1), seq_lens, seq_lens - 1], np.int32, device)
     return SampledRows(
         indices=row_indices,
         metadata=AttentionMetadata(
             num_tokens=num_rows,
             num_decodes=num_rows,
-            query_start_loc=lengths_dev[: num_rows + 1],
-            seq_lens=lengths_dev[num_rows + 1 : 2 * num_rows + 1],
-            context_lens=lengths_dev[2 * num_rows + 1 :],
-            block_tables=metadata.block_tables.index_select(0, indices_dev[num_rows:]),
+            query_start_loc=query_start_dev,
+            seq_lens=seq_lens_dev,
+            context_lens=context_lens_dev,
+            block_tables=metadata.block_tables.index_select(0, requests),
             slot_mapping=metadata.slot_mapping.index_select(0, row_indices),
             max_query_len=1,
             max_seq_len=int(seq_lens.max()) if num_rows else 0,
             block_size=metadata.block_size,
-            query_start_loc_cpu=lengths_cpu[: num_rows + 1],
-            seq_lens_cpu=lengths_cpu[num_rows + 1 : 2 * num_rows + 1],
+            query_start_loc_cpu=query_start_cpu,
+            seq_lens_cpu=seq_lens_cpu,
         ),
     )

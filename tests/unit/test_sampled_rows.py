@@ -112,3 +112,25 @@ def test_chunked_prefill_generation_equal_with_and_without(llama_dir: Path) -> N
             for token, entry in step_got.items():
                 assert entry.logprob == pytest.approx(step_want[token].logprob, abs=1e-5)
 
+
+
+@pytest.mark.parametrize("num_rows", [1, 2, 3, 4, 5, 7])
+def test_sampled_metadata_values_and_aligned_arrays(runner: ModelRunner, num_rows: int) -> None:
+    """One single-token query per sampled row, at that row's position over its request's block table; each
+    device array starts on 16 bytes (Triton compiles another kernel variant for an unaligned pointer)."""
+    scheduled = [ScheduledRequest(f"p{i}", list(range(1, 4 + i)), i, [1 + i], needs_sample=True)
+                 for i in range(num_rows)] + [ScheduledRequest("chunk", [5] * 6, 0, [9, 10], needs_sample=False)]
+    model_input = runner.prepare(scheduled)
+    sampled, full = model_input.sampled, model_input.metadata
+    last_rows = full.query_start_loc[1 : num_rows + 1].long() - 1
+    assert torch.equal(sampled.indices, last_rows)
+    md = sampled.metadata
+    assert (md.num_tokens, md.num_decodes, md.max_query_len) == (num_rows, num_rows, 1)
+    assert torch.equal(md.query_start_loc, torch.arange(num_rows + 1, dtype=torch.int32))
+    assert torch.equal(md.seq_lens, (model_input.positions[last_rows] + 1).int())
+    assert torch.equal(md.seq_lens, full.seq_lens[:num_rows]) and torch.equal(md.seq_lens_cpu, md.seq_lens)
+    assert torch.equal(md.context_lens, md.seq_lens - 1)
+    assert torch.equal(md.block_tables, full.block_tables[:num_rows])
+    assert md.max_seq_len == int(md.seq_lens.max())
+    for array in (sampled.indices, md.query_start_loc, md.seq_lens, md.context_lens, md.block_tables):
+        assert array.data_ptr() % 16 == 0
