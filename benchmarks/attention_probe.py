@@ -104,6 +104,7 @@ def main() -> int:
     parser.add_argument("--context", type=int, default=580)
     parser.add_argument("--kv-dtype", choices=list(KV_DTYPES), default="bf16")
     parser.add_argument("--skip-prefill", action="store_true")
+    parser.add_argument("--skip-decode", action="store_true")
     args = parser.parse_args()
     kv_dtype = KV_DTYPES[args.kv_dtype]
     torch.manual_seed(0)
@@ -130,11 +131,14 @@ def main() -> int:
 
         configs = [None, *itertools.product((32, 64, 128), (4, 8), (1, 2, 3))]
         results += sweep("prefill", run_prefill, rows, expected, configs, flop, "TFLOPs")
-        for block_m in (64, 256):
+        for block_m in (128, 256):
             results += [dict(r, block_m=block_m) for r in sweep(
                 f"prefill block_m {block_m}", lambda t, b=block_m: run_prefill(t, b), rows, expected,
-                [(64, 4, 2), (64, 8, 2), (64, 8, 3), (32, 4, 2)], flop, "TFLOPs")]  # fmt: skip
+                [(64, 4, 2), (64, 8, 2), (64, 8, 3), (128, 8, 2), (32, 4, 2), (32, 8, 2)], flop, "TFLOPs")]  # fmt: skip
 
+    if args.skip_decode:
+        write_results(args.out, "attention_probe.json", results)
+        return 0
     # pure decode step
     query, cache, md = make_batch([1] * n_dec, [args.context] * n_dec, n_dec, "cuda", kv_dtype)
     out = torch.empty_like(query)
