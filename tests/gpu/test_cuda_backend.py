@@ -393,14 +393,39 @@ def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path
             for arch in ("llama", "mistral", "qwen2", "qwen3")}
 
 
-def _generate(model_dir: Path, device: str, dtype: str, **kwargs: object) -> tuple[list[list[int]], object]:
+class Completions(list):
+    """The greedy token ids of each prompt (compared as a plain list of lists), with the top-2 logprobs of
+    each position kept for :func:`assert_same_tokens`'s message."""
+
+    def __init__(self, outputs: list) -> None:
+        super().__init__(o.outputs[0].token_ids for o in outputs)
+        self.logprobs = [o.outputs[0].logprobs for o in outputs]
+
+
+def _generate(model_dir: Path, device: str, dtype: str, **kwargs: object) -> tuple[Completions, object]:
     from pagedllm import LLM, SamplingParams
 
     llm = LLM(str(model_dir), device=device, dtype=dtype, block_size=16, max_num_batched_tokens=64,
               max_num_seqs=8, kv_cache_memory_bytes=8 << 20, **kwargs)  # fmt: skip
-    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=2)
     outputs = llm.generate(_prompts(llm.get_tokenizer()), params, use_tqdm=False)
-    return [o.outputs[0].token_ids for o in outputs], llm
+    return Completions(outputs), llm
+
+
+def assert_same_tokens(got: Completions, expected: Completions) -> None:
+    """Every prompt's tokens equal; a failure names the prompt, the first position that differs, both tokens
+    and both runs' top-2 logprobs there (a near tie reads as two close values)."""
+    for i, (ours, ref) in enumerate(zip(got, expected, strict=True)):
+        if ours != ref:
+            j = next((k for k, (a, b) in enumerate(zip(ours, ref, strict=False)) if a != b), min(len(ours), len(ref)))
+            raise AssertionError(f"prompt {i} diverged at token {j}: got {ours[j:j + 1]}, expected {ref[j:j + 1]}; "
+                                 f"logprobs there: got {_top_logprobs(got, i, j)}, expected "
+                                 f"{_top_logprobs(expected, i, j)}")
+
+
+def _top_logprobs(completions: Completions, prompt: int, position: int) -> dict[int, float]:
+    steps = completions.logprobs[prompt]
+    return {t: round(lp.logprob, 6) for t, lp in steps[position].items()} if position < len(steps) else {}
 
 
 @pytest.mark.parametrize("enforce_eager", [True, False], ids=["eager", "graphs"])
@@ -413,8 +438,7 @@ def test_greedy_equals_cpu_fp32(tiny_checkpoints: dict[str, Path], arch: str, en
                          async_scheduling=False)
     runner = llm.llm_engine.executor.worker.runner
     assert (runner.graph_runner is None) == enforce_eager
-    for i, (ours, ref) in enumerate(zip(got, expected, strict=True)):
-        assert ours == ref, f"prompt {i} diverged"
+    assert_same_tokens(got, expected)
 
 
 @pytest.mark.parametrize("enforce_eager", [True, False], ids=["eager", "graphs"])
@@ -425,8 +449,7 @@ def test_async_scheduling_greedy_equals_cpu_fp32(tiny_checkpoints: dict[str, Pat
     expected, _ = _generate(tiny_checkpoints["llama"], "cpu", "float32")
     got, llm = _generate(tiny_checkpoints["llama"], "cuda", "float32", enforce_eager=enforce_eager)
     assert llm.llm_engine.config.async_scheduling is True
-    for i, (ours, ref) in enumerate(zip(got, expected, strict=True)):
-        assert ours == ref, f"prompt {i} diverged"
+    assert_same_tokens(got, expected)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -453,8 +476,7 @@ def test_fp8_kv_cache_greedy_equals_cpu_fp32(tiny_checkpoints: dict[str, Path], 
     got, llm = _generate(tiny_checkpoints["llama"], "cuda", "float32", enforce_eager=enforce_eager,
                          kv_cache_dtype="fp8")
     assert llm.llm_engine.executor.worker.kv_dtype == torch.float8_e4m3fn
-    for i, (ours, ref) in enumerate(zip(got, expected, strict=True)):
-        assert ours == ref, f"prompt {i} diverged"
+    assert_same_tokens(got, expected)
 
 
 @pytest.mark.parametrize("enforce_eager", [True, False], ids=["eager", "graphs"])
@@ -471,8 +493,7 @@ def test_fp8_kv_scales_greedy_equals_cpu_fp32(tiny_checkpoints: dict[str, Path],
     got, llm = _generate(fp8_dir, "cuda", "float32", enforce_eager=enforce_eager, kv_cache_dtype="fp8")
     layers = llm.llm_engine.executor.worker.runner.model.attention_layers()
     assert all(layer.k_scale != 1.0 and layer.v_scale != 1.0 for layer in layers)
-    for i, (ours, ref) in enumerate(zip(got, expected, strict=True)):
-        assert ours == ref, f"prompt {i} diverged"
+    assert_same_tokens(got, expected)
 
 
 def test_bf16_generation_runs_with_graphs(tiny_checkpoints: dict[str, Path]) -> None:
