@@ -25,11 +25,11 @@ HEAD_LAYOUTS: dict[str, tuple[int, int]] = {"mha": (4, 4), "gqa": (8, 2), "mqa":
 """Layout name -> (num_heads, num_kv_heads)."""
 SCENARIOS: tuple[str, ...] = ("decode", "prefill", "prefix_prefill", "mixed")
 PADDING_TOKENS = 5
+"""Padding rows (slot -1) appended by the ``padded`` cases on backends without static shapes."""
 K_SCALE = 1000.0
 V_SCALE = 300.0
 """The KV-cache scales of the ``kv_scaled`` cases: keys and values that large saturate an unscaled 8-bit cache
 (e4m3's largest value is 448), and neither is a power of two, so a scale used the wrong way round shows."""
-"""Padding rows (slot -1) appended by the ``padded`` cases on backends without static shapes."""
 
 
 def dtype_name(dtype: torch.dtype) -> str:
