@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from pagedllm.backends.fp8_linear import dequantize_blocks, quantize_blocks, quantize_rows
+from pagedllm.backends.fp8_linear import FP8_MAX, dequantize_blocks, quantize_blocks, quantize_rows
 
 PROJECTION = re.compile(r"\.(q|k|v|o|gate|up|down)_proj\.weight$")
 """The checkpoint tensors quantization tools store in fp8 for a Llama-family model (``ignore: [lm_head]``)."""
@@ -75,7 +75,7 @@ def write_fp8_checkpoint(source: str | Path, directory: str | Path, scheme: str,
     :data:`SCHEMES`) to ``directory/fp8``, and the same weights dequantized (``e4m3 * scale`` in the source
     dtype; no ``quantization_config``) to ``directory/dequantized``, for a reference that loads no fp8.
 
-    ``kv_cache_scales``: the fp8 checkpoint also gets KV-cache scales from :func:`calibrate_kv_amax` (the
+    ``kv_cache_scales``: the fp8 checkpoint also gets KV-cache scales from :func:`calibrate_amax` (the
     largest magnitude over 448): for the ``fp8*`` schemes as AutoFP8 writes them (``kv_cache_quant_targets``;
     float32 scalars ``self_attn.k_proj.output_scale`` / ``v_proj.output_scale``), for the others as
     llm-compressor does (``kv_cache_scheme``; ``self_attn.k_scale`` / ``v_scale``, ``[1]`` in the weights' dtype).
@@ -89,7 +89,7 @@ def write_fp8_checkpoint(source: str | Path, directory: str | Path, scheme: str,
     source, directory = Path(source), Path(directory)
     quantized: dict[str, torch.Tensor] = {}
     dequantized: dict[str, torch.Tensor] = {}
-    input_amax = calibrate_input_amax(source) if scheme.endswith("static") else {}
+    input_amax, kv_amax = calibrate_amax(source, inputs=scheme.endswith("static"), kv_cache=kv_cache_scales)
     for name, tensor in load_file(str(source / "model.safetensors")).items():
         if not PROJECTION.search(name):
             quantized[name] = dequantized[name] = tensor
@@ -114,14 +114,14 @@ def write_fp8_checkpoint(source: str | Path, directory: str | Path, scheme: str,
         quantized[name], quantized[scale_name] = q, scale
         dequantized[name] = values.to(tensor.dtype)
         if input_amax:  # AutoFP8: a float32 scalar; llm-compressor: [1] in the weights' dtype
-            input_scale = torch.tensor(input_amax[name.removesuffix(".weight")] / 448.0, dtype=torch.float32)
+            input_scale = torch.tensor(input_amax[name.removesuffix(".weight")] / FP8_MAX, dtype=torch.float32)
             quantized[name.replace(".weight", ".input_scale")] = (input_scale if scheme == "fp8-static"
                                                                   else input_scale.reshape(1).to(tensor.dtype))
     auto_fp8 = scheme.startswith("fp8")
     if kv_cache_scales:
-        for layer, amax in calibrate_kv_amax(source).items():
+        for layer, amax in kv_amax.items():
             for which, value in zip("kv", amax, strict=True):
-                scale = torch.tensor(value / 448.0, dtype=torch.float32)
+                scale = torch.tensor(value / FP8_MAX, dtype=torch.float32)
                 if auto_fp8:
                     quantized[f"{layer}.{which}_proj.output_scale"] = scale
                 else:  # [1] in the weights' dtype
@@ -145,40 +145,40 @@ def write_fp8_checkpoint(source: str | Path, directory: str | Path, scheme: str,
     return paths[0], paths[1]
 
 
-def calibrate_input_amax(source: Path) -> dict[str, float]:
-    """The largest magnitude the input of each projection of ``source`` (a transformers checkpoint) reaches
-    over the :data:`CALIBRATION` prompt, by module name (``model.layers.0.self_attn.q_proj``): what
-    calibration tools derive static input scales from."""
+def calibrate_amax(source: Path, inputs: bool, kv_cache: bool
+                   ) -> tuple[dict[str, float], dict[str, tuple[float, float]]]:
+    """What calibration tools derive static scales from, over the :data:`CALIBRATION` prompt through ``source``
+    (a transformers checkpoint of the Llama family), in one forward pass (none when neither is asked):
+
+    - with ``inputs``, the largest magnitude the input of each projection reaches, by module name
+      (``model.layers.0.self_attn.q_proj``);
+    - with ``kv_cache``, the largest magnitudes of each attention layer's keys and values, ``(keys, values)`` by
+      module name (``model.layers.0.self_attn``), taken from the KV cache transformers fills, so the keys are
+      those the cache stores (after Qwen3's q/k norms and the rotary embedding).
+
+    Returns ``(input amax, KV amax)``; a dict not asked for is empty."""
+    input_amax: dict[str, float] = {}
+    if not (inputs or kv_cache):
+        return input_amax, {}
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32).eval()
-    amax: dict[str, float] = {}
 
     def record(name: str) -> Callable[[torch.nn.Module, tuple[torch.Tensor, ...]], None]:
         def hook(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            amax[name] = max(amax.get(name, 0.0), float(args[0].abs().max()))
+            input_amax[name] = max(input_amax.get(name, 0.0), float(args[0].abs().max()))
 
         return hook
 
-    for name, module in model.named_modules():
-        if PROJECTION.search(name + ".weight"):
-            module.register_forward_pre_hook(record(name))
-    with torch.inference_mode():
-        model(torch.tensor([CALIBRATION]))
-    return amax
-
-
-def calibrate_kv_amax(source: Path) -> dict[str, tuple[float, float]]:
-    """The largest magnitude the keys and the values of each attention layer of ``source`` (a transformers
-    checkpoint of the Llama family) reach over the :data:`CALIBRATION` prompt, by module name
-    (``model.layers.0.self_attn``): ``(keys, values)``, taken from the KV cache transformers fills, so the keys
-    are those the cache stores (after Qwen3's q/k norms and the rotary embedding)."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32).eval()
+    if inputs:
+        for name, module in model.named_modules():
+            if PROJECTION.search(name + ".weight"):
+                module.register_forward_pre_hook(record(name))
     with torch.inference_mode():
         output = model(torch.tensor([CALIBRATION]), use_cache=True)
+    if not kv_cache:
+        return input_amax, {}
     cache = output["cache"] if "cache" in output else output["past_key_values"]  # renamed in transformers 5.2x
     # each layer iterates as (keys, values) or, in later releases, (keys, values, sliding-window state)
-    return {f"model.layers.{index}.self_attn": (float(layer[0].abs().max()), float(layer[1].abs().max()))
-            for index, layer in enumerate(cache)}
+    return input_amax, {f"model.layers.{index}.self_attn": (float(layer[0].abs().max()), float(layer[1].abs().max()))
+                        for index, layer in enumerate(cache)}
