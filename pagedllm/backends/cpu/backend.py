@@ -211,5 +211,4 @@ class CpuBackend(Backend):
             enable_gqa=num_kv_heads != spec.num_heads,
         )
         out = (out * v_scale if v_scale != 1.0 else out).to(query.dtype)
-        out = out.transpose(1, 2).reshape(num_requests * max_query_len, spec.num_heads, head_dim)
-        return out.to(query.dtype)
+        return out.transpose(1, 2).reshape(num_requests * max_query_len, spec.num_heads, head_dim)
