@@ -33,6 +33,9 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
                         help="transformers static batch size (default: the largest power of two that fits, "
                              "starting from one batch for the whole workload)")
     parser.add_argument("--output-json", default=None, help="also write the results to this JSON file")
+    parser.add_argument("--gc-freeze", action=argparse.BooleanOptionalAction, default=True,
+                        help="freeze the Python heap the engine's start built (gc.freeze) while timing pagedllm, as "
+                             "`pagedllm serve` does for its life; --no-gc-freeze leaves full collections scanning it")
 
 
 def hardware(device: torch.device) -> str:

@@ -52,6 +52,7 @@ def copy_bandwidth_bytes_per_s(device: torch.device, sync: callable, num_bytes: 
 
 
 def _time_pagedllm(args: argparse.Namespace, requests: list[BenchRequest]) -> tuple[float, float, torch.device]:
+    from pagedllm.core.heap import frozen_heap
     from pagedllm.core.sampling_params import SamplingParams
 
     llm = make_llm(args)
@@ -60,13 +61,14 @@ def _time_pagedllm(args: argparse.Namespace, requests: list[BenchRequest]) -> tu
     sync = engine.backend_cls().synchronize
     full = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
     ttfts, tpots = [], []
-    for i in range(args.num_iters_warmup + args.num_iters):
-        sync()
-        outputs = llm.generate(prompts, full, use_tqdm=False)
-        if i >= args.num_iters_warmup:
-            m = outputs[0].metrics
-            ttfts.append(m.first_token_time - m.arrival_time)
-            tpots.append((m.last_token_time - m.first_token_time) / (args.output_len - 1))
+    with frozen_heap(args.gc_freeze):
+        for i in range(args.num_iters_warmup + args.num_iters):
+            sync()
+            outputs = llm.generate(prompts, full, use_tqdm=False)
+            if i >= args.num_iters_warmup:
+                m = outputs[0].metrics
+                ttfts.append(m.first_token_time - m.arrival_time)
+                tpots.append((m.last_token_time - m.first_token_time) / (args.output_len - 1))
     device = engine.device
     engine.shutdown()
     del llm, engine

@@ -56,6 +56,7 @@ def _result(engine: str, elapsed: float, requests: list[BenchRequest], extra: di
 
 def run_pagedllm(args: argparse.Namespace, requests: list[BenchRequest]) -> tuple[BenchResult, torch.device]:
     """Run the workload through pagedllm (warmed up); returns the result and the engine's device."""
+    from pagedllm.core.heap import GcPauses, frozen_heap
     from pagedllm.core.sampling_params import RequestOutputKind, SamplingParams
 
     llm = make_llm(args)
@@ -68,22 +69,23 @@ def run_pagedllm(args: argparse.Namespace, requests: list[BenchRequest]) -> tupl
               for r in requests]
     peak_waste = 0.0
 
-    for r, p in zip(requests, params, strict=True):
-        engine.add_request(None, r.prompt_token_ids, p)
-    engine.backend_cls().synchronize()
-    start = time.perf_counter()
-    num_steps = 0
-    while engine.has_unfinished_requests():
-        engine.step()
-        num_steps += 1
-        if num_steps % 16 == 0:
-            stats = engine.stats()
-            allocated = (stats.num_total_blocks - stats.num_free_blocks) * engine.block_size
-            if allocated:
-                peak_waste = max(peak_waste, stats.num_wasted_slots / allocated)
-    elapsed = time.perf_counter() - start
+    with frozen_heap(args.gc_freeze), GcPauses() as gc_pauses:
+        for r, p in zip(requests, params, strict=True):
+            engine.add_request(None, r.prompt_token_ids, p)
+        engine.backend_cls().synchronize()
+        start = time.perf_counter()
+        num_steps = 0
+        while engine.has_unfinished_requests():
+            engine.step()
+            num_steps += 1
+            if num_steps % 16 == 0:
+                stats = engine.stats()
+                allocated = (stats.num_total_blocks - stats.num_free_blocks) * engine.block_size
+                if allocated:
+                    peak_waste = max(peak_waste, stats.num_wasted_slots / allocated)
+        elapsed = time.perf_counter() - start
     extra = {"steps": num_steps, "preemptions": engine.stats().num_preemptions,
-             "peak_kv_waste": f"{100 * peak_waste:.2f}%"}
+             "peak_kv_waste": f"{100 * peak_waste:.2f}%", "gc": gc_pauses.summary()}
     result = _result("pagedllm", elapsed, requests, extra)
     engine.shutdown()
     del llm, engine

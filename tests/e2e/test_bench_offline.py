@@ -24,6 +24,7 @@ def test_throughput_runs_both_engines_and_samples_the_peer(tmp_path: Path, capsy
     engines = {r["engine"]: r for r in result["results"]}
     assert set(engines) == {"pagedllm", "hf"}
     assert engines["hf"]["extra"]["sample"] == "3/6"
+    assert engines["pagedllm"]["extra"]["gc"].startswith("0 full")  # the start's heap frozen while timed
     assert all(r["total_tokens_per_s"] > 0 for r in engines.values())
     printed = capsys.readouterr().out
     assert "ratio: pagedllm / hf" in printed

@@ -71,6 +71,7 @@ def _exit_with_parent() -> None:
 
 def worker_main(conn: multiprocessing.connection.Connection, spec: WorkerSpec) -> None:
     """Entry point of a rank's process (``multiprocessing`` spawn target); returns when told to shut down."""
+    from pagedllm.core.heap import freeze_heap
     from pagedllm.core.worker import Worker
 
     _exit_with_parent()
@@ -86,6 +87,8 @@ def worker_main(conn: multiprocessing.connection.Connection, spec: WorkerSpec) -
             if call.method not in WORKER_METHODS:
                 raise ValueError(f"unknown worker call {call.method!r}")
             value = getattr(worker, call.method)(*call.args)
+            if call.method == "initialize_cache":  # the start is over: its heap stays for the process's life
+                freeze_heap()
             if call.reply:
                 conn.send(WorkerReply(spec.rank, value))
     except EOFError:  # the driver closed its end: nothing to report to

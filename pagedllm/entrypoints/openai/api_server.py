@@ -19,6 +19,7 @@ from fastapi import FastAPI, Request
 from starlette.responses import Response
 
 from pagedllm.core.engine import LLMEngine, load_tokenizer
+from pagedllm.core.heap import freeze_heap
 from pagedllm.demo import DEMO_MODEL_NAME
 from pagedllm.entrypoints.async_engine import AsyncLLMEngine
 from pagedllm.entrypoints.openai.auth import APIKeyMiddleware
@@ -176,6 +177,7 @@ def _serve(args: argparse.Namespace) -> None:
         max_logprobs=args.max_logprobs,
     )
     app = build_app(engine, settings)
+    freeze_heap()  # full collections would otherwise rescan the start's heap on the engine thread's steps
     stats = app.state.async_engine.latest_stats
     logger.info(
         "pagedllm %s: backend %s, model %s served as %r, KV pool %d blocks x %d tokens = %d tokens, "
