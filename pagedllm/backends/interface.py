@@ -41,8 +41,9 @@ from pagedllm.backends.kv_storage import divide_by_scale
 # tile-scaled layers: ``Backend.rms_norm_fp8_groups``, ``add_rms_norm_fp8_groups``, ``silu_and_mul_fp8_groups``
 # and ``linear_fp8_block_quantized``; fp8 layers with static input scales: ``Backend.linear_fp8_static``; 1.9 —
 # KV caches holding scaled keys and values (the per-layer ``k_scale``/``v_scale`` of fp8 checkpoints):
-# ``Backend.write_kv_cache_scaled`` and ``Backend.attention_scaled``.
-INTERFACE_VERSION: tuple[int, int] = (1, 9)
+# ``Backend.write_kv_cache_scaled`` and ``Backend.attention_scaled``; 1.10 — ``BackendCapabilities.compiles_kernels``
+# (the engine's start runs warm-up steps, so no request waits for a kernel compile).
+INTERFACE_VERSION: tuple[int, int] = (1, 10)
 
 
 class InterfaceVersionError(ValueError):
@@ -147,6 +148,12 @@ class BackendCapabilities:
     (see ``pagedllm.backends.fp8_linear``; added in 1.5); ``"fp8_block"`` — e4m3 weights with a scale per 128 x
     128 tile and inputs with a scale per token and 128 features, through :meth:`Backend.linear_fp8_block`
     (added in 1.7). Claimed only where it runs on every dtype of ``dtypes``."""
+    compiles_kernels: bool = False
+    """True where kernels compile a variant per argument specialization on their first launch (Triton's JIT,
+    ``torch.compile``): the engine's start then runs throw-away steps of every shape class its steps have
+    (``ModelRunner.warm_up``: a mixed step, and decode steps at the graph-capture batch sizes when no graphs
+    are recorded), so no request waits for a compile. A backend whose variants follow the decode batch size
+    should change them only at those sizes (powers of two do). Added in 1.10."""
 
     def __post_init__(self) -> None:
         """Normalize the sequences to tuples and refuse claims no engine could use.
@@ -195,6 +202,7 @@ class BackendCapabilities:
                 ("graphs", self.can_capture_graphs),
                 ("tp", self.supports_distributed),
                 ("async", self.runs_asynchronously),
+                ("warm-up", self.compiles_kernels),
                 ("static-shapes " + ",".join(str(v) for v in self.token_buckets), self.needs_static_shapes),
             )
             if on

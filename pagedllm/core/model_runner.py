@@ -6,6 +6,7 @@ only device transfers are the few index tensors of the step.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import chain
 from typing import TYPE_CHECKING
@@ -245,6 +246,27 @@ class ModelRunner:
             return ModelRunnerOutput(host.sampled_request_ids, logits)
         model_input = self.prepare(scheduled, sampled_token_ids)
         return ModelRunnerOutput(model_input.sampled_request_ids, self.compute_logits(model_input))
+
+    @torch.inference_mode()
+    def warm_up(self, decode_sizes: Sequence[int]) -> int:
+        """Run throw-away steps over the allocated KV pool so that the kernels compile every variant the engine's
+        steps launch before the first request (called at start for backends with
+        ``BackendCapabilities.compiles_kernels``): one mixed step (a decode, a prompt chunk that samples nothing,
+        a prompt end; the last layer then computes only the sampled rows) and one pure decode step of each
+        batch size in ``decode_sizes`` (the graph-capture sizes when no graphs were recorded, else none). Every
+        request reads the null block 0 and writes nothing (slots -1). Returns the number of steps run."""
+        chunk, end = 2 * self.block_size + 1, 5
+        mixed = [ScheduledRequest("warm-up decode", [0], 0, [0], needs_sample=True),
+                 ScheduledRequest("warm-up chunk", [0] * chunk, 0, [0] * cdiv(chunk, self.block_size), False),
+                 ScheduledRequest("warm-up end", [0] * end, 0, [0], needs_sample=True)]  # fmt: skip
+        steps = [mixed] + [[ScheduledRequest(f"warm-up {i}", [0], 0, [0], True) for i in range(n)]
+                           for n in decode_sizes]  # fmt: skip
+        for scheduled in steps:
+            model_input = self.prepare(scheduled)
+            model_input.metadata.slot_mapping.fill_(-1)
+            self.compute_logits(model_input)
+        self.backend.synchronize()
+        return len(steps)
 
     @torch.inference_mode()
     def profile_run(self, num_tokens: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
@@ -79,18 +80,28 @@ class Worker:
         return self.backend.kv_cache_budget_bytes(self.config.gpu_memory_utilization)
 
     def initialize_cache(self, num_blocks: int) -> None:
-        """Allocate the KV pool of ``num_blocks`` blocks, then record decode graphs if the backend can.
+        """Allocate the KV pool of ``num_blocks`` blocks, record decode graphs if the backend can, then, for a
+        backend whose kernels compile on first launch (``compiles_kernels``), run the warm-up steps of
+        :meth:`ModelRunner.warm_up` (decode steps too when no graphs were recorded: the capture ran them)."""
+        self.runner.allocate_kv_cache(
+            num_blocks, self.num_kv_heads, self.model_config.head_dim, self.kv_dtype
+        )
+        captured = self._capture_decode_graphs()
+        if self.backend.capabilities().compiles_kernels:
+            start = time.perf_counter()
+            steps = self.runner.warm_up(() if captured else capture_sizes(self.config.max_num_seqs))
+            logger.info("warm-up: %d steps in %.1f s", steps, time.perf_counter() - start)
+
+    def _capture_decode_graphs(self) -> bool:
+        """Record decode graphs if the backend can and ``enforce_eager`` is off; returns whether it did.
 
         With tensor parallelism, graphs are recorded only when every rank got a device communicator from
         its backend (:meth:`Backend.create_communicator`): decode all-reduces then go through it inside the
         graphs; the LM head is recorded too if the communicator can all-gather its output, else it runs
         after the replay (its all-gather through ``torch.distributed``).
         """
-        self.runner.allocate_kv_cache(
-            num_blocks, self.num_kv_heads, self.model_config.head_dim, self.kv_dtype
-        )
         if not self.backend.capabilities().can_capture_graphs or self.config.enforce_eager:
-            return
+            return False
         max_batch = capture_sizes(self.config.max_num_seqs)[-1]
         with_logits = True
         if self.tp_group.world_size > 1:
@@ -104,11 +115,12 @@ class Worker:
             if not self.tp_group.all_agree(comm is not None, self.device):
                 logger.info("tensor parallel: backend %r gave no device communicator on every rank; decode runs "
                             "without graphs", self.backend.name)
-                return
+                return False
             self.tp_group.communicator = comm
             # the LM head joins the graphs only if its all-gather can go through the communicator
             with_logits = self.tp_group.all_agree(comm.max_gather_bytes >= gather_bytes, self.device)
         self.runner.capture_decode_graphs(self.config.max_num_seqs, with_logits=with_logits)
+        return True
 
     def execute(self, scheduler_output: SchedulerOutput, sampled_token_ids: torch.Tensor | None = None
                 ) -> ModelRunnerOutput:

@@ -529,3 +529,29 @@ def test_kv_budget_from_memory_utilization() -> None:
     assert budget > 0.5 * total - (1.5 * 2**30) - (8 << 30)  # context and workspaces take far less than 8 GiB
     torch.empty(budget, dtype=torch.uint8, device="cuda")  # and it can be allocated now
     del held
+
+
+# --------------------------------------------------------------------------- no compiles once started
+COMPILE_CONFIGS = {
+    "bf16": {"dtype": "bfloat16"},
+    "fp32": {"dtype": "float32"},
+    "bf16-fp8": {"dtype": "bfloat16", "kv_cache_dtype": "fp8", "quantization": "fp8"},
+}
+
+
+@pytest.mark.parametrize("enforce_eager", [True, False], ids=["eager", "graphs"])
+@pytest.mark.parametrize("config", list(COMPILE_CONFIGS))
+def test_no_kernel_compiles_once_started(tiny_checkpoints: dict[str, Path], config: str, enforce_eager: bool) -> None:
+    """Once ``LLM(...)`` has returned, no request shape makes a Triton kernel compile (each would stall a
+    step): the engine's start (profiling run, decode graphs or their eager warm-up) compiled every variant
+    its steps launch."""
+    from pagedllm import LLM
+    from pagedllm.testing.triton_compiles import TritonCompiles, forget_compiled, run_workloads
+
+    forget_compiled("pagedllm.backends.cuda")  # as in a fresh process: earlier tests compiled some variants
+    llm = LLM(str(tiny_checkpoints["llama"]), device="cuda", block_size=16, max_num_batched_tokens=128,
+              max_num_seqs=32, kv_cache_memory_bytes=32 << 20, enforce_eager=enforce_eager,
+              **COMPILE_CONFIGS[config])  # fmt: skip
+    with TritonCompiles() as compiles:
+        run_workloads(llm, compiles)
+    assert not compiles.records, "kernels compiled after start:\n" + compiles.report()

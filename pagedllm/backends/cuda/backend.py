@@ -59,8 +59,8 @@ class CudaBackend(Backend):
     device_type = "cuda"
     dist_backend = "nccl"
     # communicator; linear, all_reduce_add_rms_norm; scheduler defaults; fp8; fp8_block; 1.8: qk_norm_rotary_embedding,
-    # the fp8_block input ops, linear_fp8_static; 1.9: write_kv_cache_scaled, attention_scaled
-    interface_version = (1, 9)
+    # the fp8_block input ops, linear_fp8_static; 1.9: write_kv_cache_scaled, attention_scaled; 1.10: compiles_kernels
+    interface_version = (1, 10)
     priority = 10  # below rocm: torch.cuda also answers on a ROCm build
 
     def __init__(self) -> None:
@@ -131,6 +131,7 @@ class CudaBackend(Backend):
             supports_sliding_window=True,
             can_capture_graphs=True,
             runs_asynchronously=True,
+            compiles_kernels=True,
             default_max_num_seqs=1024 if large else 256,
             default_max_num_batched_tokens=16384 if large else 8192,
             quantizations=quantizations,

@@ -1,0 +1,122 @@
+"""The engine's start runs warm-up steps for backends whose kernels compile on first launch
+(``BackendCapabilities.compiles_kernels``): a mixed step, and decode steps at the graph-capture batch sizes
+when no graphs are recorded. Checked on the CPU with ``cpu`` backends that claim the capability and record
+the attention batches they see; on a GPU ``tests/gpu`` checks that no Triton kernel compiles after start."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+import torch
+
+from pagedllm import LLM, SamplingParams
+from pagedllm.backends.cpu.backend import CpuBackend
+from pagedllm.backends.interface import AttentionMetadata, AttentionSpec, BackendCapabilities
+from pagedllm.core.graph_runner import capture_sizes
+from tests.conftest import assert_pool_free
+from tests.e2e.graph_cpu_backend import GraphCpuBackend
+
+ENGINE_KWARGS: dict[str, object] = dict(device="cpu", dtype="float32", block_size=4, max_num_batched_tokens=48,
+                                        max_num_seqs=20, kv_cache_memory_bytes=1 << 22, async_scheduling=False)
+PROMPTS = [[1, 2, 3, 4, 5], list(range(10, 90)), [42]]
+
+
+class Batches:
+    """``(num_decodes, num_requests, num_tokens)`` of every attention call, and whether any wrote a slot."""
+
+    seen: ClassVar[list[tuple[int, int, int]]] = []
+    wrote: ClassVar[bool] = False
+
+
+class CompilingCpuBackend(CpuBackend):
+    """The ``cpu`` backend claiming ``compiles_kernels``, recording the batches of its attention calls."""
+
+    name = "cpucompiling"
+
+    def capabilities(self) -> BackendCapabilities:
+        return dataclasses.replace(super().capabilities(), compiles_kernels=True)
+
+    def write_kv_cache(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                       slot_mapping: torch.Tensor) -> None:
+        Batches.wrote |= bool((slot_mapping >= 0).any())
+        super().write_kv_cache(key, value, kv_cache, slot_mapping)
+
+    def attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                  metadata: AttentionMetadata, spec: AttentionSpec) -> torch.Tensor:
+        Batches.seen.append((metadata.num_decodes, metadata.num_requests, metadata.num_tokens))
+        return super().attention(query, key, value, kv_cache, metadata, spec)
+
+
+class CompilingGraphCpuBackend(CompilingCpuBackend, GraphCpuBackend):
+    """The same, also "capturing" decode graphs (the step is run once at capture)."""
+
+    name = "cpucompilinggraph"
+
+    def capabilities(self) -> BackendCapabilities:
+        return dataclasses.replace(GraphCpuBackend.capabilities(self), compiles_kernels=True)
+
+
+def _start(model_dir: Path, backend: type, monkeypatch: pytest.MonkeyPatch, **kwargs: object) -> LLM:
+    from pagedllm.backends.registry import get_registry
+
+    monkeypatch.setattr(get_registry(), "resolve_backend", lambda device: backend)
+    Batches.seen, Batches.wrote = [], False
+    return LLM(str(model_dir), **{**ENGINE_KWARGS, **kwargs})
+
+
+def _steps(seen: list[tuple[int, int, int]], num_layers: int) -> list[tuple[int, int, int]]:
+    """One entry per step: the first layer's batch (the last layer of a mixed step sees its sampled rows)."""
+    return seen[::num_layers]
+
+
+def test_eager_start_warms_up_a_mixed_step_and_every_decode_size(llama_dir: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    llm = _start(llama_dir, CompilingCpuBackend, monkeypatch, enforce_eager=True)
+    runner = llm.llm_engine.executor.worker.runner
+    layers = len(runner.model.attention_layers())
+    warm = _steps(Batches.seen, layers)  # an explicit KV budget: no profiling run before
+    chunk = 2 * 4 + 1
+    assert warm[0] == (1, 3, 1 + chunk + 5)  # a decode, a chunk that samples nothing, a prompt end
+    assert Batches.seen[layers - 1] == (2, 2, 2)  # whose last layer attends only the two sampled rows
+    assert [w[0] for w in warm[1:]] == capture_sizes(20) == [1, 2, 4, 8, 16, 20]
+    assert all(n == r == t for n, r, t in warm[1:])
+    assert not Batches.wrote, "a warm-up step wrote to the KV cache"
+    assert all(not cache.any() for cache in runner.kv_caches)
+    assert_pool_free(llm)
+
+
+def test_with_graphs_the_capture_covers_the_decode_sizes(llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    llm = _start(llama_dir, CompilingGraphCpuBackend, monkeypatch)
+    runner = llm.llm_engine.executor.worker.runner
+    assert runner.graph_runner is not None
+    layers = len(runner.model.attention_layers())
+    steps = _steps(Batches.seen, layers)
+    # the capture's decode steps (largest first), then the one mixed warm-up step
+    assert [s[0] for s in steps[:-1]] == capture_sizes(20)[::-1]
+    assert steps[-1] == (1, 3, 1 + 9 + 5)
+    assert all(not cache.any() for cache in runner.kv_caches)
+
+
+def test_warm_up_leaves_generation_unchanged(llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    params = SamplingParams(temperature=0, max_tokens=7, ignore_eos=True, logprobs=2)
+    plain = LLM(str(llama_dir), **ENGINE_KWARGS).generate(PROMPTS, params, use_tqdm=False)
+    llm = _start(llama_dir, CompilingCpuBackend, monkeypatch, enforce_eager=True)
+    warmed = llm.generate(PROMPTS, params, use_tqdm=False)
+    for a, b in zip(plain, warmed, strict=True):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert [{t: round(lp.logprob, 5) for t, lp in s.items()} for s in a.outputs[0].logprobs] == \
+            [{t: round(lp.logprob, 5) for t, lp in s.items()} for s in b.outputs[0].logprobs]
+    assert_pool_free(llm)
+
+
+def test_backends_that_do_not_compile_skip_it(llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pagedllm.core.model_runner import ModelRunner
+
+    calls = []
+    monkeypatch.setattr(ModelRunner, "warm_up", lambda self, sizes: calls.append(sizes) or 0)
+    LLM(str(llama_dir), **ENGINE_KWARGS)
+    assert calls == []
+    assert not CpuBackend().capabilities().compiles_kernels
