@@ -151,9 +151,10 @@ class BackendCapabilities:
     compiles_kernels: bool = False
     """True where kernels compile a variant per argument specialization on their first launch (Triton's JIT,
     ``torch.compile``): the engine's start then runs throw-away steps of every shape class its steps have
-    (``ModelRunner.warm_up``: a mixed step, and decode steps at the graph-capture batch sizes when no graphs
-    are recorded), so no request waits for a compile. A backend whose variants follow the decode batch size
-    should change them only at those sizes (powers of two do). Added in 1.10."""
+    (``ModelRunner.warm_up``: a mixed step, and decode steps at every power of two up to ``max_num_seqs`` when
+    no graphs are recorded, else the graph capture's), so no request waits for a compile. A variant chosen by
+    the decode batch size must, for every size between two consecutive powers of two, be the variant of one
+    of them (a monotone choice moving at most one step per doubling). Added in 1.10."""
 
     def __post_init__(self) -> None:
         """Normalize the sequences to tuples and refuse claims no engine could use.

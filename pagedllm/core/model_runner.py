@@ -247,13 +247,23 @@ class ModelRunner:
         model_input = self.prepare(scheduled, sampled_token_ids)
         return ModelRunnerOutput(model_input.sampled_request_ids, self.compute_logits(model_input))
 
+    @staticmethod
+    def warm_up_sizes(max_num_seqs: int) -> list[int]:
+        """Decode batch sizes an eager warm-up runs: every power of two below ``max_num_seqs``, then
+        ``max_num_seqs``. A backend kernel variant chosen by the decode batch size is covered when every size
+        between two consecutive powers of two gets the variant of one of them (a monotone choice that moves at
+        most one step per doubling, such as ``cuda``'s split count)."""
+        sizes = [1 << k for k in range(max(1, max_num_seqs).bit_length()) if 1 << k < max_num_seqs]
+        return [*sizes, max_num_seqs]
+
     @torch.inference_mode()
     def warm_up(self, decode_sizes: Sequence[int]) -> int:
         """Run throw-away steps over the allocated KV pool so that the kernels compile every variant the engine's
         steps launch before the first request (called at start for backends with
         ``BackendCapabilities.compiles_kernels``): one mixed step (a decode, a prompt chunk that samples nothing,
         a prompt end; the last layer then computes only the sampled rows) and one pure decode step of each
-        batch size in ``decode_sizes`` (the graph-capture sizes when no graphs were recorded, else none). Every
+        batch size in ``decode_sizes`` (:meth:`warm_up_sizes` when no graphs were recorded, else none: the
+        capture ran the decode steps). Every
         request reads the null block 0 and writes nothing (slots -1). Returns the number of steps run."""
         chunk, end = 2 * self.block_size + 1, 5
         mixed = [ScheduledRequest("warm-up decode", [0], 0, [0], needs_sample=True),

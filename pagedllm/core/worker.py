@@ -89,7 +89,7 @@ class Worker:
         captured = self._capture_decode_graphs()
         if self.backend.capabilities().compiles_kernels:
             start = time.perf_counter()
-            steps = self.runner.warm_up(() if captured else capture_sizes(self.config.max_num_seqs))
+            steps = self.runner.warm_up(() if captured else self.runner.warm_up_sizes(self.config.max_num_seqs))
             logger.info("warm-up: %d steps in %.1f s", steps, time.perf_counter() - start)
 
     def _capture_decode_graphs(self) -> bool:

@@ -6,6 +6,7 @@ the attention batches they see; on a GPU ``tests/gpu`` checks that no Triton ker
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from pathlib import Path
 from typing import ClassVar
 
@@ -20,7 +21,7 @@ from tests.conftest import assert_pool_free
 from tests.e2e.graph_cpu_backend import GraphCpuBackend
 
 ENGINE_KWARGS: dict[str, object] = dict(device="cpu", dtype="float32", block_size=4, max_num_batched_tokens=48,
-                                        max_num_seqs=20, kv_cache_memory_bytes=1 << 22, async_scheduling=False)
+                                        max_num_seqs=40, kv_cache_memory_bytes=1 << 22, async_scheduling=False)
 PROMPTS = [[1, 2, 3, 4, 5], list(range(10, 90)), [42]]
 
 
@@ -81,7 +82,7 @@ def test_eager_start_warms_up_a_mixed_step_and_every_decode_size(llama_dir: Path
     chunk = 2 * 4 + 1
     assert warm[0] == (1, 3, 1 + chunk + 5)  # a decode, a chunk that samples nothing, a prompt end
     assert Batches.seen[layers - 1] == (2, 2, 2)  # whose last layer attends only the two sampled rows
-    assert [w[0] for w in warm[1:]] == capture_sizes(20) == [1, 2, 4, 8, 16, 20]
+    assert [w[0] for w in warm[1:]] == [1, 2, 4, 8, 16, 32, 40]  # powers of two, then max_num_seqs
     assert all(n == r == t for n, r, t in warm[1:])
     assert not Batches.wrote, "a warm-up step wrote to the KV cache"
     assert all(not cache.any() for cache in runner.kv_caches)
@@ -95,7 +96,7 @@ def test_with_graphs_the_capture_covers_the_decode_sizes(llama_dir: Path, monkey
     layers = len(runner.model.attention_layers())
     steps = _steps(Batches.seen, layers)
     # the capture's decode steps (largest first), then the one mixed warm-up step
-    assert [s[0] for s in steps[:-1]] == capture_sizes(20)[::-1]
+    assert [s[0] for s in steps[:-1]] == capture_sizes(40)[::-1] == [40, 32, 24, 16, 8, 4, 2, 1]
     assert steps[-1] == (1, 3, 1 + 9 + 5)
     assert all(not cache.any() for cache in runner.kv_caches)
 
@@ -110,6 +111,30 @@ def test_warm_up_leaves_generation_unchanged(llama_dir: Path, monkeypatch: pytes
         assert [{t: round(lp.logprob, 5) for t, lp in s.items()} for s in a.outputs[0].logprobs] == \
             [{t: round(lp.logprob, 5) for t, lp in s.items()} for s in b.outputs[0].logprobs]
     assert_pool_free(llm)
+
+
+def test_warm_up_sizes() -> None:
+    from pagedllm.core.model_runner import ModelRunner
+
+    assert ModelRunner.warm_up_sizes(1) == [1]
+    assert ModelRunner.warm_up_sizes(2) == [1, 2]
+    assert ModelRunner.warm_up_sizes(1024) == [1 << k for k in range(11)]
+    assert ModelRunner.warm_up_sizes(1000) == [*(1 << k for k in range(10)), 1000]
+
+
+def test_decode_split_count_moves_at_most_one_step_per_doubling() -> None:
+    """The contract the eager warm-up relies on, for ``cuda``'s split count (pure shapes, no GPU needed)."""
+    pytest.importorskip("triton")
+    from pagedllm.backends.cuda.decode_attention import choose_num_splits
+
+    for num_sms in (16, 66, 78, 108, 132, 144):
+        for kv_heads in (1, 2, 4, 8):
+            for max_context in (256, 1024, 8192, 131072):
+                splits = [choose_num_splits(n, kv_heads, max_context, 64, num_sms) for n in range(1, 1025)]
+                assert all(a >= b for a, b in itertools.pairwise(splits))  # monotone
+                for k in range(10):
+                    lo, hi = splits[(1 << k) - 1], splits[(2 << k) - 1]
+                    assert set(splits[(1 << k) - 1:(2 << k)]) <= {lo, hi}
 
 
 def test_backends_that_do_not_compile_skip_it(llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
