@@ -263,8 +263,8 @@ class ModelRunner:
         ``BackendCapabilities.compiles_kernels``): one mixed step (a decode, a prompt chunk that samples nothing,
         a prompt end; the last layer then computes only the sampled rows) and one pure decode step of each
         batch size in ``decode_sizes`` (:meth:`warm_up_sizes` when no graphs were recorded, else none: the
-        capture ran the decode steps). Every
-        request reads the null block 0 and writes nothing (slots -1). Returns the number of steps run."""
+        capture ran the decode steps). Every request reads the null block 0 and writes nothing (slots -1).
+        With tensor parallelism every rank runs the same steps. Returns the number of steps run."""
         chunk, end = 2 * self.block_size + 1, 5
         mixed = [ScheduledRequest("warm-up decode", [0], 0, [0], needs_sample=True),
                  ScheduledRequest("warm-up chunk", [0] * chunk, 0, [0] * cdiv(chunk, self.block_size), False),

@@ -17,6 +17,7 @@ from pagedllm import LLM, SamplingParams
 from pagedllm.backends.cpu.backend import CpuBackend
 from pagedllm.backends.interface import AttentionMetadata, AttentionSpec, BackendCapabilities
 from pagedllm.core.graph_runner import capture_sizes
+from pagedllm.core.model_runner import ModelRunner
 from tests.conftest import assert_pool_free
 from tests.e2e.graph_cpu_backend import GraphCpuBackend
 
@@ -113,9 +114,23 @@ def test_warm_up_leaves_generation_unchanged(llama_dir: Path, monkeypatch: pytes
     assert_pool_free(llm)
 
 
-def test_warm_up_sizes() -> None:
-    from pagedllm.core.model_runner import ModelRunner
+@pytest.mark.timeout(180)
+def test_tensor_parallel_ranks_warm_up_together(llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """tp=2 in eager mode: both ranks run the warm-up steps (their all-reduces pair up), then generate what
+    tp=1 without a warm-up does."""
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    expected = [o.outputs[0].token_ids for o in LLM(str(llama_dir), **ENGINE_KWARGS).generate(PROMPTS, params,
+                                                                                              use_tqdm=False)]
+    llm = _start(llama_dir, CompilingCpuBackend, monkeypatch, enforce_eager=True, tensor_parallel_size=2)
+    try:
+        layers = len(llm.llm_engine.executor.worker.runner.model.attention_layers())
+        assert len(_steps(Batches.seen, layers)) == 1 + len(ModelRunner.warm_up_sizes(40))  # rank 0's start
+        assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)] == expected
+    finally:
+        llm.llm_engine.shutdown()
 
+
+def test_warm_up_sizes() -> None:
     assert ModelRunner.warm_up_sizes(1) == [1]
     assert ModelRunner.warm_up_sizes(2) == [1, 2]
     assert ModelRunner.warm_up_sizes(1024) == [1 << k for k in range(11)]
@@ -138,8 +153,6 @@ def test_decode_split_count_moves_at_most_one_step_per_doubling() -> None:
 
 
 def test_backends_that_do_not_compile_skip_it(llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from pagedllm.core.model_runner import ModelRunner
-
     calls = []
     monkeypatch.setattr(ModelRunner, "warm_up", lambda self, sizes: calls.append(sizes) or 0)
     LLM(str(llama_dir), **ENGINE_KWARGS)
