@@ -171,8 +171,12 @@ def test_kv_accounting_reports_waste_while_running(llama_dir: Path) -> None:
 
 def test_sampling_values_the_model_cannot_honour_are_rejected_up_front(llm: LLM) -> None:
     vocab = llm.llm_engine.model_config.vocab_size
-    with pytest.raises(ValueError, match=r"SamplingParams\.stop_token_ids must be in"):
-        llm.generate("x", SamplingParams(stop_token_ids=[vocab + 5]), use_tqdm=False)
+    for ids in ([1, -1, 2], [vocab], [0, vocab - 1, vocab + 7]):
+        with pytest.raises(ValueError, match=r"prompt token ids must be in \[0, "):
+            llm.generate([ids], SamplingParams(max_tokens=2), use_tqdm=False)
+    for stop in ([vocab + 5], [-3]):
+        with pytest.raises(ValueError, match=r"SamplingParams\.stop_token_ids must be in"):
+            llm.generate("x", SamplingParams(stop_token_ids=stop), use_tqdm=False)
     with pytest.raises(ValueError, match=r"SamplingParams\.logprobs must be <= 20"):
         llm.generate("x", SamplingParams(logprobs=10**6), use_tqdm=False)
     with pytest.raises(ValueError, match=r"SamplingParams\.seed "):
