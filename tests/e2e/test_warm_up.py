@@ -24,6 +24,9 @@ from tests.e2e.graph_cpu_backend import GraphCpuBackend
 ENGINE_KWARGS: dict[str, object] = dict(device="cpu", dtype="float32", block_size=4, max_num_batched_tokens=48,
                                         max_num_seqs=40, kv_cache_memory_bytes=1 << 22, async_scheduling=False)
 PROMPTS = [[1, 2, 3, 4, 5], list(range(10, 90)), [42]]
+# the mixed warm-up step's (decodes, requests, tokens): a decode, a chunk of 2 blocks + 1 that samples nothing
+# (block_size 4), a 5-token prompt end
+MIXED_STEP = (1, 3, 1 + (2 * 4 + 1) + 5)
 
 
 class Batches:
@@ -80,8 +83,7 @@ def test_eager_start_warms_up_a_mixed_step_and_every_decode_size(llama_dir: Path
     runner = llm.llm_engine.executor.worker.runner
     layers = len(runner.model.attention_layers())
     warm = _steps(Batches.seen, layers)  # an explicit KV budget: no profiling run before
-    chunk = 2 * 4 + 1
-    assert warm[0] == (1, 3, 1 + chunk + 5)  # a decode, a chunk that samples nothing, a prompt end
+    assert warm[0] == MIXED_STEP
     assert Batches.seen[layers - 1] == (2, 2, 2)  # whose last layer attends only the two sampled rows
     assert [w[0] for w in warm[1:]] == [1, 2, 4, 8, 16, 32, 40]  # powers of two, then max_num_seqs
     assert all(n == r == t for n, r, t in warm[1:])
@@ -98,7 +100,7 @@ def test_with_graphs_the_capture_covers_the_decode_sizes(llama_dir: Path, monkey
     steps = _steps(Batches.seen, layers)
     # the capture's decode steps (largest first), then the one mixed warm-up step
     assert [s[0] for s in steps[:-1]] == capture_sizes(40)[::-1] == [40, 32, 24, 16, 8, 4, 2, 1]
-    assert steps[-1] == (1, 3, 1 + 9 + 5)
+    assert steps[-1] == MIXED_STEP
     assert all(not cache.any() for cache in runner.kv_caches)
 
 
