@@ -177,18 +177,16 @@ def _attention_cases(capabilities: BackendCapabilities) -> Iterator[tuple[Attent
         for dtype in claimed_dtypes:
             yield AttentionCase("mixed", "gqa", head, size, dtype, dtype), None
     # KV-only cache formats (e.g. fp8): every model dtype stored in them
-    kv_only = [d for d in capabilities.kv_cache_dtypes if d not in capabilities.dtypes]
-    for kv_dtype in kv_only:
-        for dtype in claimed_dtypes:
-            yield AttentionCase("kv_only", "gqa", head, block, dtype, kv_dtype), None
+    kv_only = list(kv_only_cases(capabilities))
+    for dtype, kv_dtype in kv_only:
+        yield AttentionCase("kv_only", "gqa", head, block, dtype, kv_dtype), None
     if not kv_only:
         yield (AttentionCase("kv_only", "gqa", head, block, claimed_dtypes[0], claimed_dtypes[0]),
                "no KV-only cache dtype claimed (every kv_cache_dtype is a model dtype, tested above)")
     # the same caches holding scaled keys and values (the per-layer scales of -FP8-KV checkpoints)
     scales = {"k_scale": K_SCALE, "v_scale": V_SCALE}
-    for kv_dtype in kv_only:
-        for dtype in claimed_dtypes:
-            yield AttentionCase("kv_scaled", "gqa", head, block, dtype, kv_dtype, **scales), None
+    for dtype, kv_dtype in kv_only:
+        yield AttentionCase("kv_scaled", "gqa", head, block, dtype, kv_dtype, **scales), None
     if not kv_only:
         yield (AttentionCase("kv_scaled", "gqa", head, block, claimed_dtypes[0], claimed_dtypes[0], **scales),
                "no KV-only cache dtype claimed (scales are taken by 8-bit caches)")
@@ -201,9 +199,9 @@ def _attention_cases(capabilities: BackendCapabilities) -> Iterator[tuple[Attent
         yield AttentionCase("padded", "gqa", head, block, dtype, dtype, padded=True), None
 
 
-def scaled_kv_cache_cases(capabilities: BackendCapabilities) -> Iterator[tuple[torch.dtype, torch.dtype]]:
-    """Yield ``(model dtype, kv dtype)`` for every KV-only cache dtype (scaled stores are taken by those) and
-    claimed model dtype."""
+def kv_only_cases(capabilities: BackendCapabilities) -> Iterator[tuple[torch.dtype, torch.dtype]]:
+    """Yield ``(model dtype, kv dtype)`` for every KV-only cache dtype (one that is not a model dtype, e.g. fp8:
+    the caches scaled stores are taken by) and claimed model dtype, KV dtype outermost."""
     for kv_dtype in capabilities.kv_cache_dtypes:
         if kv_dtype not in capabilities.dtypes:
             for dtype in capabilities.dtypes:

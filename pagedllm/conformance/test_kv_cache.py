@@ -19,8 +19,8 @@ from pagedllm.conformance.cases import (
     base_head_size,
     dtype_name,
     kv_cache_cases,
+    kv_only_cases,
     param,
-    scaled_kv_cache_cases,
 )
 from pagedllm.conformance.plugin import ConformanceTarget, case_id, get_target
 from pagedllm.conformance.reference import poisoned_allocations, stored_value, tolerance
@@ -32,7 +32,9 @@ NUM_BLOCKS = 6
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Parametrize ``kv_case`` over every claimed block size and KV cache dtype, ``scaled_kv_case`` over every
     KV-only cache dtype and model dtype (one skipped case when no KV-only dtype is claimed)."""
-    capabilities = get_target(metafunc.config).capabilities if metafunc.fixturenames else None
+    if not {"kv_case", "scaled_kv_case"} & set(metafunc.fixturenames):
+        return
+    capabilities = get_target(metafunc.config).capabilities
     if "kv_case" in metafunc.fixturenames:
         params = []
         for block_size, dtype, kv_dtype in kv_cache_cases(capabilities):
@@ -41,7 +43,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("kv_case", params)
     if "scaled_kv_case" in metafunc.fixturenames:
         params = [param(case_id(metafunc.config, "scaled", dtype, f"kv_{dtype_name(kv_dtype)}"), (dtype, kv_dtype))
-                  for dtype, kv_dtype in scaled_kv_cache_cases(capabilities)]
+                  for dtype, kv_dtype in kv_only_cases(capabilities)]
         if not params:
             dtype = capabilities.dtypes[0]
             params = [param(case_id(metafunc.config, "scaled", dtype), (dtype, dtype),
