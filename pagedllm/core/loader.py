@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pagedllm.backends.fp8_linear import FP8_MAX
 from pagedllm.backends.interface import Backend
 from pagedllm.backends.kv_storage import is_fp8
 from pagedllm.core.checkpoint_quantization import KV_SCALE_TENSOR
@@ -106,12 +107,12 @@ def fill_dummy_weights(model: nn.Module, device: torch.device, seed: int | None)
             param.weight_loader(param, full)
 
 
-DUMMY_INPUT_SCALE = 1.0 / 448.0
+DUMMY_INPUT_SCALE = 1.0 / FP8_MAX
 """The static input scale every projection gets with dummy weights when config.json declares static input
 scales (inputs up to 1 in magnitude map onto e4m3's range): speed runs of such checkpoints."""
 
 
-DUMMY_KV_SCALE = 1.0 / 448.0
+DUMMY_KV_SCALE = 1.0 / FP8_MAX
 """The KV-cache scale of every layer with dummy weights when config.json declares KV-cache scales and the cache
 is fp8: speed runs of ``-FP8-KV`` checkpoints through the scaled kernels."""
 

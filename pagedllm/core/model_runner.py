@@ -272,11 +272,16 @@ class ModelRunner:
         steps = [mixed] + [[ScheduledRequest(f"warm-up {i}", [0], 0, [0], True) for i in range(n)]
                            for n in decode_sizes]  # fmt: skip
         for scheduled in steps:
-            model_input = self.prepare(scheduled)
-            model_input.metadata.slot_mapping.fill_(-1)
-            self.compute_logits(model_input)
+            self._run_writing_nothing(scheduled)
         self.backend.synchronize()
         return len(steps)
+
+    def _run_writing_nothing(self, scheduled: list[ScheduledRequest]) -> None:
+        """Run the model over the step ``scheduled`` with every slot -1: no key or value is stored (the
+        profiling forward and the warm-up steps)."""
+        model_input = self.prepare(scheduled)
+        model_input.metadata.slot_mapping.fill_(-1)
+        self.compute_logits(model_input)
 
     @torch.inference_mode()
     def profile_run(self, num_tokens: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
@@ -284,9 +289,6 @@ class ModelRunner:
         peak activation memory is known before the KV pool is sized. Nothing is written (slots -1)."""
         self.allocate_kv_cache(2, num_kv_heads, head_dim, dtype)
         num_tokens = min(num_tokens, self.max_blocks_per_seq * self.block_size)
-        scheduled = [ScheduledRequest("profile", [0] * num_tokens, 0, [], needs_sample=True)]
-        model_input = self.prepare(scheduled)
-        model_input.metadata.slot_mapping.fill_(-1)
-        self.compute_logits(model_input)
+        self._run_writing_nothing([ScheduledRequest("profile", [0] * num_tokens, 0, [], needs_sample=True)])
         self.backend.synchronize()
         self.kv_caches = []
