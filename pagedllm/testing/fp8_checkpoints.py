@@ -90,6 +90,7 @@ def write_fp8_checkpoint(source: str | Path, directory: str | Path, scheme: str,
     quantized: dict[str, torch.Tensor] = {}
     dequantized: dict[str, torch.Tensor] = {}
     input_amax, kv_amax = calibrate_amax(source, inputs=scheme.endswith("static"), kv_cache=kv_cache_scales)
+    auto_fp8 = scheme.startswith("fp8")  # AutoFP8's names and scale layout, else llm-compressor's
     for name, tensor in load_file(str(source / "model.safetensors")).items():
         if not PROJECTION.search(name):
             quantized[name] = dequantized[name] = tensor
@@ -113,20 +114,15 @@ def write_fp8_checkpoint(source: str | Path, directory: str | Path, scheme: str,
             values = q.float() * scale.float()
         quantized[name], quantized[scale_name] = q, scale
         dequantized[name] = values.to(tensor.dtype)
-        if input_amax:  # AutoFP8: a float32 scalar; llm-compressor: [1] in the weights' dtype
-            input_scale = torch.tensor(input_amax[name.removesuffix(".weight")] / FP8_MAX, dtype=torch.float32)
-            quantized[name.replace(".weight", ".input_scale")] = (input_scale if scheme == "fp8-static"
-                                                                  else input_scale.reshape(1).to(tensor.dtype))
-    auto_fp8 = scheme.startswith("fp8")
+        if input_amax:
+            quantized[name.replace(".weight", ".input_scale")] = _static_scale(
+                input_amax[name.removesuffix(".weight")], auto_fp8, tensor.dtype)
     if kv_cache_scales:
         for layer, amax in kv_amax.items():
+            dtype = dequantized[f"{layer}.k_proj.weight"].dtype
             for which, value in zip("kv", amax, strict=True):
-                scale = torch.tensor(value / FP8_MAX, dtype=torch.float32)
-                if auto_fp8:
-                    quantized[f"{layer}.{which}_proj.output_scale"] = scale
-                else:  # [1] in the weights' dtype
-                    dtype = dequantized[f"{layer}.k_proj.weight"].dtype
-                    quantized[f"{layer}.{which}_scale"] = scale.reshape(1).to(dtype)
+                tensor_name = f"{layer}.{which}_proj.output_scale" if auto_fp8 else f"{layer}.{which}_scale"
+                quantized[tensor_name] = _static_scale(value, auto_fp8, dtype)
     paths = []
     for kind, tensors in (("fp8", quantized), ("dequantized", dequantized)):
         target = directory / kind
@@ -143,6 +139,13 @@ def write_fp8_checkpoint(source: str | Path, directory: str | Path, scheme: str,
             (target / "config.json").write_text(json.dumps(config, indent=2))
         paths.append(target)
     return paths[0], paths[1]
+
+
+def _static_scale(amax: float, auto_fp8: bool, dtype: torch.dtype) -> torch.Tensor:
+    """A calibrated static scale ``amax / FP8_MAX`` (an input's or a KV cache's) as each tool stores it: AutoFP8
+    a float32 scalar, llm-compressor ``[1]`` in the weights' ``dtype``."""
+    scale = torch.tensor(amax / FP8_MAX, dtype=torch.float32)
+    return scale if auto_fp8 else scale.reshape(1).to(dtype)
 
 
 def calibrate_amax(source: Path, inputs: bool, kv_cache: bool
