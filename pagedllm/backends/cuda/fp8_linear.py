@@ -100,6 +100,30 @@ def quantize_groups_store(q_ptrs, scale_ptr, scale_stride, row, x, mask, n_cols,
 
 
 @triton.jit
+def fused_row_offsets(BLOCK: tl.constexpr, GROUP: tl.constexpr):
+    """Offsets of one row of a fused op's ``BLOCK`` outputs: ``[BLOCK // GROUP, GROUP]`` (:func:`group_offsets`)
+    when they are quantized per group of ``GROUP`` (``GROUP > 0``), else ``[BLOCK]``."""
+    if GROUP > 0:
+        offs = group_offsets(BLOCK // GROUP, GROUP)
+    else:
+        offs = tl.arange(0, BLOCK)
+    return offs
+
+
+@triton.jit
+def fused_quantize_store(q_ptrs, scale_ptr, scale_stride, row, x, mask, n_cols, BLOCK: tl.constexpr,
+                         GROUP: tl.constexpr):
+    """Quantize row ``row`` of a fused op's output ``x`` (float32, at :func:`fused_row_offsets` ``(BLOCK, GROUP)``)
+    for an fp8 projection: per group of ``GROUP`` (:func:`quantize_groups_store`; scales column-major,
+    ``scale_stride`` apart per group) when ``GROUP > 0``, else per row (:func:`quantize_row_store`; its scale at
+    ``scale_ptr + row``)."""
+    if GROUP > 0:
+        quantize_groups_store(q_ptrs, scale_ptr, scale_stride, row, x, mask, n_cols, BLOCK // GROUP, GROUP)
+    else:
+        quantize_row_store(q_ptrs, scale_ptr + row, x, mask)
+
+
+@triton.jit
 def _quantize_groups_kernel(x_ptr, q_ptr, scale_ptr, n_rows, n_cols, x_row_stride, scale_stride,
                             GROUPS: tl.constexpr, GROUP: tl.constexpr):
     """One row of ``x`` per program (rows from ``n_rows`` on read as zeros: padding); the scales stored

@@ -17,11 +17,10 @@ import triton.language as tl
 
 from pagedllm.backends.cuda.fp8_linear import (
     MAX_ROW,
-    group_offsets,
+    fused_quantize_store,
+    fused_row_offsets,
     group_outputs,
     padded_rows,
-    quantize_groups_store,
-    quantize_row_store,
     row_warps,
 )
 from pagedllm.backends.fp8_linear import FP8_BLOCK, FP8_DTYPE
@@ -51,10 +50,7 @@ def _rms_norm_kernel(
     GROUP: tl.constexpr = 0,
 ):
     row = tl.program_id(0).to(tl.int64)
-    if QUANTIZE and GROUP > 0:
-        offs = group_offsets(BLOCK // GROUP, GROUP)  # the row as [groups, GROUP]: quantized per row of the block
-    else:
-        offs = tl.arange(0, BLOCK)
+    offs = fused_row_offsets(BLOCK, GROUP if QUANTIZE else 0)
     mask = offs < hidden
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
     if HAS_RESIDUAL:
@@ -69,11 +65,9 @@ def _rms_norm_kernel(
     normed = (x32 * tl.rsqrt(variance + eps)).to(x.dtype)
     w = tl.load(weight_ptr + offs, mask=mask, other=0.0)
     out = w.to(tl.float32) * normed.to(tl.float32)
-    if QUANTIZE and GROUP > 0:  # per group of GROUP: scales column-major, ``stride_s`` apart per group
-        quantize_groups_store(out_ptr + row * stride_o + offs, scale_ptr, stride_s, row,
-                              out.to(ROUND_TO).to(tl.float32), mask, hidden, BLOCK // GROUP, GROUP)
-    elif QUANTIZE:  # e4m3 of the output rounded as the unfused norm returns it; scale_ptr gets its scale
-        quantize_row_store(out_ptr + row * stride_o + offs, scale_ptr + row, out.to(ROUND_TO).to(tl.float32), mask)
+    if QUANTIZE:  # e4m3 of the output rounded as the unfused norm returns it; scale_ptr gets its scale(s)
+        fused_quantize_store(out_ptr + row * stride_o + offs, scale_ptr, stride_s, row,
+                             out.to(ROUND_TO).to(tl.float32), mask, hidden, BLOCK, GROUP)
     else:
         tl.store(out_ptr + row * stride_o + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -315,16 +309,10 @@ def _silu_and_mul_kernel(out_ptr, x_ptr, stride_x, stride_o, d, BLOCK: tl.conste
 def _silu_and_mul_fp8_kernel(q_ptr, scale_ptr, x_ptr, stride_x, stride_s, d, BLOCK: tl.constexpr,
                              GROUP: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
-    if GROUP > 0:
-        cols = group_offsets(BLOCK // GROUP, GROUP)  # the row as [groups, GROUP]: quantized per row of the block
-    else:
-        cols = tl.arange(0, BLOCK)
+    cols = fused_row_offsets(BLOCK, GROUP)
     mask = cols < d
     out = _silu_mul(x_ptr + row * stride_x, cols, mask, d).to(tl.float32)
-    if GROUP > 0:  # per group of GROUP: scales column-major, ``stride_s`` apart per group
-        quantize_groups_store(q_ptr + row * d + cols, scale_ptr, stride_s, row, out, mask, d, BLOCK // GROUP, GROUP)
-    else:
-        quantize_row_store(q_ptr + row * d + cols, scale_ptr + row, out, mask)
+    fused_quantize_store(q_ptr + row * d + cols, scale_ptr, stride_s, row, out, mask, d, BLOCK, GROUP)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
