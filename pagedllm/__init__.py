@@ -6,9 +6,11 @@ accelerator: vendor SDKs are imported by the backend that needs them, when it is
 
 from __future__ import annotations
 
+from pagedllm.core.inputs import TextPrompt, TokensPrompt
 from pagedllm.core.outputs import CompletionOutput, Logprob, RequestOutput
 from pagedllm.core.sampling_params import SamplingParams
 from pagedllm.entrypoints.llm import LLM
 from pagedllm.version import __version__
 
-__all__ = ["LLM", "CompletionOutput", "Logprob", "RequestOutput", "SamplingParams", "__version__"]
+__all__ = ["LLM", "CompletionOutput", "Logprob", "RequestOutput", "SamplingParams", "TextPrompt", "TokensPrompt",
+           "__version__"]

@@ -21,6 +21,7 @@ from pagedllm.core.config import (
     resolve_scheduler_limits,
 )
 from pagedllm.core.executor import Executor, UniProcExecutor
+from pagedllm.core.inputs import PromptType, parse_prompt
 from pagedllm.core.model_runner import ModelRunnerOutput
 from pagedllm.core.output_processor import OutputProcessor, ParentRequest
 from pagedllm.core.outputs import RequestOutput
@@ -173,23 +174,26 @@ class LLMEngine:
     def add_request(
         self,
         request_id: str | None,
-        prompt: str | list[int],
+        prompt: PromptType,
         params: SamplingParams | None = None,
         arrival_time: float | None = None,
     ) -> str:
-        """Queue a prompt (text or token ids) for ``params.n`` completions; returns the request id.
+        """Queue a prompt for ``params.n`` completions; returns the request id.
 
-        Raises ValueError (naming the problem) for a prompt that can never run: empty, out-of-vocabulary
-        ids, or prompt + max_tokens beyond ``max_model_len`` or the whole KV pool.
+        ``prompt``: text, token ids, or a :class:`~pagedllm.core.inputs.TextPrompt` /
+        :class:`~pagedllm.core.inputs.TokensPrompt` dictionary (:func:`~pagedllm.core.inputs.parse_prompt`).
+        Raises ValueError (naming the problem) for a prompt that can never run: malformed, empty,
+        out-of-vocabulary ids, or prompt + max_tokens beyond ``max_model_len`` or the whole KV pool.
         """
+        prompt_text, token_ids = parse_prompt(prompt)
+        if token_ids is None:
+            token_ids = self.tokenize(prompt_text)  # type: ignore[arg-type]
         params = (params or self.default_sampling_params()).clone()
         if request_id is None:
             request_id = str(self._request_counter)
             self._request_counter += 1
         if request_id in self.output_processor.parents:
             raise ValueError(f"request id {request_id!r} is already in use")
-        prompt_text = prompt if isinstance(prompt, str) else None
-        token_ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         vocab = self.vocab_size
         if token_ids and not (min(token_ids) >= 0 and max(token_ids) < vocab):  # min/max: C loops, not Python's
             raise ValueError(f"prompt token ids must be in [0, {vocab}); got {min(token_ids)}..{max(token_ids)}")

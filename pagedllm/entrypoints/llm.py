@@ -10,10 +10,9 @@ from tqdm.auto import tqdm
 
 from pagedllm.core.config import EngineConfig
 from pagedllm.core.engine import LLMEngine
+from pagedllm.core.inputs import PromptType, is_single_prompt
 from pagedllm.core.outputs import RequestOutput
 from pagedllm.core.sampling_params import RequestOutputKind, SamplingParams
-
-PromptType = str | list[int]
 
 
 class LLM:
@@ -53,13 +52,12 @@ class LLM:
     ) -> list[RequestOutput]:
         """Run every prompt to completion; returns one :class:`RequestOutput` per prompt, in order.
 
-        ``prompts``: a string, a token-id list, or a list of either. ``sampling_params``: one for all
-        prompts or one per prompt (default: the model's generation config). Invalid parameters or
+        ``prompts``: one prompt or a list of them, each text, token ids, ``{"prompt": text}`` or
+        ``{"prompt_token_ids": ids}`` (vLLM's ``TextPrompt`` / ``TokensPrompt``). ``sampling_params``: one for all
+        prompts or one per prompt (default: the model's generation config). Invalid parameters or malformed or
         impossible prompts raise ValueError before anything runs.
         """
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]  # type: ignore[list-item]
-        prompts = list(prompts)  # type: ignore[arg-type]
+        prompts = [prompts] if is_single_prompt(prompts) else list(prompts)  # type: ignore[arg-type,list-item]
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             params_list = [sampling_params or self.get_default_sampling_params()] * len(prompts)
         else:

@@ -81,6 +81,29 @@ def test_prompt_too_long_rejected_clearly_and_nothing_leaks(llm: LLM) -> None:
         llm.generate([[1, 2, 100000]], SamplingParams(max_tokens=2), use_tqdm=False)
 
 
+def test_vllm_prompt_dictionaries_and_arrays_generate_what_plain_prompts_do(llm: LLM) -> None:
+    greedy = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    ids = llm.get_tokenizer()("def f(x):").input_ids
+    plain = llm.generate(["def f(x):", ids], greedy, use_tqdm=False)
+    forms = llm.generate([{"prompt": "def f(x):"}, {"prompt_token_ids": ids, "prompt": "shown as"},
+                          torch.tensor(ids)], greedy, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in forms] == [plain[0].outputs[0].token_ids] * 3
+    assert [o.prompt for o in forms] == ["def f(x):", "shown as", None]
+    single = llm.generate({"prompt_token_ids": ids}, greedy, use_tqdm=False)
+    assert len(single) == 1 and single[0].outputs[0].token_ids == plain[1].outputs[0].token_ids
+
+
+def test_malformed_prompts_rejected_clearly_and_nothing_leaks(llm: LLM) -> None:
+    for prompts, message in [(["ok", [1, 2.5]], r"must be integers, got 2\.5"),
+                             (["ok", {"text": "x"}], r"unsupported keys \['text'\]"),
+                             ([{"prompt_token_ids": [1]}, None], "got NoneType")]:
+        with pytest.raises(ValueError, match=message):
+            llm.generate(prompts, SamplingParams(max_tokens=4), use_tqdm=False)
+        assert not llm.llm_engine.has_unfinished_requests()
+        assert_pool_free(llm)
+    assert llm.generate("ok", SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids
+
+
 def test_chat_uses_template(llm: LLM) -> None:
     out = llm.chat([{"role": "user", "content": "hi"}], SamplingParams(temperature=0, max_tokens=4),
                    use_tqdm=False)[0]
