@@ -197,8 +197,9 @@ class LLMEngine:
         vocab = self.vocab_size
         if token_ids and not (min(token_ids) >= 0 and max(token_ids) < vocab):  # min/max: C loops, not Python's
             raise ValueError(f"prompt token ids must be in [0, {vocab}); got {min(token_ids)}..{max(token_ids)}")
-        if params.stop_token_ids and not (min(params.stop_token_ids) >= 0 and max(params.stop_token_ids) < vocab):
-            raise ValueError(f"SamplingParams.stop_token_ids must be in [0, {vocab}); got {params.stop_token_ids}")
+        for name, named in params.named_token_ids():
+            if named and not (min(named) >= 0 and max(named) < vocab):
+                raise ValueError(f"SamplingParams.{name} must name token ids in [0, {vocab}); got {sorted(named)}")
         if params.logprobs is not None and params.logprobs > self.config.max_logprobs:
             raise ValueError(f"SamplingParams.logprobs must be <= {self.config.max_logprobs} (max_logprobs), "
                              f"got {params.logprobs}")

@@ -1,4 +1,5 @@
-"""Sampling on the device: penalties, temperature, top-k/top-p/min-p, per-request seeds, logprobs.
+"""Sampling on the device: logit biases and allowed tokens, penalties, temperature, top-k/top-p/min-p,
+per-request seeds, logprobs.
 
 One call per step over all sampled requests; the only host transfer is the final token ids (and the
 logprobs when asked), never one sync per request.
@@ -50,6 +51,8 @@ class SamplingBatch:
     output_counts: torch.Tensor | None  # [R, vocab] float32 counts of generated tokens
     seen_mask: torch.Tensor | None  # [R, vocab] bool: token in prompt or output (repetition penalty)
     blocked_tokens: list[tuple[int, list[int]]]  # (row, token ids) masked out (min_tokens)
+    logit_biases: list[tuple[int, torch.Tensor, torch.Tensor]]  # (row, token ids [k] int64, biases [k] float32)
+    disallowed: list[tuple[int, torch.Tensor]]  # (row, [vocab] bool: True where allowed_token_ids leaves it out)
     generators: list[torch.Generator | None]  # per-row generator of seeded requests
     all_greedy: bool
     max_num_logprobs: int | None
@@ -103,10 +106,15 @@ class Sampler:
         else:
             self.generator.seed()
         self._request_generators: dict[str, torch.Generator] = {}
+        # device tensors built once per request from its logit_bias / allowed_token_ids
+        self._request_biases: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._request_disallowed: dict[str, torch.Tensor] = {}
 
     def forget(self, request_id: str) -> None:
-        """Drop the generator of a finished request."""
+        """Drop what was kept for a finished request (its generator, bias and allowed-token tensors)."""
         self._request_generators.pop(request_id, None)
+        self._request_biases.pop(request_id, None)
+        self._request_disallowed.pop(request_id, None)
 
     def make_batch(self, requests: list[Request], vocab_size: int) -> SamplingBatch:
         """Build the step's :class:`SamplingBatch` from the requests to sample, in row order."""
@@ -161,6 +169,20 @@ class Sampler:
                 g.manual_seed(seed)
                 self._request_generators[r.request_id] = g
             generators.append(self._request_generators[r.request_id])
+        biases, disallowed = [], []
+        for row, r in enumerate(requests):
+            p = r.sampling_params
+            if p.logit_bias:
+                if r.request_id not in self._request_biases:
+                    self._request_biases[r.request_id] = (to_device(list(p.logit_bias), torch.int64),
+                                                          to_device(list(p.logit_bias.values()), torch.float32))
+                biases.append((row, *self._request_biases[r.request_id]))
+            if p.allowed_token_ids is not None:
+                if r.request_id not in self._request_disallowed:
+                    mask = torch.ones(vocab_size, dtype=torch.bool)
+                    mask[p.allowed_token_ids] = False
+                    self._request_disallowed[r.request_id] = mask.to(device, non_blocking=True)
+                disallowed.append((row, self._request_disallowed[r.request_id]))
         num_logprobs = [p.logprobs for p in params if p.logprobs is not None]
         return SamplingBatch(
             temperature=to_device([1.0 if g else p.temperature for p, g in zip(params, greedy, strict=True)],
@@ -175,6 +197,8 @@ class Sampler:
             output_counts=output_counts,
             seen_mask=seen_mask,
             blocked_tokens=blocked,
+            logit_biases=biases,
+            disallowed=disallowed,
             generators=generators,
             all_greedy=all(greedy),
             max_num_logprobs=max(num_logprobs) if num_logprobs else None,
@@ -189,11 +213,18 @@ class Sampler:
         """
         out = SamplerOutput(token_ids=[])
         if (batch.all_greedy and batch.max_num_logprobs is None and not batch.blocked_tokens
+                and not batch.logit_biases and not batch.disallowed
                 and batch.repetition_penalty is None and batch.output_counts is None):
             # Plain greedy: argmax in the logits' own dtype (upcasting changes no value, so no index).
             return self._finish(out, row_argmax(logits), sync)
         logits = logits.float()
         raw_logprobs = torch.log_softmax(logits, dim=-1) if batch.max_num_logprobs is not None else None
+        if batch.logit_biases or batch.disallowed:
+            logits = logits.clone()  # never write into the caller's tensor
+            for row, token_ids, values in batch.logit_biases:
+                logits[row].index_add_(0, token_ids, values)
+            for row, mask in batch.disallowed:
+                logits[row].masked_fill_(mask, float("-inf"))
         logits = self._apply_penalties(logits, batch)
         if batch.blocked_tokens:
             logits = logits.clone()  # never write into the caller's tensor

@@ -198,8 +198,12 @@ def test_sampling_values_the_model_cannot_honour_are_rejected_up_front(llm: LLM)
         with pytest.raises(ValueError, match=r"prompt token ids must be in \[0, "):
             llm.generate([ids], SamplingParams(max_tokens=2), use_tqdm=False)
     for stop in ([vocab + 5], [-3]):
-        with pytest.raises(ValueError, match=r"SamplingParams\.stop_token_ids must be in"):
+        with pytest.raises(ValueError, match=r"SamplingParams\.stop_token_ids must name token ids in"):
             llm.generate("x", SamplingParams(stop_token_ids=stop), use_tqdm=False)
+    for name, params in [("logit_bias", SamplingParams(logit_bias={vocab: 1.0})),
+                         ("allowed_token_ids", SamplingParams(allowed_token_ids=[3, vocab + 1]))]:
+        with pytest.raises(ValueError, match=rf"SamplingParams\.{name} must name token ids in \[0, {vocab}\)"):
+            llm.generate("x", params, use_tqdm=False)
     with pytest.raises(ValueError, match=r"SamplingParams\.logprobs must be <= 20"):
         llm.generate("x", SamplingParams(logprobs=10**6), use_tqdm=False)
     with pytest.raises(ValueError, match=r"SamplingParams\.seed "):

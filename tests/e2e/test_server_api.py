@@ -69,6 +69,21 @@ def test_completion_greedy_equals_offline(client, offline: LLM) -> None:
     assert ids.choices[0].text == expected[1].outputs[0].text
 
 
+def test_logit_bias_and_allowed_token_ids_equal_offline(client, offline: LLM) -> None:
+    bias, allowed = {101: 100.0, 7: -100.0}, [100, 101, 102, 250]
+    expected = offline.generate([PROMPTS[0]] * 2, [SamplingParams(temperature=0.0, max_tokens=8, logit_bias=bias),
+                                             SamplingParams(temperature=0.0, max_tokens=8, allowed_token_ids=allowed,
+                                                            ignore_eos=True)], use_tqdm=False)
+    assert expected[0].outputs[0].token_ids == [101] * 8  # +100 wins every step
+    assert set(expected[1].outputs[0].token_ids) <= set(allowed)
+    biased = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=8, temperature=0.0,
+                                       logit_bias={str(t): b for t, b in bias.items()})
+    assert biased.choices[0].text == expected[0].outputs[0].text
+    restricted = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=8, temperature=0.0,
+                                           extra_body={"allowed_token_ids": allowed, "ignore_eos": True})
+    assert restricted.choices[0].text == expected[1].outputs[0].text
+
+
 def test_chat_greedy_equals_offline(client, offline: LLM) -> None:
     want = offline.chat(MESSAGES, greedy(16), use_tqdm=False)[0]
     got = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=16, temperature=0.0)

@@ -103,12 +103,47 @@ def test_logprobs_are_of_raw_distribution_with_ranks() -> None:
     assert math.isclose(float(out.sampled_logprobs[0]), float(expected[1]), rel_tol=1e-6)
 
 
+def test_logit_bias_is_added_before_penalties_and_logprobs_stay_raw() -> None:
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0], [1.0, 3.0, 2.0, 0.0], [1.0, 3.0, 2.0, 0.0]])
+    sampler = Sampler(torch.device("cpu"))
+    reqs = [make_request("b", SamplingParams(temperature=0, logprobs=1, logit_bias={0: 2.5, 1: -1.0})),
+            make_request("plain", SamplingParams(temperature=0)),
+            make_request("rep", SamplingParams(temperature=0, repetition_penalty=2.0, logit_bias={3: 2.5}),
+                         prompt=[3])]
+    out = sampler(logits, sampler.make_batch(reqs, 4))
+    # row 0: [3.5, 2.0, 2.0, 0.0]; row 2: token 3 biased to 2.5, then halved as a seen token -> 1.25 < 3.0
+    assert out.token_ids == [0, 1, 1]
+    assert float(out.sampled_logprobs[0]) == pytest.approx(float(torch.log_softmax(logits[0], -1)[0]))
+    assert logits[0].tolist() == [1.0, 3.0, 2.0, 0.0]  # the caller's logits untouched
+
+
+def test_allowed_token_ids_keep_only_those_tokens() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(400, VOCAB)
+    sampler = Sampler(torch.device("cpu"), seed=0)
+    allowed = make_request("a", SamplingParams(temperature=1.0, allowed_token_ids=[4, 9, 31]))
+    free = make_request("f", SamplingParams(temperature=1.0))
+    batch = sampler.make_batch([allowed, free] * 200, VOCAB)
+    tokens = sampler(logits, batch).token_ids
+    assert set(tokens[0::2]) == {4, 9, 31}
+    assert len(set(tokens[1::2]) - {4, 9, 31}) > 10  # the other rows still sample the whole vocabulary
+    greedy = make_request("g", SamplingParams(temperature=0, allowed_token_ids=[5, 6]))
+    assert sample(sampler, [greedy], logits[:1]) == [5 + int(logits[0, 6] > logits[0, 5])]
+    assert set(sampler._request_disallowed) == {"a", "g"}
+    for rid in ("a", "g"):
+        sampler.forget(rid)
+    assert not sampler._request_disallowed and not sampler._request_biases
+
+
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [({"temperature": -1.0}, "temperature"), ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"),
      ({"n": 0}, "n"), ({"top_k": -5}, "top_k"), ({"max_tokens": 0}, "max_tokens"), ({"min_p": 2.0}, "min_p"),
      ({"repetition_penalty": 0.0}, "repetition_penalty"), ({"presence_penalty": 3.0}, "presence_penalty"),
-     ({"logprobs": -1}, "logprobs"), ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"), ({"stop": [""]}, "stop")],
+     ({"logprobs": -1}, "logprobs"), ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"), ({"stop": [""]}, "stop"),
+     ({"logit_bias": {1: 101.0}}, "logit_bias"), ({"logit_bias": {-1: 1.0}}, "logit_bias"),
+     ({"logit_bias": {1: float("nan")}}, "logit_bias"), ({"logit_bias": {"1": 1.0}}, "logit_bias"),
+     ({"allowed_token_ids": []}, "allowed_token_ids"), ({"allowed_token_ids": [1, -2]}, "allowed_token_ids")],
 )
 def test_invalid_params_name_the_field(kwargs: dict, field: str) -> None:
     with pytest.raises(ValueError, match=rf"SamplingParams\.{field} "):

@@ -83,8 +83,6 @@ class OpenAIServing:
             logger.warning("ignoring unknown request fields: %s", ", ".join(request.unknown_fields()))
         if request.stream_options is not None and not request.stream:
             raise invalid_param("stream_options is only allowed when stream is true", "stream_options")
-        if request.logit_bias:
-            raise invalid_param("logit_bias is not supported yet", "logit_bias")
         if request.seed is not None and not _SEED_MIN <= request.seed <= _SEED_MAX:
             raise invalid_param(f"seed must be a 64-bit signed integer, got {request.seed}", "seed")
         bad = [t for t in request.stop_token_ids or [] if not 0 <= t < self.vocab_size]
@@ -144,6 +142,14 @@ class OpenAIServing:
         def given(value: object, default: object) -> object:
             return default if value is None else value
 
+        logit_bias = None
+        if request.logit_bias:
+            logit_bias = {}
+            for token, bias in request.logit_bias.items():
+                try:
+                    logit_bias[int(token)] = bias
+                except ValueError:
+                    raise invalid_param(f"logit_bias keys must be token ids, got {token!r}", "logit_bias") from None
         top_k = int(given(request.top_k, d.top_k))  # type: ignore[call-overload]
         if top_k > self.vocab_size:
             top_k = -1  # keeping more tokens than the vocabulary has is no filter at all
@@ -157,7 +163,8 @@ class OpenAIServing:
                 seed=request.seed, stop=request.stop, stop_token_ids=request.stop_token_ids,
                 include_stop_str_in_output=request.include_stop_str_in_output, ignore_eos=request.ignore_eos,
                 max_tokens=max_tokens, min_tokens=request.min_tokens, logprobs=logprobs,
-                skip_special_tokens=request.skip_special_tokens,
+                skip_special_tokens=request.skip_special_tokens, logit_bias=logit_bias,
+                allowed_token_ids=request.allowed_token_ids,
                 # a non-streamed response needs only the final output: no per-token snapshots
                 output_kind=RequestOutputKind.CUMULATIVE if request.stream else RequestOutputKind.FINAL_ONLY,
             )
