@@ -27,7 +27,7 @@ from pagedllm.core.output_processor import OutputProcessor, ParentRequest
 from pagedllm.core.outputs import RequestOutput
 from pagedllm.core.request import Request, RequestStatus
 from pagedllm.core.sampler import Sampler, SamplerOutput
-from pagedllm.core.sampling_params import RequestOutputKind, SamplingParams
+from pagedllm.core.sampling_params import RequestOutputKind, SamplingParams, bad_words_token_ids
 from pagedllm.core.scheduler import Scheduler, SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -200,6 +200,11 @@ class LLMEngine:
         for name, named in params.named_token_ids():
             if named and not (min(named) >= 0 and max(named) < vocab):
                 raise ValueError(f"SamplingParams.{name} must name token ids in [0, {vocab}); got {sorted(named)}")
+        if params.bad_words:
+            if self.tokenizer is None:
+                raise ValueError("SamplingParams.bad_words needs the model's tokenizer, and this model has none")
+            params.bad_words_token_ids = bad_words_token_ids(
+                params.bad_words, lambda text: list(self.tokenizer(text, add_special_tokens=False).input_ids))
         if params.logprobs is not None and params.logprobs > self.config.max_logprobs:
             raise ValueError(f"SamplingParams.logprobs must be <= {self.config.max_logprobs} (max_logprobs), "
                              f"got {params.logprobs}")

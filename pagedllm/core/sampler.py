@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pagedllm.core.request import Request
+from pagedllm.core.sampling_params import blocked_bad_words
 
 ARGMAX_CHUNKS = 128
 """:func:`row_argmax` cuts a wide row into this many chunks, reduced in parallel."""
@@ -50,7 +51,7 @@ class SamplingBatch:
     repetition_penalty: torch.Tensor | None  # [R]
     output_counts: torch.Tensor | None  # [R, vocab] float32 counts of generated tokens
     seen_mask: torch.Tensor | None  # [R, vocab] bool: token in prompt or output (repetition penalty)
-    blocked_tokens: list[tuple[int, list[int]]]  # (row, token ids) masked out (min_tokens)
+    blocked_tokens: list[tuple[int, list[int]]]  # (row, token ids) masked out (min_tokens, bad_words)
     logit_biases: list[tuple[int, torch.Tensor, torch.Tensor]]  # (row, token ids [k] int64, biases [k] float32)
     disallowed: list[tuple[int, torch.Tensor]]  # (row, [vocab] bool: True where allowed_token_ids leaves it out)
     generators: list[torch.Generator | None]  # per-row generator of seeded requests
@@ -152,12 +153,15 @@ class Sampler:
         blocked = []
         for row, r in enumerate(requests):
             p = r.sampling_params
+            stops: set[int] = set()
             if r.num_output_tokens < p.min_tokens:
                 stops = set(p.stop_token_ids or [])
                 if not p.ignore_eos:
                     stops |= set(r.eos_token_ids)
-                if stops:
-                    blocked.append((row, sorted(stops)))
+            if p.bad_words_token_ids:
+                stops.update(blocked_bad_words(p.bad_words_token_ids, r.output_token_ids))
+            if stops:
+                blocked.append((row, sorted(stops)))
         generators: list[torch.Generator | None] = []
         for r in requests:
             seed = r.sampling_params.seed

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import enum
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 _GREEDY_EPS = 1e-5
@@ -29,8 +30,10 @@ class SamplingParams:
     the top ``k`` alternatives. ``seed`` makes sampling reproducible whatever else is in the batch.
     ``output_kind`` says which steps report the request (:class:`RequestOutputKind`).
     ``logit_bias`` (token id -> bias in [-100, 100]) is added to the logits before any penalty or filter;
-    ``allowed_token_ids`` keeps only those tokens (as vLLM's; the EOS token too only if listed). Logprobs stay
-    those of the model's own distribution. Invalid values raise ``ValueError`` naming the field.
+    ``allowed_token_ids`` keeps only those tokens (as vLLM's; the EOS token too only if listed); ``bad_words``
+    are never generated (as vLLM's: each word, with and without a leading space, as token sequences; the last
+    token of a sequence is blocked where the completion's last tokens are the rest of it). Logprobs stay those
+    of the model's own distribution. Invalid values raise ``ValueError`` naming the field.
     """
 
     n: int = 1
@@ -54,8 +57,11 @@ class SamplingParams:
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
     # filled by the engine: the tokenizer's EOS ids and generation_config defaults
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
+    # filled by the engine from bad_words: the token sequences to block (:func:`bad_words_token_ids`)
+    bad_words_token_ids: list[list[int]] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -68,6 +74,10 @@ class SamplingParams:
             self.logit_bias = dict(self.logit_bias) or None
         if self.allowed_token_ids is not None:
             self.allowed_token_ids = list(self.allowed_token_ids)
+        if isinstance(self.bad_words, str):
+            self.bad_words = [self.bad_words]
+        if self.bad_words is not None:
+            self.bad_words = list(self.bad_words) or None
         self._validate()
 
     def _validate(self) -> None:
@@ -98,6 +108,8 @@ class SamplingParams:
                                                 and all(_is_token_id(t) for t in self.allowed_token_ids)),
              "allowed_token_ids", f"must be a non-empty list of token ids (integers >= 0), got "
              f"{self.allowed_token_ids!r}"),
+            (self.bad_words is None or all(isinstance(w, str) and w.strip() for w in self.bad_words), "bad_words",
+             f"must be non-blank strings, got {self.bad_words!r}"),
         ]
         for ok, name, message in checks:
             if not ok:
@@ -111,8 +123,8 @@ class SamplingParams:
     def clone(self) -> SamplingParams:
         """Return an independent copy (the engine fills per-request fields): the fields' values shared, the
         mutable containers (``stop``, ``stop_token_ids``, ``all_stop_token_ids``, ``logit_bias``,
-        ``allowed_token_ids``) copied. A tenth of what a deep copy takes (about 6 against 62 us here), once per
-        request and per parallel sample."""
+        ``allowed_token_ids``, ``bad_words``, ``bad_words_token_ids``) copied. A tenth of what a deep copy takes
+        (about 6 against 62 us here), once per request and per parallel sample."""
         new = copy.copy(self)
         new.stop = list(self.stop)
         new.stop_token_ids = list(self.stop_token_ids)
@@ -121,6 +133,9 @@ class SamplingParams:
             new.logit_bias = dict(self.logit_bias)
         if self.allowed_token_ids is not None:
             new.allowed_token_ids = list(self.allowed_token_ids)
+        if self.bad_words is not None:
+            new.bad_words = list(self.bad_words)
+        new.bad_words_token_ids = [list(ids) for ids in self.bad_words_token_ids]
         return new
 
     def named_token_ids(self) -> list[tuple[str, list[int]]]:
@@ -137,3 +152,30 @@ def _is_token_id(value: object) -> bool:
 def _is_bias(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
         and -100.0 <= value <= 100.0
+
+
+def bad_words_token_ids(words: list[str], encode: Callable[[str], list[int]]) -> list[list[int]]:
+    """The token sequences that spell ``words`` (``SamplingParams.bad_words``), as vLLM derives them: each word
+    (leading spaces stripped) as it opens the text, and with one leading space as it follows another word, the
+    latter only when it is a different sequence of the same length (a tokenizer with a prefix-space marker).
+    ``encode`` tokenizes without special tokens. Called by the engine once per request."""
+    sequences: list[list[int]] = []
+    for word in words:
+        bare = encode(word.lstrip())
+        if bare:
+            sequences.append(bare)
+        spaced = encode(" " + word.lstrip())
+        if spaced and (not bare or (spaced[0] != bare[0] and len(spaced) == len(bare))):
+            sequences.append(spaced)
+    return sequences
+
+
+def blocked_bad_words(sequences: list[list[int]], output_token_ids: list[int]) -> list[int]:
+    """The tokens ``sequences`` (:func:`bad_words_token_ids`) forbid next after ``output_token_ids``: a
+    one-token word always, a longer one when the completion ends with all of it but its last token."""
+    blocked = []
+    for seq in sequences:
+        prefix = len(seq) - 1
+        if prefix == 0 or (len(output_token_ids) >= prefix and output_token_ids[-prefix:] == seq[:-1]):
+            blocked.append(seq[-1])
+    return blocked

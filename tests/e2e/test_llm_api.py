@@ -11,6 +11,7 @@ import torch
 
 from pagedllm import LLM, SamplingParams
 from pagedllm.core.config import EngineConfig
+from pagedllm.core.sampling_params import bad_words_token_ids
 from tests.conftest import assert_pool_free
 
 
@@ -93,6 +94,19 @@ def test_vllm_prompt_dictionaries_and_arrays_generate_what_plain_prompts_do(llm:
     assert len(single) == 1 and single[0].outputs[0].token_ids == plain[1].outputs[0].token_ids
 
 
+def test_bad_words_are_never_generated(llm: LLM) -> None:
+    tokenizer = llm.get_tokenizer()
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    plain = llm.generate("def f(x):", greedy, use_tqdm=False)[0].outputs[0].token_ids
+    word = next(w for t in plain if (w := tokenizer.decode([t]).strip()))
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, bad_words=[word])
+    banned = llm.generate("def f(x):", params, use_tqdm=False)[0].outputs[0].token_ids
+    sequences = bad_words_token_ids([word], lambda text: tokenizer(text, add_special_tokens=False).input_ids)
+    assert sequences and banned != plain
+    for seq in sequences:
+        assert all(banned[i : i + len(seq)] != seq for i in range(len(banned))), (word, seq, banned)
+
+
 def test_malformed_prompts_rejected_clearly_and_nothing_leaks(llm: LLM) -> None:
     for prompts, message in [(["ok", [1, 2.5]], r"must be integers, got 2\.5"),
                              (["ok", {"text": "x"}], r"unsupported keys \['text'\]"),
@@ -162,6 +176,8 @@ def test_dummy_weights_from_config_only_directory(tmp_path: Path, llama_dir: Pat
     assert len(out[0].outputs[0].token_ids) == 4
     assert out[0].outputs[0].text == ""  # no tokenizer: token ids only
     assert next(llm.llm_engine.executor.worker.runner.model.parameters()).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="bad_words needs the model's tokenizer"):
+        llm.generate([[1, 2, 3]], SamplingParams(bad_words=["x"]), use_tqdm=False)
 
 
 def test_engine_runs_the_backends_scheduler_limits(llm: LLM) -> None:

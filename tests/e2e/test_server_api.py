@@ -69,7 +69,7 @@ def test_completion_greedy_equals_offline(client, offline: LLM) -> None:
     assert ids.choices[0].text == expected[1].outputs[0].text
 
 
-def test_logit_bias_and_allowed_token_ids_equal_offline(client, offline: LLM) -> None:
+def test_logit_bias_allowed_token_ids_and_bad_words_equal_offline(client, offline: LLM) -> None:
     bias, allowed = {101: 100.0, 7: -100.0}, [100, 101, 102, 250]
     expected = offline.generate([PROMPTS[0]] * 2, [SamplingParams(temperature=0.0, max_tokens=8, logit_bias=bias),
                                              SamplingParams(temperature=0.0, max_tokens=8, allowed_token_ids=allowed,
@@ -82,6 +82,12 @@ def test_logit_bias_and_allowed_token_ids_equal_offline(client, offline: LLM) ->
     restricted = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=8, temperature=0.0,
                                            extra_body={"allowed_token_ids": allowed, "ignore_eos": True})
     assert restricted.choices[0].text == expected[1].outputs[0].text
+    word = offline.get_tokenizer().decode(expected[1].outputs[0].token_ids[:1]).strip() or "def"
+    want = offline.generate(PROMPTS[1], SamplingParams(temperature=0.0, max_tokens=8, bad_words=[word]),
+                            use_tqdm=False)[0].outputs[0].text
+    got = client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=8, temperature=0.0,
+                                    extra_body={"bad_words": [word]})
+    assert got.choices[0].text == want
 
 
 def test_chat_greedy_equals_offline(client, offline: LLM) -> None:

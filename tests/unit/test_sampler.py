@@ -7,7 +7,7 @@ import torch
 
 from pagedllm.core.request import Request
 from pagedllm.core.sampler import Sampler, row_argmax
-from pagedllm.core.sampling_params import SamplingParams
+from pagedllm.core.sampling_params import SamplingParams, bad_words_token_ids, blocked_bad_words
 
 VOCAB = 50
 
@@ -135,6 +135,26 @@ def test_allowed_token_ids_keep_only_those_tokens() -> None:
     assert not sampler._request_disallowed and not sampler._request_biases
 
 
+def test_bad_words_block_single_tokens_always_and_longer_ones_after_their_prefix() -> None:
+    logits = torch.zeros(3, VOCAB)
+    logits[:, 7] = 5.0  # the favourite everywhere
+    logits[:, 8] = 4.0
+    sampler = Sampler(torch.device("cpu"))
+    params = SamplingParams(temperature=0, bad_words=["x"])
+    params.bad_words_token_ids = [[7], [3, 8]]  # as the engine fills them: "x" is [7], "yz" is [3, 8]
+    reqs = [make_request("a", params, outputs=[1, 2]), make_request("b", params.clone(), outputs=[2, 3]),
+            make_request("c", SamplingParams(temperature=0), outputs=[3])]
+    # a: 7 blocked -> 8; b: 7 blocked and, after 3, 8 too -> the next best (index 0 of the zeros); c: free
+    assert sample(sampler, reqs, logits) == [8, 0, 7]
+
+
+def test_bad_words_token_ids_as_vllm_derives_them() -> None:
+    vocab = {"hi": [5], " hi": [6], "ab": [1, 2], " ab": [1, 2], "big": [7, 8], " big": [9]}
+    assert bad_words_token_ids(["hi", " ab", "big"], lambda text: vocab[text]) == [[5], [6], [1, 2], [7, 8]]
+    assert blocked_bad_words([[5], [1, 2]], []) == [5]
+    assert blocked_bad_words([[5], [1, 2]], [4, 1]) == [5, 2]
+
+
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [({"temperature": -1.0}, "temperature"), ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"),
@@ -143,7 +163,8 @@ def test_allowed_token_ids_keep_only_those_tokens() -> None:
      ({"logprobs": -1}, "logprobs"), ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"), ({"stop": [""]}, "stop"),
      ({"logit_bias": {1: 101.0}}, "logit_bias"), ({"logit_bias": {-1: 1.0}}, "logit_bias"),
      ({"logit_bias": {1: float("nan")}}, "logit_bias"), ({"logit_bias": {"1": 1.0}}, "logit_bias"),
-     ({"allowed_token_ids": []}, "allowed_token_ids"), ({"allowed_token_ids": [1, -2]}, "allowed_token_ids")],
+     ({"allowed_token_ids": []}, "allowed_token_ids"), ({"allowed_token_ids": [1, -2]}, "allowed_token_ids"),
+     ({"bad_words": [" "]}, "bad_words"), ({"bad_words": [3]}, "bad_words")],
 )
 def test_invalid_params_name_the_field(kwargs: dict, field: str) -> None:
     with pytest.raises(ValueError, match=rf"SamplingParams\.{field} "):

@@ -11,8 +11,9 @@ from pagedllm.core.sampling_params import RequestOutputKind
 def test_clone_is_equal_and_shares_no_mutable_field() -> None:
     params = SamplingParams(n=2, temperature=0.7, top_k=5, seed=3, stop=["\n\n", "END"], stop_token_ids=[7],
                             logprobs=2, output_kind=RequestOutputKind.FINAL_ONLY, logit_bias={4: 1.5},
-                            allowed_token_ids=[4, 5])
+                            allowed_token_ids=[4, 5], bad_words=["no"])
     params.all_stop_token_ids.update({1, 2})
+    params.bad_words_token_ids = [[3, 4]]
     copy = params.clone()
     assert copy == params and copy is not params
     for field in dataclasses.fields(SamplingParams):

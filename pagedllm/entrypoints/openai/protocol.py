@@ -87,6 +87,7 @@ class SamplingRequest(OpenAIBaseModel):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
 
 
 # ---------------------------------------------------------------------------------------------- usage

@@ -164,7 +164,7 @@ class OpenAIServing:
                 include_stop_str_in_output=request.include_stop_str_in_output, ignore_eos=request.ignore_eos,
                 max_tokens=max_tokens, min_tokens=request.min_tokens, logprobs=logprobs,
                 skip_special_tokens=request.skip_special_tokens, logit_bias=logit_bias,
-                allowed_token_ids=request.allowed_token_ids,
+                allowed_token_ids=request.allowed_token_ids, bad_words=request.bad_words,
                 # a non-streamed response needs only the final output: no per-token snapshots
                 output_kind=RequestOutputKind.CUMULATIVE if request.stream else RequestOutputKind.FINAL_ONLY,
             )
