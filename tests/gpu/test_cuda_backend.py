@@ -402,13 +402,16 @@ class Completions(list):
         self.logprobs = [o.outputs[0].logprobs for o in outputs]
 
 
-def _generate(model_dir: Path, device: str, dtype: str, **kwargs: object) -> tuple[Completions, object]:
+def _generate(model_dir: Path, device: str, dtype: str, params: list | None = None,
+              **kwargs: object) -> tuple[Completions, object]:
+    """Greedy completions of :func:`_prompts` (``params``: one ``SamplingParams`` per prompt, default greedy with
+    top-2 logprobs)."""
     from pagedllm import LLM, SamplingParams
 
     llm = LLM(str(model_dir), device=device, dtype=dtype, block_size=16, max_num_batched_tokens=64,
               max_num_seqs=8, kv_cache_memory_bytes=8 << 20, **kwargs)  # fmt: skip
-    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=2)
-    outputs = llm.generate(_prompts(llm.get_tokenizer()), params, use_tqdm=False)
+    default = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=2)
+    outputs = llm.generate(_prompts(llm.get_tokenizer()), params or default, use_tqdm=False)
     return Completions(outputs), llm
 
 
@@ -449,6 +452,26 @@ def test_async_scheduling_greedy_equals_cpu_fp32(tiny_checkpoints: dict[str, Pat
     expected, _ = _generate(tiny_checkpoints["llama"], "cpu", "float32")
     got, llm = _generate(tiny_checkpoints["llama"], "cuda", "float32", enforce_eager=enforce_eager)
     assert llm.llm_engine.config.async_scheduling is True
+    assert_same_tokens(got, expected)
+
+
+@pytest.mark.parametrize("enforce_eager", [True, False], ids=["eager", "graphs"])
+def test_sampling_controls_equal_cpu_fp32(tiny_checkpoints: dict[str, Path], enforce_eager: bool) -> None:
+    """logit_bias, allowed_token_ids, bad_words, min_tokens and a repetition penalty, one per prompt beside plain
+    greedy rows, with asynchronous scheduling (the sampler's per-request tensors built on the GPU)."""
+    from pagedllm import SamplingParams
+
+    def params() -> list:
+        greedy = dict(temperature=0.0, max_tokens=24, logprobs=2)
+        return [SamplingParams(**greedy, ignore_eos=True), SamplingParams(**greedy, logit_bias={5: 8.0, 9: -3.0}),
+                SamplingParams(**greedy, allowed_token_ids=[3, 5, 40, 41, 42, 300]),
+                SamplingParams(**greedy, bad_words=["the", "def"]), SamplingParams(**greedy, min_tokens=20),
+                SamplingParams(**greedy, repetition_penalty=1.3), SamplingParams(**greedy, ignore_eos=True)]
+
+    expected, _ = _generate(tiny_checkpoints["llama"], "cpu", "float32", params())
+    got, llm = _generate(tiny_checkpoints["llama"], "cuda", "float32", params(), enforce_eager=enforce_eager)
+    assert llm.llm_engine.config.async_scheduling is True
+    assert set(got[2]) <= {3, 5, 40, 41, 42, 300}
     assert_same_tokens(got, expected)
 
 
