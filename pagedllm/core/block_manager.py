@@ -67,10 +67,11 @@ class BlockManager:
     def get_computed_blocks(self, request: Request) -> tuple[list[BlockId], int]:
         """Find the longest run of cached full blocks that starts the request's tokens.
 
-        At least the last token is always left to compute (the model must produce its logits). Returns
+        At least the last token is always left to compute (the model must produce its logits); a request
+        asking for prompt logprobs computes its whole prompt (every position's logits are wanted). Returns
         ``(block_ids, num_computed_tokens)``; nothing is reserved until :meth:`allocate_slots`.
         """
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or request.sampling_params.prompt_logprobs is not None:
             return [], 0
         hashes = self._block_hashes(request)
         max_blocks = (request.num_tokens - 1) // self.block_size

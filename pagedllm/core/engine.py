@@ -205,9 +205,10 @@ class LLMEngine:
                 raise ValueError("SamplingParams.bad_words needs the model's tokenizer, and this model has none")
             params.bad_words_token_ids = bad_words_token_ids(
                 params.bad_words, lambda text: list(self.tokenizer(text, add_special_tokens=False).input_ids))
-        if params.logprobs is not None and params.logprobs > self.config.max_logprobs:
-            raise ValueError(f"SamplingParams.logprobs must be <= {self.config.max_logprobs} (max_logprobs), "
-                             f"got {params.logprobs}")
+        for name, asked in (("logprobs", params.logprobs), ("prompt_logprobs", params.prompt_logprobs)):
+            if asked is not None and asked > self.config.max_logprobs:
+                raise ValueError(f"SamplingParams.{name} must be <= {self.config.max_logprobs} (max_logprobs), "
+                                 f"got {asked}")
         if params.max_tokens is None:
             # the rest of the context, but never more than the whole KV pool can hold
             room = min(self.model_config.max_model_len, self.block_manager.pool.num_usable_blocks * self.block_size)
@@ -335,7 +336,11 @@ class LLMEngine:
                 request.append_pending_token()
 
     def _read_back(self, step: LaunchedStep) -> list[RequestOutput]:
-        """Read ``step``'s sampled tokens (the host's one wait), record them, finish what stops."""
+        """Read ``step``'s sampled tokens (the host's one wait), record them, finish what stops; file the prompt
+        logprobs it computed first (a prompt chunk that samples nothing has them too)."""
+        prompt = step.runner_output.prompt_logprobs
+        if prompt is not None:
+            self.output_processor.add_prompt_logprobs(prompt.to_host(), self.scheduler.requests)
         sampled = step.sampled
         if sampled is None:
             return []

@@ -17,6 +17,12 @@ from torch import nn
 
 from pagedllm.backends.interface import AttentionMetadata, Backend
 from pagedllm.core.block_manager import cdiv
+from pagedllm.core.prompt_logprobs import (
+    PromptLogprobRows,
+    PromptLogprobs,
+    compute_prompt_logprobs,
+    prompt_logprob_rows,
+)
 from pagedllm.core.sampled_rows import SampledRows, sampled_rows
 from pagedllm.core.scheduler import ScheduledRequest, SchedulerOutput
 
@@ -35,10 +41,14 @@ class HostBatch:
     query_start: np.ndarray  # [num_requests + 1] int64
     starts: np.ndarray  # [num_requests] int64: tokens already in the cache
     num_new: np.ndarray  # [num_requests] int64
-    logits_indices: np.ndarray  # [num_sampled] int64
+    logits_indices: np.ndarray  # [num_logits] int64, ascending: the sampled rows, and prompt-logprob rows if any
     sampled_request_ids: list[str]
     pending_tokens: np.ndarray  # [num_pending] int64: token indices whose ids come from the device
     pending_rows: np.ndarray  # [num_pending] int64: their rows in the previous step's sampled tokens
+    prompt_rows: PromptLogprobRows | None = None  # rows whose logits give prompt logprobs
+    # with prompt_rows: where the sampled rows and the prompt rows are among logits_indices
+    sample_select: np.ndarray | None = None  # [num_sampled] int64
+    prompt_select: np.ndarray | None = None  # [num_prompt_rows] int64
 
 
 @dataclass(slots=True)
@@ -48,17 +58,20 @@ class ModelInput:
     input_ids: torch.Tensor  # [num_tokens] int64
     positions: torch.Tensor  # [num_tokens] int64
     metadata: AttentionMetadata
-    logits_indices: torch.Tensor  # [num_sampled] int64: rows whose logits are sampled
-    sampled_request_ids: list[str]  # request of each logits row, in row order
+    logits_indices: torch.Tensor  # [num_logits] int64: rows whose logits are computed (HostBatch's)
+    sampled_request_ids: list[str]  # request of each sampled row, in row order
     sampled: SampledRows | None = None  # those rows for the model's last layer, when it computes only them
+    host: HostBatch | None = None  # what it was built from
 
 
 @dataclass(slots=True)
 class ModelRunnerOutput:
-    """Logits of the requests that sample this step: ``logits[i]`` belongs to ``request_ids[i]``."""
+    """Logits of the requests that sample this step: ``logits[i]`` belongs to ``request_ids[i]``; the prompt
+    logprobs the step computed, if any request asked (still on the device)."""
 
     request_ids: list[str]
     logits: torch.Tensor  # [num_sampled, vocab_size]
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class ModelRunner:
@@ -131,7 +144,7 @@ class ModelRunner:
         input_ids[pending_tokens] = 0  # a valid id until the device writes the sampled one
         if self.token_buckets:
             input_ids, positions, slots = self._pad_to_bucket(input_ids, positions, slots)
-        return HostBatch(
+        host = HostBatch(
             input_ids=input_ids, positions=positions, slots=slots, block_tables=block_tables,
             query_start=query_start, starts=starts, num_new=num_new,
             logits_indices=query_start[1:][sampled] - 1,
@@ -139,6 +152,41 @@ class ModelRunner:
             pending_tokens=pending_tokens,
             pending_rows=np.fromiter((reqs[i].token_from_row for i in pending), dtype=np.int64, count=len(pending)),
         )
+        asking = [i for i, r in enumerate(reqs) if r.prompt_logprob_span is not None]
+        if asking:
+            self._add_prompt_rows(host, [reqs[i] for i in asking], query_start[asking])
+        return host
+
+    @staticmethod
+    def _add_prompt_rows(host: HostBatch, asking: list[ScheduledRequest], first_rows: np.ndarray) -> None:
+        """Add the prompt-logprob rows of ``asking`` (their first rows in the flat batch) to ``host``'s logits
+        rows, keeping them ascending, and where each kind lands among them."""
+        prompt = prompt_logprob_rows([r.request_id for r in asking], first_rows.tolist(),
+                                     [r.prompt_logprob_span for r in asking],  # type: ignore[misc]
+                                     [r.start_position for r in asking],
+                                     [r.prompt_logprob_targets for r in asking],  # type: ignore[misc]
+                                     [r.num_prompt_logprobs for r in asking])
+        assert prompt is not None
+        union = np.concatenate([host.logits_indices, prompt.rows])
+        order = np.argsort(union, kind="stable")
+        where = np.empty_like(order)
+        where[order] = np.arange(len(order))
+        num_sampled = len(host.logits_indices)
+        host.logits_indices = union[order]
+        host.prompt_rows, host.sample_select, host.prompt_select = prompt, where[:num_sampled], where[num_sampled:]
+
+    def _output(self, host: HostBatch, logits: torch.Tensor) -> ModelRunnerOutput:
+        """The step's :class:`ModelRunnerOutput` from the logits of ``host.logits_indices``: the sampled rows',
+        and the prompt logprobs of the other rows when some request asked."""
+        if host.prompt_rows is None:
+            return ModelRunnerOutput(host.sampled_request_ids, logits)
+        assert host.sample_select is not None and host.prompt_select is not None
+
+        def pick(select: np.ndarray) -> torch.Tensor:
+            return logits[torch.from_numpy(select).to(logits.device, non_blocking=True)]
+
+        return ModelRunnerOutput(host.sampled_request_ids, pick(host.sample_select),
+                                 compute_prompt_logprobs(pick(host.prompt_select), host.prompt_rows))
 
     def _pad_to_bucket(self, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
         """Pad token arrays to the smallest bucket that holds them: ids and positions 0, slots -1."""
@@ -204,6 +252,7 @@ class ModelRunner:
             logits_indices=sampled.indices if sampled is not None else to_dev(host.logits_indices),
             sampled_request_ids=host.sampled_request_ids,
             sampled=sampled,
+            host=host,
         )
 
     def compute_logits(self, model_input: ModelInput) -> torch.Tensor:
@@ -243,9 +292,10 @@ class ModelRunner:
                                 self.pending_token_ids(host, sampled_token_ids))
             if len(host.logits_indices) != len(scheduled):  # a one-token prompt chunk that does not sample
                 logits = logits[torch.from_numpy(host.logits_indices).to(self.device, non_blocking=True)]
-            return ModelRunnerOutput(host.sampled_request_ids, logits)
+            return self._output(host, logits)
         model_input = self.prepare(scheduled, sampled_token_ids)
-        return ModelRunnerOutput(model_input.sampled_request_ids, self.compute_logits(model_input))
+        assert model_input.host is not None
+        return self._output(model_input.host, self.compute_logits(model_input))
 
     @staticmethod
     def warm_up_sizes(max_num_seqs: int) -> list[int]:

@@ -5,8 +5,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from pagedllm.core.detokenizer import IncrementalDetokenizer, find_stop_string
 from pagedllm.core.outputs import CompletionOutput, Logprob, RequestOutput
+from pagedllm.core.prompt_logprobs import PromptLogprobs
 from pagedllm.core.request import Request, RequestStatus
 from pagedllm.core.sampler import SamplerOutput
 
@@ -92,6 +95,31 @@ class OutputProcessor:
         completion.logprobs.append(entry)
         completion.cumulative_logprob = (completion.cumulative_logprob or 0.0) + lp
 
+    def add_prompt_logprobs(self, prompt: PromptLogprobs, requests: dict[str, Request]) -> None:
+        """File one step's prompt logprobs (host tensors) in ``Request.prompt_logprobs``: per position, the
+        prompt token's logprob and rank and its request's ``prompt_logprobs`` top alternatives. Positions
+        already filed (a prompt computed again after a preemption) and requests gone are skipped."""
+        spans = prompt.spans
+        offsets = np.concatenate([[0], np.cumsum(spans.counts)]).tolist()
+        values, ranks = prompt.target_logprobs.tolist(), prompt.ranks.tolist()
+        top_ids = prompt.top_ids.tolist() if prompt.top_ids is not None else None
+        top_values = prompt.top_logprobs.tolist() if prompt.top_logprobs is not None else None
+        for span, request_id in enumerate(spans.request_ids):
+            request = requests.get(request_id)
+            if request is None or request.prompt_logprobs is None:
+                continue
+            num = request.sampling_params.prompt_logprobs or 0
+            for j in range(offsets[span], offsets[span + 1]):
+                if spans.starts[span] + j - offsets[span] != len(request.prompt_logprobs) - 1:
+                    continue
+                entry: dict[int, Logprob] = {}
+                if num and top_ids is not None and top_values is not None:
+                    for rank, (tid, lp) in enumerate(zip(top_ids[j][:num], top_values[j][:num], strict=True), 1):
+                        entry[tid] = Logprob(lp, rank, self._token_text(tid))
+                target = int(spans.targets[j])
+                entry[target] = Logprob(values[j], ranks[j], self._token_text(target))
+                request.prompt_logprobs.append(entry)
+
     def _token_text(self, token_id: int) -> str | None:
         return None if self.tokenizer is None else self.tokenizer.decode([token_id])
 
@@ -150,6 +178,7 @@ class OutputProcessor:
             finished=finished,
             metrics=first.metrics,
             num_cached_tokens=first.num_cached_tokens,
+            prompt_logprobs=None if first.prompt_logprobs is None else list(first.prompt_logprobs),
         )
         if finished:
             self.parents.pop(parent.request_id, None)

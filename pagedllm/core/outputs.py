@@ -60,3 +60,6 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics | None = None
     num_cached_tokens: int = 0
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    """With ``SamplingParams.prompt_logprobs``: per prompt token, its logprob given the tokens before it and the
+    top alternatives (None for the first token), as vLLM returns them."""

@@ -23,6 +23,15 @@ class RequestStatus(enum.Enum):
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
 
+    def prompt_logprob_span(self, start: int, num_new: int) -> tuple[int, int] | None:
+        """The positions ``[a, b)`` of a step running tokens ``start .. start + num_new`` whose logits give a
+        prompt logprob still missing (position ``p`` predicts prompt token ``p + 1``), or None."""
+        if self.prompt_logprobs is None:
+            return None
+        a = max(start, len(self.prompt_logprobs) - 1)
+        b = min(start + num_new, self.num_prompt_tokens - 1)
+        return (a, b) if a < b else None
+
     @property
     def is_finished(self) -> bool:
         """True for the FINISHED_* states."""
@@ -50,6 +59,8 @@ class Request:
     num_preemptions: int = 0
     stop_reason: int | str | None = None
     logprobs: list[dict[int, Logprob]] = field(default_factory=list)
+    # with SamplingParams.prompt_logprobs: entry p for prompt token p (None for the first), filled as chunks run
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     cumulative_logprob: float = 0.0
     metrics: RequestMetrics | None = None
     parent_id: str | None = None
@@ -61,6 +72,8 @@ class Request:
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)
+        if self.sampling_params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None]
         if self.metrics is None:
             self.metrics = RequestMetrics(arrival_time=self.arrival_time)
 
@@ -106,6 +119,15 @@ class Request:
         self.output_token_ids.append(PENDING_TOKEN_ID)
         self.all_token_ids.append(PENDING_TOKEN_ID)
         self.has_pending_token = True
+
+    def prompt_logprob_span(self, start: int, num_new: int) -> tuple[int, int] | None:
+        """The positions ``[a, b)`` of a step running tokens ``start .. start + num_new`` whose logits give a
+        prompt logprob still missing (position ``p`` predicts prompt token ``p + 1``), or None."""
+        if self.prompt_logprobs is None:
+            return None
+        a = max(start, len(self.prompt_logprobs) - 1)
+        b = min(start + num_new, self.num_prompt_tokens - 1)
+        return (a, b) if a < b else None
 
     @property
     def is_finished(self) -> bool:

@@ -27,7 +27,9 @@ class SamplingParams:
     ``temperature=0`` means greedy. ``top_k=-1`` (or 0) and ``top_p=1`` disable those filters.
     ``stop`` strings end the completion; they are left out of the text unless
     ``include_stop_str_in_output``. ``logprobs=k`` returns, for each generated token, its logprob and
-    the top ``k`` alternatives. ``seed`` makes sampling reproducible whatever else is in the batch.
+    the top ``k`` alternatives; ``prompt_logprobs=k`` the same for every prompt token after the first
+    (``RequestOutput.prompt_logprobs``; such a prompt is computed whole, never taken from the prefix cache).
+    ``seed`` makes sampling reproducible whatever else is in the batch.
     ``output_kind`` says which steps report the request (:class:`RequestOutputKind`).
     ``logit_bias`` (token id -> bias in [-100, 100]) is added to the logits before any penalty or filter;
     ``allowed_token_ids`` keeps only those tokens (as vLLM's; the EOS token too only if listed); ``bad_words``
@@ -52,6 +54,7 @@ class SamplingParams:
     max_tokens: int | None = 16
     min_tokens: int = 0
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     detokenize: bool = True
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
@@ -99,6 +102,8 @@ class SamplingParams:
             (self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens",
              f"must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}"),
             (self.logprobs is None or self.logprobs >= 0, "logprobs", f"must be >= 0, got {self.logprobs}"),
+            (self.prompt_logprobs is None or (isinstance(self.prompt_logprobs, int) and self.prompt_logprobs >= 0),
+             "prompt_logprobs", f"must be an integer >= 0, got {self.prompt_logprobs!r}"),
             (all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings"),
             (self.seed is None or (isinstance(self.seed, int) and -(2**63) <= self.seed < 2**64), "seed",
              f"must be an integer in [-2**63, 2**64), got {self.seed!r}"),

@@ -27,6 +27,9 @@ class ScheduledRequest:
     block_ids: list[int]
     needs_sample: bool
     token_from_row: int | None = None
+    prompt_logprob_span: tuple[int, int] | None = None
+    prompt_logprob_targets: list[int] | None = None
+    num_prompt_logprobs: int = 0
 
     @property
     def num_new_tokens(self) -> int:
@@ -187,12 +190,16 @@ class Scheduler:
     def _scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
         start = request.num_computed_tokens
         request.num_computed_tokens += num_new
+        span = request.prompt_logprob_span(start, num_new)
         return ScheduledRequest(
             request_id=request.request_id,
             token_ids=request.all_token_ids[start : start + num_new],
             start_position=start,
             block_ids=list(self.block_manager.get_block_table(request.request_id)),
             needs_sample=request.num_computed_tokens == request.num_tokens,
+            prompt_logprob_span=span,
+            prompt_logprob_targets=None if span is None else request.prompt_token_ids[span[0] + 1 : span[1] + 1],
+            num_prompt_logprobs=request.sampling_params.prompt_logprobs or 0,
         )
 
     def _preempt(self, request: Request) -> None:

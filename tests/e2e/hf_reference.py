@@ -142,3 +142,13 @@ def assert_greedy_matches_rounded_reference(llm: object, model_dir: Path, max_to
     assert gap_to_rounded < 1e-4 and gap_to_plain > 5e-3, (gap_to_rounded, gap_to_plain)
     assert llm.llm_engine.stats().prefix_cache_hit_tokens > 0
     assert_pool_free(llm)
+
+
+def hf_prompt_logprobs(model_dir: Path, prompts_ids: list[list[int]]) -> list[torch.Tensor]:
+    """Per prompt, ``log_softmax`` of transformers' float32 logits at every position: ``[len(prompt), vocab]``
+    (row ``p`` is the distribution of token ``p + 1``)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    with torch.inference_mode():
+        return [torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1) for ids in prompts_ids]

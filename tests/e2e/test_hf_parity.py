@@ -8,7 +8,7 @@ import torch
 from pagedllm import LLM, SamplingParams
 from pagedllm.testing.checkpoints import corpus_text
 from tests.conftest import assert_pool_free
-from tests.e2e.hf_reference import hf_greedy
+from tests.e2e.hf_reference import hf_greedy, hf_prompt_logprobs
 
 MAX_TOKENS = 12
 
@@ -44,6 +44,36 @@ def test_greedy_equals_transformers_under_chunking_and_preemption(checkpoint_fac
         assert stats.prefix_cache_hit_tokens > 0
     else:
         assert stats.prefix_cache_hit_tokens == 0
+    assert_pool_free(llm)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_prompt_logprobs_equal_transformers_under_chunking_preemption_and_prefix_caching(checkpoint_factory,
+                                                                                         arch: str) -> None:
+    """Prompts cut into 64-token chunks, preempted and recomputed, and repeated (the prefix cache would hit:
+    a prompt asking for its logprobs is computed whole); n=2 children each compute theirs."""
+    model_dir = checkpoint_factory(arch)
+    llm = LLM(str(model_dir), device="cpu", dtype="float32", block_size=4, max_num_batched_tokens=64,
+              num_kv_blocks=100, enable_prefix_caching=True)
+    prompts = mixed_prompts(llm.get_tokenizer())
+    prompts += prompts[-2:]
+    params = [SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, min_tokens=MAX_TOKENS, prompt_logprobs=3)] * 7
+    params.append(SamplingParams(n=2, temperature=1.0, seed=0, max_tokens=4, prompt_logprobs=0))
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    references = hf_prompt_logprobs(model_dir, prompts)
+    for prompt, out, ref, sp in zip(prompts, outputs, references, params, strict=True):
+        assert out.prompt_logprobs is not None and len(out.prompt_logprobs) == len(prompt)
+        assert out.prompt_logprobs[0] is None
+        for position in range(1, len(prompt)):
+            entry, expected, token = out.prompt_logprobs[position], ref[position - 1], prompt[position]
+            assert entry[token].logprob == pytest.approx(float(expected[token]), abs=2e-4)
+            assert abs(entry[token].rank - (int((expected > expected[token]).sum()) + 1)) <= 1  # near-ties aside
+            others = sorted((lp.logprob for t, lp in entry.items() if lp.rank <= sp.prompt_logprobs), reverse=True)
+            assert others == pytest.approx(expected.topk(sp.prompt_logprobs).values.tolist(), abs=2e-4)
+            assert len(entry) in (sp.prompt_logprobs, sp.prompt_logprobs + 1)
+    assert llm.llm_engine.stats().num_preemptions > 0
+    plain = llm.generate(prompts[:2], SamplingParams(max_tokens=2), use_tqdm=False)
+    assert all(o.prompt_logprobs is None for o in plain)
     assert_pool_free(llm)
 
 

@@ -222,6 +222,8 @@ def test_sampling_values_the_model_cannot_honour_are_rejected_up_front(llm: LLM)
             llm.generate("x", params, use_tqdm=False)
     with pytest.raises(ValueError, match=r"SamplingParams\.logprobs must be <= 20"):
         llm.generate("x", SamplingParams(logprobs=10**6), use_tqdm=False)
+    with pytest.raises(ValueError, match=r"SamplingParams\.prompt_logprobs must be <= 20"):
+        llm.generate("x", SamplingParams(prompt_logprobs=21), use_tqdm=False)
     with pytest.raises(ValueError, match=r"SamplingParams\.seed "):
         SamplingParams(seed=2**70)
     huge_k = llm.generate("x", SamplingParams(top_k=10**6, max_tokens=3, seed=1), use_tqdm=False)

@@ -231,6 +231,28 @@ def test_echo_and_extras(client) -> None:
     assert text.choices[0].message.content is not None
 
 
+def test_echo_with_logprobs_scores_the_prompt(client, offline: LLM) -> None:
+    """What lm-evaluation-harness's loglikelihood asks: ``echo`` + ``logprobs`` + ``max_tokens=1``, every prompt
+    token's logprob (null for the first), equal to the offline prompt logprobs; streamed in the first chunk."""
+    want = offline.generate(PROMPTS[2], SamplingParams(temperature=0.0, max_tokens=1, logprobs=1, prompt_logprobs=1),
+                            use_tqdm=False)[0]
+    ids, n = want.prompt_token_ids, len(want.prompt_token_ids)
+    got = client.completions.create(model=MODEL, prompt=PROMPTS[2], max_tokens=1, temperature=0.0, echo=True,
+                                    logprobs=1)
+    lp = got.choices[0].logprobs
+    assert got.choices[0].text == PROMPTS[2] + want.outputs[0].text
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == n + 1
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None and lp.text_offset[0] == 0
+    assert lp.token_logprobs[1:n] == pytest.approx([want.prompt_logprobs[p][ids[p]].logprob for p in range(1, n)])
+    assert lp.token_logprobs[n] == pytest.approx(want.outputs[0].logprobs[0][want.outputs[0].token_ids[0]].logprob)
+    assert all(1 <= len(top) <= 2 for top in lp.top_logprobs[1:])
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[n] == len(PROMPTS[2])
+    chunks = list(client.completions.create(model=MODEL, prompt=PROMPTS[2], max_tokens=1, temperature=0.0,
+                                            echo=True, logprobs=1, stream=True))
+    first = next(c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs is not None)
+    assert first.token_logprobs == lp.token_logprobs and first.text_offset == lp.text_offset
+
+
 def test_tokenize_detokenize(server: ServerProcess, client, offline: LLM) -> None:
     tokenizer = offline.get_tokenizer()
     answer = httpx.post(server.url + "/tokenize", json={"model": MODEL, "prompt": PROMPTS[0]}).json()

@@ -67,7 +67,7 @@ CASES: list[tuple[str, str, Any, int, str | None, str | None]] = [
     ("token_out_of_vocab", COMPLETIONS, completion(prompt=[1, 2, 10**6]), 400, "prompt", None),
     ("prompt_too_long", COMPLETIONS, completion(prompt=LONG_TEXT), 400, "prompt", "context_length_exceeded"),
     ("max_tokens_too_long", COMPLETIONS, completion(max_tokens=10_000), 400, "prompt", "context_length_exceeded"),
-    ("echo_logprobs", COMPLETIONS, completion(echo=True, logprobs=1), 400, "echo", None),
+    ("echo_logprobs_range", COMPLETIONS, completion(echo=True, logprobs=50), 400, "logprobs", None),
     ("suffix", COMPLETIONS, completion(suffix="x"), 400, "suffix", None),
     ("best_of", COMPLETIONS, completion(best_of=3), 400, "best_of", None),
     ("logit_bias_key", COMPLETIONS, completion(logit_bias={"five": 10}), 400, "logit_bias", None),

@@ -95,7 +95,8 @@ class RayWorkerActor:
         output = self.worker.execute(scheduler_output)
         if self.rank != 0:
             return None
-        return ModelRunnerOutput(output.request_ids, output.logits.cpu())
+        prompt = output.prompt_logprobs
+        return ModelRunnerOutput(output.request_ids, output.logits.cpu(), None if prompt is None else prompt.to_host())
 
     def shutdown(self) -> None:
         """Leave the process group."""

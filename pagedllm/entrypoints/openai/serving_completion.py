@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 
 from fastapi import Request
 from starlette.responses import Response
 
-from pagedllm.core.outputs import CompletionOutput, SampleLogprobs
+from pagedllm.core.outputs import CompletionOutput, Logprob, RequestOutput
 from pagedllm.entrypoints.async_engine import OutputStream
 from pagedllm.entrypoints.openai.errors import invalid_param
 from pagedllm.entrypoints.openai.protocol import (
@@ -22,15 +23,25 @@ from pagedllm.entrypoints.openai.serving_base import OpenAIServing, finite_logpr
 from pagedllm.entrypoints.openai.streaming import DeltaTracker, sse_event
 
 
-def completion_logprobs(token_ids: Sequence[int], logprobs: SampleLogprobs, text_offset: int = 0
-                        ) -> CompletionLogProbs:
-    """The legacy completions logprobs of some generated tokens, text offsets starting at ``text_offset``.
+def completion_logprobs(token_ids: Sequence[int], logprobs: Sequence[dict[int, Logprob] | None],
+                        text_offset: int = 0, first_token_text: str = "") -> CompletionLogProbs:
+    """The legacy completions logprobs of some tokens, text offsets starting at ``text_offset``.
 
-    ``top_logprobs`` holds the requested alternatives and the sampled token (so up to ``logprobs + 1``);
-    when tokens decode to the same text (e.g. byte pieces of one character), the likeliest one keeps it.
+    ``top_logprobs`` holds the requested alternatives and the token itself (so up to ``logprobs + 1``);
+    when tokens decode to the same text (e.g. byte pieces of one character), the likeliest one keeps it. An
+    entry None (an echoed prompt's first token, which nothing predicts) gives null logprobs and
+    ``first_token_text``.
     """
     out = CompletionLogProbs()
     for token_id, entry in zip(token_ids, logprobs, strict=False):
+        if entry is None:
+            token = first_token_text
+            out.tokens.append(token)
+            out.token_logprobs.append(None)
+            out.top_logprobs.append(None)
+            out.text_offset.append(text_offset)
+            text_offset += len(token)
+            continue
         sampled = entry.get(token_id)
         token = (sampled.decoded_token if sampled is not None else None) or ""
         out.tokens.append(token)
@@ -42,6 +53,30 @@ def completion_logprobs(token_ids: Sequence[int], logprobs: SampleLogprobs, text
         out.text_offset.append(text_offset)
         text_offset += len(token)
     return out
+
+
+def joined(first: CompletionLogProbs, second: CompletionLogProbs) -> CompletionLogProbs:
+    """``first``'s tokens then ``second``'s (an echoed prompt's, then its completion's)."""
+    return CompletionLogProbs(text_offset=first.text_offset + second.text_offset, tokens=first.tokens + second.tokens,
+                              token_logprobs=first.token_logprobs + second.token_logprobs,
+                              top_logprobs=first.top_logprobs + second.top_logprobs)
+
+
+@dataclass(slots=True)
+class Echo:
+    """What ``echo`` puts before a prompt's completions: its text and, with ``logprobs``, its tokens'
+    logprobs (filled from the first output, which carries the prompt logprobs)."""
+
+    text: str
+    token_ids: list[int]
+    first_token_text: str
+    logprobs: CompletionLogProbs | None = None
+
+    def prompt_logprobs(self, output: RequestOutput) -> CompletionLogProbs | None:
+        """The prompt tokens' logprobs from ``output`` (None unless asked for)."""
+        if self.logprobs is None and output.prompt_logprobs is not None:
+            self.logprobs = completion_logprobs(self.token_ids, output.prompt_logprobs, 0, self.first_token_text)
+        return self.logprobs
 
 
 class OpenAIServingCompletion(OpenAIServing):
@@ -57,17 +92,16 @@ class OpenAIServingCompletion(OpenAIServing):
         if request.best_of is not None and request.best_of != request.n:
             raise invalid_param(f"best_of must equal n ({request.n}) when given, got {request.best_of}", "best_of")
         self.check_logprobs(request.logprobs, "logprobs")
-        if request.echo and request.logprobs is not None:
-            raise invalid_param("echo with logprobs needs prompt logprobs, which this server does not compute yet",
-                                "echo")
         prompts = await self._prompt_token_ids(request)
         params = [
             self.sampling_params(request, self.resolve_max_tokens(len(ids), request.max_tokens, "prompt",
                                                                   "max_tokens"), request.logprobs, {})
             for ids in prompts
         ]
-        echo = [await self._echo_text(request.prompt, i, ids) for i, ids in enumerate(prompts)] \
-            if request.echo else None
+        echo = [await self._echo(request.prompt, i, ids) for i, ids in enumerate(prompts)] if request.echo else None
+        if echo is not None and request.logprobs is not None:
+            for p in params:  # the echoed prompt's tokens get logprobs too
+                p.prompt_logprobs = request.logprobs
         request_id = random_id("cmpl")
         stream = await self.add(request_id, prompts, params, arrival, {}, "prompt")
         if request.stream:
@@ -78,8 +112,8 @@ class OpenAIServingCompletion(OpenAIServing):
         choices = []
         for i, output in enumerate(outputs):
             for completion in output.outputs:
-                choices.append(self._choice(i * request.n + completion.index, completion,
-                                            echo[i] if echo else ""))
+                choices.append(self._choice(i * request.n + completion.index, completion, output,
+                                            echo[i] if echo else None))
         return json_response(CompletionResponse(id=request_id, model=model, choices=choices,
                                                 usage=usage_of(outputs)))
 
@@ -104,23 +138,30 @@ class OpenAIServingCompletion(OpenAIServing):
             prompts.append(ids)
         return prompts
 
-    async def _echo_text(self, prompt: object, index: int, token_ids: list[int]) -> str:
+    async def _echo(self, prompt: object, index: int, token_ids: list[int]) -> Echo:
+        has_tokenizer = self.tokenizer.tokenizer is not None
+        first = await self.tokenizer.decode(token_ids[:1]) if has_tokenizer else ""
         if isinstance(prompt, str):
-            return prompt
+            return Echo(prompt, token_ids, first)
         if isinstance(prompt, list) and prompt and isinstance(prompt[index], str):
-            return prompt[index]
-        return await self.tokenizer.decode(token_ids) if self.tokenizer.tokenizer is not None else ""
+            return Echo(prompt[index], token_ids, first)
+        return Echo(await self.tokenizer.decode(token_ids) if has_tokenizer else "", token_ids, first)
 
     @staticmethod
-    def _choice(index: int, completion: CompletionOutput, echo: str) -> CompletionChoice:
+    def _choice(index: int, completion: CompletionOutput, output: RequestOutput, echo: Echo | None
+                ) -> CompletionChoice:
+        prefix = echo.text if echo is not None else ""
         logprobs = None
         if completion.logprobs is not None:
-            logprobs = completion_logprobs(completion.token_ids, completion.logprobs, len(echo))
-        return CompletionChoice(index=index, text=echo + completion.text, logprobs=logprobs,
+            logprobs = completion_logprobs(completion.token_ids, completion.logprobs, len(prefix))
+            prompt = echo.prompt_logprobs(output) if echo is not None else None
+            if prompt is not None:
+                logprobs = joined(prompt, logprobs)
+        return CompletionChoice(index=index, text=prefix + completion.text, logprobs=logprobs,
                                 finish_reason=completion.finish_reason, stop_reason=completion.stop_reason)
 
     async def _chunks(self, stream: OutputStream, request_id: str, model: str, n: int, stop: list[str] | None,
-                      echo: list[str] | None, include_usage: bool) -> AsyncIterator[str]:
+                      echo: list[Echo] | None, include_usage: bool) -> AsyncIterator[str]:
         created = int(time.time())
         prompt_index = {rid: i for i, rid in enumerate(stream.request_ids)}
         trackers: dict[tuple[int, int], DeltaTracker] = {}
@@ -138,11 +179,16 @@ class OpenAIServingCompletion(OpenAIServing):
                     if delta is None:
                         continue
                     offset = sent_chars.get(key)
-                    text = delta.text if offset is not None or echo is None else echo[i] + delta.text
+                    first_chunk = offset is None and echo is not None
+                    prefix = echo[i].text if first_chunk and echo is not None else ""
                     offset = offset or 0
+                    text = prefix + delta.text
                     logprobs = None
                     if delta.logprobs is not None:
-                        logprobs = completion_logprobs(delta.token_ids, delta.logprobs, offset)
+                        logprobs = completion_logprobs(delta.token_ids, delta.logprobs, offset + len(prefix))
+                        prompt = echo[i].prompt_logprobs(output) if first_chunk and echo is not None else None
+                        if prompt is not None:
+                            logprobs = joined(prompt, logprobs)
                     sent_chars[key] = offset + len(text)
                     choice = CompletionChoice(index=i * n + completion.index, text=text, logprobs=logprobs,
                                               finish_reason=delta.finish_reason, stop_reason=delta.stop_reason)

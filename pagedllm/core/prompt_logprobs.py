@@ -1,0 +1,94 @@
+"""Prompt logprobs (``SamplingParams.prompt_logprobs``): which rows of a step give them, and their values.
+
+Position ``p`` of a prompt predicts prompt token ``p + 1``, so a step running positions ``start ..`` of a
+request that asks for them wants the logits of those rows too, not only of the row it samples. The model
+runner computes the LM head over both kinds of rows at once (:func:`prompt_logprob_rows` says which), then
+:func:`compute_prompt_logprobs` turns the extra rows into the prompt tokens' logprobs, their ranks and the
+top alternatives, on the device. The engine reads them back with the step's sampled tokens and the output
+processor files them in ``Request.prompt_logprobs``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+LOG_SOFTMAX_ROWS = 1024
+"""Rows of logits turned into log-probabilities at a time (float32 copies of ``[rows, vocab]``)."""
+
+
+@dataclass(slots=True)
+class PromptLogprobRows:
+    """The rows of one step whose logits give prompt logprobs: one span per request, host arrays.
+
+    Span ``i`` is request ``request_ids[i]``'s positions ``starts[i] ..`` (``counts[i]`` of them), at flat-batch
+    rows ``rows[offsets[i] : offsets[i + 1]]``, predicting the prompt tokens ``targets`` at the same offsets.
+    ``num_top``: the most alternatives any of them asked for.
+    """
+
+    request_ids: list[str]
+    starts: list[int]
+    counts: np.ndarray  # [num_spans] int64
+    rows: np.ndarray  # [num_rows] int64
+    targets: np.ndarray  # [num_rows] int64
+    num_top: int
+
+
+@dataclass(slots=True)
+class PromptLogprobs:
+    """The prompt logprobs of one step's :class:`PromptLogprobRows` (tensors on the device until :meth:`to_host`).
+
+    ``target_logprobs: [num_rows]`` float32, the log-probability of each prompt token; ``ranks: [num_rows]``
+    int64 (1 = most likely); ``top_ids``/``top_logprobs``: ``[num_rows, num_top]`` (None when ``num_top`` is 0).
+    """
+
+    spans: PromptLogprobRows
+    target_logprobs: torch.Tensor
+    ranks: torch.Tensor
+    top_ids: torch.Tensor | None
+    top_logprobs: torch.Tensor | None
+
+    def to_host(self) -> PromptLogprobs:
+        """The same on the host (waits for the device's work up to them)."""
+        def host(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.cpu()
+
+        return PromptLogprobs(self.spans, self.target_logprobs.cpu(), self.ranks.cpu(), host(self.top_ids),
+                              host(self.top_logprobs))
+
+
+def prompt_logprob_rows(request_ids: Sequence[str], first_rows: Sequence[int], spans: Sequence[tuple[int, int]],
+                        starts: Sequence[int], targets: Sequence[Sequence[int]], num_top: Sequence[int]
+                        ) -> PromptLogprobRows | None:
+    """Build the step's :class:`PromptLogprobRows`, or None when no request asks.
+
+    Called by the model runner while it prepares a step. Per request asking: its id, the flat-batch row of
+    its first token in the step, its span ``(a, b)`` of positions, the position of its first token, the prompt
+    tokens at ``a + 1 .. b`` and how many alternatives it wants.
+    """
+    if not request_ids:
+        return None
+    counts = np.fromiter((b - a for a, b in spans), dtype=np.int64, count=len(spans))
+    rows = np.concatenate([np.arange(a - s, b - s, dtype=np.int64) + r
+                           for r, (a, b), s in zip(first_rows, spans, starts, strict=True)])
+    flat_targets = np.fromiter((t for ts in targets for t in ts), dtype=np.int64, count=int(counts.sum()))
+    return PromptLogprobRows(list(request_ids), [a for a, _ in spans], counts, rows, flat_targets, max(num_top))
+
+
+@torch.inference_mode()
+def compute_prompt_logprobs(logits: torch.Tensor, spans: PromptLogprobRows) -> PromptLogprobs:
+    """The prompt logprobs of ``spans`` from their logits ``[num_rows, vocab]`` (in ``spans.rows`` order), in
+    float32, :data:`LOG_SOFTMAX_ROWS` rows at a time. Called by the model runner after the LM head."""
+    targets = torch.from_numpy(spans.targets).to(logits.device, non_blocking=True)
+    parts: list[tuple[torch.Tensor, ...]] = []
+    for lo in range(0, logits.shape[0], LOG_SOFTMAX_ROWS):
+        lp = torch.log_softmax(logits[lo : lo + LOG_SOFTMAX_ROWS].float(), dim=-1)
+        target_lp = lp.gather(1, targets[lo : lo + LOG_SOFTMAX_ROWS, None]).squeeze(1)
+        ranks = (lp > target_lp[:, None]).sum(-1) + 1
+        top = lp.topk(spans.num_top, dim=-1) if spans.num_top else None
+        parts.append((target_lp, ranks) + ((top.indices, top.values) if top is not None else ()))
+    columns = [torch.cat(column) for column in zip(*parts, strict=True)]
+    return PromptLogprobs(spans, columns[0], columns[1], *(columns[2:] if spans.num_top else (None, None)))
