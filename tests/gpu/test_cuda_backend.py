@@ -475,6 +475,36 @@ def test_sampling_controls_equal_cpu_fp32(tiny_checkpoints: dict[str, Path], enf
     assert_same_tokens(got, expected)
 
 
+@pytest.mark.parametrize("enforce_eager", [True, False], ids=["eager", "graphs"])
+def test_prompt_logprobs_equal_cpu_fp32(tiny_checkpoints: dict[str, Path], enforce_eager: bool) -> None:
+    """Prompt logprobs over 64-token chunks (the last layer computing the sampled and the prompt rows), beside
+    requests that ask for none, with asynchronous scheduling: equal to the cpu backend's within float32
+    rounding, the ranks and top-2 tokens alike away from near-ties."""
+    from pagedllm import SamplingParams
+
+    def params() -> list:
+        asks = SamplingParams(temperature=0.0, max_tokens=4, prompt_logprobs=2)
+        return [asks if i % 2 else SamplingParams(temperature=0.0, max_tokens=4) for i in range(7)]
+
+    _, cpu = _generate(tiny_checkpoints["llama"], "cpu", "float32", params())
+    _, gpu = _generate(tiny_checkpoints["llama"], "cuda", "float32", params(), enforce_eager=enforce_eager)
+    prompts = _prompts(cpu.get_tokenizer())
+    want = cpu.generate(prompts, params(), use_tqdm=False)
+    got = gpu.generate(prompts, params(), use_tqdm=False)
+    for i, (ours, ref) in enumerate(zip(got, want, strict=True)):
+        if i % 2 == 0:
+            assert ours.prompt_logprobs is None and ref.prompt_logprobs is None
+            continue
+        assert len(ours.prompt_logprobs) == len(ref.prompt_logprobs) == len(ref.prompt_token_ids)
+        for position in range(1, len(ref.prompt_token_ids)):
+            token = ref.prompt_token_ids[position]
+            a, b = ours.prompt_logprobs[position], ref.prompt_logprobs[position]
+            assert a[token].logprob == pytest.approx(b[token].logprob, abs=1e-4)
+            assert abs(a[token].rank - b[token].rank) <= 1
+            top_a, top_b = ([lp.logprob for lp in e.values() if lp.rank <= 2] for e in (a, b))
+            assert sorted(top_a) == pytest.approx(sorted(top_b), abs=1e-4)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_last_layer_of_sampled_rows_only(tiny_checkpoints: dict[str, Path], arch: str, dtype: torch.dtype) -> None:
