@@ -253,6 +253,23 @@ def test_echo_with_logprobs_scores_the_prompt(client, offline: LLM) -> None:
     assert first.token_logprobs == lp.token_logprobs and first.text_offset == lp.text_offset
 
 
+def test_prompt_logprobs_extra_equals_offline(client, offline: LLM) -> None:
+    want = offline.generate(PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=2, prompt_logprobs=2),
+                            use_tqdm=False)[0]
+    expected = [None] + [{str(t): {"logprob": pytest.approx(lp.logprob), "rank": lp.rank,
+                                   "decoded_token": lp.decoded_token} for t, lp in entry.items()}
+                         for entry in want.prompt_logprobs[1:]]
+    got = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=2, temperature=0.0,
+                                    extra_body={"prompt_logprobs": 2}).model_dump()
+    assert got["choices"][0]["prompt_logprobs"] == expected
+    plain = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=2).model_dump()
+    assert plain["choices"][0].get("prompt_logprobs") is None
+    chat = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2,
+                                          extra_body={"prompt_logprobs": 0}).model_dump()
+    assert chat["prompt_logprobs"][0] is None and len(chat["prompt_logprobs"]) == chat["usage"]["prompt_tokens"]
+    assert all(len(entry) == 1 for entry in chat["prompt_logprobs"][1:])  # the token itself, no alternatives
+
+
 def test_tokenize_detokenize(server: ServerProcess, client, offline: LLM) -> None:
     tokenizer = offline.get_tokenizer()
     answer = httpx.post(server.url + "/tokenize", json={"model": MODEL, "prompt": PROMPTS[0]}).json()

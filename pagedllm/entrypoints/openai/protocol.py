@@ -88,6 +88,7 @@ class SamplingRequest(OpenAIBaseModel):
     skip_special_tokens: bool = True
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
+    prompt_logprobs: int | None = None
 
 
 # ---------------------------------------------------------------------------------------------- usage
@@ -124,6 +125,18 @@ class CompletionLogProbs(ResponseModel):
     top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
 
 
+class PromptLogprob(ResponseModel):
+    """One token's entry in ``prompt_logprobs`` (vLLM's extra): its logprob, rank and text."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+PromptLogprobList = list[dict[str, PromptLogprob] | None]
+"""Per prompt token: ``{token id: PromptLogprob}`` for it and the top alternatives (null for the first)."""
+
+
 class CompletionChoice(ResponseModel):
     """One completion (``index`` counts across prompts: prompt ``i``, sample ``j`` is ``i * n + j``)."""
 
@@ -132,6 +145,7 @@ class CompletionChoice(ResponseModel):
     logprobs: CompletionLogProbs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: PromptLogprobList | None = None
 
 
 class CompletionResponse(ResponseModel):
@@ -237,6 +251,7 @@ class ChatCompletionResponse(ResponseModel):
     choices: list[ChatCompletionChoice]
     usage: UsageInfo
     system_fingerprint: str | None = None
+    prompt_logprobs: PromptLogprobList | None = None
 
 
 class DeltaMessage(ResponseModel):

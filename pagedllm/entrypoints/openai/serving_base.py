@@ -16,7 +16,7 @@ from pagedllm.core.outputs import RequestOutput
 from pagedllm.core.sampling_params import RequestOutputKind, SamplingParams
 from pagedllm.entrypoints.async_engine import AsyncLLMEngine, EngineDeadError, GenerationRequest, OutputStream
 from pagedllm.entrypoints.openai.errors import ClientDisconnected, OpenAIError, from_value_error, invalid_param
-from pagedllm.entrypoints.openai.protocol import SamplingRequest, UsageInfo
+from pagedllm.entrypoints.openai.protocol import PromptLogprob, PromptLogprobList, SamplingRequest, UsageInfo
 from pagedllm.entrypoints.openai.serving_models import OpenAIServingModels
 from pagedllm.entrypoints.openai.streaming import SSE_DONE, ClosingStreamingResponse, sse_event
 from pagedllm.entrypoints.openai.tokenization import AsyncTokenizer
@@ -89,6 +89,14 @@ class OpenAIServing:
         if bad:
             raise invalid_param(f"stop_token_ids must be in [0, {self.vocab_size}), got {bad}", "stop_token_ids")
 
+    def prompt_logprobs_of(self, output: RequestOutput) -> PromptLogprobList | None:
+        """``output``'s prompt logprobs in the response's form (vLLM's ``prompt_logprobs`` extra), or None."""
+        if output.prompt_logprobs is None:
+            return None
+        return [None if entry is None else
+                {str(t): PromptLogprob(logprob=finite_logprob(lp.logprob), rank=lp.rank, decoded_token=lp.decoded_token)
+                 for t, lp in entry.items()} for entry in output.prompt_logprobs]
+
     def check_logprobs(self, value: int | None, param: str) -> None:
         """Reject a logprobs count outside ``[0, max_logprobs]``."""
         if value is not None and not 0 <= value <= self.max_logprobs:
@@ -143,6 +151,9 @@ class OpenAIServing:
             return default if value is None else value
 
         logit_bias = None
+        self.check_logprobs(request.prompt_logprobs, "prompt_logprobs")
+        if request.prompt_logprobs is not None and request.stream:
+            raise invalid_param("prompt_logprobs are returned only by non-streamed requests", "prompt_logprobs")
         if request.logit_bias:
             logit_bias = {}
             for token, bias in request.logit_bias.items():
@@ -165,6 +176,7 @@ class OpenAIServing:
                 max_tokens=max_tokens, min_tokens=request.min_tokens, logprobs=logprobs,
                 skip_special_tokens=request.skip_special_tokens, logit_bias=logit_bias,
                 allowed_token_ids=request.allowed_token_ids, bad_words=request.bad_words,
+                prompt_logprobs=request.prompt_logprobs,
                 # a non-streamed response needs only the final output: no per-token snapshots
                 output_kind=RequestOutputKind.CUMULATIVE if request.stream else RequestOutputKind.FINAL_ONLY,
             )

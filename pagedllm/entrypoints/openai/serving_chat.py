@@ -89,7 +89,8 @@ class OpenAIServingChat(OpenAIServing):
             for c in output.outputs
         ]
         return json_response(ChatCompletionResponse(id=request_id, model=model, choices=choices,
-                                                    usage=usage_of([output])))
+                                                    usage=usage_of([output]),
+                                                    prompt_logprobs=self.prompt_logprobs_of(output)))
 
     async def _chunks(self, stream: OutputStream, request_id: str, model: str, n: int, stop: list[str] | None,
                       num_logprobs: int | None, include_usage: bool) -> AsyncIterator[str]:

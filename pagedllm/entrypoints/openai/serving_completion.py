@@ -100,6 +100,9 @@ class OpenAIServingCompletion(OpenAIServing):
         ]
         echo = [await self._echo(request.prompt, i, ids) for i, ids in enumerate(prompts)] if request.echo else None
         if echo is not None and request.logprobs is not None:
+            if request.prompt_logprobs is not None and request.prompt_logprobs != request.logprobs:
+                raise invalid_param("with echo and logprobs, prompt_logprobs must be left out or equal logprobs "
+                                    "(the echoed prompt tokens get logprobs' alternatives)", "prompt_logprobs")
             for p in params:  # the echoed prompt's tokens get logprobs too
                 p.prompt_logprobs = request.logprobs
         request_id = random_id("cmpl")
@@ -111,9 +114,11 @@ class OpenAIServingCompletion(OpenAIServing):
         outputs = await self.collect(stream, raw_request)
         choices = []
         for i, output in enumerate(outputs):
+            prompt_logprobs = self.prompt_logprobs_of(output) if request.prompt_logprobs is not None else None
             for completion in output.outputs:
-                choices.append(self._choice(i * request.n + completion.index, completion, output,
-                                            echo[i] if echo else None))
+                choice = self._choice(i * request.n + completion.index, completion, output, echo[i] if echo else None)
+                choice.prompt_logprobs = prompt_logprobs
+                choices.append(choice)
         return json_response(CompletionResponse(id=request_id, model=model, choices=choices,
                                                 usage=usage_of(outputs)))
 
