@@ -175,18 +175,23 @@ class ModelRunner:
         host.logits_indices = union[order]
         host.prompt_rows, host.sample_select, host.prompt_select = prompt, where[:num_sampled], where[num_sampled:]
 
-    def _output(self, host: HostBatch, logits: torch.Tensor) -> ModelRunnerOutput:
-        """The step's :class:`ModelRunnerOutput` from the logits of ``host.logits_indices``: the sampled rows',
-        and the prompt logprobs of the other rows when some request asked."""
+    def _output(self, host: HostBatch, rows: torch.Tensor, are_logits: bool) -> ModelRunnerOutput:
+        """The step's :class:`ModelRunnerOutput` from ``rows``, the logits (``are_logits``) or final hidden
+        states of ``host.logits_indices``: the sampled rows' logits, and the prompt logprobs of the other rows
+        when some request asked (from hidden states, the LM head runs over those a slice at a time)."""
+        def logits_of(x: torch.Tensor) -> torch.Tensor:
+            return x if are_logits else self.model.compute_logits(x)
+
         if host.prompt_rows is None:
-            return ModelRunnerOutput(host.sampled_request_ids, logits)
+            return ModelRunnerOutput(host.sampled_request_ids, logits_of(rows))
         assert host.sample_select is not None and host.prompt_select is not None
 
         def pick(select: np.ndarray) -> torch.Tensor:
-            return logits[torch.from_numpy(select).to(logits.device, non_blocking=True)]
+            return rows[torch.from_numpy(select).to(rows.device, non_blocking=True)]
 
-        return ModelRunnerOutput(host.sampled_request_ids, pick(host.sample_select),
-                                 compute_prompt_logprobs(pick(host.prompt_select), host.prompt_rows))
+        prompt_rows = pick(host.prompt_select)
+        prompt = compute_prompt_logprobs(lambda lo, hi: logits_of(prompt_rows[lo:hi]), host.prompt_rows)
+        return ModelRunnerOutput(host.sampled_request_ids, logits_of(pick(host.sample_select)), prompt)
 
     def _pad_to_bucket(self, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
         """Pad token arrays to the smallest bucket that holds them: ids and positions 0, slots -1."""
@@ -256,14 +261,18 @@ class ModelRunner:
         )
 
     def compute_logits(self, model_input: ModelInput) -> torch.Tensor:
-        """Run the model over a prepared batch; returns the logits ``[num_sampled, vocab_size]`` of its
-        sampled rows (the last layer computes only those where :attr:`computes_sampled_rows_only`)."""
+        """Run the model over a prepared batch; returns the logits ``[num_logits, vocab_size]`` of its rows
+        ``logits_indices`` (:meth:`final_hidden_states`, then the LM head)."""
+        return self.model.compute_logits(self.final_hidden_states(model_input))
+
+    def final_hidden_states(self, model_input: ModelInput) -> torch.Tensor:
+        """Run the model over a prepared batch; returns the final hidden states ``[num_logits, hidden]`` of its
+        rows ``logits_indices`` (the last layer computes only those where :attr:`computes_sampled_rows_only`)."""
         if model_input.sampled is not None:
-            hidden = self.model(model_input.input_ids, model_input.positions, model_input.metadata,
-                                sampled=model_input.sampled)
-            return self.model.compute_logits(hidden)
+            return self.model(model_input.input_ids, model_input.positions, model_input.metadata,
+                              sampled=model_input.sampled)
         hidden = self.model(model_input.input_ids, model_input.positions, model_input.metadata)
-        return self.model.compute_logits(hidden[model_input.logits_indices])
+        return hidden[model_input.logits_indices]
 
     def capture_decode_graphs(self, max_num_seqs: int, with_logits: bool = True) -> None:
         """Record decode graphs for batch sizes up to ``max_num_seqs`` (backends that can capture only);
@@ -292,10 +301,10 @@ class ModelRunner:
                                 self.pending_token_ids(host, sampled_token_ids))
             if len(host.logits_indices) != len(scheduled):  # a one-token prompt chunk that does not sample
                 logits = logits[torch.from_numpy(host.logits_indices).to(self.device, non_blocking=True)]
-            return self._output(host, logits)
+            return self._output(host, logits, are_logits=True)
         model_input = self.prepare(scheduled, sampled_token_ids)
         assert model_input.host is not None
-        return self._output(model_input.host, self.compute_logits(model_input))
+        return self._output(model_input.host, self.final_hidden_states(model_input), are_logits=False)
 
     @staticmethod
     def warm_up_sizes(max_num_seqs: int) -> list[int]:

@@ -1,16 +1,16 @@
 """Prompt logprobs (``SamplingParams.prompt_logprobs``): which rows of a step give them, and their values.
 
 Position ``p`` of a prompt predicts prompt token ``p + 1``, so a step running positions ``start ..`` of a
-request that asks for them wants the logits of those rows too, not only of the row it samples. The model
-runner computes the LM head over both kinds of rows at once (:func:`prompt_logprob_rows` says which), then
-:func:`compute_prompt_logprobs` turns the extra rows into the prompt tokens' logprobs, their ranks and the
-top alternatives, on the device. The engine reads them back with the step's sampled tokens and the output
+request that asks for them wants the final hidden states of those rows too, not only of the row it samples
+(:func:`prompt_logprob_rows` says which); :func:`compute_prompt_logprobs` runs the LM head over them a slice
+at a time and turns them into the prompt tokens' logprobs, their ranks and the top alternatives, on the
+device. The engine reads them back with the step's sampled tokens and the output
 processor files them in ``Request.prompt_logprobs``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,14 +79,19 @@ def prompt_logprob_rows(request_ids: Sequence[str], first_rows: Sequence[int], s
 
 
 @torch.inference_mode()
-def compute_prompt_logprobs(logits: torch.Tensor, spans: PromptLogprobRows) -> PromptLogprobs:
-    """The prompt logprobs of ``spans`` from their logits ``[num_rows, vocab]`` (in ``spans.rows`` order), in
-    float32, :data:`LOG_SOFTMAX_ROWS` rows at a time. Called by the model runner after the LM head."""
-    targets = torch.from_numpy(spans.targets).to(logits.device, non_blocking=True)
+def compute_prompt_logprobs(logits_of: Callable[[int, int], torch.Tensor], spans: PromptLogprobRows
+                            ) -> PromptLogprobs:
+    """The prompt logprobs of ``spans``. ``logits_of(lo, hi)`` returns the logits ``[hi - lo, vocab]`` of its rows
+    ``lo .. hi - 1`` (in ``spans.rows`` order): the LM head runs :data:`LOG_SOFTMAX_ROWS` rows at a time, so a
+    long prompt chunk never holds all its rows' logits at once. Float32 log-softmax. Called by the model runner
+    after the model's forward."""
+    num_rows = len(spans.rows)
+    targets = torch.from_numpy(spans.targets)
     parts: list[tuple[torch.Tensor, ...]] = []
-    for lo in range(0, logits.shape[0], LOG_SOFTMAX_ROWS):
-        lp = torch.log_softmax(logits[lo : lo + LOG_SOFTMAX_ROWS].float(), dim=-1)
-        target_lp = lp.gather(1, targets[lo : lo + LOG_SOFTMAX_ROWS, None]).squeeze(1)
+    for lo in range(0, num_rows, LOG_SOFTMAX_ROWS):
+        hi = min(lo + LOG_SOFTMAX_ROWS, num_rows)
+        lp = torch.log_softmax(logits_of(lo, hi).float(), dim=-1)
+        target_lp = lp.gather(1, targets[lo:hi, None].to(lp.device, non_blocking=True)).squeeze(1)
         ranks = (lp > target_lp[:, None]).sum(-1) + 1
         top = lp.topk(spans.num_top, dim=-1) if spans.num_top else None
         parts.append((target_lp, ranks) + ((top.indices, top.values) if top is not None else ()))

@@ -48,3 +48,36 @@ def test_one_token_prompt_chunks_in_decode_graphs_give_the_eager_prompt_logprobs
         for token, lp in ours.items():
             assert lp.logprob == pytest.approx(ref[token].logprob, abs=1e-5) and lp.rank == ref[token].rank
     assert_pool_free(llm)
+
+
+def _prompt_logprobs(llm: LLM, prompts: list[list[int]]) -> list[list[dict[int, tuple[float, int | None]]]]:
+    params = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=3)
+    return [[{t: (lp.logprob, lp.rank) for t, lp in entry.items()} for entry in out.prompt_logprobs[1:]]
+            for out in llm.generate(prompts, params, use_tqdm=False)]
+
+
+def assert_close(got: list, expected: list, atol: float) -> None:
+    for ours, ref in zip(got, expected, strict=True):
+        for a, b in zip(ours, ref, strict=True):
+            assert a.keys() == b.keys()
+            for token, (logprob, rank) in a.items():
+                assert logprob == pytest.approx(b[token][0], abs=atol) and rank == b[token][1]
+
+
+def test_lm_head_in_slices_and_tensor_parallel_give_the_same_prompt_logprobs(
+        llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The LM head over prompt rows a few rows at a time (as a long chunk runs it), and under tp=2 (its
+    vocabulary all-gathered per slice on every rank): the same logprobs as in one slice on one device."""
+    import pagedllm.core.prompt_logprobs as prompt_logprobs
+
+    prompts = [list(range(30, 70)), [3, 4, 5, 6, 7, 8, 9]]
+    kwargs = dict(device="cpu", dtype="float32", block_size=4, kv_cache_memory_bytes=1 << 22)
+    expected = _prompt_logprobs(LLM(str(llama_dir), **kwargs), prompts)
+    monkeypatch.setattr(prompt_logprobs, "LOG_SOFTMAX_ROWS", 3)
+    assert_close(_prompt_logprobs(LLM(str(llama_dir), **kwargs), prompts), expected, 1e-5)  # GEMMs of other sizes
+    monkeypatch.undo()
+    tp = LLM(str(llama_dir), **kwargs, tensor_parallel_size=2)
+    try:
+        assert_close(_prompt_logprobs(tp, prompts), expected, 1e-4)  # tp=2 sums in another order
+    finally:
+        tp.llm_engine.shutdown()
