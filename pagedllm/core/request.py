@@ -23,15 +23,6 @@ class RequestStatus(enum.Enum):
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
 
-    def prompt_logprob_span(self, start: int, num_new: int) -> tuple[int, int] | None:
-        """The positions ``[a, b)`` of a step running tokens ``start .. start + num_new`` whose logits give a
-        prompt logprob still missing (position ``p`` predicts prompt token ``p + 1``), or None."""
-        if self.prompt_logprobs is None:
-            return None
-        a = max(start, len(self.prompt_logprobs) - 1)
-        b = min(start + num_new, self.num_prompt_tokens - 1)
-        return (a, b) if a < b else None
-
     @property
     def is_finished(self) -> bool:
         """True for the FINISHED_* states."""
