@@ -340,7 +340,7 @@ class LLMEngine:
         logprobs it computed first (a prompt chunk that samples nothing has them too)."""
         prompt = step.runner_output.prompt_logprobs
         if prompt is not None:
-            self.output_processor.add_prompt_logprobs(prompt.to_host(), self.scheduler.requests)
+            self.output_processor.add_prompt_logprobs(prompt.wait(), self.scheduler.requests)
         sampled = step.sampled
         if sampled is None:
             return []

@@ -67,7 +67,7 @@ class ModelInput:
 @dataclass(slots=True)
 class ModelRunnerOutput:
     """Logits of the requests that sample this step: ``logits[i]`` belongs to ``request_ids[i]``; the prompt
-    logprobs the step computed, if any request asked (still on the device)."""
+    logprobs the step computed, if any request asked (their copy to the host under way: ``wait()`` first)."""
 
     request_ids: list[str]
     logits: torch.Tensor  # [num_sampled, vocab_size]
@@ -191,7 +191,7 @@ class ModelRunner:
 
         prompt_rows = pick(host.prompt_select)
         prompt = compute_prompt_logprobs(lambda lo, hi: logits_of(prompt_rows[lo:hi]), host.prompt_rows)
-        return ModelRunnerOutput(host.sampled_request_ids, logits_of(pick(host.sample_select)), prompt)
+        return ModelRunnerOutput(host.sampled_request_ids, logits_of(pick(host.sample_select)), prompt.start_copy())
 
     def _pad_to_bucket(self, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
         """Pad token arrays to the smallest bucket that holds them: ids and positions 0, slots -1."""

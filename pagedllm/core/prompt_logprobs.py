@@ -39,7 +39,7 @@ class PromptLogprobRows:
 
 @dataclass(slots=True)
 class PromptLogprobs:
-    """The prompt logprobs of one step's :class:`PromptLogprobRows` (tensors on the device until :meth:`to_host`).
+    """The prompt logprobs of one step's :class:`PromptLogprobRows` (on the device, or their host copy being made).
 
     ``target_logprobs: [num_rows]`` float32, the log-probability of each prompt token; ``ranks: [num_rows]``
     int64 (1 = most likely); ``top_ids``/``top_logprobs``: ``[num_rows, num_top]`` (None when ``num_top`` is 0).
@@ -50,14 +50,29 @@ class PromptLogprobs:
     ranks: torch.Tensor
     top_ids: torch.Tensor | None
     top_logprobs: torch.Tensor | None
+    _copied: torch.Event | None = None  # recorded after the copies :meth:`start_copy` queued
 
-    def to_host(self) -> PromptLogprobs:
-        """The same on the host (waits for the device's work up to them)."""
+    def start_copy(self) -> PromptLogprobs:
+        """Queue the copies to the host and mark their end, without waiting (called right after the values are
+        computed, so reading them back never waits for steps launched later); returns the host copy, to be
+        read after :meth:`wait`."""
         def host(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.cpu()
+            return None if t is None else t.to("cpu", non_blocking=True)  # into pinned memory on an accelerator
 
-        return PromptLogprobs(self.spans, self.target_logprobs.cpu(), self.ranks.cpu(), host(self.top_ids),
-                              host(self.top_logprobs))
+        device = self.target_logprobs.device
+        copy = PromptLogprobs(self.spans, host(self.target_logprobs), host(self.ranks),  # type: ignore[arg-type]
+                              host(self.top_ids), host(self.top_logprobs))
+        if device.type != "cpu":
+            copy._copied = torch.Event(device=device)
+            copy._copied.record()
+        return copy
+
+    def wait(self) -> PromptLogprobs:
+        """Wait for the copies of :meth:`start_copy` (nothing to wait for on the CPU); returns self."""
+        if self._copied is not None:
+            self._copied.synchronize()
+            self._copied = None
+        return self
 
 
 def prompt_logprob_rows(request_ids: Sequence[str], first_rows: Sequence[int], spans: Sequence[tuple[int, int]],

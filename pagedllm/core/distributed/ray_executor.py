@@ -96,7 +96,7 @@ class RayWorkerActor:
         if self.rank != 0:
             return None
         prompt = output.prompt_logprobs
-        return ModelRunnerOutput(output.request_ids, output.logits.cpu(), None if prompt is None else prompt.to_host())
+        return ModelRunnerOutput(output.request_ids, output.logits.cpu(), None if prompt is None else prompt.wait())
 
     def shutdown(self) -> None:
         """Leave the process group."""
