@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from pagedllm.core.inputs import TextPrompt, TokensPrompt
 from pagedllm.core.outputs import CompletionOutput, Logprob, RequestOutput
-from pagedllm.core.sampling_params import SamplingParams
+from pagedllm.core.sampling_params import SamplingParams, StructuredOutputsParams
 from pagedllm.entrypoints.llm import LLM
 from pagedllm.version import __version__
 
-__all__ = ["LLM", "CompletionOutput", "Logprob", "RequestOutput", "SamplingParams", "TextPrompt", "TokensPrompt",
-           "__version__"]
+__all__ = ["LLM", "CompletionOutput", "Logprob", "RequestOutput", "SamplingParams", "StructuredOutputsParams",
+           "TextPrompt", "TokensPrompt", "__version__"]

@@ -29,6 +29,7 @@ from pagedllm.core.request import Request, RequestStatus
 from pagedllm.core.sampler import Sampler, SamplerOutput
 from pagedllm.core.sampling_params import RequestOutputKind, SamplingParams, bad_words_token_ids
 from pagedllm.core.scheduler import Scheduler, SchedulerOutput
+from pagedllm.core.structured_output import StructuredOutputs
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +122,7 @@ class LLMEngine:
         if getattr(self.tokenizer, "eos_token_id", None) is not None:
             eos_ids.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos_ids)  # generation_config's and the tokenizer's
+        self._structured_outputs: StructuredOutputs | None = None
         self.vocab_size = mc.vocab_size  # read once: a transformers 5 config attribute costs ~20 us per read
         self.executor = self._make_executor()
 
@@ -165,6 +167,16 @@ class LLMEngine:
         """Sampling defaults from the model's ``generation_config.json`` (greedy if it says no sampling)."""
         return SamplingParams(**self.model_config.generation_defaults)  # type: ignore[arg-type]
 
+    def structured_outputs(self) -> StructuredOutputs:
+        """The grammar compiler of ``SamplingParams.structured_outputs``, built on first use (raises ValueError
+        without a tokenizer or without xgrammar)."""
+        if self._structured_outputs is None:
+            if self.tokenizer is None:
+                raise ValueError("SamplingParams.structured_outputs needs the model's tokenizer, and this model has "
+                                 "none")
+            self._structured_outputs = StructuredOutputs(self.tokenizer, self.vocab_size)
+        return self._structured_outputs
+
     def tokenize(self, prompt: str) -> list[int]:
         """Token ids of ``prompt`` with the tokenizer's special tokens (e.g. BOS)."""
         if self.tokenizer is None:
@@ -205,6 +217,9 @@ class LLMEngine:
                 raise ValueError("SamplingParams.bad_words needs the model's tokenizer, and this model has none")
             params.bad_words_token_ids = bad_words_token_ids(
                 params.bad_words, lambda text: list(self.tokenizer(text, add_special_tokens=False).input_ids))
+        make_matcher = None
+        if params.structured_outputs is not None:
+            make_matcher = self.structured_outputs().compile(params.structured_outputs)
         for name, asked in (("logprobs", params.logprobs), ("prompt_logprobs", params.prompt_logprobs)):
             if asked is not None and asked > self.config.max_logprobs:
                 raise ValueError(f"SamplingParams.{name} must be <= {self.config.max_logprobs} (max_logprobs), "
@@ -223,7 +238,8 @@ class LLMEngine:
                     child_params.seed = params.seed + index
             child_id = request_id if params.n == 1 else f"{index}_{request_id}"
             children.append(Request(child_id, token_ids, child_params, arrival,
-                                    eos_token_ids=self.eos_token_ids, parent_id=request_id, index=index))
+                                    eos_token_ids=self.eos_token_ids, parent_id=request_id, index=index,
+                                    structured=make_matcher() if make_matcher is not None else None))
         for child in children:
             self.scheduler.check_request(child)
         for child in children:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -12,6 +13,8 @@ from pagedllm.core.outputs import CompletionOutput, Logprob, RequestOutput
 from pagedllm.core.prompt_logprobs import PromptLogprobs
 from pagedllm.core.request import Request, RequestStatus
 from pagedllm.core.sampler import SamplerOutput
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -130,6 +133,13 @@ class OutputProcessor:
         new_text = detok.append(token_id) if params.detokenize else ""
         completion.text = detok.text
         can_stop = request.num_output_tokens >= params.min_tokens
+        if request.structured is not None:
+            if not request.structured.accept(token_id):  # the sampler masked it out: cannot happen unless a bug
+                logger.warning("request %s: token %d breaks its structured output; stopped", request.request_id,
+                               token_id)
+                return self._finish(request, completion, RequestStatus.FINISHED_STOPPED)
+            if request.structured.is_terminated:  # the structure is complete (its end token accepted)
+                return self._finish(request, completion, RequestStatus.FINISHED_STOPPED)
         if can_stop and params.stop_token_ids and token_id in params.stop_token_ids:
             request.stop_reason = token_id
             return self._finish(request, completion, RequestStatus.FINISHED_STOPPED)

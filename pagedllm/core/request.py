@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pagedllm.core.outputs import Logprob, RequestMetrics
 from pagedllm.core.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from pagedllm.core.structured_output import GrammarMatcher
 
 PENDING_TOKEN_ID = -1
 """Stands in a request's tokens for one sampled on the device whose value the host does not know yet
@@ -56,6 +60,8 @@ class Request:
     metrics: RequestMetrics | None = None
     parent_id: str | None = None
     index: int = 0
+    # with SamplingParams.structured_outputs: this completion's place in its grammar (core/structured_output.py)
+    structured: GrammarMatcher | None = None
     # prompt then generated tokens, appended as they are sampled (what the model runs and the cache hashes)
     all_token_ids: list[int] = field(default_factory=list)
     # the last token is PENDING_TOKEN_ID until the step that sampled it is read back

@@ -1,5 +1,5 @@
-"""Sampling on the device: logit biases and allowed tokens, penalties, temperature, top-k/top-p/min-p,
-per-request seeds, logprobs.
+"""Sampling on the device: logit biases, allowed tokens and structured outputs' grammars, penalties,
+temperature, top-k/top-p/min-p, per-request seeds, logprobs.
 
 One call per step over all sampled requests; the only host transfer is the final token ids (and the
 logprobs when asked), never one sync per request.
@@ -13,6 +13,7 @@ import torch
 
 from pagedllm.core.request import Request
 from pagedllm.core.sampling_params import blocked_bad_words
+from pagedllm.core.structured_output import disallowed_by_bitmask
 
 ARGMAX_CHUNKS = 128
 """:func:`row_argmax` cuts a wide row into this many chunks, reduced in parallel."""
@@ -54,6 +55,8 @@ class SamplingBatch:
     blocked_tokens: list[tuple[int, list[int]]]  # (row, token ids) masked out (min_tokens, bad_words)
     logit_biases: list[tuple[int, torch.Tensor, torch.Tensor]]  # (row, token ids [k] int64, biases [k] float32)
     disallowed: list[tuple[int, torch.Tensor]]  # (row, [vocab] bool: True where allowed_token_ids leaves it out)
+    grammar_rows: torch.Tensor | None  # [G] int64: rows whose structured output constrains them
+    grammar_bitmask: torch.Tensor | None  # [G, ceil(vocab / 32)] int32: the tokens their grammars allow next
     generators: list[torch.Generator | None]  # per-row generator of seeded requests
     all_greedy: bool
     max_num_logprobs: int | None
@@ -187,6 +190,13 @@ class Sampler:
                     mask[p.allowed_token_ids] = False
                     self._request_disallowed[r.request_id] = mask.to(device, non_blocking=True)
                 disallowed.append((row, self._request_disallowed[r.request_id]))
+        grammar_rows = grammar_bitmask = None
+        constrained = [row for row, r in enumerate(requests) if r.structured is not None]
+        if constrained:
+            bitmask = torch.full((len(constrained), -(-vocab_size // 32)), -1, dtype=torch.int32)
+            for i, row in enumerate(constrained):
+                requests[row].structured.fill_bitmask(bitmask, i)  # type: ignore[union-attr]
+            grammar_rows, grammar_bitmask = to_device(constrained, torch.int64), bitmask.to(device, non_blocking=True)
         num_logprobs = [p.logprobs for p in params if p.logprobs is not None]
         return SamplingBatch(
             temperature=to_device([1.0 if g else p.temperature for p, g in zip(params, greedy, strict=True)],
@@ -203,6 +213,8 @@ class Sampler:
             blocked_tokens=blocked,
             logit_biases=biases,
             disallowed=disallowed,
+            grammar_rows=grammar_rows,
+            grammar_bitmask=grammar_bitmask,
             generators=generators,
             all_greedy=all(greedy),
             max_num_logprobs=max(num_logprobs) if num_logprobs else None,
@@ -217,18 +229,22 @@ class Sampler:
         """
         out = SamplerOutput(token_ids=[])
         if (batch.all_greedy and batch.max_num_logprobs is None and not batch.blocked_tokens
-                and not batch.logit_biases and not batch.disallowed
+                and not batch.logit_biases and not batch.disallowed and batch.grammar_rows is None
                 and batch.repetition_penalty is None and batch.output_counts is None):
             # Plain greedy: argmax in the logits' own dtype (upcasting changes no value, so no index).
             return self._finish(out, row_argmax(logits), sync)
         logits = logits.float()
         raw_logprobs = torch.log_softmax(logits, dim=-1) if batch.max_num_logprobs is not None else None
-        if batch.logit_biases or batch.disallowed:
+        if batch.logit_biases or batch.disallowed or batch.grammar_rows is not None:
             logits = logits.clone()  # never write into the caller's tensor
             for row, token_ids, values in batch.logit_biases:
                 logits[row].index_add_(0, token_ids, values)
             for row, mask in batch.disallowed:
                 logits[row].masked_fill_(mask, float("-inf"))
+            if batch.grammar_rows is not None and batch.grammar_bitmask is not None:
+                masked = logits.index_select(0, batch.grammar_rows).masked_fill_(
+                    disallowed_by_bitmask(batch.grammar_bitmask, logits.shape[-1]), float("-inf"))
+                logits.index_copy_(0, batch.grammar_rows, masked)
         logits = self._apply_penalties(logits, batch)
         if batch.blocked_tokens:
             logits = logits.clone()  # never write into the caller's tensor

@@ -21,6 +21,48 @@ class RequestOutputKind(enum.Enum):
 
 
 @dataclass(slots=True)
+class StructuredOutputsParams:
+    """Constrain a completion to a structure (vLLM's ``StructuredOutputsParams``): exactly one of ``json`` (a JSON
+    schema, as a dict or its text), ``json_object`` (any JSON object), ``regex``, ``choice`` (one of these strings)
+    or ``grammar`` (an EBNF grammar, GBNF's syntax). ``disable_any_whitespace`` keeps JSON to single spaces
+    between its parts. Compiled with xgrammar when the request is added; an invalid one raises ValueError."""
+
+    json: str | dict | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    disable_any_whitespace: bool = False
+
+    def __post_init__(self) -> None:
+        if self.choice is not None:
+            self.choice = list(self.choice)
+        given = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            raise ValueError(f"SamplingParams.structured_outputs must set exactly one of json, json_object, regex, "
+                             f"choice, grammar; got {given or 'none'}")
+        if self.choice is not None and not (self.choice and all(isinstance(c, str) and c for c in self.choice)):
+            raise ValueError(f"SamplingParams.structured_outputs choice must be non-empty strings, got {self.choice!r}")
+
+    @property
+    def key(self) -> tuple[str, str, bool]:
+        """``(kind, spec, disable_any_whitespace)``: what the grammar is compiled from (a cache key)."""
+        import json
+
+        if self.json is not None:
+            spec = self.json if isinstance(self.json, str) else json.dumps(self.json, sort_keys=True)
+            return "json", spec, self.disable_any_whitespace
+        if self.json_object:
+            return "json_object", "", self.disable_any_whitespace
+        if self.regex is not None:
+            return "regex", self.regex, False
+        if self.choice is not None:
+            return "choice", json.dumps(self.choice), False
+        return "grammar", str(self.grammar), False
+
+
+@dataclass(slots=True)
 class SamplingParams:
     """How to sample the completion(s) of one prompt.
 
@@ -35,7 +77,9 @@ class SamplingParams:
     ``allowed_token_ids`` keeps only those tokens (as vLLM's; the EOS token too only if listed); ``bad_words``
     are never generated (as vLLM's: each word, with and without a leading space, as token sequences; the last
     token of a sequence is blocked where the completion's last tokens are the rest of it). Logprobs stay those
-    of the model's own distribution. Invalid values raise ``ValueError`` naming the field.
+    of the model's own distribution. ``structured_outputs`` (:class:`StructuredOutputsParams`) keeps the completion
+    to a JSON schema, a regular expression, a choice or a grammar. Invalid values raise ``ValueError`` naming
+    the field.
     """
 
     n: int = 1
@@ -61,6 +105,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
+    structured_outputs: StructuredOutputsParams | None = None
     # filled by the engine: the tokenizer's EOS ids and generation_config defaults
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
     # filled by the engine from bad_words: the token sequences to block (:func:`bad_words_token_ids`)

@@ -270,6 +270,32 @@ def test_prompt_logprobs_extra_equals_offline(client, offline: LLM) -> None:
     assert all(len(entry) == 1 for entry in chat["prompt_logprobs"][1:])  # the token itself, no alternatives
 
 
+def test_structured_outputs_through_response_format_and_vllm_extras(client) -> None:
+    pytest.importorskip("xgrammar")
+    import json
+    import re
+
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "size": {"enum": ["S", "M", "L"]}},
+              "required": ["ok", "size"], "additionalProperties": False}
+    answer = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=64, temperature=1.0, seed=1,
+        response_format={"type": "json_schema", "json_schema": {"name": "shirt", "schema": schema, "strict": True}})
+    text = answer.choices[0].message.content
+    assert text.lstrip().startswith("{")  # any whitespace is allowed, so a random model may not finish
+    compact = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=64, temperature=1.0, seed=1,
+                                             extra_body={"structured_outputs": {"json": schema,
+                                                                                "disable_any_whitespace": True}})
+    for content in [text] * (answer.choices[0].finish_reason == "stop") + [compact.choices[0].message.content]:
+        value = json.loads(content)
+        assert isinstance(value["ok"], bool) and value["size"] in ("S", "M", "L") and set(value) == {"ok", "size"}
+    choice = client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=16, temperature=1.0, n=3, seed=2,
+                                       extra_body={"guided_choice": ["cat", "dog", "hot dog"]})
+    assert all(c.text in ("cat", "dog", "hot dog") and c.finish_reason == "stop" for c in choice.choices)
+    streamed = list(client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=16, temperature=1.0,
+                                              stream=True, extra_body={"structured_outputs": {"regex": "[a-f]{4}!"}}))
+    assert re.fullmatch("[a-f]{4}!", "".join(c.choices[0].text for c in streamed if c.choices))
+
+
 def test_tokenize_detokenize(server: ServerProcess, client, offline: LLM) -> None:
     tokenizer = offline.get_tokenizer()
     answer = httpx.post(server.url + "/tokenize", json={"model": MODEL, "prompt": PROMPTS[0]}).json()

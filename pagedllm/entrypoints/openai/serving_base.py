@@ -4,16 +4,18 @@ adding to the engine, and collecting or streaming the outputs."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from typing import Any
 
 from fastapi import Request
 from pydantic import BaseModel
 from starlette.responses import Response
 
 from pagedllm.core.outputs import RequestOutput
-from pagedllm.core.sampling_params import RequestOutputKind, SamplingParams
+from pagedllm.core.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 from pagedllm.entrypoints.async_engine import AsyncLLMEngine, EngineDeadError, GenerationRequest, OutputStream
 from pagedllm.entrypoints.openai.errors import ClientDisconnected, OpenAIError, from_value_error, invalid_param
 from pagedllm.entrypoints.openai.protocol import PromptLogprob, PromptLogprobList, SamplingRequest, UsageInfo
@@ -97,6 +99,42 @@ class OpenAIServing:
                 {str(t): PromptLogprob(logprob=finite_logprob(lp.logprob), rank=lp.rank, decoded_token=lp.decoded_token)
                  for t, lp in entry.items()} for entry in output.prompt_logprobs]
 
+    @staticmethod
+    def structured_outputs_of(request: SamplingRequest) -> tuple[StructuredOutputsParams | None, str]:
+        """The request's structured output and the field that gave it: ``response_format`` (``json_object``,
+        ``json_schema``), vLLM's ``structured_outputs`` object or its older ``guided_json`` / ``guided_regex`` /
+        ``guided_choice`` / ``guided_grammar``. A 400 naming the field when it is malformed or more than one
+        is given."""
+        given: list[tuple[str, dict[str, Any]]] = []
+        fmt = request.response_format
+        if fmt is not None and fmt.type == "json_object":
+            given.append(("response_format", {"json_object": True}))
+        elif fmt is not None and fmt.type == "json_schema":
+            schema = (fmt.json_schema or {}).get("schema")
+            if not isinstance(schema, dict):
+                raise invalid_param("response_format json_schema needs json_schema.schema, a JSON schema object",
+                                    "response_format")
+            given.append(("response_format", {"json": schema}))
+        if request.structured_outputs is not None:
+            given.append(("structured_outputs", dict(request.structured_outputs)))
+        for name, key in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                          ("guided_grammar", "grammar")):
+            if getattr(request, name) is not None:
+                given.append((name, {key: getattr(request, name)}))
+        if not given:
+            return None, "structured_outputs"
+        if len(given) > 1:
+            raise invalid_param(f"give one structured output, got {[name for name, _ in given]}", given[1][0])
+        name, fields = given[0]
+        known = {f.name for f in dataclasses.fields(StructuredOutputsParams)}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise invalid_param(f"{name} has unknown keys {unknown}; known: {sorted(known)}", name)
+        try:
+            return StructuredOutputsParams(**fields), name
+        except ValueError as exc:
+            raise invalid_param(str(exc).replace("SamplingParams.structured_outputs", name), name) from exc
+
     def check_logprobs(self, value: int | None, param: str) -> None:
         """Reject a logprobs count outside ``[0, max_logprobs]``."""
         if value is not None and not 0 <= value <= self.max_logprobs:
@@ -143,7 +181,8 @@ class OpenAIServing:
         return max_tokens
 
     def sampling_params(self, request: SamplingRequest, max_tokens: int, logprobs: int | None,
-                        param_names: Mapping[str, str]) -> SamplingParams:
+                        param_names: Mapping[str, str], structured: StructuredOutputsParams | None = None
+                        ) -> SamplingParams:
         """Build the request's :class:`SamplingParams`; a ValueError becomes a 400 naming the request field."""
         d = self.defaults
 
@@ -176,7 +215,7 @@ class OpenAIServing:
                 max_tokens=max_tokens, min_tokens=request.min_tokens, logprobs=logprobs,
                 skip_special_tokens=request.skip_special_tokens, logit_bias=logit_bias,
                 allowed_token_ids=request.allowed_token_ids, bad_words=request.bad_words,
-                prompt_logprobs=request.prompt_logprobs,
+                prompt_logprobs=request.prompt_logprobs, structured_outputs=structured,
                 # a non-streamed response needs only the final output: no per-token snapshots
                 output_kind=RequestOutputKind.CUMULATIVE if request.stream else RequestOutputKind.FINAL_ONLY,
             )

@@ -51,9 +51,6 @@ class OpenAIServingChat(OpenAIServing):
         arrival = time.monotonic()
         model = self.models.check(request.model)
         self.check_request(request)
-        if request.response_format is not None and request.response_format.type != "text":
-            raise invalid_param(f"response_format type {request.response_format.type!r} is not supported yet; "
-                                f"only 'text' is", "response_format")
         if request.tools:
             raise invalid_param("tools are not supported yet", "tools")
         if request.top_logprobs is not None and not request.logprobs:
@@ -71,8 +68,9 @@ class OpenAIServingChat(OpenAIServing):
         max_tokens_param = "max_tokens" if request.max_completion_tokens is None else "max_completion_tokens"
         requested = request.max_tokens if request.max_completion_tokens is None else request.max_completion_tokens
         max_tokens = self.resolve_max_tokens(len(prompt_ids), requested, "messages", max_tokens_param)
-        names = {"max_tokens": max_tokens_param, "logprobs": "top_logprobs"}
-        params = self.sampling_params(request, max_tokens, num_logprobs, names)
+        structured, structured_param = self.structured_outputs_of(request)
+        names = {"max_tokens": max_tokens_param, "logprobs": "top_logprobs", "structured_outputs": structured_param}
+        params = self.sampling_params(request, max_tokens, num_logprobs, names, structured)
         request_id = random_id("chatcmpl")
         stream = await self.add(request_id, [prompt_ids], [params], arrival, names, "messages")
         if request.stream:

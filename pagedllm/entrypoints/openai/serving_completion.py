@@ -93,9 +93,11 @@ class OpenAIServingCompletion(OpenAIServing):
             raise invalid_param(f"best_of must equal n ({request.n}) when given, got {request.best_of}", "best_of")
         self.check_logprobs(request.logprobs, "logprobs")
         prompts = await self._prompt_token_ids(request)
+        structured, structured_param = self.structured_outputs_of(request)
+        names = {"structured_outputs": structured_param}
         params = [
             self.sampling_params(request, self.resolve_max_tokens(len(ids), request.max_tokens, "prompt",
-                                                                  "max_tokens"), request.logprobs, {})
+                                                                  "max_tokens"), request.logprobs, names, structured)
             for ids in prompts
         ]
         echo = [await self._echo(request.prompt, i, ids) for i, ids in enumerate(prompts)] if request.echo else None
@@ -106,7 +108,7 @@ class OpenAIServingCompletion(OpenAIServing):
             for p in params:  # the echoed prompt's tokens get logprobs too
                 p.prompt_logprobs = request.logprobs
         request_id = random_id("cmpl")
-        stream = await self.add(request_id, prompts, params, arrival, {}, "prompt")
+        stream = await self.add(request_id, prompts, params, arrival, names, "prompt")
         if request.stream:
             include_usage = request.stream_options is not None and request.stream_options.include_usage
             return self.stream_response(stream, lambda: self._chunks(

@@ -1,0 +1,92 @@
+"""Structured outputs (``SamplingParams.structured_outputs``) through xgrammar, as vLLM's default backend.
+
+The engine compiles a request's structure into a grammar once (compiled grammars are cached by their spec)
+and gives each of its completions a matcher. Before a step samples, the sampler asks every such matcher for
+the tokens its grammar allows next (a bitmask) and masks the others out of the logits, on the device; after
+the step, the output processor advances the matcher by the sampled token and finishes the completion once the
+grammar is complete. xgrammar is imported only when a request asks for structure.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from pagedllm.core.sampling_params import StructuredOutputsParams
+
+INSTALL_HINT = "structured outputs need xgrammar: pip install 'pagedllm[structured]' (or pip install xgrammar)"
+
+
+class GrammarMatcher:
+    """One completion's place in its grammar (an ``xgrammar.GrammarMatcher``)."""
+
+    def __init__(self, matcher: Any) -> None:
+        self._matcher = matcher
+
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        """Write the tokens allowed next into row ``row`` of ``bitmask`` (``[rows, ceil(vocab / 32)]`` int32 on
+        the host; bit ``t % 32`` of word ``t // 32`` set for an allowed token ``t``)."""
+        self._matcher.fill_next_token_bitmask(bitmask, row)
+
+    def accept(self, token_id: int) -> bool:
+        """Advance by the sampled ``token_id``; False if the grammar does not allow it."""
+        return bool(self._matcher.accept_token(token_id))
+
+    @property
+    def is_terminated(self) -> bool:
+        """True once the grammar is complete and its end (a stop token) was accepted."""
+        return bool(self._matcher.is_terminated())
+
+
+class StructuredOutputs:
+    """The engine's grammar compiler for one tokenizer: built on the first request that asks for structure."""
+
+    def __init__(self, tokenizer: object, vocab_size: int) -> None:
+        try:
+            import xgrammar
+        except ImportError as exc:
+            raise ValueError(f"SamplingParams.structured_outputs: {INSTALL_HINT}") from exc
+        self._xgr = xgrammar
+        info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
+        self.vocab_size = vocab_size
+        self._compiler = xgrammar.GrammarCompiler(info)
+        self._compiled: dict[tuple[str, str, bool], Any] = {}
+
+    def compile(self, params: StructuredOutputsParams) -> Callable[[], GrammarMatcher]:
+        """Compile ``params`` (cached by its spec); returns a factory of fresh matchers, one per completion.
+        Raises ValueError naming the field for a spec xgrammar rejects."""
+        key = params.key
+        if key not in self._compiled:
+            try:
+                self._compiled[key] = self._compile(*key)
+            except (RuntimeError, ValueError) as exc:
+                raise ValueError(f"SamplingParams.structured_outputs is invalid ({key[0]}): {exc}") from exc
+        grammar = self._compiled[key]
+        return lambda: GrammarMatcher(self._xgr.GrammarMatcher(grammar))
+
+    def _compile(self, kind: str, spec: str, no_whitespace: bool) -> Any:
+        compiler = self._compiler
+        if kind == "json":
+            return compiler.compile_json_schema(spec, any_whitespace=not no_whitespace)
+        if kind == "json_object":
+            return compiler.compile_json_schema('{"type": "object"}', any_whitespace=not no_whitespace)
+        if kind == "regex":
+            return compiler.compile_regex(spec)
+        if kind == "choice":  # one string literal per choice, escaped as JSON escapes them (EBNF's escapes)
+            return compiler.compile_grammar("root ::= " + " | ".join(json.dumps(c) for c in json.loads(spec)))
+        return compiler.compile_grammar(spec)
+
+    def allocate_bitmask(self, rows: int) -> torch.Tensor:
+        """A host bitmask for ``rows`` matchers (:meth:`GrammarMatcher.fill_bitmask`)."""
+        return self._xgr.allocate_token_bitmask(rows, self.vocab_size)
+
+
+def disallowed_by_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """``bitmask: [rows, words]`` int32 (on the logits' device) -> ``[rows, vocab_size]`` bool, True where the
+    token is not allowed. Plain tensor ops, so every backend's device runs it."""
+    shifts = torch.arange(32, device=bitmask.device, dtype=torch.int32)
+    bits = (bitmask.unsqueeze(-1) >> shifts) & 1  # [rows, words, 32]: bit j of word w is token 32 w + j
+    return bits.view(bitmask.shape[0], -1)[:, :vocab_size] == 0
