@@ -174,7 +174,7 @@ class LLMEngine:
             if self.tokenizer is None:
                 raise ValueError("SamplingParams.structured_outputs needs the model's tokenizer, and this model has "
                                  "none")
-            self._structured_outputs = StructuredOutputs(self.tokenizer, self.vocab_size)
+            self._structured_outputs = StructuredOutputs(self.tokenizer, self.vocab_size, sorted(self.eos_token_ids))
         return self._structured_outputs
 
     def tokenize(self, prompt: str) -> list[int]:

@@ -44,13 +44,16 @@ class GrammarMatcher:
 class StructuredOutputs:
     """The engine's grammar compiler for one tokenizer: built on the first request that asks for structure."""
 
-    def __init__(self, tokenizer: object, vocab_size: int) -> None:
+    def __init__(self, tokenizer: object, vocab_size: int, stop_token_ids: list[int] | None = None) -> None:
+        """``stop_token_ids``: the tokens that end a completion (the engine's EOS ids: generation_config's and the
+        tokenizer's), the only ones a complete structure allows next."""
         try:
             import xgrammar
         except ImportError as exc:
             raise ValueError(f"SamplingParams.structured_outputs: {INSTALL_HINT}") from exc
         self._xgr = xgrammar
-        info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
+        info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
+                                                       stop_token_ids=stop_token_ids or None)
         self.vocab_size = vocab_size
         self._compiler = xgrammar.GrammarCompiler(info)
         self._compiled: dict[tuple[str, str, bool], Any] = {}
