@@ -7,6 +7,7 @@ logprobs when asked), never one sync per request.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -176,27 +177,7 @@ class Sampler:
                 g.manual_seed(seed)
                 self._request_generators[r.request_id] = g
             generators.append(self._request_generators[r.request_id])
-        biases, disallowed = [], []
-        for row, r in enumerate(requests):
-            p = r.sampling_params
-            if p.logit_bias:
-                if r.request_id not in self._request_biases:
-                    self._request_biases[r.request_id] = (to_device(list(p.logit_bias), torch.int64),
-                                                          to_device(list(p.logit_bias.values()), torch.float32))
-                biases.append((row, *self._request_biases[r.request_id]))
-            if p.allowed_token_ids is not None:
-                if r.request_id not in self._request_disallowed:
-                    mask = torch.ones(vocab_size, dtype=torch.bool)
-                    mask[p.allowed_token_ids] = False
-                    self._request_disallowed[r.request_id] = mask.to(device, non_blocking=True)
-                disallowed.append((row, self._request_disallowed[r.request_id]))
-        grammar_rows = grammar_bitmask = None
-        constrained = [row for row, r in enumerate(requests) if r.structured is not None]
-        if constrained:
-            bitmask = torch.full((len(constrained), -(-vocab_size // 32)), -1, dtype=torch.int32)
-            for i, row in enumerate(constrained):
-                requests[row].structured.fill_bitmask(bitmask, i)  # type: ignore[union-attr]
-            grammar_rows, grammar_bitmask = to_device(constrained, torch.int64), bitmask.to(device, non_blocking=True)
+        biases, disallowed, grammar_rows, grammar_bitmask = self._constraints(requests, vocab_size, to_device)
         num_logprobs = [p.logprobs for p in params if p.logprobs is not None]
         return SamplingBatch(
             temperature=to_device([1.0 if g else p.temperature for p, g in zip(params, greedy, strict=True)],
@@ -219,6 +200,37 @@ class Sampler:
             all_greedy=all(greedy),
             max_num_logprobs=max(num_logprobs) if num_logprobs else None,
         )
+
+    def _constraints(self, requests: list[Request], vocab_size: int,
+                     to_device: Callable[[list, torch.dtype], torch.Tensor]) -> tuple[
+                         list[tuple[int, torch.Tensor, torch.Tensor]], list[tuple[int, torch.Tensor]],
+                         torch.Tensor | None, torch.Tensor | None]:
+        """The rows' logit biases and allowed-token masks (device tensors built once per request and kept
+        until :meth:`forget`), and the rows a structured output constrains with their grammars' bitmask (filled
+        on the host each step, then copied): :class:`SamplingBatch`'s ``logit_biases``, ``disallowed``,
+        ``grammar_rows`` and ``grammar_bitmask``."""
+        biases, disallowed, constrained = [], [], []
+        for row, r in enumerate(requests):
+            p = r.sampling_params
+            if p.logit_bias:
+                if r.request_id not in self._request_biases:
+                    self._request_biases[r.request_id] = (to_device(list(p.logit_bias), torch.int64),
+                                                          to_device(list(p.logit_bias.values()), torch.float32))
+                biases.append((row, *self._request_biases[r.request_id]))
+            if p.allowed_token_ids is not None:
+                if r.request_id not in self._request_disallowed:
+                    mask = torch.ones(vocab_size, dtype=torch.bool)
+                    mask[p.allowed_token_ids] = False
+                    self._request_disallowed[r.request_id] = mask.to(self.device, non_blocking=True)
+                disallowed.append((row, self._request_disallowed[r.request_id]))
+            if r.structured is not None:
+                constrained.append(row)
+        if not constrained:
+            return biases, disallowed, None, None
+        bitmask = torch.full((len(constrained), -(-vocab_size // 32)), -1, dtype=torch.int32)
+        for i, row in enumerate(constrained):
+            requests[row].structured.fill_bitmask(bitmask, i)  # type: ignore[union-attr]
+        return biases, disallowed, to_device(constrained, torch.int64), bitmask.to(self.device, non_blocking=True)
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch, sync: bool = True) -> SamplerOutput:
