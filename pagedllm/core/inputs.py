@@ -39,13 +39,16 @@ _KEYS = {"prompt", "prompt_token_ids"}
 
 def is_single_prompt(prompts: object) -> bool:
     """Whether ``prompts`` (what ``LLM.generate`` was given) is one prompt rather than a list of them: text, a
-    dictionary, a 1-D tensor or array, or a non-empty sequence whose first item is a number (a list of prompts
-    holds strings, sequences or dictionaries)."""
+    dictionary, a 1-D tensor or array, a non-empty sequence whose first item is a number (a list of prompts
+    holds strings, sequences or dictionaries), or anything that is no sequence at all (None, a number: one
+    malformed prompt, which :func:`parse_prompt` then names)."""
     if isinstance(prompts, (str, dict)):
         return True
     if hasattr(prompts, "ndim"):
         return prompts.ndim == 1  # type: ignore[attr-defined]
-    if isinstance(prompts, Sequence) and len(prompts) > 0:
+    if not isinstance(prompts, Sequence):
+        return True
+    if len(prompts) > 0:
         first = prompts[0]
         return isinstance(first, numbers.Number) or getattr(first, "ndim", None) == 0  # NumPy / 0-d tensor ints
     return False

@@ -115,6 +115,8 @@ def test_malformed_prompts_rejected_clearly_and_nothing_leaks(llm: LLM) -> None:
             llm.generate(prompts, SamplingParams(max_tokens=4), use_tqdm=False)
         assert not llm.llm_engine.has_unfinished_requests()
         assert_pool_free(llm)
+    with pytest.raises(ValueError, match="got NoneType"):
+        llm.generate(None, SamplingParams(max_tokens=2), use_tqdm=False)  # type: ignore[arg-type]
     assert llm.generate("ok", SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids
 
 

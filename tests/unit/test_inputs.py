@@ -72,6 +72,8 @@ def test_malformed_prompts_are_refused_clearly(prompt: object, message: str) -> 
         ([{"prompt": "a"}, {"prompt_token_ids": [1]}], False),
         (torch.tensor([[1, 2], [3, 4]]), False),
         ([], False),
+        (None, True),  # one malformed prompt: parse_prompt names it
+        (7, True),
     ],
 )
 def test_one_prompt_or_a_list(prompts: object, single: bool) -> None:
