@@ -234,7 +234,8 @@ class LlamaForCausalLM(nn.Module):
       ``supports_sampled_rows`` also takes ``sampled`` (:class:`SampledRows`, the step's rows whose logits are
       computed) and then returns ``[num_sampled, hidden_size]``, its last layer attending and computing its MLP
       for those rows only (every token's keys and values are still stored);
-    - ``compute_logits(hidden [num_sampled, hidden_size])`` -> ``[num_sampled, vocab_size]``;
+    - ``compute_logits(hidden [rows, hidden_size])`` -> ``[rows, vocab_size]``: the sampled rows, or (prompt
+      logprobs) a slice of a prompt's rows; under tensor parallelism every rank calls it on the same rows;
     - ``load_weights(iterable of (name, tensor))`` with Hugging Face names;
     - ``attention_layers()`` -> the :class:`PagedAttention` modules to bind KV caches to.
 
