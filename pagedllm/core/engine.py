@@ -27,7 +27,12 @@ from pagedllm.core.output_processor import OutputProcessor, ParentRequest
 from pagedllm.core.outputs import RequestOutput
 from pagedllm.core.request import Request, RequestStatus
 from pagedllm.core.sampler import Sampler, SamplerOutput
-from pagedllm.core.sampling_params import RequestOutputKind, SamplingParams, bad_words_token_ids
+from pagedllm.core.sampling_params import (
+    RequestOutputKind,
+    SamplingParams,
+    bad_words_token_ids,
+    truncated_prompt,
+)
 from pagedllm.core.scheduler import Scheduler, SchedulerOutput
 from pagedllm.core.structured_output import StructuredOutputs
 
@@ -201,6 +206,7 @@ class LLMEngine:
         if token_ids is None:
             token_ids = self.tokenize(prompt_text)  # type: ignore[arg-type]
         params = (params or self.default_sampling_params()).clone()
+        token_ids = truncated_prompt(token_ids, params.truncate_prompt_tokens, self.model_config.max_model_len)
         if request_id is None:
             request_id = str(self._request_counter)
             self._request_counter += 1

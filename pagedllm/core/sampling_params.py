@@ -78,8 +78,9 @@ class SamplingParams:
     are never generated (as vLLM's: each word, with and without a leading space, as token sequences; the last
     token of a sequence is blocked where the completion's last tokens are the rest of it). Logprobs stay those
     of the model's own distribution. ``structured_outputs`` (:class:`StructuredOutputsParams`) keeps the completion
-    to a JSON schema, a regular expression, a choice or a grammar. Invalid values raise ``ValueError`` naming
-    the field.
+    to a JSON schema, a regular expression, a choice or a grammar. ``truncate_prompt_tokens=k`` keeps only the
+    prompt's last ``k`` tokens (-1: the model's maximum length). Invalid values raise ``ValueError`` naming the
+    field.
     """
 
     n: int = 1
@@ -106,6 +107,7 @@ class SamplingParams:
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
     structured_outputs: StructuredOutputsParams | None = None
+    truncate_prompt_tokens: int | None = None
     # filled by the engine: the tokenizer's EOS ids and generation_config defaults
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
     # filled by the engine from bad_words: the token sequences to block (:func:`bad_words_token_ids`)
@@ -160,6 +162,11 @@ class SamplingParams:
              f"{self.allowed_token_ids!r}"),
             (self.bad_words is None or all(isinstance(w, str) and w.strip() for w in self.bad_words), "bad_words",
              f"must be non-blank strings, got {self.bad_words!r}"),
+            (self.truncate_prompt_tokens is None or (isinstance(self.truncate_prompt_tokens, int)
+                                                     and (self.truncate_prompt_tokens >= 1
+                                                          or self.truncate_prompt_tokens == -1)),
+             "truncate_prompt_tokens", f"must be -1 (the model's maximum length) or >= 1, got "
+             f"{self.truncate_prompt_tokens!r}"),
         ]
         for ok, name, message in checks:
             if not ok:
@@ -229,3 +236,12 @@ def blocked_bad_words(sequences: list[list[int]], output_token_ids: list[int]) -
         if prefix == 0 or (len(output_token_ids) >= prefix and output_token_ids[-prefix:] == seq[:-1]):
             blocked.append(seq[-1])
     return blocked
+
+
+def truncated_prompt(token_ids: list[int], keep: int | None, max_model_len: int) -> list[int]:
+    """``token_ids`` cut to their last ``keep`` tokens (``SamplingParams.truncate_prompt_tokens``; -1 keeps
+    ``max_model_len``, None everything), as vLLM truncates: from the left."""
+    if keep is None:
+        return token_ids
+    keep = max_model_len if keep == -1 else keep
+    return token_ids[-keep:] if len(token_ids) > keep else token_ids

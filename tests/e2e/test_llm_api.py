@@ -94,6 +94,19 @@ def test_vllm_prompt_dictionaries_and_arrays_generate_what_plain_prompts_do(llm:
     assert len(single) == 1 and single[0].outputs[0].token_ids == plain[1].outputs[0].token_ids
 
 
+def test_truncate_prompt_tokens_keeps_the_prompts_end(llm: LLM) -> None:
+    greedy = dict(temperature=0, max_tokens=6, ignore_eos=True)
+    long = [3 + i % 500 for i in range(1200)]  # beyond max_model_len (1024)
+    cut = llm.generate([long], SamplingParams(**greedy, truncate_prompt_tokens=50), use_tqdm=False)[0]
+    tail = llm.generate([long[-50:]], SamplingParams(**greedy), use_tqdm=False)[0]
+    assert cut.prompt_token_ids == long[-50:] and cut.outputs[0].token_ids == tail.outputs[0].token_ids
+    whole = llm.generate([long[:40]], SamplingParams(**greedy, truncate_prompt_tokens=-1), use_tqdm=False)[0]
+    assert whole.prompt_token_ids == long[:40]
+    for bad in (0, -2, 1.5):
+        with pytest.raises(ValueError, match=r"SamplingParams\.truncate_prompt_tokens must be -1"):
+            SamplingParams(truncate_prompt_tokens=bad)  # type: ignore[arg-type]
+
+
 def test_bad_words_are_never_generated(llm: LLM) -> None:
     tokenizer = llm.get_tokenizer()
     greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)

@@ -296,6 +296,14 @@ def test_structured_outputs_through_response_format_and_vllm_extras(client) -> N
     assert re.fullmatch("[a-f]{4}!", "".join(c.choices[0].text for c in streamed if c.choices))
 
 
+def test_truncate_prompt_tokens_lets_a_long_prompt_run(client, offline: LLM) -> None:
+    long = [5 + i % 500 for i in range(MAX_MODEL_LEN + 100)]
+    want = offline.generate([long[-64:]], greedy(8), use_tqdm=False)[0]
+    got = client.completions.create(model=MODEL, prompt=long, max_tokens=8, temperature=0.0,
+                                    extra_body={"truncate_prompt_tokens": 64})
+    assert got.choices[0].text == want.outputs[0].text and got.usage.prompt_tokens == 64
+
+
 def test_tokenize_detokenize(server: ServerProcess, client, offline: LLM) -> None:
     tokenizer = offline.get_tokenizer()
     answer = httpx.post(server.url + "/tokenize", json={"model": MODEL, "prompt": PROMPTS[0]}).json()

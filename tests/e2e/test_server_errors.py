@@ -96,6 +96,8 @@ CASES: list[tuple[str, str, Any, int, str | None, str | None]] = [
      400, "response_format", None),
     ("chat_json_schema_invalid", CHAT, chat(response_format={"type": "json_schema", "json_schema": {
         "name": "x", "schema": {"type": "object", "properties": 5}}}), 400, "response_format", None),
+    ("truncate_prompt_tokens", COMPLETIONS, completion(truncate_prompt_tokens=0), 400, "truncate_prompt_tokens",
+     None),
     ("two_structures", COMPLETIONS, completion(guided_regex="a+", guided_choice=["a"]), 400, "guided_choice", None),
     ("guided_regex_invalid", COMPLETIONS, completion(guided_regex="[0-9"), 400, "guided_regex", None),
     ("structured_outputs_unknown", COMPLETIONS, completion(structured_outputs={"yaml": "x"}), 400,

@@ -96,6 +96,7 @@ class SamplingRequest(OpenAIBaseModel):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    truncate_prompt_tokens: int | None = None
 
 
 # ---------------------------------------------------------------------------------------------- usage

@@ -15,7 +15,12 @@ from pydantic import BaseModel
 from starlette.responses import Response
 
 from pagedllm.core.outputs import RequestOutput
-from pagedllm.core.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
+from pagedllm.core.sampling_params import (
+    RequestOutputKind,
+    SamplingParams,
+    StructuredOutputsParams,
+    truncated_prompt,
+)
 from pagedllm.entrypoints.async_engine import AsyncLLMEngine, EngineDeadError, GenerationRequest, OutputStream
 from pagedllm.entrypoints.openai.errors import ClientDisconnected, OpenAIError, from_value_error, invalid_param
 from pagedllm.entrypoints.openai.protocol import PromptLogprob, PromptLogprobList, SamplingRequest, UsageInfo
@@ -140,6 +145,15 @@ class OpenAIServing:
         if value is not None and not 0 <= value <= self.max_logprobs:
             raise invalid_param(f"{param} must be in [0, {self.max_logprobs}], got {value}", param)
 
+    def truncate_prompt(self, request: SamplingRequest, token_ids: list[int]) -> list[int]:
+        """The prompt cut as ``truncate_prompt_tokens`` asks (before the length checks, as vLLM cuts it); a 400
+        naming the field for a value that means nothing."""
+        keep = request.truncate_prompt_tokens
+        if keep is not None and not (keep >= 1 or keep == -1):
+            raise invalid_param(f"truncate_prompt_tokens must be -1 (the model's maximum length) or >= 1, got {keep}",
+                                "truncate_prompt_tokens")
+        return truncated_prompt(token_ids, keep, self.max_model_len)
+
     def check_prompt_ids(self, token_ids: list[int], param: str) -> None:
         """Reject an empty prompt or token ids outside the vocabulary."""
         if not token_ids:
@@ -216,6 +230,7 @@ class OpenAIServing:
                 skip_special_tokens=request.skip_special_tokens, logit_bias=logit_bias,
                 allowed_token_ids=request.allowed_token_ids, bad_words=request.bad_words,
                 prompt_logprobs=request.prompt_logprobs, structured_outputs=structured,
+                truncate_prompt_tokens=request.truncate_prompt_tokens,
                 # a non-streamed response needs only the final output: no per-token snapshots
                 output_kind=RequestOutputKind.CUMULATIVE if request.stream else RequestOutputKind.FINAL_ONLY,
             )

@@ -64,6 +64,7 @@ class OpenAIServingChat(OpenAIServing):
             prompt_ids = await self.tokenizer.encode(text, request.add_special_tokens)
         except ValueError as exc:
             raise invalid_param(str(exc), "messages") from exc
+        prompt_ids = self.truncate_prompt(request, prompt_ids)
         self.check_prompt_ids(prompt_ids, "messages")
         max_tokens_param = "max_tokens" if request.max_completion_tokens is None else "max_completion_tokens"
         requested = request.max_tokens if request.max_completion_tokens is None else request.max_completion_tokens

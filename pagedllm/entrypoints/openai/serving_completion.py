@@ -100,7 +100,8 @@ class OpenAIServingCompletion(OpenAIServing):
                                                                   "max_tokens"), request.logprobs, names, structured)
             for ids in prompts
         ]
-        echo = [await self._echo(request.prompt, i, ids) for i, ids in enumerate(prompts)] if request.echo else None
+        shown = request.prompt if request.truncate_prompt_tokens is None else None  # a cut prompt echoes its ids
+        echo = [await self._echo(shown, i, ids) for i, ids in enumerate(prompts)] if request.echo else None
         if echo is not None and request.logprobs is not None:
             if request.prompt_logprobs is not None and request.prompt_logprobs != request.logprobs:
                 raise invalid_param("with echo and logprobs, prompt_logprobs must be left out or equal logprobs "
@@ -141,6 +142,7 @@ class OpenAIServingCompletion(OpenAIServing):
                     raise invalid_param(str(exc), "prompt") from exc
             else:
                 ids = list(item)
+            ids = self.truncate_prompt(request, ids)
             self.check_prompt_ids(ids, "prompt")
             prompts.append(ids)
         return prompts
