@@ -9,8 +9,20 @@ from __future__ import annotations
 from pagedllm.core.inputs import TextPrompt, TokensPrompt
 from pagedllm.core.outputs import CompletionOutput, Logprob, RequestOutput
 from pagedllm.core.sampling_params import SamplingParams, StructuredOutputsParams
+from pagedllm.entrypoints.beam_search import BeamSearchOutput, BeamSearchParams
 from pagedllm.entrypoints.llm import LLM
 from pagedllm.version import __version__
 
-__all__ = ["LLM", "CompletionOutput", "Logprob", "RequestOutput", "SamplingParams", "StructuredOutputsParams",
-           "TextPrompt", "TokensPrompt", "__version__"]
+__all__ = [
+    "LLM",
+    "BeamSearchOutput",
+    "BeamSearchParams",
+    "CompletionOutput",
+    "Logprob",
+    "RequestOutput",
+    "SamplingParams",
+    "StructuredOutputsParams",
+    "TextPrompt",
+    "TokensPrompt",
+    "__version__",
+]

@@ -10,9 +10,10 @@ from tqdm.auto import tqdm
 
 from pagedllm.core.config import EngineConfig
 from pagedllm.core.engine import LLMEngine
-from pagedllm.core.inputs import PromptType, is_single_prompt
+from pagedllm.core.inputs import PromptType, is_single_prompt, parse_prompt
 from pagedllm.core.outputs import RequestOutput
 from pagedllm.core.sampling_params import RequestOutputKind, SamplingParams
+from pagedllm.entrypoints.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
 
 
 class LLM:
@@ -91,6 +92,26 @@ class LLM:
             engine.abort_request(ids)
             raise
         return [done[i] for i in ids]
+
+    def beam_search(self, prompts: PromptType | Sequence[PromptType], params: BeamSearchParams
+                    ) -> list[BeamSearchOutput]:
+        """Beam search over each prompt (vLLM's ``LLM.beam_search``): ``params.beam_width`` beams of at most
+        ``params.max_tokens`` new tokens; returns one :class:`BeamSearchOutput` per prompt, best beam first
+        (:mod:`pagedllm.entrypoints.beam_search`). Each step is one engine call over every live beam, which
+        shares its prompt's blocks through prefix caching when the engine has it on."""
+        engine = self.llm_engine
+        if 2 * params.beam_width > engine.config.max_logprobs:
+            raise ValueError(f"BeamSearchParams.beam_width must be <= {engine.config.max_logprobs // 2} "
+                             f"(half of max_logprobs), got {params.beam_width}")
+        items = [prompts] if is_single_prompt(prompts) else list(prompts)  # type: ignore[arg-type,list-item]
+        token_lists = []
+        for item in items:
+            text, ids = parse_prompt(item)
+            token_lists.append(ids if ids is not None else engine.tokenize(text))  # type: ignore[arg-type]
+        tokenizer = engine.tokenizer
+        decode = None if tokenizer is None else lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+        return beam_search(lambda batch, sp: self.generate(batch, sp, use_tqdm=False), token_lists, params,
+                           engine.eos_token_ids, decode)
 
     def chat(
         self,
