@@ -162,11 +162,8 @@ class SamplingParams:
              f"{self.allowed_token_ids!r}"),
             (self.bad_words is None or all(isinstance(w, str) and w.strip() for w in self.bad_words), "bad_words",
              f"must be non-blank strings, got {self.bad_words!r}"),
-            (self.truncate_prompt_tokens is None or (isinstance(self.truncate_prompt_tokens, int)
-                                                     and (self.truncate_prompt_tokens >= 1
-                                                          or self.truncate_prompt_tokens == -1)),
-             "truncate_prompt_tokens", f"must be -1 (the model's maximum length) or >= 1, got "
-             f"{self.truncate_prompt_tokens!r}"),
+            (self.truncate_prompt_tokens is None or _is_truncation(self.truncate_prompt_tokens),
+             "truncate_prompt_tokens", f"{_TRUNCATION_RULE}, got {self.truncate_prompt_tokens!r}"),
         ]
         for ok, name, message in checks:
             if not ok:
@@ -238,10 +235,20 @@ def blocked_bad_words(sequences: list[list[int]], output_token_ids: list[int]) -
     return blocked
 
 
+_TRUNCATION_RULE = "must be -1 (the model's maximum length) or >= 1"
+
+
+def _is_truncation(value: object) -> bool:
+    return isinstance(value, int) and (value >= 1 or value == -1)
+
+
 def truncated_prompt(token_ids: list[int], keep: int | None, max_model_len: int) -> list[int]:
     """``token_ids`` cut to their last ``keep`` tokens (``SamplingParams.truncate_prompt_tokens``; -1 keeps
-    ``max_model_len``, None everything), as vLLM truncates: from the left."""
+    ``max_model_len``, None everything), as vLLM truncates: from the left. Raises ValueError naming the field
+    for any other ``keep`` (the server cuts before it builds the ``SamplingParams``)."""
     if keep is None:
         return token_ids
+    if not _is_truncation(keep):
+        raise ValueError(f"SamplingParams.truncate_prompt_tokens {_TRUNCATION_RULE}, got {keep!r}")
     keep = max_model_len if keep == -1 else keep
     return token_ids[-keep:] if len(token_ids) > keep else token_ids

@@ -95,6 +95,9 @@ class OpenAIServing:
         bad = [t for t in request.stop_token_ids or [] if not 0 <= t < self.vocab_size]
         if bad:
             raise invalid_param(f"stop_token_ids must be in [0, {self.vocab_size}), got {bad}", "stop_token_ids")
+        self.check_logprobs(request.prompt_logprobs, "prompt_logprobs")
+        if request.prompt_logprobs is not None and request.stream:
+            raise invalid_param("prompt_logprobs are returned only by non-streamed requests", "prompt_logprobs")
 
     def prompt_logprobs_of(self, output: RequestOutput) -> PromptLogprobList | None:
         """``output``'s prompt logprobs in the response's form (vLLM's ``prompt_logprobs`` extra), or None."""
@@ -148,11 +151,10 @@ class OpenAIServing:
     def truncate_prompt(self, request: SamplingRequest, token_ids: list[int]) -> list[int]:
         """The prompt cut as ``truncate_prompt_tokens`` asks (before the length checks, as vLLM cuts it); a 400
         naming the field for a value that means nothing."""
-        keep = request.truncate_prompt_tokens
-        if keep is not None and not (keep >= 1 or keep == -1):
-            raise invalid_param(f"truncate_prompt_tokens must be -1 (the model's maximum length) or >= 1, got {keep}",
-                                "truncate_prompt_tokens")
-        return truncated_prompt(token_ids, keep, self.max_model_len)
+        try:
+            return truncated_prompt(token_ids, request.truncate_prompt_tokens, self.max_model_len)
+        except ValueError as exc:
+            raise from_value_error(exc) from exc
 
     def check_prompt_ids(self, token_ids: list[int], param: str) -> None:
         """Reject an empty prompt or token ids outside the vocabulary."""
@@ -204,9 +206,6 @@ class OpenAIServing:
             return default if value is None else value
 
         logit_bias = None
-        self.check_logprobs(request.prompt_logprobs, "prompt_logprobs")
-        if request.prompt_logprobs is not None and request.stream:
-            raise invalid_param("prompt_logprobs are returned only by non-streamed requests", "prompt_logprobs")
         if request.logit_bias:
             logit_bias = {}
             for token, bias in request.logit_bias.items():
