@@ -79,6 +79,15 @@ class Echo:
         return self.logprobs
 
 
+def choice_logprobs(token_ids: Sequence[int], logprobs: Sequence[dict[int, Logprob]], text_offset: int,
+                    echo: Echo | None, output: RequestOutput) -> CompletionLogProbs:
+    """The logprobs a choice (or a streamed chunk) carries: its tokens', text offsets from ``text_offset``,
+    after the echoed prompt's when ``echo`` precedes them and the prompt logprobs were computed."""
+    logprobs_out = completion_logprobs(token_ids, logprobs, text_offset)
+    prompt = echo.prompt_logprobs(output) if echo is not None else None
+    return logprobs_out if prompt is None else joined(prompt, logprobs_out)
+
+
 class OpenAIServingCompletion(OpenAIServing):
     """Serves ``/v1/completions``."""
 
@@ -101,8 +110,10 @@ class OpenAIServingCompletion(OpenAIServing):
             for ids in prompts
         ]
         shown = request.prompt if request.truncate_prompt_tokens is None else None  # a cut prompt echoes its ids
-        echo = [await self._echo(shown, i, ids) for i, ids in enumerate(prompts)] if request.echo else None
-        if echo is not None and request.logprobs is not None:
+        with_logprobs = request.logprobs is not None
+        echo = [await self._echo(shown, i, ids, with_logprobs) for i, ids in enumerate(prompts)] \
+            if request.echo else None
+        if echo is not None and with_logprobs:
             if request.prompt_logprobs is not None and request.prompt_logprobs != request.logprobs:
                 raise invalid_param("with echo and logprobs, prompt_logprobs must be left out or equal logprobs "
                                     "(the echoed prompt tokens get logprobs' alternatives)", "prompt_logprobs")
@@ -147,9 +158,9 @@ class OpenAIServingCompletion(OpenAIServing):
             prompts.append(ids)
         return prompts
 
-    async def _echo(self, prompt: object, index: int, token_ids: list[int]) -> Echo:
+    async def _echo(self, prompt: object, index: int, token_ids: list[int], with_logprobs: bool) -> Echo:
         has_tokenizer = self.tokenizer.tokenizer is not None
-        first = await self.tokenizer.decode(token_ids[:1]) if has_tokenizer else ""
+        first = await self.tokenizer.decode(token_ids[:1]) if has_tokenizer and with_logprobs else ""
         if isinstance(prompt, str):
             return Echo(prompt, token_ids, first)
         if isinstance(prompt, list) and prompt and isinstance(prompt[index], str):
@@ -162,10 +173,7 @@ class OpenAIServingCompletion(OpenAIServing):
         prefix = echo.text if echo is not None else ""
         logprobs = None
         if completion.logprobs is not None:
-            logprobs = completion_logprobs(completion.token_ids, completion.logprobs, len(prefix))
-            prompt = echo.prompt_logprobs(output) if echo is not None else None
-            if prompt is not None:
-                logprobs = joined(prompt, logprobs)
+            logprobs = choice_logprobs(completion.token_ids, completion.logprobs, len(prefix), echo, output)
         return CompletionChoice(index=index, text=prefix + completion.text, logprobs=logprobs,
                                 finish_reason=completion.finish_reason, stop_reason=completion.stop_reason)
 
@@ -188,16 +196,14 @@ class OpenAIServingCompletion(OpenAIServing):
                     if delta is None:
                         continue
                     offset = sent_chars.get(key)
-                    first_chunk = offset is None and echo is not None
-                    prefix = echo[i].text if first_chunk and echo is not None else ""
+                    echoed = echo[i] if offset is None and echo is not None else None  # the first chunk only
+                    prefix = echoed.text if echoed is not None else ""
                     offset = offset or 0
                     text = prefix + delta.text
                     logprobs = None
                     if delta.logprobs is not None:
-                        logprobs = completion_logprobs(delta.token_ids, delta.logprobs, offset + len(prefix))
-                        prompt = echo[i].prompt_logprobs(output) if first_chunk and echo is not None else None
-                        if prompt is not None:
-                            logprobs = joined(prompt, logprobs)
+                        logprobs = choice_logprobs(delta.token_ids, delta.logprobs, offset + len(prefix), echoed,
+                                                   output)
                     sent_chars[key] = offset + len(text)
                     choice = CompletionChoice(index=i * n + completion.index, text=text, logprobs=logprobs,
                                               finish_reason=delta.finish_reason, stop_reason=delta.stop_reason)
