@@ -245,10 +245,12 @@ class Sampler:
                 and batch.repetition_penalty is None and batch.output_counts is None):
             # Plain greedy: argmax in the logits' own dtype (upcasting changes no value, so no index).
             return self._finish(out, row_argmax(logits), sync)
+        given = logits
         logits = logits.float()
         raw_logprobs = torch.log_softmax(logits, dim=-1) if batch.max_num_logprobs is not None else None
-        if batch.logit_biases or batch.disallowed or batch.grammar_rows is not None:
-            logits = logits.clone()  # never write into the caller's tensor
+        if batch.logit_biases or batch.disallowed or batch.grammar_rows is not None or batch.blocked_tokens:
+            if logits is given:  # never write into the caller's tensor (.float() copied any other dtype)
+                logits = logits.clone()
             for row, token_ids, values in batch.logit_biases:
                 logits[row].index_add_(0, token_ids, values)
             for row, mask in batch.disallowed:
@@ -257,11 +259,10 @@ class Sampler:
                 masked = logits.index_select(0, batch.grammar_rows).masked_fill_(
                     disallowed_by_bitmask(batch.grammar_bitmask, logits.shape[-1]), float("-inf"))
                 logits.index_copy_(0, batch.grammar_rows, masked)
-        logits = self._apply_penalties(logits, batch)
-        if batch.blocked_tokens:
-            logits = logits.clone()  # never write into the caller's tensor
+            # min_tokens and bad_words: -inf before the penalties is -inf after them (they scale or shift)
             for row, token_ids in batch.blocked_tokens:
                 logits[row, token_ids] = float("-inf")
+        logits = self._apply_penalties(logits, batch)
         greedy_ids = row_argmax(logits)
         if batch.all_greedy:
             sampled = greedy_ids

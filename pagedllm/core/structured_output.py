@@ -54,7 +54,6 @@ class StructuredOutputs:
         self._xgr = xgrammar
         info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
                                                        stop_token_ids=stop_token_ids or None)
-        self.vocab_size = vocab_size
         self._compiler = xgrammar.GrammarCompiler(info)
         self._compiled: dict[tuple[str, str, bool], Any] = {}
 
@@ -81,10 +80,6 @@ class StructuredOutputs:
         if kind == "choice":  # one string literal per choice, escaped as JSON escapes them (EBNF's escapes)
             return compiler.compile_grammar("root ::= " + " | ".join(json.dumps(c) for c in json.loads(spec)))
         return compiler.compile_grammar(spec)
-
-    def allocate_bitmask(self, rows: int) -> torch.Tensor:
-        """A host bitmask for ``rows`` matchers (:meth:`GrammarMatcher.fill_bitmask`)."""
-        return self._xgr.allocate_token_bitmask(rows, self.vocab_size)
 
 
 def disallowed_by_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
