@@ -59,9 +59,8 @@ class ModelInput:
     positions: torch.Tensor  # [num_tokens] int64
     metadata: AttentionMetadata
     logits_indices: torch.Tensor  # [num_logits] int64: rows whose logits are computed (HostBatch's)
-    sampled_request_ids: list[str]  # request of each sampled row, in row order
+    host: HostBatch  # what it was built from (the sampled requests' ids, the prompt-logprob rows)
     sampled: SampledRows | None = None  # those rows for the model's last layer, when it computes only them
-    host: HostBatch | None = None  # what it was built from
 
 
 @dataclass(slots=True)
@@ -161,12 +160,7 @@ class ModelRunner:
     def _add_prompt_rows(host: HostBatch, asking: list[ScheduledRequest], first_rows: np.ndarray) -> None:
         """Add the prompt-logprob rows of ``asking`` (their first rows in the flat batch) to ``host``'s logits
         rows, keeping them ascending, and where each kind lands among them."""
-        prompt = prompt_logprob_rows([r.request_id for r in asking], first_rows.tolist(),
-                                     [r.prompt_logprob_span for r in asking],  # type: ignore[misc]
-                                     [r.start_position for r in asking],
-                                     [r.prompt_logprob_targets for r in asking],  # type: ignore[misc]
-                                     [r.num_prompt_logprobs for r in asking])
-        assert prompt is not None
+        prompt = prompt_logprob_rows(asking, first_rows)
         union = np.concatenate([host.logits_indices, prompt.rows])
         order = np.argsort(union, kind="stable")
         where = np.empty_like(order)
@@ -255,9 +249,8 @@ class ModelRunner:
             positions=to_dev(host.positions),
             metadata=metadata,
             logits_indices=sampled.indices if sampled is not None else to_dev(host.logits_indices),
-            sampled_request_ids=host.sampled_request_ids,
-            sampled=sampled,
             host=host,
+            sampled=sampled,
         )
 
     def compute_logits(self, model_input: ModelInput) -> torch.Tensor:
@@ -303,7 +296,6 @@ class ModelRunner:
                 logits = logits[torch.from_numpy(host.logits_indices).to(self.device, non_blocking=True)]
             return self._output(host, logits, are_logits=True)
         model_input = self.prepare(scheduled, sampled_token_ids)
-        assert model_input.host is not None
         return self._output(model_input.host, self.final_hidden_states(model_input), are_logits=False)
 
     @staticmethod

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pagedllm.core.scheduler import ScheduledRequest
+
 LOG_SOFTMAX_ROWS = 1024
 """Rows of logits turned into log-probabilities at a time (float32 copies of ``[rows, vocab]``)."""
 
@@ -75,22 +77,18 @@ class PromptLogprobs:
         return self
 
 
-def prompt_logprob_rows(request_ids: Sequence[str], first_rows: Sequence[int], spans: Sequence[tuple[int, int]],
-                        starts: Sequence[int], targets: Sequence[Sequence[int]], num_top: Sequence[int]
-                        ) -> PromptLogprobRows | None:
-    """Build the step's :class:`PromptLogprobRows`, or None when no request asks.
-
-    Called by the model runner while it prepares a step. Per request asking: its id, the flat-batch row of
-    its first token in the step, its span ``(a, b)`` of positions, the position of its first token, the prompt
-    tokens at ``a + 1 .. b`` and how many alternatives it wants.
-    """
-    if not request_ids:
-        return None
-    counts = np.fromiter((b - a for a, b in spans), dtype=np.int64, count=len(spans))
-    rows = np.concatenate([np.arange(a - s, b - s, dtype=np.int64) + r
-                           for r, (a, b), s in zip(first_rows, spans, starts, strict=True)])
-    flat_targets = np.fromiter((t for ts in targets for t in ts), dtype=np.int64, count=int(counts.sum()))
-    return PromptLogprobRows(list(request_ids), [a for a, _ in spans], counts, rows, flat_targets, max(num_top))
+def prompt_logprob_rows(asking: Sequence[ScheduledRequest], first_rows: np.ndarray) -> PromptLogprobRows:
+    """Build the step's :class:`PromptLogprobRows` from the scheduled requests that ask (each with its
+    ``prompt_logprob_span``, ``prompt_logprob_targets`` and ``num_prompt_logprobs``) and the flat-batch row of
+    each one's first token in the step. Called by the model runner while it prepares a step."""
+    spans = [r.prompt_logprob_span for r in asking]
+    counts = np.fromiter((b - a for a, b in spans), dtype=np.int64, count=len(spans))  # type: ignore[misc]
+    rows = np.concatenate([np.arange(a - r.start_position, b - r.start_position, dtype=np.int64) + int(first)
+                           for r, (a, b), first in zip(asking, spans, first_rows, strict=True)])  # type: ignore[misc]
+    targets = np.fromiter((t for r in asking for t in r.prompt_logprob_targets),  # type: ignore[union-attr]
+                          dtype=np.int64, count=int(counts.sum()))
+    return PromptLogprobRows([r.request_id for r in asking], [a for a, _ in spans],  # type: ignore[misc]
+                             counts, rows, targets, max(r.num_prompt_logprobs for r in asking))
 
 
 @torch.inference_mode()
