@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 
@@ -176,11 +177,21 @@ class LLMEngine:
         """The grammar compiler of ``SamplingParams.structured_outputs``, built on first use (raises ValueError
         without a tokenizer or without xgrammar)."""
         if self._structured_outputs is None:
-            if self.tokenizer is None:
-                raise ValueError("SamplingParams.structured_outputs needs the model's tokenizer, and this model has "
-                                 "none")
-            self._structured_outputs = StructuredOutputs(self.tokenizer, self.vocab_size, sorted(self.eos_token_ids))
+            tokenizer = self._tokenizer_for("SamplingParams.structured_outputs")
+            self._structured_outputs = StructuredOutputs(tokenizer, self.vocab_size, sorted(self.eos_token_ids))
         return self._structured_outputs
+
+    def _tokenizer_for(self, what: str) -> Any:
+        """The tokenizer, which ``what`` needs; ValueError naming ``what`` when the model has none."""
+        if self.tokenizer is None:
+            raise ValueError(f"{what} needs the model's tokenizer, and this model has none")
+        return self.tokenizer
+
+    def prompt_token_ids(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        """``(text or None, token ids)`` of one prompt in any form ``add_request`` takes, text tokenized
+        (:func:`~pagedllm.core.inputs.parse_prompt`); ValueError for a malformed one."""
+        prompt_text, token_ids = parse_prompt(prompt)
+        return prompt_text, token_ids if token_ids is not None else self.tokenize(prompt_text)  # type: ignore[arg-type]
 
     def tokenize(self, prompt: str) -> list[int]:
         """Token ids of ``prompt`` with the tokenizer's special tokens (e.g. BOS)."""
@@ -202,9 +213,7 @@ class LLMEngine:
         Raises ValueError (naming the problem) for a prompt that can never run: malformed, empty,
         out-of-vocabulary ids, or prompt + max_tokens beyond ``max_model_len`` or the whole KV pool.
         """
-        prompt_text, token_ids = parse_prompt(prompt)
-        if token_ids is None:
-            token_ids = self.tokenize(prompt_text)  # type: ignore[arg-type]
+        prompt_text, token_ids = self.prompt_token_ids(prompt)
         params = (params or self.default_sampling_params()).clone()
         token_ids = truncated_prompt(token_ids, params.truncate_prompt_tokens, self.model_config.max_model_len)
         if request_id is None:
@@ -219,10 +228,9 @@ class LLMEngine:
             if named and not (min(named) >= 0 and max(named) < vocab):
                 raise ValueError(f"SamplingParams.{name} must name token ids in [0, {vocab}); got {sorted(named)}")
         if params.bad_words:
-            if self.tokenizer is None:
-                raise ValueError("SamplingParams.bad_words needs the model's tokenizer, and this model has none")
+            tokenizer = self._tokenizer_for("SamplingParams.bad_words")
             params.bad_words_token_ids = bad_words_token_ids(
-                params.bad_words, lambda text: list(self.tokenizer(text, add_special_tokens=False).input_ids))
+                params.bad_words, lambda text: list(tokenizer(text, add_special_tokens=False).input_ids))
         make_matcher = None
         if params.structured_outputs is not None:
             make_matcher = self.structured_outputs().compile(params.structured_outputs)

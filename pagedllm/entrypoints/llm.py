@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from pagedllm.core.config import EngineConfig
 from pagedllm.core.engine import LLMEngine
-from pagedllm.core.inputs import PromptType, is_single_prompt, parse_prompt
+from pagedllm.core.inputs import PromptType, is_single_prompt
 from pagedllm.core.outputs import RequestOutput
 from pagedllm.core.sampling_params import RequestOutputKind, SamplingParams
 from pagedllm.entrypoints.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
@@ -104,10 +104,7 @@ class LLM:
             raise ValueError(f"BeamSearchParams.beam_width must be <= {engine.config.max_logprobs // 2} "
                              f"(half of max_logprobs), got {params.beam_width}")
         items = [prompts] if is_single_prompt(prompts) else list(prompts)  # type: ignore[arg-type,list-item]
-        token_lists = []
-        for item in items:
-            text, ids = parse_prompt(item)
-            token_lists.append(ids if ids is not None else engine.tokenize(text))  # type: ignore[arg-type]
+        token_lists = [engine.prompt_token_ids(item)[1] for item in items]
         tokenizer = engine.tokenizer
         decode = None if tokenizer is None else lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
         return beam_search(lambda batch, sp: self.generate(batch, sp, use_tqdm=False), token_lists, params,
