@@ -8,6 +8,7 @@ twins of the kernel tests (``tests/unit/test_cuda_kernels_interpreter.py``) run 
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -402,14 +403,21 @@ class Completions(list):
         self.logprobs = [o.outputs[0].logprobs for o in outputs]
 
 
+def _engine(model_dir: Path, device: str, dtype: str, **kwargs: object):
+    """An ``LLM`` with 64-token steps, at most 8 sequences and an 8 MiB KV cache of 16-token blocks."""
+    from pagedllm import LLM
+
+    return LLM(str(model_dir), device=device, dtype=dtype, block_size=16, max_num_batched_tokens=64,
+               max_num_seqs=8, kv_cache_memory_bytes=8 << 20, **kwargs)  # fmt: skip
+
+
 def _generate(model_dir: Path, device: str, dtype: str, params: list | None = None,
               **kwargs: object) -> tuple[Completions, object]:
     """Greedy completions of :func:`_prompts` (``params``: one ``SamplingParams`` per prompt, default greedy with
     top-2 logprobs)."""
-    from pagedllm import LLM, SamplingParams
+    from pagedllm import SamplingParams
 
-    llm = LLM(str(model_dir), device=device, dtype=dtype, block_size=16, max_num_batched_tokens=64,
-              max_num_seqs=8, kv_cache_memory_bytes=8 << 20, **kwargs)  # fmt: skip
+    llm = _engine(model_dir, device, dtype, **kwargs)
     default = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=2)
     outputs = llm.generate(_prompts(llm.get_tokenizer()), params or default, use_tqdm=False)
     return Completions(outputs), llm
@@ -486,8 +494,8 @@ def test_prompt_logprobs_equal_cpu_fp32(tiny_checkpoints: dict[str, Path], enfor
         asks = SamplingParams(temperature=0.0, max_tokens=4, prompt_logprobs=2)
         return [asks if i % 2 else SamplingParams(temperature=0.0, max_tokens=4) for i in range(7)]
 
-    _, cpu = _generate(tiny_checkpoints["llama"], "cpu", "float32", params())
-    _, gpu = _generate(tiny_checkpoints["llama"], "cuda", "float32", params(), enforce_eager=enforce_eager)
+    cpu = _engine(tiny_checkpoints["llama"], "cpu", "float32")
+    gpu = _engine(tiny_checkpoints["llama"], "cuda", "float32", enforce_eager=enforce_eager)
     prompts = _prompts(cpu.get_tokenizer())
     want = cpu.generate(prompts, params(), use_tqdm=False)
     got = gpu.generate(prompts, params(), use_tqdm=False)
@@ -503,6 +511,39 @@ def test_prompt_logprobs_equal_cpu_fp32(tiny_checkpoints: dict[str, Path], enfor
             assert abs(a[token].rank - b[token].rank) <= 1
             top_a, top_b = ([lp.logprob for lp in e.values() if lp.rank <= 2] for e in (a, b))
             assert sorted(top_a) == pytest.approx(sorted(top_b), abs=1e-4)
+
+
+@pytest.mark.parametrize("enforce_eager", [True, False], ids=["eager", "graphs"])
+def test_structured_outputs_equal_cpu_fp32(tiny_checkpoints: dict[str, Path], enforce_eager: bool) -> None:
+    """Greedy completions under a JSON schema, a regular expression, a choice and an EBNF grammar beside free
+    rows, with asynchronous scheduling (the grammars' bitmasks filled on the host, applied on the GPU): equal
+    to the cpu backend's token for token, and each finished one follows its structure."""
+    pytest.importorskip("xgrammar")
+    from pagedllm import SamplingParams
+    from pagedllm.core.sampling_params import StructuredOutputsParams
+    from tests.e2e.test_structured_outputs import CASES
+
+    cases = [CASES[0], CASES[3], CASES[4], CASES[5]]
+
+    def params() -> list:
+        greedy = dict(temperature=0.0, max_tokens=48, logprobs=2)
+        return [SamplingParams(**greedy, ignore_eos=True),
+                *(SamplingParams(**greedy, structured_outputs=so) for so, _ in cases),
+                SamplingParams(**greedy, structured_outputs=StructuredOutputsParams(json_object=True,
+                                                                                    disable_any_whitespace=True)),
+                SamplingParams(**greedy, ignore_eos=True)]
+
+    cpu = _engine(tiny_checkpoints["llama"], "cpu", "float32")
+    gpu = _engine(tiny_checkpoints["llama"], "cuda", "float32", enforce_eager=enforce_eager)
+    assert gpu.llm_engine.config.async_scheduling is True
+    prompts = _prompts(cpu.get_tokenizer())
+    want = cpu.generate(prompts, params(), use_tqdm=False)
+    got = gpu.generate(prompts, params(), use_tqdm=False)
+    assert_same_tokens(Completions(got), Completions(want))
+    for (_, check), out in zip(cases[:3], got[1:4], strict=True):  # the schema, the regex, the choice complete
+        assert out.outputs[0].finish_reason == "stop", out.outputs[0].text
+        check(out.outputs[0].text)
+    assert re.fullmatch(r"\((?:[a-c],)*[a-c]?", got[4].outputs[0].text)  # the grammar's list: a valid prefix
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
