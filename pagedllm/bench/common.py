@@ -32,6 +32,9 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hf-batch-size", type=int, default=None,
                         help="transformers static batch size (default: the largest power of two that fits, "
                              "starting from one batch for the whole workload)")
+    parser.add_argument("--hf-dummy-init", choices=["transformers", "pagedllm"], default="transformers",
+                        help="with --load-format dummy, how transformers' weights are drawn: its own initialization, "
+                             "or pagedllm's dummy fill (every parameter uniform in [-0.01, 0.01])")
     parser.add_argument("--output-json", default=None, help="also write the results to this JSON file")
     parser.add_argument("--gc-freeze", action=argparse.BooleanOptionalAction, default=True,
                         help="freeze the Python heap the engine's start built (gc.freeze) while timing pagedllm, as "

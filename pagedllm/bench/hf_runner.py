@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from pagedllm.bench.workloads import BenchRequest
+from pagedllm.core.loader import fill_dummy_weights
 
 if TYPE_CHECKING:
     from pagedllm.core.config import ModelConfig
@@ -34,14 +35,22 @@ def release_device_memory(device: torch.device) -> None:
         module.empty_cache()
 
 
-def load_hf_model(model_dir: str, dtype: torch.dtype, device: torch.device, dummy: bool) -> torch.nn.Module:
-    """The transformers model of ``model_dir`` (random weights from its config when ``dummy``)."""
+def load_hf_model(model_dir: str, dtype: torch.dtype, device: torch.device, dummy: bool,
+                  dummy_init: str = "transformers") -> torch.nn.Module:
+    """The transformers model of ``model_dir``, in ``dtype`` on ``device``. With ``dummy``, random weights from its
+    config: transformers' own initialization (``dummy_init="transformers"``: normal linear weights, norm weights
+    of one) or pagedllm's ``load_format="dummy"`` fill (``"pagedllm"``: every parameter uniform in [-0.01, 0.01],
+    so both engines multiply matrices of the same distribution)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if dummy:
         config = AutoConfig.from_pretrained(model_dir)
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        if dummy_init == "pagedllm":
+            fill_dummy_weights(model, device, seed=None)
+        elif dummy_init != "transformers":
+            raise ValueError(f"unknown dummy_init {dummy_init!r}: 'transformers' or 'pagedllm'")
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
     return model.eval()

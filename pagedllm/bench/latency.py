@@ -78,7 +78,7 @@ def _time_pagedllm(args: argparse.Namespace, requests: list[BenchRequest]) -> tu
 
 def _time_hf(args: argparse.Namespace, model_path: str, dtype: torch.dtype, requests: list[BenchRequest],
              device: torch.device, sync: callable) -> tuple[float, float]:
-    model = load_hf_model(model_path, dtype, device, args.load_format == "dummy")
+    model = load_hf_model(model_path, dtype, device, args.load_format == "dummy", args.hf_dummy_init)
     ids = torch.tensor([r.prompt_token_ids for r in requests], device=device)
 
     def timed(new_tokens: int) -> float:

@@ -117,7 +117,10 @@ def run(args: argparse.Namespace) -> int:
         if hf_requests is not requests:
             lines.append(f"transformers runs a random sample: {describe(hf_requests)}")
             extra["sample"] = f"{len(hf_requests)}/{len(requests)}"
-        model = load_hf_model(model_config.path, model_config.dtype, device, args.load_format == "dummy")
+        dummy = args.load_format == "dummy"
+        model = load_hf_model(model_config.path, model_config.dtype, device, dummy, args.hf_dummy_init)
+        if dummy:
+            extra["init"] = args.hf_dummy_init
         kv_budget_tokens = backend.memory_info()[0] // kv_bytes_per_token(model_config)
         hf = run_hf(model, hf_requests, device, args.hf_batch_size, backend.synchronize, kv_budget_tokens)
         results.append(_result("hf", hf.elapsed_s, hf_requests, {"batch_size": hf.batch_size, **extra}))

@@ -7,7 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
+from pagedllm.bench.hf_runner import load_hf_model
 from pagedllm.bench.throughput import hf_sample
 from pagedllm.bench.workloads import BenchRequest
 from pagedllm.entrypoints.cli import main
@@ -82,3 +84,27 @@ def test_hf_sample_is_seeded_ordered_and_validated() -> None:
     assert ids == sorted(ids)
     with pytest.raises(ValueError, match="--hf-num-prompts"):
         hf_sample(requests, 0, 0)
+
+
+def test_hf_dummy_weights_drawn_as_transformers_or_as_pagedllm_draws_them(checkpoint_factory) -> None:
+    """``--hf-dummy-init pagedllm`` gives the peer pagedllm's dummy distribution (every parameter uniform in
+    [-0.01, 0.01]); the default keeps transformers' initialization (norm weights of one)."""
+    model_dir = str(checkpoint_factory("llama"))
+    ours = load_hf_model(model_dir, torch.float32, torch.device("cpu"), dummy=True, dummy_init="pagedllm")
+    theirs = load_hf_model(model_dir, torch.float32, torch.device("cpu"), dummy=True)
+    for name, param in ours.named_parameters():
+        assert param.abs().max() <= 1e-2 and param.abs().max() > 5e-3, name
+    norms = [p for name, p in theirs.named_parameters() if name.endswith("norm.weight")]
+    assert norms and all(torch.equal(p, torch.ones_like(p)) for p in norms)
+    with pytest.raises(ValueError, match="dummy_init"):
+        load_hf_model(model_dir, torch.float32, torch.device("cpu"), dummy=True, dummy_init="zeros")
+
+
+@pytest.mark.timeout(300)
+def test_throughput_reports_the_peers_dummy_init(checkpoint_factory, tmp_path: Path) -> None:
+    out = tmp_path / "result.json"
+    rc = main(["bench", "throughput", "--model", str(checkpoint_factory("llama")), "--load-format", "dummy",
+               "--device", "cpu", "--dtype", "float32", "--input-len", "8", "--output-len", "2", "--num-prompts", "2",
+               "--backend", "hf", "--hf-dummy-init", "pagedllm", "--output-json", str(out)])
+    assert rc == 0
+    assert json.loads(out.read_text())["results"][0]["extra"]["init"] == "pagedllm"
