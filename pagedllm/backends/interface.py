@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, fields, replace
 import torch
 
 from pagedllm.backends.kv_storage import divide_by_scale
+from pagedllm.backends.moe import moe_reference
 
 # The interface version a backend declares in ``Backend.interface_version``: (major, minor). The minor is
 # raised when something is added (a method with a neutral default, a capability field with a default), so
@@ -42,8 +43,9 @@ from pagedllm.backends.kv_storage import divide_by_scale
 # and ``linear_fp8_block_quantized``; fp8 layers with static input scales: ``Backend.linear_fp8_static``; 1.9 —
 # KV caches holding scaled keys and values (the per-layer ``k_scale``/``v_scale`` of fp8 checkpoints):
 # ``Backend.write_kv_cache_scaled`` and ``Backend.attention_scaled``; 1.10 — ``BackendCapabilities.compiles_kernels``
-# (the engine's start runs warm-up steps, so no request waits for a kernel compile).
-INTERFACE_VERSION: tuple[int, int] = (1, 10)
+# (the engine's start runs warm-up steps, so no request waits for a kernel compile); 1.11 — mixture-of-experts
+# layers: ``Backend.fused_moe``.
+INTERFACE_VERSION: tuple[int, int] = (1, 11)
 
 
 class InterfaceVersionError(ValueError):
@@ -693,6 +695,21 @@ class Backend(abc.ABC):
         """
         gate, up = x.chunk(2, dim=-1)
         return torch.nn.functional.silu(gate) * up
+
+    def fused_moe(self, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                  topk_ids: torch.Tensor) -> torch.Tensor:
+        """The experts of a mixture-of-experts layer (Mixtral, Qwen3-MoE); called by every sparse layer, per step,
+        after the model's router picked each token's experts.
+
+        ``x``: ``[num_tokens, hidden]``; ``w13``: ``[num_experts, 2 * inter, hidden]`` (each expert's gate rows,
+        then its up rows); ``w2``: ``[num_experts, hidden, inter]``; ``topk_weights``: ``[num_tokens, top_k]``
+        float32; ``topk_ids``: ``[num_tokens, top_k]`` int32, distinct experts per token. Returns ``[num_tokens,
+        hidden]`` in ``x``'s dtype: ``sum_j topk_weights[t, j] * w2[e] @ silu_and_mul(w13[e] @ x[t])`` with ``e =
+        topk_ids[t, j]`` (this rank's partial sum when ``inter`` is sharded). Default: expert by expert through
+        :meth:`linear` and :meth:`silu_and_mul` (``pagedllm.backends.moe.moe_reference``), which reads the
+        routing back to the host, so a backend that captures decode graphs must override it. Added in 1.11.
+        """
+        return moe_reference(x, w13, w2, topk_weights, topk_ids, self.linear, self.silu_and_mul)
 
     # ------------------------------------------------------------------ optional fp8 input ops (1.6)
     # With fp8 linear layers the op before a projection may hand it its input already quantized per token

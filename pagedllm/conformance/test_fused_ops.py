@@ -28,10 +28,12 @@ from pagedllm.backends.interface import Backend
 from pagedllm.conformance.cases import all_dtypes, base_head_size, dtype_skip, param
 from pagedllm.conformance.plugin import ConformanceTarget, case_id, get_target
 from pagedllm.conformance.reference import DefaultOpsBackend, poisoned_allocations, tolerance
+from pagedllm.core.models.moe import route_tokens
 
 NUM_TOKENS = 7
 HIDDEN = 96
 IN_FEATURES, OUT_FEATURES = 256, 80
+MOE_INTER = 48  # each expert's intermediate features (fused_moe)
 BLOCK_IN_FEATURES, BLOCK_OUT_FEATURES = 512, 256  # whole tiles, four groups: what block-scaled GEMMs take
 GROUP_MAGNITUDES = (1.0, 2.0**-16, 4.0, 0.5)  # of the four input groups of the linear_fp8_block cases
 # case name -> the Backend method it calls; the linear layers twice: a backend may take one-token inputs
@@ -45,7 +47,8 @@ OPS: dict[str, str] = {"rms_norm": "rms_norm", "add_rms_norm": "add_rms_norm", "
                        "linear_fp8_quantized_one_token": "linear_fp8_quantized",
                        "linear_fp8_block": "linear_fp8_block", "linear_fp8_block_one_token": "linear_fp8_block",
                        "linear_fp8_block_quantized": "linear_fp8_block_quantized",
-                       "linear_fp8_block_quantized_one_token": "linear_fp8_block_quantized"}
+                       "linear_fp8_block_quantized_one_token": "linear_fp8_block_quantized",
+                       "fused_moe": "fused_moe", "fused_moe_one_token": "fused_moe", "fused_moe_wide": "fused_moe"}
 FP8_INPUT_OPS: dict[str, str] = {"rms_norm_fp8": "rms_norm", "add_rms_norm_fp8": "add_rms_norm",
                                  "silu_and_mul_fp8": "silu_and_mul", "rms_norm_fp8_groups": "rms_norm",
                                  "add_rms_norm_fp8_groups": "add_rms_norm", "silu_and_mul_fp8_groups": "silu_and_mul"}
@@ -124,6 +127,14 @@ def op_inputs(op: str, head_dim: int, dtype: torch.dtype, gen: torch.Generator,
         norm_weights = (1.0 + 0.2 * torch.randn(2, head_dim, generator=gen)).to(dtype)
         return (positions, q[:, :4].to(dtype), q[:, 4:].to(dtype), norm_weights[0], norm_weights[1], 1e-6,
                 rotary_cache(head_dim, 64))
+    if op.startswith("fused_moe"):  # 8 experts, 2 per token; "wide": 48 tokens, 64 experts, 6 per token
+        rows, experts, top_k = {"fused_moe": (NUM_TOKENS, 8, 2), "fused_moe_one_token": (1, 8, 2),
+                                "fused_moe_wide": (48, 64, 6)}[op]
+        inter = MOE_INTER
+        w13 = torch.randn(experts, 2 * inter, HIDDEN, generator=gen) * HIDDEN**-0.5
+        w2 = torch.randn(experts, HIDDEN, inter, generator=gen) * inter**-0.5
+        weights, ids = route_tokens(torch.randn(rows, experts, generator=gen), top_k, renormalize=True)
+        return randn(rows, HIDDEN), w13.to(dtype), w2.to(dtype), weights, ids
     if op.startswith("linear_fp8_block"):
         rows = 1 if op.endswith("one_token") else NUM_TOKENS
         magnitudes = group_magnitudes(BLOCK_IN_FEATURES)

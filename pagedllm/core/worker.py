@@ -20,6 +20,7 @@ from pagedllm.core.distributed.parallel_state import (
 from pagedllm.core.graph_runner import capture_sizes
 from pagedllm.core.loader import load_model
 from pagedllm.core.model_runner import ModelRunner, ModelRunnerOutput
+from pagedllm.core.models.moe import experts_sync_with_host
 from pagedllm.core.scheduler import SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -101,6 +102,10 @@ class Worker:
         after the replay (its all-gather through ``torch.distributed``).
         """
         if not self.backend.capabilities().can_capture_graphs or self.config.enforce_eager:
+            return False
+        if experts_sync_with_host(self.runner.model, self.backend):
+            logger.info("backend %r computes the model's experts with the default fused_moe (it syncs with the "
+                        "host); decode runs without graphs", self.backend.name)
             return False
         max_batch = capture_sizes(self.config.max_num_seqs)[-1]
         with_logits = True

@@ -19,6 +19,14 @@ TINY_CONFIGS: dict[str, dict[str, object]] = {
     # head_dim 32, not hidden / heads = 16 (Qwen3 sets it apart); per-head q/k norms
     "qwen3": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=32, max_position_embeddings=1024, tie_word_embeddings=True),
+    # 8 experts, 2 per token; every layer sparse
+    "mixtral": dict(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=1024, num_local_experts=8, num_experts_per_tok=2),
+    # 8 experts, 3 per token, renormalized; layer 1 of 3 dense (mlp_only_layers)
+    "qwen3_moe": dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
+                      num_experts=8, num_experts_per_tok=3, norm_topk_prob=True, decoder_sparse_step=1,
+                      mlp_only_layers=[1], tie_word_embeddings=False),
 }
 
 
@@ -64,7 +72,8 @@ def build_tokenizer(directory: str | Path, vocab_size: int = 512) -> object:
 
 def build_checkpoint(directory: str | Path, arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32,
                      vocab_size: int = 512, max_shard_size: str | None = None, **overrides: object) -> Path:
-    """Write a tiny random ``arch`` checkpoint (llama, mistral, qwen2 or qwen3) plus tokenizer to ``directory``.
+    """Write a tiny random ``arch`` checkpoint (llama, mistral, qwen2, qwen3, mixtral or qwen3_moe) plus tokenizer
+    to ``directory``.
 
     The weights are scaled up from transformers' default init so greedy continuations vary with the
     prompt (a near-uniform model would make every comparison trivially equal). Returns the directory.
@@ -75,9 +84,11 @@ def build_checkpoint(directory: str | Path, arch: str = "llama", seed: int = 0, 
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(directory, vocab_size)
     config_cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-                  "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}[arch]
+                  "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
+                  "mixtral": transformers.MixtralConfig, "qwen3_moe": transformers.Qwen3MoeConfig}[arch]
     model_cls = {"llama": transformers.LlamaForCausalLM, "mistral": transformers.MistralForCausalLM,
-                 "qwen2": transformers.Qwen2ForCausalLM, "qwen3": transformers.Qwen3ForCausalLM}[arch]
+                 "qwen2": transformers.Qwen2ForCausalLM, "qwen3": transformers.Qwen3ForCausalLM,
+                 "mixtral": transformers.MixtralForCausalLM, "qwen3_moe": transformers.Qwen3MoeForCausalLM}[arch]
     kwargs = dict(TINY_CONFIGS[arch])
     kwargs.update(overrides)
     config = config_cls(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,

@@ -140,17 +140,24 @@ class LlamaDecoderLayer(nn.Module):
     def __init__(self, hf_config: object, layer_idx: int, sliding_window: int | None, backend: Backend) -> None:
         super().__init__()
         self.self_attn = self.attention_cls(hf_config, layer_idx, sliding_window, backend)
-        self.mlp = LlamaMLP(hf_config, backend)
+        self.mlp = self.make_mlp(hf_config, layer_idx, backend)
         eps = hf_config.rms_norm_eps
         self.input_layernorm = RMSNorm(hf_config.hidden_size, eps, backend, reduce_partial_input=True)
         self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, eps, backend, reduce_partial_input=True)
 
+    def make_mlp(self, hf_config: object, layer_idx: int, backend: Backend) -> nn.Module:
+        """The layer's feed-forward block, ``[num_tokens, hidden_size]`` -> the same (this rank's partial sum):
+        a :class:`LlamaMLP`; a mixture-of-experts family returns its sparse block where the config has one."""
+        return LlamaMLP(hf_config, backend)
+
     def use_fp8_inputs(self) -> None:
         """Have the norms and the MLP activation quantize their outputs for the fp8 projections after them
-        (called by the loader, see ``pagedllm.core.models.layers.use_fp8_inputs``)."""
+        (called by the loader, see ``pagedllm.core.models.layers.use_fp8_inputs``). A sparse MoE block takes
+        its input in the model dtype (its router and experts are not fp8)."""
         self.input_layernorm.fp8_output = fp8_input_of(self.self_attn.qkv_proj)
-        self.post_attention_layernorm.fp8_output = fp8_input_of(self.mlp.gate_up_proj)
-        self.mlp.fp8_activation = fp8_input_of(self.mlp.down_proj)
+        if isinstance(self.mlp, LlamaMLP):
+            self.post_attention_layernorm.fp8_output = fp8_input_of(self.mlp.gate_up_proj)
+            self.mlp.fp8_activation = fp8_input_of(self.mlp.down_proj)
 
     def forward(
         self,
