@@ -39,6 +39,7 @@ KERNEL_MODULES = (
     "fused_kernels",
     "gemv",
     "fp8_linear",
+    "fused_moe",
 )
 TOLERANCE = {torch.float32: {"atol": 1e-4, "rtol": 1e-4}, torch.float16: {"atol": 3e-3, "rtol": 3e-3}}
 REFERENCE = CpuBackend()
@@ -416,6 +417,26 @@ def test_silu_and_mul(kernels: SimpleNamespace, dtype: torch.dtype) -> None:
     torch.testing.assert_close(kernels.fused_kernels.silu_and_mul(x), REFERENCE.silu_and_mul(x), **TOLERANCE[dtype])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("tokens", "experts", "top_k"), [(1, 8, 2), (5, 8, 3), (40, 4, 2)])
+def test_fused_moe_matches_reference(kernels: SimpleNamespace, dtype: torch.dtype, tokens: int, experts: int,
+                                     top_k: int) -> None:
+    """The two grouped GEMMs over expert blocks against the expert-by-expert reference; 40 tokens over 4
+    experts fill more than one 64-row block per expert; columns (72, 48) not multiples of the tiles."""
+    from pagedllm.backends.moe import moe_reference
+    from pagedllm.core.models.moe import route_tokens
+
+    gen = torch.Generator().manual_seed(tokens)
+    hidden, inter = 48, 36
+    x = torch.randn(tokens, hidden, generator=gen).to(dtype)
+    w13 = (torch.randn(experts, 2 * inter, hidden, generator=gen) / hidden**0.5).to(dtype)
+    w2 = (torch.randn(experts, hidden, inter, generator=gen) / inter**0.5).to(dtype)
+    weights, ids = route_tokens(torch.randn(tokens, experts, generator=gen), top_k, renormalize=True)
+    got = kernels.fused_moe.fused_moe(x, w13, w2, weights, ids, kernels.fused_kernels.silu_and_mul)
+    assert got.dtype == dtype and got.shape == x.shape
+    torch.testing.assert_close(got, moe_reference(x, w13, w2, weights, ids), **TOLERANCE[dtype])
+
+
 def _assert_quantized_like(got: tuple[torch.Tensor, torch.Tensor], values: torch.Tensor, kernels: SimpleNamespace,
                            rtol: float) -> None:
     """``got = (q, scale)`` is the interpreted quantizer's output on ``values`` (the unfused op's): scales
@@ -717,6 +738,7 @@ def test_kernels_compile_for_sm90() -> None:
         decode_attention,
         fp8_linear,
         fused_kernels,
+        fused_moe,
         gemv,
         kv_cache_kernels,
         prefill_attention,
@@ -818,6 +840,15 @@ def test_kernels_compile_for_sm90() -> None:
              "w_ptr": "*fp8e4nv", "w_scale_ptr": "*fp32", "bias_ptr": "*bf16"},
             {"HAS_BIAS": True, "BLOCK_N": 8, "BLOCK_K": 1024, "GROUP": 16, "TILE": 128, "X_QUANTIZED": x_quantized},
             num_warps=4,
+        )  # fmt: skip
+    # mixture of experts: the grouped GEMM of the gate|up rows (rows are tokens) and of the down rows (weighted)
+    moe = {"a_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": "*bf16", "sorted_ids_ptr": "*i32", "block_experts_ptr": "*i32",
+           "weights_ptr": "*fp32"}
+    for rows_are_tokens in (True, False):
+        _compile_sm90(
+            fused_moe._moe_gemm_kernel, moe,
+            {"NUM_EXPERTS": 128, "TOP_K": 8, "ROWS_ARE_TOKENS": rows_are_tokens, "MUL_WEIGHTS": not rows_are_tokens,
+             "DOT_PRECISION": "tf32", "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3,
         )  # fmt: skip
     # the tensor-parallel all-reduce + RMSNorm: peer pointers from int64, polling volatile loads
     for bits, dtype in ((16, "*bf16"), (32, "*fp32")):

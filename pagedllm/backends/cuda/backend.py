@@ -59,8 +59,9 @@ class CudaBackend(Backend):
     device_type = "cuda"
     dist_backend = "nccl"
     # communicator; linear, all_reduce_add_rms_norm; scheduler defaults; fp8; fp8_block; 1.8: qk_norm_rotary_embedding,
-    # the fp8_block input ops, linear_fp8_static; 1.9: write_kv_cache_scaled, attention_scaled; 1.10: compiles_kernels
-    interface_version = (1, 10)
+    # the fp8_block input ops, linear_fp8_static; 1.9: write_kv_cache_scaled, attention_scaled; 1.10: compiles_kernels;
+    # 1.11: fused_moe
+    interface_version = (1, 11)
     priority = 10  # below rocm: torch.cuda also answers on a ROCm build
 
     def __init__(self) -> None:
@@ -308,6 +309,16 @@ class CudaBackend(Backend):
         from pagedllm.backends.cuda.fused_kernels import silu_and_mul
 
         return silu_and_mul(x)
+
+    def fused_moe(self, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                  topk_ids: torch.Tensor) -> torch.Tensor:
+        """Two Triton grouped GEMMs over the pairs sorted by expert on the device (graphs capture them), SiLU-and-mul
+        between (``pagedllm.backends.cuda.fused_moe``); operands it does not take go to the default."""
+        from pagedllm.backends.cuda import fused_moe as kernels
+
+        if not kernels.takes(x, w13, w2):
+            return super().fused_moe(x, w13, w2, topk_weights, topk_ids)
+        return kernels.fused_moe(x, w13, w2, topk_weights, topk_ids, self.silu_and_mul)
 
     def rms_norm_fp8(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Triton RMSNorm writing its output quantized per token (the default's up to the sum-of-squares order)."""
