@@ -8,10 +8,12 @@ the ``top_k`` rows of each token are then summed in float32. Each program comput
 one tile of output columns, reading only its expert's weights, so a decode step reads each routed expert once
 per column tile. Blocks past the last expert's return at once.
 
-``BLOCK_M`` is fixed (no compile per batch size once started); the pair count is not specialized on.
+The tiles (:data:`TILES`) are fixed (no compile per batch size once started); the pair count is not specialized on.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import triton
@@ -20,9 +22,8 @@ import triton.language as tl
 from pagedllm.backends.cuda.attention_common import dot_precision
 from pagedllm.backends.moe import ExpertBlocks, expert_blocks
 
-BLOCK_M = 64
-BLOCK_N = 64
-BLOCK_K = 32
+TILES = (64, 64, 32, 4, 3)
+"""BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages of both GEMMs."""
 
 
 @triton.jit(do_not_specialize=["num_pairs"])
@@ -63,31 +64,35 @@ def _moe_gemm_kernel(
 
 
 def _grouped_gemm(a: torch.Tensor, weights: torch.Tensor, blocks: ExpertBlocks, top_k: int, rows_are_tokens: bool,
-                  routing: torch.Tensor | None) -> torch.Tensor:
+                  routing: torch.Tensor | None, tiles: tuple[int, ...]) -> torch.Tensor:
     """``out[p] = a[row(p)] @ weights[expert(p)].T`` (times ``routing[p]`` when given) for every pair ``p``:
     ``a``: ``[rows, K]`` (tokens when ``rows_are_tokens``, else pairs); ``weights``: ``[num_experts, N, K]``;
     returns ``[num_pairs, N]`` in ``a``'s dtype."""
     num_experts, n, k = weights.shape
+    block_m, block_n, block_k, num_warps, num_stages = tiles
+    assert block_m == blocks.block_m
     out = torch.empty(blocks.num_pairs, n, dtype=a.dtype, device=a.device)
-    grid = (blocks.block_experts.numel(), triton.cdiv(n, BLOCK_N))
+    grid = (blocks.block_experts.numel(), triton.cdiv(n, block_n))
     _moe_gemm_kernel[grid](
         a, weights, out, blocks.sorted_ids, blocks.block_experts, routing if routing is not None else out,
         blocks.num_pairs, n, k, a.stride(0), weights.stride(0), weights.stride(1), out.stride(0),
         NUM_EXPERTS=num_experts, TOP_K=top_k, ROWS_ARE_TOKENS=rows_are_tokens, MUL_WEIGHTS=routing is not None,
-        DOT_PRECISION=dot_precision(a.dtype), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-        num_warps=4, num_stages=3,
+        DOT_PRECISION=dot_precision(a.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=num_warps, num_stages=num_stages,
     )
     return out
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor, silu_and_mul) -> torch.Tensor:
-    """``Backend.fused_moe`` (shapes there) through the two grouped GEMMs; ``silu_and_mul`` is the backend's."""
+              topk_ids: torch.Tensor, silu_and_mul: Callable[[torch.Tensor], torch.Tensor],
+              tiles: tuple[int, ...] = TILES) -> torch.Tensor:
+    """``Backend.fused_moe`` (shapes there) through the two grouped GEMMs; ``silu_and_mul`` is the backend's;
+    ``tiles`` as :data:`TILES` (a probe sweeps them)."""
     num_tokens, top_k = topk_ids.shape
-    blocks = expert_blocks(topk_ids, w13.shape[0], BLOCK_M)
-    gate_up = _grouped_gemm(x, w13, blocks, top_k, rows_are_tokens=True, routing=None)
+    blocks = expert_blocks(topk_ids, w13.shape[0], tiles[0])
+    gate_up = _grouped_gemm(x, w13, blocks, top_k, rows_are_tokens=True, routing=None, tiles=tiles)
     down = _grouped_gemm(silu_and_mul(gate_up), w2, blocks, top_k, rows_are_tokens=False,
-                         routing=topk_weights.reshape(-1).to(torch.float32).contiguous())
+                         routing=topk_weights.reshape(-1).to(torch.float32).contiguous(), tiles=tiles)
     return down.view(num_tokens, top_k, -1).sum(dim=1, dtype=torch.float32).to(x.dtype)
 
 
