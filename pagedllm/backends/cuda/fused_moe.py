@@ -22,7 +22,7 @@ import triton.language as tl
 from pagedllm.backends.cuda.attention_common import dot_precision
 from pagedllm.backends.moe import ExpertBlocks, expert_blocks
 
-TILES = (64, 64, 32, 4, 3)
+TILES = (64, 128, 64, 4, 3)
 """BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages of both GEMMs."""
 
 
