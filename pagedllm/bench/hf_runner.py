@@ -137,7 +137,8 @@ def weight_bytes(model_dir: str | Path, dtype: torch.dtype, quantization: str | 
     """Bytes of the model's parameters in ``dtype`` (from its config, without loading it); with
     ``quantization="fp8"`` / ``"fp8_block"``, as pagedllm stores them: the projections (every ``nn.Linear`` but
     the LM head) at one byte per weight plus a float32 scale per output row / per 128 x 128 tile, the rest in
-    ``dtype``."""
+    ``dtype``. A mixture of experts' stacked expert weights (``experts.*``, ``[num_experts, ...]``; in ``dtype``
+    under any quantization) count at ``num_experts_per_tok / num_experts``: what a one-token step reads."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from pagedllm.backends.fp8_linear import block_scale_shape
@@ -147,6 +148,10 @@ def weight_bytes(model_dir: str | Path, dtype: torch.dtype, quantization: str | 
         model = AutoModelForCausalLM.from_config(config)
     size = torch.empty(0, dtype=dtype).element_size()
     total = sum(p.numel() for p in model.parameters()) * size
+    top_k = getattr(config, "num_experts_per_tok", None)
+    for name, param in model.named_parameters():
+        if top_k and ".experts." in name and param.dim() == 3:  # [num_experts, out, in]: top_k of them are read
+            total -= param.numel() * size * (param.shape[0] - top_k) // param.shape[0]
     if quantization is not None:
         for name, module in model.named_modules():
             if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head"):

@@ -126,7 +126,8 @@ def run(args: argparse.Namespace) -> int:
     bandwidth = copy_bandwidth_bytes_per_s(device, backend.synchronize)
     floor_ms = 1e3 * weights / bandwidth
     lines = [f"workload: batch {args.batch_size}, {args.input_len} input tokens, {args.output_len} output tokens",
-             f"model: {model_config.path} ({model_config.dtype}, {weights / 1e9:.2f} GB of weights)",
+             f"model: {model_config.path} ({model_config.dtype}, {weights / 1e9:.2f} GB of weights read per one-token "
+             f"step)",
              engine_settings(args),
              f"hardware: {hardware(device)}; measured copy bandwidth {bandwidth / 1e9:.0f} GB/s; "
              f"weight-read floor {floor_ms:.2f} ms per decode step"]

@@ -122,3 +122,21 @@ def test_missing_or_quantized_experts_are_refused(checkpoint_factory, tmp_path: 
     save_file(scaled, str(out / "model.safetensors"))
     with pytest.raises(ValueError, match="quantized expert weights are not supported"):
         LLM(str(out), device="cpu", dtype="float32")
+
+
+def test_latency_floor_counts_the_routed_experts_only(checkpoint_factory) -> None:
+    """A one-token step of a mixture of experts reads top_k of its experts: the bench's weight-read floor
+    counts their share of the stacked expert weights, and the rest whole."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from pagedllm.bench.hf_runner import weight_bytes
+
+    model_dir = checkpoint_factory("qwen3_moe")
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    total = sum(p.numel() for p in model.parameters())
+    assert 0 < experts < total
+    routed = experts * config.num_experts_per_tok / config.num_experts
+    assert weight_bytes(model_dir, torch.bfloat16) == pytest.approx(2 * (total - experts + routed))
