@@ -12,20 +12,11 @@ import torch
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 from pagedllm.backends.moe import moe_reference  # noqa: E402
-from pagedllm.core.models.moe import route_tokens  # noqa: E402
 from tests.gpu.test_cuda_backend import DTYPES, TOLERANCE, Completions, _engine, _prompts, assert_same_tokens  # noqa: E402
+from tests.unit.test_moe import routed_inputs  # noqa: E402
 
 # (tokens, experts, top_k, hidden, inter): tiny; a decode batch and a prefill chunk of Qwen3-30B-A3B's layer
 SHAPES = [(5, 8, 2, 64, 48), (1, 128, 8, 2048, 768), (64, 128, 8, 2048, 768), (700, 128, 8, 2048, 768)]
-
-
-def moe_inputs(tokens: int, experts: int, top_k: int, hidden: int, inter: int, dtype: torch.dtype, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(tokens, hidden, generator=gen)
-    w13 = torch.randn(experts, 2 * inter, hidden, generator=gen) / hidden**0.5
-    w2 = torch.randn(experts, hidden, inter, generator=gen) / inter**0.5
-    weights, ids = route_tokens(torch.randn(tokens, experts, generator=gen), top_k, renormalize=True)
-    return x, w13, w2, weights, ids
 
 
 def backend():
@@ -46,7 +37,7 @@ def check(got: torch.Tensor, x, w13, w2, weights, ids, dtype: torch.dtype) -> No
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_fused_moe_matches_reference(shape: tuple[int, ...], dtype: torch.dtype) -> None:
-    x, w13, w2, weights, ids = moe_inputs(*shape, dtype)
+    x, w13, w2, weights, ids = routed_inputs(*shape)
     dev = dict(device="cuda", dtype=dtype)
     got = backend().fused_moe(x.to(**dev), w13.to(**dev), w2.to(**dev), weights.cuda(), ids.cuda())
     assert got.dtype == dtype
@@ -57,7 +48,7 @@ def test_fused_moe_replays_in_a_graph_with_new_routing() -> None:
     """Captured once (the sort into expert blocks included), replayed over other tokens and routing."""
     dtype = torch.bfloat16
     shape = (32, 128, 8, 2048, 768)
-    x, w13, w2, weights, ids = moe_inputs(*shape, dtype)
+    x, w13, w2, weights, ids = routed_inputs(*shape)
     cuda = backend()
     w13_d, w2_d = w13.to("cuda", dtype), w2.to("cuda", dtype)
     static = [x.to("cuda", dtype), weights.cuda(), ids.cuda()]
@@ -67,7 +58,7 @@ def test_fused_moe_replays_in_a_graph_with_new_routing() -> None:
     with torch.cuda.graph(graph):
         out = cuda.fused_moe(static[0], w13_d, w2_d, static[1], static[2])
     for seed in (1, 2):
-        x2, _, _, weights2, ids2 = moe_inputs(*shape, dtype, seed=seed)
+        x2, _, _, weights2, ids2 = routed_inputs(*shape, seed=seed)
         for buf, new in zip(static, (x2.to(dtype), weights2, ids2), strict=True):
             buf.copy_(new)
         graph.replay()

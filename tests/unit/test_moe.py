@@ -27,6 +27,8 @@ def dense_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: tor
 
 
 def routed_inputs(tokens: int, experts: int = 8, top_k: int = 2, hidden: int = 32, inter: int = 24, seed: int = 0):
+    """Seeded float32 CPU operands of ``fused_moe``: ``(x, w13, w2, topk_weights, topk_ids)`` (also the GPU
+    tests')."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(tokens, hidden, generator=gen)
     w13 = torch.randn(experts, 2 * inter, hidden, generator=gen) / hidden**0.5
