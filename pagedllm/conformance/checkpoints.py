@@ -14,10 +14,11 @@ from pathlib import Path
 
 # arch -> (num_attention_heads, num_key_value_heads); the hidden size is heads * head size
 ARCH_HEADS: dict[str, tuple[int, int]] = {"llama": (4, 2), "qwen2": (4, 1), "mistral": (4, 2), "qwen3": (4, 2),
-                                          "mixtral": (4, 2), "qwen3_moe": (4, 2)}
+                                          "mixtral": (4, 2), "qwen3_moe": (4, 2), "qwen2_moe": (4, 2)}
 """GQA Llama, MQA Qwen2, GQA Mistral with a sliding window, GQA Qwen3 with per-head q/k norms, and two mixtures
-of experts through ``Backend.fused_moe``: Mixtral (8 experts, 2 per token) and Qwen3-MoE (8 experts, 3 per
-token, one dense layer) (from ``pagedllm.testing.checkpoints``)."""
+of experts through ``Backend.fused_moe``: Mixtral (8 experts, 2 per token), Qwen3-MoE (8 experts, 3 per token,
+one dense layer) and Qwen2-MoE (a gated shared expert beside the routed ones) (from
+``pagedllm.testing.checkpoints``)."""
 
 
 def cached_checkpoint(root: Path, arch: str, head_dim: int) -> Path:

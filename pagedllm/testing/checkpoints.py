@@ -27,6 +27,11 @@ TINY_CONFIGS: dict[str, dict[str, object]] = {
                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
                       num_experts=8, num_experts_per_tok=3, norm_topk_prob=True, decoder_sparse_step=1,
                       mlp_only_layers=[1], tie_word_embeddings=False),
+    # 8 experts, 2 per token (not renormalized) and a gated shared expert; layer 0 of 3 dense
+    "qwen2_moe": dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=1024, num_experts=8, num_experts_per_tok=2,
+                      norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[0]),
 }
 
 
@@ -72,7 +77,8 @@ def build_tokenizer(directory: str | Path, vocab_size: int = 512) -> object:
 
 def build_checkpoint(directory: str | Path, arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32,
                      vocab_size: int = 512, max_shard_size: str | None = None, **overrides: object) -> Path:
-    """Write a tiny random ``arch`` checkpoint (llama, mistral, qwen2, qwen3, mixtral or qwen3_moe) plus tokenizer
+    """Write a tiny random ``arch`` checkpoint (llama, mistral, qwen2, qwen3, mixtral,
+    qwen3_moe or qwen2_moe) plus tokenizer
     to ``directory``.
 
     The weights are scaled up from transformers' default init so greedy continuations vary with the
@@ -85,10 +91,12 @@ def build_checkpoint(directory: str | Path, arch: str = "llama", seed: int = 0, 
     tokenizer = build_tokenizer(directory, vocab_size)
     config_cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
                   "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
-                  "mixtral": transformers.MixtralConfig, "qwen3_moe": transformers.Qwen3MoeConfig}[arch]
+                  "mixtral": transformers.MixtralConfig, "qwen3_moe": transformers.Qwen3MoeConfig,
+                  "qwen2_moe": transformers.Qwen2MoeConfig}[arch]
     model_cls = {"llama": transformers.LlamaForCausalLM, "mistral": transformers.MistralForCausalLM,
                  "qwen2": transformers.Qwen2ForCausalLM, "qwen3": transformers.Qwen3ForCausalLM,
-                 "mixtral": transformers.MixtralForCausalLM, "qwen3_moe": transformers.Qwen3MoeForCausalLM}[arch]
+                 "mixtral": transformers.MixtralForCausalLM, "qwen3_moe": transformers.Qwen3MoeForCausalLM,
+                 "qwen2_moe": transformers.Qwen2MoeForCausalLM}[arch]
     kwargs = dict(TINY_CONFIGS[arch])
     kwargs.update(overrides)
     config = config_cls(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,

@@ -99,7 +99,7 @@ def stacked_copy(model_dir: Path, tmp_path: Path) -> Path:
     return out
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "qwen2_moe"])
 def test_stacked_and_per_expert_checkpoints_generate_alike(checkpoint_factory, tmp_path: Path, arch: str) -> None:
     model_dir = checkpoint_factory(arch)
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)

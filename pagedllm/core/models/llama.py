@@ -59,7 +59,7 @@ class LlamaAttention(nn.Module):
         total_num_heads = hf_config.num_attention_heads
         total_num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or total_num_heads
         self.head_dim = head_dim_of(hf_config)
-        bias = bool(getattr(hf_config, "attention_bias", False) or self.qkv_bias_default)
+        bias = self.has_qkv_bias(hf_config)
         # Heads are split across tensor-parallel ranks: num_heads / num_kv_heads are this rank's.
         self.qkv_proj = QKVParallelLinear(hf_config.hidden_size, self.head_dim, total_num_heads, total_num_kv_heads,
                                           bias)
@@ -75,6 +75,10 @@ class LlamaAttention(nn.Module):
         self.attn = PagedAttention(spec, backend)
 
     qkv_bias_default = False
+
+    def has_qkv_bias(self, hf_config: object) -> bool:
+        """Whether q, k and v have biases: ``attention_bias``, or the family's default (Qwen2: always)."""
+        return bool(getattr(hf_config, "attention_bias", False) or self.qkv_bias_default)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor | Fp8Activation,
                 metadata: AttentionMetadata, sampled: SampledRows | None = None) -> torch.Tensor:
@@ -110,12 +114,12 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    """SwiGLU MLP with fused gate|up projection."""
+    """SwiGLU MLP with fused gate|up projection, of ``intermediate_size`` features (default: the config's)."""
 
-    def __init__(self, hf_config: object, backend: Backend) -> None:
+    def __init__(self, hf_config: object, backend: Backend, intermediate_size: int | None = None) -> None:
         super().__init__()
         bias = bool(getattr(hf_config, "mlp_bias", False))
-        inter = hf_config.intermediate_size
+        inter = intermediate_size or hf_config.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(hf_config.hidden_size, [inter, inter], bias)
         self.down_proj = RowParallelLinear(inter, hf_config.hidden_size, bias=bias, reduce_results=False)
         self.backend = backend

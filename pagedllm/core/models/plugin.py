@@ -9,9 +9,10 @@ from pagedllm.backends.hookspecs import hookimpl
 
 @hookimpl
 def pagedllm_register_models() -> dict[str, type[nn.Module]]:
-    """Llama, Mistral, Qwen2 and Qwen3 decoders; the Mixtral and Qwen3-MoE mixtures of experts."""
+    """Llama, Mistral, Qwen2 and Qwen3 decoders; the Mixtral, Qwen2-MoE and Qwen3-MoE mixtures of experts."""
     from pagedllm.core.models.llama import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
     from pagedllm.core.models.mixtral import MixtralForCausalLM
+    from pagedllm.core.models.qwen2_moe import Qwen2MoeForCausalLM
     from pagedllm.core.models.qwen3_moe import Qwen3MoeForCausalLM
 
     return {
@@ -20,5 +21,6 @@ def pagedllm_register_models() -> dict[str, type[nn.Module]]:
         "Qwen2ForCausalLM": Qwen2ForCausalLM,
         "Qwen3ForCausalLM": Qwen3ForCausalLM,
         "MixtralForCausalLM": MixtralForCausalLM,
+        "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
         "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
     }
