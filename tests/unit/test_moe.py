@@ -142,3 +142,18 @@ def test_latency_floor_counts_the_routed_experts_only(checkpoint_factory) -> Non
     assert 0 < experts < total
     routed = experts * config.num_experts_per_tok / config.num_experts
     assert weight_bytes(model_dir, torch.bfloat16) == pytest.approx(2 * (total - experts + routed))
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_fp8_quantizes_attention_and_dense_layers_not_the_experts(checkpoint_factory, arch: str) -> None:
+    llm = LLM(str(checkpoint_factory(arch)), device="cpu", dtype="float32", quantization="fp8")
+    model = llm.llm_engine.executor.worker.runner.model
+    layer = model.model.layers[1]
+    assert layer.self_attn.qkv_proj.weight.dtype == torch.float8_e4m3fn
+    assert layer.mlp.experts.gate_up_proj.dtype == layer.mlp.gate.weight.dtype == torch.float32
+    if arch == "qwen2_moe":  # the shared expert is a dense MLP: fp8; its one-row gate is not
+        assert layer.mlp.shared_expert.gate_up_proj.weight.dtype == torch.float8_e4m3fn
+        assert layer.mlp.shared_expert_gate.weight.dtype == torch.float32
+    out = llm.generate([[5, 6, 7, 8, 9]], SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True),
+                       use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 6
