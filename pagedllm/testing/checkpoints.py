@@ -19,6 +19,10 @@ TINY_CONFIGS: dict[str, dict[str, object]] = {
     # head_dim 32, not hidden / heads = 16 (Qwen3 sets it apart); per-head q/k norms
     "qwen3": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=32, max_position_embeddings=1024, tie_word_embeddings=True),
+    # Granite's four multipliers away from 1 (and a softmax scale away from head_dim ** -0.5 = 0.25); tied
+    "granite": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
+                    embedding_multiplier=6.0, attention_multiplier=0.1, residual_multiplier=0.5, logits_scaling=4.0),
     # 8 experts, 2 per token; every layer sparse
     "mixtral": dict(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2, max_position_embeddings=1024, num_local_experts=8, num_experts_per_tok=2),
@@ -77,8 +81,8 @@ def build_tokenizer(directory: str | Path, vocab_size: int = 512) -> object:
 
 def build_checkpoint(directory: str | Path, arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32,
                      vocab_size: int = 512, max_shard_size: str | None = None, **overrides: object) -> Path:
-    """Write a tiny random ``arch`` checkpoint (llama, mistral, qwen2, qwen3, mixtral,
-    qwen3_moe or qwen2_moe) plus tokenizer
+    """Write a tiny random ``arch`` checkpoint (llama, mistral, qwen2, qwen3, granite,
+    mixtral, qwen3_moe or qwen2_moe) plus tokenizer
     to ``directory``.
 
     The weights are scaled up from transformers' default init so greedy continuations vary with the
@@ -92,11 +96,11 @@ def build_checkpoint(directory: str | Path, arch: str = "llama", seed: int = 0, 
     config_cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
                   "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
                   "mixtral": transformers.MixtralConfig, "qwen3_moe": transformers.Qwen3MoeConfig,
-                  "qwen2_moe": transformers.Qwen2MoeConfig}[arch]
+                  "qwen2_moe": transformers.Qwen2MoeConfig, "granite": transformers.GraniteConfig}[arch]
     model_cls = {"llama": transformers.LlamaForCausalLM, "mistral": transformers.MistralForCausalLM,
                  "qwen2": transformers.Qwen2ForCausalLM, "qwen3": transformers.Qwen3ForCausalLM,
                  "mixtral": transformers.MixtralForCausalLM, "qwen3_moe": transformers.Qwen3MoeForCausalLM,
-                 "qwen2_moe": transformers.Qwen2MoeForCausalLM}[arch]
+                 "qwen2_moe": transformers.Qwen2MoeForCausalLM, "granite": transformers.GraniteForCausalLM}[arch]
     kwargs = dict(TINY_CONFIGS[arch])
     kwargs.update(overrides)
     config = config_cls(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,

@@ -71,10 +71,15 @@ class LlamaAttention(nn.Module):
         self.o_proj = RowParallelLinear(total_num_heads * self.head_dim, hf_config.hidden_size, o_bias,
                                         reduce_results=False)  # summed by the next norm
         self.rotary_emb = RotaryEmbedding(hf_config, self.head_dim, hf_config.max_position_embeddings, backend)
-        spec = AttentionSpec(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5, sliding_window)
+        spec = AttentionSpec(self.num_heads, self.num_kv_heads, self.head_dim, self.attention_scale(hf_config),
+                             sliding_window)
         self.attn = PagedAttention(spec, backend)
 
     qkv_bias_default = False
+
+    def attention_scale(self, hf_config: object) -> float:
+        """The factor of q.k in the softmax: ``head_dim ** -0.5`` (Granite sets its own)."""
+        return self.head_dim**-0.5
 
     def has_qkv_bias(self, hf_config: object) -> bool:
         """Whether q, k and v have biases: ``attention_bias``, or the family's default (Qwen2: always)."""
@@ -205,12 +210,15 @@ class LlamaModel(nn.Module):
             for i in range(hf_config.num_hidden_layers)
         )
         self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps, backend, reduce_partial_input=True)
+        self.embedding_multiplier = float(getattr(hf_config, "embedding_multiplier", None) or 1.0)  # Granite
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata,
                 sampled: SampledRows | None = None) -> torch.Tensor:
         """``input_ids``, ``positions``: ``[num_tokens]`` -> hidden states ``[num_tokens, hidden_size]``, or
         ``[num_sampled, hidden_size]`` of the ``sampled`` rows: the last layer computes only those."""
         hidden = self.embed_tokens(input_ids)
+        if self.embedding_multiplier != 1.0:
+            hidden = hidden * self.embedding_multiplier
         residual = None
         *body, last = self.layers
         for layer in body:
