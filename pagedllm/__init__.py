@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pagedllm.core.inputs import TextPrompt, TokensPrompt
 from pagedllm.core.outputs import CompletionOutput, Logprob, RequestOutput
+from pagedllm.core.pooling import EmbeddingOutput, EmbeddingRequestOutput, PoolingParams
 from pagedllm.core.sampling_params import SamplingParams, StructuredOutputsParams
 from pagedllm.entrypoints.beam_search import BeamSearchOutput, BeamSearchParams
 from pagedllm.entrypoints.llm import LLM
@@ -18,7 +19,10 @@ __all__ = [
     "BeamSearchOutput",
     "BeamSearchParams",
     "CompletionOutput",
+    "EmbeddingOutput",
+    "EmbeddingRequestOutput",
     "Logprob",
+    "PoolingParams",
     "RequestOutput",
     "SamplingParams",
     "StructuredOutputsParams",

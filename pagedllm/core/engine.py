@@ -26,6 +26,7 @@ from pagedllm.core.inputs import PromptType, parse_prompt
 from pagedllm.core.model_runner import ModelRunnerOutput
 from pagedllm.core.output_processor import OutputProcessor, ParentRequest
 from pagedllm.core.outputs import RequestOutput
+from pagedllm.core.pooling import PoolingParams
 from pagedllm.core.request import Request, RequestStatus
 from pagedllm.core.sampler import Sampler, SamplerOutput
 from pagedllm.core.sampling_params import (
@@ -203,10 +204,11 @@ class LLMEngine:
         self,
         request_id: str | None,
         prompt: PromptType,
-        params: SamplingParams | None = None,
+        params: SamplingParams | PoolingParams | None = None,
         arrival_time: float | None = None,
     ) -> str:
-        """Queue a prompt for ``params.n`` completions; returns the request id.
+        """Queue a prompt for ``params.n`` completions, or for its embedding with :class:`PoolingParams` (the
+        request's output is then an :class:`~pagedllm.core.pooling.EmbeddingRequestOutput`); returns the request id.
 
         ``prompt``: text, token ids, or a :class:`~pagedllm.core.inputs.TextPrompt` /
         :class:`~pagedllm.core.inputs.TokensPrompt` dictionary (:func:`~pagedllm.core.inputs.parse_prompt`).
@@ -214,8 +216,20 @@ class LLMEngine:
         out-of-vocabulary ids, or prompt + max_tokens beyond ``max_model_len`` or the whole KV pool.
         """
         prompt_text, token_ids = self.prompt_token_ids(prompt)
+        pooling = None
+        if isinstance(params, PoolingParams):  # an embedding: a one-token generation whose token is discarded
+            pooling = params
+            pooling.verify(self.model_config.hidden_size)
+            params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, detokenize=False,
+                                    truncate_prompt_tokens=pooling.truncate_prompt_tokens,
+                                    output_kind=RequestOutputKind.FINAL_ONLY)
         params = (params or self.default_sampling_params()).clone()
-        token_ids = truncated_prompt(token_ids, params.truncate_prompt_tokens, self.model_config.max_model_len)
+        # an embedding's prompt may take the whole context but the one token its step samples
+        room = self.model_config.max_model_len - (pooling is not None)
+        token_ids = truncated_prompt(token_ids, params.truncate_prompt_tokens, room)
+        if pooling is not None and len(token_ids) > room:
+            raise ValueError(f"the prompt ({len(token_ids)} tokens) is longer than an embedding takes: at most {room} "
+                             f"tokens (max_model_len - 1); shorten it or set truncate_prompt_tokens")
         if request_id is None:
             request_id = str(self._request_counter)
             self._request_counter += 1
@@ -253,7 +267,8 @@ class LLMEngine:
             child_id = request_id if params.n == 1 else f"{index}_{request_id}"
             children.append(Request(child_id, token_ids, child_params, arrival,
                                     eos_token_ids=self.eos_token_ids, parent_id=request_id, index=index,
-                                    structured=make_matcher() if make_matcher is not None else None))
+                                    structured=make_matcher() if make_matcher is not None else None,
+                                    pooling=pooling))
         for child in children:
             self.scheduler.check_request(child)
         for child in children:
@@ -371,6 +386,9 @@ class LLMEngine:
         prompt = step.runner_output.prompt_logprobs
         if prompt is not None:
             self.output_processor.add_prompt_logprobs(prompt.wait(), self.scheduler.requests)
+        pooled = step.runner_output.pooled
+        if pooled is not None:
+            self.output_processor.add_embeddings(pooled.wait(), self.scheduler.requests)
         sampled = step.sampled
         if sampled is None:
             return []

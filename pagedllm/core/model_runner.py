@@ -17,6 +17,7 @@ from torch import nn
 
 from pagedllm.backends.interface import AttentionMetadata, Backend
 from pagedllm.core.block_manager import cdiv
+from pagedllm.core.pooling import PooledRows
 from pagedllm.core.prompt_logprobs import (
     PromptLogprobRows,
     PromptLogprobs,
@@ -49,6 +50,9 @@ class HostBatch:
     # with prompt_rows: where the sampled rows and the prompt rows are among logits_indices
     sample_select: np.ndarray | None = None  # [num_sampled] int64
     prompt_select: np.ndarray | None = None  # [num_prompt_rows] int64
+    # pooling requests whose prompt's last token runs: their places among the sampled rows, and their ids
+    pooled_select: np.ndarray | None = None  # [num_pooled] int64
+    pooled_request_ids: list[str] | None = None
 
 
 @dataclass(slots=True)
@@ -66,11 +70,13 @@ class ModelInput:
 @dataclass(slots=True)
 class ModelRunnerOutput:
     """Logits of the requests that sample this step: ``logits[i]`` belongs to ``request_ids[i]``; the prompt
-    logprobs the step computed, if any request asked (their copy to the host under way: ``wait()`` first)."""
+    logprobs the step computed, if any request asked, and the hidden states pooling requests wanted (their
+    copies to the host under way: ``wait()`` first)."""
 
     request_ids: list[str]
     logits: torch.Tensor  # [num_sampled, vocab_size]
     prompt_logprobs: PromptLogprobs | None = None
+    pooled: PooledRows | None = None  # the last-token hidden states of pooling requests (embeddings)
 
 
 class ModelRunner:
@@ -154,6 +160,10 @@ class ModelRunner:
         asking = [i for i, r in enumerate(reqs) if r.prompt_logprob_span is not None]
         if asking:
             self._add_prompt_rows(host, [reqs[i] for i in asking], query_start[asking])
+        pooled = [k for k, i in enumerate(sampled) if reqs[i].pools]
+        if pooled:
+            host.pooled_select = np.asarray(pooled, dtype=np.int64)
+            host.pooled_request_ids = [host.sampled_request_ids[k] for k in pooled]
         return host
 
     @staticmethod
@@ -176,16 +186,22 @@ class ModelRunner:
         def logits_of(x: torch.Tensor) -> torch.Tensor:
             return x if are_logits else self.model.compute_logits(x)
 
-        if host.prompt_rows is None:
-            return ModelRunnerOutput(host.sampled_request_ids, logits_of(rows))
-        assert host.sample_select is not None and host.prompt_select is not None
+        def pick(from_rows: torch.Tensor, select: np.ndarray) -> torch.Tensor:
+            return from_rows[torch.from_numpy(select).to(from_rows.device, non_blocking=True)]
 
-        def pick(select: np.ndarray) -> torch.Tensor:
-            return rows[torch.from_numpy(select).to(rows.device, non_blocking=True)]
-
-        prompt_rows = pick(host.prompt_select)
-        prompt = compute_prompt_logprobs(lambda lo, hi: logits_of(prompt_rows[lo:hi]), host.prompt_rows)
-        return ModelRunnerOutput(host.sampled_request_ids, logits_of(pick(host.sample_select)), prompt.start_copy())
+        prompt = None
+        sampled = rows
+        if host.prompt_rows is not None:
+            assert host.sample_select is not None and host.prompt_select is not None
+            prompt_rows = pick(rows, host.prompt_select)
+            prompt = compute_prompt_logprobs(lambda lo, hi: logits_of(prompt_rows[lo:hi]), host.prompt_rows)
+            prompt = prompt.start_copy()
+            sampled = pick(rows, host.sample_select)
+        pooled = None
+        if host.pooled_select is not None:  # hidden states: a step with pooling requests never runs in a graph
+            assert not are_logits and host.pooled_request_ids is not None
+            pooled = PooledRows.start_copy(host.pooled_request_ids, pick(sampled, host.pooled_select))
+        return ModelRunnerOutput(host.sampled_request_ids, logits_of(sampled), prompt, pooled)
 
     def _pad_to_bucket(self, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
         """Pad token arrays to the smallest bucket that holds them: ids and positions 0, slots -1."""
@@ -288,7 +304,7 @@ class ModelRunner:
         graphs = self.graph_runner
         scheduled = scheduler_output.scheduled
         if (graphs is not None and len(scheduled) <= graphs.max_batch_size
-                and all(r.num_new_tokens == 1 for r in scheduled)):
+                and all(r.num_new_tokens == 1 and not r.pools for r in scheduled)):
             host = self.prepare_host(scheduled)
             logits = graphs.run(host.input_ids, host.positions, host.slots, host.block_tables,
                                 self.pending_token_ids(host, sampled_token_ids))

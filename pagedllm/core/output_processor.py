@@ -10,6 +10,7 @@ import numpy as np
 
 from pagedllm.core.detokenizer import IncrementalDetokenizer, find_stop_string
 from pagedllm.core.outputs import CompletionOutput, Logprob, RequestOutput
+from pagedllm.core.pooling import EmbeddingOutput, EmbeddingRequestOutput, PooledRows
 from pagedllm.core.prompt_logprobs import PromptLogprobs
 from pagedllm.core.request import Request, RequestStatus
 from pagedllm.core.sampler import SamplerOutput
@@ -172,11 +173,35 @@ class OutputProcessor:
                 if request.metrics is not None:
                     request.metrics.finished_time = time.monotonic()
 
-    def make_output(self, parent: ParentRequest) -> RequestOutput:
-        """Snapshot the user-facing state of ``parent``; drops its bookkeeping once finished."""
+    def add_embeddings(self, pooled: PooledRows, requests: dict[str, Request]) -> None:
+        """Pool one step's last-token hidden states (host) into ``Request.embedding`` of the pooling requests
+        still running (an aborted one is no longer in ``requests``)."""
+        for request_id, hidden in zip(pooled.request_ids, pooled.hidden, strict=True):
+            request = requests.get(request_id)
+            if request is not None and request.pooling is not None:
+                request.embedding = request.pooling.pool(hidden)
+
+    def make_output(self, parent: ParentRequest) -> RequestOutput | EmbeddingRequestOutput:
+        """Snapshot the user-facing state of ``parent`` (its embedding, for a pooling request); drops its
+        bookkeeping once finished."""
         finished = parent.finished
         first = parent.children[0]
-        output = RequestOutput(
+        if first.pooling is not None:
+            output: RequestOutput | EmbeddingRequestOutput = EmbeddingRequestOutput(
+                parent.request_id, parent.prompt, parent.prompt_token_ids, EmbeddingOutput(first.embedding or []),
+                finished)  # an aborted one finishes with no embedding
+        else:
+            output = self._request_output(parent, finished, first)
+        if finished:
+            self.parents.pop(parent.request_id, None)
+            for child in parent.children:
+                self.parent_of.pop(child.request_id, None)
+        return output
+
+    @staticmethod
+    def _request_output(parent: ParentRequest, finished: bool, first: Request) -> RequestOutput:
+        """The :class:`RequestOutput` of a generation request: copies of its completions so far."""
+        return RequestOutput(
             request_id=parent.request_id,
             prompt=parent.prompt,
             prompt_token_ids=parent.prompt_token_ids,
@@ -190,8 +215,3 @@ class OutputProcessor:
             num_cached_tokens=first.num_cached_tokens,
             prompt_logprobs=None if first.prompt_logprobs is None else list(first.prompt_logprobs),
         )
-        if finished:
-            self.parents.pop(parent.request_id, None)
-            for child in parent.children:
-                self.parent_of.pop(child.request_id, None)
-        return output

@@ -10,6 +10,7 @@ from pagedllm.core.outputs import Logprob, RequestMetrics
 from pagedllm.core.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    from pagedllm.core.pooling import PoolingParams
     from pagedllm.core.structured_output import GrammarMatcher
 
 PENDING_TOKEN_ID = -1
@@ -66,6 +67,10 @@ class Request:
     all_token_ids: list[int] = field(default_factory=list)
     # the last token is PENDING_TOKEN_ID until the step that sampled it is read back
     has_pending_token: bool = False
+    # a pooling request (LLMEngine.add_request with PoolingParams): its one sampled token is discarded, and the
+    # embedding is pooled from its prompt's last final hidden state once the step computing it is read back
+    pooling: PoolingParams | None = None
+    embedding: list[float] | None = None
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)

@@ -30,6 +30,7 @@ class ScheduledRequest:
     prompt_logprob_span: tuple[int, int] | None = None
     prompt_logprob_targets: list[int] | None = None
     num_prompt_logprobs: int = 0
+    pools: bool = False  # a pooling request (embedding) at its prompt's last token: its final hidden state is kept
 
     @property
     def num_new_tokens(self) -> int:
@@ -200,6 +201,7 @@ class Scheduler:
             prompt_logprob_span=span,
             prompt_logprob_targets=None if span is None else request.prompt_token_ids[span[0] + 1 : span[1] + 1],
             num_prompt_logprobs=request.sampling_params.prompt_logprobs or 0,
+            pools=request.pooling is not None and request.num_computed_tokens == request.num_prompt_tokens,
         )
 
     def _preempt(self, request: Request) -> None:

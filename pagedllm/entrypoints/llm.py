@@ -12,6 +12,7 @@ from pagedllm.core.config import EngineConfig
 from pagedllm.core.engine import LLMEngine
 from pagedllm.core.inputs import PromptType, is_single_prompt
 from pagedllm.core.outputs import RequestOutput
+from pagedllm.core.pooling import EmbeddingRequestOutput, PoolingParams
 from pagedllm.core.sampling_params import RequestOutputKind, SamplingParams
 from pagedllm.entrypoints.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
 
@@ -67,6 +68,30 @@ class LLM:
                 raise ValueError(f"got {len(params_list)} sampling params for {len(prompts)} prompts")
         final_only = {id(p): dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY) for p in params_list}
         params_list = [final_only[id(p)] for p in params_list]  # only finished outputs are kept: skip snapshots
+        return self._add_and_run(prompts, params_list, use_tqdm)  # type: ignore[return-value]
+
+    def embed(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[EmbeddingRequestOutput]:
+        """The embedding of every prompt (vLLM's ``LLM.embed``): the final hidden state of its last token,
+        L2-normalized by default (:class:`PoolingParams`); one :class:`EmbeddingRequestOutput` per prompt, in order,
+        ``outputs.embedding`` a list of floats. Prompts as :meth:`generate` takes them; they share the batch with
+        any generation in flight. Invalid parameters or prompts raise ValueError before anything runs."""
+        prompts = [prompts] if is_single_prompt(prompts) else list(prompts)  # type: ignore[arg-type,list-item]
+        if pooling_params is None or isinstance(pooling_params, PoolingParams):
+            params_list = [pooling_params or PoolingParams()] * len(prompts)
+        else:
+            params_list = list(pooling_params)
+            if len(params_list) != len(prompts):
+                raise ValueError(f"got {len(params_list)} pooling params for {len(prompts)} prompts")
+        return self._add_and_run(prompts, params_list, use_tqdm)  # type: ignore[return-value]
+
+    def _add_and_run(self, prompts: list[PromptType], params_list: list[SamplingParams] | list[PoolingParams],
+                     use_tqdm: bool) -> list[RequestOutput] | list[EmbeddingRequestOutput]:
+        """Add every prompt with its params (aborting those added if one is refused), then run them to the end."""
         engine = self.llm_engine
         ids = []
         try:
