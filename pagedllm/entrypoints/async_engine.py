@@ -22,6 +22,7 @@ from typing import Protocol
 
 from pagedllm.core.engine import EngineStats, LLMEngine
 from pagedllm.core.outputs import RequestOutput
+from pagedllm.core.pooling import PoolingParams
 from pagedllm.core.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ class GenerationRequest:
 
     request_id: str
     prompt: str | list[int]
-    params: SamplingParams
+    params: SamplingParams | PoolingParams  # PoolingParams: an embedding (EmbeddingRequestOutput)
 
 
 class StepObserver(Protocol):

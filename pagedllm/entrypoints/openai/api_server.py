@@ -32,6 +32,8 @@ from pagedllm.entrypoints.openai.protocol import (
     CompletionResponse,
     DetokenizeRequest,
     DetokenizeResponse,
+    EmbeddingRequest,
+    EmbeddingResponse,
     ErrorResponse,
     ModelList,
     TokenizeRequest,
@@ -40,6 +42,7 @@ from pagedllm.entrypoints.openai.protocol import (
 )
 from pagedllm.entrypoints.openai.serving_chat import OpenAIServingChat
 from pagedllm.entrypoints.openai.serving_completion import OpenAIServingCompletion
+from pagedllm.entrypoints.openai.serving_embedding import OpenAIServingEmbedding
 from pagedllm.entrypoints.openai.serving_models import OpenAIServingModels
 from pagedllm.entrypoints.openai.serving_tokenization import OpenAIServingTokenization
 from pagedllm.entrypoints.openai.shutdown import ShutdownMiddleware
@@ -74,6 +77,7 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
     completions = OpenAIServingCompletion(async_engine, tokenizer, models, settings.max_logprobs)
     chat = OpenAIServingChat(async_engine, tokenizer, models, settings.max_logprobs)
     tokenization = OpenAIServingTokenization(tokenizer, models, model_config.vocab_size)
+    embeddings = OpenAIServingEmbedding(async_engine, tokenizer, models, settings.max_logprobs)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -126,6 +130,11 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
     async def create_chat_completion(request: ChatCompletionRequest, raw_request: Request) -> Response:
         """OpenAI's chat completions (``stream: true`` answers with server-sent events)."""
         return await chat.create_chat_completion(request, raw_request)
+
+    @app.post("/v1/embeddings", responses={200: {"model": EmbeddingResponse}, **_ERRORS})
+    async def create_embedding(request: EmbeddingRequest, raw_request: Request) -> Response:
+        """OpenAI's embeddings: the last token's final hidden state of each input, normalized."""
+        return await embeddings.create_embedding(request, raw_request)
 
     @app.post("/tokenize", responses=_ERRORS)
     async def tokenize(request: TokenizeRequest) -> TokenizeResponse:

@@ -13,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 from pagedllm.core.engine import EngineStats
 from pagedllm.core.outputs import RequestOutput
+from pagedllm.core.pooling import EmbeddingRequestOutput
 
 TTFT_BUCKETS_S = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                   20.0, 40.0, 80.0)
@@ -73,7 +74,11 @@ class ServerMetrics:
             self.finished.labels(self.model_name, "abort").inc()
         self._observe_stats(stats)
 
-    def _observe_output(self, output: RequestOutput, now: float) -> None:
+    def _observe_output(self, output: RequestOutput | EmbeddingRequestOutput, now: float) -> None:
+        if isinstance(output, EmbeddingRequestOutput):  # one output, when it finishes: its prompt, no tokens
+            self.prompt_tokens.inc(len(output.prompt_token_ids))
+            self.finished.labels(self.model_name, "stop" if output.outputs.embedding else "abort").inc()
+            return
         progress = self._progress.get(output.request_id)
         if progress is None:
             progress = self._progress[output.request_id] = [(0, now)] * len(output.outputs)

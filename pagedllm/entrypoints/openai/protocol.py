@@ -309,6 +309,45 @@ class ModelList(ResponseModel):
     data: list[ModelCard]
 
 
+# ---------------------------------------------------------------------------------------------- embeddings
+class EmbeddingRequest(OpenAIBaseModel):
+    """``POST /v1/embeddings``: ``input`` is a string, a list of strings, token ids or a list of token-id lists.
+
+    ``encoding_format``: ``"float"`` (lists of numbers) or ``"base64"`` (little-endian float32 bytes, what the
+    official client asks for by default); ``dimensions``: keep the first that many features (Matryoshka), then
+    normalize. vLLM's extras: ``truncate_prompt_tokens`` (keep the last that many tokens, -1 as many as the model
+    takes), ``normalize`` and ``add_special_tokens``.
+    """
+
+    model: str | None = None
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+    truncate_prompt_tokens: int | None = None
+    normalize: bool = True
+    add_special_tokens: bool = True
+
+
+class EmbeddingData(ResponseModel):
+    """One input's embedding."""
+
+    index: int
+    object: Literal["embedding"] = "embedding"
+    embedding: list[float] | str
+
+
+class EmbeddingResponse(ResponseModel):
+    """The embeddings of every input, in input order, and the prompt token count."""
+
+    id: str
+    object: Literal["list"] = "list"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    data: list[EmbeddingData]
+    usage: UsageInfo
+
+
 # ---------------------------------------------------------------------------------------------- tokenizer
 class TokenizeRequest(OpenAIBaseModel):
     """``POST /tokenize``: exactly one of ``prompt`` (text) or ``messages`` (rendered by the chat template).

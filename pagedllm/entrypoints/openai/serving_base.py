@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from starlette.responses import Response
 
 from pagedllm.core.outputs import RequestOutput
+from pagedllm.core.pooling import PoolingParams
 from pagedllm.core.sampling_params import (
     RequestOutputKind,
     SamplingParams,
@@ -23,7 +24,13 @@ from pagedllm.core.sampling_params import (
 )
 from pagedllm.entrypoints.async_engine import AsyncLLMEngine, EngineDeadError, GenerationRequest, OutputStream
 from pagedllm.entrypoints.openai.errors import ClientDisconnected, OpenAIError, from_value_error, invalid_param
-from pagedllm.entrypoints.openai.protocol import PromptLogprob, PromptLogprobList, SamplingRequest, UsageInfo
+from pagedllm.entrypoints.openai.protocol import (
+    OpenAIBaseModel,
+    PromptLogprob,
+    PromptLogprobList,
+    SamplingRequest,
+    UsageInfo,
+)
 from pagedllm.entrypoints.openai.serving_models import OpenAIServingModels
 from pagedllm.entrypoints.openai.streaming import SSE_DONE, ClosingStreamingResponse, sse_event
 from pagedllm.entrypoints.openai.tokenization import AsyncTokenizer
@@ -79,15 +86,21 @@ class OpenAIServing:
         core = engine.engine
         self.max_model_len = core.model_config.max_model_len
         self.vocab_size = core.model_config.vocab_size
+        self.hidden_size = core.model_config.hidden_size
         self.max_logprobs = min(max_logprobs, self.vocab_size)
         self.kv_pool_tokens = engine.latest_stats.num_total_blocks * core.block_size
         self.defaults = core.default_sampling_params()
 
     # ------------------------------------------------------------------ checks
-    def check_request(self, request: SamplingRequest) -> None:
-        """Reject what the sampling fields cannot mean here (a 400 naming the field)."""
+    @staticmethod
+    def warn_unknown_fields(request: OpenAIBaseModel) -> None:
+        """Log the request's fields this server does not know (they are ignored, as OpenAI's API allows)."""
         if request.unknown_fields():
             logger.warning("ignoring unknown request fields: %s", ", ".join(request.unknown_fields()))
+
+    def check_request(self, request: SamplingRequest) -> None:
+        """Reject what the sampling fields cannot mean here (a 400 naming the field)."""
+        self.warn_unknown_fields(request)
         if request.stream_options is not None and not request.stream:
             raise invalid_param("stream_options is only allowed when stream is true", "stream_options")
         if request.seed is not None and not _SEED_MIN <= request.seed <= _SEED_MAX:
@@ -155,6 +168,30 @@ class OpenAIServing:
             return truncated_prompt(token_ids, request.truncate_prompt_tokens, self.max_model_len)
         except ValueError as exc:
             raise from_value_error(exc) from exc
+
+    async def input_token_ids(self, prompt: str | list[str] | list[int] | list[list[int]], add_special_tokens: bool,
+                              param: str, truncate: Callable[[list[int]], list[int]]) -> list[list[int]]:
+        """The token ids of each prompt of ``prompt`` (a string, strings, token ids or lists of them: one prompt or
+        a batch), tokenized, cut by ``truncate`` and checked; a 400 naming ``param`` for an empty or bad one."""
+        if isinstance(prompt, str) or (prompt and all(isinstance(t, int) for t in prompt)):
+            items: list[str | list[int]] = [prompt]  # type: ignore[list-item]
+        else:
+            items = list(prompt)  # type: ignore[arg-type]
+        if not items:
+            raise invalid_param(f"{param} is empty: give a string, a list of strings or token ids", param)
+        prompts = []
+        for item in items:
+            if isinstance(item, str):
+                try:
+                    ids = await self.tokenizer.encode(item, add_special_tokens)
+                except ValueError as exc:
+                    raise invalid_param(str(exc), param) from exc
+            else:
+                ids = list(item)
+            ids = truncate(ids)
+            self.check_prompt_ids(ids, param)
+            prompts.append(ids)
+        return prompts
 
     def check_prompt_ids(self, token_ids: list[int], param: str) -> None:
         """Reject an empty prompt or token ids outside the vocabulary."""
@@ -237,7 +274,7 @@ class OpenAIServing:
             raise from_value_error(exc, param_names) from exc
 
     # ------------------------------------------------------------------ running
-    async def add(self, request_id: str, prompts: Sequence[list[int]], params: Sequence[SamplingParams],
+    async def add(self, request_id: str, prompts: Sequence[list[int]], params: Sequence[SamplingParams | PoolingParams],
                   arrival_time: float, param_names: Mapping[str, str], prompt_param: str) -> OutputStream:
         """Queue one engine request per prompt (ids ``request_id`` or ``request_id-i``); all or none."""
         ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]

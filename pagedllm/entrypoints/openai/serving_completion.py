@@ -101,7 +101,8 @@ class OpenAIServingCompletion(OpenAIServing):
         if request.best_of is not None and request.best_of != request.n:
             raise invalid_param(f"best_of must equal n ({request.n}) when given, got {request.best_of}", "best_of")
         self.check_logprobs(request.logprobs, "logprobs")
-        prompts = await self._prompt_token_ids(request)
+        prompts = await self.input_token_ids(request.prompt, request.add_special_tokens, "prompt",
+                                             lambda ids: self.truncate_prompt(request, ids))
         structured, structured_param = self.structured_outputs_of(request)
         names = {"structured_outputs": structured_param}
         params = [
@@ -135,28 +136,6 @@ class OpenAIServingCompletion(OpenAIServing):
                 choices.append(choice)
         return json_response(CompletionResponse(id=request_id, model=model, choices=choices,
                                                 usage=usage_of(outputs)))
-
-    async def _prompt_token_ids(self, request: CompletionRequest) -> list[list[int]]:
-        prompt = request.prompt
-        if isinstance(prompt, str) or (prompt and all(isinstance(t, int) for t in prompt)):
-            items: list[str | list[int]] = [prompt]  # type: ignore[list-item]
-        else:
-            items = list(prompt)  # type: ignore[arg-type]
-        if not items:
-            raise invalid_param("prompt is empty: give a string, a list of strings or token ids", "prompt")
-        prompts = []
-        for item in items:
-            if isinstance(item, str):
-                try:
-                    ids = await self.tokenizer.encode(item, request.add_special_tokens)
-                except ValueError as exc:
-                    raise invalid_param(str(exc), "prompt") from exc
-            else:
-                ids = list(item)
-            ids = self.truncate_prompt(request, ids)
-            self.check_prompt_ids(ids, "prompt")
-            prompts.append(ids)
-        return prompts
 
     async def _echo(self, prompt: object, index: int, token_ids: list[int], with_logprobs: bool) -> Echo:
         has_tokenizer = self.tokenizer.tokenizer is not None
