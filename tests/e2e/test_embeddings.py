@@ -96,3 +96,19 @@ def test_tp2_embeddings_equal_tp1(checkpoint_factory) -> None:
         llm.llm_engine.shutdown()
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+def test_an_aborted_embedding_frees_its_blocks(llama_dir: Path, asynchronous: bool) -> None:
+    llm = LLM(str(llama_dir), device="cpu", dtype="float32", max_num_batched_tokens=16, async_scheduling=asynchronous)
+    engine = llm.llm_engine
+    engine.add_request("emb", list(range(5, 105)), PoolingParams())  # 100 tokens: 7 steps of 16
+    engine.add_request("gen", [7, 8, 9], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+    engine.step()
+    assert engine.kv_cache_usage() > 0
+    assert engine.abort_request("emb") == ["emb"]
+    finished = {}
+    while engine.has_unfinished_requests():
+        finished.update((o.request_id, o) for o in engine.step() if o.finished)
+    assert "emb" not in finished and len(finished["gen"].outputs[0].token_ids) == 4
+    assert_pool_free(llm)
