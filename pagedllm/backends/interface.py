@@ -44,8 +44,8 @@ from pagedllm.backends.moe import moe_reference
 # KV caches holding scaled keys and values (the per-layer ``k_scale``/``v_scale`` of fp8 checkpoints):
 # ``Backend.write_kv_cache_scaled`` and ``Backend.attention_scaled``; 1.10 — ``BackendCapabilities.compiles_kernels``
 # (the engine's start runs warm-up steps, so no request waits for a kernel compile); 1.11 — mixture-of-experts
-# layers: ``Backend.fused_moe``.
-INTERFACE_VERSION: tuple[int, int] = (1, 11)
+# layers: ``Backend.fused_moe``; 1.12 — GeGLU MLPs (Gemma): ``Backend.gelu_and_mul``.
+INTERFACE_VERSION: tuple[int, int] = (1, 12)
 
 
 class InterfaceVersionError(ValueError):
@@ -695,6 +695,16 @@ class Backend(abc.ABC):
         """
         gate, up = x.chunk(2, dim=-1)
         return torch.nn.functional.silu(gate) * up
+
+    def gelu_and_mul(self, x: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
+        """GeGLU activation ``gelu(x[:, :d]) * x[:, d:]`` (``approximate``: ``"tanh"`` or ``"none"``, as
+        ``torch.nn.functional.gelu`` takes it); called by every MLP of a Gemma model, per step.
+
+        ``x``: ``[num_tokens, 2 * d]`` (gate then up). Returns ``[num_tokens, d]`` in ``x``'s dtype. Added in
+        1.12.
+        """
+        gate, up = x.chunk(2, dim=-1)
+        return torch.nn.functional.gelu(gate, approximate=approximate) * up
 
     def fused_moe(self, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                   topk_ids: torch.Tensor) -> torch.Tensor:

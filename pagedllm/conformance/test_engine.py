@@ -51,8 +51,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         params = []
         for arch in ARCH_HEADS:
             skip = None
-            if arch == "mistral" and not capabilities.supports_sliding_window:
-                skip = "mistral (sliding window) not run: sliding window not claimed"
+            if arch in ("mistral", "gemma3") and not capabilities.supports_sliding_window:
+                skip = f"{arch} (sliding window) not run: sliding window not claimed"
             params.append(param(case_id(metafunc.config, arch), arch, skip=skip))
         metafunc.parametrize("engine_arch", params)
 

@@ -40,7 +40,8 @@ GROUP_MAGNITUDES = (1.0, 2.0**-16, 4.0, 0.5)  # of the four input groups of the 
 # (batch-1 decode) through another kernel
 OPS: dict[str, str] = {"rms_norm": "rms_norm", "add_rms_norm": "add_rms_norm", "rotary_embedding": "rotary_embedding",
                        "qk_norm_rotary_embedding": "qk_norm_rotary_embedding",
-                       "silu_and_mul": "silu_and_mul", "linear": "linear", "linear_one_token": "linear",
+                       "silu_and_mul": "silu_and_mul", "gelu_and_mul": "gelu_and_mul", "linear": "linear",
+                       "linear_one_token": "linear",
                        "linear_fp8": "linear_fp8", "linear_fp8_one_token": "linear_fp8",
                        "linear_fp8_quantized": "linear_fp8_quantized",
                        "linear_fp8_static": "linear_fp8_static", "linear_fp8_static_one_token": "linear_fp8_static",

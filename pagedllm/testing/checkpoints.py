@@ -23,6 +23,13 @@ TINY_CONFIGS: dict[str, dict[str, object]] = {
     "granite": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
                     embedding_multiplier=6.0, attention_multiplier=0.1, residual_multiplier=0.5, logits_scaling=4.0),
+    # sliding-window layers of 16 tokens with their own rope theta beside full ones, head_dim 32 and a
+    # query_pre_attn_scalar apart from it; tied
+    "gemma3": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=24, max_position_embeddings=1024,
+                   sliding_window=16, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                   rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                    "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}}),
     # 8 experts, 2 per token; every layer sparse
     "mixtral": dict(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2, max_position_embeddings=1024, num_local_experts=8, num_experts_per_tok=2),
@@ -82,7 +89,7 @@ def build_tokenizer(directory: str | Path, vocab_size: int = 512) -> object:
 def build_checkpoint(directory: str | Path, arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32,
                      vocab_size: int = 512, max_shard_size: str | None = None, **overrides: object) -> Path:
     """Write a tiny random ``arch`` checkpoint (llama, mistral, qwen2, qwen3, granite,
-    mixtral, qwen3_moe or qwen2_moe) plus tokenizer
+    gemma3, mixtral, qwen3_moe or qwen2_moe) plus tokenizer
     to ``directory``.
 
     The weights are scaled up from transformers' default init so greedy continuations vary with the
@@ -96,11 +103,13 @@ def build_checkpoint(directory: str | Path, arch: str = "llama", seed: int = 0, 
     config_cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
                   "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
                   "mixtral": transformers.MixtralConfig, "qwen3_moe": transformers.Qwen3MoeConfig,
-                  "qwen2_moe": transformers.Qwen2MoeConfig, "granite": transformers.GraniteConfig}[arch]
+                  "qwen2_moe": transformers.Qwen2MoeConfig, "granite": transformers.GraniteConfig,
+                  "gemma3": transformers.Gemma3TextConfig}[arch]
     model_cls = {"llama": transformers.LlamaForCausalLM, "mistral": transformers.MistralForCausalLM,
                  "qwen2": transformers.Qwen2ForCausalLM, "qwen3": transformers.Qwen3ForCausalLM,
                  "mixtral": transformers.MixtralForCausalLM, "qwen3_moe": transformers.Qwen3MoeForCausalLM,
-                 "qwen2_moe": transformers.Qwen2MoeForCausalLM, "granite": transformers.GraniteForCausalLM}[arch]
+                 "qwen2_moe": transformers.Qwen2MoeForCausalLM, "granite": transformers.GraniteForCausalLM,
+                 "gemma3": transformers.Gemma3ForCausalLM}[arch]
     kwargs = dict(TINY_CONFIGS[arch])
     kwargs.update(overrides)
     config = config_cls(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
@@ -113,6 +122,8 @@ def build_checkpoint(directory: str | Path, arch: str = "llama", seed: int = 0, 
                 param.mul_(8.0 if "embed" in name or "lm_head" in name else 2.0)
             elif "q_norm" in name or "k_norm" in name:  # per-head norms (Qwen3): weights that matter
                 param.normal_(1.0, 0.3)
+            elif "norm" in name and arch == "gemma3":  # Gemma's norms scale by 1 + weight: offsets that matter
+                param.normal_(0.0, 0.3)
             elif "norm" not in name:
                 param.normal_(0.0, 0.2)
     model = model.to(dtype)

@@ -60,8 +60,8 @@ class CudaBackend(Backend):
     dist_backend = "nccl"
     # communicator; linear, all_reduce_add_rms_norm; scheduler defaults; fp8; fp8_block; 1.8: qk_norm_rotary_embedding,
     # the fp8_block input ops, linear_fp8_static; 1.9: write_kv_cache_scaled, attention_scaled; 1.10: compiles_kernels;
-    # 1.11: fused_moe
-    interface_version = (1, 11)
+    # 1.11: fused_moe; 1.12: gelu_and_mul (the default's torch ops)
+    interface_version = (1, 12)
     priority = 10  # below rocm: torch.cuda also answers on a ROCm build
 
     def __init__(self) -> None:

@@ -12,6 +12,7 @@ and activations hand them their inputs quantized (:class:`Fp8Activation`, :func:
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -236,14 +237,18 @@ class RMSNorm(nn.Module):
         return self.backend.add_rms_norm(x, residual, self.weight, eps)
 
 
-def rope_inv_freq(hf_config: object, head_dim: int) -> tuple[torch.Tensor, float]:
+def rope_inv_freq(hf_config: object, head_dim: int, layer_type: str | None = None) -> tuple[torch.Tensor, float]:
     """Return ``(inv_freq [head_dim // 2] float32, attention_scaling)`` as Hugging Face computes them.
 
-    Reads ``rope_parameters`` (transformers 5) or ``rope_theta``/``rope_scaling`` (transformers 4). Plain
-    RoPE is computed here; scaled variants (``linear``, ``llama3``, ``yarn``, ...) use transformers' own
-    init functions so they match exactly.
+    Reads ``rope_parameters`` (transformers 5; keyed by layer type, e.g. Gemma 3's ``sliding_attention`` and
+    ``full_attention``, when the layers differ: ``layer_type`` picks one) or ``rope_theta``/``rope_scaling``
+    (transformers 4). Plain RoPE is computed here; scaled variants (``linear``, ``llama3``, ``yarn``, ...) use
+    transformers' own init functions so they match exactly.
     """
     params = getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {}
+    per_layer_type = layer_type is not None and isinstance(params.get(layer_type), dict)
+    if per_layer_type:
+        params = params[layer_type]
     rope_type = params.get("rope_type", params.get("type", "default"))
     theta = params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
     if rope_type == "default":
@@ -253,16 +258,20 @@ def rope_inv_freq(hf_config: object, head_dim: int) -> tuple[torch.Tensor, float
 
     if rope_type not in ROPE_INIT_FUNCTIONS:
         raise ValueError(f"unsupported rope_type {rope_type!r} in config.json")
-    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, None)
+    extra = {"layer_type": layer_type} if per_layer_type else {}
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, None, **extra)
     return inv_freq.float(), float(scaling)
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotary position embedding with a precomputed ``[max_position, head_dim]`` float32 cos|sin cache."""
+    """Rotary position embedding with a precomputed ``[max_position, head_dim]`` float32 cos|sin cache
+    (``layer_type``: which of a config's per-layer-type rope parameters, see :func:`rope_inv_freq`). Build it
+    through :func:`shared_rotary_embedding`, so the layers of one model share one cache."""
 
-    def __init__(self, hf_config: object, head_dim: int, max_position: int, backend: Backend) -> None:
+    def __init__(self, hf_config: object, head_dim: int, max_position: int, backend: Backend,
+                 layer_type: str | None = None) -> None:
         super().__init__()
-        inv_freq, scaling = rope_inv_freq(hf_config, head_dim)
+        inv_freq, scaling = rope_inv_freq(hf_config, head_dim, layer_type)
         freqs = torch.arange(max_position, dtype=torch.float32)[:, None] * inv_freq[None, :]
         cache = torch.cat((freqs.cos() * scaling, freqs.sin() * scaling), dim=-1)
         self.register_buffer("cos_sin_cache", cache, persistent=False)
@@ -282,6 +291,21 @@ class RotaryEmbedding(nn.Module):
         (RMSNorms over ``head_dim``, one epsilon), in one backend op (Qwen3)."""
         return self.backend.qk_norm_rotary_embedding(positions, query, key, q_norm.weight, k_norm.weight,
                                                      q_norm.variance_epsilon, self.cos_sin_cache)
+
+
+_ROTARY_CACHES: weakref.WeakValueDictionary[tuple[object, ...], RotaryEmbedding] = weakref.WeakValueDictionary()
+
+
+def shared_rotary_embedding(hf_config: object, head_dim: int, max_position: int, backend: Backend,
+                            layer_type: str | None = None) -> RotaryEmbedding:
+    """The :class:`RotaryEmbedding` of these arguments, one module (one cos|sin cache) for every layer of a model
+    that asks with the same config object: a 32-layer model of 128K positions would otherwise hold 32 caches of
+    128 MiB. Kept while a model holds it."""
+    key = (id(hf_config), head_dim, max_position, id(backend), layer_type, torch.get_default_device().type)
+    rotary = _ROTARY_CACHES.get(key)
+    if rotary is None:
+        rotary = _ROTARY_CACHES[key] = RotaryEmbedding(hf_config, head_dim, max_position, backend, layer_type)
+    return rotary
 
 
 class MergedLinear(nn.Module):

@@ -29,9 +29,9 @@ from pagedllm.core.models.layers import (
     Fp8Activation,
     PagedAttention,
     RMSNorm,
-    RotaryEmbedding,
     copy_checked,
     fp8_input_of,
+    shared_rotary_embedding,
 )
 from pagedllm.core.sampled_rows import SampledRows
 
@@ -70,7 +70,8 @@ class LlamaAttention(nn.Module):
         o_bias = bool(getattr(hf_config, "attention_bias", False))
         self.o_proj = RowParallelLinear(total_num_heads * self.head_dim, hf_config.hidden_size, o_bias,
                                         reduce_results=False)  # summed by the next norm
-        self.rotary_emb = RotaryEmbedding(hf_config, self.head_dim, hf_config.max_position_embeddings, backend)
+        self.rotary_emb = shared_rotary_embedding(hf_config, self.head_dim, hf_config.max_position_embeddings,
+                                                  backend, layer_type_of(hf_config, layer_idx))
         spec = AttentionSpec(self.num_heads, self.num_kv_heads, self.head_dim, self.attention_scale(hf_config),
                              sliding_window)
         self.attn = PagedAttention(spec, backend)
@@ -229,6 +230,12 @@ class LlamaModel(nn.Module):
         hidden, residual = last(positions, hidden, residual, metadata, sampled)
         hidden, _ = self.norm(hidden, residual)
         return hidden
+
+
+def layer_type_of(hf_config: object, layer_idx: int) -> str | None:
+    """Layer ``layer_idx``'s entry of the config's ``layer_types`` (transformers 5), or None."""
+    layer_types = getattr(hf_config, "layer_types", None)
+    return layer_types[layer_idx] if layer_types else None
 
 
 def sliding_window_of(hf_config: object, layer_idx: int) -> int | None:

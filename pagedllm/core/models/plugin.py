@@ -9,8 +9,9 @@ from pagedllm.backends.hookspecs import hookimpl
 
 @hookimpl
 def pagedllm_register_models() -> dict[str, type[nn.Module]]:
-    """Llama, Mistral, Qwen2, Qwen3 and Granite decoders; the Mixtral, Qwen2-MoE and Qwen3-MoE mixtures of
-    experts."""
+    """Llama, Mistral, Qwen2, Qwen3, Granite and Gemma 3 decoders; the Mixtral, Qwen2-MoE and Qwen3-MoE mixtures
+    of experts."""
+    from pagedllm.core.models.gemma3 import Gemma3ForCausalLM
     from pagedllm.core.models.granite import GraniteForCausalLM
     from pagedllm.core.models.llama import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
     from pagedllm.core.models.mixtral import MixtralForCausalLM
@@ -23,6 +24,7 @@ def pagedllm_register_models() -> dict[str, type[nn.Module]]:
         "Qwen2ForCausalLM": Qwen2ForCausalLM,
         "Qwen3ForCausalLM": Qwen3ForCausalLM,
         "GraniteForCausalLM": GraniteForCausalLM,
+        "Gemma3ForCausalLM": Gemma3ForCausalLM,
         "MixtralForCausalLM": MixtralForCausalLM,
         "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
         "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
