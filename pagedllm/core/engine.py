@@ -26,7 +26,7 @@ from pagedllm.core.inputs import PromptType, parse_prompt
 from pagedllm.core.model_runner import ModelRunnerOutput
 from pagedllm.core.output_processor import OutputProcessor, ParentRequest
 from pagedllm.core.outputs import RequestOutput
-from pagedllm.core.pooling import PoolingParams
+from pagedllm.core.pooling import PoolingParams, checkpoint_pooling
 from pagedllm.core.request import Request, RequestStatus
 from pagedllm.core.sampler import Sampler, SamplerOutput
 from pagedllm.core.sampling_params import (
@@ -156,6 +156,7 @@ class LLMEngine:
         )
         self._request_counter = 0
         self._in_flight: LaunchedStep | None = None  # async scheduling: launched, not yet read back
+        self._checkpoint_pooling: str | None = None  # a sentence-transformers checkpoint's pooling, once read
 
     def _make_executor(self) -> Executor:
         if self.config.tensor_parallel_size > 1:
@@ -181,6 +182,15 @@ class LLMEngine:
             tokenizer = self._tokenizer_for("SamplingParams.structured_outputs")
             self._structured_outputs = StructuredOutputs(tokenizer, self.vocab_size, sorted(self.eos_token_ids))
         return self._structured_outputs
+
+    def _check_checkpoint_pooling(self) -> None:
+        """Refuse embeddings from a sentence-transformers checkpoint that pools otherwise than by its last token
+        (ValueError naming the mode); read once."""
+        if self._checkpoint_pooling is None:
+            self._checkpoint_pooling = checkpoint_pooling(self.model_config.path) or "last"
+        if self._checkpoint_pooling != "last":
+            raise ValueError(f"this checkpoint's sentence-transformers configuration pools by "
+                             f"{self._checkpoint_pooling!r}; pagedllm computes last-token embeddings only")
 
     def _tokenizer_for(self, what: str) -> Any:
         """The tokenizer, which ``what`` needs; ValueError naming ``what`` when the model has none."""
@@ -220,6 +230,7 @@ class LLMEngine:
         if isinstance(params, PoolingParams):  # an embedding: a one-token generation whose token is discarded
             pooling = params
             pooling.verify(self.model_config.hidden_size)
+            self._check_checkpoint_pooling()
             params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, detokenize=False,
                                     truncate_prompt_tokens=pooling.truncate_prompt_tokens,
                                     output_kind=RequestOutputKind.FINAL_ONLY)

@@ -9,9 +9,35 @@ the host, and the request's output is an :class:`EmbeddingRequestOutput` instead
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+
+POOLING_MODES = {"pooling_mode_lasttoken": "last", "pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls",
+                 "pooling_mode_max_tokens": "max", "pooling_mode_weightedmean_tokens": "weighted mean",
+                 "pooling_mode_mean_sqrt_len_tokens": "mean sqrt len"}
+"""sentence-transformers' ``1_Pooling/config.json`` switches and the pooling each names."""
+
+
+def checkpoint_pooling(model_dir: str | Path) -> str | None:
+    """The pooling a sentence-transformers checkpoint declares (``modules.json`` naming a ``Pooling`` module whose
+    ``config.json`` sets one of :data:`POOLING_MODES`), or None for a checkpoint that declares none. Called once
+    per engine, on its first embedding request."""
+    root = Path(model_dir)
+    try:
+        modules = json.loads((root / "modules.json").read_text())
+    except (OSError, ValueError):
+        return None
+    for module in modules if isinstance(modules, list) else []:
+        if str(module.get("type", "")).endswith("Pooling"):
+            try:
+                config = json.loads((root / module.get("path", "") / "config.json").read_text())
+            except (OSError, ValueError):
+                return None
+            return next((mode for key, mode in POOLING_MODES.items() if config.get(key)), None)
+    return None
 
 
 @dataclass(slots=True)

@@ -112,3 +112,29 @@ def test_an_aborted_embedding_frees_its_blocks(llama_dir: Path, asynchronous: bo
         finished.update((o.request_id, o) for o in engine.step() if o.finished)
     assert "emb" not in finished and len(finished["gen"].outputs[0].token_ids) == 4
     assert_pool_free(llm)
+
+
+def test_a_sentence_transformers_checkpoint_must_pool_its_last_token(llama_dir: Path, tmp_path: Path) -> None:
+    """Qwen3-Embedding's layout (``modules.json`` naming ``1_Pooling`` with last-token pooling) embeds; a
+    checkpoint declaring mean pooling is refused with the mode named, not embedded the wrong way."""
+    import json
+    import shutil
+
+    model_dir = tmp_path / "st"
+    shutil.copytree(llama_dir, model_dir)
+    (model_dir / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
+    (model_dir / "1_Pooling").mkdir()
+    pooling = {"word_embedding_dimension": 64, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": False,
+               "pooling_mode_lasttoken": True}
+    (model_dir / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
+    embedded = LLM(str(model_dir), device="cpu", dtype="float32").embed("hi", use_tqdm=False)
+    assert len(embedded[0].outputs.embedding) == 64
+    pooling.update(pooling_mode_lasttoken=False, pooling_mode_mean_tokens=True)
+    (model_dir / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
+    llm = LLM(str(model_dir), device="cpu", dtype="float32")
+    with pytest.raises(ValueError, match="pools by 'mean'; pagedllm computes last-token embeddings only"):
+        llm.embed("hi", use_tqdm=False)
+    assert_pool_free(llm)
