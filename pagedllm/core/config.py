@@ -224,7 +224,10 @@ def load_model_config(path: str, dtype: str, max_model_len: int | None) -> Model
     architectures = getattr(hf_config, "architectures", None) or []
     if not architectures:
         raise ValueError(f"{config_file} names no 'architectures'; cannot pick a model class")
-    model_positions = int(getattr(hf_config, "max_position_embeddings", 2048))
+    # a multimodal checkpoint (e.g. Gemma 3 from 4B up) is served by its text stack: the model is built from the
+    # text config, while dtype, EOS ids, generation defaults and quantization stay the top-level config's
+    model_hf_config = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    model_positions = int(getattr(model_hf_config, "max_position_embeddings", 2048))
     if max_model_len is None:
         max_model_len = model_positions
     elif max_model_len > model_positions:
@@ -235,7 +238,7 @@ def load_model_config(path: str, dtype: str, max_model_len: int | None) -> Model
     stored = checkpoint_fp8(hf_config)
     return ModelConfig(
         path=str(directory),
-        hf_config=hf_config,
+        hf_config=model_hf_config,
         architecture=architectures[0],
         dtype=_resolve_dtype(dtype, hf_config),
         max_model_len=max_model_len,

@@ -15,6 +15,8 @@ whole sums), so the norms here never reduce.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 
@@ -117,3 +119,28 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
         logits = super().compute_logits(hidden)
         cap = self.final_logit_softcapping
         return logits if not cap else torch.tanh(logits / cap) * cap
+
+
+def text_weight_name(name: str) -> str | None:
+    """A multimodal Gemma 3 checkpoint tensor's name in the text model (``language_model.model.*`` as the hub
+    stores it, or ``model.language_model.*`` as transformers 5 holds it, become ``model.*``), or None for the
+    vision tower's and the projector's tensors."""
+    for prefix, replacement in (("language_model.model.", "model."), ("model.language_model.", "model."),
+                                ("language_model.lm_head.", "lm_head.")):
+        if name.startswith(prefix):
+            return replacement + name[len(prefix):]
+    if name.startswith(("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
+                        "model.multi_modal_projector.")):
+        return None
+    return name
+
+
+class Gemma3ForConditionalGeneration(Gemma3ForCausalLM):
+    """The text stack of a multimodal Gemma 3 checkpoint (4B and up), built from its ``text_config``
+    (``ModelConfig`` reads it): text in, text out; the vision tower's and the projector's tensors are skipped, so
+    images are not taken."""
+
+    def load_weights(self, weights: Iterable[tuple[str, WeightLike]]) -> set[str]:
+        """See :meth:`LlamaForCausalLM.load_weights`, with the names of :func:`text_weight_name`."""
+        return super().load_weights((renamed, tensor) for name, tensor in weights
+                                    if (renamed := text_weight_name(name)) is not None)

@@ -11,7 +11,7 @@ from pagedllm.backends.hookspecs import hookimpl
 def pagedllm_register_models() -> dict[str, type[nn.Module]]:
     """Llama, Mistral, Qwen2, Qwen3, Granite and Gemma 3 decoders; the Mixtral, Qwen2-MoE and Qwen3-MoE mixtures
     of experts."""
-    from pagedllm.core.models.gemma3 import Gemma3ForCausalLM
+    from pagedllm.core.models.gemma3 import Gemma3ForCausalLM, Gemma3ForConditionalGeneration
     from pagedllm.core.models.granite import GraniteForCausalLM
     from pagedllm.core.models.llama import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
     from pagedllm.core.models.mixtral import MixtralForCausalLM
@@ -25,6 +25,7 @@ def pagedllm_register_models() -> dict[str, type[nn.Module]]:
         "Qwen3ForCausalLM": Qwen3ForCausalLM,
         "GraniteForCausalLM": GraniteForCausalLM,
         "Gemma3ForCausalLM": Gemma3ForCausalLM,
+        "Gemma3ForConditionalGeneration": Gemma3ForConditionalGeneration,  # its text stack
         "MixtralForCausalLM": MixtralForCausalLM,
         "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
         "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
