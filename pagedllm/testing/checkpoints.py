@@ -30,6 +30,13 @@ TINY_CONFIGS: dict[str, dict[str, object]] = {
                    sliding_window=16, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
                    rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                                     "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}}),
+    # LongRoPE (Phi-3.5's long-context scaling) over 64 original positions: prompts below them take the short
+    # factors, as transformers does
+    "phi3": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=1024, original_max_position_embeddings=64,
+                 rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                  "short_factor": [1.0 + 0.1 * i for i in range(8)],
+                                  "long_factor": [2.0 + 0.5 * i for i in range(8)]}),
     # 8 experts, 2 per token; every layer sparse
     "mixtral": dict(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2, max_position_embeddings=1024, num_local_experts=8, num_experts_per_tok=2),
@@ -89,7 +96,7 @@ def build_tokenizer(directory: str | Path, vocab_size: int = 512) -> object:
 def build_checkpoint(directory: str | Path, arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32,
                      vocab_size: int = 512, max_shard_size: str | None = None, **overrides: object) -> Path:
     """Write a tiny random ``arch`` checkpoint (llama, mistral, qwen2, qwen3, granite,
-    gemma3, mixtral, qwen3_moe or qwen2_moe) plus tokenizer
+    gemma3, phi3, mixtral, qwen3_moe or qwen2_moe) plus tokenizer
     to ``directory``.
 
     The weights are scaled up from transformers' default init so greedy continuations vary with the
@@ -104,12 +111,12 @@ def build_checkpoint(directory: str | Path, arch: str = "llama", seed: int = 0, 
                   "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
                   "mixtral": transformers.MixtralConfig, "qwen3_moe": transformers.Qwen3MoeConfig,
                   "qwen2_moe": transformers.Qwen2MoeConfig, "granite": transformers.GraniteConfig,
-                  "gemma3": transformers.Gemma3TextConfig}[arch]
+                  "gemma3": transformers.Gemma3TextConfig, "phi3": transformers.Phi3Config}[arch]
     model_cls = {"llama": transformers.LlamaForCausalLM, "mistral": transformers.MistralForCausalLM,
                  "qwen2": transformers.Qwen2ForCausalLM, "qwen3": transformers.Qwen3ForCausalLM,
                  "mixtral": transformers.MixtralForCausalLM, "qwen3_moe": transformers.Qwen3MoeForCausalLM,
                  "qwen2_moe": transformers.Qwen2MoeForCausalLM, "granite": transformers.GraniteForCausalLM,
-                 "gemma3": transformers.Gemma3ForCausalLM}[arch]
+                 "gemma3": transformers.Gemma3ForCausalLM, "phi3": transformers.Phi3ForCausalLM}[arch]
     kwargs = dict(TINY_CONFIGS[arch])
     kwargs.update(overrides)
     config = config_cls(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,

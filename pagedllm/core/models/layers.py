@@ -263,6 +263,34 @@ def rope_inv_freq(hf_config: object, head_dim: int, layer_type: str | None = Non
     return inv_freq.float(), float(scaling)
 
 
+def rope_cos_sin(hf_config: object, head_dim: int, max_position: int, layer_type: str | None = None) -> torch.Tensor:
+    """The ``[max_position, head_dim]`` float32 cos|sin cache of :func:`rope_inv_freq`'s frequencies, times its
+    attention scaling. LongRoPE (Phi-3/3.5 long-context checkpoints) takes its short factors for the positions
+    below ``original_max_position_embeddings`` and its long factors from there on, as vLLM does (transformers
+    switches every position to the long factors once a sequence passes that length). Raises ValueError for a
+    partial rotary embedding (``partial_rotary_factor`` below 1)."""
+    params = getattr(hf_config, "rope_parameters", None) or {}
+    partial = float(params.get("partial_rotary_factor", getattr(hf_config, "partial_rotary_factor", 1.0)) or 1.0)
+    if partial < 1.0:
+        raise ValueError(f"partial rotary embeddings (partial_rotary_factor {partial}) are not supported")
+
+    def cos_sin(inv_freq: torch.Tensor, scaling: float, start: int, stop: int) -> torch.Tensor:
+        freqs = torch.arange(start, stop, dtype=torch.float32)[:, None] * inv_freq[None, :]
+        return torch.cat((freqs.cos() * scaling, freqs.sin() * scaling), dim=-1)
+
+    inv_freq, scaling = rope_inv_freq(hf_config, head_dim, layer_type)
+    if params.get("rope_type") != "longrope":
+        return cos_sin(inv_freq, scaling, 0, max_position)
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    original = int(params.get("original_max_position_embeddings")
+                   or getattr(hf_config, "original_max_position_embeddings", max_position))
+    long_freq, long_scaling = ROPE_INIT_FUNCTIONS["longrope"](hf_config, None, seq_len=original + 1)
+    split = min(original, max_position)
+    return torch.cat((cos_sin(inv_freq, scaling, 0, split),
+                      cos_sin(long_freq.float(), float(long_scaling), split, max_position)))
+
+
 class RotaryEmbedding(nn.Module):
     """Rotary position embedding with a precomputed ``[max_position, head_dim]`` float32 cos|sin cache
     (``layer_type``: which of a config's per-layer-type rope parameters, see :func:`rope_inv_freq`). Build it
@@ -271,10 +299,8 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, hf_config: object, head_dim: int, max_position: int, backend: Backend,
                  layer_type: str | None = None) -> None:
         super().__init__()
-        inv_freq, scaling = rope_inv_freq(hf_config, head_dim, layer_type)
-        freqs = torch.arange(max_position, dtype=torch.float32)[:, None] * inv_freq[None, :]
-        cache = torch.cat((freqs.cos() * scaling, freqs.sin() * scaling), dim=-1)
-        self.register_buffer("cos_sin_cache", cache, persistent=False)
+        self.register_buffer("cos_sin_cache", rope_cos_sin(hf_config, head_dim, max_position, layer_type),
+                             persistent=False)
         self.backend = backend
 
     def forward(
