@@ -14,6 +14,10 @@ TINY_CONFIGS: dict[str, dict[str, object]] = {
                   num_key_value_heads=2, max_position_embeddings=1024, rope_theta=10000.0),
     "mistral": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2, max_position_embeddings=1024, sliding_window=32, head_dim=16),
+    # windows of 16 tokens on two of three layers
+    "ministral": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, sliding_window=16,
+                      layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
     "qwen2": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=1, max_position_embeddings=1024, tie_word_embeddings=True),
     # head_dim 32, not hidden / heads = 16 (Qwen3 sets it apart); per-head q/k norms
@@ -95,8 +99,8 @@ def build_tokenizer(directory: str | Path, vocab_size: int = 512) -> object:
 
 def build_checkpoint(directory: str | Path, arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32,
                      vocab_size: int = 512, max_shard_size: str | None = None, **overrides: object) -> Path:
-    """Write a tiny random ``arch`` checkpoint (llama, mistral, qwen2, qwen3, granite,
-    gemma3, phi3, mixtral, qwen3_moe or qwen2_moe) plus tokenizer
+    """Write a tiny random ``arch`` checkpoint (llama, mistral, ministral, qwen2, qwen3,
+    granite, gemma3, phi3, mixtral, qwen3_moe or qwen2_moe) plus tokenizer
     to ``directory``.
 
     The weights are scaled up from transformers' default init so greedy continuations vary with the
@@ -111,12 +115,14 @@ def build_checkpoint(directory: str | Path, arch: str = "llama", seed: int = 0, 
                   "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
                   "mixtral": transformers.MixtralConfig, "qwen3_moe": transformers.Qwen3MoeConfig,
                   "qwen2_moe": transformers.Qwen2MoeConfig, "granite": transformers.GraniteConfig,
-                  "gemma3": transformers.Gemma3TextConfig, "phi3": transformers.Phi3Config}[arch]
+                  "gemma3": transformers.Gemma3TextConfig, "phi3": transformers.Phi3Config,
+                  "ministral": transformers.MinistralConfig}[arch]
     model_cls = {"llama": transformers.LlamaForCausalLM, "mistral": transformers.MistralForCausalLM,
                  "qwen2": transformers.Qwen2ForCausalLM, "qwen3": transformers.Qwen3ForCausalLM,
                  "mixtral": transformers.MixtralForCausalLM, "qwen3_moe": transformers.Qwen3MoeForCausalLM,
                  "qwen2_moe": transformers.Qwen2MoeForCausalLM, "granite": transformers.GraniteForCausalLM,
-                 "gemma3": transformers.Gemma3ForCausalLM, "phi3": transformers.Phi3ForCausalLM}[arch]
+                 "gemma3": transformers.Gemma3ForCausalLM, "phi3": transformers.Phi3ForCausalLM,
+                 "ministral": transformers.MinistralForCausalLM}[arch]
     kwargs = dict(TINY_CONFIGS[arch])
     kwargs.update(overrides)
     config = config_cls(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,

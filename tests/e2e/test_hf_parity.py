@@ -21,8 +21,8 @@ def mixed_prompts(tokenizer) -> list[list[int]]:
     return [ids[:1], ids[5000:5007], ids[7000:7033], ids[9000:9150], long, long[:200] + ids[20:40]]
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "granite", "gemma3",
-                                  "mixtral", "qwen3_moe", "qwen2_moe"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "ministral", "qwen2", "qwen3", "granite",
+                                  "gemma3", "mixtral", "qwen3_moe", "qwen2_moe"])
 @pytest.mark.parametrize("prefix_caching", [True, False])
 def test_greedy_equals_transformers_under_chunking_and_preemption(checkpoint_factory, arch: str,
                                                                   prefix_caching: bool) -> None:

@@ -31,7 +31,8 @@ def hf_greedy_over_cache(model_dir: Path, prompt: list[int], max_tokens: int) ->
         while len(tokens) < max_tokens:
             tokens.append(int(logits[0, -1].argmax()))
             position = torch.tensor([[len(prompt) + len(tokens) - 1]])
-            logits = model(torch.tensor([tokens[-1:]]), past_key_values=cache, use_cache=True, position_ids=position).logits
+            logits = model(torch.tensor([tokens[-1:]]), past_key_values=cache, use_cache=True,
+                           position_ids=position).logits
     return tokens
 
 

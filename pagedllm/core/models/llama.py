@@ -358,6 +358,10 @@ class MistralForCausalLM(LlamaForCausalLM):
     """Mistral: the Llama decoder with a sliding attention window (``config.sliding_window``)."""
 
 
+class MinistralForCausalLM(MistralForCausalLM):
+    """Ministral: Mistral with the window on the layers ``layer_types`` names ``sliding_attention`` only."""
+
+
 class Qwen2Attention(LlamaAttention):
     """Qwen2 attention: like Llama's with biases on q, k and v."""
 

@@ -9,11 +9,17 @@ from pagedllm.backends.hookspecs import hookimpl
 
 @hookimpl
 def pagedllm_register_models() -> dict[str, type[nn.Module]]:
-    """Llama, Mistral, Qwen2, Qwen3, Granite, Gemma 3 and Phi-3 decoders; the Mixtral, Qwen2-MoE and Qwen3-MoE
-    mixtures of experts."""
+    """Llama, Mistral, Ministral, Qwen2, Qwen3, Granite, Gemma 3 and Phi-3 decoders; the Mixtral, Qwen2-MoE and
+    Qwen3-MoE mixtures of experts."""
     from pagedllm.core.models.gemma3 import Gemma3ForCausalLM, Gemma3ForConditionalGeneration
     from pagedllm.core.models.granite import GraniteForCausalLM
-    from pagedllm.core.models.llama import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
+    from pagedllm.core.models.llama import (
+        LlamaForCausalLM,
+        MinistralForCausalLM,
+        MistralForCausalLM,
+        Qwen2ForCausalLM,
+        Qwen3ForCausalLM,
+    )
     from pagedllm.core.models.mixtral import MixtralForCausalLM
     from pagedllm.core.models.phi3 import Phi3ForCausalLM
     from pagedllm.core.models.qwen2_moe import Qwen2MoeForCausalLM
@@ -22,6 +28,7 @@ def pagedllm_register_models() -> dict[str, type[nn.Module]]:
     return {
         "LlamaForCausalLM": LlamaForCausalLM,
         "MistralForCausalLM": MistralForCausalLM,
+        "MinistralForCausalLM": MinistralForCausalLM,
         "Qwen2ForCausalLM": Qwen2ForCausalLM,
         "Qwen3ForCausalLM": Qwen3ForCausalLM,
         "GraniteForCausalLM": GraniteForCausalLM,
