@@ -41,6 +41,8 @@ TINY_CONFIGS: dict[str, dict[str, object]] = {
                  rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
                                   "short_factor": [1.0 + 0.1 * i for i in range(8)],
                                   "long_factor": [2.0 + 0.5 * i for i in range(8)]}),
+    "olmo2": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=1024),
     # 8 experts, 2 per token; every layer sparse
     "mixtral": dict(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2, max_position_embeddings=1024, num_local_experts=8, num_experts_per_tok=2),
@@ -100,7 +102,7 @@ def build_tokenizer(directory: str | Path, vocab_size: int = 512) -> object:
 def build_checkpoint(directory: str | Path, arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32,
                      vocab_size: int = 512, max_shard_size: str | None = None, **overrides: object) -> Path:
     """Write a tiny random ``arch`` checkpoint (llama, mistral, ministral, qwen2, qwen3,
-    granite, gemma3, phi3, mixtral, qwen3_moe or qwen2_moe) plus tokenizer
+    granite, gemma3, phi3, olmo2, mixtral, qwen3_moe or qwen2_moe) plus tokenizer
     to ``directory``.
 
     The weights are scaled up from transformers' default init so greedy continuations vary with the
@@ -116,13 +118,13 @@ def build_checkpoint(directory: str | Path, arch: str = "llama", seed: int = 0, 
                   "mixtral": transformers.MixtralConfig, "qwen3_moe": transformers.Qwen3MoeConfig,
                   "qwen2_moe": transformers.Qwen2MoeConfig, "granite": transformers.GraniteConfig,
                   "gemma3": transformers.Gemma3TextConfig, "phi3": transformers.Phi3Config,
-                  "ministral": transformers.MinistralConfig}[arch]
+                  "ministral": transformers.MinistralConfig, "olmo2": transformers.Olmo2Config}[arch]
     model_cls = {"llama": transformers.LlamaForCausalLM, "mistral": transformers.MistralForCausalLM,
                  "qwen2": transformers.Qwen2ForCausalLM, "qwen3": transformers.Qwen3ForCausalLM,
                  "mixtral": transformers.MixtralForCausalLM, "qwen3_moe": transformers.Qwen3MoeForCausalLM,
                  "qwen2_moe": transformers.Qwen2MoeForCausalLM, "granite": transformers.GraniteForCausalLM,
                  "gemma3": transformers.Gemma3ForCausalLM, "phi3": transformers.Phi3ForCausalLM,
-                 "ministral": transformers.MinistralForCausalLM}[arch]
+                 "ministral": transformers.MinistralForCausalLM, "olmo2": transformers.Olmo2ForCausalLM}[arch]
     kwargs = dict(TINY_CONFIGS[arch])
     kwargs.update(overrides)
     config = config_cls(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
@@ -133,7 +135,7 @@ def build_checkpoint(directory: str | Path, arch: str = "llama", seed: int = 0, 
         for name, param in model.named_parameters():
             if param.dim() > 1:
                 param.mul_(8.0 if "embed" in name or "lm_head" in name else 2.0)
-            elif "q_norm" in name or "k_norm" in name:  # per-head norms (Qwen3): weights that matter
+            elif "q_norm" in name or "k_norm" in name:  # q/k norms (Qwen3's per head, OLMo 2's whole): weights matter
                 param.normal_(1.0, 0.3)
             elif "norm" in name and arch == "gemma3":  # Gemma's norms scale by 1 + weight: offsets that matter
                 param.normal_(0.0, 0.3)
