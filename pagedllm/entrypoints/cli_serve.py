@@ -26,6 +26,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--chat-template", default=None,
                         help="a Jinja chat template file (or inline template) replacing the tokenizer's")
     parser.add_argument("--max-logprobs", type=int, default=20, help="the most logprobs a request may ask for")
+    parser.add_argument("--enable-auto-tool-choice", action="store_true",
+                        help="let chat requests with tools use tool_choice 'auto' (needs --tool-call-parser)")
+    parser.add_argument("--tool-call-parser", default=None, choices=["hermes"],
+                        help="how a reply's text becomes tool calls under tool_choice 'auto' (hermes: "
+                             "<tool_call>{...}</tool_call> blocks, as Qwen2.5/Qwen3/Hermes models write them)")
     parser.add_argument("--uvicorn-log-level", default="info",
                         choices=["critical", "error", "warning", "info", "debug", "trace"])
     parser.add_argument("--disable-access-log", action="store_true", help="do not log every HTTP request")

@@ -20,7 +20,8 @@ MAX_MODEL_LEN = 512
 KV_CACHE_BYTES = 1 << 19  # 64 blocks of 16 tokens x 2 layers x 2 KV heads x 16 dims x float32 K and V
 SERVER_ARGS = ("--device", "cpu", "--dtype", "float32", "--served-model-name", MODEL, "--max-model-len",
                str(MAX_MODEL_LEN), "--kv-cache-memory-bytes", str(KV_CACHE_BYTES), "--disable-access-log",
-               "--async-scheduling")  # the offline references run synchronously: a cross-check
+               "--async-scheduling",  # the offline references run synchronously: a cross-check
+               "--enable-auto-tool-choice", "--tool-call-parser", "hermes")
 
 
 def start_shared_server(model_dir: Path, config: pytest.Config) -> ServerProcess:

@@ -103,7 +103,7 @@ CASES: list[tuple[str, str, Any, int, str | None, str | None]] = [
     ("structured_outputs_unknown", COMPLETIONS, completion(structured_outputs={"yaml": "x"}), 400,
      "structured_outputs", None),
     ("chat_bad_format", CHAT, chat(response_format={"type": "yaml"}), 400, "response_format", None),
-    ("chat_tools", CHAT, chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools", None),
+    ("chat_tools", CHAT, chat(tools=[{"type": "function", "function": {"parameters": {}}}]), 400, "tools", None),
     ("chat_unknown_model", CHAT, chat(model="nope"), 404, "model", "model_not_found"),
     ("tokenize_neither", "/tokenize", {"model": MODEL}, 400, "prompt", None),
     ("detokenize_out_of_vocab", "/detokenize", {"model": MODEL, "tokens": [-1]}, 400, "tokens", None),

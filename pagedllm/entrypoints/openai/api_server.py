@@ -64,6 +64,7 @@ class ServerSettings:
     api_key: str | None = None
     chat_template: str | None = None
     max_logprobs: int = 20
+    tool_call_parser: str | None = None  # set: chat requests may use tool_choice "auto"
 
 
 def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
@@ -75,7 +76,8 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
                                if engine.tokenizer is not None else None, settings.chat_template)
     models = OpenAIServingModels(settings.served_model_name, model_config.path, model_config.max_model_len)
     completions = OpenAIServingCompletion(async_engine, tokenizer, models, settings.max_logprobs)
-    chat = OpenAIServingChat(async_engine, tokenizer, models, settings.max_logprobs)
+    chat = OpenAIServingChat(async_engine, tokenizer, models, settings.max_logprobs,
+                             tool_parser=settings.tool_call_parser)
     tokenization = OpenAIServingTokenization(tokenizer, models, model_config.vocab_size)
     embeddings = OpenAIServingEmbedding(async_engine, tokenizer, models, settings.max_logprobs)
 
@@ -177,6 +179,8 @@ def _serve(args: argparse.Namespace) -> None:
     from pagedllm.entrypoints.engine_args import engine_config_from_args
 
     config = engine_config_from_args(args)
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:
+        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (hermes)")
     chat_template = load_chat_template(args.chat_template)
     engine = LLMEngine(config)
     settings = ServerSettings(
@@ -184,6 +188,7 @@ def _serve(args: argparse.Namespace) -> None:
         api_key=args.api_key or os.environ.get("PAGEDLLM_API_KEY") or None,
         chat_template=chat_template,
         max_logprobs=args.max_logprobs,
+        tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice else None,
     )
     app = build_app(engine, settings)
     freeze_heap()  # full collections would otherwise rescan the start's heap on the engine thread's steps

@@ -231,11 +231,43 @@ class ChatLogProbs(ResponseModel):
     content: list[ChatLogprobToken] | None = None
 
 
+class FunctionCall(ResponseModel):
+    """The function a tool call invokes and its arguments (a JSON text)."""
+
+    name: str
+    arguments: str
+
+
+class ToolCall(ResponseModel):
+    """One tool call of the assistant's reply."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class DeltaFunctionCall(ResponseModel):
+    """A streamed tool call's function: its name and arguments (sent whole, in one chunk)."""
+
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(ResponseModel):
+    """A streamed tool call: its place in the reply's calls, id, type and function."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall | None = None
+
+
 class ChatResponseMessage(ResponseModel):
-    """The assistant's reply."""
+    """The assistant's reply: its text, or the tool calls it makes (``tools`` and ``tool_choice``)."""
 
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatCompletionChoice(ResponseModel):
@@ -262,10 +294,11 @@ class ChatCompletionResponse(ResponseModel):
 
 
 class DeltaMessage(ResponseModel):
-    """What a chunk adds to a reply: the role (first chunk only) and new content."""
+    """What a chunk adds to a reply: the role (first chunk only), new content, or tool calls."""
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatCompletionStreamChoice(ResponseModel):

@@ -5,11 +5,12 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 from fastapi import Request
 from starlette.responses import Response
 
-from pagedllm.core.outputs import SampleLogprobs
+from pagedllm.core.outputs import CompletionOutput, SampleLogprobs
 from pagedllm.entrypoints.async_engine import OutputStream
 from pagedllm.entrypoints.openai.errors import invalid_param
 from pagedllm.entrypoints.openai.protocol import (
@@ -22,11 +23,14 @@ from pagedllm.entrypoints.openai.protocol import (
     ChatLogprobToken,
     ChatResponseMessage,
     ChatTopLogprob,
+    DeltaFunctionCall,
     DeltaMessage,
+    DeltaToolCall,
 )
 from pagedllm.entrypoints.openai.serving_base import OpenAIServing, finite_logprob, json_response, random_id, usage_of
 from pagedllm.entrypoints.openai.streaming import DeltaTracker, sse_event
 from pagedllm.entrypoints.openai.tokenization import messages_for_template
+from pagedllm.entrypoints.openai.tool_calls import ToolMode, arguments_as_objects, resolve_tool_mode
 
 
 def chat_logprobs(token_ids: Sequence[int], logprobs: SampleLogprobs, num_top: int) -> ChatLogProbs:
@@ -43,24 +47,38 @@ def chat_logprobs(token_ids: Sequence[int], logprobs: SampleLogprobs, num_top: i
     return ChatLogProbs(content=content)
 
 
+def reply_of(completion: CompletionOutput, tools: ToolMode) -> tuple[ChatResponseMessage, str | None]:
+    """A finished completion as the assistant's message (its text, or the tool calls ``tools`` parses from it) and
+    its finish reason (``"tool_calls"`` when the model chose to call, as OpenAI reports it)."""
+    content, calls = tools.parse(completion.text) if tools.parses else (completion.text, [])
+    finish = completion.finish_reason
+    if calls and tools.kind != "named" and finish == "stop":
+        finish = "tool_calls"
+    return ChatResponseMessage(content=content, tool_calls=calls or None), finish
+
+
 class OpenAIServingChat(OpenAIServing):
-    """Serves ``/v1/chat/completions``."""
+    """Serves ``/v1/chat/completions``; ``tool_parser`` (``--tool-call-parser``) lets ``tool_choice`` be
+    ``"auto"``."""
+
+    def __init__(self, *args: Any, tool_parser: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.tool_parser = tool_parser
 
     async def create_chat_completion(self, request: ChatCompletionRequest, raw_request: Request) -> Response:
-        """Validate, render the conversation, queue it and answer (SSE when ``stream``)."""
+        """Validate, render the conversation (and its tools), queue it and answer (SSE when ``stream``)."""
         arrival = time.monotonic()
         model = self.models.check(request.model)
         self.check_request(request)
-        if request.tools:
-            raise invalid_param("tools are not supported yet", "tools")
+        tools = resolve_tool_mode(request.tools, request.tool_choice, self.tool_parser)
         if request.top_logprobs is not None and not request.logprobs:
             raise invalid_param("top_logprobs requires logprobs to be true", "top_logprobs")
         self.check_logprobs(request.top_logprobs, "top_logprobs")
         num_logprobs = (request.top_logprobs or 0) if request.logprobs else None
         try:
-            messages = messages_for_template(request.messages)
+            messages = arguments_as_objects(messages_for_template(request.messages))
             text = await self.tokenizer.render_chat(messages, request.add_generation_prompt,
-                                                    request.chat_template_kwargs)
+                                                    request.chat_template_kwargs, request.tools or None)
             prompt_ids = await self.tokenizer.encode(text, request.add_special_tokens)
         except ValueError as exc:
             raise invalid_param(str(exc), "messages") from exc
@@ -70,6 +88,12 @@ class OpenAIServingChat(OpenAIServing):
         requested = request.max_tokens if request.max_completion_tokens is None else request.max_completion_tokens
         max_tokens = self.resolve_max_tokens(len(prompt_ids), requested, "messages", max_tokens_param)
         structured, structured_param = self.structured_outputs_of(request)
+        forced = tools.structured_output()
+        if forced is not None:
+            if structured is not None:
+                raise invalid_param(f"tool_choice {tools.kind!r} sets the reply's structure: leave out "
+                                    f"{structured_param}", structured_param)
+            structured, structured_param = forced, "tool_choice"
         names = {"max_tokens": max_tokens_param, "logprobs": "top_logprobs", "structured_outputs": structured_param}
         params = self.sampling_params(request, max_tokens, num_logprobs, names, structured)
         request_id = random_id("chatcmpl")
@@ -77,22 +101,23 @@ class OpenAIServingChat(OpenAIServing):
         if request.stream:
             include_usage = request.stream_options is not None and request.stream_options.include_usage
             return self.stream_response(stream, lambda: self._chunks(
-                stream, request_id, model, request.n, params.stop, num_logprobs, include_usage))
+                stream, request_id, model, request.n, params.stop, num_logprobs, include_usage, tools))
         (output,) = await self.collect(stream, raw_request)
-        choices = [
-            ChatCompletionChoice(
-                index=c.index, message=ChatResponseMessage(content=c.text), finish_reason=c.finish_reason,
-                stop_reason=c.stop_reason,
+        choices = []
+        for c in output.outputs:
+            message, finish = reply_of(c, tools)
+            choices.append(ChatCompletionChoice(
+                index=c.index, message=message, finish_reason=finish, stop_reason=c.stop_reason,
                 logprobs=None if c.logprobs is None else chat_logprobs(c.token_ids, c.logprobs, num_logprobs or 0),
-            )
-            for c in output.outputs
-        ]
+            ))
         return json_response(ChatCompletionResponse(id=request_id, model=model, choices=choices,
                                                     usage=usage_of([output]),
                                                     prompt_logprobs=self.prompt_logprobs_of(output)))
 
     async def _chunks(self, stream: OutputStream, request_id: str, model: str, n: int, stop: list[str] | None,
-                      num_logprobs: int | None, include_usage: bool) -> AsyncIterator[str]:
+                      num_logprobs: int | None, include_usage: bool, tools: ToolMode) -> AsyncIterator[str]:
+        """The SSE chunks of a streamed reply: text deltas as tokens come; a reply that may call tools is held
+        back and sent whole when it finishes (its content and tool calls in one chunk)."""
         created = int(time.time())
 
         def chunk(choice: ChatCompletionStreamChoice) -> str:
@@ -102,10 +127,16 @@ class OpenAIServingChat(OpenAIServing):
         for index in range(n):  # OpenAI opens every choice with the role
             yield chunk(ChatCompletionStreamChoice(index=index, delta=DeltaMessage(role="assistant", content="")))
         trackers = [DeltaTracker.for_stops(stop) for _ in range(n)]
+        sent = [False] * n  # a tool-calling reply's one chunk
         final = None
         async for outputs in stream:
             final = outputs[-1]
             for completion in final.outputs:
+                if tools.parses:
+                    if completion.finished() and not sent[completion.index]:
+                        sent[completion.index] = True
+                        yield chunk(self._tool_chunk(completion, tools))
+                    continue
                 delta = trackers[completion.index].next(completion)
                 if delta is None:
                     continue
@@ -118,3 +149,14 @@ class OpenAIServingChat(OpenAIServing):
         if include_usage and final is not None:
             yield sse_event(ChatCompletionStreamResponse(id=request_id, created=created, model=model, choices=[],
                                                          usage=usage_of([final])))
+
+    @staticmethod
+    def _tool_chunk(completion: CompletionOutput, tools: ToolMode) -> ChatCompletionStreamChoice:
+        """A finished reply that may call tools, as one streamed choice: its content and its calls, whole."""
+        message, finish = reply_of(completion, tools)
+        calls = [DeltaToolCall(index=i, id=call.id, type="function",
+                               function=DeltaFunctionCall(name=call.function.name, arguments=call.function.arguments))
+                 for i, call in enumerate(message.tool_calls or [])]
+        return ChatCompletionStreamChoice(index=completion.index, finish_reason=finish,
+                                          stop_reason=completion.stop_reason,
+                                          delta=DeltaMessage(content=message.content, tool_calls=calls or None))

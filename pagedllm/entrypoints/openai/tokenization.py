@@ -84,8 +84,9 @@ class AsyncTokenizer:
         return await self._call(lambda: tokenizer.decode(token_ids))
 
     async def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                          template_kwargs: dict[str, Any] | None = None) -> str:
-        """The prompt text of a conversation through the chat template.
+                          template_kwargs: dict[str, Any] | None = None,
+                          tools: list[dict[str, Any]] | None = None) -> str:
+        """The prompt text of a conversation (and of the ``tools`` it may call) through the chat template.
 
         Raises ValueError when there is no template or the template rejects the conversation.
         """
@@ -97,7 +98,7 @@ class AsyncTokenizer:
             try:
                 return tokenizer.apply_chat_template(
                     messages, chat_template=self.chat_template, add_generation_prompt=add_generation_prompt,
-                    tokenize=False, **(template_kwargs or {}),
+                    tokenize=False, tools=tools, **(template_kwargs or {}),
                 )
             except (jinja2.TemplateError, TypeError) as exc:
                 raise ValueError(f"the chat template failed on these messages: {exc}") from exc

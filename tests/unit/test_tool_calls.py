@@ -1,0 +1,92 @@
+"""Tool calling's pieces: the tool_choice rules, the forced structures, the parsers, and tools and tool-call
+arguments reaching the chat template."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+pytest.importorskip("fastapi")
+
+from pagedllm.entrypoints.openai.errors import OpenAIError
+from pagedllm.entrypoints.openai.tokenization import AsyncTokenizer
+from pagedllm.entrypoints.openai.tool_calls import arguments_as_objects, parse_hermes, resolve_tool_mode
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                           "required": ["city"]}}}
+TIME = {"type": "function", "function": {"name": "get_time"}}
+
+
+def error_param(call) -> str | None:
+    with pytest.raises(OpenAIError) as info:
+        call()
+    assert info.value.status_code == 400
+    return info.value.param
+
+
+def test_tool_choice_rules() -> None:
+    assert resolve_tool_mode(None, None, None).kind == "none"
+    assert resolve_tool_mode([WEATHER], "none", None).kind == "none"
+    assert resolve_tool_mode([WEATHER], None, "hermes").kind == "auto"  # OpenAI's default with tools
+    named = resolve_tool_mode([WEATHER, TIME], {"type": "function", "function": {"name": "get_time"}}, None)
+    assert (named.kind, named.name) == ("named", "get_time")
+    assert resolve_tool_mode([WEATHER], "required", None).kind == "required"
+    assert error_param(lambda: resolve_tool_mode([WEATHER], "auto", None)) == "tool_choice"  # no parser
+    assert error_param(lambda: resolve_tool_mode([WEATHER], None, None)) == "tool_choice"
+    assert error_param(lambda: resolve_tool_mode(None, "required", None)) == "tool_choice"
+    assert error_param(lambda: resolve_tool_mode([WEATHER], {"type": "function", "function": {"name": "x"}},
+                                                 None)) == "tool_choice"
+    assert error_param(lambda: resolve_tool_mode([WEATHER], "sometimes", "hermes")) == "tool_choice"
+    assert error_param(lambda: resolve_tool_mode([{"type": "function"}], "required", None)) == "tools"
+    assert error_param(lambda: resolve_tool_mode([{"type": "retrieval", "function": {"name": "a"}}], "required",
+                                                 None)) == "tools"
+
+
+def test_forced_structures_and_their_parses() -> None:
+    named = resolve_tool_mode([WEATHER, TIME], {"type": "function", "function": {"name": "get_weather"}}, None)
+    assert named.structured_output().json == WEATHER["function"]["parameters"]
+    content, calls = named.parse('{"city": "Paris"}')
+    assert content is None and [(c.function.name, json.loads(c.function.arguments)) for c in calls] == \
+        [("get_weather", {"city": "Paris"})]
+    required = resolve_tool_mode([WEATHER, TIME], "required", None)
+    schema = required.structured_output().json
+    assert schema["type"] == "array" and schema["minItems"] == 1 and len(schema["items"]["anyOf"]) == 2
+    assert schema["items"]["anyOf"][1]["properties"]["parameters"] == {"type": "object"}  # no parameters given
+    content, calls = required.parse('[{"name": "get_time", "parameters": {}}, {"name": "get_weather", '
+                                    '"parameters": {"city": "Oslo"}}]')
+    assert content is None and [c.function.name for c in calls] == ["get_time", "get_weather"]
+    assert len({c.id for c in calls}) == 2 and all(c.id.startswith("chatcmpl-tool-") for c in calls)
+    assert required.parse('[{"name": "get_ti') == ('[{"name": "get_ti', [])  # cut short: stays text
+
+
+def test_hermes_parser() -> None:
+    text = ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+            '<tool_call>{"name": "get_time", "arguments": {}}</tool_call>')
+    content, calls = parse_hermes(text)
+    assert content == "Let me check."
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == \
+        [("get_weather", {"city": "Paris"}), ("get_time", {})]
+    assert parse_hermes("no calls here") == ("no calls here", [])
+    assert parse_hermes("<tool_call>{not json}</tool_call>") == ("<tool_call>{not json}</tool_call>", [])
+    assert parse_hermes('<tool_call>{"name": "f", "arguments": {}}</tool_call>')[0] is None
+
+
+def test_tools_and_call_arguments_reach_the_template() -> None:
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"x": 0}, unk_token="x")))
+    template = ("{% for t in tools or [] %}tool={{ t['function']['name'] }};{% endfor %}"
+                "{% for m in messages %}{{ m['role'] }}:{{ m.get('content') or '' }}"
+                "{% for c in m.get('tool_calls') or [] %}[{{ c['function']['name'] }}"
+                "({{ c['function']['arguments']['city'] }})]{% endfor %};{% endfor %}")
+    messages = arguments_as_objects([
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "tool_calls": [{"id": "1", "type": "function",
+                                              "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+        {"role": "tool", "tool_call_id": "1", "content": "cold"}])
+    rendered = asyncio.run(AsyncTokenizer(tokenizer, template).render_chat(messages, False, None, [WEATHER, TIME]))
+    assert rendered == "tool=get_weather;tool=get_time;user:weather?;assistant:[get_weather(Oslo)];tool:cold;"
