@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from pagedllm.core.host_copy import HostCopy
+
 POOLING_MODES = {"pooling_mode_lasttoken": "last", "pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls",
                  "pooling_mode_max_tokens": "max", "pooling_mode_weightedmean_tokens": "weighted mean",
                  "pooling_mode_mean_sqrt_len_tokens": "mean sqrt len"}
@@ -85,9 +87,10 @@ class EmbeddingRequestOutput:
 
 
 @dataclass(slots=True)
-class PooledRows:
+class PooledRows(HostCopy):
     """One step's last-token hidden states of the pooling requests it finished prefilling: ``hidden[i]`` (``[n,
-    hidden_size]`` float32) belongs to ``request_ids[i]``; copied to the host without waiting (``wait()`` first)."""
+    hidden_size]`` float32) belongs to ``request_ids[i]``; copied to the host without waiting (``wait()`` first,
+    :class:`~pagedllm.core.host_copy.HostCopy`)."""
 
     request_ids: list[str]
     hidden: torch.Tensor
@@ -98,14 +101,5 @@ class PooledRows:
         """Queue the copy of ``hidden`` (on the device) to the host and mark its end (called right after the
         forward, so reading it back never waits for steps launched later)."""
         rows = PooledRows(request_ids, hidden.float().to("cpu", non_blocking=True))
-        if hidden.device.type != "cpu":
-            rows._copied = torch.Event(device=hidden.device)
-            rows._copied.record()
+        rows._mark_copied(hidden.device)
         return rows
-
-    def wait(self) -> PooledRows:
-        """Wait for the copy (nothing to wait for on the CPU); returns self."""
-        if self._copied is not None:
-            self._copied.synchronize()
-            self._copied = None
-        return self

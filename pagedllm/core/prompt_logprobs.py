@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pagedllm.core.host_copy import HostCopy
 from pagedllm.core.scheduler import ScheduledRequest
 
 LOG_SOFTMAX_ROWS = 1024
@@ -40,7 +41,7 @@ class PromptLogprobRows:
 
 
 @dataclass(slots=True)
-class PromptLogprobs:
+class PromptLogprobs(HostCopy):
     """The prompt logprobs of one step's :class:`PromptLogprobRows` (on the device, or their host copy being made).
 
     ``target_logprobs: [num_rows]`` float32, the log-probability of each prompt token; ``ranks: [num_rows]``
@@ -64,17 +65,8 @@ class PromptLogprobs:
         device = self.target_logprobs.device
         copy = PromptLogprobs(self.spans, host(self.target_logprobs), host(self.ranks),  # type: ignore[arg-type]
                               host(self.top_ids), host(self.top_logprobs))
-        if device.type != "cpu":
-            copy._copied = torch.Event(device=device)
-            copy._copied.record()
+        copy._mark_copied(device)
         return copy
-
-    def wait(self) -> PromptLogprobs:
-        """Wait for the copies of :meth:`start_copy` (nothing to wait for on the CPU); returns self."""
-        if self._copied is not None:
-            self._copied.synchronize()
-            self._copied = None
-        return self
 
 
 def prompt_logprob_rows(asking: Sequence[ScheduledRequest], first_rows: np.ndarray) -> PromptLogprobRows:

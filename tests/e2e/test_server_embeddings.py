@@ -15,19 +15,9 @@ httpx = pytest.importorskip("httpx")
 
 from pagedllm import LLM, PoolingParams  # noqa: E402
 from pagedllm.testing.server import ServerProcess  # noqa: E402
-from tests.e2e.openai_server import API_KEY, KV_CACHE_BYTES, MAX_MODEL_LEN, MODEL, start_shared_server  # noqa: E402
+from tests.e2e.openai_server import API_KEY, KV_CACHE_BYTES, MAX_MODEL_LEN, MODEL  # noqa: E402
 
 INPUTS = ["def main():\n", "The quick brown fox", "import os\nimport sys\n"]
-
-
-@pytest.fixture(scope="module")
-def server(llama_dir, pytestconfig: pytest.Config) -> ServerProcess:
-    return start_shared_server(llama_dir, pytestconfig)
-
-
-@pytest.fixture(scope="module")
-def client(server: ServerProcess):
-    return server.client()
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +34,10 @@ def vectors(response) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("encoding_format", [None, "float", "base64"], ids=["client-default", "float", "base64"])
-def test_embeddings_equal_offline(client, offline: LLM, encoding_format: str | None) -> None:
+def test_embeddings_equal_offline(shared_client, offline: LLM, encoding_format: str | None) -> None:
     """The client asks for base64 and decodes it itself unless told a format; given "base64", it returns text."""
     extra = {} if encoding_format is None else {"encoding_format": encoding_format}
-    response = client.embeddings.create(model=MODEL, input=INPUTS, **extra)
+    response = shared_client.embeddings.create(model=MODEL, input=INPUTS, **extra)
     assert all(isinstance(d.embedding, str) for d in response.data) == (encoding_format == "base64")
     want = [torch.tensor(o.outputs.embedding) for o in offline.embed(INPUTS, use_tqdm=False)]
     for got, expected in zip(vectors(response), want, strict=True):
@@ -57,12 +47,12 @@ def test_embeddings_equal_offline(client, offline: LLM, encoding_format: str | N
     assert response.model == MODEL and response.object == "list"
 
 
-def test_token_ids_and_dimensions(client, offline: LLM) -> None:
+def test_token_ids_and_dimensions(shared_client, offline: LLM) -> None:
     ids = offline.get_tokenizer()(INPUTS[1]).input_ids
-    one = client.embeddings.create(model=MODEL, input=ids, encoding_format="float")
-    text = client.embeddings.create(model=MODEL, input=INPUTS[1], encoding_format="float")
+    one = shared_client.embeddings.create(model=MODEL, input=ids, encoding_format="float")
+    text = shared_client.embeddings.create(model=MODEL, input=INPUTS[1], encoding_format="float")
     torch.testing.assert_close(vectors(one)[0], vectors(text)[0])
-    cut = vectors(client.embeddings.create(model=MODEL, input=[ids, ids[:3]], dimensions=16))
+    cut = vectors(shared_client.embeddings.create(model=MODEL, input=[ids, ids[:3]], dimensions=16))
     want = offline.embed([ids, ids[:3]], PoolingParams(dimensions=16), use_tqdm=False)
     for got, expected in zip(cut, want, strict=True):
         assert got.shape == (16,) and got.norm().item() == pytest.approx(1.0, abs=1e-5)
@@ -78,8 +68,8 @@ def test_token_ids_and_dimensions(client, offline: LLM) -> None:
     ({"input": "x", "encoding_format": "int8"}, "encoding_format"),
     ({"input": "x", "truncate_prompt_tokens": -5}, "truncate_prompt_tokens"),
 ])
-def test_bad_embedding_requests(server: ServerProcess, client, body: dict, param: str) -> None:
-    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {API_KEY}"}) as http:
+def test_bad_embedding_requests(shared_server: ServerProcess, shared_client, body: dict, param: str) -> None:
+    with httpx.Client(base_url=shared_server.url, headers={"Authorization": f"Bearer {API_KEY}"}) as http:
         reply = http.post("/v1/embeddings", json={"model": MODEL, **body})
         assert reply.status_code == 400, reply.text
         error = reply.json()["error"]

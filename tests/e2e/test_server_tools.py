@@ -14,8 +14,7 @@ import pytest
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
-from pagedllm.testing.server import ServerProcess  # noqa: E402
-from tests.e2e.openai_server import MODEL, start_shared_server  # noqa: E402
+from tests.e2e.openai_server import MODEL  # noqa: E402
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city",
@@ -28,25 +27,15 @@ TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
 MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
-@pytest.fixture(scope="module")
-def server(llama_dir, pytestconfig: pytest.Config) -> ServerProcess:
-    return start_shared_server(llama_dir, pytestconfig)
-
-
-@pytest.fixture(scope="module")
-def client(server: ServerProcess):
-    return server.client()
-
-
 def check_weather(arguments: str) -> None:
     value = json.loads(arguments)
     assert set(value) == {"city", "days"} and isinstance(value["city"], str) and 1 <= value["days"] <= 7
 
 
-def test_named_function_is_called(client) -> None:
+def test_named_function_is_called(shared_client) -> None:
     choice = {"type": "function", "function": {"name": "get_weather"}}
-    reply = client.chat.completions.create(model=MODEL, messages=MESSAGES, tools=[WEATHER, TIME], tool_choice=choice,
-                                           max_tokens=64, temperature=1.0, seed=3)
+    reply = shared_client.chat.completions.create(model=MODEL, messages=MESSAGES, tools=[WEATHER, TIME],
+                                                  tool_choice=choice, max_tokens=64, temperature=1.0, seed=3)
     message = reply.choices[0].message
     assert reply.choices[0].finish_reason == "stop" and not message.content
     (call,) = message.tool_calls
@@ -54,8 +43,8 @@ def test_named_function_is_called(client) -> None:
     check_weather(call.function.arguments)
 
 
-def test_required_calls_are_among_the_tools(client) -> None:
-    reply = client.chat.completions.create(model=MODEL, messages=MESSAGES, tools=[WEATHER, TIME],
+def test_required_calls_are_among_the_tools(shared_client) -> None:
+    reply = shared_client.chat.completions.create(model=MODEL, messages=MESSAGES, tools=[WEATHER, TIME],
                                            tool_choice="required", max_tokens=128, temperature=0.0)
     choice = reply.choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.tool_calls
@@ -71,15 +60,15 @@ HERMES = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "d
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
-def test_auto_parses_hermes_tool_calls(client, stream: bool) -> None:
+def test_auto_parses_hermes_tool_calls(shared_client, stream: bool) -> None:
     steer = {"structured_outputs": {"choice": [HERMES]}}  # the random model writes the block it is given
     kwargs = dict(model=MODEL, messages=MESSAGES, tools=[WEATHER, TIME], max_tokens=200, temperature=0.0,
                   extra_body=steer)
     if not stream:
-        choice = client.chat.completions.create(**kwargs).choices[0]
+        choice = shared_client.chat.completions.create(**kwargs).choices[0]
         finish, content, calls = choice.finish_reason, choice.message.content, choice.message.tool_calls
     else:
-        chunks = list(client.chat.completions.create(stream=True, **kwargs))
+        chunks = list(shared_client.chat.completions.create(stream=True, **kwargs))
         deltas = [c.choices[0] for c in chunks if c.choices]
         finish = deltas[-1].finish_reason
         content = "".join(d.delta.content or "" for d in deltas) or None
@@ -87,14 +76,14 @@ def test_auto_parses_hermes_tool_calls(client, stream: bool) -> None:
     assert finish == "tool_calls" and not content
     (call,) = calls
     assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris", "days": 2}
-    plain = client.chat.completions.create(model=MODEL, messages=MESSAGES, tools=[WEATHER], max_tokens=8,
+    plain = shared_client.chat.completions.create(model=MODEL, messages=MESSAGES, tools=[WEATHER], max_tokens=8,
                                            temperature=0.0, extra_body={"structured_outputs": {"choice": ["sunny"]}})
     assert plain.choices[0].message.content == "sunny" and plain.choices[0].message.tool_calls is None
 
 
-def test_streamed_named_call_arrives_whole(client) -> None:
+def test_streamed_named_call_arrives_whole(shared_client) -> None:
     choice = {"type": "function", "function": {"name": "get_time"}}
-    chunks = list(client.chat.completions.create(model=MODEL, messages=MESSAGES, tools=[WEATHER, TIME],
+    chunks = list(shared_client.chat.completions.create(model=MODEL, messages=MESSAGES, tools=[WEATHER, TIME],
                                                  tool_choice=choice, max_tokens=32, stream=True))
     calls = [call for c in chunks if c.choices for call in c.choices[0].delta.tool_calls or []]
     (call,) = calls
@@ -102,13 +91,13 @@ def test_streamed_named_call_arrives_whole(client) -> None:
     assert json.loads(call.function.arguments)["zone"] in ("UTC", "CET")
 
 
-def test_a_conversation_with_tool_results_is_accepted(client) -> None:
+def test_a_conversation_with_tool_results_is_accepted(shared_client) -> None:
     messages = [*MESSAGES,
                 {"role": "assistant", "content": None, "tool_calls": [
                     {"id": "call_1", "type": "function",
                      "function": {"name": "get_weather", "arguments": '{"city": "Paris", "days": 1}'}}]},
                 {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"}]
-    reply = client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER], tool_choice="none",
+    reply = shared_client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER], tool_choice="none",
                                            max_tokens=4)
     assert reply.choices[0].message.tool_calls is None and reply.choices[0].finish_reason in ("stop", "length")
 
@@ -119,7 +108,7 @@ def test_a_conversation_with_tool_results_is_accepted(client) -> None:
     ({"tool_choice": "required"}, "tool_choice"),
     ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format"),
 ])
-def test_bad_tool_requests(client, fields: dict, param: str) -> None:
+def test_bad_tool_requests(shared_client, fields: dict, param: str) -> None:
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4, **fields)
+        shared_client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4, **fields)
     assert info.value.body["param"] == param, info.value.body
