@@ -17,6 +17,19 @@ from pagedllm.core.sampling_params import RequestOutputKind, SamplingParams
 from pagedllm.entrypoints.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
 
 
+def per_prompt(params: object, cls: type, num_prompts: int, wrong_type: str) -> list:
+    """One ``cls`` instance for every prompt: ``params`` itself repeated, or a sequence of one per prompt.
+    Raises ValueError with ``wrong_type`` for anything but ``cls`` instances, or naming both counts."""
+    if isinstance(params, cls):
+        return [params] * num_prompts
+    if not isinstance(params, Sequence) or isinstance(params, str) or not all(isinstance(p, cls) for p in params):
+        raise ValueError(wrong_type)
+    if len(params) != num_prompts:
+        kind = "sampling" if cls is SamplingParams else "pooling"
+        raise ValueError(f"got {len(params)} {kind} params for {num_prompts} prompts")
+    return list(params)
+
+
 class LLM:
     """Generate completions for a batch of prompts with continuous batching.
 
@@ -60,12 +73,8 @@ class LLM:
         impossible prompts raise ValueError before anything runs.
         """
         prompts = [prompts] if is_single_prompt(prompts) else list(prompts)  # type: ignore[arg-type,list-item]
-        if sampling_params is None or isinstance(sampling_params, SamplingParams):
-            params_list = [sampling_params or self.get_default_sampling_params()] * len(prompts)
-        else:
-            params_list = list(sampling_params)
-            if len(params_list) != len(prompts):
-                raise ValueError(f"got {len(params_list)} sampling params for {len(prompts)} prompts")
+        params_list = per_prompt(sampling_params or self.get_default_sampling_params(), SamplingParams, len(prompts),
+                                 "LLM.generate takes SamplingParams (for embeddings with PoolingParams, use LLM.embed)")
         final_only = {id(p): dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY) for p in params_list}
         params_list = [final_only[id(p)] for p in params_list]  # only finished outputs are kept: skip snapshots
         return self._add_and_run(prompts, params_list, use_tqdm)  # type: ignore[return-value]
@@ -81,12 +90,8 @@ class LLM:
         ``outputs.embedding`` a list of floats. Prompts as :meth:`generate` takes them; they share the batch with
         any generation in flight. Invalid parameters or prompts raise ValueError before anything runs."""
         prompts = [prompts] if is_single_prompt(prompts) else list(prompts)  # type: ignore[arg-type,list-item]
-        if pooling_params is None or isinstance(pooling_params, PoolingParams):
-            params_list = [pooling_params or PoolingParams()] * len(prompts)
-        else:
-            params_list = list(pooling_params)
-            if len(params_list) != len(prompts):
-                raise ValueError(f"got {len(params_list)} pooling params for {len(prompts)} prompts")
+        params_list = per_prompt(pooling_params or PoolingParams(), PoolingParams, len(prompts),
+                                 "LLM.embed takes PoolingParams (for completions, SamplingParams: use LLM.generate)")
         return self._add_and_run(prompts, params_list, use_tqdm)  # type: ignore[return-value]
 
     def _add_and_run(self, prompts: list[PromptType], params_list: list[SamplingParams] | list[PoolingParams],

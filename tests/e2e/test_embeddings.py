@@ -75,6 +75,10 @@ def test_bad_pooling_params_are_refused(llama_dir: Path) -> None:
         llm.embed("hello", PoolingParams(dimensions=65), use_tqdm=False)
     with pytest.raises(ValueError, match="got 1 pooling params for 2 prompts"):
         llm.embed(["a", "b"], [PoolingParams()], use_tqdm=False)
+    with pytest.raises(ValueError, match=r"LLM\.embed takes PoolingParams"):
+        llm.embed("a", SamplingParams(), use_tqdm=False)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"use LLM\.embed"):
+        llm.generate("a", PoolingParams(), use_tqdm=False)  # type: ignore[arg-type]
     assert_pool_free(llm)
     long = "word " * 2000
     with pytest.raises(ValueError, match=r"longer than an embedding takes: at most 1023 tokens"):
