@@ -22,6 +22,7 @@ from pagedllm.backends.interface import AttentionMetadata, Backend  # noqa: E402
 from pagedllm.backends.kv_storage import byte_view, to_cache_dtype  # noqa: E402
 
 REFERENCE = CpuBackend()
+GREEDY_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
           pytest.param(torch.bfloat16, id="bf16")]  # fmt: skip
 # Elementwise tolerance against the float32 reference, and the bound on ||out - ref|| / ||ref||.
@@ -391,7 +392,7 @@ def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path
     from pagedllm.testing.checkpoints import build_checkpoint
 
     return {arch: build_checkpoint(tmp_path_factory.mktemp(arch), arch)
-            for arch in ("llama", "mistral", "qwen2", "qwen3")}
+            for arch in (*GREEDY_ARCHS, "ministral", "granite", "gemma3", "phi3", "olmo2", "qwen2_moe")}
 
 
 class Completions(list):
@@ -440,7 +441,7 @@ def _top_logprobs(completions: Completions, prompt: int, position: int) -> dict[
 
 
 @pytest.mark.parametrize("enforce_eager", [True, False], ids=["eager", "graphs"])
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", [*GREEDY_ARCHS, "ministral", "granite", "gemma3", "phi3", "olmo2", "qwen2_moe"])
 def test_greedy_equals_cpu_fp32(tiny_checkpoints: dict[str, Path], arch: str, enforce_eager: bool) -> None:
     """Chunked prefill (64-token steps), mixed batches and decode steps; graphs replay the decode steps.
     Synchronous scheduling (the next test covers the default on ``cuda``, asynchronous)."""
@@ -544,6 +545,29 @@ def test_structured_outputs_equal_cpu_fp32(tiny_checkpoints: dict[str, Path], en
         assert out.outputs[0].finish_reason == "stop", out.outputs[0].text
         check(out.outputs[0].text)
     assert re.fullmatch(r"\((?:[a-c],)*[a-c]?", got[4].outputs[0].text)  # the grammar's list: a valid prefix
+
+
+@pytest.mark.parametrize("enforce_eager", [True, False], ids=["eager", "graphs"])
+def test_embeddings_equal_cpu_fp32(tiny_checkpoints: dict[str, Path], enforce_eager: bool) -> None:
+    """Last-token embeddings (the pooled rows copied to the host asynchronously; those steps never replay a
+    graph) beside generation, with asynchronous scheduling: equal to the cpu backend's within float32 rounding."""
+    from pagedllm import PoolingParams, SamplingParams
+
+    cpu = _engine(tiny_checkpoints["qwen3"], "cpu", "float32")
+    gpu = _engine(tiny_checkpoints["qwen3"], "cuda", "float32", enforce_eager=enforce_eager)
+    prompts = _prompts(cpu.get_tokenizer())
+    engine = gpu.llm_engine
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"gen-{i}", prompt, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
+        engine.add_request(f"emb-{i}", prompt, PoolingParams(dimensions=24))
+    done = {}
+    while engine.has_unfinished_requests():
+        done.update((o.request_id, o) for o in engine.step() if o.finished)
+    want = cpu.embed(prompts, PoolingParams(dimensions=24), use_tqdm=False)
+    for i, expected in enumerate(want):
+        got = torch.tensor(done[f"emb-{i}"].outputs.embedding)
+        torch.testing.assert_close(got, torch.tensor(expected.outputs.embedding), atol=1e-4, rtol=1e-4)
+    assert engine.kv_cache_usage() == 0.0
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
