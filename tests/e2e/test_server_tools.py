@@ -81,6 +81,24 @@ def test_auto_parses_hermes_tool_calls(shared_client, stream: bool) -> None:
     assert plain.choices[0].message.content == "sunny" and plain.choices[0].message.tool_calls is None
 
 
+def test_auto_streams_text_before_a_call(shared_client) -> None:
+    """Under "auto" a streamed reply's text arrives as it comes, up to the call, which follows at the end; a reply
+    without a call streams whole."""
+    def streamed(reply: str) -> tuple[list[str], list, str]:
+        chunks = list(shared_client.chat.completions.create(
+            model=MODEL, messages=MESSAGES, tools=[WEATHER], max_tokens=200, temperature=0.0, stream=True,
+            extra_body={"structured_outputs": {"choice": [reply]}}))
+        deltas = [c.choices[0] for c in chunks if c.choices]
+        texts = [d.delta.content for d in deltas if d.delta.content]
+        return texts, [call for d in deltas for call in d.delta.tool_calls or []], deltas[-1].finish_reason
+
+    texts, calls, finish = streamed("Checking the forecast now. " + HERMES)
+    assert "".join(texts).strip() == "Checking the forecast now." and len(texts) > 1 and finish == "tool_calls"
+    assert [c.function.name for c in calls] == ["get_weather"]
+    texts, calls, finish = streamed("It is sunny in Paris today.")
+    assert "".join(texts) == "It is sunny in Paris today." and len(texts) > 1 and not calls and finish == "stop"
+
+
 def test_streamed_named_call_arrives_whole(shared_client) -> None:
     choice = {"type": "function", "function": {"name": "get_time"}}
     chunks = list(shared_client.chat.completions.create(model=MODEL, messages=MESSAGES, tools=[WEATHER, TIME],

@@ -90,3 +90,16 @@ def test_tools_and_call_arguments_reach_the_template() -> None:
         {"role": "tool", "tool_call_id": "1", "content": "cold"}])
     rendered = asyncio.run(AsyncTokenizer(tokenizer, template).render_chat(messages, False, None, [WEATHER, TIME]))
     assert rendered == "tool=get_weather;tool=get_time;user:weather?;assistant:[get_weather(Oslo)];tool:cold;"
+
+
+def test_auto_streaming_holds_back_what_could_begin_a_call() -> None:
+    from pagedllm.entrypoints.openai.tool_calls import ContentBeforeCalls
+
+    stream = ContentBeforeCalls()
+    assert stream.next("Let me") == "Let me"
+    assert stream.next("Let me check <tool") == " check "  # "<tool" could open a call: held back
+    assert stream.next("Let me check <tool_c") == ""
+    assert stream.next('Let me check <tool_call>{"name": ') == ""  # a call began: nothing more as content
+    assert stream.sent == len("Let me check ")
+    plain = ContentBeforeCalls()
+    assert plain.next("a < b") == "a < b" and plain.next("a < b <tools>") == " <tools>"
