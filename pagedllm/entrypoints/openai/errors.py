@@ -21,7 +21,7 @@ from pagedllm.entrypoints.openai.protocol import ErrorInfo, ErrorResponse
 
 logger = logging.getLogger(__name__)
 
-_SAMPLING_PARAM = re.compile(r"^SamplingParams\.(\w+) (.*)$", re.DOTALL)
+_PARAMS_FIELD = re.compile(r"^(?:Sampling|Pooling)Params\.(\w+) (.*)$", re.DOTALL)
 _STATUS_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
                  405: "invalid_request_error", 413: "invalid_request_error", 503: "server_error"}
 
@@ -59,13 +59,14 @@ def invalid_param(message: str, param: str | None = None, code: str | None = Non
 
 def from_value_error(exc: ValueError, param_names: Mapping[str, str] | None = None,
                      default_param: str | None = None) -> OpenAIError:
-    """Turn an engine or ``SamplingParams`` ValueError into a 400 naming the request field.
+    """Turn an engine, ``SamplingParams`` or ``PoolingParams`` ValueError into a 400 naming the request field.
 
-    ``SamplingParams.<field> <reason>`` messages name ``param_names.get(field, field)`` (a chat request
-    calls ``max_tokens`` ``max_completion_tokens``, for instance); other messages name ``default_param``.
+    ``SamplingParams.<field> <reason>`` and ``PoolingParams.<field> <reason>`` messages name
+    ``param_names.get(field, field)`` (a chat request calls ``max_tokens`` ``max_completion_tokens``, for
+    instance); other messages name ``default_param``.
     """
     text = str(exc)
-    match = _SAMPLING_PARAM.match(text)
+    match = _PARAMS_FIELD.match(text)
     if match:
         field, reason = match.groups()
         param = (param_names or {}).get(field, field)

@@ -86,7 +86,6 @@ class OpenAIServing:
         core = engine.engine
         self.max_model_len = core.model_config.max_model_len
         self.vocab_size = core.model_config.vocab_size
-        self.hidden_size = core.model_config.hidden_size
         self.max_logprobs = min(max_logprobs, self.vocab_size)
         self.kv_pool_tokens = engine.latest_stats.num_total_blocks * core.block_size
         self.defaults = core.default_sampling_params()
@@ -170,9 +169,11 @@ class OpenAIServing:
             raise from_value_error(exc) from exc
 
     async def input_token_ids(self, prompt: str | list[str] | list[int] | list[list[int]], add_special_tokens: bool,
-                              param: str, truncate: Callable[[list[int]], list[int]]) -> list[list[int]]:
+                              param: str, truncate: Callable[[list[int]], list[int]] | None = None
+                              ) -> list[list[int]]:
         """The token ids of each prompt of ``prompt`` (a string, strings, token ids or lists of them: one prompt or
-        a batch), tokenized, cut by ``truncate`` and checked; a 400 naming ``param`` for an empty or bad one."""
+        a batch), tokenized, cut by ``truncate`` if given and checked; a 400 naming ``param`` for an empty or bad
+        one."""
         if isinstance(prompt, str) or (prompt and all(isinstance(t, int) for t in prompt)):
             items: list[str | list[int]] = [prompt]  # type: ignore[list-item]
         else:
@@ -188,7 +189,8 @@ class OpenAIServing:
                     raise invalid_param(str(exc), param) from exc
             else:
                 ids = list(item)
-            ids = truncate(ids)
+            if truncate is not None:
+                ids = truncate(ids)
             self.check_prompt_ids(ids, param)
             prompts.append(ids)
         return prompts

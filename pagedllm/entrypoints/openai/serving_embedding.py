@@ -10,8 +10,6 @@ from fastapi import Request
 from starlette.responses import Response
 
 from pagedllm.core.pooling import EmbeddingRequestOutput, PoolingParams
-from pagedllm.core.sampling_params import truncated_prompt
-from pagedllm.entrypoints.openai.errors import from_value_error, invalid_param
 from pagedllm.entrypoints.openai.protocol import EmbeddingData, EmbeddingRequest, EmbeddingResponse, UsageInfo
 from pagedllm.entrypoints.openai.serving_base import OpenAIServing, json_response, random_id
 
@@ -31,18 +29,10 @@ class OpenAIServingEmbedding(OpenAIServing):
         arrival = time.monotonic()
         model = self.models.check(request.model)
         self.warn_unknown_fields(request)
-        if request.dimensions is not None and not 1 <= request.dimensions <= self.hidden_size:
-            raise invalid_param(f"dimensions must be between 1 and the model's hidden size {self.hidden_size}, got "
-                                f"{request.dimensions}", "dimensions")
-        params = PoolingParams(dimensions=request.dimensions, normalize=request.normalize)
-
-        def truncate(ids: list[int]) -> list[int]:  # the context but the one token the pooling step samples
-            try:
-                return truncated_prompt(ids, request.truncate_prompt_tokens, self.max_model_len - 1)
-            except ValueError as exc:
-                raise from_value_error(exc, {"truncate_prompt_tokens": "truncate_prompt_tokens"}) from exc
-
-        inputs = await self.input_token_ids(request.input, request.add_special_tokens, "input", truncate)
+        # the engine checks dimensions and cuts the inputs (PoolingParams: a 400 naming the field)
+        params = PoolingParams(dimensions=request.dimensions, normalize=request.normalize,
+                               truncate_prompt_tokens=request.truncate_prompt_tokens)
+        inputs = await self.input_token_ids(request.input, request.add_special_tokens, "input")
         request_id = random_id("embd")
         stream = await self.add(request_id, inputs, [params] * len(inputs), arrival, {}, "input")
         outputs: list[EmbeddingRequestOutput] = await self.collect(stream, raw_request)  # type: ignore[assignment]

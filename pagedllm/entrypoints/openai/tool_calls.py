@@ -118,8 +118,8 @@ def resolve_tool_mode(tools: list[dict[str, Any]] | None, tool_choice: str | dic
     """The request's :class:`ToolMode`; a 400 naming ``tools`` or ``tool_choice`` for a malformed tool, an
     unknown choice or function, or ``"auto"`` on a server without a tool-call parser."""
     if tools is not None:
-        for i, tool in enumerate(tools):
-            function = tool.get("function") if isinstance(tool, dict) else None
+        for i, tool in enumerate(tools):  # dicts: the request model says so
+            function = tool.get("function")
             if tool.get("type", "function") != "function" or not isinstance(function, dict) or \
                     not isinstance(function.get("name"), str):
                 raise invalid_param(f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ..., "
