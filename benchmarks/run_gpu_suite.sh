@@ -4,7 +4,10 @@
 #   tests        tests/gpu but the two-GPU tests (kernels in fp32/fp16/bf16, greedy parity with the cpu backend;
 #                ~250-300 s on an H200): together with tp-tests (~270 s) they do not fit one 600 s call
 #   conformance  the conformance kit on --device cuda
-#   profile      benchmarks/cuda_step_profile.py on the Llama-3-8B-shaped config
+#   profile      benchmarks/cuda_step_profile.py on the Llama-3-8B-shaped config (PROFILE_EXTRA: more options,
+#                e.g. --num-requests 1 --skip-ceilings for the kernels of a batch-1 decode step)
+#   moe-tests    tests/gpu/test_cuda_moe.py (the experts' kernels, Mixtral and Qwen3-MoE parity)
+#   moe-probe    benchmarks/moe_probe.py on Qwen3-30B-A3B's layer (MOE_TOKENS: the token counts)
 #   tprof        benchmarks/tput_step_profile.py: the throughput workload step by step, windows under the profiler
 #                (TPROF_WINDOWS: their first steps, default 10,100; TPROF_EXTRA: more options, e.g. --quantization fp8)
 #   tput         bench throughput, 1000 x 512/128, pagedllm and hf
@@ -62,7 +65,11 @@ torch.cuda.get_device_name())"; } > "$LOGS/env.txt" 2>&1
         conformance) stage conformance "${CONF_LIMIT:-150}" python -m pytest -p pagedllm.conformance.plugin --pyargs pagedllm.conformance \
             --device cuda -q -p no:cacheprovider ;;
         profile) TAIL=120 stage profile "${PROFILE_LIMIT:-220}" python benchmarks/cuda_step_profile.py --model $MODEL \
-            --out "$LOGS/prof" ;;
+            --out "$LOGS/prof" ${PROFILE_EXTRA:-} ;;
+        moe-tests) stage moe_tests "${MOE_TESTS_LIMIT:-200}" python -m pytest tests/gpu/test_cuda_moe.py -q \
+            -p no:cacheprovider ;;
+        moe-probe) TAIL=120 stage moe_probe "${MOE_PROBE_LIMIT:-200}" python benchmarks/moe_probe.py \
+            --tokens "${MOE_TOKENS:-1,2,4,8,16,64,2048}" --out "$LOGS/moe_probe" ;;
         tprof) TAIL=60 stage tprof "${TPROF_LIMIT:-200}" python benchmarks/tput_step_profile.py --model $MODEL \
             ${MAX_NUM_SEQS:+--max-num-seqs $MAX_NUM_SEQS} ${MNBT:+--max-num-batched-tokens $MNBT} \
             --window-start "${TPROF_WINDOWS:-10,100}" ${TPROF_EXTRA:-} --out "$LOGS/tprof" ;;

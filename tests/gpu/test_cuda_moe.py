@@ -15,8 +15,10 @@ from pagedllm.backends.moe import moe_reference  # noqa: E402
 from tests.gpu.test_cuda_backend import DTYPES, TOLERANCE, Completions, _engine, _prompts, assert_same_tokens  # noqa: E402
 from tests.unit.test_moe import routed_inputs  # noqa: E402
 
-# (tokens, experts, top_k, hidden, inter): tiny; a decode batch and a prefill chunk of Qwen3-30B-A3B's layer
-SHAPES = [(5, 8, 2, 64, 48), (1, 128, 8, 2048, 768), (64, 128, 8, 2048, 768), (700, 128, 8, 2048, 768)]
+# (tokens, experts, top_k, hidden, inter): tiny; decode batches (the GEMVs up to GEMV_MAX_TOKENS) and a prefill
+# chunk of Qwen3-30B-A3B's layer
+SHAPES = [(5, 8, 2, 64, 48), (3, 8, 2, 64, 48), (1, 128, 8, 2048, 768), (4, 128, 8, 2048, 768),
+          (64, 128, 8, 2048, 768), (700, 128, 8, 2048, 768)]
 
 
 def backend():
@@ -44,10 +46,11 @@ def test_fused_moe_matches_reference(shape: tuple[int, ...], dtype: torch.dtype)
     check(got, x, w13, w2, weights, ids, dtype)
 
 
-def test_fused_moe_replays_in_a_graph_with_new_routing() -> None:
+@pytest.mark.parametrize("tokens", [2, 32], ids=["gemv", "gemm"])
+def test_fused_moe_replays_in_a_graph_with_new_routing(tokens: int) -> None:
     """Captured once (the sort into expert blocks included), replayed over other tokens and routing."""
     dtype = torch.bfloat16
-    shape = (32, 128, 8, 2048, 768)
+    shape = (tokens, 128, 8, 2048, 768)
     x, w13, w2, weights, ids = routed_inputs(*shape)
     cuda = backend()
     w13_d, w2_d = w13.to("cuda", dtype), w2.to("cuda", dtype)

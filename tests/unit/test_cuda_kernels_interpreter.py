@@ -417,12 +417,14 @@ def test_silu_and_mul(kernels: SimpleNamespace, dtype: torch.dtype) -> None:
     torch.testing.assert_close(kernels.fused_kernels.silu_and_mul(x), REFERENCE.silu_and_mul(x), **TOLERANCE[dtype])
 
 
+@pytest.mark.parametrize("gemv_max_tokens", [0, 1 << 20], ids=["gemm", "gemv"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("tokens", "experts", "top_k"), [(1, 8, 2), (5, 8, 3), (40, 4, 2)])
 def test_fused_moe_matches_reference(kernels: SimpleNamespace, dtype: torch.dtype, tokens: int, experts: int,
-                                     top_k: int) -> None:
-    """The two grouped GEMMs over expert blocks against the expert-by-expert reference; 40 tokens over 4
-    experts fill more than one 64-row block per expert; columns (72, 48) not multiples of the tiles."""
+                                     top_k: int, gemv_max_tokens: int) -> None:
+    """The two grouped GEMMs over expert blocks, and the few-token GEMVs, against the expert-by-expert
+    reference; 40 tokens over 4 experts fill more than one 64-row block per expert (and share experts in the
+    GEMVs); columns (72, 48) and reductions (48, 36) not multiples of the tiles."""
     from pagedllm.backends.moe import moe_reference
     from pagedllm.core.models.moe import route_tokens
 
@@ -432,7 +434,8 @@ def test_fused_moe_matches_reference(kernels: SimpleNamespace, dtype: torch.dtyp
     w13 = (torch.randn(experts, 2 * inter, hidden, generator=gen) / hidden**0.5).to(dtype)
     w2 = (torch.randn(experts, hidden, inter, generator=gen) / inter**0.5).to(dtype)
     weights, ids = route_tokens(torch.randn(tokens, experts, generator=gen), top_k, renormalize=True)
-    got = kernels.fused_moe.fused_moe(x, w13, w2, weights, ids, kernels.fused_kernels.silu_and_mul)
+    got = kernels.fused_moe.fused_moe(x, w13, w2, weights, ids, kernels.fused_kernels.silu_and_mul,
+                                      gemv_max_tokens=gemv_max_tokens)
     assert got.dtype == dtype and got.shape == x.shape
     torch.testing.assert_close(got, moe_reference(x, w13, w2, weights, ids), **TOLERANCE[dtype])
 

@@ -287,13 +287,19 @@ def rotary_embedding(
 
 
 @triton.jit
+def silu_mul_values(gate, up):
+    """``silu(gate) * up`` of two blocks of one dtype, in that dtype, rounded as PyTorch rounds."""
+    g = gate.to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(gate.dtype)  # silu as PyTorch computes it, rounded like it
+    return (act.to(tl.float32) * up.to(tl.float32)).to(gate.dtype)
+
+
+@triton.jit
 def _silu_mul(x_row_ptr, cols, mask, d):
     """``silu(gate) * up`` of one row's columns ``cols``, in the input dtype, rounded as PyTorch rounds."""
     gate = tl.load(x_row_ptr + cols, mask=mask, other=0.0)
     up = tl.load(x_row_ptr + d + cols, mask=mask, other=0.0)
-    g = gate.to(tl.float32)
-    act = (g / (1.0 + tl.exp(-g))).to(gate.dtype)  # silu as PyTorch computes it, rounded like it
-    return (act.to(tl.float32) * up.to(tl.float32)).to(gate.dtype)
+    return silu_mul_values(gate, up)
 
 
 @triton.jit

@@ -8,7 +8,13 @@ the ``top_k`` rows of each token are then summed in float32. Each program comput
 one tile of output columns, reading only its expert's weights, so a decode step reads each routed expert once
 per column tile. Blocks past the last expert's return at once.
 
-The tiles (:data:`TILES`) are fixed (no compile per batch size once started); the pair count is not specialized on.
+Steps of at most :data:`GEMV_MAX_TOKENS` tokens (batch-1 and small decode batches) skip the sort: one GEMV
+kernel gives each pair's gate|up rows and SiLU-and-mul of them (a program per pair and ``BLOCK_N`` features),
+a second each token's down rows of its ``top_k`` experts, weighted and summed in float32 (a program per token
+and ``BLOCK_N`` outputs). Two launches instead of about fifteen; each routed expert is read once per pair.
+
+The tiles (:data:`TILES`, :data:`GEMV_TILES`) are fixed (no compile per batch size once started); the pair count
+is not specialized on.
 """
 
 from __future__ import annotations
@@ -20,10 +26,17 @@ import triton
 import triton.language as tl
 
 from pagedllm.backends.cuda.attention_common import dot_precision
+from pagedllm.backends.cuda.fused_kernels import silu_mul_values
 from pagedllm.backends.moe import ExpertBlocks, expert_blocks
 
 TILES = (64, 128, 64, 4, 3)
 """BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages of both GEMMs."""
+
+GEMV_MAX_TOKENS = 4
+"""Steps of up to this many tokens take the GEMV kernels (:func:`fused_moe_gemv`), larger ones the grouped GEMMs."""
+
+GEMV_TILES = (8, 512, 4, 4, 256, 4)
+"""BLOCK_N, the largest BLOCK_K and num_warps of the gate|up GEMV, then of the down GEMV."""
 
 
 @triton.jit(do_not_specialize=["num_pairs"])
@@ -83,12 +96,108 @@ def _grouped_gemm(a: torch.Tensor, weights: torch.Tensor, blocks: ExpertBlocks, 
     return out
 
 
+@triton.jit
+def _moe_gate_up_gemv_kernel(
+    h_ptr, x_ptr, w_ptr, ids_ptr,
+    inter, K, stride_x, stride_we, stride_wn, stride_h,
+    TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """``h[p, n] = silu(gate_e[n] . x_t) * (up_e[n] . x_t)`` for pair ``p`` (token ``t = p // TOP_K``, expert ``e
+    = ids[p]``) and this program's ``BLOCK_N`` features ``n``; gate and up rounded to h's dtype before the
+    activation, as the unfused GEMM and SiLU-and-mul round them."""
+    pair = tl.program_id(0)
+    expert = tl.load(ids_ptr + pair).to(tl.int64)
+    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < inter
+    cols = tl.arange(0, BLOCK_K)
+    gate_rows = w_ptr + expert * stride_we + rows[:, None].to(tl.int64) * stride_wn
+    up_rows = gate_rows + inter * stride_wn
+    x_row = x_ptr + (pair // TOP_K).to(tl.int64) * stride_x
+    acc_gate = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        k_mask = k + cols < K
+        mask = row_mask[:, None] & k_mask[None, :]
+        x = tl.load(x_row + k + cols, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+        gate = tl.load(gate_rows + (k + cols)[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
+        up = tl.load(up_rows + (k + cols)[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
+        acc_gate += gate.to(tl.float32) * x
+        acc_up += up.to(tl.float32) * x
+    dtype = h_ptr.dtype.element_ty
+    h = silu_mul_values(tl.sum(acc_gate, 1).to(dtype), tl.sum(acc_up, 1).to(dtype))
+    tl.store(h_ptr + pair.to(tl.int64) * stride_h + rows, h, mask=row_mask)
+
+
+@triton.jit
+def _moe_down_gemv_kernel(
+    y_ptr, h_ptr, w_ptr, ids_ptr, weights_ptr,
+    N, K, stride_h, stride_we, stride_wn, stride_y,
+    TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """``y[t, n] = sum_j weights[p] * (down_e[n] . h[p])`` over token ``t``'s pairs ``p = t * TOP_K + j`` (expert
+    ``e = ids[p]``) for this program's ``BLOCK_N`` outputs ``n``: each product rounded to y's dtype, then
+    weighted and summed in float32, as the reference sums the experts."""
+    token = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    cols = tl.arange(0, BLOCK_K)
+    dtype = y_ptr.dtype.element_ty
+    total = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for j in range(TOP_K):
+        pair = token * TOP_K + j
+        expert = tl.load(ids_ptr + pair).to(tl.int64)
+        w_rows = w_ptr + expert * stride_we + rows[:, None].to(tl.int64) * stride_wn
+        h_row = h_ptr + pair.to(tl.int64) * stride_h
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for k in range(0, K, BLOCK_K):
+            k_mask = k + cols < K
+            h = tl.load(h_row + k + cols, mask=k_mask, other=0.0).to(tl.float32)
+            w = tl.load(w_rows + (k + cols)[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0,
+                        eviction_policy="evict_first")
+            acc += w.to(tl.float32) * h[None, :]
+        total += tl.sum(acc, 1).to(dtype).to(tl.float32) * tl.load(weights_ptr + pair)
+    tl.store(y_ptr + token.to(tl.int64) * stride_y + rows, total.to(dtype), mask=row_mask)
+
+
+def _block_k(k: int, largest: int) -> int:
+    """The largest power of two up to ``largest`` that divides ``k`` (no masked tail), or ``largest`` when only
+    small ones do (a masked tail beats many short iterations)."""
+    for block in (largest, largest // 2, largest // 4):
+        if block >= 64 and k % block == 0:
+            return block
+    return min(largest, triton.next_power_of_2(k))
+
+
+def fused_moe_gemv(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                   topk_ids: torch.Tensor, tiles: tuple[int, ...] = GEMV_TILES) -> torch.Tensor:
+    """``Backend.fused_moe`` (shapes there) for a few tokens: the gate|up GEMV with SiLU-and-mul, then the down
+    GEMV with the weighted sum; no sort, two launches. ``tiles`` as :data:`GEMV_TILES` (a probe sweeps them).
+    Returns ``[num_tokens, hidden]`` in ``x``'s dtype."""
+    num_tokens, top_k = topk_ids.shape
+    inter, hidden = w13.shape[1] // 2, w13.shape[2]
+    n13, k13, warps13, n2, k2, warps2 = tiles
+    ids = topk_ids.to(torch.int32).contiguous()
+    h = torch.empty(num_tokens * top_k, inter, dtype=x.dtype, device=x.device)
+    _moe_gate_up_gemv_kernel[(num_tokens * top_k, triton.cdiv(inter, n13))](
+        h, x, w13, ids, inter, hidden, x.stride(0), w13.stride(0), w13.stride(1), h.stride(0),
+        TOP_K=top_k, BLOCK_N=n13, BLOCK_K=_block_k(hidden, k13), num_warps=warps13,
+    )
+    y = torch.empty(num_tokens, hidden, dtype=x.dtype, device=x.device)
+    _moe_down_gemv_kernel[(num_tokens, triton.cdiv(hidden, n2))](
+        y, h, w2, ids, topk_weights.to(torch.float32).contiguous(), hidden, inter, h.stride(0), w2.stride(0),
+        w2.stride(1), y.stride(0), TOP_K=top_k, BLOCK_N=n2, BLOCK_K=_block_k(inter, k2), num_warps=warps2,
+    )
+    return y
+
+
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, silu_and_mul: Callable[[torch.Tensor], torch.Tensor],
-              tiles: tuple[int, ...] = TILES) -> torch.Tensor:
-    """``Backend.fused_moe`` (shapes there) through the two grouped GEMMs; ``silu_and_mul`` is the backend's;
-    ``tiles`` as :data:`TILES` (a probe sweeps them)."""
+              tiles: tuple[int, ...] = TILES, gemv_max_tokens: int = GEMV_MAX_TOKENS) -> torch.Tensor:
+    """``Backend.fused_moe`` (shapes there): :func:`fused_moe_gemv` for at most ``gemv_max_tokens`` tokens, else
+    the two grouped GEMMs; ``silu_and_mul`` is the backend's; ``tiles`` as :data:`TILES` (a probe sweeps them)."""
     num_tokens, top_k = topk_ids.shape
+    if num_tokens <= gemv_max_tokens:
+        return fused_moe_gemv(x, w13, w2, topk_weights, topk_ids)
     blocks = expert_blocks(topk_ids, w13.shape[0], tiles[0])
     gate_up = _grouped_gemm(x, w13, blocks, top_k, rows_are_tokens=True, routing=None, tiles=tiles)
     down = _grouped_gemm(silu_and_mul(gate_up), w2, blocks, top_k, rows_are_tokens=False,
