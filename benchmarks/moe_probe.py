@@ -25,14 +25,14 @@ from device_timing import device_time_us, write_results
 
 from pagedllm.backends.cuda import fused_moe as kernels
 from pagedllm.backends.cuda.backend import CudaBackend
-from pagedllm.backends.moe import moe_reference
-from pagedllm.core.models.moe import route_tokens
+from pagedllm.backends.moe import moe_reference, route_tokens
 
 EXPERTS, TOP_K, HIDDEN, INTER = 128, 8, 2048, 768
 CONFIGS = [(64, 64, 32, 4, 3), (16, 64, 64, 4, 3), (64, 128, 64, 4, 3), (64, 128, 64, 8, 3), (128, 128, 64, 8, 3),
            (64, 64, 64, 4, 4), (128, 64, 64, 4, 3), (32, 128, 128, 4, 3)]
-GEMV_CONFIGS = [(8, 512, 4, 4, 256, 4), (4, 512, 4, 4, 256, 4), (16, 256, 4, 8, 256, 4), (8, 256, 4, 2, 256, 2),
-                (4, 1024, 4, 4, 256, 2), (16, 512, 8, 8, 256, 4), (8, 512, 4, 2, 256, 1), (2, 1024, 4, 4, 256, 4)]
+GEMV_CONFIGS = [(8, 512, 4, 2, 256, 1), (8, 512, 4, 1, 256, 1), (8, 512, 4, 4, 256, 1), (8, 512, 4, 2, 128, 1),
+                (4, 512, 2, 2, 256, 1), (8, 256, 2, 2, 256, 1), (16, 512, 4, 2, 256, 1), (8, 1024, 8, 2, 256, 1),
+                (4, 1024, 4, 2, 256, 1), (2, 1024, 2, 2, 256, 1)]
 
 
 def graph_time_us(call: Callable[[int], torch.Tensor], calls: int) -> float:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, fields, replace
 import torch
 
 from pagedllm.backends.kv_storage import divide_by_scale
-from pagedllm.backends.moe import moe_reference
+from pagedllm.backends.moe import moe_reference, route_tokens
 
 # The interface version a backend declares in ``Backend.interface_version``: (major, minor). The minor is
 # raised when something is added (a method with a neutral default, a capability field with a default), so
@@ -44,8 +44,9 @@ from pagedllm.backends.moe import moe_reference
 # KV caches holding scaled keys and values (the per-layer ``k_scale``/``v_scale`` of fp8 checkpoints):
 # ``Backend.write_kv_cache_scaled`` and ``Backend.attention_scaled``; 1.10 — ``BackendCapabilities.compiles_kernels``
 # (the engine's start runs warm-up steps, so no request waits for a kernel compile); 1.11 — mixture-of-experts
-# layers: ``Backend.fused_moe``; 1.12 — GeGLU MLPs (Gemma): ``Backend.gelu_and_mul``.
-INTERFACE_VERSION: tuple[int, int] = (1, 12)
+# layers: ``Backend.fused_moe``; 1.12 — GeGLU MLPs (Gemma): ``Backend.gelu_and_mul``; 1.13 — the routers of
+# mixture-of-experts layers: ``Backend.topk_softmax``.
+INTERFACE_VERSION: tuple[int, int] = (1, 13)
 
 
 class InterfaceVersionError(ValueError):
@@ -706,6 +707,19 @@ class Backend(abc.ABC):
         gate, up = x.chunk(2, dim=-1)
         return torch.nn.functional.gelu(gate, approximate=approximate) * up
 
+    def topk_softmax(self, router_logits: torch.Tensor, top_k: int, renormalize: bool,
+                     round_to: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The router of a mixture-of-experts layer: each token's ``top_k`` experts by softmax probability;
+        called by every sparse layer, per step, before :meth:`fused_moe`.
+
+        ``router_logits``: ``[num_tokens, num_experts]`` in the model dtype. The probabilities are computed in
+        float32; with ``renormalize`` the ``top_k`` weights are divided by their sum; with ``round_to`` they are
+        rounded through that dtype last. Returns ``(topk_weights [num_tokens, top_k] float32, topk_ids
+        [num_tokens, top_k] int32)``, each row by falling probability. Default: torch's softmax and top-k
+        (``pagedllm.backends.moe.route_tokens``). Added in 1.13.
+        """
+        return route_tokens(router_logits, top_k, renormalize, round_to)
+
     def fused_moe(self, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                   topk_ids: torch.Tensor) -> torch.Tensor:
         """The experts of a mixture-of-experts layer (Mixtral, Qwen3-MoE); called by every sparse layer, per step,
@@ -713,11 +727,12 @@ class Backend(abc.ABC):
 
         ``x``: ``[num_tokens, hidden]``; ``w13``: ``[num_experts, 2 * inter, hidden]`` (each expert's gate rows,
         then its up rows); ``w2``: ``[num_experts, hidden, inter]``; ``topk_weights``: ``[num_tokens, top_k]``
-        float32; ``topk_ids``: ``[num_tokens, top_k]`` int32, distinct experts per token. Returns ``[num_tokens,
-        hidden]`` in ``x``'s dtype: ``sum_j topk_weights[t, j] * w2[e] @ silu_and_mul(w13[e] @ x[t])`` with ``e =
-        topk_ids[t, j]`` (this rank's partial sum when ``inter`` is sharded). Default: expert by expert through
-        :meth:`linear` and :meth:`silu_and_mul` (``pagedllm.backends.moe.moe_reference``), which reads the
-        routing back to the host, so a backend that captures decode graphs must override it. Added in 1.11.
+        float32; ``topk_ids``: ``[num_tokens, top_k]`` int32, distinct experts per token (:meth:`topk_softmax`).
+        Returns ``[num_tokens, hidden]`` in ``x``'s dtype: ``sum_j topk_weights[t, j] * w2[e] @
+        silu_and_mul(w13[e] @ x[t])`` with ``e = topk_ids[t, j]`` (this rank's partial sum when ``inter`` is
+        sharded). Default: expert by expert through :meth:`linear` and :meth:`silu_and_mul`
+        (``pagedllm.backends.moe.moe_reference``), which reads the routing back to the host, so a backend that
+        captures decode graphs must override it. Added in 1.11.
         """
         return moe_reference(x, w13, w2, topk_weights, topk_ids, self.linear, self.silu_and_mul)
 

@@ -1,5 +1,5 @@
-"""Mixture-of-experts helpers any backend may use: the reference expert computation and the device-side sort of
-(token, expert) pairs by expert that grouped-GEMM kernels read.
+"""Mixture-of-experts helpers any backend may use: the reference routing and expert computation, and the
+device-side sort of (token, expert) pairs by expert that grouped-GEMM kernels read.
 
 Shapes: ``num_tokens`` rows of ``hidden`` features; ``num_experts`` SwiGLU experts of ``inter`` features (this
 rank's share under tensor parallelism); each token routed to ``top_k`` of them.
@@ -11,6 +11,22 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+
+def route_tokens(router_logits: torch.Tensor, top_k: int, renormalize: bool,
+                 round_to: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's ``top_k`` experts by softmax probability (in float32) and their weights, renormalized to
+    sum to one when ``renormalize``, then rounded through ``round_to`` when given (Qwen-MoE routers return
+    their weights in the model dtype): ``router_logits [num_tokens, num_experts]`` -> ``(topk_weights
+    [num_tokens, top_k] float32, topk_ids [num_tokens, top_k] int32)``, each row's experts by falling
+    probability. Device ops only (graphs may capture them); the reference of ``Backend.topk_softmax``."""
+    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    if round_to is not None:
+        weights = weights.to(round_to).float()
+    return weights, ids.to(torch.int32)
 
 
 def moe_reference(

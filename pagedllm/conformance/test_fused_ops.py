@@ -25,10 +25,10 @@ import torch
 
 from pagedllm.backends.fp8_linear import dequantize_groups, quantize_blocks, quantize_groups, quantize_rows
 from pagedllm.backends.interface import Backend
+from pagedllm.backends.moe import route_tokens
 from pagedllm.conformance.cases import all_dtypes, base_head_size, dtype_skip, param
 from pagedllm.conformance.plugin import ConformanceTarget, case_id, get_target
 from pagedllm.conformance.reference import DefaultOpsBackend, poisoned_allocations, tolerance
-from pagedllm.core.models.moe import route_tokens
 
 NUM_TOKENS = 7
 HIDDEN = 96
@@ -50,6 +50,11 @@ OPS: dict[str, str] = {"rms_norm": "rms_norm", "add_rms_norm": "add_rms_norm", "
                        "linear_fp8_block_quantized": "linear_fp8_block_quantized",
                        "linear_fp8_block_quantized_one_token": "linear_fp8_block_quantized",
                        "fused_moe": "fused_moe", "fused_moe_one_token": "fused_moe", "fused_moe_wide": "fused_moe"}
+ROUTER_CASES: dict[str, tuple[int, int, int, bool, bool]] = {
+    "topk_softmax": (NUM_TOKENS, 8, 2, True, False), "topk_softmax_one_token": (1, 128, 8, True, True),
+    "topk_softmax_wide": (48, 64, 6, False, False), "topk_softmax_odd": (5, 60, 4, False, True)}
+"""``Backend.topk_softmax`` cases: tokens, experts, top_k, renormalize, whether the weights are rounded through
+the model dtype (Mixtral's router: 8 experts, 2 per token; Qwen3-30B-A3B's: 128, 8; Qwen2-MoE's: 60, 4)."""
 FP8_INPUT_OPS: dict[str, str] = {"rms_norm_fp8": "rms_norm", "add_rms_norm_fp8": "add_rms_norm",
                                  "silu_and_mul_fp8": "silu_and_mul", "rms_norm_fp8_groups": "rms_norm",
                                  "add_rms_norm_fp8_groups": "add_rms_norm", "silu_and_mul_fp8_groups": "silu_and_mul"}
@@ -65,7 +70,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Parametrize ``fused_case`` (every case of :data:`OPS`) and ``fp8_input_case`` (of
     :data:`FP8_INPUT_OPS`) as (case, dtype) for every dtype; fp8 cases skipped unless their quantization
     (``fp8`` or ``fp8_block``) is claimed."""
-    for fixture, ops in (("fused_case", OPS), ("fp8_input_case", FP8_INPUT_OPS)):
+    for fixture, ops in (("fused_case", OPS), ("fp8_input_case", FP8_INPUT_OPS), ("router_case", ROUTER_CASES)):
         if fixture not in metafunc.fixturenames:
             continue
         capabilities = get_target(metafunc.config).capabilities
@@ -214,6 +219,33 @@ def test_fused_op_matches_default(
             pytest.fail(f"{op} ({'overridden' if overridden else 'default'}) output {index} differs from the "
                         f"base-class default in float32: max |err| {float(err):.4g} (atol={tol.atol}, rtol={tol.rtol})",
                         pytrace=False)
+
+
+def test_topk_softmax_matches_default(
+    conformance_target: ConformanceTarget, router_case: tuple[str, torch.dtype], conformance_generator: torch.Generator
+) -> None:
+    """The backend's router on ``dtype`` logits picks the default's experts in the default's order, with its
+    weights: float32 within 1e-5, or, rounded through ``dtype``, within one step of it. The logits are distinct
+    multiples of 1/8 (exact in every dtype), so no two probabilities tie."""
+    case, dtype = router_case
+    rows, experts, top_k, renormalize, rounded = ROUTER_CASES[case]
+    steps = torch.stack([torch.randperm(experts, generator=conformance_generator) for _ in range(rows)])
+    logits = ((steps.float() - experts / 2) / 8).to(dtype)
+    round_to = dtype if rounded else None
+    target = conformance_target
+    with poisoned_allocations():
+        weights, ids = target.backend.topk_softmax(logits.to(target.device), top_k, renormalize, round_to)
+    want_weights, want_ids = DefaultOpsBackend().topk_softmax(logits.float(), top_k, renormalize, round_to)
+    assert weights.dtype == torch.float32 and ids.dtype == torch.int32, f"returned {weights.dtype}, {ids.dtype}"
+    assert tuple(weights.shape) == tuple(ids.shape) == (rows, top_k), (
+        f"shapes {tuple(weights.shape)}, {tuple(ids.shape)}, expected {(rows, top_k)}")
+    if not torch.equal(ids.cpu(), want_ids):
+        pytest.fail(f"topk_softmax picked experts {ids.cpu().tolist()}, expected {want_ids.tolist()}", pytrace=False)
+    rtol = torch.finfo(dtype).eps if rounded else 1e-5
+    if not torch.allclose(weights.cpu(), want_weights, rtol=rtol, atol=1e-6):
+        err = (weights.cpu() - want_weights).abs().nan_to_num(float("inf")).max()
+        pytest.fail(f"topk_softmax weights differ from the default's: max |err| {float(err):.3g} (rtol={rtol})",
+                    pytrace=False)
 
 
 def dequantized(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -425,8 +425,7 @@ def test_fused_moe_matches_reference(kernels: SimpleNamespace, dtype: torch.dtyp
     """The two grouped GEMMs over expert blocks, and the few-token GEMVs, against the expert-by-expert
     reference; 40 tokens over 4 experts fill more than one 64-row block per expert (and share experts in the
     GEMVs); columns (72, 48) and reductions (48, 36) not multiples of the tiles."""
-    from pagedllm.backends.moe import moe_reference
-    from pagedllm.core.models.moe import route_tokens
+    from pagedllm.backends.moe import moe_reference, route_tokens
 
     gen = torch.Generator().manual_seed(tokens)
     hidden, inter = 48, 36
@@ -438,6 +437,28 @@ def test_fused_moe_matches_reference(kernels: SimpleNamespace, dtype: torch.dtyp
                                       gemv_max_tokens=gemv_max_tokens)
     assert got.dtype == dtype and got.shape == x.shape
     torch.testing.assert_close(got, moe_reference(x, w13, w2, weights, ids), **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("tokens", "experts", "top_k", "renormalize", "rounded"),
+                         [(3, 8, 2, True, False), (1, 128, 8, True, True), (6, 60, 4, False, True),
+                          (4, 5, 5, False, False)])
+def test_topk_softmax_matches_route_tokens(kernels: SimpleNamespace, dtype: torch.dtype, tokens: int, experts: int,
+                                           top_k: int, renormalize: bool, rounded: bool) -> None:
+    """The one-program router against torch's softmax and top-k: the same experts in the same order, the same
+    weights (renormalized, rounded through ``dtype``); expert counts and ``top_k`` not powers of two, and
+    every expert picked."""
+    from pagedllm.backends.moe import route_tokens
+
+    gen = torch.Generator().manual_seed(experts)
+    steps = torch.stack([torch.randperm(experts, generator=gen) for _ in range(tokens)])
+    logits = ((steps.float() - experts / 2) / 8).to(dtype)  # distinct: no ties for the two top-k to break
+    round_to = dtype if rounded else None
+    weights, ids = kernels.fused_moe.topk_softmax(logits, top_k, renormalize, round_to)
+    want_weights, want_ids = route_tokens(logits, top_k, renormalize, round_to)
+    assert weights.dtype == torch.float32 and ids.dtype == torch.int32
+    assert torch.equal(ids, want_ids)
+    torch.testing.assert_close(weights, want_weights, rtol=torch.finfo(dtype).eps if rounded else 1e-6, atol=1e-7)
 
 
 def _assert_quantized_like(got: tuple[torch.Tensor, torch.Tensor], values: torch.Tensor, kernels: SimpleNamespace,

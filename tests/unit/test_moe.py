@@ -10,8 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from pagedllm import LLM, SamplingParams
-from pagedllm.backends.moe import expert_blocks, moe_reference
-from pagedllm.core.models.moe import route_tokens
+from pagedllm.backends.moe import expert_blocks, moe_reference, route_tokens
 
 
 def dense_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,

@@ -30,7 +30,7 @@ class CpuBackend(Backend):
     name = "cpu"
     device_type = "cpu"
     dist_backend = "gloo"
-    interface_version = (1, 12)
+    interface_version = (1, 13)
     priority = -100  # auto picks cpu last
 
     @classmethod

@@ -60,8 +60,8 @@ class CudaBackend(Backend):
     dist_backend = "nccl"
     # communicator; linear, all_reduce_add_rms_norm; scheduler defaults; fp8; fp8_block; 1.8: qk_norm_rotary_embedding,
     # the fp8_block input ops, linear_fp8_static; 1.9: write_kv_cache_scaled, attention_scaled; 1.10: compiles_kernels;
-    # 1.11: fused_moe; 1.12: gelu_and_mul (the default's torch ops)
-    interface_version = (1, 12)
+    # 1.11: fused_moe; 1.12: gelu_and_mul (the default's torch ops); 1.13: topk_softmax
+    interface_version = (1, 13)
     priority = 10  # below rocm: torch.cuda also answers on a ROCm build
 
     def __init__(self) -> None:
@@ -309,6 +309,15 @@ class CudaBackend(Backend):
         from pagedllm.backends.cuda.fused_kernels import silu_and_mul
 
         return silu_and_mul(x)
+
+    def topk_softmax(self, router_logits: torch.Tensor, top_k: int, renormalize: bool,
+                     round_to: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One Triton program per token: softmax, top-k, renormalization and rounding (``fused_moe.topk_softmax``);
+        routers it does not take (more than ``MAX_ROUTED_EXPERTS`` experts) go to the default."""
+        from pagedllm.backends.cuda import fused_moe as kernels
+
+        routed = kernels.topk_softmax(router_logits, top_k, renormalize, round_to)
+        return routed if routed is not None else super().topk_softmax(router_logits, top_k, renormalize, round_to)
 
     def fused_moe(self, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                   topk_ids: torch.Tensor) -> torch.Tensor:

@@ -32,11 +32,14 @@ from pagedllm.backends.moe import ExpertBlocks, expert_blocks
 TILES = (64, 128, 64, 4, 3)
 """BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages of both GEMMs."""
 
-GEMV_MAX_TOKENS = 4
-"""Steps of up to this many tokens take the GEMV kernels (:func:`fused_moe_gemv`), larger ones the grouped GEMMs."""
+GEMV_MAX_TOKENS = 16
+"""Steps of up to this many tokens take the GEMV kernels (:func:`fused_moe_gemv`), larger ones the grouped GEMMs.
+On Qwen3-30B-A3B's layer on an H200, in CUDA graphs (RESULTS.md run 117): 33 / 46 / 75 / 135 / 237 us at 1 / 2 /
+4 / 8 / 16 tokens against the grouped GEMMs' best 81 / 105 / 134 / 189 / 248 us."""
 
-GEMV_TILES = (8, 512, 4, 4, 256, 4)
-"""BLOCK_N, the largest BLOCK_K and num_warps of the gate|up GEMV, then of the down GEMV."""
+GEMV_TILES = (8, 512, 4, 2, 256, 1)
+"""BLOCK_N, the largest BLOCK_K and num_warps of the gate|up GEMV, then of the down GEMV: the best of
+``benchmarks/moe_probe.py``'s sweep at every token count from 1 to 16 (run 117)."""
 
 
 @triton.jit(do_not_specialize=["num_pairs"])
@@ -203,6 +206,65 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     down = _grouped_gemm(silu_and_mul(gate_up), w2, blocks, top_k, rows_are_tokens=False,
                          routing=topk_weights.reshape(-1).to(torch.float32).contiguous(), tiles=tiles)
     return down.view(num_tokens, top_k, -1).sum(dim=1, dtype=torch.float32).to(x.dtype)
+
+
+MAX_ROUTED_EXPERTS = 1024
+"""The most experts :func:`topk_softmax` takes (one program holds a token's logits)."""
+TRITON_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+@triton.jit
+def _topk_softmax_kernel(
+    weights_ptr, ids_ptr, logits_ptr, num_experts, stride_l,
+    TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, RENORMALIZE: tl.constexpr,
+    ROUND_TO: tl.constexpr,
+):
+    """One token: the softmax of its logits in float32, its ``TOP_K`` largest probabilities by repeated maximum
+    (the lowest index first among equal ones), divided by their sum when ``RENORMALIZE``, rounded through
+    ``ROUND_TO`` (a Triton dtype, or None)."""
+    token = tl.program_id(0).to(tl.int64)
+    experts = tl.arange(0, BLOCK_E)
+    valid = experts < num_experts
+    logits = tl.load(logits_ptr + token * stride_l + experts, mask=valid, other=float("-inf")).to(tl.float32)
+    exps = tl.exp(logits - tl.max(logits, 0))
+    probs = exps / tl.sum(exps, 0)
+    probs = tl.where(valid, probs, float("-inf"))
+    slots = tl.arange(0, BLOCK_K)
+    top_weights = tl.zeros([BLOCK_K], dtype=tl.float32)
+    top_ids = tl.zeros([BLOCK_K], dtype=tl.int32)
+    for j in tl.static_range(TOP_K):
+        best = tl.max(probs, 0)
+        expert = tl.min(tl.where(probs == best, experts, BLOCK_E), 0)
+        top_weights = tl.where(slots == j, best, top_weights)
+        top_ids = tl.where(slots == j, expert, top_ids)
+        probs = tl.where(experts == expert, float("-inf"), probs)
+    if RENORMALIZE:
+        top_weights = top_weights / tl.sum(top_weights, 0)
+    if ROUND_TO is not None:
+        top_weights = top_weights.to(ROUND_TO).to(tl.float32)
+    out = token * TOP_K + slots
+    tl.store(weights_ptr + out, top_weights, mask=slots < TOP_K)
+    tl.store(ids_ptr + out, top_ids, mask=slots < TOP_K)
+
+
+def topk_softmax(router_logits: torch.Tensor, top_k: int, renormalize: bool,
+                 round_to: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``Backend.topk_softmax`` (shapes there) in one launch, or None when the kernel does not take the router:
+    more than :data:`MAX_ROUTED_EXPERTS` experts, a dtype other than float32/float16/bfloat16, or rows that are
+    not unit-strided."""
+    num_tokens, num_experts = router_logits.shape
+    if (num_experts > MAX_ROUTED_EXPERTS or router_logits.dtype not in TRITON_DTYPES
+            or (round_to is not None and round_to not in TRITON_DTYPES) or router_logits.stride(1) != 1):
+        return None
+    weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=router_logits.device)
+    ids = torch.empty(num_tokens, top_k, dtype=torch.int32, device=router_logits.device)
+    if num_tokens:
+        _topk_softmax_kernel[(num_tokens,)](
+            weights, ids, router_logits, num_experts, router_logits.stride(0), TOP_K=top_k,
+            BLOCK_E=triton.next_power_of_2(num_experts), BLOCK_K=triton.next_power_of_2(top_k),
+            RENORMALIZE=renormalize, ROUND_TO=TRITON_DTYPES.get(round_to), num_warps=4 if num_experts > 256 else 1,
+        )
+    return weights, ids
 
 
 def takes(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:

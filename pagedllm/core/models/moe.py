@@ -30,17 +30,6 @@ QUANTIZED_EXPERT_TENSOR = re.compile(r"^.+\.experts\.\d+\.\w+\.(weight_scale|wei
 PROJ_PART = {"gate_proj": 0, "w1": 0, "up_proj": 1, "w3": 1, "down_proj": 2, "w2": 2}
 
 
-def route_tokens(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each token's ``top_k`` experts by softmax probability (in float32) and their weights, renormalized to
-    sum to one when ``renormalize``: ``router_logits [num_tokens, num_experts]`` -> ``(topk_weights [num_tokens,
-    top_k] float32, topk_ids [num_tokens, top_k] int32)``. Device ops only (graphs may capture them)."""
-    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
-    weights, ids = torch.topk(probs, top_k, dim=-1)
-    if renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights, ids.to(torch.int32)
-
-
 class FusedMoE(nn.Module):
     """The experts of one sparse block, stacked (see the module docstring); this rank's ``inter / tp`` features
     of each. ``forward(x, topk_weights, topk_ids)`` -> the backend's ``fused_moe``."""
@@ -62,7 +51,7 @@ class FusedMoE(nn.Module):
         self.parts_loaded: set[tuple[int, int]] = set()  # (expert, part) read from per-expert tensors
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-        """``x [num_tokens, hidden]`` routed by ``topk_weights``/``topk_ids`` (:func:`route_tokens`) ->
+        """``x [num_tokens, hidden]`` routed by ``topk_weights``/``topk_ids`` (``Backend.topk_softmax``) ->
         ``[num_tokens, hidden]``, this rank's partial sum."""
         return self.backend.fused_moe(x, self.gate_up_proj, self.down_proj, topk_weights, topk_ids)
 
@@ -130,9 +119,9 @@ class SparseMoeBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """See the class docstring. With ``round_weights`` the routing weights are rounded to the model dtype
         first, as Qwen3-MoE's router returns them."""
-        weights, ids = route_tokens(self.gate(x), self.top_k, self.renormalize)
-        if self.round_weights:
-            weights = weights.to(x.dtype).float()
+        backend = self.experts.backend
+        weights, ids = backend.topk_softmax(self.gate(x), self.top_k, self.renormalize,
+                                            x.dtype if self.round_weights else None)
         return self.experts(x, weights, ids)
 
 
