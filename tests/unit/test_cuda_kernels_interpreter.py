@@ -439,6 +439,22 @@ def test_fused_moe_matches_reference(kernels: SimpleNamespace, dtype: torch.dtyp
     torch.testing.assert_close(got, moe_reference(x, w13, w2, weights, ids), **TOLERANCE[dtype])
 
 
+@pytest.mark.parametrize("at_once", [2, 4])
+def test_fused_moe_gemv_loads_experts_together(kernels: SimpleNamespace, at_once: int) -> None:
+    """The down GEMV loading several experts' tiles at once: 3 experts per token in loads of 2 (a partial second
+    load) and of 4 (one masked slot)."""
+    from pagedllm.backends.moe import moe_reference, route_tokens
+
+    gen = torch.Generator().manual_seed(at_once)
+    tokens, experts, top_k, hidden, inter = 3, 8, 3, 48, 36
+    x = torch.randn(tokens, hidden, generator=gen)
+    w13 = torch.randn(experts, 2 * inter, hidden, generator=gen) / hidden**0.5
+    w2 = torch.randn(experts, hidden, inter, generator=gen) / inter**0.5
+    weights, ids = route_tokens(torch.randn(tokens, experts, generator=gen), top_k, renormalize=True)
+    got = kernels.fused_moe.fused_moe_gemv(x, w13, w2, weights, ids, tiles=(8, 64, 4, 4, 64, 1, at_once))
+    torch.testing.assert_close(got, moe_reference(x, w13, w2, weights, ids), **TOLERANCE[torch.float32])
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("tokens", "experts", "top_k", "renormalize", "rounded"),
                          [(3, 8, 2, True, False), (1, 128, 8, True, True), (6, 60, 4, False, True),

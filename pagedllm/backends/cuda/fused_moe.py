@@ -34,12 +34,14 @@ TILES = (64, 128, 64, 4, 3)
 
 GEMV_MAX_TOKENS = 16
 """Steps of up to this many tokens take the GEMV kernels (:func:`fused_moe_gemv`), larger ones the grouped GEMMs.
-On Qwen3-30B-A3B's layer on an H200, in CUDA graphs (RESULTS.md run 117): 33 / 46 / 75 / 135 / 237 us at 1 / 2 /
-4 / 8 / 16 tokens against the grouped GEMMs' best 81 / 105 / 134 / 189 / 248 us."""
+On Qwen3-30B-A3B's layer on an H200, in CUDA graphs (RESULTS.md run 117, the first GEMV tiles): 33 / 46 / 75 /
+135 / 237 us at 1 / 2 / 4 / 8 / 16 tokens against the grouped GEMMs' best 81 / 105 / 134 / 189 / 248 us; at 32
+tokens the GEMMs take 341 us (run 118)."""
 
-GEMV_TILES = (8, 512, 4, 2, 256, 1)
-"""BLOCK_N, the largest BLOCK_K and num_warps of the gate|up GEMV, then of the down GEMV: the best of
-``benchmarks/moe_probe.py``'s sweep at every token count from 1 to 16 (run 117)."""
+GEMV_TILES = (8, 256, 2, 2, 256, 2, 4)
+"""BLOCK_N, the largest BLOCK_K and num_warps of the gate|up GEMV, then of the down GEMV and how many experts'
+tiles it loads at once. From ``benchmarks/moe_probe.py``'s sweeps on an H200 (runs 117-119): 25.4 / 75.7 / 229 us
+at 1 / 4 / 16 tokens, within 3% of the best of each; the first tiles, one expert at a time, 33.3 / 75.5 / 236."""
 
 
 @triton.jit(do_not_specialize=["num_pairs"])
@@ -135,30 +137,36 @@ def _moe_gate_up_gemv_kernel(
 def _moe_down_gemv_kernel(
     y_ptr, h_ptr, w_ptr, ids_ptr, weights_ptr,
     N, K, stride_h, stride_we, stride_wn, stride_y,
-    TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EXPERTS_AT_ONCE: tl.constexpr,
 ):
     """``y[t, n] = sum_j weights[p] * (down_e[n] . h[p])`` over token ``t``'s pairs ``p = t * TOP_K + j`` (expert
     ``e = ids[p]``) for this program's ``BLOCK_N`` outputs ``n``: each product rounded to y's dtype, then
-    weighted and summed in float32, as the reference sums the experts."""
+    weighted and summed in float32, as the reference sums the experts. ``EXPERTS_AT_ONCE`` experts' tiles
+    (a power of two) are loaded together, ``[EXPERTS_AT_ONCE, BLOCK_N, BLOCK_K]``: independent loads in flight."""
     token = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     cols = tl.arange(0, BLOCK_K)
+    slots = tl.arange(0, EXPERTS_AT_ONCE)
     dtype = y_ptr.dtype.element_ty
     total = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for j in range(TOP_K):
-        pair = token * TOP_K + j
-        expert = tl.load(ids_ptr + pair).to(tl.int64)
-        w_rows = w_ptr + expert * stride_we + rows[:, None].to(tl.int64) * stride_wn
-        h_row = h_ptr + pair.to(tl.int64) * stride_h
-        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for j in range(0, TOP_K, EXPERTS_AT_ONCE):
+        slot_mask = j + slots < TOP_K
+        pairs = token * TOP_K + j + slots
+        experts = tl.load(ids_ptr + pairs, mask=slot_mask, other=0).to(tl.int64)
+        w_rows = (w_ptr + experts[:, None, None] * stride_we
+                  + rows[None, :, None].to(tl.int64) * stride_wn)  # [EXPERTS_AT_ONCE, BLOCK_N, 1]
+        w_mask = slot_mask[:, None, None] & row_mask[None, :, None]
+        h_rows = h_ptr + pairs[:, None].to(tl.int64) * stride_h  # [EXPERTS_AT_ONCE, 1]
+        acc = tl.zeros([EXPERTS_AT_ONCE, BLOCK_N, BLOCK_K], dtype=tl.float32)
         for k in range(0, K, BLOCK_K):
             k_mask = k + cols < K
-            h = tl.load(h_row + k + cols, mask=k_mask, other=0.0).to(tl.float32)
-            w = tl.load(w_rows + (k + cols)[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0,
+            h = tl.load(h_rows + (k + cols)[None, :], mask=slot_mask[:, None] & k_mask[None, :], other=0.0)
+            w = tl.load(w_rows + (k + cols)[None, None, :], mask=w_mask & k_mask[None, None, :], other=0.0,
                         eviction_policy="evict_first")
-            acc += w.to(tl.float32) * h[None, :]
-        total += tl.sum(acc, 1).to(dtype).to(tl.float32) * tl.load(weights_ptr + pair)
+            acc += w.to(tl.float32) * h.to(tl.float32)[:, None, :]
+        weights = tl.load(weights_ptr + pairs, mask=slot_mask, other=0.0)
+        total += tl.sum(tl.sum(acc, 2).to(dtype).to(tl.float32) * weights[:, None], 0)
     tl.store(y_ptr + token.to(tl.int64) * stride_y + rows, total.to(dtype), mask=row_mask)
 
 
@@ -178,7 +186,7 @@ def fused_moe_gemv(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_we
     Returns ``[num_tokens, hidden]`` in ``x``'s dtype."""
     num_tokens, top_k = topk_ids.shape
     inter, hidden = w13.shape[1] // 2, w13.shape[2]
-    n13, k13, warps13, n2, k2, warps2 = tiles
+    n13, k13, warps13, n2, k2, warps2, at_once = tiles
     ids = topk_ids.to(torch.int32).contiguous()
     h = torch.empty(num_tokens * top_k, inter, dtype=x.dtype, device=x.device)
     _moe_gate_up_gemv_kernel[(num_tokens * top_k, triton.cdiv(inter, n13))](
@@ -188,7 +196,8 @@ def fused_moe_gemv(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_we
     y = torch.empty(num_tokens, hidden, dtype=x.dtype, device=x.device)
     _moe_down_gemv_kernel[(num_tokens, triton.cdiv(hidden, n2))](
         y, h, w2, ids, topk_weights.to(torch.float32).contiguous(), hidden, inter, h.stride(0), w2.stride(0),
-        w2.stride(1), y.stride(0), TOP_K=top_k, BLOCK_N=n2, BLOCK_K=_block_k(inter, k2), num_warps=warps2,
+        w2.stride(1), y.stride(0), TOP_K=top_k, BLOCK_N=n2, BLOCK_K=_block_k(inter, k2),
+        EXPERTS_AT_ONCE=min(at_once, triton.next_power_of_2(top_k)), num_warps=warps2,
     )
     return y
 
