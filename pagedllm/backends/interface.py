@@ -45,7 +45,8 @@ from pagedllm.backends.moe import moe_reference, route_tokens
 # ``Backend.write_kv_cache_scaled`` and ``Backend.attention_scaled``; 1.10 — ``BackendCapabilities.compiles_kernels``
 # (the engine's start runs warm-up steps, so no request waits for a kernel compile); 1.11 — mixture-of-experts
 # layers: ``Backend.fused_moe``; 1.12 — GeGLU MLPs (Gemma): ``Backend.gelu_and_mul``; 1.13 — the routers of
-# mixture-of-experts layers: ``Backend.topk_softmax``.
+# mixture-of-experts layers: ``Backend.topk_softmax``; attention logits soft-capped (Gemma 2):
+# ``AttentionSpec.logits_soft_cap`` and ``BackendCapabilities.supports_logits_soft_cap``.
 INTERFACE_VERSION: tuple[int, int] = (1, 13)
 
 
@@ -131,6 +132,9 @@ class BackendCapabilities:
     """False: a prompt is always prefilled in one step (the token budget is raised to fit it)."""
     supports_sliding_window: bool = True
     """Whether ``AttentionSpec.sliding_window`` is honoured."""
+    supports_logits_soft_cap: bool = False
+    """Whether ``AttentionSpec.logits_soft_cap`` is honoured; the engine refuses a model that needs it (Gemma 2)
+    on a backend that does not say so. Added in 1.13."""
     can_capture_graphs: bool = False
     """Whether :meth:`Backend.capture_graph` records replayable device graphs."""
     supports_distributed: bool = True
@@ -203,6 +207,7 @@ class BackendCapabilities:
             for flag, on in (
                 ("chunked-prefill", self.supports_chunked_prefill),
                 ("sliding-window", self.supports_sliding_window),
+                ("soft-cap", self.supports_logits_soft_cap),
                 ("graphs", self.can_capture_graphs),
                 ("tp", self.supports_distributed),
                 ("async", self.runs_asynchronously),
@@ -235,7 +240,8 @@ class AttentionSpec:
     """Per-layer constants of an attention call.
 
     ``sliding_window``: a query at position p sees keys at positions in ``(p - sliding_window, p]``;
-    None means full causal attention.
+    None means full causal attention. ``logits_soft_cap``: each scaled score ``s = scale * q . k`` becomes
+    ``cap * tanh(s / cap)`` before the mask and the softmax; None leaves it.
     """
 
     num_heads: int
@@ -249,6 +255,8 @@ class AttentionSpec:
     """Multiplier of ``q . k`` before the softmax (usually ``head_dim ** -0.5``)."""
     sliding_window: int | None = None
     """See the class docstring; only set when ``BackendCapabilities.supports_sliding_window``."""
+    logits_soft_cap: float | None = None
+    """See the class docstring; only set when ``BackendCapabilities.supports_logits_soft_cap``. Added in 1.13."""
 
 
 @dataclass(slots=True)

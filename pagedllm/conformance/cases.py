@@ -42,7 +42,8 @@ def scenario_requests(scenario: str, block_size: int) -> list[RequestShape]:
 
     ``decode``: one new token over contexts from 0 to two blocks and more; ``prefill``: prompts from
     scratch; ``prefix_prefill``: new tokens over cached full blocks, and one chunk resuming mid-block;
-    ``mixed``: decodes and prefills together; ``window``: long enough for a sliding window to cut in.
+    ``mixed``: decodes and prefills together; ``window``: long enough for a sliding window to cut in;
+    ``soft_cap``: decodes and prefills, some over cached blocks, long enough for a window too.
     """
     bs = block_size
     shapes = {
@@ -51,6 +52,7 @@ def scenario_requests(scenario: str, block_size: int) -> list[RequestShape]:
         "prefix_prefill": [(bs, 3), (2 * bs, bs + 2), (bs + 3, 5), (4 * bs, 2)],
         "mixed": [(5, 1), (0, 7), (2 * bs + 1, 1), (bs, bs + 3), (3, 4)],
         "window": [(3 * bs + 2, 1), (2 * bs, 6), (0, 2 * bs + 3)],
+        "soft_cap": [(3 * bs + 2, 1), (bs - 1, 1), (2 * bs, 6), (0, 2 * bs + 3)],
     }[scenario]
     return [RequestShape(context_len, query_len) for context_len, query_len in shapes]
 
@@ -58,6 +60,10 @@ def scenario_requests(scenario: str, block_size: int) -> list[RequestShape]:
 def sliding_window_for(block_size: int) -> int:
     """A window shorter than the ``window`` scenario's sequences and not a multiple of the block size."""
     return block_size + 3
+
+
+SOFT_CAP = 1.0
+"""The soft cap of the ``soft_cap`` attention cases."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +78,8 @@ class AttentionCase:
     kv_dtype: torch.dtype
     sliding_window: int | None = None
     padded: bool = False
+    logits_soft_cap: float | None = None
+    """Set (the ``soft_cap`` cases): scores soft-capped as Gemma 2's are."""
     k_scale: float = 1.0
     v_scale: float = 1.0
     """Other than 1.0 (the ``kv_scaled`` cases): the cache holds keys and values divided by these, written and
@@ -90,7 +98,7 @@ class AttentionCase:
     def spec(self) -> AttentionSpec:
         """The layer constants of this case (scale ``head_dim ** -0.5``)."""
         return AttentionSpec(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5,
-                             self.sliding_window)
+                             self.sliding_window, self.logits_soft_cap)
 
     def requests(self) -> list[RequestShape]:
         """The batch's requests."""
@@ -106,6 +114,8 @@ class AttentionCase:
             parts.append(f"kv_{dtype_name(self.kv_dtype)}")
         if self.sliding_window:
             parts.append(f"w{self.sliding_window}")
+        if self.logits_soft_cap:
+            parts.append(f"cap{self.logits_soft_cap:g}")
         return tuple(parts)
 
 
@@ -197,6 +207,13 @@ def _attention_cases(capabilities: BackendCapabilities) -> Iterator[tuple[Attent
         yield AttentionCase("window", "gqa", head, block, dtype, dtype, sliding_window=window), skip
     for dtype in claimed_dtypes:
         yield AttentionCase("padded", "gqa", head, block, dtype, dtype, padded=True), None
+    # soft-capped scores (Gemma 2), with a sliding window too; a cap of 1 binds on the kit's unit-scale scores
+    skip = None if capabilities.supports_logits_soft_cap else "logits soft cap not claimed"
+    for dtype in claimed_dtypes:
+        yield AttentionCase("soft_cap", "gqa", head, block, dtype, dtype, logits_soft_cap=SOFT_CAP), skip
+    skip = skip or (None if capabilities.supports_sliding_window else "sliding window not claimed")
+    yield (AttentionCase("soft_cap", "gqa", head, block, claimed_dtypes[0], claimed_dtypes[0],
+                         sliding_window=window, logits_soft_cap=SOFT_CAP), skip)
 
 
 def kv_only_cases(capabilities: BackendCapabilities) -> Iterator[tuple[torch.dtype, torch.dtype]]:

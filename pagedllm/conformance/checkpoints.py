@@ -14,9 +14,11 @@ from pathlib import Path
 
 # arch -> (num_attention_heads, num_key_value_heads); the hidden size is heads * head size
 ARCH_HEADS: dict[str, tuple[int, int]] = {"llama": (4, 2), "qwen2": (4, 1), "mistral": (4, 2), "qwen3": (4, 2),
-                                          "gemma3": (4, 2), "mixtral": (4, 2), "qwen3_moe": (4, 2), "qwen2_moe": (4, 2)}
-"""GQA Llama, MQA Qwen2, GQA Mistral with a sliding window, GQA Qwen3 with per-head q/k norms, Gemma 3 (sliding and
-full layers, GeGLU through ``Backend.gelu_and_mul``), and three mixtures
+                                          "gemma2": (4, 2), "gemma3": (4, 2), "mixtral": (4, 2), "qwen3_moe": (4, 2),
+                                          "qwen2_moe": (4, 2)}
+"""GQA Llama, MQA Qwen2, GQA Mistral with a sliding window, GQA Qwen3 with per-head q/k norms, Gemma 2 (attention
+scores soft-capped, sliding and full layers), Gemma 3 (sliding and full layers with their own ropes, GeGLU through
+``Backend.gelu_and_mul``), and three mixtures
 of experts through ``Backend.fused_moe``: Mixtral (8 experts, 2 per token), Qwen3-MoE (8 experts, 3 per token,
 one dense layer) and Qwen2-MoE (a gated shared expert beside the routed ones) (from
 ``pagedllm.testing.checkpoints``)."""

@@ -254,7 +254,8 @@ def reference_attention(batch: AttentionBatch) -> torch.Tensor:
     """Float32 causal attention of the batch's real tokens, one request at a time, from the K/V as stored.
 
     Query head ``h`` reads KV head ``h // (num_heads // num_kv_heads)``; token ``t`` of a request sits at
-    position ``context_len + t`` and sees positions ``0..p`` (within ``spec.sliding_window``). Returns
+    position ``context_len + t`` and sees positions ``0..p`` (within ``spec.sliding_window``); scores are
+    soft-capped when ``spec.logits_soft_cap`` is set. Returns
     ``[num_tokens, num_heads, head_dim]`` float32 on the CPU.
     """
     spec = batch.spec
@@ -268,6 +269,8 @@ def reference_attention(batch: AttentionBatch) -> torch.Tensor:
         k = keys.repeat_interleave(group, dim=1)  # [S, H, D]
         v = values.repeat_interleave(group, dim=1)
         scores = torch.einsum("qhd,khd->hqk", q, k) * spec.scale
+        if spec.logits_soft_cap:
+            scores = torch.tanh(scores / spec.logits_soft_cap) * spec.logits_soft_cap
         query_pos = request.context_len + torch.arange(request.query_len)
         key_pos = torch.arange(request.seq_len)
         allowed = key_pos[None, :] <= query_pos[:, None]

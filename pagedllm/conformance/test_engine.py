@@ -51,8 +51,10 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         params = []
         for arch in ARCH_HEADS:
             skip = None
-            if arch in ("mistral", "gemma3") and not capabilities.supports_sliding_window:
+            if arch in ("mistral", "gemma2", "gemma3") and not capabilities.supports_sliding_window:
                 skip = f"{arch} (sliding window) not run: sliding window not claimed"
+            if arch == "gemma2" and not capabilities.supports_logits_soft_cap:
+                skip = "gemma2 (attention soft cap) not run: logits soft cap not claimed"
             params.append(param(case_id(metafunc.config, arch), arch, skip=skip))
         metafunc.parametrize("engine_arch", params)
 

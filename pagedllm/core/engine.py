@@ -117,6 +117,10 @@ class LLMEngine:
         if mc.head_dim not in capabilities.head_sizes:
             raise ValueError(f"backend {self.backend_cls.name!r} does not support head size {mc.head_dim}; "
                              f"supported: {list(capabilities.head_sizes)}")
+        soft_cap = getattr(mc.hf_config, "attn_logit_softcapping", None)
+        if soft_cap and not capabilities.supports_logits_soft_cap:
+            raise ValueError(f"backend {self.backend_cls.name!r} does not support attention logit soft-capping, which "
+                             f"{mc.architecture} needs (attn_logit_softcapping={soft_cap})")
         self.block_size = pick_block_size(config.block_size, capabilities.block_sizes)
         self.max_num_batched_tokens = max_num_batched_tokens
         if capabilities.needs_static_shapes and capabilities.token_buckets:

@@ -34,6 +34,13 @@ TINY_CONFIGS: dict[str, dict[str, object]] = {
                    sliding_window=16, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
                    rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                                     "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}}),
+    # Gemma 3's shape without q/k norms, one rope; attention scores unscaled (query_pre_attn_scalar 1) and
+    # soft-capped at 2, so the cap binds on a tiny model (without it ~6% of greedy next tokens change; Gemma 2's
+    # 50 would not bind), logits capped at 8
+    "gemma2": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=1, max_position_embeddings=1024,
+                   sliding_window=16, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                   attn_logit_softcapping=2.0, final_logit_softcapping=8.0),
     # LongRoPE (Phi-3.5's long-context scaling) over 64 original positions: prompts below them take the short
     # factors, as transformers does
     "phi3": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -102,7 +109,7 @@ def build_tokenizer(directory: str | Path, vocab_size: int = 512) -> object:
 def build_checkpoint(directory: str | Path, arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32,
                      vocab_size: int = 512, max_shard_size: str | None = None, **overrides: object) -> Path:
     """Write a tiny random ``arch`` checkpoint (llama, mistral, ministral, qwen2, qwen3,
-    granite, gemma3, phi3, olmo2, mixtral, qwen3_moe or qwen2_moe) plus tokenizer
+    granite, gemma2, gemma3, phi3, olmo2, mixtral, qwen3_moe or qwen2_moe) plus tokenizer
     to ``directory``.
 
     The weights are scaled up from transformers' default init so greedy continuations vary with the
@@ -118,12 +125,14 @@ def build_checkpoint(directory: str | Path, arch: str = "llama", seed: int = 0, 
                   "mixtral": transformers.MixtralConfig, "qwen3_moe": transformers.Qwen3MoeConfig,
                   "qwen2_moe": transformers.Qwen2MoeConfig, "granite": transformers.GraniteConfig,
                   "gemma3": transformers.Gemma3TextConfig, "phi3": transformers.Phi3Config,
+                  "gemma2": transformers.Gemma2Config,
                   "ministral": transformers.MinistralConfig, "olmo2": transformers.Olmo2Config}[arch]
     model_cls = {"llama": transformers.LlamaForCausalLM, "mistral": transformers.MistralForCausalLM,
                  "qwen2": transformers.Qwen2ForCausalLM, "qwen3": transformers.Qwen3ForCausalLM,
                  "mixtral": transformers.MixtralForCausalLM, "qwen3_moe": transformers.Qwen3MoeForCausalLM,
                  "qwen2_moe": transformers.Qwen2MoeForCausalLM, "granite": transformers.GraniteForCausalLM,
                  "gemma3": transformers.Gemma3ForCausalLM, "phi3": transformers.Phi3ForCausalLM,
+                 "gemma2": transformers.Gemma2ForCausalLM,
                  "ministral": transformers.MinistralForCausalLM, "olmo2": transformers.Olmo2ForCausalLM}[arch]
     kwargs = dict(TINY_CONFIGS[arch])
     kwargs.update(overrides)
@@ -137,7 +146,7 @@ def build_checkpoint(directory: str | Path, arch: str = "llama", seed: int = 0, 
                 param.mul_(8.0 if "embed" in name or "lm_head" in name else 2.0)
             elif "q_norm" in name or "k_norm" in name:  # q/k norms (Qwen3's per head, OLMo 2's whole): weights matter
                 param.normal_(1.0, 0.3)
-            elif "norm" in name and arch == "gemma3":  # Gemma's norms scale by 1 + weight: offsets that matter
+            elif "norm" in name and arch.startswith("gemma"):  # Gemma's norms scale by 1 + weight: offsets that matter
                 param.normal_(0.0, 0.3)
             elif "norm" not in name:
                 param.normal_(0.0, 0.2)

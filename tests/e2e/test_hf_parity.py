@@ -22,7 +22,7 @@ def mixed_prompts(tokenizer) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "ministral", "qwen2", "qwen3", "granite",
-                                  "gemma3", "olmo2", "mixtral", "qwen3_moe", "qwen2_moe"])
+                                  "gemma2", "gemma3", "olmo2", "mixtral", "qwen3_moe", "qwen2_moe"])
 @pytest.mark.parametrize("prefix_caching", [True, False])
 def test_greedy_equals_transformers_under_chunking_and_preemption(checkpoint_factory, arch: str,
                                                                   prefix_caching: bool) -> None:

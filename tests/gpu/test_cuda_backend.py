@@ -387,12 +387,16 @@ def _prompts(tokenizer) -> list[list[int]]:
     return [ids[:1], ids[5000:5007], ids[7000:7033], ids[9000:9150], long, long[:200] + ids[20:40], ids[300:317]]
 
 
+MORE_ARCHS = ("ministral", "granite", "gemma2", "gemma3", "phi3", "olmo2", "qwen2_moe")
+"""Architectures checked greedy against the ``cpu`` backend only (beside :data:`GREEDY_ARCHS`)."""
+
+
 @pytest.fixture(scope="module")
 def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from pagedllm.testing.checkpoints import build_checkpoint
 
     return {arch: build_checkpoint(tmp_path_factory.mktemp(arch), arch)
-            for arch in (*GREEDY_ARCHS, "ministral", "granite", "gemma3", "phi3", "olmo2", "qwen2_moe")}
+            for arch in (*GREEDY_ARCHS, *MORE_ARCHS)}
 
 
 class Completions(list):
@@ -441,7 +445,7 @@ def _top_logprobs(completions: Completions, prompt: int, position: int) -> dict[
 
 
 @pytest.mark.parametrize("enforce_eager", [True, False], ids=["eager", "graphs"])
-@pytest.mark.parametrize("arch", [*GREEDY_ARCHS, "ministral", "granite", "gemma3", "phi3", "olmo2", "qwen2_moe"])
+@pytest.mark.parametrize("arch", [*GREEDY_ARCHS, *MORE_ARCHS])
 def test_greedy_equals_cpu_fp32(tiny_checkpoints: dict[str, Path], arch: str, enforce_eager: bool) -> None:
     """Chunked prefill (64-token steps), mixed batches and decode steps; graphs replay the decode steps.
     Synchronous scheduling (the next test covers the default on ``cuda``, asynchronous)."""

@@ -143,6 +143,7 @@ def make_batch(
     permute: bool = True,
     seed: int = 0,
     kv_dtype: torch.dtype | None = None,
+    logits_soft_cap: float | None = None,
 ) -> Batch:
     """Requests with ``query_lens`` new tokens over ``context_lens`` cached ones (the first ``num_decodes``
     have one new token), then ``num_padding`` captured-graph padding requests (``seq_len`` alternately 0
@@ -206,7 +207,7 @@ def make_batch(
         seq_lens_cpu=torch.tensor(seq_all, dtype=torch.int32),
     )
     query = torch.randn(len(slot_mapping), num_heads, head_dim, generator=gen).to(dtype)
-    spec = AttentionSpec(num_heads, num_kv_heads, head_dim, head_dim**-0.5, sliding_window)
+    spec = AttentionSpec(num_heads, num_kv_heads, head_dim, head_dim**-0.5, sliding_window, logits_soft_cap)
     return Batch(query, key, value, cache, nan_cache, metadata, spec, real_rows)
 
 
@@ -297,6 +298,9 @@ ATTENTION_CASES = {
     "block32": ([1, 9], [45, 30], 1, {"block_size": 32}),
     # key tiles wholly before a query tile's first position run unmasked: long prefixes and prompts
     "long_prefill": ([1, 40, 90], [100, 70, 0], 1, {}),
+    # Gemma 2's soft-capped scores (a cap of 1 binds on these unit-scale scores), alone and in a window
+    "soft_cap": ([1, 1, 40, 9], [100, 3, 0, 40], 2, {"logits_soft_cap": 1.0}),
+    "soft_cap_window": ([1, 12, 5], [40, 0, 30], 1, {"logits_soft_cap": 1.0, "sliding_window": 7}),
 }
 
 
@@ -343,6 +347,15 @@ def test_split_k_decode_with_padding_rows(kernels: SimpleNamespace, num_splits: 
 def test_split_k_decode_with_sliding_window(kernels: SimpleNamespace) -> None:
     batch = make_batch([1, 1, 5], [200, 90, 100], 2, sliding_window=70, seed=2)
     check_attention(kernels, batch, num_splits=4)
+
+
+def test_split_k_decode_with_soft_cap(kernels: SimpleNamespace) -> None:
+    """Soft-capped scores merged across splits; the cap changes the result (the check is not vacuous)."""
+    batch = make_batch([1, 1], [150, 70], 2, logits_soft_cap=1.0, seed=4)
+    out = check_attention(kernels, batch, num_splits=4)
+    uncapped = REFERENCE.attention(batch.query, batch.key, batch.value, batch.cache, batch.metadata,
+                                   replace(batch.spec, logits_soft_cap=None))
+    assert not torch.allclose(out[batch.real_rows].float(), uncapped[batch.real_rows].float(), atol=1e-2)
 
 
 def test_write_then_attend_through_kernels(kernels: SimpleNamespace) -> None:

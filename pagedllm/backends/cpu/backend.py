@@ -49,6 +49,7 @@ class CpuBackend(Backend):
             block_sizes=(16, 1, 2, 4, 8, 32, 64, 128),
             head_sizes=(32, 64, 80, 96, 112, 128, 256, 8, 16),
             quantizations=("fp8", "fp8_block"),
+            supports_logits_soft_cap=True,
         )
 
     def init_device(self, rank: int, world_size: int) -> None:
@@ -206,9 +207,31 @@ class CpuBackend(Backend):
         allowed[:, :, 0] |= ~allowed.any(-1)  # padding rows: keep softmax finite, result discarded
         # float32 throughout: the reference's precision, and on the CPU faster than SDPA's half-precision
         # decode path (about 2x, measured with torch 2.13). GQA maps query head h to kv head h // group.
-        out = torch.nn.functional.scaled_dot_product_attention(
-            q.float(), keys.float(), values.float(), attn_mask=allowed[:, None], scale=spec.scale,
-            enable_gqa=num_kv_heads != spec.num_heads,
-        )
+        if spec.logits_soft_cap:
+            out = _soft_capped_attention(q.float(), keys.float(), values.float(), allowed, spec)
+        else:
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q.float(), keys.float(), values.float(), attn_mask=allowed[:, None], scale=spec.scale,
+                enable_gqa=num_kv_heads != spec.num_heads,
+            )
         out = (out * v_scale if v_scale != 1.0 else out).to(query.dtype)
         return out.transpose(1, 2).reshape(num_requests * max_query_len, spec.num_heads, head_dim)
+
+
+def _soft_capped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor,
+                           spec: AttentionSpec) -> torch.Tensor:
+    """Attention whose scaled scores are soft-capped (``cap * tanh(s / cap)``, Gemma 2) before the mask and the
+    softmax, which SDPA cannot do: ``q: [R, num_heads, Q, D]``, ``keys``/``values``: ``[R, num_kv_heads, K, D]``
+    (float32), ``allowed: [R, Q, K]``; returns ``[R, num_heads, Q, D]``. The query heads of a KV head are
+    folded into one product with it (no repeated keys)."""
+    num_requests, num_heads, num_queries, head_dim = q.shape
+    num_kv_heads = keys.shape[1]
+    group = num_heads // num_kv_heads
+    q = q.reshape(num_requests, num_kv_heads, group * num_queries, head_dim)
+    scores = torch.matmul(q, keys.transpose(-1, -2)) * spec.scale  # [R, kv heads, group * Q, K]
+    cap = float(spec.logits_soft_cap or 0.0)
+    scores = torch.tanh(scores / cap) * cap
+    scores = scores.view(num_requests, num_kv_heads, group, num_queries, -1)
+    scores = scores.masked_fill(~allowed[:, None, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).view(num_requests, num_kv_heads, group * num_queries, -1)
+    return torch.matmul(probs, values).reshape(num_requests, num_heads, num_queries, head_dim)

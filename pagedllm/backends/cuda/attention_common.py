@@ -84,6 +84,7 @@ def _attend_tile(
     BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     SLIDING_WINDOW: tl.constexpr,
+    SOFT_CAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     MASKED: tl.constexpr,
 ):
@@ -107,6 +108,8 @@ def _attend_tile(
     else:
         k = tl.load(k_cache_ptr + kv_ptrs).to(q.dtype)
     scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+    if SOFT_CAP > 0:  # cap * tanh(s / cap) in log2 units (SOFT_CAP is the cap times log2(e)), tanh through exp
+        scores = SOFT_CAP - (2.0 * SOFT_CAP) / (tl.exp(scores * (2.0 / SOFT_CAP)) + 1.0)
     if MASKED:
         allowed = n_valid[None, :] & (offs_n[None, :] <= q_pos[:, None])
         if SLIDING_WINDOW > 0:
@@ -155,6 +158,7 @@ def attend_tiles(
     BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     SLIDING_WINDOW: tl.constexpr,
+    SOFT_CAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UNMASKED_TILES: tl.constexpr,
 ):
@@ -163,7 +167,8 @@ def attend_tiles(
     ``acc``: ``[BLOCK_M, BLOCK_D]`` fp32; ``m_i``/``l_i``: ``[BLOCK_M]`` fp32 running max / sum;
     ``q``: ``[BLOCK_M, BLOCK_D]`` (padded columns are 0); ``q_pos``: ``[BLOCK_M]`` int32 position of each
     row; ``block_table_ptr``: the request's row of the block tables. Keys at positions outside
-    ``[kv_lo, kv_hi)``, after the row's position or outside its sliding window are masked. The caller
+    ``[kv_lo, kv_hi)``, after the row's position or outside its sliding window are masked. ``SOFT_CAP`` (0: none)
+    soft-caps the scores, in the log2 units of ``qk_scale`` (the cap times log2(e)). The caller
     promises that the tiles before ``tile_full_hi`` (clamped to the range) hold only keys every row may see:
     with ``UNMASKED_TILES`` they run without masks (see :func:`unmasked_tiles`). Returns the updated
     ``(acc, m_i, l_i)``.
@@ -176,12 +181,12 @@ def attend_tiles(
             acc, m_i, l_i = _attend_tile(
                 acc, m_i, l_i, q, q_pos, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head, tile, kv_lo, kv_hi,
                 qk_scale, max_blocks, stride_cache_block, stride_cache_tok, stride_cache_head,
-                HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, SLIDING_WINDOW, DOT_PRECISION, False,
+                HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, SLIDING_WINDOW, SOFT_CAP, DOT_PRECISION, False,
             )  # fmt: skip
     for tile in range(full_hi, tile_hi):
         acc, m_i, l_i = _attend_tile(
             acc, m_i, l_i, q, q_pos, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head, tile, kv_lo, kv_hi,
             qk_scale, max_blocks, stride_cache_block, stride_cache_tok, stride_cache_head,
-            HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, SLIDING_WINDOW, DOT_PRECISION, True,
+            HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, SLIDING_WINDOW, SOFT_CAP, DOT_PRECISION, True,
         )  # fmt: skip
     return acc, m_i, l_i

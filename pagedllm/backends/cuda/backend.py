@@ -130,6 +130,7 @@ class CudaBackend(Backend):
             # Any head size up to 256 works (padded to a power of two with masks); these are the tested ones.
             head_sizes=(64, 80, 96, 112, 128, 256, 32, 16, 8),
             supports_sliding_window=True,
+            supports_logits_soft_cap=True,
             can_capture_graphs=True,
             runs_asynchronously=True,
             compiles_kernels=True,

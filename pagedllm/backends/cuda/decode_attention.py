@@ -66,6 +66,7 @@ def _decode_split_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     SLIDING_WINDOW: tl.constexpr,
+    SOFT_CAP: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UNMASKED_TILES: tl.constexpr,
@@ -109,7 +110,7 @@ def _decode_split_kernel(
         acc, m_i, l_i, q, q_pos, k_cache_ptr, v_cache_ptr, block_tables_ptr + req.to(tl.int64) * stride_bt,
         kv_head, tile_lo, tile_full_hi, tile_hi, kv_lo, seq_len, qk_scale, max_blocks,
         stride_cache_block, stride_cache_tok, stride_cache_head,
-        HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, SLIDING_WINDOW, DOT_PRECISION, UNMASKED_TILES,
+        HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, SLIDING_WINDOW, SOFT_CAP, DOT_PRECISION, UNMASKED_TILES,
     )  # fmt: skip
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     if V_SCALED:  # the cache holds values divided by v_scale (the merge of splits is linear)
@@ -236,7 +237,7 @@ def decode_attention(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_G=max(16, triton.next_power_of_2(group)),
         BLOCK_D=block_d(head_dim), BLOCK_N=block_n, BLOCK_SIZE=block_size,
-        SLIDING_WINDOW=spec.sliding_window or 0, NUM_SPLITS=num_splits,
+        SLIDING_WINDOW=spec.sliding_window or 0, SOFT_CAP=(spec.logits_soft_cap or 0.0) * LOG2_E, NUM_SPLITS=num_splits,
         DOT_PRECISION=dot_precision(query.dtype), UNMASKED_TILES=unmasked_tiles(query.dtype),
         V_SCALED=v_scale != 1.0, num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=True,
     )  # fmt: skip

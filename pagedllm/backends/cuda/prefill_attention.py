@@ -51,6 +51,7 @@ def _prefill_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     SLIDING_WINDOW: tl.constexpr,
+    SOFT_CAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UNMASKED_TILES: tl.constexpr,
     V_SCALED: tl.constexpr,
@@ -89,7 +90,7 @@ def _prefill_kernel(
             acc, m_i, l_i, q, q_pos, k_cache_ptr, v_cache_ptr, block_tables_ptr + req.to(tl.int64) * stride_bt,
             kv_head, kv_lo // BLOCK_N, tile_full_hi, tl.cdiv(kv_hi, BLOCK_N), kv_lo, kv_hi, qk_scale, max_blocks,
             stride_cache_block, stride_cache_tok, stride_cache_head,
-            HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, SLIDING_WINDOW, DOT_PRECISION, UNMASKED_TILES,
+            HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, SLIDING_WINDOW, SOFT_CAP, DOT_PRECISION, UNMASKED_TILES,
         )  # fmt: skip
         o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         if V_SCALED:  # the cache holds values divided by v_scale
@@ -155,6 +156,7 @@ def prefill_attention(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_M=tile_m, BLOCK_Q=block_q, BLOCK_D=block_d(head_dim),
         BLOCK_N=block_n, BLOCK_SIZE=kv_cache.shape[2], SLIDING_WINDOW=spec.sliding_window or 0,
+        SOFT_CAP=(spec.logits_soft_cap or 0.0) * LOG2_E,
         DOT_PRECISION=dot_precision(query.dtype), UNMASKED_TILES=unmasked_tiles(query.dtype),
         V_SCALED=v_scale != 1.0, num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=True,
     )  # fmt: skip

@@ -72,8 +72,9 @@ class LlamaAttention(nn.Module):
                                         reduce_results=False)  # summed by the next norm
         self.rotary_emb = shared_rotary_embedding(hf_config, self.head_dim, hf_config.max_position_embeddings,
                                                   backend, layer_type_of(hf_config, layer_idx))
+        soft_cap = getattr(hf_config, "attn_logit_softcapping", None)  # Gemma 2
         spec = AttentionSpec(self.num_heads, self.num_kv_heads, self.head_dim, self.attention_scale(hf_config),
-                             sliding_window)
+                             sliding_window, float(soft_cap) if soft_cap else None)
         self.attn = PagedAttention(spec, backend)
 
     qkv_bias_default = False

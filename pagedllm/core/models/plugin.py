@@ -9,8 +9,9 @@ from pagedllm.backends.hookspecs import hookimpl
 
 @hookimpl
 def pagedllm_register_models() -> dict[str, type[nn.Module]]:
-    """Llama, Mistral, Ministral, Qwen2, Qwen3, Granite, Gemma 3, Phi-3 and OLMo 2 decoders; the Mixtral, Qwen2-MoE
-    and Qwen3-MoE mixtures of experts."""
+    """Llama, Mistral, Ministral, Qwen2, Qwen3, Granite, Gemma 2, Gemma 3, Phi-3 and OLMo 2 decoders; the Mixtral,
+    Qwen2-MoE and Qwen3-MoE mixtures of experts."""
+    from pagedllm.core.models.gemma2 import Gemma2ForCausalLM
     from pagedllm.core.models.gemma3 import Gemma3ForCausalLM, Gemma3ForConditionalGeneration
     from pagedllm.core.models.granite import GraniteForCausalLM
     from pagedllm.core.models.llama import (
@@ -33,6 +34,7 @@ def pagedllm_register_models() -> dict[str, type[nn.Module]]:
         "Qwen2ForCausalLM": Qwen2ForCausalLM,
         "Qwen3ForCausalLM": Qwen3ForCausalLM,
         "GraniteForCausalLM": GraniteForCausalLM,
+        "Gemma2ForCausalLM": Gemma2ForCausalLM,
         "Gemma3ForCausalLM": Gemma3ForCausalLM,
         "Gemma3ForConditionalGeneration": Gemma3ForConditionalGeneration,  # its text stack
         "Phi3ForCausalLM": Phi3ForCausalLM,
