@@ -118,11 +118,20 @@ def merged_input_scales(fp8_dir: Path) -> dict[str, float]:
     return {name: largest[group(name)] for name in scales}
 
 
+ROUNDED_LOGPROB_GAP = 1e-3
+"""How far a top logprob may be from the reference that rounds as pagedllm does. Nearly all are within 5e-5, but
+the two sum their float32 products in different orders, and which order a CPU's kernels take depends on its
+instruction set: an input that lands next to an e4m3 rounding boundary can round to the neighbouring value in one
+and not the other, which moved one logprob of the tile-scaled checkpoint's run by 2.8e-4 on an AVX-512 machine
+(within 1e-4 on an AVX2 one)."""
+
+
 def assert_greedy_matches_rounded_reference(llm: object, model_dir: Path, max_tokens: int, **rounding: object) -> None:
     """Generate ``mixed_prompts`` (chunked, sharing prefixes) with ``llm`` and check, against
     :func:`hf_greedy` with ``rounding`` (``kv_dtype=...`` or ``fp8_linear=True``: transformers rounding as
-    pagedllm does): the same tokens; top logprobs within 1e-4 of that reference's and more than 5e-3 from the
-    unrounded model's (the rounding is real and measured); prefix-cache hits; every KV block back in the pool."""
+    pagedllm does): the same tokens; top logprobs within :data:`ROUNDED_LOGPROB_GAP` of that reference's and more
+    than 5e-3 from the unrounded model's (the rounding is real and measured); prefix-cache hits; every KV block
+    back in the pool."""
     from pagedllm import SamplingParams
     from tests.conftest import assert_pool_free
     from tests.e2e.test_hf_parity import mixed_prompts
@@ -139,7 +148,7 @@ def assert_greedy_matches_rounded_reference(llm: object, model_dir: Path, max_to
             token = max(theirs, key=theirs.get)
             gap_to_rounded = max(gap_to_rounded, abs(ours[token].logprob - theirs[token]))
             gap_to_plain = max(gap_to_plain, abs(ours[token].logprob - unrounded.get(token, -float("inf"))))
-    assert gap_to_rounded < 1e-4 and gap_to_plain > 5e-3, (gap_to_rounded, gap_to_plain)
+    assert gap_to_rounded < ROUNDED_LOGPROB_GAP and gap_to_plain > 5e-3, (gap_to_rounded, gap_to_plain)
     assert llm.llm_engine.stats().prefix_cache_hit_tokens > 0
     assert_pool_free(llm)
 

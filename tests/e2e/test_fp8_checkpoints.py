@@ -79,7 +79,7 @@ def test_a_per_row_checkpoint_computes_exactly_what_online_fp8_computes(checkpoi
 @pytest.mark.parametrize("scheme", ["fp8", "compressed-tensors-tensor"])
 def test_per_tensor_checkpoints_match_transformers(fp8_checkpoint, scheme: str) -> None:
     """One scale per tensor (q, k and v each their own, in one fused layer): token for token what transformers
-    generates on the dequantized weights with per-token e4m3 inputs, logprobs within 1e-4."""
+    generates on the dequantized weights with per-token e4m3 inputs, logprobs within ROUNDED_LOGPROB_GAP."""
     fp8_dir, dequantized_dir = fp8_checkpoint("llama", scheme)
     llm = LLM(str(fp8_dir), **ENGINE)
     qkv = _model(llm).model.layers[0].self_attn.qkv_proj
@@ -95,7 +95,7 @@ def test_static_input_scale_checkpoints_match_transformers(fp8_checkpoint, schem
     and inputs): every projection's input quantized with the checkpoint's calibrated ``input_scale`` (the
     largest of q/k/v's, of gate/up's), so the norms and the activation hand over no quantized inputs; token
     for token what transformers generates on the dequantized weights with inputs rounded by those scales,
-    logprobs within 1e-4."""
+    logprobs within ROUNDED_LOGPROB_GAP."""
     fp8_dir, dequantized_dir = fp8_checkpoint("llama", scheme)
     llm = LLM(str(fp8_dir), **ENGINE)
     layer = _model(llm).model.layers[0]
@@ -172,7 +172,7 @@ def test_a_tile_checkpoint_computes_exactly_what_online_fp8_block_computes(check
 def test_tile_checkpoint_matches_transformers(fp8_checkpoint) -> None:
     """A tile-scaled checkpoint, asked for as ``quantization="fp8"`` (vLLM's name for both layouts): token
     for token what transformers generates on its dequantized weights with inputs rounded to e4m3 per group of
-    128 features, logprobs within 1e-4."""
+    128 features, logprobs within ROUNDED_LOGPROB_GAP."""
     fp8_dir, dequantized_dir = fp8_checkpoint("llama-tiled", "fp8-block")
     llm = LLM(str(fp8_dir), quantization="fp8", **ENGINE)
     assert llm.llm_engine.config.quantization == "fp8_block"
