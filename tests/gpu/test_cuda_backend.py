@@ -80,7 +80,7 @@ def check_attention(batch, dtype: torch.dtype, **overrides: int) -> torch.Tensor
 # --------------------------------------------------------------------------- attention
 ATTENTION_CASE_NAMES = [
     "decode", "prefill", "prefill_over_prefix", "mixed", "identity_tables", "mha", "gqa_group3", "mqa", "head80",
-    "head32", "head8", "sliding_window", "block32", "long_prefill",
+    "head32", "head8", "sliding_window", "block32", "long_prefill", "soft_cap", "soft_cap_window",
 ]  # fmt: skip
 
 
