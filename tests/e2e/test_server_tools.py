@@ -27,6 +27,23 @@ TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
 MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
+def accumulated_calls(deltas: list) -> list[dict]:
+    """The tool calls of a streamed reply's choice deltas as an OpenAI client accumulates them: by index, the id,
+    type and name of the delta that opens each, the arguments of all of them concatenated; and how many deltas
+    carried each call's arguments."""
+    calls: dict[int, dict] = {}
+    for delta in deltas:
+        for call in delta.delta.tool_calls or []:
+            entry = calls.setdefault(call.index, {"id": None, "name": None, "arguments": "", "pieces": 0})
+            if call.id is not None:
+                assert entry["id"] is None and call.type == "function", "a call opened twice"
+                entry.update(id=call.id, name=call.function.name)
+            if call.function is not None and call.function.arguments:
+                entry["arguments"] += call.function.arguments
+                entry["pieces"] += 1
+    return [calls[i] for i in sorted(calls)]
+
+
 def check_weather(arguments: str) -> None:
     value = json.loads(arguments)
     assert set(value) == {"city", "days"} and isinstance(value["city"], str) and 1 <= value["days"] <= 7
@@ -72,7 +89,10 @@ def test_auto_parses_hermes_tool_calls(shared_client, stream: bool) -> None:
         deltas = [c.choices[0] for c in chunks if c.choices]
         finish = deltas[-1].finish_reason
         content = "".join(d.delta.content or "" for d in deltas) or None
-        calls = [call for d in deltas for call in d.delta.tool_calls or []]
+        (streamed,) = accumulated_calls(deltas)
+        assert streamed["pieces"] > 1  # the arguments came as the model wrote them, not in one piece
+        function = {"name": streamed["name"], "arguments": streamed["arguments"]}
+        calls = [openai.types.chat.ChatCompletionMessageToolCall(id=streamed["id"], type="function", function=function)]
     assert finish == "tool_calls" and not content
     (call,) = calls
     assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris", "days": 2}
@@ -82,19 +102,20 @@ def test_auto_parses_hermes_tool_calls(shared_client, stream: bool) -> None:
 
 
 def test_auto_streams_text_before_a_call(shared_client) -> None:
-    """Under "auto" a streamed reply's text arrives as it comes, up to the call, which follows at the end; a reply
-    without a call streams whole."""
+    """Under "auto" a streamed reply's text arrives as it comes, up to the call, whose name and arguments follow
+    as they are written; a reply without a call streams whole."""
     def streamed(reply: str) -> tuple[list[str], list, str]:
         chunks = list(shared_client.chat.completions.create(
             model=MODEL, messages=MESSAGES, tools=[WEATHER], max_tokens=200, temperature=0.0, stream=True,
             extra_body={"structured_outputs": {"choice": [reply]}}))
         deltas = [c.choices[0] for c in chunks if c.choices]
         texts = [d.delta.content for d in deltas if d.delta.content]
-        return texts, [call for d in deltas for call in d.delta.tool_calls or []], deltas[-1].finish_reason
+        return texts, accumulated_calls(deltas), deltas[-1].finish_reason
 
     texts, calls, finish = streamed("Checking the forecast now. " + HERMES)
     assert "".join(texts).strip() == "Checking the forecast now." and len(texts) > 1 and finish == "tool_calls"
-    assert [c.function.name for c in calls] == ["get_weather"]
+    assert [c["name"] for c in calls] == ["get_weather"]
+    assert json.loads(calls[0]["arguments"]) == {"city": "Paris", "days": 2} and calls[0]["pieces"] > 1
     texts, calls, finish = streamed("It is sunny in Paris today.")
     assert "".join(texts) == "It is sunny in Paris today." and len(texts) > 1 and not calls and finish == "stop"
 
@@ -130,3 +151,17 @@ def test_bad_tool_requests(shared_client, fields: dict, param: str) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         shared_client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4, **fields)
     assert info.value.body["param"] == param, info.value.body
+
+
+def test_the_clients_stream_helper_assembles_streamed_calls(shared_client) -> None:
+    """The ``openai`` client's own accumulator (``chat.completions.stream``) turns the streamed deltas into the
+    final message: the content before the call and the call with its whole arguments."""
+    steer = {"structured_outputs": {"choice": ["One moment. " + HERMES]}}
+    with shared_client.chat.completions.stream(model=MODEL, messages=MESSAGES, tools=[WEATHER, TIME], max_tokens=200,
+                                               temperature=0.0, extra_body=steer) as stream:
+        final = stream.get_final_completion()
+    choice = final.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content.strip() == "One moment."
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "get_weather" and call.id.startswith("chatcmpl-tool-")
+    assert json.loads(call.function.arguments) == {"city": "Paris", "days": 2}

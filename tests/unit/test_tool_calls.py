@@ -93,7 +93,7 @@ def test_tools_and_call_arguments_reach_the_template() -> None:
 
 
 def test_auto_streaming_holds_back_what_could_begin_a_call() -> None:
-    from pagedllm.entrypoints.openai.tool_calls import ContentBeforeCalls
+    from pagedllm.entrypoints.openai.tool_call_stream import ContentBeforeCalls
 
     stream = ContentBeforeCalls()
     assert stream.next("Let me") == "Let me"
@@ -103,3 +103,73 @@ def test_auto_streaming_holds_back_what_could_begin_a_call() -> None:
     assert stream.sent == len("Let me check ")
     plain = ContentBeforeCalls()
     assert plain.next("a < b") == "a < b" and plain.next("a < b <tools>") == " <tools>"
+
+
+def _stream_in_pieces(text: str, size: int) -> tuple[str, dict[int, dict], list[int]]:
+    """Feed ``text`` to a HermesCallStream ``size`` characters at a time, then finish it as the server does;
+    returns the content sent, each call index's accumulated id/name/arguments, and the step of each opening."""
+    from pagedllm.entrypoints.openai.tool_call_stream import HermesCallStream, merge_deltas
+
+    stream = HermesCallStream()
+    content, calls, openings = "", {}, []
+
+    def take(deltas: list) -> None:
+        for delta in deltas:
+            call = calls.setdefault(delta.index, {"id": None, "name": None, "arguments": ""})
+            if delta.id is not None:
+                assert call["id"] is None, "a call opened twice"
+                call.update(id=delta.id, name=delta.function.name)
+                openings.append(delta.index)
+            call["arguments"] += delta.function.arguments or ""
+
+    for end in range(size, len(text), size):
+        piece, deltas = stream.next(text[:end])
+        content += piece
+        take(deltas)
+    piece, deltas = stream.next(text)
+    content += piece
+    _, parsed = parse_hermes(text)
+    take(merge_deltas(deltas + stream.finish(text, parsed)) if parsed else deltas)
+    if not parsed:
+        content += text[stream.content.sent:]
+    return content, calls, openings
+
+
+@pytest.mark.parametrize("size", [1, 3, 7, 1000])
+def test_auto_streaming_sends_calls_as_they_are_written(size: int) -> None:
+    """Each call opens once its name is complete (in order, whatever the key order) and its arguments stream
+    as written: concatenated, each index's arguments are the call's; text before the first call is content."""
+    text = ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}\n'
+            '</tool_call>\n<tool_call>{"arguments": {"zone": "UTC", "name": "not the name"}, "name": "get_time"}'
+            '</tool_call>')
+    content, calls, openings = _stream_in_pieces(text, size)
+    assert content == "Let me check.\n"
+    assert openings == [0, 1] and sorted(calls) == [0, 1]
+    assert calls[0]["name"] == "get_weather" and json.loads(calls[0]["arguments"]) == {"city": "Paris", "days": 2}
+    assert calls[1]["name"] == "get_time"
+    assert json.loads(calls[1]["arguments"]) == {"zone": "UTC", "name": "not the name"}
+    assert calls[0]["id"].startswith("chatcmpl-tool-") and calls[0]["id"] != calls[1]["id"]
+
+
+def test_auto_streaming_arguments_arrive_before_the_call_ends() -> None:
+    from pagedllm.entrypoints.openai.tool_call_stream import HermesCallStream
+
+    stream = HermesCallStream()
+    assert stream.next('<tool_call>{"name": "get_wea') == ("", [])  # the name is not complete yet
+    _, (opening,) = stream.next('<tool_call>{"name": "get_weather", "arguments": {"ci')
+    assert opening.index == 0 and opening.type == "function" and opening.function.name == "get_weather"
+    assert opening.function.arguments == '{"ci'
+    _, (more,) = stream.next('<tool_call>{"name": "get_weather", "arguments": {"city": "Pa')
+    assert more.id is None and more.function.name is None and more.function.arguments == 'ty": "Pa'
+
+
+def test_auto_streaming_string_arguments_and_broken_calls() -> None:
+    """Arguments written as a JSON string are held back and sent whole (decoded, as the reply holds them); a
+    reply whose block is not valid JSON ends with its text as content."""
+    text = '<tool_call>{"name": "f", "arguments": "{\\"a\\": 1}"}</tool_call>'
+    content, calls, _ = _stream_in_pieces(text, 2)
+    assert content == "" and calls[0]["name"] == "f" and json.loads(calls[0]["arguments"]) == {"a": 1}
+    broken = 'Hi <tool_call>{"name": "f", "arguments": {"a": </tool_call>'
+    content, calls, _ = _stream_in_pieces(broken, 4)
+    assert content == broken  # the held-back text follows the content sent before the block
+    assert calls[0]["name"] == "f"  # it had opened: streamed calls cannot be taken back

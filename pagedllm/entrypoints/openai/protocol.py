@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 
 class OpenAIBaseModel(BaseModel):
@@ -246,15 +246,26 @@ class ToolCall(ResponseModel):
     function: FunctionCall
 
 
-class DeltaFunctionCall(ResponseModel):
-    """A streamed tool call's function: its name and arguments (sent whole, in one chunk)."""
+class OmitsUnset(ResponseModel):
+    """A streamed delta that leaves out its unset (None) fields, as OpenAI's are sent: clients merge deltas key by
+    key, and a ``"type": null`` after the opening delta would overwrite the call's type."""
+
+    @model_serializer(mode="wrap")
+    def _omit_none(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {key: value for key, value in handler(self).items() if value is not None}
+
+
+class DeltaFunctionCall(OmitsUnset):
+    """A streamed tool call's function: its name (in the delta that opens the call) and a piece of its arguments'
+    JSON text (the pieces of one call concatenate to its arguments)."""
 
     name: str | None = None
     arguments: str | None = None
 
 
-class DeltaToolCall(ResponseModel):
-    """A streamed tool call: its place in the reply's calls, id, type and function."""
+class DeltaToolCall(OmitsUnset):
+    """A streamed tool call: its place in the reply's calls; id, type and the function's name in the delta that
+    opens it; the function's arguments piece by piece."""
 
     index: int
     id: str | None = None

@@ -30,12 +30,8 @@ from pagedllm.entrypoints.openai.protocol import (
 from pagedllm.entrypoints.openai.serving_base import OpenAIServing, finite_logprob, json_response, random_id, usage_of
 from pagedllm.entrypoints.openai.streaming import DeltaTracker, sse_event
 from pagedllm.entrypoints.openai.tokenization import messages_for_template
-from pagedllm.entrypoints.openai.tool_calls import (
-    ContentBeforeCalls,
-    ToolMode,
-    arguments_as_objects,
-    resolve_tool_mode,
-)
+from pagedllm.entrypoints.openai.tool_call_stream import HermesCallStream, merge_deltas
+from pagedllm.entrypoints.openai.tool_calls import ToolMode, arguments_as_objects, resolve_tool_mode
 
 
 def chat_logprobs(token_ids: Sequence[int], logprobs: SampleLogprobs, num_top: int) -> ChatLogProbs:
@@ -122,8 +118,9 @@ class OpenAIServingChat(OpenAIServing):
     async def _chunks(self, stream: OutputStream, request_id: str, model: str, n: int, stop: list[str] | None,
                       num_logprobs: int | None, include_usage: bool, tools: ToolMode) -> AsyncIterator[str]:
         """The SSE chunks of a streamed reply: text deltas as tokens come. Under ``tool_choice`` ``"auto"`` (without
-        stop strings) the text streams until a tool call begins and the calls come in the last chunk; a forced
-        call (named or ``"required"``) arrives whole when it finishes."""
+        stop strings) the text streams until a tool call begins, then each call's name and its arguments as they
+        grow (``tool_call_stream``); a forced call (named or ``"required"``), or any call of a reply with stop
+        strings, arrives whole when the reply finishes."""
         created = int(time.time())
 
         def chunk(choice: ChatCompletionStreamChoice) -> str:
@@ -134,21 +131,23 @@ class OpenAIServingChat(OpenAIServing):
             yield chunk(ChatCompletionStreamChoice(index=index, delta=DeltaMessage(role="assistant", content="")))
         trackers = [DeltaTracker.for_stops(stop) for _ in range(n)]
         sent = [False] * n  # a tool-calling reply's last chunk
-        streamed = [ContentBeforeCalls() for _ in range(n)] if tools.kind == "auto" and not stop else None
+        streamed = [HermesCallStream() for _ in range(n)] if tools.kind == "auto" and not stop else None
         final = None
         async for outputs in stream:
             final = outputs[-1]
             for completion in final.outputs:
                 if tools.parses:
-                    if streamed is not None and not completion.finished():  # the last chunk carries the rest
-                        content = streamed[completion.index].next(completion.text)
-                        if content:
-                            yield chunk(ChatCompletionStreamChoice(index=completion.index,
-                                                                   delta=DeltaMessage(content=content)))
-                    if completion.finished() and not sent[completion.index]:
+                    if sent[completion.index]:
+                        continue
+                    if completion.finished():
                         sent[completion.index] = True
                         yield chunk(self._tool_chunk(completion, tools, None if streamed is None
                                                      else streamed[completion.index]))
+                    elif streamed is not None:
+                        content, calls = streamed[completion.index].next(completion.text)
+                        if content or calls:
+                            yield chunk(ChatCompletionStreamChoice(index=completion.index, delta=DeltaMessage(
+                                content=content or None, tool_calls=calls or None)))
                     continue
                 delta = trackers[completion.index].next(completion)
                 if delta is None:
@@ -164,17 +163,23 @@ class OpenAIServingChat(OpenAIServing):
                                                          usage=usage_of([final])))
 
     @staticmethod
-    def _tool_chunk(completion: CompletionOutput, tools: ToolMode, streamed: ContentBeforeCalls | None
+    def _tool_chunk(completion: CompletionOutput, tools: ToolMode, streamed: HermesCallStream | None
                     ) -> ChatCompletionStreamChoice:
         """The last streamed choice of a finished reply that may call tools: its calls, and the content not sent
         yet (``streamed``: what already went out as it came; None: nothing did)."""
         message, finish = reply_of(completion, tools)
         content = message.content
-        if streamed is not None:  # the text before the first call went out already; without calls, send the rest
-            content = None if message.tool_calls else completion.text[streamed.sent:] or None
-        calls = [DeltaToolCall(index=i, id=call.id, type="function",
-                               function=DeltaFunctionCall(name=call.function.name, arguments=call.function.arguments))
-                 for i, call in enumerate(message.tool_calls or [])]
+        if streamed is None:
+            calls = [DeltaToolCall(index=i, id=call.id, type="function", function=DeltaFunctionCall(
+                name=call.function.name, arguments=call.function.arguments))
+                for i, call in enumerate(message.tool_calls or [])]
+        else:  # what this last step adds, then what only the whole reply tells
+            content, calls = streamed.next(completion.text)
+            if message.tool_calls:
+                calls = merge_deltas(calls + streamed.finish(completion.text, message.tool_calls))
+            else:  # no valid calls after all: the rest of the text is content
+                content += completion.text[streamed.content.sent:]
+            content = content or None
         return ChatCompletionStreamChoice(index=completion.index, finish_reason=finish,
                                           stop_reason=completion.stop_reason,
                                           delta=DeltaMessage(content=content, tool_calls=calls or None))

@@ -31,25 +31,6 @@ TOOL_CALL_START = "<tool_call>"
 _HERMES_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 
 
-class ContentBeforeCalls:
-    """Streams an ``"auto"`` reply's text as it grows, up to where a tool call begins: text that could be the
-    start of ``<tool_call>`` is held back until the next tokens tell; once a call begins, nothing more is sent as
-    content (the calls follow when the reply finishes)."""
-
-    def __init__(self) -> None:
-        self.sent = 0  # characters of the reply already sent
-
-    def next(self, text: str) -> str:
-        """The new content of the reply's cumulative ``text`` that can be sent now ("" if none)."""
-        end = text.find(TOOL_CALL_START)
-        if end < 0:
-            end = len(text) - next((k for k in range(min(len(TOOL_CALL_START) - 1, len(text)), 0, -1)
-                                    if text.endswith(TOOL_CALL_START[:k])), 0)
-        delta = text[self.sent:end] if end > self.sent else ""
-        self.sent = max(self.sent, end)
-        return delta
-
-
 @dataclass(frozen=True, slots=True)
 class ToolMode:
     """How a request's reply may call its tools: ``kind`` is ``"none"``, ``"named"`` (``name`` the function),
@@ -176,5 +157,10 @@ def _parameters(function: dict[str, Any]) -> dict[str, Any]:
     return function.get("parameters") or {"type": "object"}
 
 
+def new_call_id() -> str:
+    """A fresh tool call id (``chatcmpl-tool-`` and 32 hex digits, as vLLM names them)."""
+    return f"chatcmpl-tool-{uuid.uuid4().hex}"
+
+
 def _call(name: str, arguments: str) -> ToolCall:
-    return ToolCall(id=f"chatcmpl-tool-{uuid.uuid4().hex}", function=FunctionCall(name=name, arguments=arguments))
+    return ToolCall(id=new_call_id(), function=FunctionCall(name=name, arguments=arguments))
