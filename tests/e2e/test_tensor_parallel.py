@@ -46,6 +46,7 @@ CHECKPOINTS: dict[str, tuple[str, dict[str, object]]] = {
     "qwen2_moe": ("qwen2_moe", {}),  # a shared expert split like the experts, its gate replicated
     "granite": ("granite", {}),  # multipliers on partial sums (linear), tied embeddings
     "gemma3": ("gemma3", {}),  # attention and MLP outputs all-reduced before their post-norms
+    "gemma2": ("gemma2", {}),  # each rank's heads soft-capped
     # every rank's rows of q, k, v, gate, up and columns of down span whole 128 x 128 tiles ("fp8_block")
     "llama-tiled": ("llama", {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4,
                               "num_key_value_heads": 4, "head_dim": 64}),
@@ -118,7 +119,7 @@ def _exists(pid: int) -> bool:
 
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("name", ["llama", "qwen2", "qwen2-untied", "qwen3", "mixtral", "qwen3_moe",
-                                  "qwen2_moe", "granite", "gemma3"])
+                                  "qwen2_moe", "granite", "gemma3", "gemma2"])
 def test_mp_tp2_equals_tp1(references, name: str) -> None:
     model_dir, expected = references(name)
     actual, pids = generate(model_dir, tensor_parallel_size=2)
