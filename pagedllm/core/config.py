@@ -44,6 +44,10 @@ with a scale per token and 128 features (DeepSeek-V3's and Qwen3-FP8's scheme). 
 ``pagedllm.backends.fp8_linear``."""
 
 
+SCHEDULING_POLICIES = ("fcfs", "priority")
+"""``EngineConfig.scheduling_policy`` values (vLLM's): arrival order, or each request's priority."""
+
+
 @dataclass(slots=True)
 class EngineConfig:
     """Everything ``LLM(...)``, ``pagedllm serve`` and ``pagedllm generate`` accept (vLLM's names).
@@ -61,7 +65,9 @@ class EngineConfig:
     is used. ``async_scheduling`` schedules and launches
     each step before the previous one's tokens are read back, so host work overlaps the device (with tensor
     parallelism, ``mp`` executor only; a request that stops runs one token more, discarded); None (the
-    default) turns it on where it pays: see :func:`resolve_async_scheduling`.
+    default) turns it on where it pays: see :func:`resolve_async_scheduling`. ``scheduling_policy``: ``"fcfs"``
+    (arrival order) or ``"priority"`` (each request's ``priority``, lower first, then arrival; the lowest is
+    preempted first), as vLLM's.
     """
 
     model: str | None = None
@@ -86,6 +92,7 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     distributed_executor_backend: str = "mp"
     async_scheduling: bool | None = None
+    scheduling_policy: str = "fcfs"
     served_model_name: str | None = None
     extra: dict[str, object] = field(default_factory=dict)
 
@@ -109,6 +116,9 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}; "
+                             f"got {self.scheduling_policy!r}")
         if self.async_scheduling and not self.can_schedule_asynchronously():
             raise ValueError("async_scheduling with tensor parallelism needs the mp executor (rank 0 on the "
                              "driver's device, where the sampled tokens are)")

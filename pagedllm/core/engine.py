@@ -148,7 +148,7 @@ class LLMEngine:
         self.executor.initialize_cache(num_blocks)
         self.block_manager = BlockManager(num_blocks, self.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, self.max_num_batched_tokens,
-                                   mc.max_model_len, chunked)
+                                   mc.max_model_len, chunked, config.scheduling_policy)
         self.sampler = Sampler(self.device, config.seed)
         self.output_processor = OutputProcessor(self.tokenizer, mc.max_model_len)
         pool_tokens = (num_blocks - 1) * self.block_size
@@ -220,15 +220,21 @@ class LLMEngine:
         prompt: PromptType,
         params: SamplingParams | PoolingParams | None = None,
         arrival_time: float | None = None,
+        priority: int = 0,
     ) -> str:
         """Queue a prompt for ``params.n`` completions, or for its embedding with :class:`PoolingParams` (the
         request's output is then an :class:`~pagedllm.core.pooling.EmbeddingRequestOutput`); returns the request id.
 
         ``prompt``: text, token ids, or a :class:`~pagedllm.core.inputs.TextPrompt` /
         :class:`~pagedllm.core.inputs.TokensPrompt` dictionary (:func:`~pagedllm.core.inputs.parse_prompt`).
-        Raises ValueError (naming the problem) for a prompt that can never run: malformed, empty,
-        out-of-vocabulary ids, or prompt + max_tokens beyond ``max_model_len`` or the whole KV pool.
+        ``priority``: under ``scheduling_policy="priority"``, lower runs first (vLLM's rule); any other value
+        than 0 under ``"fcfs"`` is refused. Raises ValueError (naming the problem) for a prompt that can never
+        run: malformed, empty, out-of-vocabulary ids, or prompt + max_tokens beyond ``max_model_len`` or the
+        whole KV pool.
         """
+        if priority != 0 and self.config.scheduling_policy != "priority":
+            raise ValueError(f"priority {priority} was given, but priority scheduling is off: start the engine with "
+                             f"scheduling_policy='priority' (--scheduling-policy priority)")
         prompt_text, token_ids = self.prompt_token_ids(prompt)
         pooling = None
         if isinstance(params, PoolingParams):  # an embedding: a one-token generation whose token is discarded
@@ -281,7 +287,8 @@ class LLMEngine:
                     child_params.seed = params.seed + index
             child_id = request_id if params.n == 1 else f"{index}_{request_id}"
             children.append(Request(child_id, token_ids, child_params, arrival,
-                                    eos_token_ids=self.eos_token_ids, parent_id=request_id, index=index,
+                                    eos_token_ids=self.eos_token_ids, priority=priority, parent_id=request_id,
+                                    index=index,
                                     structured=make_matcher() if make_matcher is not None else None,
                                     pooling=pooling))
         for child in children:

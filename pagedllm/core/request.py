@@ -48,6 +48,7 @@ class Request:
     arrival_time: float
     eos_token_ids: frozenset[int] = frozenset()
     cache_salt: str | None = None
+    priority: int = 0  # under scheduling_policy "priority": lower runs first (vLLM's rule)
     output_token_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     num_computed_tokens: int = 0

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import bisect
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from pagedllm.core.block_manager import BlockManager
+from pagedllm.core.config import SCHEDULING_POLICIES
 from pagedllm.core.request import Request, RequestStatus
 
 
@@ -53,12 +55,19 @@ class SchedulerOutput:
         return not self.scheduled
 
 
+def priority_key(request: Request) -> tuple[int, float]:
+    """The order of ``"priority"`` scheduling: lower ``priority`` first, then earlier arrival."""
+    return request.priority, request.arrival_time
+
+
 class Scheduler:
-    """FCFS continuous-batching scheduler over a :class:`BlockManager`.
+    """Continuous-batching scheduler over a :class:`BlockManager`.
 
     Takes scalars, not a config: ``max_num_seqs`` caps running requests, ``max_num_batched_tokens`` caps
     the tokens of one step, ``max_model_len`` caps prompt + output, ``enable_chunked_prefill`` allows
-    splitting a prompt across steps.
+    splitting a prompt across steps. ``policy`` (vLLM's ``scheduling_policy``): ``"fcfs"`` admits waiting
+    requests in arrival order and preempts the newest running one when the pool runs dry; ``"priority"``
+    admits them by :func:`priority_key` and preempts the running request that key puts last.
     """
 
     def __init__(
@@ -68,7 +77,11 @@ class Scheduler:
         max_num_batched_tokens: int,
         max_model_len: int,
         enable_chunked_prefill: bool = True,
+        policy: str = "fcfs",
     ) -> None:
+        if policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}; got {policy!r}")
+        self.policy = policy
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -105,9 +118,13 @@ class Scheduler:
             )
 
     def add_request(self, request: Request) -> None:
-        """Queue a request (FCFS) after :meth:`check_request` accepted it."""
+        """Queue a request (last, or by :func:`priority_key` under ``"priority"``) after :meth:`check_request`
+        accepted it."""
         self.check_request(request)
-        self.waiting.append(request)
+        if self.policy == "priority":
+            self.waiting.insert(bisect.bisect_right(self.waiting, priority_key(request), key=priority_key), request)
+        else:
+            self.waiting.append(request)
         self.requests[request.request_id] = request
 
     def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> None:
@@ -135,9 +152,10 @@ class Scheduler:
         Invariant: there are no prefill and decode phases. Each request's ``num_computed_tokens`` catches
         up with its ``num_tokens``: a prefill is a request far behind, a decode one token behind, a
         chunked prefill a prefill cut by the token budget. Running requests go first (in admission
-        order); when the pool runs dry the newest running request is preempted (blocks freed, back to the
-        front of the waiting queue, recomputed later). Waiting requests are admitted FCFS while budget,
-        ``max_num_seqs`` and blocks allow, and not at all in a step that preempted.
+        order); when the pool runs dry a running request is preempted (the newest, or under ``"priority"``
+        the last by :func:`priority_key`, even one scheduled earlier in the step; blocks freed, queued again,
+        recomputed later). Waiting requests are admitted in queue order while budget, ``max_num_seqs`` and
+        blocks allow, and not at all in a step that preempted.
         """
         budget = self.max_num_batched_tokens
         scheduled: list[tuple[Request, int]] = []
@@ -150,7 +168,13 @@ class Scheduler:
             if not self.enable_chunked_prefill and num_new < request.num_tokens - request.num_computed_tokens:
                 break
             while self.block_manager.allocate_slots(request, num_new) is None:
-                victim = self.running.pop()
+                victim = self.running[-1] if self.policy == "fcfs" else max(self.running, key=priority_key)
+                position = self.running.index(victim)
+                self.running.pop(position)
+                if position < i:  # scheduled earlier in this step (a lower priority): its tokens come back
+                    index = next(k for k, (r, _) in enumerate(scheduled) if r is victim)
+                    budget += scheduled.pop(index)[1]
+                    i -= 1
                 self._preempt(victim)
                 preempted.append(victim.request_id)
                 if victim is request:
@@ -205,9 +229,14 @@ class Scheduler:
         )
 
     def _preempt(self, request: Request) -> None:
+        """Free a running request's blocks and queue it again: first (``"fcfs"``), or before the waiting requests
+        its key does not put after (``"priority"``); it is recomputed when admitted."""
         self.block_manager.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(request)
+        if self.policy == "priority":
+            self.waiting.insert(bisect.bisect_left(self.waiting, priority_key(request), key=priority_key), request)
+        else:
+            self.waiting.appendleft(request)

@@ -42,6 +42,7 @@ class GenerationRequest:
     request_id: str
     prompt: str | list[int]
     params: SamplingParams | PoolingParams  # PoolingParams: an embedding (EmbeddingRequestOutput)
+    priority: int = 0  # under scheduling_policy "priority": lower runs first
 
 
 class StepObserver(Protocol):
@@ -170,7 +171,7 @@ class AsyncLLMEngine:
             added: list[str] = []
             try:
                 for request in requests:
-                    engine.add_request(request.request_id, request.prompt, request.params, arrival)
+                    engine.add_request(request.request_id, request.prompt, request.params, arrival, request.priority)
                     added.append(request.request_id)
             except Exception as exc:
                 engine.abort_request(added)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
-from pagedllm.core.config import KV_CACHE_DTYPES, QUANTIZATIONS, EngineConfig
+from pagedllm.core.config import KV_CACHE_DTYPES, QUANTIZATIONS, SCHEDULING_POLICIES, EngineConfig
 
 
 def add_device_arg(parser: argparse.ArgumentParser) -> None:
@@ -49,6 +49,9 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Tr
                         help="schedule and launch each step before the previous one's tokens are read back "
                              "(host work overlaps the device; with -tp, the mp executor only). Default: on "
                              "for backends whose device runs apart from the host (cuda), off otherwise")
+    parser.add_argument("--scheduling-policy", default="fcfs", choices=list(SCHEDULING_POLICIES),
+                        help="fcfs: requests run in arrival order; priority: by each request's priority (lower "
+                             "first, then arrival), the lowest preempted first when the KV pool runs dry")
     parser.add_argument("-tp", "--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--distributed-executor-backend", default="mp", choices=["mp", "ray"])
 

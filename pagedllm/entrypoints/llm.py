@@ -64,20 +64,24 @@ class LLM:
         prompts: PromptType | Sequence[PromptType],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        priority: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
         """Run every prompt to completion; returns one :class:`RequestOutput` per prompt, in order.
 
         ``prompts``: one prompt or a list of them, each text, token ids, ``{"prompt": text}`` or
         ``{"prompt_token_ids": ids}`` (vLLM's ``TextPrompt`` / ``TokensPrompt``). ``sampling_params``: one for all
-        prompts or one per prompt (default: the model's generation config). Invalid parameters or malformed or
-        impossible prompts raise ValueError before anything runs.
+        prompts or one per prompt (default: the model's generation config). ``priority``: one int per prompt, under
+        ``scheduling_policy="priority"`` (lower runs first). Invalid parameters or malformed or impossible prompts
+        raise ValueError before anything runs.
         """
         prompts = [prompts] if is_single_prompt(prompts) else list(prompts)  # type: ignore[arg-type,list-item]
         params_list = per_prompt(sampling_params or self.get_default_sampling_params(), SamplingParams, len(prompts),
                                  "LLM.generate takes SamplingParams (for embeddings with PoolingParams, use LLM.embed)")
         final_only = {id(p): dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY) for p in params_list}
         params_list = [final_only[id(p)] for p in params_list]  # only finished outputs are kept: skip snapshots
-        return self._add_and_run(prompts, params_list, use_tqdm)  # type: ignore[return-value]
+        if priority is not None and len(priority) != len(prompts):
+            raise ValueError(f"got {len(priority)} priorities for {len(prompts)} prompts")
+        return self._add_and_run(prompts, params_list, use_tqdm, priority)  # type: ignore[return-value]
 
     def embed(
         self,
@@ -95,13 +99,16 @@ class LLM:
         return self._add_and_run(prompts, params_list, use_tqdm)  # type: ignore[return-value]
 
     def _add_and_run(self, prompts: list[PromptType], params_list: list[SamplingParams] | list[PoolingParams],
-                     use_tqdm: bool) -> list[RequestOutput] | list[EmbeddingRequestOutput]:
-        """Add every prompt with its params (aborting those added if one is refused), then run them to the end."""
+                     use_tqdm: bool, priority: Sequence[int] | None = None
+                     ) -> list[RequestOutput] | list[EmbeddingRequestOutput]:
+        """Add every prompt with its params and priority (aborting those added if one is refused), then run them
+        to the end."""
         engine = self.llm_engine
         ids = []
+        priorities = priority if priority is not None else [0] * len(prompts)
         try:
-            for prompt, params in zip(prompts, params_list, strict=True):
-                ids.append(engine.add_request(f"offline-{next(self._counter)}", prompt, params))
+            for prompt, params, rank in zip(prompts, params_list, priorities, strict=True):
+                ids.append(engine.add_request(f"offline-{next(self._counter)}", prompt, params, priority=rank))
         except ValueError:
             engine.abort_request(ids)
             raise

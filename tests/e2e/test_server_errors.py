@@ -105,6 +105,8 @@ CASES: list[tuple[str, str, Any, int, str | None, str | None]] = [
     ("chat_bad_format", CHAT, chat(response_format={"type": "yaml"}), 400, "response_format", None),
     ("chat_tools", CHAT, chat(tools=[{"type": "function", "function": {"parameters": {}}}]), 400, "tools", None),
     ("chat_unknown_model", CHAT, chat(model="nope"), 404, "model", "model_not_found"),
+    ("priority_on_fcfs_server", COMPLETIONS, completion(priority=-1), 400, "priority", None),
+    ("chat_priority_on_fcfs_server", CHAT, chat(priority=3), 400, "priority", None),
     ("tokenize_neither", "/tokenize", {"model": MODEL}, 400, "prompt", None),
     ("detokenize_out_of_vocab", "/detokenize", {"model": MODEL, "tokens": [-1]}, 400, "tokens", None),
 ]

@@ -26,7 +26,8 @@ def server(llama_dir, tmp_path_factory: pytest.TempPathFactory):
     template = tmp_path_factory.mktemp("template") / "chat.jinja"
     template.write_text(TEMPLATE)
     args = ["--device", "cpu", "--dtype", "float32", "--max-model-len", "512", "--kv-cache-memory-bytes",
-            str(1 << 20), "--chat-template", str(template), "--graceful-shutdown-timeout-s", "0.2"]
+            str(1 << 20), "--chat-template", str(template), "--graceful-shutdown-timeout-s", "0.2",
+            "--scheduling-policy", "priority"]
     with ServerProcess(llama_dir, args) as process:
         yield process
 
@@ -55,6 +56,18 @@ def test_chat_template_option(server: ServerProcess, llama_dir) -> None:
     assert answer["tokens"] == tokenizer("<<user|hi there>>", add_special_tokens=False).input_ids
     reply = server.client().chat.completions.create(model=str(llama_dir), messages=messages, max_tokens=3)
     assert reply.usage.prompt_tokens == answer["count"]
+
+
+def test_priority_scheduling_option(server: ServerProcess, llama_dir) -> None:
+    """Under --scheduling-policy priority, completions and chats take vLLM's ``priority`` field."""
+    client = server.client()
+    reply = client.completions.create(model=str(llama_dir), prompt="hello", max_tokens=3, temperature=0.0,
+                                      extra_body={"priority": -5})
+    plain = client.completions.create(model=str(llama_dir), prompt="hello", max_tokens=3, temperature=0.0)
+    assert reply.choices[0].text == plain.choices[0].text and reply.usage.completion_tokens >= 1
+    chat = client.chat.completions.create(model=str(llama_dir), messages=[{"role": "user", "content": "hi"}],
+                                          max_tokens=3, extra_body={"priority": 7})
+    assert chat.usage.completion_tokens >= 1
 
 
 def test_bad_option_fails_in_one_line(llama_dir) -> None:

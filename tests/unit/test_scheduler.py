@@ -9,13 +9,16 @@ from pagedllm.core.scheduler import Scheduler
 
 
 def make_scheduler(num_blocks: int = 64, block_size: int = 4, max_num_seqs: int = 8, budget: int = 32,
-                   max_model_len: int = 128, chunked: bool = True, caching: bool = True) -> Scheduler:
+                   max_model_len: int = 128, chunked: bool = True, caching: bool = True,
+                   policy: str = "fcfs") -> Scheduler:
     bm = BlockManager(num_blocks, block_size, caching)
-    return Scheduler(bm, max_num_seqs, budget, max_model_len, chunked)
+    return Scheduler(bm, max_num_seqs, budget, max_model_len, chunked, policy)
 
 
-def make_request(request_id: str, num_prompt: int, max_tokens: int = 4, first: int = 0) -> Request:
-    return Request(request_id, list(range(first, first + num_prompt)), SamplingParams(max_tokens=max_tokens), 0.0)
+def make_request(request_id: str, num_prompt: int, max_tokens: int = 4, first: int = 0, priority: int = 0,
+                 arrival: float = 0.0) -> Request:
+    return Request(request_id, list(range(first, first + num_prompt)), SamplingParams(max_tokens=max_tokens), arrival,
+                   priority=priority)
 
 
 def step(s: Scheduler, token: int = 7) -> dict[str, int]:
@@ -117,3 +120,51 @@ def test_abort_waiting_and_running_frees_blocks() -> None:
     s.finish_requests(["b"], RequestStatus.FINISHED_ABORTED)
     assert s.block_manager.usage() == 0.0
     assert s.schedule().finished_ids == ["a", "c", "b"]
+
+
+def test_priority_policy_admits_by_priority_then_arrival() -> None:
+    s = make_scheduler(max_num_seqs=2, policy="priority")
+    for name, priority, arrival in (("late-urgent", -1, 3.0), ("low", 5, 0.0), ("early", 0, 1.0), ("same", 0, 2.0)):
+        s.add_request(make_request(name, 4, priority=priority, arrival=arrival, first=10 * int(arrival)))
+    assert [r.request_id for r in s.waiting] == ["late-urgent", "early", "same", "low"]
+    assert set(step(s)) == {"late-urgent", "early"}
+    fcfs = make_scheduler(max_num_seqs=2)
+    for name, arrival in (("a", 0.0), ("b", 1.0), ("c", 2.0)):
+        fcfs.add_request(make_request(name, 4, arrival=arrival, first=10 * int(arrival)))
+    assert set(step(fcfs)) == {"a", "b"}
+
+
+def test_priority_policy_preempts_the_lowest_priority_even_if_scheduled() -> None:
+    """The pool runs dry while the urgent request, admitted last, is scheduled: the lowest-priority request is
+    preempted although it went first in this step (its tokens go back to the budget), and it queues again
+    before waiting requests of its priority that arrived after it."""
+    s = make_scheduler(num_blocks=5, block_size=4, budget=64, policy="priority")  # 4 usable blocks
+    s.add_request(make_request("low", 7, max_tokens=8, priority=1, arrival=0.0))
+    s.add_request(make_request("urgent", 7, max_tokens=8, priority=0, arrival=1.0, first=100))
+    assert step(s) == {"urgent": 7, "low": 7}  # admitted by priority: urgent first; 2 blocks each
+    assert [r.request_id for r in s.running] == ["urgent", "low"]
+    s.add_request(make_request("low-later", 3, priority=1, arrival=2.0, first=200))
+    assert step(s) == {"urgent": 1, "low": 1}
+    out = s.schedule()  # position 8 needs a third block for each: the low-priority one goes
+    assert [r.request_id for r in out.scheduled] == ["urgent"] and out.preempted_ids == ["low"]
+    assert [r.request_id for r in s.waiting] == ["low", "low-later"]
+    assert s.requests["low"].status == RequestStatus.PREEMPTED and s.requests["low"].num_computed_tokens == 0
+
+
+def test_priority_victim_scheduled_earlier_gives_back_its_tokens() -> None:
+    """Under "priority", a victim scheduled before the request that needs its blocks leaves the step: the step's
+    token count no longer holds its tokens."""
+    s = make_scheduler(num_blocks=5, block_size=4, budget=64, policy="priority")  # 4 usable blocks
+    s.add_request(make_request("low", 5, max_tokens=8, priority=2, arrival=0.0))
+    assert step(s) == {"low": 5}
+    s.add_request(make_request("urgent", 8, max_tokens=8, priority=0, arrival=1.0, first=100))
+    assert step(s) == {"low": 1, "urgent": 8}  # 2 blocks each: the pool is full
+    assert [r.request_id for r in s.running] == ["low", "urgent"]
+    out = s.schedule()  # low's position 6 fits; urgent's position 8 needs a block: low, scheduled first, goes
+    assert [r.request_id for r in out.scheduled] == ["urgent"] and out.preempted_ids == ["low"]
+    assert out.num_batched_tokens == 1 and s.requests["low"].num_computed_tokens == 0
+
+
+def test_unknown_policy_is_refused() -> None:
+    with pytest.raises(ValueError, match="scheduling_policy must be one of fcfs, priority; got 'lifo'"):
+        make_scheduler(policy="lifo")

@@ -97,6 +97,7 @@ class SamplingRequest(OpenAIBaseModel):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
     truncate_prompt_tokens: int | None = None
+    priority: int = 0  # under --scheduling-policy priority: lower runs first
 
 
 # ---------------------------------------------------------------------------------------------- usage
