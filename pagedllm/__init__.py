@@ -7,6 +7,7 @@ accelerator: vendor SDKs are imported by the backend that needs them, when it is
 from __future__ import annotations
 
 from pagedllm.core.inputs import TextPrompt, TokensPrompt
+from pagedllm.core.lora.request import LoRARequest
 from pagedllm.core.outputs import CompletionOutput, Logprob, RequestOutput
 from pagedllm.core.pooling import EmbeddingOutput, EmbeddingRequestOutput, PoolingParams
 from pagedllm.core.sampling_params import SamplingParams, StructuredOutputsParams
@@ -21,6 +22,7 @@ __all__ = [
     "CompletionOutput",
     "EmbeddingOutput",
     "EmbeddingRequestOutput",
+    "LoRARequest",
     "Logprob",
     "PoolingParams",
     "RequestOutput",

@@ -67,7 +67,9 @@ class EngineConfig:
     parallelism, ``mp`` executor only; a request that stops runs one token more, discarded); None (the
     default) turns it on where it pays: see :func:`resolve_async_scheduling`. ``scheduling_policy``: ``"fcfs"``
     (arrival order) or ``"priority"`` (each request's ``priority``, lower first, then arrival; the lowest is
-    preempted first), as vLLM's.
+    preempted first), as vLLM's. ``enable_lora`` lets requests name a PEFT LoRA adapter
+    (``pagedllm.core.lora``): up to ``max_loras`` adapters run at once, each of rank up to ``max_lora_rank``;
+    decode steps then run without graphs.
     """
 
     model: str | None = None
@@ -93,6 +95,9 @@ class EngineConfig:
     distributed_executor_backend: str = "mp"
     async_scheduling: bool | None = None
     scheduling_policy: str = "fcfs"
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
     served_model_name: str | None = None
     extra: dict[str, object] = field(default_factory=dict)
 
@@ -110,7 +115,7 @@ class EngineConfig:
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         for name in ("max_num_seqs", "block_size", "max_model_len", "max_num_batched_tokens", "kv_cache_memory_bytes",
-                     "num_kv_blocks"):
+                     "num_kv_blocks", "max_loras", "max_lora_rank"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")

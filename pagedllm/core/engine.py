@@ -23,6 +23,7 @@ from pagedllm.core.config import (
 )
 from pagedllm.core.executor import Executor, UniProcExecutor
 from pagedllm.core.inputs import PromptType, parse_prompt
+from pagedllm.core.lora.request import LoRARequest, read_adapter_config
 from pagedllm.core.model_runner import ModelRunnerOutput
 from pagedllm.core.output_processor import OutputProcessor, ParentRequest
 from pagedllm.core.outputs import RequestOutput
@@ -114,6 +115,9 @@ class LLMEngine:
         if config.quantization is not None and config.quantization not in capabilities.quantizations:
             raise ValueError(f"backend {self.backend_cls.name!r} does not support quantization "
                              f"{config.quantization!r}; supported: {list(capabilities.quantizations) or 'none'}")
+        if config.enable_lora and config.quantization is not None:
+            raise ValueError(f"LoRA adapters run on unquantized projections: enable_lora cannot be combined with "
+                             f"quantization {config.quantization!r}")
         if mc.head_dim not in capabilities.head_sizes:
             raise ValueError(f"backend {self.backend_cls.name!r} does not support head size {mc.head_dim}; "
                              f"supported: {list(capabilities.head_sizes)}")
@@ -134,6 +138,7 @@ class LLMEngine:
             eos_ids.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos_ids)  # generation_config's and the tokenizer's
         self._structured_outputs: StructuredOutputs | None = None
+        self._lora_paths: dict[int, str] = {}  # adapter id -> its directory, as first given
         self.vocab_size = mc.vocab_size  # read once: a transformers 5 config attribute costs ~20 us per read
         self.executor = self._make_executor()
 
@@ -148,7 +153,8 @@ class LLMEngine:
         self.executor.initialize_cache(num_blocks)
         self.block_manager = BlockManager(num_blocks, self.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, self.max_num_batched_tokens,
-                                   mc.max_model_len, chunked, config.scheduling_policy)
+                                   mc.max_model_len, chunked, config.scheduling_policy,
+                                   config.max_loras if config.enable_lora else 0)
         self.sampler = Sampler(self.device, config.seed)
         self.output_processor = OutputProcessor(self.tokenizer, mc.max_model_len)
         pool_tokens = (num_blocks - 1) * self.block_size
@@ -221,6 +227,7 @@ class LLMEngine:
         params: SamplingParams | PoolingParams | None = None,
         arrival_time: float | None = None,
         priority: int = 0,
+        lora_request: LoRARequest | None = None,
     ) -> str:
         """Queue a prompt for ``params.n`` completions, or for its embedding with :class:`PoolingParams` (the
         request's output is then an :class:`~pagedllm.core.pooling.EmbeddingRequestOutput`); returns the request id.
@@ -228,13 +235,16 @@ class LLMEngine:
         ``prompt``: text, token ids, or a :class:`~pagedllm.core.inputs.TextPrompt` /
         :class:`~pagedllm.core.inputs.TokensPrompt` dictionary (:func:`~pagedllm.core.inputs.parse_prompt`).
         ``priority``: under ``scheduling_policy="priority"``, lower runs first (vLLM's rule); any other value
-        than 0 under ``"fcfs"`` is refused. Raises ValueError (naming the problem) for a prompt that can never
-        run: malformed, empty, out-of-vocabulary ids, or prompt + max_tokens beyond ``max_model_len`` or the
-        whole KV pool.
+        than 0 under ``"fcfs"`` is refused. ``lora_request``: the PEFT adapter the request's tokens run through
+        (needs ``enable_lora``; its config is checked here). Raises ValueError (naming the problem) for a prompt
+        that can never run: malformed, empty, out-of-vocabulary ids, or prompt + max_tokens beyond
+        ``max_model_len`` or the whole KV pool.
         """
         if priority != 0 and self.config.scheduling_policy != "priority":
             raise ValueError(f"priority {priority} was given, but priority scheduling is off: start the engine with "
                              f"scheduling_policy='priority' (--scheduling-policy priority)")
+        if lora_request is not None:
+            self._check_lora(lora_request)
         prompt_text, token_ids = self.prompt_token_ids(prompt)
         pooling = None
         if isinstance(params, PoolingParams):  # an embedding: a one-token generation whose token is discarded
@@ -288,7 +298,8 @@ class LLMEngine:
             child_id = request_id if params.n == 1 else f"{index}_{request_id}"
             children.append(Request(child_id, token_ids, child_params, arrival,
                                     eos_token_ids=self.eos_token_ids, priority=priority, parent_id=request_id,
-                                    index=index,
+                                    index=index, lora_request=lora_request,
+                                    cache_salt=None if lora_request is None else f"lora-{lora_request.lora_int_id}",
                                     structured=make_matcher() if make_matcher is not None else None,
                                     pooling=pooling))
         for child in children:
@@ -297,6 +308,22 @@ class LLMEngine:
             self.scheduler.add_request(child)
         self.output_processor.add(ParentRequest(request_id, prompt_text, token_ids, children))
         return request_id
+
+    def _check_lora(self, lora_request: LoRARequest) -> None:
+        """Refuse an adapter the engine cannot run: LoRA not enabled, a bad adapter directory (see
+        :func:`~pagedllm.core.lora.request.read_adapter_config`), a rank above ``max_lora_rank``, or an id
+        already given to another adapter."""
+        if not self.config.enable_lora:
+            raise ValueError(f"LoRA adapter {lora_request.lora_name!r} was asked for, but LoRA is off: start the "
+                             f"engine with enable_lora=True (--enable-lora)")
+        adapter = read_adapter_config(lora_request.lora_path)
+        if adapter.r > self.config.max_lora_rank:
+            raise ValueError(f"LoRA adapter {lora_request.lora_name!r} has rank {adapter.r}, above max_lora_rank "
+                             f"{self.config.max_lora_rank}")
+        known = self._lora_paths.setdefault(lora_request.lora_int_id, lora_request.lora_path)
+        if known != lora_request.lora_path:
+            raise ValueError(f"lora_int_id {lora_request.lora_int_id} names adapter {known!r} already; give "
+                             f"{lora_request.lora_path!r} another id")
 
     def abort_request(self, request_ids: str | Sequence[str]) -> list[str]:
         """Abort user requests (all their children); their KV blocks are freed at once.

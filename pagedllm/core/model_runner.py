@@ -29,6 +29,8 @@ from pagedllm.core.scheduler import ScheduledRequest, SchedulerOutput
 
 if TYPE_CHECKING:
     from pagedllm.core.graph_runner import DecodeGraphRunner
+    from pagedllm.core.lora.manager import LoRAManager
+    from pagedllm.core.lora.request import LoRARequest
 
 
 @dataclass(slots=True)
@@ -53,6 +55,9 @@ class HostBatch:
     # pooling requests whose prompt's last token runs: their places among the sampled rows, and their ids
     pooled_select: np.ndarray | None = None  # [num_pooled] int64
     pooled_request_ids: list[str] | None = None
+    # requests with a LoRA adapter: each token's adapter id (0: none), and the adapters by id
+    token_adapters: np.ndarray | None = None  # [num_tokens] int64 (padded like input_ids)
+    adapters: dict[int, LoRARequest] | None = None
 
 
 @dataclass(slots=True)
@@ -96,6 +101,15 @@ class ModelRunner:
         # static-shape devices compile one graph per token count: pad every batch to a bucket
         self.token_buckets = sorted(capabilities.token_buckets) if capabilities.needs_static_shapes else []
         self.model_takes_sampled_rows = bool(getattr(model, "supports_sampled_rows", False))
+        self.lora: LoRAManager | None = None
+
+    def enable_lora(self, max_loras: int, max_rank: int) -> None:
+        """Give the model's projections ``max_loras`` adapter slots of rank up to ``max_rank`` (called once, after
+        loading); every layer then computes all its rows (the adapters' rows are per token)."""
+        from pagedllm.core.lora.manager import LoRAManager
+
+        self.lora = LoRAManager(self.model, max_loras, max_rank)
+        self.model_takes_sampled_rows = False
 
     @property
     def computes_sampled_rows_only(self) -> bool:
@@ -160,6 +174,11 @@ class ModelRunner:
         asking = [i for i, r in enumerate(reqs) if r.prompt_logprob_span is not None]
         if asking:
             self._add_prompt_rows(host, [reqs[i] for i in asking], query_start[asking])
+        if any(r.lora is not None for r in reqs):
+            ids = np.fromiter((r.lora.lora_int_id if r.lora else 0 for r in reqs), dtype=np.int64, count=num_requests)
+            host.token_adapters = np.zeros(len(host.input_ids), dtype=np.int64)
+            host.token_adapters[:num_tokens] = ids[request_of_token]
+            host.adapters = {r.lora.lora_int_id: r.lora for r in reqs if r.lora is not None}
         pooled = [k for k, i in enumerate(sampled) if reqs[i].pools]
         if pooled:
             host.pooled_select = np.asarray(pooled, dtype=np.int64)
@@ -253,6 +272,9 @@ class ModelRunner:
             query_start_loc_cpu=query_start_cpu,
             seq_lens_cpu=seq_lens_cpu,
         )
+        if self.lora is not None:
+            self.lora.prepare_step(host.token_adapters if host.token_adapters is not None
+                                   else np.zeros(0, dtype=np.int64), host.adapters or {})
         input_ids = to_dev(host.input_ids)
         pending = self.pending_token_ids(host, sampled_token_ids)
         if pending is not None:

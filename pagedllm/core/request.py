@@ -10,6 +10,7 @@ from pagedllm.core.outputs import Logprob, RequestMetrics
 from pagedllm.core.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    from pagedllm.core.lora.request import LoRARequest
     from pagedllm.core.pooling import PoolingParams
     from pagedllm.core.structured_output import GrammarMatcher
 
@@ -49,6 +50,7 @@ class Request:
     eos_token_ids: frozenset[int] = frozenset()
     cache_salt: str | None = None
     priority: int = 0  # under scheduling_policy "priority": lower runs first (vLLM's rule)
+    lora_request: LoRARequest | None = None  # the adapter its tokens run through (EngineConfig.enable_lora)
     output_token_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     num_computed_tokens: int = 0

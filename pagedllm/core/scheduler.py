@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from pagedllm.core.block_manager import BlockManager
 from pagedllm.core.config import SCHEDULING_POLICIES
+from pagedllm.core.lora.request import LoRARequest
 from pagedllm.core.request import Request, RequestStatus
 
 
@@ -33,6 +34,7 @@ class ScheduledRequest:
     prompt_logprob_targets: list[int] | None = None
     num_prompt_logprobs: int = 0
     pools: bool = False  # a pooling request (embedding) at its prompt's last token: its final hidden state is kept
+    lora: LoRARequest | None = None  # the request's adapter, if any
 
     @property
     def num_new_tokens(self) -> int:
@@ -78,10 +80,12 @@ class Scheduler:
         max_model_len: int,
         enable_chunked_prefill: bool = True,
         policy: str = "fcfs",
+        max_loras: int = 0,
     ) -> None:
         if policy not in SCHEDULING_POLICIES:
             raise ValueError(f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}; got {policy!r}")
         self.policy = policy
+        self.max_loras = max_loras  # distinct adapters among the running requests at most (0: no adapters)
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -184,8 +188,14 @@ class Scheduler:
                 budget -= num_new
                 i += 1
 
+        adapters = {r.lora_request.lora_int_id for r in self.running if r.lora_request is not None}
+        skipped: list[Request] = []  # waiting requests whose adapter would exceed max_loras: they keep their place
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
+            lora = request.lora_request
+            if lora is not None and lora.lora_int_id not in adapters and len(adapters) >= self.max_loras:
+                skipped.append(self.waiting.popleft())
+                continue
             hits, num_cached = self.block_manager.get_computed_blocks(request)
             num_new = request.num_tokens - num_cached
             if num_new > budget:
@@ -202,6 +212,9 @@ class Scheduler:
             self.running.append(request)
             scheduled.append((request, num_new))
             budget -= num_new
+            if lora is not None:
+                adapters.add(lora.lora_int_id)
+        self.waiting.extendleft(reversed(skipped))
 
         out = SchedulerOutput(
             scheduled=[self._scheduled(request, num_new) for request, num_new in scheduled],
@@ -226,6 +239,7 @@ class Scheduler:
             prompt_logprob_targets=None if span is None else request.prompt_token_ids[span[0] + 1 : span[1] + 1],
             num_prompt_logprobs=request.sampling_params.prompt_logprobs or 0,
             pools=request.pooling is not None and request.num_computed_tokens == request.num_prompt_tokens,
+            lora=request.lora_request,
         )
 
     def _preempt(self, request: Request) -> None:

@@ -65,6 +65,9 @@ class Worker:
                                config.quantization, self.kv_dtype)
         self.backend.weights_loaded()
         self.runner = ModelRunner(model, self.backend, self.device, block_size, model_config.max_model_len)
+        if config.enable_lora:
+            with use_tp_group(self.tp_group):
+                self.runner.enable_lora(config.max_loras, config.max_lora_rank)
         self.num_kv_heads = kv_heads_per_rank(model_config.num_kv_heads, world_size)  # this rank's share
 
     def bytes_per_block(self) -> int:
@@ -102,6 +105,9 @@ class Worker:
         after the replay (its all-gather through ``torch.distributed``).
         """
         if not self.backend.capabilities().can_capture_graphs or self.config.enforce_eager:
+            return False
+        if self.config.enable_lora:
+            logger.info("LoRA adapters enabled: decode runs without graphs")
             return False
         if experts_sync_with_host(self.runner.model, self.backend):
             logger.info("backend %r computes the model's experts with the default fused_moe (it syncs with the "

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from pagedllm.core.engine import EngineStats, LLMEngine
+from pagedllm.core.lora.request import LoRARequest
 from pagedllm.core.outputs import RequestOutput
 from pagedllm.core.pooling import PoolingParams
 from pagedllm.core.sampling_params import SamplingParams
@@ -43,6 +44,7 @@ class GenerationRequest:
     prompt: str | list[int]
     params: SamplingParams | PoolingParams  # PoolingParams: an embedding (EmbeddingRequestOutput)
     priority: int = 0  # under scheduling_policy "priority": lower runs first
+    lora: LoRARequest | None = None  # the adapter it runs through
 
 
 class StepObserver(Protocol):
@@ -171,7 +173,8 @@ class AsyncLLMEngine:
             added: list[str] = []
             try:
                 for request in requests:
-                    engine.add_request(request.request_id, request.prompt, request.params, arrival, request.priority)
+                    engine.add_request(request.request_id, request.prompt, request.params, arrival,
+                                       priority=request.priority, lora_request=request.lora)
                     added.append(request.request_id)
             except Exception as exc:
                 engine.abort_request(added)

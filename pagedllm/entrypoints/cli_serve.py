@@ -31,6 +31,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--tool-call-parser", default=None, choices=["hermes"],
                         help="how a reply's text becomes tool calls under tool_choice 'auto' (hermes: "
                              "<tool_call>{...}</tool_call> blocks, as Qwen2.5/Qwen3/Hermes models write them)")
+    parser.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
+                        help="LoRA adapters served beside the model (needs --enable-lora): a request whose model "
+                             "is NAME runs through the PEFT adapter in PATH; also {\"name\": ..., \"path\": ...}")
     parser.add_argument("--uvicorn-log-level", default="info",
                         choices=["critical", "error", "warning", "info", "debug", "trace"])
     parser.add_argument("--disable-access-log", action="store_true", help="do not log every HTTP request")

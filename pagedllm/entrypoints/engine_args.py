@@ -52,6 +52,10 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Tr
     parser.add_argument("--scheduling-policy", default="fcfs", choices=list(SCHEDULING_POLICIES),
                         help="fcfs: requests run in arrival order; priority: by each request's priority (lower "
                              "first, then arrival), the lowest preempted first when the KV pool runs dry")
+    parser.add_argument("--enable-lora", action="store_true",
+                        help="let requests name a PEFT LoRA adapter (decode then runs without graphs)")
+    parser.add_argument("--max-loras", type=int, default=1, help="adapters running at once (with --enable-lora)")
+    parser.add_argument("--max-lora-rank", type=int, default=16, help="the largest adapter rank accepted")
     parser.add_argument("-tp", "--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--distributed-executor-backend", default="mp", choices=["mp", "ray"])
 

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 from pagedllm.core.config import EngineConfig
 from pagedllm.core.engine import LLMEngine
 from pagedllm.core.inputs import PromptType, is_single_prompt
+from pagedllm.core.lora.request import LoRARequest
 from pagedllm.core.outputs import RequestOutput
 from pagedllm.core.pooling import EmbeddingRequestOutput, PoolingParams
 from pagedllm.core.sampling_params import RequestOutputKind, SamplingParams
@@ -64,13 +65,15 @@ class LLM:
         prompts: PromptType | Sequence[PromptType],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
         priority: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
         """Run every prompt to completion; returns one :class:`RequestOutput` per prompt, in order.
 
         ``prompts``: one prompt or a list of them, each text, token ids, ``{"prompt": text}`` or
         ``{"prompt_token_ids": ids}`` (vLLM's ``TextPrompt`` / ``TokensPrompt``). ``sampling_params``: one for all
-        prompts or one per prompt (default: the model's generation config). ``priority``: one int per prompt, under
+        prompts or one per prompt (default: the model's generation config). ``lora_request``: a LoRA adapter for
+        every prompt, or one (or None) per prompt (needs ``enable_lora``). ``priority``: one int per prompt, under
         ``scheduling_policy="priority"`` (lower runs first). Invalid parameters or malformed or impossible prompts
         raise ValueError before anything runs.
         """
@@ -81,7 +84,13 @@ class LLM:
         params_list = [final_only[id(p)] for p in params_list]  # only finished outputs are kept: skip snapshots
         if priority is not None and len(priority) != len(prompts):
             raise ValueError(f"got {len(priority)} priorities for {len(prompts)} prompts")
-        return self._add_and_run(prompts, params_list, use_tqdm, priority)  # type: ignore[return-value]
+        if lora_request is None or isinstance(lora_request, LoRARequest):
+            loras = [lora_request] * len(prompts)
+        else:
+            loras = list(lora_request)
+            if len(loras) != len(prompts):
+                raise ValueError(f"got {len(loras)} LoRA requests for {len(prompts)} prompts")
+        return self._add_and_run(prompts, params_list, use_tqdm, priority, loras)  # type: ignore[return-value]
 
     def embed(
         self,
@@ -99,16 +108,19 @@ class LLM:
         return self._add_and_run(prompts, params_list, use_tqdm)  # type: ignore[return-value]
 
     def _add_and_run(self, prompts: list[PromptType], params_list: list[SamplingParams] | list[PoolingParams],
-                     use_tqdm: bool, priority: Sequence[int] | None = None
+                     use_tqdm: bool, priority: Sequence[int] | None = None,
+                     loras: Sequence[LoRARequest | None] | None = None,
                      ) -> list[RequestOutput] | list[EmbeddingRequestOutput]:
-        """Add every prompt with its params and priority (aborting those added if one is refused), then run them
-        to the end."""
+        """Add every prompt with its params, priority and adapter (aborting those added if one is refused), then
+        run them to the end."""
         engine = self.llm_engine
         ids = []
         priorities = priority if priority is not None else [0] * len(prompts)
+        adapters = loras if loras is not None else [None] * len(prompts)
         try:
-            for prompt, params, rank in zip(prompts, params_list, priorities, strict=True):
-                ids.append(engine.add_request(f"offline-{next(self._counter)}", prompt, params, priority=rank))
+            for prompt, params, rank, lora in zip(prompts, params_list, priorities, adapters, strict=True):
+                ids.append(engine.add_request(f"offline-{next(self._counter)}", prompt, params, priority=rank,
+                                              lora_request=lora))
         except ValueError:
             engine.abort_request(ids)
             raise
@@ -154,6 +166,7 @@ class LLM:
         use_tqdm: bool = True,
         chat_template: str | None = None,
         add_generation_prompt: bool = True,
+        lora_request: LoRARequest | None = None,
     ) -> list[RequestOutput]:
         """Generate replies to one conversation or a list of them, through the tokenizer's chat template."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
@@ -167,4 +180,4 @@ class LLM:
                 tokenize=True, return_dict=False,
             )
             prompts.append(list(ids))
-        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)

@@ -31,7 +31,7 @@ class FakeEngine:
         return EngineStats(n, 0, n / 10, 10 - n, 10, 0, 0, 0, 0)
 
     def add_request(self, request_id: str, prompt: list[int], params: SamplingParams, arrival_time: float,
-                    priority: int = 0) -> str:
+                    priority: int = 0, lora_request: object = None) -> str:
         if not prompt:
             raise ValueError("the prompt is empty: at least one token is needed")
         self.requests[request_id] = (prompt, params.max_tokens or 1, [])

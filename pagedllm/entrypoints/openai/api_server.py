@@ -13,13 +13,14 @@ import os
 import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from starlette.responses import Response
 
 from pagedllm.core.engine import LLMEngine, load_tokenizer
 from pagedllm.core.heap import freeze_heap
+from pagedllm.core.lora.request import LoRARequest
 from pagedllm.demo import DEMO_MODEL_NAME
 from pagedllm.entrypoints.async_engine import AsyncLLMEngine
 from pagedllm.entrypoints.openai.auth import APIKeyMiddleware
@@ -43,7 +44,7 @@ from pagedllm.entrypoints.openai.protocol import (
 from pagedllm.entrypoints.openai.serving_chat import OpenAIServingChat
 from pagedllm.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from pagedllm.entrypoints.openai.serving_embedding import OpenAIServingEmbedding
-from pagedllm.entrypoints.openai.serving_models import OpenAIServingModels
+from pagedllm.entrypoints.openai.serving_models import OpenAIServingModels, parse_lora_modules
 from pagedllm.entrypoints.openai.serving_tokenization import OpenAIServingTokenization
 from pagedllm.entrypoints.openai.shutdown import ShutdownMiddleware
 from pagedllm.entrypoints.openai.tokenization import AsyncTokenizer, load_chat_template
@@ -65,6 +66,7 @@ class ServerSettings:
     chat_template: str | None = None
     max_logprobs: int = 20
     tool_call_parser: str | None = None  # set: chat requests may use tool_choice "auto"
+    lora_modules: dict[str, LoRARequest] = field(default_factory=dict)  # served adapter names (--lora-modules)
 
 
 def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
@@ -74,7 +76,8 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
     async_engine = AsyncLLMEngine(engine, observers=[metrics])
     tokenizer = AsyncTokenizer(load_tokenizer(engine.config.tokenizer or model_config.path, required=False)
                                if engine.tokenizer is not None else None, settings.chat_template)
-    models = OpenAIServingModels(settings.served_model_name, model_config.path, model_config.max_model_len)
+    models = OpenAIServingModels(settings.served_model_name, model_config.path, model_config.max_model_len,
+                                 settings.lora_modules)
     completions = OpenAIServingCompletion(async_engine, tokenizer, models, settings.max_logprobs)
     chat = OpenAIServingChat(async_engine, tokenizer, models, settings.max_logprobs,
                              tool_parser=settings.tool_call_parser)
@@ -182,6 +185,7 @@ def _serve(args: argparse.Namespace) -> None:
     if args.enable_auto_tool_choice and args.tool_call_parser is None:
         raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (hermes)")
     chat_template = load_chat_template(args.chat_template)
+    lora_modules = parse_lora_modules(getattr(args, "lora_modules", None) or [], config)
     engine = LLMEngine(config)
     settings = ServerSettings(
         served_model_name=config.served_model_name or config.model or DEMO_MODEL_NAME,
@@ -189,6 +193,7 @@ def _serve(args: argparse.Namespace) -> None:
         chat_template=chat_template,
         max_logprobs=args.max_logprobs,
         tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice else None,
+        lora_modules=lora_modules,
     )
     app = build_app(engine, settings)
     freeze_heap()  # full collections would otherwise rescan the start's heap on the engine thread's steps

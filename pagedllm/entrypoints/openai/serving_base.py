@@ -278,14 +278,16 @@ class OpenAIServing:
     # ------------------------------------------------------------------ running
     async def add(self, request_id: str, prompts: Sequence[list[int]], params: Sequence[SamplingParams | PoolingParams],
                   arrival_time: float, param_names: Mapping[str, str], prompt_param: str,
-                  priority: int = 0) -> OutputStream:
+                  priority: int = 0, model: str | None = None) -> OutputStream:
         """Queue one engine request per prompt (ids ``request_id`` or ``request_id-i``); all or none. A ``priority``
-        other than 0 needs a server started with ``--scheduling-policy priority`` (else a 400 naming it)."""
+        other than 0 needs a server started with ``--scheduling-policy priority`` (else a 400 naming it). ``model``:
+        the served name the request gave (a LoRA adapter's runs through it)."""
         if priority != 0 and self.engine.engine.config.scheduling_policy != "priority":
             raise invalid_param(f"priority {priority} was given, but this server schedules first come, first "
                                 f"served: start it with --scheduling-policy priority", "priority")
         ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
-        requests = [GenerationRequest(i, p, sp, priority) for i, p, sp in zip(ids, prompts, params, strict=True)]
+        lora = self.models.lora(model) if model is not None else None
+        requests = [GenerationRequest(i, p, sp, priority, lora) for i, p, sp in zip(ids, prompts, params, strict=True)]
         try:
             return await self.engine.add_requests(requests, arrival_time)
         except ValueError as exc:

@@ -98,7 +98,8 @@ class OpenAIServingChat(OpenAIServing):
         names = {"max_tokens": max_tokens_param, "logprobs": "top_logprobs", "structured_outputs": structured_param}
         params = self.sampling_params(request, max_tokens, num_logprobs, names, structured)
         request_id = random_id("chatcmpl")
-        stream = await self.add(request_id, [prompt_ids], [params], arrival, names, "messages", request.priority)
+        stream = await self.add(request_id, [prompt_ids], [params], arrival, names, "messages", request.priority,
+                                model)
         if request.stream:
             include_usage = request.stream_options is not None and request.stream_options.include_usage
             return self.stream_response(stream, lambda: self._chunks(

@@ -121,7 +121,7 @@ class OpenAIServingCompletion(OpenAIServing):
             for p in params:  # the echoed prompt's tokens get logprobs too
                 p.prompt_logprobs = request.logprobs
         request_id = random_id("cmpl")
-        stream = await self.add(request_id, prompts, params, arrival, names, "prompt", request.priority)
+        stream = await self.add(request_id, prompts, params, arrival, names, "prompt", request.priority, model)
         if request.stream:
             include_usage = request.stream_options is not None and request.stream_options.include_usage
             return self.stream_response(stream, lambda: self._chunks(

@@ -34,7 +34,7 @@ class OpenAIServingEmbedding(OpenAIServing):
                                truncate_prompt_tokens=request.truncate_prompt_tokens)
         inputs = await self.input_token_ids(request.input, request.add_special_tokens, "input")
         request_id = random_id("embd")
-        stream = await self.add(request_id, inputs, [params] * len(inputs), arrival, {}, "input")
+        stream = await self.add(request_id, inputs, [params] * len(inputs), arrival, {}, "input", model=model)
         outputs: list[EmbeddingRequestOutput] = await self.collect(stream, raw_request)  # type: ignore[assignment]
         data = [EmbeddingData(index=i, embedding=encode_embedding(o.outputs.embedding, request.encoding_format))
                 for i, o in enumerate(outputs)]

@@ -1,29 +1,75 @@
-"""The model names the server answers to (``--served-model-name``) and ``GET /v1/models``."""
+"""The model names the server answers to (``--served-model-name``, and each ``--lora-modules`` adapter's name) and
+``GET /v1/models``."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping, Sequence
+
+from pagedllm.core.config import EngineConfig
+from pagedllm.core.lora.request import LoRARequest, read_adapter_config
 from pagedllm.entrypoints.openai.errors import OpenAIError
 from pagedllm.entrypoints.openai.protocol import ModelCard, ModelList
 
 
 class OpenAIServingModels:
-    """The served model: ``name`` is what clients put in ``model``; ``root`` is the checkpoint it serves."""
+    """The served model: ``name`` is what clients put in ``model``; ``root`` is the checkpoint it serves;
+    ``loras`` the LoRA adapters served beside it, by the name clients give (each request naming one runs
+    through it)."""
 
-    def __init__(self, name: str, root: str, max_model_len: int) -> None:
+    def __init__(self, name: str, root: str, max_model_len: int,
+                 loras: Mapping[str, LoRARequest] | None = None) -> None:
         self.name = name
         self.root = root
         self.max_model_len = max_model_len
+        self.loras = dict(loras or {})
 
     def check(self, model: str | None) -> str:
-        """Return the served name for a request's ``model`` (None or empty means the served one).
-
-        Raises a 404 :class:`OpenAIError` for any other name.
-        """
+        """Return the served name for a request's ``model`` (None or empty means the base model): the base
+        model's or an adapter's. Raises a 404 :class:`OpenAIError` for any other name."""
         if not model or model == self.name:
             return self.name
-        raise OpenAIError(f"the model {model!r} does not exist; this server serves {self.name!r}", 404,
+        if model in self.loras:
+            return model
+        served = [self.name, *self.loras]
+        raise OpenAIError(f"the model {model!r} does not exist; this server serves {served}", 404,
                           param="model", code="model_not_found")
 
+    def lora(self, served_name: str) -> LoRARequest | None:
+        """The adapter a served name (from :meth:`check`) runs through, or None for the base model."""
+        return self.loras.get(served_name)
+
     def list(self) -> ModelList:
-        """The answer of ``GET /v1/models``."""
-        return ModelList(data=[ModelCard(id=self.name, root=self.root, max_model_len=self.max_model_len)])
+        """The answer of ``GET /v1/models``: the base model, then each adapter (its ``parent`` the base model)."""
+        cards = [ModelCard(id=self.name, root=self.root, max_model_len=self.max_model_len)]
+        cards += [ModelCard(id=name, root=lora.lora_path, parent=self.name, max_model_len=self.max_model_len)
+                  for name, lora in self.loras.items()]
+        return ModelList(data=cards)
+
+
+def parse_lora_modules(specs: Sequence[str], config: EngineConfig) -> dict[str, LoRARequest]:
+    """The adapters of ``--lora-modules`` (vLLM's forms: ``NAME=PATH``, or ``{"name": ..., "path": ...}``), ids 1,
+    2, ... in order, each adapter's directory checked now. Raises ValueError naming the problem: LoRA not
+    enabled, a malformed entry, a name given twice, or an adapter the engine cannot run."""
+    if specs and not config.enable_lora:
+        raise ValueError("--lora-modules needs --enable-lora")
+    loras: dict[str, LoRARequest] = {}
+    for spec in specs:
+        if spec.lstrip().startswith("{"):
+            try:
+                entry = json.loads(spec)
+                name, path = entry["name"], entry["path"]
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ValueError(f"--lora-modules entry {spec!r}: expected {{\"name\": ..., \"path\": ...}}") from exc
+        else:
+            name, sep, path = spec.partition("=")
+            if not sep or not name or not path:
+                raise ValueError(f"--lora-modules entry {spec!r}: expected NAME=PATH")
+        if name in loras:
+            raise ValueError(f"--lora-modules names {name!r} twice")
+        adapter = read_adapter_config(path)
+        if adapter.r > config.max_lora_rank:
+            raise ValueError(f"--lora-modules {name!r}: rank {adapter.r} is above --max-lora-rank "
+                             f"{config.max_lora_rank}")
+        loras[name] = LoRARequest(name, len(loras) + 1, path)
+    return loras

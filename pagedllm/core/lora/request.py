@@ -1,0 +1,74 @@
+"""What a request asks for (:class:`LoRARequest`, vLLM's) and what a PEFT adapter directory holds
+(:class:`AdapterConfig`, read from its ``adapter_config.json``)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+SUPPORTED_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""The projections an adapter may train (the Llama family's names; Mixtral's w1/w3/w2 and the experts are not)."""
+
+
+@dataclass(frozen=True, slots=True)
+class LoRARequest:
+    """An adapter for one request, as vLLM names it: ``lora_name`` (shown to clients), ``lora_int_id`` (a
+    positive id, unique per adapter: requests with the same id share the adapter's loaded weights and prefix
+    cache entries) and ``lora_path`` (a PEFT adapter directory: ``adapter_config.json`` and
+    ``adapter_model.safetensors``)."""
+
+    lora_name: str
+    lora_int_id: int
+    lora_path: str
+
+    def __post_init__(self) -> None:
+        if self.lora_int_id < 1:
+            raise ValueError(f"LoRARequest.lora_int_id must be a positive integer, got {self.lora_int_id}")
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterConfig:
+    """The parts of a PEFT ``adapter_config.json`` the engine uses: the rank ``r``, the projections trained
+    (``target_modules``, short names) and the ``scaling`` of the update (``lora_alpha / r``, or ``lora_alpha /
+    sqrt(r)`` with ``use_rslora``)."""
+
+    r: int
+    target_modules: tuple[str, ...]
+    scaling: float
+
+
+@lru_cache(maxsize=64)
+def read_adapter_config(path: str) -> AdapterConfig:
+    """Read and check ``path/adapter_config.json``. Raises ValueError naming the problem: no such file, not a
+    LoRA adapter, a target the engine cannot apply, DoRA, or bias training."""
+    config_file = Path(path) / "adapter_config.json"
+    if not config_file.is_file():
+        raise ValueError(f"LoRA adapter {path!r}: no adapter_config.json there (a PEFT adapter directory is needed)")
+    config = json.loads(config_file.read_text())
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"LoRA adapter {path!r}: peft_type {config.get('peft_type')!r} is not LORA")
+    if config.get("use_dora"):
+        raise ValueError(f"LoRA adapter {path!r}: DoRA adapters are not supported")
+    if config.get("bias", "none") != "none":
+        raise ValueError(f"LoRA adapter {path!r}: trained biases (bias={config['bias']!r}) are not supported")
+    if not (Path(path) / "adapter_model.safetensors").is_file():
+        raise ValueError(f"LoRA adapter {path!r}: no adapter_model.safetensors there")
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise ValueError(f"LoRA adapter {path!r}: per-module ranks or alphas (rank_pattern, alpha_pattern) are not "
+                         f"supported")
+    targets = config.get("target_modules") or []
+    if isinstance(targets, str):  # a regular expression in PEFT: name the modules instead
+        raise ValueError(f"LoRA adapter {path!r}: target_modules as a pattern ({targets!r}) is not supported; "
+                         f"list the modules")
+    short = tuple(sorted({t.rsplit(".", 1)[-1] for t in targets}))
+    unsupported = [t for t in short if t not in SUPPORTED_TARGETS]
+    if unsupported:
+        raise ValueError(f"LoRA adapter {path!r}: target modules {unsupported} are not supported (supported: "
+                         f"{list(SUPPORTED_TARGETS)})")
+    r = int(config["r"])
+    alpha = float(config.get("lora_alpha", r))
+    scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    return AdapterConfig(r, short, scaling)

@@ -1,0 +1,148 @@
+"""LoRA adapters (``enable_lora``, ``LoRARequest``): token for token what transformers + PEFT generate with the same
+adapter, for two adapters (one training every projection at rank 8, one training three at rank 4 with rsLoRA
+scaling) and the base model in one batch, under chunked prefill, prefix caching and preemption, with fewer
+adapter slots than adapters, and under tensor parallelism 2; the prefix cache never shares blocks between
+adapters; bad adapters and requests are refused naming the problem; the server serves adapters by name."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+peft = pytest.importorskip("peft")
+
+from pagedllm import LLM, LoRARequest, SamplingParams  # noqa: E402
+from pagedllm.testing.lora_adapters import build_lora_adapter  # noqa: E402
+from tests.conftest import assert_pool_free  # noqa: E402
+
+MAX_TOKENS = 10
+PARAMS = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, min_tokens=MAX_TOKENS)  # EOS held off as HF's
+
+
+@pytest.fixture(scope="module")
+def adapters(llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, object]]:
+    """Two adapters of the tiny Llama and the transformers + PEFT models that apply them."""
+    root = tmp_path_factory.mktemp("lora")
+    wide = build_lora_adapter(llama_dir, root / "wide", r=8, alpha=16.0, seed=1)
+    narrow = build_lora_adapter(llama_dir, root / "narrow", ("q_proj", "v_proj", "down_proj"), r=4, alpha=4.0,
+                                seed=2, use_rslora=True)
+    return {"wide": (root / "wide", wide), "narrow": (root / "narrow", narrow)}
+
+
+def prompts() -> list[list[int]]:
+    return [list(range(5, 40)), list(range(100, 130)), list(range(200, 290)), list(range(300, 307))]
+
+
+def reference(model: object, prompt: list[int]) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS,
+                             do_sample=False)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.fixture(scope="module")
+def expected(adapters, llama_dir: Path) -> dict[str | None, list[list[int]]]:
+    import transformers
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(str(llama_dir), dtype=torch.float32)
+    want: dict[str | None, list[list[int]]] = {None: [reference(base, p) for p in prompts()]}
+    for name, (_, model) in adapters.items():
+        want[name] = [reference(model, p) for p in prompts()]
+    assert want["wide"] != want[None] and want["narrow"] != want[None]  # the adapters change the tokens
+    return want
+
+
+def requests(adapters) -> dict[str | None, LoRARequest | None]:
+    return {None: None, "wide": LoRARequest("wide", 1, str(adapters["wide"][0])),
+            "narrow": LoRARequest("narrow", 2, str(adapters["narrow"][0]))}
+
+
+@pytest.mark.parametrize("max_loras", [2, 1])
+def test_adapters_and_base_share_batches_and_equal_peft(llama_dir: Path, adapters, expected, max_loras: int) -> None:
+    """Every prompt with each adapter and without, interleaved, under a 16-token step budget (chunked prefill)
+    and a pool small enough to preempt; with one slot the adapters take turns."""
+    llm = LLM(str(llama_dir), device="cpu", dtype="float32", block_size=4, max_num_batched_tokens=16,
+              num_kv_blocks=34, enable_lora=True, max_loras=max_loras, max_lora_rank=8)
+    loras = requests(adapters)
+    names = [None, "wide", "narrow"] * len(prompts())
+    batch = [prompts()[i // 3] for i in range(len(names))]
+    outputs = llm.generate(batch, PARAMS, use_tqdm=False, lora_request=[loras[n] for n in names])
+    for i, (name, output) in enumerate(zip(names, outputs, strict=True)):
+        assert output.outputs[0].token_ids == expected[name][i // 3], f"prompt {i // 3} with adapter {name}"
+    assert llm.llm_engine.stats().num_preemptions > 0
+    assert_pool_free(llm)
+
+
+def test_prefix_cache_keeps_adapters_apart(llama_dir: Path, adapters, expected) -> None:
+    """The same prompt with an adapter, then without, then with the other: none reuses another's blocks."""
+    llm = LLM(str(llama_dir), device="cpu", dtype="float32", block_size=4, enable_lora=True, max_lora_rank=8)
+    loras = requests(adapters)
+    for name in ("wide", None, "narrow", "wide"):
+        (output,) = llm.generate([prompts()[2]], PARAMS, use_tqdm=False, lora_request=loras[name])
+        assert output.outputs[0].token_ids == expected[name][2], name
+    assert llm.llm_engine.stats().prefix_cache_hit_tokens > 0  # the second "wide" hit its own blocks
+
+
+def test_tensor_parallel_adapters_equal_peft(llama_dir: Path, adapters, expected) -> None:
+    llm = LLM(str(llama_dir), device="cpu", dtype="float32", enable_lora=True, max_loras=2, max_lora_rank=8,
+              tensor_parallel_size=2)
+    loras = requests(adapters)
+    names = ["wide", "narrow", None]
+    outputs = llm.generate([prompts()[0]] * 3, PARAMS, use_tqdm=False, lora_request=[loras[n] for n in names])
+    assert [o.outputs[0].token_ids for o in outputs] == [expected[n][0] for n in names]
+
+
+def test_bad_adapters_and_requests_are_refused(llama_dir: Path, adapters, tmp_path: Path) -> None:
+    wide = LoRARequest("wide", 1, str(adapters["wide"][0]))
+    plain = LLM(str(llama_dir), device="cpu", num_kv_blocks=16)
+    with pytest.raises(ValueError, match="LoRA adapter 'wide' was asked for, but LoRA is off"):
+        plain.generate([[1, 2, 3]], PARAMS, use_tqdm=False, lora_request=wide)
+    llm = LLM(str(llama_dir), device="cpu", num_kv_blocks=16, enable_lora=True, max_lora_rank=4)
+    with pytest.raises(ValueError, match="LoRA adapter 'wide' has rank 8, above max_lora_rank 4"):
+        llm.generate([[1, 2, 3]], PARAMS, use_tqdm=False, lora_request=wide)
+    with pytest.raises(ValueError, match=r"no adapter_config\.json there"):
+        llm.generate([[1, 2, 3]], PARAMS, use_tqdm=False, lora_request=LoRARequest("x", 3, str(tmp_path)))
+    narrow = str(adapters["narrow"][0])
+    llm.generate([[1, 2, 3]], PARAMS, use_tqdm=False, lora_request=LoRARequest("n", 2, narrow))
+    copy = shutil.copytree(narrow, tmp_path / "copy")
+    with pytest.raises(ValueError, match=r"lora_int_id 2 names adapter .* already"):
+        llm.generate([[1, 2, 3]], PARAMS, use_tqdm=False, lora_request=LoRARequest("m", 2, str(copy)))
+    dora = tmp_path / "dora"
+    dora.mkdir()
+    config = json.loads((adapters["narrow"][0] / "adapter_config.json").read_text())
+    (dora / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    with pytest.raises(ValueError, match="DoRA adapters are not supported"):
+        llm.generate([[1, 2, 3]], PARAMS, use_tqdm=False, lora_request=LoRARequest("d", 4, str(dora)))
+    with pytest.raises(ValueError, match="lora_int_id must be a positive integer"):
+        LoRARequest("z", 0, narrow)
+    with pytest.raises(ValueError, match="got 1 LoRA requests for 2 prompts"):
+        llm.generate([[1, 2], [3, 4]], PARAMS, use_tqdm=False, lora_request=[None])
+    assert_pool_free(llm)
+    with pytest.raises(ValueError, match="enable_lora cannot be combined with quantization 'fp8'"):
+        LLM(str(llama_dir), device="cpu", enable_lora=True, quantization="fp8")
+
+
+def test_server_serves_adapters_by_name(llama_dir: Path, adapters, expected) -> None:
+    pytest.importorskip("fastapi")
+    pytest.importorskip("openai")
+    from pagedllm.testing.server import ServerProcess
+
+    args = ["--device", "cpu", "--dtype", "float32", "--enable-lora", "--max-lora-rank", "8", "--lora-modules",
+            f"wide={adapters['wide'][0]}", json.dumps({"name": "narrow", "path": str(adapters["narrow"][0])})]
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(llama_dir))
+    with ServerProcess(llama_dir, args) as server:
+        client = server.client()
+        cards = {m.id: m for m in client.models.list().data}
+        assert set(cards) == {str(llama_dir), "wide", "narrow"}
+        assert cards["wide"].model_extra["parent"] == str(llama_dir)
+        for name in ("wide", "narrow", None):
+            model = name or str(llama_dir)
+            reply = client.completions.create(model=model, prompt=prompts()[1], max_tokens=MAX_TOKENS,
+                                              temperature=0.0, extra_body={"min_tokens": MAX_TOKENS})
+            assert reply.model == model and reply.choices[0].text == tokenizer.decode(expected[name][1])
