@@ -69,7 +69,9 @@ class Scheduler:
     the tokens of one step, ``max_model_len`` caps prompt + output, ``enable_chunked_prefill`` allows
     splitting a prompt across steps. ``policy`` (vLLM's ``scheduling_policy``): ``"fcfs"`` admits waiting
     requests in arrival order and preempts the newest running one when the pool runs dry; ``"priority"``
-    admits them by :func:`priority_key` and preempts the running request that key puts last.
+    admits them by :func:`priority_key` and preempts the running request that key puts last. ``max_loras``: at
+    most this many distinct LoRA adapters among the running requests; a waiting request whose adapter would be
+    one too many is passed over (it keeps its place) for the next ones.
     """
 
     def __init__(
