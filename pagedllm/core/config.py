@@ -68,8 +68,7 @@ class EngineConfig:
     default) turns it on where it pays: see :func:`resolve_async_scheduling`. ``scheduling_policy``: ``"fcfs"``
     (arrival order) or ``"priority"`` (each request's ``priority``, lower first, then arrival; the lowest is
     preempted first), as vLLM's. ``enable_lora`` lets requests name a PEFT LoRA adapter
-    (``pagedllm.core.lora``): up to ``max_loras`` adapters run at once, each of rank up to ``max_lora_rank``;
-    decode steps then run without graphs.
+    (``pagedllm.core.lora``): up to ``max_loras`` adapters run at once, each of rank up to ``max_lora_rank``.
     """
 
     model: str | None = None

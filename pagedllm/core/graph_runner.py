@@ -14,12 +14,16 @@ from __future__ import annotations
 import bisect
 import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
 from pagedllm.backends.interface import AttentionMetadata, Backend
+
+if TYPE_CHECKING:
+    from pagedllm.core.lora.manager import LoRAManager
 
 logger = logging.getLogger(__name__)
 
@@ -45,9 +49,10 @@ class DecodeGraphRunner:
 
     def __init__(
         self, model: nn.Module, backend: Backend, device: torch.device, block_size: int,
-        max_blocks_per_seq: int, max_num_seqs: int, with_logits: bool = True,
+        max_blocks_per_seq: int, max_num_seqs: int, with_logits: bool = True, lora: LoRAManager | None = None,
     ) -> None:
         self.model = model
+        self.lora = lora  # with LoRA adapters: the graphs read each row's slot from a static buffer
         self.with_logits = with_logits
         self.backend = backend
         self.block_size = block_size
@@ -63,6 +68,7 @@ class DecodeGraphRunner:
         self.context_lens = self.i32[max_bs : 2 * max_bs]
         self.block_tables = self.i32[2 * max_bs :].view(max_bs, max_blocks_per_seq)
         self.query_start_loc = torch.arange(max_bs + 1, dtype=torch.int32, device=device)
+        self.lora_rows = lora.graph_rows(max_bs) if lora is not None else None
         # what the graphs end with: logits [max_bs, vocab], or hidden states [max_bs, hidden] when the LM head
         # runs after the replay; allocated by the first (largest) capture
         self.outputs: torch.Tensor | None = None
@@ -106,6 +112,9 @@ class DecodeGraphRunner:
             metadata = self._metadata(batch_size)
 
             def step(bs: int = batch_size, md: AttentionMetadata = metadata) -> None:
+                if self.lora is not None:
+                    assert self.lora_rows is not None
+                    self.lora.state.onehot = self.lora_rows[:bs]
                 out = self.model(self.input_ids[:bs], self.positions[:bs], md)
                 if self.with_logits:
                     out = self.model.compute_logits(out)
@@ -117,13 +126,15 @@ class DecodeGraphRunner:
         logger.info("captured decode graphs for %d batch sizes up to %d", len(self.sizes), self.max_batch_size)
 
     def run(self, input_ids: np.ndarray, positions: np.ndarray, slots: np.ndarray, block_tables: np.ndarray,
-            pending: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+            pending: tuple[torch.Tensor, torch.Tensor] | None = None, *, lora_rows: np.ndarray | None = None
+            ) -> torch.Tensor:
         """Replay the bucket for ``n = len(input_ids)`` decodes; returns the logits ``[n, vocab]`` of every
         row (a view of the static buffer, valid until the next replay).
 
         ``block_tables``: ``[n, width]`` int32 with ``width <= max_blocks_per_seq``; the others ``[n]`` int64.
         ``pending``: ``(rows, token_ids)`` on the device, written over ``input_ids`` before the replay
-        (tokens the host does not know yet: :meth:`ModelRunner.pending_token_ids`).
+        (tokens the host does not know yet: :meth:`ModelRunner.pending_token_ids`). ``lora_rows``: with LoRA, the
+        rows' one-hot adapter slots ``[n, max_loras]`` (:meth:`LoRAManager.rows`; None: no adapter).
         """
         n = len(input_ids)
         bucket = self.sizes[bisect.bisect_left(self.sizes, n)]
@@ -145,6 +156,11 @@ class DecodeGraphRunner:
         self.i32[:end].copy_(self.host_i32[:end], non_blocking=True)
         if pending is not None:
             self.input_ids.index_copy_(0, *pending)
+        if self.lora_rows is not None:
+            rows = np.zeros((bucket, self.lora_rows.shape[1]), dtype=np.float32)
+            if lora_rows is not None:
+                rows[:n] = lora_rows
+            self.lora_rows[:bucket].copy_(torch.from_numpy(rows), non_blocking=True)
         self.graphs[bucket]()
         assert self.outputs is not None
         return self.outputs[:n] if self.with_logits else self.model.compute_logits(self.outputs[:n])

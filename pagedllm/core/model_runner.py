@@ -311,7 +311,7 @@ class ModelRunner:
         from pagedllm.core.graph_runner import DecodeGraphRunner
 
         self.graph_runner = DecodeGraphRunner(self.model, self.backend, self.device, self.block_size,
-                                              self.max_blocks_per_seq, max_num_seqs, with_logits)
+                                              self.max_blocks_per_seq, max_num_seqs, with_logits, self.lora)
         self.graph_runner.capture()
 
     @torch.inference_mode()
@@ -328,8 +328,11 @@ class ModelRunner:
         if (graphs is not None and len(scheduled) <= graphs.max_batch_size
                 and all(r.num_new_tokens == 1 and not r.pools for r in scheduled)):
             host = self.prepare_host(scheduled)
+            lora_rows = None
+            if self.lora is not None and host.token_adapters is not None:
+                lora_rows = self.lora.rows(host.token_adapters, host.adapters or {})
             logits = graphs.run(host.input_ids, host.positions, host.slots, host.block_tables,
-                                self.pending_token_ids(host, sampled_token_ids))
+                                self.pending_token_ids(host, sampled_token_ids), lora_rows=lora_rows)
             if len(host.logits_indices) != len(scheduled):  # a one-token prompt chunk that does not sample
                 logits = logits[torch.from_numpy(host.logits_indices).to(self.device, non_blocking=True)]
             return self._output(host, logits, are_logits=True)

@@ -106,9 +106,6 @@ class Worker:
         """
         if not self.backend.capabilities().can_capture_graphs or self.config.enforce_eager:
             return False
-        if self.config.enable_lora:
-            logger.info("LoRA adapters enabled: decode runs without graphs")
-            return False
         if experts_sync_with_host(self.runner.model, self.backend):
             logger.info("backend %r computes the model's experts with the default fused_moe (it syncs with the "
                         "host); decode runs without graphs", self.backend.name)

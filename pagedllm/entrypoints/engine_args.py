@@ -53,7 +53,7 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Tr
                         help="fcfs: requests run in arrival order; priority: by each request's priority (lower "
                              "first, then arrival), the lowest preempted first when the KV pool runs dry")
     parser.add_argument("--enable-lora", action="store_true",
-                        help="let requests name a PEFT LoRA adapter (decode then runs without graphs)")
+                        help="let requests name a PEFT LoRA adapter (--lora-modules, or LoRARequest offline)")
     parser.add_argument("--max-loras", type=int, default=1, help="adapters running at once (with --enable-lora)")
     parser.add_argument("--max-lora-rank", type=int, default=16, help="the largest adapter rank accepted")
     parser.add_argument("-tp", "--tensor-parallel-size", type=int, default=1)

@@ -129,10 +129,10 @@ def test_decode_graphs_take_pending_tokens_on_the_device(llama_dir: Path, monkey
     replays = 0
     run = runner.graph_runner.run
 
-    def counting_run(*args: object) -> object:
+    def counting_run(*args: object, **kwargs: object) -> object:
         nonlocal replays
         replays += args[-1] is not None  # a replay whose input tokens came from the device
-        return run(*args)
+        return run(*args, **kwargs)
 
     monkeypatch.setattr(runner.graph_runner, "run", counting_run)
     assert _completions(llm.generate(PROMPTS, params, use_tqdm=False)) == expected

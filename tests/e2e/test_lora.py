@@ -1,8 +1,9 @@
 """LoRA adapters (``enable_lora``, ``LoRARequest``): token for token what transformers + PEFT generate with the same
 adapter, for two adapters (one training every projection at rank 8, one training three at rank 4 with rsLoRA
 scaling) and the base model in one batch, under chunked prefill, prefix caching and preemption, with fewer
-adapter slots than adapters, and under tensor parallelism 2; the prefix cache never shares blocks between
-adapters; bad adapters and requests are refused naming the problem; the server serves adapters by name."""
+adapter slots than adapters, in recorded decode steps, and under tensor parallelism 2; the prefix cache never
+shares blocks between adapters; bad adapters and requests are refused naming the problem; the server serves
+adapters by name."""
 
 from __future__ import annotations
 
@@ -74,6 +75,38 @@ def test_adapters_and_base_share_batches_and_equal_peft(llama_dir: Path, adapter
     for i, (name, output) in enumerate(zip(names, outputs, strict=True)):
         assert output.outputs[0].token_ids == expected[name][i // 3], f"prompt {i // 3} with adapter {name}"
     assert llm.llm_engine.stats().num_preemptions > 0
+    assert_pool_free(llm)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_decode_graphs_read_each_rows_adapter(llama_dir: Path, adapters, expected, monkeypatch: pytest.MonkeyPatch,
+                                              async_scheduling: bool) -> None:
+    """Recorded decode steps (the ``cpu`` backend with emulated graphs: a replay re-runs the step over the static
+    buffers) take each row's adapter slot from a static buffer: rows of both adapters and of the base model in
+    one replay, padded buckets, equal to transformers + PEFT."""
+    from pagedllm.backends.registry import get_registry
+    from tests.e2e.graph_cpu_backend import GraphCpuBackend
+
+    monkeypatch.setattr(get_registry(), "resolve_backend", lambda device: GraphCpuBackend)
+    llm = LLM(str(llama_dir), device="cpu", dtype="float32", enable_lora=True, max_loras=2, max_lora_rank=8,
+              max_num_seqs=8, async_scheduling=async_scheduling)
+    runner = llm.llm_engine.executor.worker.runner
+    assert runner.graph_runner is not None
+    replays: list[int] = []
+    run = runner.graph_runner.run
+
+    def counting_run(*args: object, **kwargs: object) -> object:
+        replays.append(int(kwargs.get("lora_rows") is not None))  # a replay with adapter rows
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(runner.graph_runner, "run", counting_run)
+    loras = requests(adapters)
+    names = ["wide", None, "narrow"] * 2 + ["narrow"]
+    batch = [prompts()[i % 4] for i in range(len(names))]
+    outputs = llm.generate(batch, PARAMS, use_tqdm=False, lora_request=[loras[n] for n in names])
+    for i, (name, output) in enumerate(zip(names, outputs, strict=True)):
+        assert output.outputs[0].token_ids == expected[name][i % 4], f"prompt {i % 4} with adapter {name}"
+    assert sum(replays) >= MAX_TOKENS - 2  # the decode steps replayed, with adapter rows
     assert_pool_free(llm)
 
 

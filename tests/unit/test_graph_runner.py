@@ -32,7 +32,7 @@ def test_replayed_decode_equals_eager(llama_dir: Path) -> None:
     runner.capture_decode_graphs(max_num_seqs=6)
     calls = []
     original_run = runner.graph_runner.run
-    runner.graph_runner.run = lambda *a: calls.append(len(a[0])) or original_run(*a)
+    runner.graph_runner.run = lambda *a, **k: calls.append(len(a[0])) or original_run(*a, **k)
     replayed = llm.generate(prompts, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in replayed] == [o.outputs[0].token_ids for o in eager]
     assert calls and max(calls) == 5  # five decodes replayed through the bucket of 6

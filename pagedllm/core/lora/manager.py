@@ -44,13 +44,23 @@ class LoRAManager:
         self._device = next(iter(self.ops.values())).a.device
 
     def prepare_step(self, token_adapters: np.ndarray, adapters: dict[int, LoRARequest]) -> None:
-        """Set the step's rows: ``token_adapters [num_tokens]`` int64 holds each token's adapter id (0: none),
-        ``adapters`` the requests of the ids it names, loaded into slots first. Raises ValueError if the step
-        names more adapters than there are slots, or if an adapter cannot be loaded."""
+        """Set an eager step's rows (:meth:`rows`; None when no token has an adapter: the layers add nothing)."""
+        rows = self.rows(token_adapters, adapters)
+        self.state.onehot = None if rows is None else torch.from_numpy(rows).to(self._device, self._dtype,
+                                                                                non_blocking=True)
+
+    def graph_rows(self, max_tokens: int) -> torch.Tensor:
+        """A static ``[max_tokens, max_loras]`` buffer of rows for recorded decode steps (zeros: no adapter)."""
+        return torch.zeros(max_tokens, self.max_loras, dtype=self._dtype, device=self._device)
+
+    def rows(self, token_adapters: np.ndarray, adapters: dict[int, LoRARequest]) -> np.ndarray | None:
+        """The one-hot slot rows ``[num_tokens, max_loras]`` float32 of a step: ``token_adapters [num_tokens]``
+        int64 holds each token's adapter id (0: none), ``adapters`` the requests of the ids it names, loaded into
+        slots first; None when no token has an adapter. Raises ValueError if the step names more adapters than
+        there are slots, or if an adapter cannot be loaded."""
         ids = [int(i) for i in np.unique(token_adapters) if i]
         if not ids:
-            self.state.onehot = None
-            return
+            return None
         if len(ids) > self.max_loras:
             raise ValueError(f"a step names {len(ids)} adapters but max_loras is {self.max_loras}")
         for adapter_id in ids:
@@ -62,7 +72,7 @@ class LoRAManager:
         onehot = np.zeros((len(token_adapters), self.max_loras), dtype=np.float32)
         has = token_slots >= 0
         onehot[np.nonzero(has)[0], token_slots[has]] = 1.0
-        self.state.onehot = torch.from_numpy(onehot).to(self._device, self._dtype, non_blocking=True)
+        return onehot
 
     def _ensure_loaded(self, request: LoRARequest, keep: list[int]) -> None:
         """Put ``request``'s adapter in a slot unless it is in one (a free slot, else the least recently used one
