@@ -41,10 +41,12 @@ from pagedllm.entrypoints.openai.protocol import (
     TokenizeResponse,
     VersionResponse,
 )
+from pagedllm.entrypoints.openai.protocol_responses import ResponseObject, ResponsesRequest
 from pagedllm.entrypoints.openai.serving_chat import OpenAIServingChat
 from pagedllm.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from pagedllm.entrypoints.openai.serving_embedding import OpenAIServingEmbedding
 from pagedllm.entrypoints.openai.serving_models import OpenAIServingModels, parse_lora_modules
+from pagedllm.entrypoints.openai.serving_responses import OpenAIServingResponses
 from pagedllm.entrypoints.openai.serving_tokenization import OpenAIServingTokenization
 from pagedllm.entrypoints.openai.shutdown import ShutdownMiddleware
 from pagedllm.entrypoints.openai.tokenization import AsyncTokenizer, load_chat_template
@@ -83,6 +85,7 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
                              tool_parser=settings.tool_call_parser)
     tokenization = OpenAIServingTokenization(tokenizer, models, model_config.vocab_size)
     embeddings = OpenAIServingEmbedding(async_engine, tokenizer, models, settings.max_logprobs)
+    responses = OpenAIServingResponses(chat)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -135,6 +138,11 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
     async def create_chat_completion(request: ChatCompletionRequest, raw_request: Request) -> Response:
         """OpenAI's chat completions (``stream: true`` answers with server-sent events)."""
         return await chat.create_chat_completion(request, raw_request)
+
+    @app.post("/v1/responses", responses={200: {"model": ResponseObject, "content": _SSE}, **_ERRORS})
+    async def create_response(request: ResponsesRequest, raw_request: Request) -> Response:
+        """OpenAI's Responses API through the chat pipeline (``stream: true`` answers with its events)."""
+        return await responses.create_response(request, raw_request)
 
     @app.post("/v1/embeddings", responses={200: {"model": EmbeddingResponse}, **_ERRORS})
     async def create_embedding(request: EmbeddingRequest, raw_request: Request) -> Response:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
@@ -58,6 +59,19 @@ def reply_of(completion: CompletionOutput, tools: ToolMode) -> tuple[ChatRespons
     return ChatResponseMessage(content=content, tool_calls=calls or None), finish
 
 
+@dataclass(frozen=True, slots=True)
+class StartedChat:
+    """A queued chat request: its output ``stream``, id, served ``model`` name, tool mode, how many top logprobs
+    each token asks for (None: none) and its stop strings."""
+
+    stream: OutputStream
+    request_id: str
+    model: str
+    tools: ToolMode
+    num_logprobs: int | None
+    stop: list[str] | None
+
+
 class OpenAIServingChat(OpenAIServing):
     """Serves ``/v1/chat/completions``; ``tool_parser`` (``--tool-call-parser``) lets ``tool_choice`` be
     ``"auto"``."""
@@ -68,6 +82,28 @@ class OpenAIServingChat(OpenAIServing):
 
     async def create_chat_completion(self, request: ChatCompletionRequest, raw_request: Request) -> Response:
         """Validate, render the conversation (and its tools), queue it and answer (SSE when ``stream``)."""
+        chat = await self.start_chat(request)
+        stream, request_id, model, tools, num_logprobs = (chat.stream, chat.request_id, chat.model, chat.tools,
+                                                          chat.num_logprobs)
+        if request.stream:
+            include_usage = request.stream_options is not None and request.stream_options.include_usage
+            return self.stream_response(stream, lambda: self._chunks(
+                stream, request_id, model, request.n, chat.stop, num_logprobs, include_usage, tools))
+        (output,) = await self.collect(stream, raw_request)
+        choices = []
+        for c in output.outputs:
+            message, finish = reply_of(c, tools)
+            choices.append(ChatCompletionChoice(
+                index=c.index, message=message, finish_reason=finish, stop_reason=c.stop_reason,
+                logprobs=None if c.logprobs is None else chat_logprobs(c.token_ids, c.logprobs, num_logprobs or 0),
+            ))
+        return json_response(ChatCompletionResponse(id=request_id, model=model, choices=choices,
+                                                    usage=usage_of([output]),
+                                                    prompt_logprobs=self.prompt_logprobs_of(output)))
+
+    async def start_chat(self, request: ChatCompletionRequest, id_prefix: str = "chatcmpl") -> StartedChat:
+        """Validate the request, render the conversation (and its tools) and queue it; returns what answering
+        it needs (:class:`StartedChat`). Raises :class:`OpenAIError` (a 400 naming the field) for a bad request."""
         arrival = time.monotonic()
         model = self.models.check(request.model)
         self.check_request(request)
@@ -97,24 +133,10 @@ class OpenAIServingChat(OpenAIServing):
             structured, structured_param = forced, "tool_choice"
         names = {"max_tokens": max_tokens_param, "logprobs": "top_logprobs", "structured_outputs": structured_param}
         params = self.sampling_params(request, max_tokens, num_logprobs, names, structured)
-        request_id = random_id("chatcmpl")
+        request_id = random_id(id_prefix)
         stream = await self.add(request_id, [prompt_ids], [params], arrival, names, "messages", request.priority,
                                 model)
-        if request.stream:
-            include_usage = request.stream_options is not None and request.stream_options.include_usage
-            return self.stream_response(stream, lambda: self._chunks(
-                stream, request_id, model, request.n, params.stop, num_logprobs, include_usage, tools))
-        (output,) = await self.collect(stream, raw_request)
-        choices = []
-        for c in output.outputs:
-            message, finish = reply_of(c, tools)
-            choices.append(ChatCompletionChoice(
-                index=c.index, message=message, finish_reason=finish, stop_reason=c.stop_reason,
-                logprobs=None if c.logprobs is None else chat_logprobs(c.token_ids, c.logprobs, num_logprobs or 0),
-            ))
-        return json_response(ChatCompletionResponse(id=request_id, model=model, choices=choices,
-                                                    usage=usage_of([output]),
-                                                    prompt_logprobs=self.prompt_logprobs_of(output)))
+        return StartedChat(stream, request_id, model, tools, num_logprobs, params.stop)
 
     async def _chunks(self, stream: OutputStream, request_id: str, model: str, n: int, stop: list[str] | None,
                       num_logprobs: int | None, include_usage: bool, tools: ToolMode) -> AsyncIterator[str]:
