@@ -230,6 +230,15 @@ class OpenAIServingResponses:
                     event("response.content_part.added", item_id=message_id, output_index=0, content_index=0,
                           part=OutputText(text="").model_dump(mode="json"))]
 
+        def send_text(delta: str) -> list[str]:
+            """The events of a text delta (the message item opened first if it is not yet)."""
+            nonlocal opened, sent
+            lines = [] if opened else open_message()
+            opened = True
+            sent += delta
+            return [*lines, event("response.output_text.delta", item_id=message_id, output_index=0, content_index=0,
+                                  delta=delta)]
+
         async for outputs in started.stream:
             final = outputs[-1]
             completion = final.outputs[0]
@@ -237,28 +246,16 @@ class OpenAIServingResponses:
                 continue
             delta = (before_calls.next(completion.text) if before_calls is not None
                      else completion.text[len(sent):])
-            if delta:
-                if not opened:
-                    opened = True
-                    for line in open_message():
-                        yield line
-                sent += delta
-                yield event("response.output_text.delta", item_id=message_id, output_index=0, content_index=0,
-                            delta=delta)
+            for line in send_text(delta) if delta else []:
+                yield line
         if final is None:
             return
         completion = final.outputs[0]
         message, _ = reply_of(completion, started.tools)
         if before_calls is not None and not message.tool_calls:  # no call after all: the held-back rest
             rest = completion.text[len(sent):]
-            if rest:
-                if not opened:
-                    opened = True
-                    for line in open_message():
-                        yield line
-                sent += rest
-                yield event("response.output_text.delta", item_id=message_id, output_index=0, content_index=0,
-                            delta=rest)
+            for line in send_text(rest) if rest else []:
+                yield line
         text = sent if text_streams else (message.content or "")
         call_ids = [_item_id("fc") for _ in message.tool_calls or []]
         done = self._response(request, started, final, message_text=text, message_id=message_id,
