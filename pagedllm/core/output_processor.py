@@ -131,9 +131,13 @@ class OutputProcessor:
         params = request.sampling_params
         completion = parent.completions[request.index]
         detok = parent.detokenizers[request.index]
-        new_text = detok.append(token_id) if params.detokenize else ""
-        completion.text = detok.text
         can_stop = request.num_output_tokens >= params.min_tokens
+        stop_token = can_stop and ((params.stop_token_ids is not None and token_id in params.stop_token_ids) or
+                                   (not params.ignore_eos and token_id in request.eos_token_ids))
+        # a stop token's own text is left out unless asked for (it shows when special tokens are kept)
+        shown = params.detokenize and (not stop_token or params.include_stop_str_in_output)
+        new_text = detok.append(token_id) if shown else ""
+        completion.text = detok.text
         if request.structured is not None:
             if not request.structured.accept(token_id):  # the sampler masked it out: cannot happen unless a bug
                 logger.warning("request %s: token %d breaks its structured output; stopped", request.request_id,

@@ -60,6 +60,12 @@ def test_stop_token_ids_and_max_tokens(llm: LLM) -> None:
     first = tokens.index(tokens[2])
     assert stopped.token_ids == tokens[: first + 1]
     assert stopped.finish_reason == "stop" and stopped.stop_reason == tokens[2]
+    decode = llm.get_tokenizer().decode  # the stop token's text is left out unless asked for, as vLLM does
+    assert stopped.text == decode(tokens[:first]) != decode(tokens[: first + 1])
+    kept = llm.generate("x = ", SamplingParams(temperature=0, max_tokens=6, stop_token_ids=[tokens[2]],
+                                               ignore_eos=True, include_stop_str_in_output=True),
+                        use_tqdm=False)[0].outputs[0]
+    assert kept.text == decode(tokens[: first + 1])
 
 
 def test_logprobs_returned_per_token(llm: LLM) -> None:
