@@ -11,6 +11,7 @@ import argparse
 from pagedllm.entrypoints.engine_args import add_engine_args
 
 SERVE_REQUIREMENTS: tuple[str, ...] = ("fastapi", "uvicorn", "prometheus_client", "pydantic")
+TOOL_CALL_PARSER_NAMES: tuple[str, ...] = ("hermes", "mistral", "llama3_json")  # openai.tool_call_formats' names
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -28,9 +29,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--max-logprobs", type=int, default=20, help="the most logprobs a request may ask for")
     parser.add_argument("--enable-auto-tool-choice", action="store_true",
                         help="let chat requests with tools use tool_choice 'auto' (needs --tool-call-parser)")
-    parser.add_argument("--tool-call-parser", default=None, choices=["hermes"],
-                        help="how a reply's text becomes tool calls under tool_choice 'auto' (hermes: "
-                             "<tool_call>{...}</tool_call> blocks, as Qwen2.5/Qwen3/Hermes models write them)")
+    parser.add_argument("--tool-call-parser", default=None, choices=TOOL_CALL_PARSER_NAMES,
+                        help="how a reply's text becomes tool calls under tool_choice 'auto': hermes "
+                             "(<tool_call>{...}</tool_call> blocks: Qwen2.5/Qwen3/Hermes), mistral ([TOOL_CALLS] "
+                             "[{...}]: Mistral 7B v0.3/NeMo/Mixtral), llama3_json ({...}; {...}: Llama 3.1-3.3)")
     parser.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
                         help="LoRA adapters served beside the model (needs --enable-lora): a request whose model "
                              "is NAME runs through the PEFT adapter in PATH; also {\"name\": ..., \"path\": ...}")

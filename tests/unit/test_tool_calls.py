@@ -10,9 +10,14 @@ import pytest
 
 pytest.importorskip("fastapi")
 
+from pagedllm.entrypoints.cli_serve import TOOL_CALL_PARSER_NAMES
 from pagedllm.entrypoints.openai.errors import OpenAIError
 from pagedllm.entrypoints.openai.tokenization import AsyncTokenizer
-from pagedllm.entrypoints.openai.tool_calls import arguments_as_objects, parse_hermes, resolve_tool_mode
+from pagedllm.entrypoints.openai.tool_call_formats import TOOL_CALL_FORMATS
+from pagedllm.entrypoints.openai.tool_call_stream import ContentBeforeCalls, ToolCallStream, merge_deltas
+from pagedllm.entrypoints.openai.tool_calls import arguments_as_objects, resolve_tool_mode
+
+HERMES, MISTRAL, LLAMA3 = (TOOL_CALL_FORMATS[name] for name in ("hermes", "mistral", "llama3_json"))
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
                                             "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
@@ -62,16 +67,52 @@ def test_forced_structures_and_their_parses() -> None:
     assert required.parse('[{"name": "get_ti') == ('[{"name": "get_ti', [])  # cut short: stays text
 
 
+def named_arguments(calls: list) -> list[tuple[str, object]]:
+    return [(c.function.name, json.loads(c.function.arguments)) for c in calls]
+
+
+def test_the_cli_offers_every_format() -> None:
+    assert set(TOOL_CALL_PARSER_NAMES) == set(TOOL_CALL_FORMATS)
+
+
 def test_hermes_parser() -> None:
     text = ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
             '<tool_call>{"name": "get_time", "arguments": {}}</tool_call>')
-    content, calls = parse_hermes(text)
+    content, calls = HERMES.parse(text)
     assert content == "Let me check."
-    assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == \
-        [("get_weather", {"city": "Paris"}), ("get_time", {})]
-    assert parse_hermes("no calls here") == ("no calls here", [])
-    assert parse_hermes("<tool_call>{not json}</tool_call>") == ("<tool_call>{not json}</tool_call>", [])
-    assert parse_hermes('<tool_call>{"name": "f", "arguments": {}}</tool_call>')[0] is None
+    assert named_arguments(calls) == [("get_weather", {"city": "Paris"}), ("get_time", {})]
+    assert HERMES.parse("no calls here") == ("no calls here", [])
+    assert HERMES.parse("<tool_call>{not json}</tool_call>") == ("<tool_call>{not json}</tool_call>", [])
+    assert HERMES.parse('<tool_call>{"name": "f", "arguments": {}}</tool_call>')[0] is None
+    unclosed = '<tool_call>{"name": "f", "arguments": {}}</tool_call><tool_call>{"name": "g", "argu'
+    assert named_arguments(HERMES.parse(unclosed)[1]) == [("f", {})]  # the block cut short is left out
+
+
+def test_mistral_parser() -> None:
+    text = ('[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris"}}, '
+            '{"name": "get_time", "arguments": {"zone": "UTC"}}]')
+    assert HERMES.parse(text) == (text, [])
+    content, calls = MISTRAL.parse(text)
+    assert content is None
+    assert named_arguments(calls) == [("get_weather", {"city": "Paris"}), ("get_time", {"zone": "UTC"})]
+    content, calls = MISTRAL.parse('Sure. [TOOL_CALLS]{"name": "f", "arguments": "{\\"a\\": 1}"}')
+    assert content == "Sure." and named_arguments(calls) == [("f", {"a": 1})]  # one object; string arguments
+    assert MISTRAL.parse("[TOOL_CALLS] [{broken") == ("[TOOL_CALLS] [{broken", [])
+    assert MISTRAL.parse('[TOOL_CALLS] [{"arguments": {}}]')[1] == []  # no name: not a call
+    assert MISTRAL.parse("[1, 2]") == ("[1, 2]", [])
+    assert MISTRAL.parse("[TOOL_CALLS] []") == ("[TOOL_CALLS] []", [])
+    assert MISTRAL.keeps_special_tokens and not HERMES.keeps_special_tokens
+
+
+def test_llama3_json_parser() -> None:
+    text = ('<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris"}}; '
+            '{"name": "get_time", "parameters": {}}')
+    content, calls = LLAMA3.parse(text)
+    assert content is None and named_arguments(calls) == [("get_weather", {"city": "Paris"}), ("get_time", {})]
+    assert named_arguments(LLAMA3.parse('  {"name": "f", "arguments": {"x": [1]}}')[1]) == [("f", {"x": [1]})]
+    prose = 'The call would be {"name": "f", "parameters": {}}'
+    assert LLAMA3.parse(prose) == (prose, [])  # only a reply that begins with the call is one
+    assert LLAMA3.parse('{"city": "Paris"}') == ('{"city": "Paris"}', [])  # JSON, but no function named
 
 
 def test_tools_and_call_arguments_reach_the_template() -> None:
@@ -93,24 +134,27 @@ def test_tools_and_call_arguments_reach_the_template() -> None:
 
 
 def test_auto_streaming_holds_back_what_could_begin_a_call() -> None:
-    from pagedllm.entrypoints.openai.tool_call_stream import ContentBeforeCalls
-
-    stream = ContentBeforeCalls()
+    stream = ContentBeforeCalls(HERMES)
     assert stream.next("Let me") == "Let me"
     assert stream.next("Let me check <tool") == " check "  # "<tool" could open a call: held back
     assert stream.next("Let me check <tool_c") == ""
     assert stream.next('Let me check <tool_call>{"name": ') == ""  # a call began: nothing more as content
     assert stream.sent == len("Let me check ")
-    plain = ContentBeforeCalls()
+    plain = ContentBeforeCalls(HERMES)
     assert plain.next("a < b") == "a < b" and plain.next("a < b <tools>") == " <tools>"
+    mistral = ContentBeforeCalls(MISTRAL)
+    assert mistral.next("Sure [TOOL") == "Sure " and mistral.next("Sure [TOOL_CALLS] [") == ""
+    llama = ContentBeforeCalls(LLAMA3)  # a reply is calls only if it begins with one: held until it tells
+    assert llama.next(" ") == "" and llama.next(" <|python") == "" and llama.next(" <|python_tag|>{") == ""
+    prose = ContentBeforeCalls(LLAMA3)
+    assert prose.next(" I") == " I" and prose.next(' I would call {"name"') == ' would call {"name"'
 
 
-def _stream_in_pieces(text: str, size: int) -> tuple[str, dict[int, dict], list[int]]:
-    """Feed ``text`` to a HermesCallStream ``size`` characters at a time, then finish it as the server does;
-    returns the content sent, each call index's accumulated id/name/arguments, and the step of each opening."""
-    from pagedllm.entrypoints.openai.tool_call_stream import HermesCallStream, merge_deltas
-
-    stream = HermesCallStream()
+def _stream_in_pieces(text: str, size: int, format=HERMES) -> tuple[str, dict[int, dict], list[int]]:
+    """Feed ``text`` to a ToolCallStream of ``format`` ``size`` characters at a time, then finish it as the
+    server does; returns the content sent, each call index's accumulated id/name/arguments, and the step of each
+    opening."""
+    stream = ToolCallStream(format)
     content, calls, openings = "", {}, []
 
     def take(deltas: list) -> None:
@@ -128,22 +172,31 @@ def _stream_in_pieces(text: str, size: int) -> tuple[str, dict[int, dict], list[
         take(deltas)
     piece, deltas = stream.next(text)
     content += piece
-    _, parsed = parse_hermes(text)
+    _, parsed = format.parse(text)
     take(merge_deltas(deltas + stream.finish(text, parsed)) if parsed else deltas)
     if not parsed:
         content += text[stream.content.sent:]
     return content, calls, openings
 
 
+WEATHER_CALL = '{"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}'
+TIME_CALL = '{"arguments": {"zone": "UTC", "name": "not the name"}, "name": "get_time"}'
+TWO_CALLS = {  # (format, reply, its content)
+    "hermes": (HERMES, f"Let me check.\n<tool_call>\n{WEATHER_CALL}\n</tool_call>\n<tool_call>{TIME_CALL}</tool_call>",
+               "Let me check.\n"),
+    "mistral": (MISTRAL, f"Let me check.\n[TOOL_CALLS] [{WEATHER_CALL}, {TIME_CALL}]", "Let me check.\n"),
+    "llama3_json": (LLAMA3, f"<|python_tag|>{WEATHER_CALL.replace('arguments', 'parameters')}; {TIME_CALL}", ""),
+}
+
+
 @pytest.mark.parametrize("size", [1, 3, 7, 1000])
-def test_auto_streaming_sends_calls_as_they_are_written(size: int) -> None:
+@pytest.mark.parametrize("name", list(TWO_CALLS))
+def test_auto_streaming_sends_calls_as_they_are_written(name: str, size: int) -> None:
     """Each call opens once its name is complete (in order, whatever the key order) and its arguments stream
     as written: concatenated, each index's arguments are the call's; text before the first call is content."""
-    text = ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}\n'
-            '</tool_call>\n<tool_call>{"arguments": {"zone": "UTC", "name": "not the name"}, "name": "get_time"}'
-            '</tool_call>')
-    content, calls, openings = _stream_in_pieces(text, size)
-    assert content == "Let me check.\n"
+    format, text, expected = TWO_CALLS[name]
+    content, calls, openings = _stream_in_pieces(text, size, format)
+    assert content == expected
     assert openings == [0, 1] and sorted(calls) == [0, 1]
     assert calls[0]["name"] == "get_weather" and json.loads(calls[0]["arguments"]) == {"city": "Paris", "days": 2}
     assert calls[1]["name"] == "get_time"
@@ -152,9 +205,7 @@ def test_auto_streaming_sends_calls_as_they_are_written(size: int) -> None:
 
 
 def test_auto_streaming_arguments_arrive_before_the_call_ends() -> None:
-    from pagedllm.entrypoints.openai.tool_call_stream import HermesCallStream
-
-    stream = HermesCallStream()
+    stream = ToolCallStream(HERMES)
     assert stream.next('<tool_call>{"name": "get_wea') == ("", [])  # the name is not complete yet
     _, (opening,) = stream.next('<tool_call>{"name": "get_weather", "arguments": {"ci')
     assert opening.index == 0 and opening.type == "function" and opening.function.name == "get_weather"
@@ -173,3 +224,8 @@ def test_auto_streaming_string_arguments_and_broken_calls() -> None:
     content, calls, _ = _stream_in_pieces(broken, 4)
     assert content == broken  # the held-back text follows the content sent before the block
     assert calls[0]["name"] == "f"  # it had opened: streamed calls cannot be taken back
+    prose = 'I would call {"name": "f", "parameters": {}} but need the city.'
+    assert _stream_in_pieces(prose, 3, LLAMA3)[:2] == (prose, {})  # not a call: streamed as content
+    cut = '[TOOL_CALLS] [{"name": "f", "arguments": {"a": 1}}, {"name": "g", "argu'
+    content, calls, _ = _stream_in_pieces(cut, 5, MISTRAL)
+    assert content == cut and [c["name"] for c in calls.values()] == ["f", "g"]

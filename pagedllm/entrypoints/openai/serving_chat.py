@@ -31,7 +31,7 @@ from pagedllm.entrypoints.openai.protocol import (
 from pagedllm.entrypoints.openai.serving_base import OpenAIServing, finite_logprob, json_response, random_id, usage_of
 from pagedllm.entrypoints.openai.streaming import DeltaTracker, sse_event
 from pagedllm.entrypoints.openai.tokenization import messages_for_template
-from pagedllm.entrypoints.openai.tool_call_stream import HermesCallStream, merge_deltas
+from pagedllm.entrypoints.openai.tool_call_stream import ToolCallStream, merge_deltas
 from pagedllm.entrypoints.openai.tool_calls import ToolMode, arguments_as_objects, resolve_tool_mode
 
 
@@ -133,6 +133,8 @@ class OpenAIServingChat(OpenAIServing):
             structured, structured_param = forced, "tool_choice"
         names = {"max_tokens": max_tokens_param, "logprobs": "top_logprobs", "structured_outputs": structured_param}
         params = self.sampling_params(request, max_tokens, num_logprobs, names, structured)
+        if tools.format is not None and tools.format.keeps_special_tokens:
+            params.skip_special_tokens = False  # the format's marker is a special token (as vLLM's parser asks)
         request_id = random_id(id_prefix)
         stream = await self.add(request_id, [prompt_ids], [params], arrival, names, "messages", request.priority,
                                 model)
@@ -154,7 +156,7 @@ class OpenAIServingChat(OpenAIServing):
             yield chunk(ChatCompletionStreamChoice(index=index, delta=DeltaMessage(role="assistant", content="")))
         trackers = [DeltaTracker.for_stops(stop) for _ in range(n)]
         sent = [False] * n  # a tool-calling reply's last chunk
-        streamed = [HermesCallStream() for _ in range(n)] if tools.kind == "auto" and not stop else None
+        streamed = [ToolCallStream(tools.format) for _ in range(n)] if tools.format is not None and not stop else None
         final = None
         async for outputs in stream:
             final = outputs[-1]
@@ -186,7 +188,7 @@ class OpenAIServingChat(OpenAIServing):
                                                          usage=usage_of([final])))
 
     @staticmethod
-    def _tool_chunk(completion: CompletionOutput, tools: ToolMode, streamed: HermesCallStream | None
+    def _tool_chunk(completion: CompletionOutput, tools: ToolMode, streamed: ToolCallStream | None
                     ) -> ChatCompletionStreamChoice:
         """The last streamed choice of a finished reply that may call tools: its calls, and the content not sent
         yet (``streamed``: what already went out as it came; None: nothing did)."""

@@ -219,7 +219,7 @@ class OpenAIServingResponses:
         yield event("response.in_progress", response=in_progress)
         message_id = _item_id("msg")
         text_streams = started.tools.kind in ("none", "auto")
-        before_calls = ContentBeforeCalls() if started.tools.kind == "auto" else None
+        before_calls = None if started.tools.format is None else ContentBeforeCalls(started.tools.format)
         sent = ""
         opened = False
         final: RequestOutput | None = None

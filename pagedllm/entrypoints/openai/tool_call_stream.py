@@ -1,6 +1,6 @@
-"""Streaming a ``tool_choice="auto"`` reply under the Hermes parser as vLLM streams it: the text before the first
-``<tool_call>`` as it comes, then each call as soon as its name is complete (its index, id, type and name, in
-one delta) and its arguments' JSON text as it grows, so a client that concatenates the ``arguments`` deltas of
+"""Streaming a ``tool_choice="auto"`` reply as vLLM streams it, in any of the ``tool_call_formats``: the text before
+the calls as it comes, then each call as soon as its name is complete (its index, id, type and name, in one
+delta) and its arguments' JSON text as it grows, so a client that concatenates the ``arguments`` deltas of
 an index holds the call's arguments. The reply's last chunk carries what is left: the rest of each call's
 arguments, any call not opened yet, or, when the reply turns out not to hold valid calls, the rest of its text.
 
@@ -15,26 +15,23 @@ import json
 from dataclasses import dataclass
 
 from pagedllm.entrypoints.openai.protocol import DeltaFunctionCall, DeltaToolCall, ToolCall
-from pagedllm.entrypoints.openai.tool_calls import TOOL_CALL_START, new_call_id
+from pagedllm.entrypoints.openai.tool_call_formats import ToolCallFormat, new_call_id
 
-TOOL_CALL_END = "</tool_call>"
 _DECODER = json.JSONDecoder()
 
 
 class ContentBeforeCalls:
-    """Streams an ``"auto"`` reply's text as it grows, up to where a tool call begins: text that could be the
-    start of ``<tool_call>`` is held back until the next tokens tell; once a call begins, nothing more is sent as
-    content."""
+    """Streams an ``"auto"`` reply's text as it grows, up to where its tool calls begin in ``format``: text that
+    could be the start of them is held back until the next tokens tell; once a call begins, nothing more is sent
+    as content."""
 
-    def __init__(self) -> None:
+    def __init__(self, format: ToolCallFormat) -> None:
+        self.format = format
         self.sent = 0  # characters of the reply already sent
 
     def next(self, text: str) -> str:
         """The new content of the reply's cumulative ``text`` that can be sent now ("" if none)."""
-        end = text.find(TOOL_CALL_START)
-        if end < 0:
-            end = len(text) - next((k for k in range(min(len(TOOL_CALL_START) - 1, len(text)), 0, -1)
-                                    if text.endswith(TOOL_CALL_START[:k])), 0)
+        end = self.format.content_end(text)
         delta = text[self.sent:end] if end > self.sent else ""
         self.sent = max(self.sent, end)
         return delta
@@ -53,8 +50,8 @@ class CallSoFar:
 
 
 def scan_call(block: str) -> CallSoFar:
-    """Read the top-level members of a call block's JSON object, which may be cut short anywhere (the text after
-    ``<tool_call>``, up to ``</tool_call>`` or the end of what is written)."""
+    """Read the top-level members of a call's JSON object, which may be cut short anywhere (one of
+    :meth:`ToolCallFormat.blocks`)."""
     name, arguments, complete = None, None, False
     pos = _skip_space(block, 0)
     if not block.startswith("{", pos):
@@ -93,31 +90,19 @@ def _skip_space(text: str, pos: int) -> int:
     return pos
 
 
-def call_blocks(text: str) -> list[str]:
-    """The text of each ``<tool_call>`` block of ``text`` after its opening tag, up to its closing tag or, for the
-    last one, the end of ``text``."""
-    blocks = []
-    start = text.find(TOOL_CALL_START)
-    while start >= 0:
-        body = start + len(TOOL_CALL_START)
-        end = text.find(TOOL_CALL_END, body)
-        blocks.append(text[body:] if end < 0 else text[body:end])
-        start = -1 if end < 0 else text.find(TOOL_CALL_START, end)
-    return blocks
-
-
 @dataclass(slots=True)
 class _OpenCall:
     id: str
     sent: int = 0  # characters of the arguments' text sent
 
 
-class HermesCallStream:
-    """One streamed choice of an ``"auto"`` reply (see the module docstring). :meth:`next` takes the reply's
-    cumulative text at each step; :meth:`finish` the finished reply's parsed calls."""
+class ToolCallStream:
+    """One streamed choice of an ``"auto"`` reply in ``format`` (see the module docstring). :meth:`next` takes the
+    reply's cumulative text at each step; :meth:`finish` the finished reply's parsed calls."""
 
-    def __init__(self) -> None:
-        self.content = ContentBeforeCalls()
+    def __init__(self, format: ToolCallFormat) -> None:
+        self.format = format
+        self.content = ContentBeforeCalls(format)
         self.calls: list[_OpenCall] = []
 
     @property
@@ -129,7 +114,7 @@ class HermesCallStream:
         """``(content, call deltas)`` that ``text`` (the reply so far) adds to what went out."""
         content = self.content.next(text)
         deltas = []
-        for index, block in enumerate(call_blocks(text)):
+        for index, block in enumerate(self.format.blocks(text)):
             call = scan_call(block)
             delta = self._advance(index, call, call.arguments if call.arguments_is_object else None)
             if delta is None:
@@ -142,7 +127,7 @@ class HermesCallStream:
         """The last deltas of a finished reply whose text parsed into ``calls``: the rest of every call's
         arguments (a call not opened yet whole, with the arguments as the model wrote them)."""
         deltas = []
-        for index, (block, parsed) in enumerate(zip(call_blocks(text), calls, strict=False)):
+        for index, (block, parsed) in enumerate(zip(self.format.finished_blocks(text), calls, strict=False)):
             call = scan_call(block)
             written = call.arguments if call.arguments_is_object and call.arguments_complete else None
             arguments = written if written is not None else parsed.function.arguments  # held back: whole

@@ -9,26 +9,23 @@
 - ``"required"``: the reply is forced to be a non-empty JSON array of ``{"name", "parameters"}`` objects naming
   the tools, each call one of them (``finish_reason`` ``"tool_calls"``);
 - ``"auto"`` (OpenAI's default when tools are given): the model decides; its text is parsed by the server's
-  ``--tool-call-parser`` (``hermes``: ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` blocks, the
-  format of Qwen2.5, Qwen3 and Hermes models), which ``--enable-auto-tool-choice`` turns on; without it, a 400.
+  ``--tool-call-parser`` (``hermes``, ``mistral`` or ``llama3_json``: ``tool_call_formats``), which
+  ``--enable-auto-tool-choice`` turns on; without it, a 400.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import re
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from pagedllm.core.sampling_params import StructuredOutputsParams
 from pagedllm.entrypoints.openai.errors import invalid_param
-from pagedllm.entrypoints.openai.protocol import FunctionCall, ToolCall
+from pagedllm.entrypoints.openai.protocol import ToolCall
+from pagedllm.entrypoints.openai.tool_call_formats import TOOL_CALL_FORMATS, ToolCallFormat, new_call
 
-TOOL_CALL_PARSERS = ("hermes",)
-TOOL_CALL_START = "<tool_call>"
-_HERMES_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+TOOL_CALL_PARSERS = tuple(TOOL_CALL_FORMATS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +37,11 @@ class ToolMode:
     name: str | None = None
     parser: str | None = None
     tools: tuple[dict[str, Any], ...] = ()
+
+    @property
+    def format(self) -> ToolCallFormat | None:
+        """The tool-call format an ``"auto"`` reply is parsed with (None for the other kinds)."""
+        return TOOL_CALL_FORMATS[self.parser] if self.kind == "auto" and self.parser is not None else None
 
     @property
     def parses(self) -> bool:
@@ -62,36 +64,16 @@ class ToolMode:
     def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
         """``(content, tool calls)`` of a finished reply's text; a reply that does not parse stays content."""
         if self.kind == "named":
-            return None, [_call(self.name or "", text)]
+            return None, [new_call(self.name or "", text)]
         if self.kind == "required":
             try:
                 calls = json.loads(text)
-                return None, [_call(c["name"], json.dumps(c["parameters"], ensure_ascii=False)) for c in calls]
+                return None, [new_call(c["name"], json.dumps(c["parameters"], ensure_ascii=False)) for c in calls]
             except (ValueError, TypeError, KeyError):
                 return text, []  # cut short by max_tokens: not a complete array
-        if self.kind == "auto":
-            return parse_hermes(text)
+        if self.format is not None:
+            return self.format.parse(text)
         return text, []
-
-
-def parse_hermes(text: str) -> tuple[str | None, list[ToolCall]]:
-    """Hermes-style tool calls: every ``<tool_call>{...}</tool_call>`` block whose JSON names a function, in
-    order; the content is the text before the first block (None when empty). Blocks that are not valid JSON
-    leave the whole text as content."""
-    blocks = _HERMES_CALL.findall(text)
-    if not blocks:
-        return text, []
-    calls = []
-    for block in blocks:
-        try:
-            value = json.loads(block)
-            arguments = value.get("arguments", value.get("parameters", {}))
-            calls.append(_call(value["name"], arguments if isinstance(arguments, str)
-                               else json.dumps(arguments, ensure_ascii=False)))
-        except (ValueError, TypeError, KeyError, AttributeError):
-            return text, []
-    content = text[: text.index("<tool_call>")].strip()
-    return content or None, calls
 
 
 def resolve_tool_mode(tools: list[dict[str, Any]] | None, tool_choice: str | dict[str, Any] | None,
@@ -155,12 +137,3 @@ def _function(tools: tuple[dict[str, Any], ...], name: str | None) -> dict[str, 
 
 def _parameters(function: dict[str, Any]) -> dict[str, Any]:
     return function.get("parameters") or {"type": "object"}
-
-
-def new_call_id() -> str:
-    """A fresh tool call id (``chatcmpl-tool-`` and 32 hex digits, as vLLM names them)."""
-    return f"chatcmpl-tool-{uuid.uuid4().hex}"
-
-
-def _call(name: str, arguments: str) -> ToolCall:
-    return ToolCall(id=new_call_id(), function=FunctionCall(name=name, arguments=arguments))

@@ -1,0 +1,175 @@
+"""The tool-call formats a ``tool_choice="auto"`` reply is parsed with (``--tool-call-parser``), as vLLM names them:
+
+- ``hermes``: ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` blocks after any text (Qwen2.5, Qwen3,
+  Hermes);
+- ``mistral``: ``[TOOL_CALLS]`` then a JSON array of ``{"name": ..., "arguments": {...}}`` objects (Mistral 7B
+  v0.3, Mistral NeMo, Mixtral); ``[TOOL_CALLS]`` is a special token, so these replies keep special tokens;
+- ``llama3_json``: a reply that *begins* with ``{"name": ..., "parameters": {...}}`` (after an optional
+  ``<|python_tag|>``), several calls separated by ``;`` (Llama 3.1, 3.2, 3.3).
+
+Each format says where a reply's calls begin and cuts the text after that into one piece per call, the last
+perhaps cut short; parsing a finished reply and streaming one (``tool_call_stream``) both read those pieces.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import ClassVar
+
+from pagedllm.entrypoints.openai.protocol import FunctionCall, ToolCall
+
+_DECODER = json.JSONDecoder()
+
+
+class ToolCallFormat:
+    """How one model family writes tool calls. Subclasses set :attr:`name` and :attr:`marker` and cut the calls'
+    text into pieces (:meth:`blocks`)."""
+
+    name: ClassVar[str]
+    marker: ClassVar[str]  # the text that opens a reply's calls
+    keeps_special_tokens: ClassVar[bool] = False  # the marker is a special token: detokenize with special tokens
+
+    def calls_start(self, text: str) -> int | None:
+        """Where ``text``'s calls begin (the marker's index), or None when it holds none."""
+        index = text.find(self.marker)
+        return None if index < 0 else index
+
+    def content_end(self, text: str) -> int:
+        """How much of a reply still being written is surely content: up to where its calls begin, holding back a
+        tail that could be the start of the marker."""
+        start = self.calls_start(text)
+        if start is not None:
+            return start
+        return len(text) - next((k for k in range(min(len(self.marker) - 1, len(text)), 0, -1)
+                                 if text.endswith(self.marker[:k])), 0)
+
+    def blocks(self, text: str) -> list[str]:
+        """The text of each call of ``text``, in order, the last perhaps cut short ([] when it holds none)."""
+        raise NotImplementedError
+
+    def finished_blocks(self, text: str) -> list[str]:
+        """The pieces of a finished reply that are calls (by default all of :meth:`blocks`)."""
+        return self.blocks(text)
+
+    def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        """``(content, calls)`` of a finished reply: the text before the calls (None when empty) and every call,
+        or ``(text, [])`` when it holds none or any of its calls is not a JSON object naming a function."""
+        start = self.calls_start(text)
+        blocks = self.finished_blocks(text) if start is not None else []
+        if not blocks:
+            return text, []
+        calls = []
+        for block in blocks:
+            try:
+                value = json.loads(block)
+                arguments = value.get("arguments", value.get("parameters", {}))
+                if not isinstance(value["name"], str):
+                    return text, []
+                calls.append(new_call(value["name"], arguments if isinstance(arguments, str)
+                                      else json.dumps(arguments, ensure_ascii=False)))
+            except (ValueError, TypeError, KeyError, AttributeError):
+                return text, []
+        content = text[:start].strip()
+        return content or None, calls
+
+
+class HermesFormat(ToolCallFormat):
+    """``<tool_call>{...}</tool_call>`` blocks; a block without its closing tag is not a call."""
+
+    name = "hermes"
+    marker = "<tool_call>"
+    end_marker = "</tool_call>"
+
+    def blocks(self, text: str) -> list[str]:
+        """Each block's text after its opening tag, up to its closing tag or, for the last, the end of ``text``."""
+        blocks = []
+        start = text.find(self.marker)
+        while start >= 0:
+            body = start + len(self.marker)
+            end = text.find(self.end_marker, body)
+            blocks.append(text[body:] if end < 0 else text[body:end])
+            start = -1 if end < 0 else text.find(self.marker, end)
+        return blocks
+
+    def finished_blocks(self, text: str) -> list[str]:
+        """The closed blocks (a last block without its closing tag is left out)."""
+        blocks = self.blocks(text)
+        closed = text.find(self.end_marker, text.rfind(self.marker)) >= 0
+        return blocks if closed else blocks[:-1]
+
+
+def json_objects(text: str, pos: int, separators: str) -> list[str]:
+    """The JSON objects written one after another from ``pos`` (whitespace and ``separators`` between them), each
+    as its text; the last may be cut short (the rest of ``text`` from its ``{``). Stops at anything else."""
+    objects = []
+    while True:
+        while pos < len(text) and (text[pos].isspace() or text[pos] in separators):
+            pos += 1
+        if not text.startswith("{", pos):
+            return objects
+        try:
+            _, end = _DECODER.raw_decode(text, pos)
+        except ValueError:  # cut short (or broken): the rest is this call's text
+            objects.append(text[pos:])
+            return objects
+        objects.append(text[pos:end])
+        pos = end
+
+
+class MistralFormat(ToolCallFormat):
+    """``[TOOL_CALLS] [{...}, {...}]`` (a single object without the brackets is read too)."""
+
+    name = "mistral"
+    marker = "[TOOL_CALLS]"
+    keeps_special_tokens = True
+
+    def blocks(self, text: str) -> list[str]:
+        """The array's objects after the first marker."""
+        start = self.calls_start(text)
+        if start is None:
+            return []
+        pos = start + len(self.marker)
+        while pos < len(text) and text[pos].isspace():
+            pos += 1
+        return json_objects(text, pos + 1 if text.startswith("[", pos) else pos, ",")
+
+
+class Llama3JsonFormat(ToolCallFormat):
+    """A reply that begins with a JSON object (after an optional ``<|python_tag|>``); calls separated by ``;``."""
+
+    name = "llama3_json"
+    marker = "<|python_tag|>"
+
+    def calls_start(self, text: str) -> int | None:
+        """0 when the reply (past leading whitespace) begins with ``{`` or the python tag, else None."""
+        stripped = text.lstrip()
+        return 0 if stripped.startswith(("{", self.marker)) else None
+
+    def content_end(self, text: str) -> int:
+        """0 while the reply may still turn out to be calls (it is blank or a start of the tag), else all of it."""
+        stripped = text.lstrip()
+        return 0 if self.calls_start(text) == 0 or self.marker.startswith(stripped) else len(text)
+
+    def blocks(self, text: str) -> list[str]:
+        """The objects from the start of the reply (the tag skipped)."""
+        if self.calls_start(text) is None:
+            return []
+        pos = len(text) - len(text.lstrip())
+        if text.startswith(self.marker, pos):
+            pos += len(self.marker)
+        return json_objects(text, pos, ";")
+
+
+TOOL_CALL_FORMATS: dict[str, ToolCallFormat] = {f.name: f for f in (HermesFormat(), MistralFormat(),
+                                                                      Llama3JsonFormat())}
+
+
+def new_call_id() -> str:
+    """A fresh tool call id (``chatcmpl-tool-`` and 32 hex digits, as vLLM names them)."""
+    return f"chatcmpl-tool-{uuid.uuid4().hex}"
+
+
+def new_call(name: str, arguments: str) -> ToolCall:
+    """A tool call of function ``name`` with ``arguments`` (JSON text) and a fresh id."""
+    return ToolCall(id=new_call_id(), function=FunctionCall(name=name, arguments=arguments))
