@@ -120,6 +120,26 @@ def test_auto_streams_text_before_a_call(shared_client) -> None:
     assert "".join(texts) == "It is sunny in Paris today." and len(texts) > 1 and not calls and finish == "stop"
 
 
+def test_auto_streams_calls_with_stop_strings(shared_client) -> None:
+    """With stop strings the reply still streams piece by piece; the text a stop string cuts never goes out."""
+    chunks = list(shared_client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, tools=[WEATHER], max_tokens=200, temperature=0.0, stream=True,
+        stop=["All done", "<tool_response>"],
+        extra_body={"structured_outputs": {"choice": ["Checking now. " + HERMES + " All done."]}}))
+    deltas = [c.choices[0] for c in chunks if c.choices]
+    texts = [d.delta.content for d in deltas if d.delta.content]
+    (call,) = accumulated_calls(deltas)
+    assert "".join(texts).strip() == "Checking now." and len(texts) > 1 and call["pieces"] > 1
+    assert json.loads(call["arguments"]) == {"city": "Paris", "days": 2}
+    assert deltas[-1].finish_reason == "tool_calls" and deltas[-1].stop_reason == "All done"
+    cut = list(shared_client.chat.completions.create(  # a stop inside the call: the reply is text, up to the stop
+        model=MODEL, messages=MESSAGES, tools=[WEATHER], max_tokens=200, temperature=0.0, stream=True,
+        stop=["Paris"], extra_body={"structured_outputs": {"choice": ["Checking now. " + HERMES]}}))
+    deltas = [c.choices[0] for c in cut if c.choices]
+    assert "".join(d.delta.content or "" for d in deltas) == "Checking now. " + HERMES[:HERMES.index("Paris")]
+    assert deltas[-1].finish_reason == "stop"
+
+
 def test_streamed_named_call_arrives_whole(shared_client) -> None:
     choice = {"type": "function", "function": {"name": "get_time"}}
     chunks = list(shared_client.chat.completions.create(model=MODEL, messages=MESSAGES, tools=[WEATHER, TIME],

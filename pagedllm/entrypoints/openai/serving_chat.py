@@ -142,10 +142,10 @@ class OpenAIServingChat(OpenAIServing):
 
     async def _chunks(self, stream: OutputStream, request_id: str, model: str, n: int, stop: list[str] | None,
                       num_logprobs: int | None, include_usage: bool, tools: ToolMode) -> AsyncIterator[str]:
-        """The SSE chunks of a streamed reply: text deltas as tokens come. Under ``tool_choice`` ``"auto"`` (without
-        stop strings) the text streams until a tool call begins, then each call's name and its arguments as they
-        grow (``tool_call_stream``); a forced call (named or ``"required"``), or any call of a reply with stop
-        strings, arrives whole when the reply finishes."""
+        """The SSE chunks of a streamed reply: text deltas as tokens come. Under ``tool_choice`` ``"auto"`` the text
+        streams until a tool call begins, then each call's name and its arguments as they grow
+        (``tool_call_stream``); a forced call (named or ``"required"``) arrives whole when the reply finishes.
+        Text that a stop string may still cut waits, as plain text does."""
         created = int(time.time())
 
         def chunk(choice: ChatCompletionStreamChoice) -> str:
@@ -156,7 +156,7 @@ class OpenAIServingChat(OpenAIServing):
             yield chunk(ChatCompletionStreamChoice(index=index, delta=DeltaMessage(role="assistant", content="")))
         trackers = [DeltaTracker.for_stops(stop) for _ in range(n)]
         sent = [False] * n  # a tool-calling reply's last chunk
-        streamed = [ToolCallStream(tools.format) for _ in range(n)] if tools.format is not None and not stop else None
+        streamed = None if tools.format is None else [ToolCallStream(tools.format) for _ in range(n)]
         final = None
         async for outputs in stream:
             final = outputs[-1]
@@ -168,8 +168,10 @@ class OpenAIServingChat(OpenAIServing):
                         sent[completion.index] = True
                         yield chunk(self._tool_chunk(completion, tools, None if streamed is None
                                                      else streamed[completion.index]))
-                    elif streamed is not None:
-                        content, calls = streamed[completion.index].next(completion.text)
+                    elif streamed is not None:  # all but the tail a stop string may still cut
+                        held = trackers[completion.index].holdback_chars
+                        content, calls = streamed[completion.index].next(completion.text[:len(completion.text) - held]
+                                                                         if held else completion.text)
                         if content or calls:
                             yield chunk(ChatCompletionStreamChoice(index=completion.index, delta=DeltaMessage(
                                 content=content or None, tool_calls=calls or None)))
