@@ -8,7 +8,10 @@ tests' offline references run synchronously, so every server test also checks th
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,3 +30,22 @@ SERVER_ARGS = ("--device", "cpu", "--dtype", "float32", "--served-model-name", M
 def start_shared_server(model_dir: Path, config: pytest.Config) -> ServerProcess:
     """The shared server for ``model_dir`` (started on first use, stopped at the end of the session)."""
     return shared_server(model_dir, SERVER_ARGS, API_KEY, config.add_cleanup)
+
+
+@contextmanager
+def in_process_client(model_dir: Path, **settings: Any) -> Iterator[tuple[Any, Any]]:
+    """``(openai client, engine)`` of an app built in this process for ``model_dir`` with these
+    ``ServerSettings`` fields (for settings the shared server does not have), served through Starlette's
+    ``TestClient``; the engine runs while the context is open."""
+    import openai
+    from fastapi.testclient import TestClient
+
+    from pagedllm.core.config import EngineConfig
+    from pagedllm.core.engine import LLMEngine
+    from pagedllm.entrypoints.openai.api_server import ServerSettings, build_app
+
+    engine = LLMEngine(EngineConfig(model=str(model_dir), device="cpu", dtype="float32", max_model_len=MAX_MODEL_LEN,
+                                    kv_cache_memory_bytes=KV_CACHE_BYTES))
+    with TestClient(build_app(engine, ServerSettings(MODEL, **settings))) as http:
+        yield openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http,
+                            max_retries=0), engine

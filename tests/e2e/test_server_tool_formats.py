@@ -1,6 +1,6 @@
 """The ``mistral`` and ``llama3_json`` tool-call formats through ``/v1/chat/completions`` with the official
-``openai`` client: the format is a server setting, so each gets an app of its own, served in-process through
-Starlette's ``TestClient``; the tiny random model is steered into each format's reply with a structured-output
+``openai`` client: the format is a server setting, so each gets an app of its own, served in-process
+(``in_process_client``); the tiny random model is steered into each format's reply with a structured-output
 choice, streamed and not. (``hermes`` runs on the shared server: ``test_server_tools``.)"""
 
 from __future__ import annotations
@@ -14,11 +14,8 @@ import pytest
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
-from fastapi.testclient import TestClient  # noqa: E402
-
-from pagedllm.core.config import EngineConfig  # noqa: E402
 from pagedllm.core.engine import LLMEngine  # noqa: E402
-from pagedllm.entrypoints.openai.api_server import ServerSettings, build_app  # noqa: E402
+from tests.e2e.openai_server import in_process_client  # noqa: E402
 from tests.e2e.test_server_tools import MESSAGES, TIME, WEATHER, accumulated_calls  # noqa: E402
 
 ARGUMENTS = {"city": "Paris", "days": 2}
@@ -33,12 +30,8 @@ REPLIES = {  # the format's reply calling get_weather then get_time
 @pytest.fixture(scope="module", params=list(REPLIES))
 def served(request: pytest.FixtureRequest, llama_dir: Path) -> Iterator[tuple[str, openai.OpenAI, LLMEngine]]:
     """``(format, client, engine)``: an app whose chat parses ``tool_choice="auto"`` replies in the format."""
-    engine = LLMEngine(EngineConfig(model=str(llama_dir), device="cpu", dtype="float32", max_model_len=512,
-                                    kv_cache_memory_bytes=1 << 20))
-    app = build_app(engine, ServerSettings("tiny", tool_call_parser=request.param))
-    with TestClient(app) as http:
-        yield request.param, openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http,
-                                           max_retries=0), engine
+    with in_process_client(llama_dir, tool_call_parser=request.param) as (client, engine):
+        yield request.param, client, engine
 
 
 def ask(client: openai.OpenAI, reply: str, stream: bool) -> tuple[str | None, list[dict], str]:

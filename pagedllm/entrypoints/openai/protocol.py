@@ -275,11 +275,14 @@ class DeltaToolCall(OmitsUnset):
 
 
 class ChatResponseMessage(ResponseModel):
-    """The assistant's reply: its text, or the tool calls it makes (``tools`` and ``tool_choice``)."""
+    """The assistant's reply: its text, or the tool calls it makes (``tools`` and ``tool_choice``); a reasoning
+    model's thinking (``--reasoning-parser``) in ``reasoning`` and, as vLLM first named it, ``reasoning_content``."""
 
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     tool_calls: list[ToolCall] | None = None
+    reasoning: str | None = None
+    reasoning_content: str | None = None
 
 
 class ChatCompletionChoice(ResponseModel):
@@ -306,11 +309,14 @@ class ChatCompletionResponse(ResponseModel):
 
 
 class DeltaMessage(ResponseModel):
-    """What a chunk adds to a reply: the role (first chunk only), new content, or tool calls."""
+    """What a chunk adds to a reply: the role (first chunk only), new content, tool calls, or reasoning (under both
+    of its names, as in :class:`ChatResponseMessage`)."""
 
     role: Literal["assistant"] | None = None
     content: str | None = None
     tool_calls: list[DeltaToolCall] | None = None
+    reasoning: str | None = None
+    reasoning_content: str | None = None
 
 
 class ChatCompletionStreamChoice(ResponseModel):

@@ -1,0 +1,56 @@
+"""Reasoning parsers: a reply's thinking split from its answer, whole and as it is written."""
+
+from __future__ import annotations
+
+import pytest
+
+from pagedllm.entrypoints.cli_serve import REASONING_PARSER_NAMES
+from pagedllm.entrypoints.openai.reasoning import REASONING_FORMATS, ReasoningSplit, ReasoningStream
+
+R1, QWEN3 = REASONING_FORMATS["deepseek_r1"], REASONING_FORMATS["qwen3"]
+
+
+def test_the_cli_offers_every_parser() -> None:
+    assert set(REASONING_PARSER_NAMES) == set(REASONING_FORMATS)
+
+
+def test_deepseek_r1_thinks_from_the_start() -> None:
+    assert R1.split("<think>\nHmm.\n</think>\n\nYes.") == ReasoningSplit("\nHmm.\n", "\n\nYes.")
+    assert R1.split("Hmm, 9.8 is larger.</think>9.8") == ReasoningSplit("Hmm, 9.8 is larger.", "9.8")  # no opening
+    assert R1.split("Still thinking when cut") == ReasoningSplit("Still thinking when cut", None)
+    assert R1.split("<think>a</think>") == ReasoningSplit("a", "")
+
+
+def test_qwen3_thinks_only_when_the_reply_opens_with_think() -> None:
+    assert QWEN3.split("<think>\nHmm.\n</think>\n\nYes.") == ReasoningSplit("\nHmm.\n", "\n\nYes.")
+    assert QWEN3.split("Yes.") == ReasoningSplit(None, "Yes.")  # enable_thinking false
+    assert QWEN3.split("Yes, </think> is a tag.") == ReasoningSplit(None, "Yes, </think> is a tag.")
+    assert QWEN3.split("<think>cut short") == ReasoningSplit("cut short", None)
+    assert R1.under_structure() is QWEN3
+
+
+def test_unfinished_replies_hold_back_what_may_be_a_tag() -> None:
+    assert QWEN3.split("<thi", finished=False) == ReasoningSplit("", None)  # may open with <think>
+    assert QWEN3.split("<thing", finished=False) == ReasoningSplit(None, "<thing")
+    assert R1.split("abc</thi", finished=False) == ReasoningSplit("abc", None)
+    assert R1.split("abc</think>d", finished=False) == ReasoningSplit("abc", "d")
+
+
+@pytest.mark.parametrize("size", [1, 2, 5, 100])
+@pytest.mark.parametrize("text,name", [("<think>\nLet me see: 2 < 3.\n</think>\n\nTwo.", "qwen3"),
+                                       ("Let me see </th no, <think> is text.</think>Two.", "deepseek_r1"),
+                                       ("No thinking here.", "qwen3"), ("Cut while thinking", "deepseek_r1")])
+def test_streamed_reasoning_adds_up_to_the_whole(text: str, name: str, size: int) -> None:
+    """Fed the reply a few characters at a time, the reasoning deltas add up to the finished reply's reasoning
+    and the answer so far only ever grows into the finished answer."""
+    stream, format = ReasoningStream(REASONING_FORMATS[name]), REASONING_FORMATS[name]
+    reasoning, answers = "", []
+    for end in range(size, len(text) + size, size):
+        finished = end >= len(text)
+        new, answer = stream.next(text[:end], finished)
+        reasoning += new
+        if answer is not None:
+            assert not answers or answer.startswith(answers[-1])
+            answers.append(answer)
+    whole = format.split(text)
+    assert reasoning == (whole.reasoning or "") and (answers[-1] if answers else None) == whole.answer
