@@ -13,6 +13,9 @@ pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
+from openai.types.responses import ResponseStreamEvent  # noqa: E402
+from pydantic import TypeAdapter  # noqa: E402
+
 from tests.e2e.openai_server import API_KEY, MODEL  # noqa: E402
 
 WEATHER = {"type": "function", "name": "get_weather", "description": "The weather in a city",
@@ -59,6 +62,9 @@ def test_streamed_events_and_the_clients_helper(shared_client) -> None:
     kinds = [e.type for e in events]
     assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] == "response.incomplete"
     assert [e.sequence_number for e in events] == list(range(len(events)))
+    strict = TypeAdapter(ResponseStreamEvent)  # every field the official types require (the client only builds them)
+    for e in events:
+        strict.validate_python(e.model_dump())
     deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
     assert len(deltas) > 1 and "".join(deltas) == whole.output_text
     for kind in ("response.output_item.added", "response.content_part.added", "response.output_text.done",

@@ -53,6 +53,23 @@ class MessageItem(ResponseModel):
     content: list[OutputText]
 
 
+class ReasoningText(ResponseModel):
+    """The text of a reasoning item."""
+
+    type: Literal["reasoning_text"] = "reasoning_text"
+    text: str
+
+
+class ReasoningItem(ResponseModel):
+    """A reasoning model's thinking (``--reasoning-parser``), before the message it led to."""
+
+    type: Literal["reasoning"] = "reasoning"
+    id: str
+    summary: list[Any] = Field(default_factory=list)
+    content: list[ReasoningText]
+    status: Literal["in_progress", "completed", "incomplete"]
+
+
 class FunctionCallItem(ResponseModel):
     """A call of one of the request's function tools: ``arguments`` a JSON text."""
 
@@ -66,6 +83,7 @@ class FunctionCallItem(ResponseModel):
 
 class InputTokensDetails(ResponseModel):
     cached_tokens: int = 0
+    cache_write_tokens: int = 0
 
 
 class OutputTokensDetails(ResponseModel):
@@ -96,7 +114,7 @@ class ResponseObject(ResponseModel):
     status: Literal["in_progress", "completed", "incomplete"]
     incomplete_details: IncompleteDetails | None = None
     error: None = None
-    output: list[MessageItem | FunctionCallItem] = Field(default_factory=list)
+    output: list[ReasoningItem | MessageItem | FunctionCallItem] = Field(default_factory=list)
     usage: ResponseUsage | None = None
     instructions: str | None = None
     max_output_tokens: int | None = None

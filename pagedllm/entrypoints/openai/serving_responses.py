@@ -3,10 +3,11 @@
 A request becomes a chat request (:func:`chat_request_of`): the ``instructions`` a system message, the ``input``
 items the conversation (messages, function calls and their outputs), the function ``tools`` and ``tool_choice``
 in chat's shape, ``text.format`` a ``response_format``, ``max_output_tokens`` the completion's limit. The answer
-is a response object: a message item with the text, a ``function_call`` item per tool call, ``status``
-``"incomplete"`` when ``max_output_tokens`` cut it. Streamed, it is OpenAI's event sequence
-(``response.created`` ... ``response.output_text.delta`` ... ``response.completed``); the text streams as it
-comes (under ``tool_choice`` ``"auto"``, up to where a call begins), and the calls follow whole at the end.
+is a response object: a reasoning item with the thinking (under a ``--reasoning-parser``), a message item with
+the text, a ``function_call`` item per tool call, ``status`` ``"incomplete"`` when ``max_output_tokens`` cut it.
+Streamed, it is OpenAI's event sequence (``response.created`` ... ``response.reasoning_text.delta`` ...
+``response.output_text.delta`` ... ``response.completed``); the thinking and the text stream as they come (under
+``tool_choice`` ``"auto"``, up to where a call begins), and the calls follow whole at the end.
 Errors name the Responses fields (``input``, ``max_output_tokens``, ``text``, ...).
 """
 
@@ -23,6 +24,7 @@ from pydantic import ValidationError
 from starlette.responses import Response
 
 from pagedllm.core.outputs import RequestOutput
+from pagedllm.entrypoints.openai.chat_reply import reply_of
 from pagedllm.entrypoints.openai.errors import OpenAIError, invalid_param
 from pagedllm.entrypoints.openai.protocol import ChatCompletionRequest
 from pagedllm.entrypoints.openai.protocol_responses import (
@@ -30,12 +32,15 @@ from pagedllm.entrypoints.openai.protocol_responses import (
     IncompleteDetails,
     MessageItem,
     OutputText,
+    ReasoningItem,
+    ReasoningText,
     ResponseObject,
     ResponsesRequest,
     ResponseUsage,
 )
+from pagedllm.entrypoints.openai.reasoning import ReasoningStream
 from pagedllm.entrypoints.openai.serving_base import json_response, usage_of
-from pagedllm.entrypoints.openai.serving_chat import OpenAIServingChat, StartedChat, reply_of
+from pagedllm.entrypoints.openai.serving_chat import OpenAIServingChat, StartedChat
 from pagedllm.entrypoints.openai.tool_call_stream import ContentBeforeCalls
 
 CHAT_TO_RESPONSES_PARAMS = {"messages": "input", "max_completion_tokens": "max_output_tokens",
@@ -175,10 +180,11 @@ class OpenAIServingResponses:
         return json_response(self._response(request, started, output))
 
     def _response(self, request: ResponsesRequest, started: StartedChat, output: RequestOutput | None,
-                  message_text: str | None = None, message_id: str | None = None,
+                  message_text: str | None = None, ids: dict[str, str] | None = None,
                   call_ids: list[str] | None = None) -> ResponseObject:
         """The response object: in progress (``output`` None), or finished with its items (the message's text
-        ``message_text`` and item ids as a stream sent them, when given)."""
+        ``message_text`` and the reasoning and message item ids, ``ids["rs"]`` and ``ids["msg"]``, as a stream
+        sent them, when given)."""
         tool_choice = request.tool_choice if request.tool_choice is not None else "auto"
         common: dict[str, Any] = dict(
             id=started.request_id, model=started.model, instructions=request.instructions,
@@ -188,12 +194,16 @@ class OpenAIServingResponses:
         if output is None:
             return ResponseObject(status="in_progress", **common)
         completion = output.outputs[0]
-        message, _ = reply_of(completion, started.tools)
+        message, _ = reply_of(completion, started.tools, started.reasoning)
         cut = completion.finish_reason == "length"
-        items: list[MessageItem | FunctionCallItem] = []
+        ids = ids or {}
+        items: list[ReasoningItem | MessageItem | FunctionCallItem] = []
+        if message.reasoning:
+            items.append(ReasoningItem(id=ids.get("rs") or _item_id("rs"), content=[ReasoningText(
+                text=message.reasoning)], status="incomplete" if cut and message.content is None else "completed"))
         text = message.content if message_text is None else message_text
-        if text or not message.tool_calls:
-            items.append(MessageItem(id=message_id or _item_id("msg"), status="incomplete" if cut else "completed",
+        if text or not (message.tool_calls or items):
+            items.append(MessageItem(id=ids.get("msg") or _item_id("msg"), status="incomplete" if cut else "completed",
                                      content=[OutputText(text=text or "")]))
         for index, call in enumerate(message.tool_calls or []):
             items.append(FunctionCallItem(id=call_ids[index] if call_ids else _item_id("fc"), call_id=call.id,
@@ -217,70 +227,88 @@ class OpenAIServingResponses:
         in_progress = self._response(request, started, None).model_dump(mode="json")
         yield event("response.created", response=in_progress)
         yield event("response.in_progress", response=in_progress)
-        message_id = _item_id("msg")
+        ids = {"rs": _item_id("rs"), "msg": _item_id("msg")}
+        positions: dict[str, int] = {}  # output index of each item opened, by id
         text_streams = started.tools.kind in ("none", "auto")
         before_calls = None if started.tools.format is None else ContentBeforeCalls(started.tools.format)
+        thinking = None if started.reasoning is None else ReasoningStream(started.reasoning)
         sent = ""
-        opened = False
         final: RequestOutput | None = None
 
-        def open_message() -> list[str]:
-            item = MessageItem(id=message_id, status="in_progress", content=[]).model_dump(mode="json")
-            return [event("response.output_item.added", output_index=0, item=item),
-                    event("response.content_part.added", item_id=message_id, output_index=0, content_index=0,
-                          part=OutputText(text="").model_dump(mode="json"))]
+        def open_item(item: ReasoningItem | MessageItem) -> list[str]:
+            """The events that add ``item`` (in progress, empty) at the next output index."""
+            positions[item.id] = len(positions)
+            lines = [event("response.output_item.added", output_index=positions[item.id],
+                           item=item.model_dump(mode="json"))]
+            if isinstance(item, MessageItem):
+                lines.append(event("response.content_part.added", item_id=item.id, output_index=positions[item.id],
+                                   content_index=0, part=OutputText(text="").model_dump(mode="json")))
+            return lines
 
-        def send_text(delta: str) -> list[str]:
-            """The events of a text delta (the message item opened first if it is not yet)."""
-            nonlocal opened, sent
-            lines = [] if opened else open_message()
-            opened = True
-            sent += delta
-            return [*lines, event("response.output_text.delta", item_id=message_id, output_index=0, content_index=0,
-                                  delta=delta)]
+        def send(kind: str, delta: str) -> list[str]:
+            """The events of a reasoning (``kind`` "rs") or message ("msg") text delta, opening its item first."""
+            nonlocal sent
+            item_id = ids[kind]
+            lines = []
+            if item_id not in positions:
+                lines = open_item(ReasoningItem(id=item_id, content=[], status="in_progress") if kind == "rs"
+                                  else MessageItem(id=item_id, status="in_progress", content=[]))
+            if kind == "msg":
+                sent += delta
+            if kind == "rs":
+                return [*lines, event("response.reasoning_text.delta", item_id=item_id,
+                                      output_index=positions[item_id], content_index=0, delta=delta)]
+            return [*lines, event("response.output_text.delta", item_id=item_id, output_index=positions[item_id],
+                                  content_index=0, delta=delta, logprobs=[])]
 
         async for outputs in started.stream:
             final = outputs[-1]
             completion = final.outputs[0]
-            if not text_streams:
+            thought, answer = (thinking.next(completion.text, completion.finished()) if thinking is not None
+                               else ("", completion.text))
+            for line in send("rs", thought) if thought else []:
+                yield line
+            if not text_streams or answer is None:
                 continue
-            delta = (before_calls.next(completion.text) if before_calls is not None
-                     else completion.text[len(sent):])
-            for line in send_text(delta) if delta else []:
+            delta = before_calls.next(answer) if before_calls is not None else answer[len(sent):]
+            for line in send("msg", delta) if delta else []:
                 yield line
         if final is None:
             return
         completion = final.outputs[0]
-        message, _ = reply_of(completion, started.tools)
+        message, _ = reply_of(completion, started.tools, started.reasoning)
+        answer = (completion.text if started.reasoning is None
+                  else started.reasoning.split(completion.text).answer) or ""
         if before_calls is not None and not message.tool_calls:  # no call after all: the held-back rest
-            rest = completion.text[len(sent):]
-            for line in send_text(rest) if rest else []:
+            rest = answer[len(sent):]
+            for line in send("msg", rest) if rest else []:
                 yield line
         text = sent if text_streams else (message.content or "")
         call_ids = [_item_id("fc") for _ in message.tool_calls or []]
-        done = self._response(request, started, final, message_text=text, message_id=message_id,
-                              call_ids=call_ids)
-        index = 0
-        if done.output and isinstance(done.output[0], MessageItem):
-            item = done.output[0]
-            if not opened:
-                for line in open_message():
-                    yield line
-            part = item.content[0].model_dump(mode="json")
-            yield event("response.output_text.done", item_id=message_id, output_index=0, content_index=0,
-                        text=item.content[0].text)
-            yield event("response.content_part.done", item_id=message_id, output_index=0, content_index=0, part=part)
-            yield event("response.output_item.done", output_index=0, item=item.model_dump(mode="json"))
-            index = 1
-        for item in done.output[index:]:
-            assert isinstance(item, FunctionCallItem)
-            started_item = item.model_copy(update={"arguments": "", "status": "in_progress"})
-            yield event("response.output_item.added", output_index=index, item=started_item.model_dump(mode="json"))
-            yield event("response.function_call_arguments.delta", item_id=item.id, output_index=index,
-                        delta=item.arguments)
-            yield event("response.function_call_arguments.done", item_id=item.id, output_index=index,
-                        arguments=item.arguments)
+        done = self._response(request, started, final, message_text=text, ids=ids, call_ids=call_ids)
+        for index, item in enumerate(done.output):
+            if isinstance(item, FunctionCallItem):
+                started_item = item.model_copy(update={"arguments": "", "status": "in_progress"})
+                yield event("response.output_item.added", output_index=index,
+                            item=started_item.model_dump(mode="json"))
+                yield event("response.function_call_arguments.delta", item_id=item.id, output_index=index,
+                            delta=item.arguments)
+                yield event("response.function_call_arguments.done", item_id=item.id, output_index=index,
+                            arguments=item.arguments)
+            else:
+                if item.id not in positions:  # a message with nothing streamed (its text came whole)
+                    for line in open_item(item.model_copy(update={"content": [], "status": "in_progress"})):
+                        yield line
+                assert positions[item.id] == index, "items are opened in their output order"
+                if isinstance(item, ReasoningItem):
+                    yield event("response.reasoning_text.done", item_id=item.id, output_index=index,
+                                content_index=0, text=item.content[0].text)
+                else:
+                    part = item.content[0].model_dump(mode="json")
+                    yield event("response.output_text.done", item_id=item.id, output_index=index, content_index=0,
+                                text=item.content[0].text, logprobs=[])
+                    yield event("response.content_part.done", item_id=item.id, output_index=index, content_index=0,
+                                part=part)
             yield event("response.output_item.done", output_index=index, item=item.model_dump(mode="json"))
-            index += 1
         kind = "response.incomplete" if done.status == "incomplete" else "response.completed"
         yield event(kind, response=done.model_dump(mode="json"))
