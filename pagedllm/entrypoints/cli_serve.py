@@ -33,7 +33,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--tool-call-parser", default=None, choices=TOOL_CALL_PARSER_NAMES,
                         help="how a reply's text becomes tool calls under tool_choice 'auto': hermes "
                              "(<tool_call>{...}</tool_call> blocks: Qwen2.5/Qwen3/Hermes), mistral ([TOOL_CALLS] "
-                             "[{...}]: Mistral 7B v0.3/NeMo/Mixtral), llama3_json ({...}; {...}: Llama 3.1-3.3)")
+                             "[{...}] or [TOOL_CALLS]name[ARGS]{...}: Mistral models), llama3_json ({...}; {...}: "
+                             "Llama 3.1-3.3)")
     parser.add_argument("--reasoning-parser", default=None, choices=REASONING_PARSER_NAMES,
                         help="split a chat reply's thinking (<think>...</think>) into its message's reasoning "
                              "field: deepseek_r1 (the reply thinks from its start: DeepSeek-R1, QwQ, Qwen3 "

@@ -25,6 +25,8 @@ REPLIES = {  # the format's reply calling get_weather then get_time
     "llama3_json": '{"name": "get_weather", "parameters": {"city": "Paris", "days": 2}}; '
                    '{"name": "get_time", "parameters": {"zone": "UTC"}}',
 }
+V11 = '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris", "days": 2}[TOOL_CALLS]get_time[ARGS]{"zone": "UTC"}'
+"""The same calls in the form of Mistral's v11+ tokenizers."""
 
 
 @pytest.fixture(scope="module", params=list(REPLIES))
@@ -51,13 +53,14 @@ def ask(client: openai.OpenAI, reply: str, stream: bool) -> tuple[str | None, li
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 def test_auto_parses_the_servers_format(served, stream: bool) -> None:
     name, client, engine = served
-    content, calls, finish = ask(client, REPLIES[name], stream)
-    assert finish == "tool_calls" and content is None
-    assert [c["name"] for c in calls] == ["get_weather", "get_time"]
-    assert json.loads(calls[0]["arguments"]) == ARGUMENTS and json.loads(calls[1]["arguments"]) == {"zone": "UTC"}
-    assert calls[0]["id"].startswith("chatcmpl-tool-") and calls[0]["id"] != calls[1]["id"]
-    if stream:
-        assert calls[0]["pieces"] > 1  # the arguments came as the model wrote them
+    for reply in [REPLIES[name], V11] if name == "mistral" else [REPLIES[name]]:
+        content, calls, finish = ask(client, reply, stream)
+        assert finish == "tool_calls" and content is None
+        assert [c["name"] for c in calls] == ["get_weather", "get_time"]
+        assert json.loads(calls[0]["arguments"]) == ARGUMENTS and json.loads(calls[1]["arguments"]) == {"zone": "UTC"}
+        assert calls[0]["id"].startswith("chatcmpl-tool-") and calls[0]["id"] != calls[1]["id"]
+        if stream:
+            assert calls[0]["pieces"] > 1  # the arguments came as the model wrote them
     assert engine.kv_cache_usage() == 0.0
 
 

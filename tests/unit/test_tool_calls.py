@@ -104,6 +104,17 @@ def test_mistral_parser() -> None:
     assert MISTRAL.keeps_special_tokens and not HERMES.keeps_special_tokens
 
 
+def test_mistral_v11_parser() -> None:
+    """Mistral's v11+ form: ``[TOOL_CALLS]name[ARGS]{...}`` per call, ``[CALL_ID]id`` optional, ``[ARGS]`` too."""
+    text = ('Sure.[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}[TOOL_CALLS]get_time[CALL_ID]a1b2c3d4e[ARGS]'
+            '{"zone": "UTC"}[TOOL_CALLS]ping{}')
+    content, calls = MISTRAL.parse(text)
+    assert content == "Sure."
+    assert named_arguments(calls) == [("get_weather", {"city": "Paris"}), ("get_time", {"zone": "UTC"}), ("ping", {})]
+    assert MISTRAL.parse("[TOOL_CALLS]get_wea") == ("[TOOL_CALLS]get_wea", [])  # cut short in the name
+    assert MISTRAL.parse('[TOOL_CALLS]f[ARGS]{"a": [1,') == ('[TOOL_CALLS]f[ARGS]{"a": [1,', [])
+
+
 def test_llama3_json_parser() -> None:
     text = ('<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris"}}; '
             '{"name": "get_time", "parameters": {}}')
@@ -185,6 +196,8 @@ TWO_CALLS = {  # (format, reply, its content)
     "hermes": (HERMES, f"Let me check.\n<tool_call>\n{WEATHER_CALL}\n</tool_call>\n<tool_call>{TIME_CALL}</tool_call>",
                "Let me check.\n"),
     "mistral": (MISTRAL, f"Let me check.\n[TOOL_CALLS] [{WEATHER_CALL}, {TIME_CALL}]", "Let me check.\n"),
+    "mistral_v11": (MISTRAL, 'Let me check.\n[TOOL_CALLS]get_weather[ARGS]{"city": "Paris", "days": 2}[TOOL_CALLS]'
+                    'get_time[CALL_ID]a1b2c3d4e[ARGS]{"zone": "UTC", "name": "not the name"}', "Let me check.\n"),
     "llama3_json": (LLAMA3, f"<|python_tag|>{WEATHER_CALL.replace('arguments', 'parameters')}; {TIME_CALL}", ""),
 }
 

@@ -3,7 +3,8 @@
 - ``hermes``: ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` blocks after any text (Qwen2.5, Qwen3,
   Hermes);
 - ``mistral``: ``[TOOL_CALLS]`` then a JSON array of ``{"name": ..., "arguments": {...}}`` objects (Mistral 7B
-  v0.3, Mistral NeMo, Mixtral); ``[TOOL_CALLS]`` is a special token, so these replies keep special tokens;
+  v0.3, Mistral NeMo, Mixtral), or ``[TOOL_CALLS]name[ARGS]{...}`` per call (Mistral's v11+ tokenizers);
+  ``[TOOL_CALLS]`` is a special token, so these replies keep special tokens;
 - ``llama3_json``: a reply that *begins* with ``{"name": ..., "parameters": {...}}`` (after an optional
   ``<|python_tag|>``), several calls separated by ``;`` (Llama 3.1, 3.2, 3.3).
 
@@ -14,6 +15,7 @@ perhaps cut short; parsing a finished reply and streaming one (``tool_call_strea
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from typing import ClassVar
 
@@ -118,21 +120,63 @@ def json_objects(text: str, pos: int, separators: str) -> list[str]:
 
 
 class MistralFormat(ToolCallFormat):
-    """``[TOOL_CALLS] [{...}, {...}]`` (a single object without the brackets is read too)."""
+    """``[TOOL_CALLS] [{...}, {...}]`` (a single object without the brackets is read too), or the form of
+    Mistral's v11+ tokenizers (Mistral Small 3.1+, Devstral, Magistral): ``[TOOL_CALLS]name[ARGS]{...}`` per call,
+    with an optional ``[CALL_ID]id`` before ``[ARGS]``."""
 
     name = "mistral"
     marker = "[TOOL_CALLS]"
     keeps_special_tokens = True
 
     def blocks(self, text: str) -> list[str]:
-        """The array's objects after the first marker."""
+        """The calls after the first marker: the array's objects, or each named call as the JSON object
+        ``{"name": ..., "arguments": ...}`` it stands for (its arguments' text as written)."""
         start = self.calls_start(text)
         if start is None:
             return []
-        pos = start + len(self.marker)
-        while pos < len(text) and text[pos].isspace():
-            pos += 1
-        return json_objects(text, pos + 1 if text.startswith("[", pos) else pos, ",")
+        pos = skip_space(text, start + len(self.marker))
+        if text.startswith(("[", "{"), pos) and not text.startswith(("[ARGS]", "[CALL_ID]"), pos):
+            return json_objects(text, pos + 1 if text.startswith("[", pos) else pos, ",")
+        return self._named_calls(text, start)
+
+    def _named_calls(self, text: str, pos: int) -> list[str]:
+        blocks = []
+        while text.startswith(self.marker, pos):
+            pos += len(self.marker)
+            name_end = _NAME_END.search(text, pos)
+            if name_end is None:  # the name is still being written
+                blocks.append('{"name": "')
+                break
+            name = json.dumps(text[pos:name_end.start()].strip())
+            pos = name_end.start()
+            if text.startswith("[CALL_ID]", pos):
+                args = _ARGS_START.search(text, pos)
+                if args is None:
+                    blocks.append(f'{{"name": {name}, "arguments": ')
+                    break
+                pos = args.start()
+            if text.startswith("[ARGS]", pos):
+                pos += len("[ARGS]")
+            pos = skip_space(text, pos)
+            try:
+                _, end = _DECODER.raw_decode(text, pos)
+            except ValueError:  # cut short: the rest is this call's arguments so far
+                blocks.append(f'{{"name": {name}, "arguments": {text[pos:]}')
+                break
+            blocks.append(f'{{"name": {name}, "arguments": {text[pos:end]}}}')
+            pos = skip_space(text, end)
+        return blocks
+
+
+_NAME_END = re.compile(r"\[ARGS\]|\[CALL_ID\]|\{")
+_ARGS_START = re.compile(r"\[ARGS\]|\{")
+
+
+def skip_space(text: str, pos: int) -> int:
+    """The first position from ``pos`` on that is not whitespace (``len(text)`` if none)."""
+    while pos < len(text) and text[pos].isspace():
+        pos += 1
+    return pos
 
 
 class Llama3JsonFormat(ToolCallFormat):

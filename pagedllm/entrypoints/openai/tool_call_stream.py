@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass
 
 from pagedllm.entrypoints.openai.protocol import DeltaFunctionCall, DeltaToolCall, ToolCall
-from pagedllm.entrypoints.openai.tool_call_formats import ToolCallFormat, new_call_id
+from pagedllm.entrypoints.openai.tool_call_formats import ToolCallFormat, new_call_id, skip_space
 
 _DECODER = json.JSONDecoder()
 
@@ -53,20 +53,20 @@ def scan_call(block: str) -> CallSoFar:
     """Read the top-level members of a call's JSON object, which may be cut short anywhere (one of
     :meth:`ToolCallFormat.blocks`)."""
     name, arguments, complete = None, None, False
-    pos = _skip_space(block, 0)
+    pos = skip_space(block, 0)
     if not block.startswith("{", pos):
         return CallSoFar(None, None, False, False)
     pos += 1
     while True:
-        pos = _skip_space(block, pos)
+        pos = skip_space(block, pos)
         try:
             key, pos = _DECODER.raw_decode(block, pos)
         except ValueError:
             break
-        pos = _skip_space(block, pos)
+        pos = skip_space(block, pos)
         if not block.startswith(":", pos):
             break
-        start = _skip_space(block, pos + 1)
+        start = skip_space(block, pos + 1)
         try:
             value, end = _DECODER.raw_decode(block, start)
         except ValueError:  # cut short inside the value
@@ -77,17 +77,11 @@ def scan_call(block: str) -> CallSoFar:
             name = value
         elif key in ("arguments", "parameters"):
             arguments, complete = block[start:end], True
-        pos = _skip_space(block, end)
+        pos = skip_space(block, end)
         if not block.startswith(",", pos):
             break
         pos += 1
     return CallSoFar(name, arguments, complete, arguments is not None and arguments.startswith("{"))
-
-
-def _skip_space(text: str, pos: int) -> int:
-    while pos < len(text) and text[pos] in " \t\r\n":
-        pos += 1
-    return pos
 
 
 @dataclass(slots=True)
