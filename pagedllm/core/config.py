@@ -14,6 +14,7 @@ from pagedllm.core.checkpoint_quantization import (
     checkpoint_fp8,
     checkpoint_kv_cache_scales,
 )
+from pagedllm.core.reasoning import REASONING_TAGS
 
 if TYPE_CHECKING:
     from pagedllm.backends.interface import BackendCapabilities
@@ -69,6 +70,9 @@ class EngineConfig:
     (arrival order) or ``"priority"`` (each request's ``priority``, lower first, then arrival; the lowest is
     preempted first), as vLLM's. ``enable_lora`` lets requests name a PEFT LoRA adapter
     (``pagedllm.core.lora``): up to ``max_loras`` adapters run at once, each of rank up to ``max_lora_rank``.
+    ``reasoning_parser`` (``"deepseek_r1"`` or ``"qwen3"``: ``pagedllm.core.reasoning``) names a reasoning model's
+    thinking markup: a structured output then applies to the answer after the thinking, and the server splits
+    replies' thinking from their answers.
     """
 
     model: str | None = None
@@ -97,6 +101,7 @@ class EngineConfig:
     enable_lora: bool = False
     max_loras: int = 1
     max_lora_rank: int = 16
+    reasoning_parser: str | None = None
     served_model_name: str | None = None
     extra: dict[str, object] = field(default_factory=dict)
 
@@ -123,6 +128,9 @@ class EngineConfig:
         if self.scheduling_policy not in SCHEDULING_POLICIES:
             raise ValueError(f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}; "
                              f"got {self.scheduling_policy!r}")
+        if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_TAGS:
+            raise ValueError(f"reasoning_parser must be None or one of {', '.join(REASONING_TAGS)}; "
+                             f"got {self.reasoning_parser!r}")
         if self.async_scheduling and not self.can_schedule_asynchronously():
             raise ValueError("async_scheduling with tensor parallelism needs the mp executor (rank 0 on the "
                              "driver's device, where the sampled tokens are)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -28,16 +28,18 @@ from pagedllm.core.model_runner import ModelRunnerOutput
 from pagedllm.core.output_processor import OutputProcessor, ParentRequest
 from pagedllm.core.outputs import RequestOutput
 from pagedllm.core.pooling import PoolingParams, checkpoint_pooling
+from pagedllm.core.reasoning import REASONING_TAGS, prompt_closes_thinking
 from pagedllm.core.request import Request, RequestStatus
 from pagedllm.core.sampler import Sampler, SamplerOutput
 from pagedllm.core.sampling_params import (
     RequestOutputKind,
     SamplingParams,
+    StructuredOutputsParams,
     bad_words_token_ids,
     truncated_prompt,
 )
 from pagedllm.core.scheduler import Scheduler, SchedulerOutput
-from pagedllm.core.structured_output import StructuredOutputs
+from pagedllm.core.structured_output import GrammarMatcher, StructuredOutputs
 
 logger = logging.getLogger(__name__)
 
@@ -193,6 +195,26 @@ class LLMEngine:
             self._structured_outputs = StructuredOutputs(tokenizer, self.vocab_size, sorted(self.eos_token_ids))
         return self._structured_outputs
 
+    def _matcher_factory(self, structured: StructuredOutputsParams, prompt_text: str | None,
+                         token_ids: list[int]) -> Callable[[], GrammarMatcher]:
+        """A factory of grammar matchers for a request's completions; under ``reasoning_parser`` each waits for
+        the end of the thinking unless the prompt already closed it (:func:`prompt_closes_thinking`)."""
+        compiled = self.structured_outputs().compile(structured)
+        parser = self.config.reasoning_parser
+        if parser is None:
+            return compiled
+        text = prompt_text if prompt_text is not None else self._tokenizer_for("reasoning_parser").decode(token_ids)
+        if prompt_closes_thinking(text, parser):
+            return compiled
+        end = REASONING_TAGS[parser][1]
+
+        def waiting() -> GrammarMatcher:
+            matcher = compiled()
+            matcher.waits_for = end
+            return matcher
+
+        return waiting
+
     def _check_checkpoint_pooling(self) -> None:
         """Refuse embeddings from a sentence-transformers checkpoint that pools otherwise than by its last token
         (ValueError naming the mode); read once."""
@@ -278,7 +300,7 @@ class LLMEngine:
                 params.bad_words, lambda text: list(tokenizer(text, add_special_tokens=False).input_ids))
         make_matcher = None
         if params.structured_outputs is not None:
-            make_matcher = self.structured_outputs().compile(params.structured_outputs)
+            make_matcher = self._matcher_factory(params.structured_outputs, prompt_text, token_ids)
         for name, asked in (("logprobs", params.logprobs), ("prompt_logprobs", params.prompt_logprobs)):
             if asked is not None and asked > self.config.max_logprobs:
                 raise ValueError(f"SamplingParams.{name} must be <= {self.config.max_logprobs} (max_logprobs), "

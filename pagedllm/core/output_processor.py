@@ -138,7 +138,9 @@ class OutputProcessor:
         shown = params.detokenize and (not stop_token or params.include_stop_str_in_output)
         new_text = detok.append(token_id) if shown else ""
         completion.text = detok.text
-        if request.structured is not None:
+        if request.structured is not None and not request.structured.active:
+            request.structured.observe(detok.text)  # a reasoning model thinking: free until its thinking ends
+        elif request.structured is not None:
             if not request.structured.accept(token_id):  # the sampler masked it out: cannot happen unless a bug
                 logger.warning("request %s: token %d breaks its structured output; stopped", request.request_id,
                                token_id)

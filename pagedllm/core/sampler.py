@@ -223,7 +223,7 @@ class Sampler:
                     mask[p.allowed_token_ids] = False
                     self._request_disallowed[r.request_id] = mask.to(self.device, non_blocking=True)
                 disallowed.append((row, self._request_disallowed[r.request_id]))
-            if r.structured is not None:
+            if r.structured is not None and r.structured.active:
                 constrained.append(row)
         if not constrained:
             return biases, disallowed, None, None

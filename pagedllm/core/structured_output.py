@@ -21,10 +21,24 @@ INSTALL_HINT = "structured outputs need xgrammar: pip install 'pagedllm[structur
 
 
 class GrammarMatcher:
-    """One completion's place in its grammar (an ``xgrammar.GrammarMatcher``)."""
+    """One completion's place in its grammar (an ``xgrammar.GrammarMatcher``). With ``waits_for`` (a reasoning
+    model's end-of-thinking tag) the grammar is not :attr:`active` until the completion's text holds that tag:
+    the thinking before it is free, the answer after it follows the grammar."""
 
-    def __init__(self, matcher: Any) -> None:
+    def __init__(self, matcher: Any, waits_for: str | None = None) -> None:
         self._matcher = matcher
+        self.waits_for = waits_for
+
+    @property
+    def active(self) -> bool:
+        """Whether the grammar applies to the next token (the sampler masks it, :meth:`accept` takes it)."""
+        return self.waits_for is None
+
+    def observe(self, text: str) -> None:
+        """Called after each token while not :attr:`active`, with the completion's text so far: once it holds
+        the tag waited for, the grammar applies from the next token on."""
+        if self.waits_for is not None and self.waits_for in text:
+            self.waits_for = None
 
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
         """Write the tokens allowed next into row ``row`` of ``bitmask`` (``[rows, ceil(vocab / 32)]`` int32 on
@@ -58,8 +72,8 @@ class StructuredOutputs:
         self._compiled: dict[tuple[str, str, bool], Any] = {}
 
     def compile(self, params: StructuredOutputsParams) -> Callable[[], GrammarMatcher]:
-        """Compile ``params`` (cached by its spec); returns a factory of fresh matchers, one per completion.
-        Raises ValueError naming the field for a spec xgrammar rejects."""
+        """Compile ``params`` (cached by its spec); returns a factory of fresh matchers, one per completion
+        (active from the start). Raises ValueError naming the field for a spec xgrammar rejects."""
         key = params.key
         if key not in self._compiled:
             try:

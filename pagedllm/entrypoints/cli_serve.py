@@ -12,7 +12,6 @@ from pagedllm.entrypoints.engine_args import add_engine_args
 
 SERVE_REQUIREMENTS: tuple[str, ...] = ("fastapi", "uvicorn", "prometheus_client", "pydantic")
 TOOL_CALL_PARSER_NAMES: tuple[str, ...] = ("hermes", "mistral", "llama3_json")  # openai.tool_call_formats' names
-REASONING_PARSER_NAMES: tuple[str, ...] = ("deepseek_r1", "qwen3")  # openai.reasoning's names
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -35,10 +34,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                              "(<tool_call>{...}</tool_call> blocks: Qwen2.5/Qwen3/Hermes), mistral ([TOOL_CALLS] "
                              "[{...}] or [TOOL_CALLS]name[ARGS]{...}: Mistral models), llama3_json ({...}; {...}: "
                              "Llama 3.1-3.3)")
-    parser.add_argument("--reasoning-parser", default=None, choices=REASONING_PARSER_NAMES,
-                        help="split a chat reply's thinking (<think>...</think>) into its message's reasoning "
-                             "field: deepseek_r1 (the reply thinks from its start: DeepSeek-R1, QwQ, Qwen3 "
-                             "Thinking) or qwen3 (only a reply that opens with <think>: Qwen3)")
     parser.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
                         help="LoRA adapters served beside the model (needs --enable-lora): a request whose model "
                              "is NAME runs through the PEFT adapter in PATH; also {\"name\": ..., \"path\": ...}")

@@ -6,6 +6,7 @@ import argparse
 from dataclasses import fields
 
 from pagedllm.core.config import KV_CACHE_DTYPES, QUANTIZATIONS, SCHEDULING_POLICIES, EngineConfig
+from pagedllm.core.reasoning import REASONING_TAGS
 
 
 def add_device_arg(parser: argparse.ArgumentParser) -> None:
@@ -52,6 +53,11 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Tr
     parser.add_argument("--scheduling-policy", default="fcfs", choices=list(SCHEDULING_POLICIES),
                         help="fcfs: requests run in arrival order; priority: by each request's priority (lower "
                              "first, then arrival), the lowest preempted first when the KV pool runs dry")
+    parser.add_argument("--reasoning-parser", default=None, choices=list(REASONING_TAGS),
+                        help="a reasoning model's thinking markup (<think>...</think>): structured outputs apply "
+                             "to the answer after it, and the server puts a chat reply's thinking in its "
+                             "reasoning field. deepseek_r1: the reply thinks from its start (DeepSeek-R1, QwQ, "
+                             "Qwen3 Thinking); qwen3: only a reply that opens with <think> (Qwen3)")
     parser.add_argument("--enable-lora", action="store_true",
                         help="let requests name a PEFT LoRA adapter (--lora-modules, or LoRARequest offline)")
     parser.add_argument("--max-loras", type=int, default=1, help="adapters running at once (with --enable-lora)")

@@ -82,8 +82,9 @@ def corpus_text(max_chars: int = 400_000) -> str:
     return "".join(parts)[:max_chars] + "\nnaïve café — 日本語 😀\n"
 
 
-def build_tokenizer(directory: str | Path, vocab_size: int = 512) -> object:
-    """Train a byte-level BPE tokenizer and save it as a ``PreTrainedTokenizerFast`` in ``directory``."""
+def build_tokenizer(directory: str | Path, vocab_size: int = 512, added_tokens: tuple[str, ...] = ()) -> object:
+    """Train a byte-level BPE tokenizer and save it as a ``PreTrainedTokenizerFast`` in ``directory``;
+    ``added_tokens`` become single (not special) tokens after the trained ones, as ``<think>`` is in Qwen3's."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -98,6 +99,7 @@ def build_tokenizer(directory: str | Path, vocab_size: int = 512) -> object:
     tok.train_from_iterator((text[i : i + 4000] for i in range(0, len(text), 4000)), trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
                                    pad_token="<|endoftext|>")
+    fast.add_tokens(list(added_tokens))
     fast.chat_template = (
         "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
         "{% if add_generation_prompt %}assistant:{% endif %}"
@@ -107,10 +109,11 @@ def build_tokenizer(directory: str | Path, vocab_size: int = 512) -> object:
 
 
 def build_checkpoint(directory: str | Path, arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32,
-                     vocab_size: int = 512, max_shard_size: str | None = None, **overrides: object) -> Path:
+                     vocab_size: int = 512, max_shard_size: str | None = None, added_tokens: tuple[str, ...] = (),
+                     **overrides: object) -> Path:
     """Write a tiny random ``arch`` checkpoint (llama, mistral, ministral, qwen2, qwen3,
     granite, gemma2, gemma3, phi3, olmo2, mixtral, qwen3_moe or qwen2_moe) plus tokenizer
-    to ``directory``.
+    (with ``added_tokens``: :func:`build_tokenizer`) to ``directory``.
 
     The weights are scaled up from transformers' default init so greedy continuations vary with the
     prompt (a near-uniform model would make every comparison trivially equal). Returns the directory.
@@ -119,7 +122,7 @@ def build_checkpoint(directory: str | Path, arch: str = "llama", seed: int = 0, 
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(directory, vocab_size)
+    tokenizer = build_tokenizer(directory, vocab_size, added_tokens)
     config_cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
                   "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
                   "mixtral": transformers.MixtralConfig, "qwen3_moe": transformers.Qwen3MoeConfig,

@@ -33,10 +33,11 @@ def start_shared_server(model_dir: Path, config: pytest.Config) -> ServerProcess
 
 
 @contextmanager
-def in_process_client(model_dir: Path, **settings: Any) -> Iterator[tuple[Any, Any]]:
-    """``(openai client, engine)`` of an app built in this process for ``model_dir`` with these
-    ``ServerSettings`` fields (for settings the shared server does not have), served through Starlette's
-    ``TestClient``; the engine runs while the context is open."""
+def in_process_client(model_dir: Path, engine_args: dict[str, Any] | None = None,
+                      **settings: Any) -> Iterator[tuple[Any, Any]]:
+    """``(openai client, engine)`` of an app built in this process for ``model_dir`` with these ``EngineConfig``
+    fields and ``ServerSettings`` fields (for settings the shared server does not have), served through
+    Starlette's ``TestClient``; the engine runs while the context is open."""
     import openai
     from fastapi.testclient import TestClient
 
@@ -45,7 +46,7 @@ def in_process_client(model_dir: Path, **settings: Any) -> Iterator[tuple[Any, A
     from pagedllm.entrypoints.openai.api_server import ServerSettings, build_app
 
     engine = LLMEngine(EngineConfig(model=str(model_dir), device="cpu", dtype="float32", max_model_len=MAX_MODEL_LEN,
-                                    kv_cache_memory_bytes=KV_CACHE_BYTES))
+                                    kv_cache_memory_bytes=KV_CACHE_BYTES, **(engine_args or {})))
     with TestClient(build_app(engine, ServerSettings(MODEL, **settings))) as http:
         yield openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http,
                             max_retries=0), engine

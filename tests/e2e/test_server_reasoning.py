@@ -1,8 +1,10 @@
 """A reasoning parser (``--reasoning-parser deepseek_r1``) through ``/v1/chat/completions`` with the official
 ``openai`` client, beside the ``hermes`` tool-call parser: the reply's thinking in ``reasoning`` (and
 ``reasoning_content``), the answer in ``content``, tool calls parsed from the answer only; streamed, the thinking
-arrives first, piece by piece. The tiny random model is steered into each reply with a structured-output choice,
-which holds the reply to the rule for structured replies: it thinks only when it opens with ``<think>``."""
+arrives first, piece by piece. The tiny random model is steered into each reply with a structured-output
+choice: a chat template that closes the thinking in the prompt has the grammar hold from the first token, so the
+choice can write the thinking too. With the checkpoint's own template the grammar waits for ``</think>``, which a
+logit bias makes the first token: the answer, or a forced tool call, follows the grammar after it."""
 
 from __future__ import annotations
 
@@ -13,18 +15,36 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("fastapi")
+pytest.importorskip("xgrammar")
 openai = pytest.importorskip("openai")
 
 from tests.e2e.openai_server import in_process_client  # noqa: E402
 from tests.e2e.test_server_tools import HERMES, MESSAGES, WEATHER, accumulated_calls  # noqa: E402
 
 THOUGHT = "The user wants Paris. I will answer: 2 < 3."
+CLOSING_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                    "{% if add_generation_prompt %}assistant:<think></think>{% endif %}")
 
 
 @pytest.fixture(scope="module")
-def client(llama_dir: Path) -> Iterator[openai.OpenAI]:
-    with in_process_client(llama_dir, reasoning_parser="deepseek_r1", tool_call_parser="hermes") as (client, _):
+def think_dir(checkpoint_factory) -> Path:
+    return checkpoint_factory("llama", added_tokens=("<think>", "</think>"))
+
+
+@pytest.fixture(scope="module")
+def client(think_dir: Path) -> Iterator[openai.OpenAI]:
+    """A server whose chat template closes the thinking in the prompt (the choice steers the whole reply)."""
+    with in_process_client(think_dir, {"reasoning_parser": "deepseek_r1"}, tool_call_parser="hermes",
+                           chat_template=CLOSING_TEMPLATE) as (client, _):
         yield client
+
+
+@pytest.fixture(scope="module")
+def thinking_client(think_dir: Path) -> Iterator[tuple[openai.OpenAI, int]]:
+    """A server with the checkpoint's own template (the reply thinks first), and the id of ``</think>``."""
+    with in_process_client(think_dir, {"reasoning_parser": "deepseek_r1"}, tool_call_parser="hermes") as (
+            client, engine):
+        yield client, engine.tokenizer.convert_tokens_to_ids("</think>")
 
 
 def ask(client: openai.OpenAI, reply: str, stream: bool, **extra: object) -> dict:
@@ -69,11 +89,30 @@ def test_tool_calls_come_from_the_answer(client, stream: bool) -> None:
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
-def test_replies_without_thinking_and_cut_thinking(client, stream: bool) -> None:
-    """A structured reply that does not open with ``<think>`` is all answer; one cut short while thinking is all
-    reasoning, with no content."""
+def test_replies_without_an_end_of_thinking(client, stream: bool) -> None:
+    """Under ``deepseek_r1`` a reply without ``</think>`` is all thinking (R1 always thinks, as vLLM's parser
+    reads it), whether it ends or is cut short: no content."""
     plain = ask(client, "It is sunny.", stream)
-    assert (plain["reasoning"], plain["content"], plain["finish"]) == (None, "It is sunny.", "stop")
+    assert (plain["reasoning"], plain["content"], plain["finish"]) == ("It is sunny.", None, "stop")
     cut = ask(client, f"<think>{THOUGHT}</think>It is sunny.", stream, max_tokens=14)
     assert cut["finish"] == "length" and cut["content"] is None and cut["reasoning"] and THOUGHT.startswith(
         cut["reasoning"])
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_the_structure_applies_after_the_thinking(thinking_client, stream: bool) -> None:
+    """``</think>`` first (a logit bias): empty thinking, then the answer the grammar allows."""
+    client, end = thinking_client
+    reply = ask(client, "It is sunny.", stream, logit_bias={str(end): 100})
+    assert (reply["reasoning"] or "", reply["content"], reply["finish"]) == ("", "It is sunny.", "stop")
+
+
+def test_a_forced_call_follows_the_thinking(thinking_client) -> None:
+    client, end = thinking_client
+    choice = client.chat.completions.create(
+        model="tiny", messages=MESSAGES, tools=[WEATHER], max_tokens=64, temperature=0.0, logit_bias={str(end): 100},
+        tool_choice={"type": "function", "function": {"name": "get_weather"}}).choices[0]
+    (call,) = choice.message.tool_calls
+    arguments = json.loads(call.function.arguments)
+    assert call.function.name == "get_weather" and set(arguments) == {"city", "days"}
+    assert choice.model_dump()["message"]["reasoning"] == ""

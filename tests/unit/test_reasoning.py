@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import pytest
 
-from pagedllm.entrypoints.cli_serve import REASONING_PARSER_NAMES
+from pagedllm.core.reasoning import REASONING_TAGS, prompt_closes_thinking
 from pagedllm.entrypoints.openai.reasoning import REASONING_FORMATS, ReasoningSplit, ReasoningStream
 
 R1, QWEN3 = REASONING_FORMATS["deepseek_r1"], REASONING_FORMATS["qwen3"]
 
 
-def test_the_cli_offers_every_parser() -> None:
-    assert set(REASONING_PARSER_NAMES) == set(REASONING_FORMATS)
+def test_the_engine_and_the_server_know_the_same_parsers() -> None:
+    assert set(REASONING_TAGS) == set(REASONING_FORMATS)
+
+
+def test_which_prompts_close_the_thinking() -> None:
+    assert prompt_closes_thinking("<|im_start|>assistant\n<think>\n\n</think>\n\n", "qwen3")  # enable_thinking off
+    assert not prompt_closes_thinking("<|Assistant|><think>\n", "deepseek_r1")  # R1's template opens it
+    assert not prompt_closes_thinking("<|im_start|>assistant\n", "qwen3")  # neither tag: the model decides
+    assert not prompt_closes_thinking("old turn <think>a</think> b <think>\n", "qwen3")
 
 
 def test_deepseek_r1_thinks_from_the_start() -> None:
@@ -26,7 +33,6 @@ def test_qwen3_thinks_only_when_the_reply_opens_with_think() -> None:
     assert QWEN3.split("Yes.") == ReasoningSplit(None, "Yes.")  # enable_thinking false
     assert QWEN3.split("Yes, </think> is a tag.") == ReasoningSplit(None, "Yes, </think> is a tag.")
     assert QWEN3.split("<think>cut short") == ReasoningSplit("cut short", None)
-    assert R1.under_structure() is QWEN3
 
 
 def test_unfinished_replies_hold_back_what_may_be_a_tag() -> None:

@@ -68,7 +68,6 @@ class ServerSettings:
     chat_template: str | None = None
     max_logprobs: int = 20
     tool_call_parser: str | None = None  # set: chat requests may use tool_choice "auto"
-    reasoning_parser: str | None = None  # set: chat replies' reasoning is split from their answers
     lora_modules: dict[str, LoRARequest] = field(default_factory=dict)  # served adapter names (--lora-modules)
 
 
@@ -83,7 +82,7 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
                                  settings.lora_modules)
     completions = OpenAIServingCompletion(async_engine, tokenizer, models, settings.max_logprobs)
     chat = OpenAIServingChat(async_engine, tokenizer, models, settings.max_logprobs,
-                             tool_parser=settings.tool_call_parser, reasoning_parser=settings.reasoning_parser)
+                             tool_parser=settings.tool_call_parser, reasoning_parser=engine.config.reasoning_parser)
     tokenization = OpenAIServingTokenization(tokenizer, models, model_config.vocab_size)
     embeddings = OpenAIServingEmbedding(async_engine, tokenizer, models, settings.max_logprobs)
     responses = OpenAIServingResponses(chat)
@@ -202,7 +201,6 @@ def _serve(args: argparse.Namespace) -> None:
         chat_template=chat_template,
         max_logprobs=args.max_logprobs,
         tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice else None,
-        reasoning_parser=getattr(args, "reasoning_parser", None),
         lora_modules=lora_modules,
     )
     app = build_app(engine, settings)

@@ -1,4 +1,5 @@
-"""Reasoning models' thinking, split from their answer (``--reasoning-parser``), as vLLM names the parsers:
+"""Reasoning models' thinking, split from their answer (``--reasoning-parser``, ``EngineConfig.reasoning_parser``),
+as vLLM names the parsers:
 
 - ``deepseek_r1``: the reply is reasoning from its start (an opening ``<think>`` is optional: DeepSeek-R1's
   template ends the prompt with it) up to ``</think>``; the rest is the answer. A reply without ``</think>`` (cut
@@ -7,8 +8,8 @@
   ``chat_template_kwargs`` say ``enable_thinking: false``); otherwise all of it is the answer.
 
 Chat replies carry the reasoning in ``reasoning`` and, under its older name, ``reasoning_content``; the answer
-in ``content`` (tool calls are parsed from the answer only). Streamed, the reasoning arrives as it is written,
-then the answer.
+in ``content`` (tool calls are parsed from the answer only; a structured output or forced tool call applies to
+the answer: ``pagedllm.core.reasoning``). Streamed, the reasoning arrives as it is written, then the answer.
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-THINK_START = "<think>"
-THINK_END = "</think>"
+from pagedllm.core.reasoning import REASONING_TAGS
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,43 +37,36 @@ class ReasoningFormat:
     """One model family's reasoning markup (see the module docstring)."""
 
     name: ClassVar[str]
-    always_thinks: ClassVar[bool]  # the reply is reasoning even without an opening <think>
+    always_thinks: ClassVar[bool]  # the reply is reasoning even without an opening tag
 
     def split(self, text: str, finished: bool = True) -> ReasoningSplit:
         """Split a reply's text. While the reply is still being written (``finished`` False), text that could
         still turn out to be a tag is left out of both parts, so each part only grows as more text comes."""
+        start, end_tag = REASONING_TAGS[self.name]
         body = text.lstrip()
-        if body.startswith(THINK_START):
-            body = body[len(THINK_START):]
-        elif not self.always_thinks:
-            if not finished and THINK_START.startswith(body):  # it may yet open with <think>
-                return ReasoningSplit("", None)
-            return ReasoningSplit(None, text)
-        elif not finished and THINK_START.startswith(body):
+        if body.startswith(start):
+            body = body[len(start):]
+        elif not finished and start.startswith(body):  # it may yet open with the tag
             return ReasoningSplit("", None)
-        end = body.find(THINK_END)
+        elif not self.always_thinks:
+            return ReasoningSplit(None, text)
+        end = body.find(end_tag)
         if end >= 0:
-            return ReasoningSplit(body[:end], body[end + len(THINK_END):])
+            return ReasoningSplit(body[:end], body[end + len(end_tag):])
         if finished:
             return ReasoningSplit(body, None)
-        return ReasoningSplit(body[:len(body) - _held_back(body, THINK_END)], None)
-
-
-    def under_structure(self) -> ReasoningFormat:
-        """The format of a reply forced into a structure (structured outputs, a forced tool call): the structure
-        decides whether it thinks, so it is reasoning only when it opens with ``<think>``."""
-        return REASONING_FORMATS["qwen3"]
+        return ReasoningSplit(body[:len(body) - _held_back(body, end_tag)], None)
 
 
 class DeepSeekR1Format(ReasoningFormat):
-    """Reasoning from the reply's start up to ``</think>``."""
+    """Reasoning from the reply's start up to the end tag."""
 
     name = "deepseek_r1"
     always_thinks = True
 
 
 class Qwen3Format(ReasoningFormat):
-    """Reasoning between ``<think>`` (beginning the reply) and ``</think>``."""
+    """Reasoning between the start tag (opening the reply) and the end tag."""
 
     name = "qwen3"
     always_thinks = False

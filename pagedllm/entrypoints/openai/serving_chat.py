@@ -110,10 +110,7 @@ class OpenAIServingChat(OpenAIServing):
         request_id = random_id(id_prefix)
         stream = await self.add(request_id, [prompt_ids], [params], arrival, names, "messages", request.priority,
                                 model)
-        reasoning = self.reasoning
-        if reasoning is not None and structured is not None:
-            reasoning = reasoning.under_structure()
-        return StartedChat(stream, request_id, model, tools, num_logprobs, params.stop, reasoning)
+        return StartedChat(stream, request_id, model, tools, num_logprobs, params.stop, self.reasoning)
 
     async def _chunks(self, stream: OutputStream, request_id: str, model: str, n: int, stop: list[str] | None,
                       num_logprobs: int | None, include_usage: bool, tools: ToolMode,
