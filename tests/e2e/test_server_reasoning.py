@@ -80,6 +80,13 @@ def test_thinking_is_split_from_the_answer(client, stream: bool) -> None:
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_include_reasoning_false_leaves_the_thinking_out(client, stream: bool) -> None:
+    reply = ask(client, f"<think>{THOUGHT}</think>It is sunny.", stream, extra_body={
+        "structured_outputs": {"choice": [f"<think>{THOUGHT}</think>It is sunny."]}, "include_reasoning": False})
+    assert (reply["reasoning"], reply["content"], reply["finish"]) == (None, "It is sunny.", "stop")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 def test_tool_calls_come_from_the_answer(client, stream: bool) -> None:
     """A ``<tool_call>`` written while thinking is thought, not a call; the one in the answer is the call."""
     thought = 'Maybe <tool_call>{"name": "get_weather", "arguments": {}}</tool_call>? No: ask for Paris.'

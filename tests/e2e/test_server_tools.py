@@ -140,6 +140,22 @@ def test_auto_streams_calls_with_stop_strings(shared_client) -> None:
     assert deltas[-1].finish_reason == "stop"
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_parallel_tool_calls_false_keeps_the_first_call(shared_client, stream: bool) -> None:
+    two = HERMES + '\n<tool_call>\n{"name": "get_time", "arguments": {"zone": "UTC"}}\n</tool_call>'
+    kwargs = dict(model=MODEL, messages=MESSAGES, tools=[WEATHER, TIME], max_tokens=200, temperature=0.0,
+                  extra_body={"structured_outputs": {"choice": [two]}})
+    for parallel, names in ((True, ["get_weather", "get_time"]), (False, ["get_weather"])):
+        if stream:
+            deltas = [c.choices[0] for c in shared_client.chat.completions.create(
+                stream=True, parallel_tool_calls=parallel, **kwargs) if c.choices]
+            called = [call["name"] for call in accumulated_calls(deltas)]
+        else:
+            message = shared_client.chat.completions.create(parallel_tool_calls=parallel, **kwargs).choices[0].message
+            called = [call.function.name for call in message.tool_calls]
+        assert called == names
+
+
 def test_streamed_named_call_arrives_whole(shared_client) -> None:
     choice = {"type": "function", "function": {"name": "get_time"}}
     chunks = list(shared_client.chat.completions.create(model=MODEL, messages=MESSAGES, tools=[WEATHER, TIME],

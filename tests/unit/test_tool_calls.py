@@ -75,6 +75,19 @@ def test_the_cli_offers_every_format() -> None:
     assert set(TOOL_CALL_PARSER_NAMES) == set(TOOL_CALL_FORMATS)
 
 
+def test_parallel_tool_calls_false_allows_one_call() -> None:
+    required = resolve_tool_mode([WEATHER, TIME], "required", None, parallel=False)
+    assert required.structured_output().json["maxItems"] == 1
+    assert "maxItems" not in resolve_tool_mode([WEATHER], "required", None).structured_output().json
+    auto = resolve_tool_mode([WEATHER, TIME], "auto", "hermes", parallel=False)
+    text = ('<tool_call>{"name": "get_weather", "arguments": {}}</tool_call>'
+            '<tool_call>{"name": "get_time", "arguments": {}}</tool_call>')
+    assert [c.function.name for c in auto.parse(text)[1]] == ["get_weather"]
+    stream = ToolCallStream(HERMES, max_calls=auto.max_calls)
+    _, deltas = stream.next(text)
+    assert {d.index for d in deltas} == {0} and len(stream.calls) == 1  # the second call never opens
+
+
 def test_hermes_parser() -> None:
     text = ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
             '<tool_call>{"name": "get_time", "arguments": {}}</tool_call>')

@@ -39,11 +39,11 @@ def chat_logprobs(token_ids: Sequence[int], logprobs: SampleLogprobs, num_top: i
     return ChatLogProbs(content=content)
 
 
-def reply_of(completion: CompletionOutput, tools: ToolMode, reasoning: ReasoningFormat | None = None
-             ) -> tuple[ChatResponseMessage, str | None]:
-    """A finished completion as the assistant's message (its reasoning, split off by ``reasoning``; its answer's
-    text, or the tool calls ``tools`` parses from the answer) and its finish reason (``"tool_calls"`` when the
-    model chose to call, as OpenAI reports it)."""
+def reply_of(completion: CompletionOutput, tools: ToolMode, reasoning: ReasoningFormat | None = None,
+             include_reasoning: bool = True) -> tuple[ChatResponseMessage, str | None]:
+    """A finished completion as the assistant's message (its reasoning, split off by ``reasoning`` and kept when
+    ``include_reasoning``; its answer's text, or the tool calls ``tools`` parses from the answer) and its finish
+    reason (``"tool_calls"`` when the model chose to call, as OpenAI reports it)."""
     split = reasoning.split(completion.text) if reasoning is not None else None
     answer = completion.text if split is None else split.answer
     if answer is None:
@@ -53,7 +53,7 @@ def reply_of(completion: CompletionOutput, tools: ToolMode, reasoning: Reasoning
     finish = completion.finish_reason
     if calls and tools.kind != "named" and finish == "stop":
         finish = "tool_calls"
-    thought = None if split is None else split.reasoning
+    thought = None if split is None or not include_reasoning else split.reasoning
     return ChatResponseMessage(content=content, tool_calls=calls or None, reasoning=thought,
                                reasoning_content=thought), finish
 
@@ -68,17 +68,19 @@ class ChoiceStream:
     returns what goes out: the reasoning as it is written (``reasoning``), then the answer's text as it comes
     (with the tokens' logprobs); under ``tool_choice`` ``"auto"`` the answer's text until a tool call begins,
     then each call's name and its arguments as they grow (``tool_call_stream``); a forced call (named or
-    ``"required"``) whole when the reply finishes. Text that a stop string may still cut waits."""
+    ``"required"``) whole when the reply finishes. Text that a stop string may still cut waits. Without
+    ``include_reasoning`` the reasoning is split off but not sent."""
 
     def __init__(self, index: int, tools: ToolMode, reasoning: ReasoningFormat | None, stop: list[str] | None,
-                 num_logprobs: int | None) -> None:
+                 num_logprobs: int | None, include_reasoning: bool = True) -> None:
         self.index = index
         self.tools = tools
         self.reasoning_format = reasoning
+        self.include_reasoning = include_reasoning
         self.num_logprobs = num_logprobs
         self.tracker = DeltaTracker.for_stops(stop)
         self.reasoning = None if reasoning is None else ReasoningStream(reasoning)
-        self.calls = None if tools.format is None else ToolCallStream(tools.format)
+        self.calls = None if tools.format is None else ToolCallStream(tools.format, tools.max_calls)
         self.answer_sent = 0  # characters of a plain answer sent
         self.done = False
 
@@ -93,6 +95,8 @@ class ChoiceStream:
         self.done = finished
         visible = completion.text[:self.tracker.num_chars]
         thought, answer = self.reasoning.next(visible, finished) if self.reasoning is not None else ("", visible)
+        if not self.include_reasoning:
+            thought = ""
         if self.tools.parses:
             return self._last(completion, thought, answer or "") if finished else self._calls(thought, answer)
         text = (answer or "")[self.answer_sent:]
@@ -115,7 +119,7 @@ class ChoiceStream:
 
     def _last(self, completion: CompletionOutput, thought: str, answer: str) -> ChatCompletionStreamChoice:
         """The last choice of a finished reply that may call tools: its calls, and the content not sent yet."""
-        message, finish = reply_of(completion, self.tools, self.reasoning_format)
+        message, finish = reply_of(completion, self.tools, self.reasoning_format, self.include_reasoning)
         content = message.content
         if self.calls is None:  # a forced call: nothing of it went out yet
             calls = [DeltaToolCall(index=i, id=call.id, type="function", function=DeltaFunctionCall(

@@ -31,7 +31,8 @@ from pagedllm.entrypoints.openai.tool_calls import ToolMode, arguments_as_object
 @dataclass(frozen=True, slots=True)
 class StartedChat:
     """A queued chat request: its output ``stream``, id, served ``model`` name, tool mode, how many top logprobs
-    each token asks for (None: none), its stop strings and how its reasoning is split off (None: not at all)."""
+    each token asks for (None: none), its stop strings, how its reasoning is split off (None: not at all) and
+    whether the reply shows it."""
 
     stream: OutputStream
     request_id: str
@@ -40,6 +41,7 @@ class StartedChat:
     num_logprobs: int | None
     stop: list[str] | None
     reasoning: ReasoningFormat | None = None
+    include_reasoning: bool = True
 
 
 class OpenAIServingChat(OpenAIServing):
@@ -59,12 +61,11 @@ class OpenAIServingChat(OpenAIServing):
                                                           chat.num_logprobs)
         if request.stream:
             include_usage = request.stream_options is not None and request.stream_options.include_usage
-            return self.stream_response(stream, lambda: self._chunks(
-                stream, request_id, model, request.n, chat.stop, num_logprobs, include_usage, tools, chat.reasoning))
+            return self.stream_response(stream, lambda: self._chunks(chat, request.n, include_usage))
         (output,) = await self.collect(stream, raw_request)
         choices = []
         for c in output.outputs:
-            message, finish = reply_of(c, tools, chat.reasoning)
+            message, finish = reply_of(c, tools, chat.reasoning, chat.include_reasoning)
             choices.append(ChatCompletionChoice(
                 index=c.index, message=message, finish_reason=finish, stop_reason=c.stop_reason,
                 logprobs=None if c.logprobs is None else chat_logprobs(c.token_ids, c.logprobs, num_logprobs or 0),
@@ -79,7 +80,7 @@ class OpenAIServingChat(OpenAIServing):
         arrival = time.monotonic()
         model = self.models.check(request.model)
         self.check_request(request)
-        tools = resolve_tool_mode(request.tools, request.tool_choice, self.tool_parser)
+        tools = resolve_tool_mode(request.tools, request.tool_choice, self.tool_parser, request.parallel_tool_calls)
         if request.top_logprobs is not None and not request.logprobs:
             raise invalid_param("top_logprobs requires logprobs to be true", "top_logprobs")
         self.check_logprobs(request.top_logprobs, "top_logprobs")
@@ -110,14 +111,14 @@ class OpenAIServingChat(OpenAIServing):
         request_id = random_id(id_prefix)
         stream = await self.add(request_id, [prompt_ids], [params], arrival, names, "messages", request.priority,
                                 model)
-        return StartedChat(stream, request_id, model, tools, num_logprobs, params.stop, self.reasoning)
+        return StartedChat(stream, request_id, model, tools, num_logprobs, params.stop, self.reasoning,
+                           request.include_reasoning)
 
-    async def _chunks(self, stream: OutputStream, request_id: str, model: str, n: int, stop: list[str] | None,
-                      num_logprobs: int | None, include_usage: bool, tools: ToolMode,
-                      reasoning: ReasoningFormat | None) -> AsyncIterator[str]:
-        """The SSE chunks of a streamed reply: each choice opened with the role, then what each step adds to it
-        (:class:`ChoiceStream`), then the usage when asked for."""
+    async def _chunks(self, chat: StartedChat, n: int, include_usage: bool) -> AsyncIterator[str]:
+        """The SSE chunks of a streamed reply (``n`` choices): each choice opened with the role, then what each
+        step adds to it (:class:`ChoiceStream`), then the usage when asked for."""
         created = int(time.time())
+        request_id, model = chat.request_id, chat.model
 
         def chunk(choice: ChatCompletionStreamChoice) -> str:
             return sse_event(ChatCompletionStreamResponse(id=request_id, created=created, model=model,
@@ -125,9 +126,10 @@ class OpenAIServingChat(OpenAIServing):
 
         for index in range(n):  # OpenAI opens every choice with the role
             yield chunk(ChatCompletionStreamChoice(index=index, delta=DeltaMessage(role="assistant", content="")))
-        choices = [ChoiceStream(index, tools, reasoning, stop, num_logprobs) for index in range(n)]
+        choices = [ChoiceStream(index, chat.tools, chat.reasoning, chat.stop, chat.num_logprobs, chat.include_reasoning)
+                   for index in range(n)]
         final = None
-        async for outputs in stream:
+        async for outputs in chat.stream:
             final = outputs[-1]
             for completion in final.outputs:
                 choice = choices[completion.index].next(completion)

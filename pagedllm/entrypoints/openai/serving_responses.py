@@ -137,7 +137,8 @@ def chat_request_of(request: ResponsesRequest) -> ChatCompletionRequest:
         return ChatCompletionRequest(
             model=request.model, messages=_messages_of(request), max_completion_tokens=request.max_output_tokens,
             temperature=request.temperature, top_p=request.top_p, stream=request.stream, tools=tools,
-            tool_choice=choice, response_format=_response_format(request.text), seed=request.seed,
+            tool_choice=choice, parallel_tool_calls=request.parallel_tool_calls,
+            response_format=_response_format(request.text), seed=request.seed,
             user=request.user, priority=request.priority,
         )
     except ValidationError as exc:  # a value chat's request model refuses: name the field the client sent

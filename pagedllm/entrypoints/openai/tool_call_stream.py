@@ -94,8 +94,9 @@ class ToolCallStream:
     """One streamed choice of an ``"auto"`` reply in ``format`` (see the module docstring). :meth:`next` takes the
     reply's cumulative text at each step; :meth:`finish` the finished reply's parsed calls."""
 
-    def __init__(self, format: ToolCallFormat) -> None:
+    def __init__(self, format: ToolCallFormat, max_calls: int | None = None) -> None:
         self.format = format
+        self.max_calls = max_calls  # calls past it are never opened (parallel_tool_calls false)
         self.content = ContentBeforeCalls(format)
         self.calls: list[_OpenCall] = []
 
@@ -108,7 +109,7 @@ class ToolCallStream:
         """``(content, call deltas)`` that ``text`` (the reply so far) adds to what went out."""
         content = self.content.next(text)
         deltas = []
-        for index, block in enumerate(self.format.blocks(text)):
+        for index, block in enumerate(self.format.blocks(text)[:self.max_calls]):
             call = scan_call(block)
             delta = self._advance(index, call, call.arguments if call.arguments_is_object else None)
             if delta is None:

@@ -31,12 +31,19 @@ TOOL_CALL_PARSERS = tuple(TOOL_CALL_FORMATS)
 @dataclass(frozen=True, slots=True)
 class ToolMode:
     """How a request's reply may call its tools: ``kind`` is ``"none"``, ``"named"`` (``name`` the function),
-    ``"required"`` or ``"auto"`` (``parser`` the server's tool-call parser)."""
+    ``"required"`` or ``"auto"`` (``parser`` the server's tool-call parser); ``parallel`` False
+    (``parallel_tool_calls``): at most one call."""
 
     kind: str
     name: str | None = None
     parser: str | None = None
     tools: tuple[dict[str, Any], ...] = ()
+    parallel: bool = True
+
+    @property
+    def max_calls(self) -> int | None:
+        """The most calls a reply makes (None: no limit)."""
+        return None if self.parallel else 1
 
     @property
     def format(self) -> ToolCallFormat | None:
@@ -57,8 +64,10 @@ class ToolMode:
             calls = [{"type": "object", "properties": {"name": {"type": "string", "enum": [f["name"]]},
                                                        "parameters": _parameters(f)},
                       "required": ["name", "parameters"]} for f in (t["function"] for t in self.tools)]
-            return StructuredOutputsParams(json={"type": "array", "minItems": 1, "items": {"anyOf": calls}},
-                                           disable_any_whitespace=True)
+            array = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+            if not self.parallel:
+                array["maxItems"] = 1
+            return StructuredOutputsParams(json=array, disable_any_whitespace=True)
         return None
 
     def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
@@ -72,12 +81,13 @@ class ToolMode:
             except (ValueError, TypeError, KeyError):
                 return text, []  # cut short by max_tokens: not a complete array
         if self.format is not None:
-            return self.format.parse(text)
+            content, calls = self.format.parse(text)
+            return content, calls[:self.max_calls]
         return text, []
 
 
 def resolve_tool_mode(tools: list[dict[str, Any]] | None, tool_choice: str | dict[str, Any] | None,
-                      parser: str | None) -> ToolMode:
+                      parser: str | None, parallel: bool = True) -> ToolMode:
     """The request's :class:`ToolMode`; a 400 naming ``tools`` or ``tool_choice`` for a malformed tool, an
     unknown choice or function, or ``"auto"`` on a server without a tool-call parser."""
     if tools is not None:
@@ -105,12 +115,12 @@ def resolve_tool_mode(tools: list[dict[str, Any]] | None, tool_choice: str | dic
     if choice == "none":
         return ToolMode("none", tools=frozen)
     if choice == "required":
-        return ToolMode("required", tools=frozen)
+        return ToolMode("required", tools=frozen, parallel=parallel)
     if choice == "auto":
         if parser is None:
             raise invalid_param("tool_choice 'auto' needs a server started with --enable-auto-tool-choice and "
                                 "--tool-call-parser (name a function, or use 'required')", "tool_choice")
-        return ToolMode("auto", parser=parser, tools=frozen)
+        return ToolMode("auto", parser=parser, tools=frozen, parallel=parallel)
     raise invalid_param(f"tool_choice must be 'none', 'auto', 'required' or a named function, got {choice!r}",
                         "tool_choice")
 
