@@ -1,5 +1,5 @@
-"""The ``mistral`` and ``llama3_json`` tool-call formats through ``/v1/chat/completions`` with the official
-``openai`` client: the format is a server setting, so each gets an app of its own, served in-process
+"""The ``mistral``, ``llama3_json`` and ``pythonic`` tool-call formats through ``/v1/chat/completions`` with the
+official ``openai`` client: the format is a server setting, so each gets an app of its own, served in-process
 (``in_process_client``); the tiny random model is steered into each format's reply with a structured-output
 choice, streamed and not. (``hermes`` runs on the shared server: ``test_server_tools``.)"""
 
@@ -24,6 +24,7 @@ REPLIES = {  # the format's reply calling get_weather then get_time
                '{"name": "get_time", "arguments": {"zone": "UTC"}}]',
     "llama3_json": '{"name": "get_weather", "parameters": {"city": "Paris", "days": 2}}; '
                    '{"name": "get_time", "parameters": {"zone": "UTC"}}',
+    "pythonic": '[get_weather(city="Paris", days=2), get_time(zone="UTC")]',
 }
 V11 = '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris", "days": 2}[TOOL_CALLS]get_time[ARGS]{"zone": "UTC"}'
 """The same calls in the form of Mistral's v11+ tokenizers."""
@@ -59,8 +60,8 @@ def test_auto_parses_the_servers_format(served, stream: bool) -> None:
         assert [c["name"] for c in calls] == ["get_weather", "get_time"]
         assert json.loads(calls[0]["arguments"]) == ARGUMENTS and json.loads(calls[1]["arguments"]) == {"zone": "UTC"}
         assert calls[0]["id"].startswith("chatcmpl-tool-") and calls[0]["id"] != calls[1]["id"]
-        if stream:
-            assert calls[0]["pieces"] > 1  # the arguments came as the model wrote them
+        if stream:  # the arguments came as the model wrote them (a Python call's whole, once it closes)
+            assert calls[0]["pieces"] == 1 if name == "pythonic" else calls[0]["pieces"] > 1
     assert engine.kv_cache_usage() == 0.0
 
 
@@ -75,8 +76,8 @@ def test_a_reply_without_calls_is_content(served, stream: bool) -> None:
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 def test_text_before_the_calls(served, stream: bool) -> None:
-    """``mistral`` calls may follow text, which is the reply's content; ``llama3_json`` calls must begin the
-    reply, so text first makes all of it content."""
+    """``mistral`` calls may follow text, which is the reply's content; ``llama3_json`` and ``pythonic`` calls
+    must begin the reply, so text first makes all of it content."""
     name, client, _ = served
     reply = "Checking. " + REPLIES[name]
     content, calls, finish = ask(client, reply, stream)

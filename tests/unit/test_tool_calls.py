@@ -17,7 +17,8 @@ from pagedllm.entrypoints.openai.tool_call_formats import TOOL_CALL_FORMATS
 from pagedllm.entrypoints.openai.tool_call_stream import ContentBeforeCalls, ToolCallStream, merge_deltas
 from pagedllm.entrypoints.openai.tool_calls import arguments_as_objects, resolve_tool_mode
 
-HERMES, MISTRAL, LLAMA3 = (TOOL_CALL_FORMATS[name] for name in ("hermes", "mistral", "llama3_json"))
+HERMES, MISTRAL, LLAMA3, PYTHONIC = (TOOL_CALL_FORMATS[name] for name in ("hermes", "mistral", "llama3_json",
+                                                                          "pythonic"))
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
                                             "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
@@ -157,6 +158,20 @@ def test_tools_and_call_arguments_reach_the_template() -> None:
     assert rendered == "tool=get_weather;tool=get_time;user:weather?;assistant:[get_weather(Oslo)];tool:cold;"
 
 
+def test_pythonic_parser() -> None:
+    text = '[get_weather(city="Paris", days=2), get_time(zone=\'UTC\', now=True, tags=["a", None])]'
+    content, calls = PYTHONIC.parse(text)
+    assert content is None and named_arguments(calls) == [
+        ("get_weather", {"city": "Paris", "days": 2}), ("get_time", {"zone": "UTC", "now": True, "tags": ["a", None]})]
+    assert named_arguments(PYTHONIC.parse('[f(a="(]", b=\'\\\'\')]')[1]) == [("f", {"a": "(]", "b": "'"})]
+    for text in ("[f(x)]", "[f(**k)]", "[f(a=g())]", "[1, 2]", "I would call [f()]", '[f(a="open'):
+        assert PYTHONIC.parse(text) == (text, [])  # not literal keywords, not calls, not at the start, cut short
+    stream = ContentBeforeCalls(PYTHONIC)
+    assert stream.next(" [") == "" and stream.next(" [get_wea") == "" and stream.next(" [get_weather(") == ""
+    listing = ContentBeforeCalls(PYTHONIC)
+    assert listing.next("[") == "" and listing.next("[1, 2") == "[1, 2"
+
+
 def test_auto_streaming_holds_back_what_could_begin_a_call() -> None:
     stream = ContentBeforeCalls(HERMES)
     assert stream.next("Let me") == "Let me"
@@ -212,6 +227,7 @@ TWO_CALLS = {  # (format, reply, its content)
     "mistral_v11": (MISTRAL, 'Let me check.\n[TOOL_CALLS]get_weather[ARGS]{"city": "Paris", "days": 2}[TOOL_CALLS]'
                     'get_time[CALL_ID]a1b2c3d4e[ARGS]{"zone": "UTC", "name": "not the name"}', "Let me check.\n"),
     "llama3_json": (LLAMA3, f"<|python_tag|>{WEATHER_CALL.replace('arguments', 'parameters')}; {TIME_CALL}", ""),
+    "pythonic": (PYTHONIC, '[get_weather(city="Paris", days=2), get_time(zone=\'UTC\', name="not the name")]', ""),
 }
 
 

@@ -191,7 +191,8 @@ def _serve(args: argparse.Namespace) -> None:
 
     config = engine_config_from_args(args)
     if args.enable_auto_tool_choice and args.tool_call_parser is None:
-        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (hermes, mistral or llama3_json)")
+        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (hermes, mistral, llama3_json or "
+                         "pythonic)")
     chat_template = load_chat_template(args.chat_template)
     lora_modules = parse_lora_modules(getattr(args, "lora_modules", None) or [], config)
     engine = LLMEngine(config)

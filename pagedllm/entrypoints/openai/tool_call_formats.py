@@ -6,7 +6,9 @@
   v0.3, Mistral NeMo, Mixtral), or ``[TOOL_CALLS]name[ARGS]{...}`` per call (Mistral's v11+ tokenizers);
   ``[TOOL_CALLS]`` is a special token, so these replies keep special tokens;
 - ``llama3_json``: a reply that *begins* with ``{"name": ..., "parameters": {...}}`` (after an optional
-  ``<|python_tag|>``), several calls separated by ``;`` (Llama 3.1, 3.2, 3.3).
+  ``<|python_tag|>``), several calls separated by ``;`` (Llama 3.1, 3.2, 3.3);
+- ``pythonic``: a reply that *begins* with a Python list of calls, ``[get_weather(city="Paris")]`` (Llama 3.2
+  and 4 with their pythonic templates, ToolACE).
 
 Each format says where a reply's calls begin and cuts the text after that into one piece per call, the last
 perhaps cut short; parsing a finished reply and streaming one (``tool_call_stream``) both read those pieces.
@@ -14,6 +16,7 @@ perhaps cut short; parsing a finished reply and streaming one (``tool_call_strea
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import uuid
@@ -205,8 +208,100 @@ class Llama3JsonFormat(ToolCallFormat):
         return json_objects(text, pos, ";")
 
 
+class PythonicFormat(ToolCallFormat):
+    """A reply that begins with a Python list of calls with literal keyword arguments:
+    ``[get_weather(city="Paris", days=2), get_time()]``. Each call is read as the JSON object
+    ``{"name": ..., "arguments": {...}}`` it stands for (``True`` becomes ``true``, ...); its arguments stream
+    whole, once the call's parenthesis closes."""
+
+    name = "pythonic"
+    marker = "["
+
+    def calls_start(self, text: str) -> int | None:
+        """0 when the reply opens with ``[name(``, else None."""
+        return 0 if _opens_calls(text) else None
+
+    def content_end(self, text: str) -> int:
+        """0 while the reply may still open with a call, else all of it."""
+        return len(text) if _opens_calls(text) is False else 0
+
+    def blocks(self, text: str) -> list[str]:
+        """Each call from the start of the list; a call whose parenthesis is still open names its function
+        only, and one whose arguments are not literal keywords names none (it is no call)."""
+        if not _opens_calls(text):
+            return []
+        blocks = []
+        pos = text.index("[") + 1
+        while True:
+            while pos < len(text) and (text[pos].isspace() or text[pos] == ","):
+                pos += 1
+            call = _PYTHON_CALL.match(text, pos)
+            if call is None:
+                if _PYTHON_NAME.fullmatch(text, pos):  # the name is still being written
+                    blocks.append('{"name": "')
+                return blocks
+            name = json.dumps(call.group(1))
+            end = _closing_parenthesis(text, call.end())
+            if end is None:
+                blocks.append(f'{{"name": {name}, "arguments": ')
+                return blocks
+            arguments = _keyword_arguments(text[pos:end])
+            blocks.append('{"name": null}' if arguments is None else f'{{"name": {name}, "arguments": {arguments}}}')
+            pos = end
+
+
+_PYTHON_NAME = re.compile(r"[A-Za-z_][\w.]*")
+_PYTHON_CALL = re.compile(r"([A-Za-z_][\w.]*)\s*\(")
+_PYTHON_OPENING = re.compile(r"\s*\[\s*(?:([A-Za-z_][\w.]*)\s*(\()?)?")
+
+
+def _opens_calls(text: str) -> bool | None:
+    """Whether a reply opens with a Python list of calls: True, False, or None while it cannot tell yet."""
+    opening = _PYTHON_OPENING.match(text)
+    if opening is None:
+        return None if not text.strip() else False
+    if opening.group(2):
+        return True
+    return None if opening.end() == len(text) else False
+
+
+def _closing_parenthesis(text: str, pos: int) -> int | None:
+    """The index after the parenthesis that closes the one opened just before ``pos`` (None: still open),
+    skipping brackets inside string literals."""
+    depth, quote = 1, None
+    while pos < len(text):
+        char = text[pos]
+        if quote is not None:
+            if char == "\\":
+                pos += 1
+            elif char == quote:
+                quote = None
+        elif char in "'\"":
+            quote = char
+        elif char in "([{":
+            depth += 1
+        elif char in ")]}":
+            depth -= 1
+            if depth == 0:
+                return pos + 1
+        pos += 1
+    return None
+
+
+def _keyword_arguments(call: str) -> str | None:
+    """A call's keyword arguments as a JSON object, or None unless every argument is a keyword with a literal
+    value JSON can hold."""
+    try:
+        node = ast.parse(call, mode="eval").body
+        if not isinstance(node, ast.Call) or node.args or any(k.arg is None for k in node.keywords):
+            return None
+        return json.dumps({k.arg: ast.literal_eval(k.value) for k in node.keywords}, ensure_ascii=False)
+    except (SyntaxError, ValueError, TypeError):
+        return None
+
+
 TOOL_CALL_FORMATS: dict[str, ToolCallFormat] = {f.name: f for f in (HermesFormat(), MistralFormat(),
-                                                                      Llama3JsonFormat())}
+                                                                      Llama3JsonFormat(), PythonicFormat())}
 
 
 def new_call_id() -> str:
