@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -15,6 +15,7 @@ from pagedllm.core.checkpoint_quantization import (
     checkpoint_kv_cache_scales,
 )
 from pagedllm.core.reasoning import REASONING_TAGS
+from pagedllm.core.spec_decode import SpeculativeConfig
 
 if TYPE_CHECKING:
     from pagedllm.backends.interface import BackendCapabilities
@@ -72,7 +73,9 @@ class EngineConfig:
     (``pagedllm.core.lora``): up to ``max_loras`` adapters run at once, each of rank up to ``max_lora_rank``.
     ``reasoning_parser`` (``"deepseek_r1"`` or ``"qwen3"``: ``pagedllm.core.reasoning``) names a reasoning model's
     thinking markup: a structured output then applies to the answer after the thinking, and the server splits
-    replies' thinking from their answers.
+    replies' thinking from their answers. ``speculative_config`` (vLLM's dict, e.g. ``{"method": "ngram",
+    "num_speculative_tokens": 4}``: ``pagedllm.core.spec_decode``) turns on speculative decoding by prompt
+    lookup (one device, synchronous scheduling).
     """
 
     model: str | None = None
@@ -102,6 +105,7 @@ class EngineConfig:
     max_loras: int = 1
     max_lora_rank: int = 16
     reasoning_parser: str | None = None
+    speculative_config: dict[str, Any] | None = None
     served_model_name: str | None = None
     extra: dict[str, object] = field(default_factory=dict)
 
@@ -131,6 +135,13 @@ class EngineConfig:
         if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_TAGS:
             raise ValueError(f"reasoning_parser must be None or one of {', '.join(REASONING_TAGS)}; "
                              f"got {self.reasoning_parser!r}")
+        if self.speculative_config is not None:
+            SpeculativeConfig.from_dict(self.speculative_config)
+            if self.tensor_parallel_size > 1:
+                raise ValueError("speculative_config runs on one device: tensor_parallel_size must be 1")
+            if self.async_scheduling:
+                raise ValueError("speculative_config needs synchronous scheduling (a step's accepted drafts decide "
+                                 "the next step's input): leave async_scheduling off")
         if self.async_scheduling and not self.can_schedule_asynchronously():
             raise ValueError("async_scheduling with tensor parallelism needs the mp executor (rank 0 on the "
                              "driver's device, where the sampled tokens are)")
@@ -172,7 +183,7 @@ def resolve_async_scheduling(config: EngineConfig, runs_asynchronously: bool) ->
     next step early overlaps them; vLLM's default too) and the executor allows it, off otherwise."""
     if config.async_scheduling is not None:
         return config.async_scheduling
-    return runs_asynchronously and config.can_schedule_asynchronously()
+    return runs_asynchronously and config.can_schedule_asynchronously() and config.speculative_config is None
 
 
 @dataclass(slots=True)

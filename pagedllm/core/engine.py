@@ -39,6 +39,7 @@ from pagedllm.core.sampling_params import (
     truncated_prompt,
 )
 from pagedllm.core.scheduler import Scheduler, SchedulerOutput
+from pagedllm.core.spec_decode import SpeculativeConfig, accepted_drafts, propose_ngram, takes_drafts
 from pagedllm.core.structured_output import GrammarMatcher, StructuredOutputs
 
 logger = logging.getLogger(__name__)
@@ -57,16 +58,21 @@ class EngineStats:
     num_preemptions: int
     prefix_cache_queries_tokens: int
     prefix_cache_hit_tokens: int
+    spec_decode_num_draft_tokens: int = 0  # speculative decoding: drafts run, and those accepted
+    spec_decode_num_accepted_tokens: int = 0
 
 
 @dataclass(slots=True)
 class LaunchedStep:
     """A step queued on the device: its forward's output, then its sampling (None until started, or when
-    no row's request still runs), and the row of each sampled request."""
+    no row's request still runs), the request of each sampled row (``row_ids``; a request with drafts has one
+    row per position) and the last row of each, and the draft tokens each request ran."""
 
     runner_output: ModelRunnerOutput
     sampled: SamplerOutput | None = None
     rows: dict[str, int] = field(default_factory=dict)
+    row_ids: list[str] = field(default_factory=list)
+    drafts: dict[str, list[int]] = field(default_factory=dict)
 
 
 def pick_block_size(requested: int | None, supported: Sequence[int]) -> int:
@@ -140,6 +146,9 @@ class LLMEngine:
             eos_ids.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos_ids)  # generation_config's and the tokenizer's
         self._structured_outputs: StructuredOutputs | None = None
+        self.speculative = (None if config.speculative_config is None
+                            else SpeculativeConfig.from_dict(config.speculative_config))
+        self.num_draft_tokens = self.num_accepted_tokens = 0
         self._lora_paths: dict[int, str] = {}  # adapter id -> its directory, as first given
         self.vocab_size = mc.vocab_size  # read once: a transformers 5 config attribute costs ~20 us per read
         self.executor = self._make_executor()
@@ -387,7 +396,10 @@ class LLMEngine:
             if step is None:
                 return []
             self._start_sampling(step, sync=True)
-            return self._read_back(step)
+            outputs = self._read_back(step)
+            if self.speculative is not None:
+                self._propose_drafts(self.speculative)
+            return outputs
         try:
             current, self._in_flight = self._in_flight, None
             if current is None:
@@ -422,7 +434,8 @@ class LLMEngine:
                 assert previous is not None and previous.sampled is not None
                 scheduled.token_from_row = previous.rows[scheduled.request_id]
                 sampled_token_ids = previous.sampled.device_token_ids
-        return LaunchedStep(self.executor.execute(scheduler_output, sampled_token_ids))
+        drafts = {s.request_id: s.draft_token_ids for s in scheduler_output.scheduled if s.draft_token_ids}
+        return LaunchedStep(self.executor.execute(scheduler_output, sampled_token_ids), drafts=drafts)
 
     def _start_sampling(self, step: LaunchedStep, sync: bool) -> None:
         """Queue the sampling of ``step``'s rows whose requests still run (after the previous step was read
@@ -439,6 +452,7 @@ class LLMEngine:
         batch = self.sampler.make_batch([requests[rid] for rid in ids], logits.shape[-1])
         step.sampled = self.sampler(logits, batch, sync=sync)
         step.rows = {rid: row for row, rid in enumerate(ids)}
+        step.row_ids = ids
 
     def _add_pending_tokens(self, step: LaunchedStep) -> None:
         """Give each running request ``step`` samples for a pending token, so the next step can run it.
@@ -464,9 +478,11 @@ class LLMEngine:
         if sampled is None:
             return []
         sampled.resolve()
-        request_ids = list(step.rows)
-        requests = [r for rid in request_ids if (r := self.scheduler.requests.get(rid)) is not None]
-        finished = self.output_processor.process(request_ids, sampled, self.scheduler.requests)
+        request_ids, rows = step.row_ids, None
+        if step.drafts:
+            request_ids, rows = self._verify_drafts(step, sampled.token_ids)
+        requests = [r for rid in step.rows if (r := self.scheduler.requests.get(rid)) is not None]
+        finished = self.output_processor.process(request_ids, sampled, self.scheduler.requests, rows)
         for request, status in finished:
             self.scheduler.finish_requests([request.request_id], status)
             self.sampler.forget(request.request_id)
@@ -479,6 +495,39 @@ class LLMEngine:
                                        or parent.finished):
                 touched[parent.request_id] = parent
         return [self.output_processor.make_output(parent) for parent in touched.values()]
+
+    def _verify_drafts(self, step: LaunchedStep, tokens: list[int]) -> tuple[list[str], list[int]]:
+        """Check the drafts ``step`` ran against the tokens it sampled (``tokens``, one per row): each request
+        keeps the rows up to its first token that differs from its draft (``accepted_drafts``), and gives back
+        the computed slots of the drafts it rejects. Returns the request id and row of each token kept."""
+        ids, rows = [], []
+        row = 0
+        while row < len(step.row_ids):
+            request_id = step.row_ids[row]
+            drafts = step.drafts.get(request_id, [])
+            accepted = accepted_drafts(drafts, tokens[row : row + len(drafts) + 1])
+            ids += [request_id] * (accepted + 1)
+            rows += range(row, row + accepted + 1)
+            if drafts:
+                self.num_draft_tokens += len(drafts)
+                self.num_accepted_tokens += accepted
+                request = self.scheduler.requests.get(request_id)
+                if request is not None:
+                    request.num_computed_tokens -= len(drafts) - accepted
+            row += len(drafts) + 1
+        return ids, rows
+
+    def _propose_drafts(self, config: SpeculativeConfig) -> None:
+        """Give each decoding request that can take them (``takes_drafts``) the drafts its context proposes,
+        no more than its ``max_tokens`` and the model's length leave room for."""
+        max_model_len = self.model_config.max_model_len
+        for request in self.scheduler.running:
+            if request.num_computed_tokens != request.num_tokens - 1 or not takes_drafts(request):
+                continue
+            room = min(config.num_speculative_tokens, request.max_tokens - request.num_output_tokens - 1,
+                       max_model_len - request.num_tokens)
+            request.spec_token_ids = propose_ngram(request.all_token_ids, room, config.prompt_lookup_min,
+                                                   config.prompt_lookup_max)
 
     # ------------------------------------------------------------------ accounting
     def kv_cache_usage(self) -> float:
@@ -499,6 +548,8 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions,
             prefix_cache_queries_tokens=bm.num_prefix_queries_tokens,
             prefix_cache_hit_tokens=bm.num_prefix_hit_tokens,
+            spec_decode_num_draft_tokens=self.num_draft_tokens,
+            spec_decode_num_accepted_tokens=self.num_accepted_tokens,
         )
 
     def shutdown(self) -> None:

@@ -158,6 +158,12 @@ class ModelRunner:
             + positions % self.block_size
         )
         sampled = [i for i, r in enumerate(reqs) if r.needs_sample]
+        # a request with draft tokens samples at its last token and at each draft: its last 1 + drafts rows
+        num_rows = np.fromiter((1 + len(reqs[i].draft_token_ids) for i in sampled), dtype=np.int64, count=len(sampled))
+        ends = query_start[1:][sampled]
+        first_row = np.cumsum(num_rows) - num_rows  # each sampled request's first row among the sampled rows
+        logits_indices = (np.repeat(ends - num_rows - first_row, num_rows) + np.arange(int(num_rows.sum()))
+                          ).astype(np.int64)
         pending = [i for i, r in enumerate(reqs) if r.token_from_row is not None]
         pending_tokens = query_start[1:][pending] - 1  # a pending token is its request's last
         input_ids[pending_tokens] = 0  # a valid id until the device writes the sampled one
@@ -166,8 +172,9 @@ class ModelRunner:
         host = HostBatch(
             input_ids=input_ids, positions=positions, slots=slots, block_tables=block_tables,
             query_start=query_start, starts=starts, num_new=num_new,
-            logits_indices=query_start[1:][sampled] - 1,
-            sampled_request_ids=[reqs[i].request_id for i in sampled],
+            logits_indices=logits_indices,
+            sampled_request_ids=[reqs[i].request_id for i, rows in zip(sampled, num_rows.tolist(), strict=True)
+                                 for _ in range(rows)],
             pending_tokens=pending_tokens,
             pending_rows=np.fromiter((reqs[i].token_from_row for i in pending), dtype=np.int64, count=len(pending)),
         )
@@ -179,7 +186,7 @@ class ModelRunner:
             host.token_adapters = np.zeros(len(host.input_ids), dtype=np.int64)
             host.token_adapters[:num_tokens] = ids[request_of_token]
             host.adapters = {r.lora.lora_int_id: r.lora for r in reqs if r.lora is not None}
-        pooled = [k for k, i in enumerate(sampled) if reqs[i].pools]
+        pooled = [int(first_row[k]) for k, i in enumerate(sampled) if reqs[i].pools]
         if pooled:
             host.pooled_select = np.asarray(pooled, dtype=np.int64)
             host.pooled_request_ids = [host.sampled_request_ids[k] for k in pooled]

@@ -56,15 +56,17 @@ class OutputProcessor:
             self.parent_of[child.request_id] = parent
         self.parents[parent.request_id] = parent
 
-    def process(self, request_ids: list[str], sampled: SamplerOutput, requests: dict[str, Request]
-                ) -> list[tuple[Request, RequestStatus]]:
-        """Record one sampled token per request (row order of ``sampled``; ids no longer in ``requests``
-        are skipped); returns the requests that this token finished, with their final status."""
+    def process(self, request_ids: list[str], sampled: SamplerOutput, requests: dict[str, Request],
+                rows: list[int] | None = None) -> list[tuple[Request, RequestStatus]]:
+        """Record the sampled tokens: ``request_ids[i]`` gets row ``rows[i]`` of ``sampled`` (default: row ``i``);
+        a request may get several, in order (accepted draft tokens), and none after one that finished it. Ids no
+        longer in ``requests`` are skipped. Returns the requests these tokens finished, with their final status."""
         now = time.monotonic()
         finished: list[tuple[Request, RequestStatus]] = []
-        for row, request_id in enumerate(request_ids):
+        done: set[str] = set()
+        for row, request_id in zip(range(len(request_ids)) if rows is None else rows, request_ids, strict=True):
             request = requests.get(request_id)
-            if request is None:  # aborted after its step was launched (asynchronous scheduling)
+            if request is None or request_id in done:  # aborted after its step was launched, or finished here
                 continue
             token_id = sampled.token_ids[row]
             request.append_output_token(token_id)
@@ -81,6 +83,7 @@ class OutputProcessor:
             status = self._check_stop(request, parent, token_id)
             if status is not None:
                 finished.append((request, status))
+                done.add(request_id)
         return finished
 
     def _add_logprobs(self, completion: CompletionOutput, request: Request, row: int, token_id: int,

@@ -40,7 +40,9 @@ class Request:
     """One sequence to generate. ``n > 1`` prompts become ``n`` Requests sharing prompt blocks.
 
     Invariant: ``num_computed_tokens <= num_tokens``; the tokens in ``[num_computed_tokens, num_tokens)``
-    still have to go through the model (a whole prompt, a chunk, or the last sampled token).
+    still have to go through the model (a whole prompt, a chunk, or the last sampled token). The exception: while
+    a step that runs draft tokens (``spec_token_ids``, speculative decoding) is under way, ``num_computed_tokens``
+    counts them too; reading the step back gives the rejected ones back.
     """
 
     request_id: str
@@ -74,6 +76,8 @@ class Request:
     # embedding is pooled from its prompt's last final hidden state once the step computing it is read back
     pooling: PoolingParams | None = None
     embedding: list[float] | None = None
+    # speculative decoding: the tokens proposed to follow, run (and checked) by the next step (core/spec_decode.py)
+    spec_token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)

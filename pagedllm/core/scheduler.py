@@ -22,6 +22,8 @@ class ScheduledRequest:
     token, so a new token is sampled from its logits. ``token_from_row`` set (asynchronous scheduling):
     the last of ``token_ids`` is :data:`~pagedllm.core.request.PENDING_TOKEN_ID`, its value is row
     ``token_from_row`` of the previous step's sampled tokens, still on the device; set by the engine.
+    ``draft_token_ids`` (speculative decoding): the last of ``token_ids``, run after the request's last token;
+    the step samples at each of their positions too.
     """
 
     request_id: str
@@ -35,6 +37,7 @@ class ScheduledRequest:
     num_prompt_logprobs: int = 0
     pools: bool = False  # a pooling request (embedding) at its prompt's last token: its final hidden state is kept
     lora: LoRARequest | None = None  # the request's adapter, if any
+    draft_token_ids: list[int] = field(default_factory=list)
 
     @property
     def num_new_tokens(self) -> int:
@@ -166,11 +169,20 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         scheduled: list[tuple[Request, int]] = []
         preempted: list[str] = []
+        drafts_of: dict[str, list[int]] = {}
 
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            drafts = request.spec_token_ids[: budget - 1] if num_new == 1 else []
+            request.spec_token_ids = []
+            if drafts and self.block_manager.allocate_slots(request, 1 + len(drafts)) is not None:
+                drafts_of[request.request_id] = drafts  # else it decodes one token, as without drafts
+                scheduled.append((request, 1 + len(drafts)))
+                budget -= 1 + len(drafts)
+                i += 1
+                continue
             if not self.enable_chunked_prefill and num_new < request.num_tokens - request.num_computed_tokens:
                 break
             while self.block_manager.allocate_slots(request, num_new) is None:
@@ -219,7 +231,8 @@ class Scheduler:
         self.waiting.extendleft(reversed(skipped))
 
         out = SchedulerOutput(
-            scheduled=[self._scheduled(request, num_new) for request, num_new in scheduled],
+            scheduled=[self._scheduled(request, num_new, drafts_of.get(request.request_id, []))
+                       for request, num_new in scheduled],
             num_batched_tokens=self.max_num_batched_tokens - budget,
             preempted_ids=preempted,
             finished_ids=self._finished_ids,
@@ -227,27 +240,29 @@ class Scheduler:
         self._finished_ids = []
         return out
 
-    def _scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
+    def _scheduled(self, request: Request, num_new: int, drafts: list[int]) -> ScheduledRequest:
         start = request.num_computed_tokens
         request.num_computed_tokens += num_new
         span = request.prompt_logprob_span(start, num_new)
         return ScheduledRequest(
             request_id=request.request_id,
-            token_ids=request.all_token_ids[start : start + num_new],
+            token_ids=request.all_token_ids[start : start + num_new - len(drafts)] + drafts,
             start_position=start,
             block_ids=list(self.block_manager.get_block_table(request.request_id)),
-            needs_sample=request.num_computed_tokens == request.num_tokens,
+            needs_sample=request.num_computed_tokens >= request.num_tokens,
             prompt_logprob_span=span,
             prompt_logprob_targets=None if span is None else request.prompt_token_ids[span[0] + 1 : span[1] + 1],
             num_prompt_logprobs=request.sampling_params.prompt_logprobs or 0,
             pools=request.pooling is not None and request.num_computed_tokens == request.num_prompt_tokens,
             lora=request.lora_request,
+            draft_token_ids=drafts,
         )
 
     def _preempt(self, request: Request) -> None:
         """Free a running request's blocks and queue it again: first (``"fcfs"``), or before the waiting requests
         its key does not put after (``"priority"``); it is recomputed when admitted."""
         self.block_manager.free(request)
+        request.spec_token_ids = []
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_preemptions += 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import fields
 
 from pagedllm.core.config import KV_CACHE_DTYPES, QUANTIZATIONS, SCHEDULING_POLICIES, EngineConfig
@@ -58,12 +59,26 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Tr
                              "to the answer after it, and the server puts a chat reply's thinking in its "
                              "reasoning field. deepseek_r1: the reply thinks from its start (DeepSeek-R1, QwQ, "
                              "Qwen3 Thinking); qwen3: only a reply that opens with <think> (Qwen3)")
+    parser.add_argument("--speculative-config", type=json_object, default=None, metavar="JSON",
+                        help='speculative decoding by prompt lookup, as vLLM\'s: {"method": "ngram", '
+                             '"num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 1}')
     parser.add_argument("--enable-lora", action="store_true",
                         help="let requests name a PEFT LoRA adapter (--lora-modules, or LoRARequest offline)")
     parser.add_argument("--max-loras", type=int, default=1, help="adapters running at once (with --enable-lora)")
     parser.add_argument("--max-lora-rank", type=int, default=16, help="the largest adapter rank accepted")
     parser.add_argument("-tp", "--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--distributed-executor-backend", default="mp", choices=["mp", "ray"])
+
+
+def json_object(text: str) -> dict:
+    """An option's JSON object (argparse ``type``): a clear error for anything else."""
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r}")
+    return value
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:

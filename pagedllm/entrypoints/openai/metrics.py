@@ -49,6 +49,8 @@ class ServerMetrics:
         self.prefix_queries = counter("pagedllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
         self.prefix_hits = counter("pagedllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.")
         self.preemptions = counter("pagedllm:num_preemptions", "Requests preempted (recomputed later).")
+        self.draft_tokens = counter("pagedllm:spec_decode_num_draft_tokens", "Draft tokens run (speculative decoding).")
+        self.accepted_tokens = counter("pagedllm:spec_decode_num_accepted_tokens", "Draft tokens accepted.")
         self.prompt_tokens = counter("pagedllm:prompt_tokens", "Prompt tokens of requests that started.")
         self.generation_tokens = counter("pagedllm:generation_tokens", "Tokens generated.")
         self.ttft = Histogram("pagedllm:time_to_first_token_seconds", "Time to first token.", labels,
@@ -117,6 +119,10 @@ class ServerMetrics:
         self.prefix_queries.inc(queries - (previous.prefix_cache_queries_tokens if previous else 0))
         self.prefix_hits.inc(hits - (previous.prefix_cache_hit_tokens if previous else 0))
         self.preemptions.inc(stats.num_preemptions - (previous.num_preemptions if previous else 0))
+        self.draft_tokens.inc(stats.spec_decode_num_draft_tokens
+                              - (previous.spec_decode_num_draft_tokens if previous else 0))
+        self.accepted_tokens.inc(stats.spec_decode_num_accepted_tokens
+                                 - (previous.spec_decode_num_accepted_tokens if previous else 0))
         self._last_stats = stats
 
     def render(self) -> tuple[bytes, str]:

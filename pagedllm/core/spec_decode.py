@@ -1,0 +1,95 @@
+"""Speculative decoding with n-gram prompt lookup (vLLM's ``speculative_config={"method": "ngram", ...}``).
+
+After each step, a decoding request whose last ``n`` tokens (``prompt_lookup_max`` down to ``prompt_lookup_min``)
+occurred earlier in its prompt or output proposes the tokens that followed them there: up to
+``num_speculative_tokens`` drafts. The next step runs its last token and the drafts at once, so the model gives
+a distribution at every one of those positions, and samples each position as usual. Draft ``i`` is accepted
+while the token sampled at its position equals it; the first token sampled that differs (or, with all drafts
+accepted, the one after the last) is the step's own new token. For a draft that is one fixed token, this is
+exactly rejection sampling: the draft survives with its probability ``p(d)``, and a rejected position yields a
+token drawn from ``p`` without ``d``, renormalized. Greedy or not, the output has the distribution it has
+without drafts; a step just yields up to ``1 + num_speculative_tokens`` tokens per request.
+
+Drafts are proposed only for requests whose sampling keeps no state across tokens: no seed, penalties, bad
+words, structured output, logprobs or unmet ``min_tokens`` (the others decode one token per step as before).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from pagedllm.core.request import Request
+
+
+@dataclass(frozen=True, slots=True)
+class SpeculativeConfig:
+    """``method`` ``"ngram"``; each step proposes up to ``num_speculative_tokens`` drafts per request, from the
+    longest of its last ``prompt_lookup_max`` .. ``prompt_lookup_min`` tokens found earlier in its context."""
+
+    num_speculative_tokens: int
+    prompt_lookup_max: int = 4
+    prompt_lookup_min: int = 1
+    method: str = "ngram"
+
+    def __post_init__(self) -> None:
+        if self.method != "ngram":
+            raise ValueError(f"speculative_config method must be 'ngram' (prompt lookup), got {self.method!r}")
+        if self.num_speculative_tokens < 1:
+            raise ValueError(f"speculative_config num_speculative_tokens must be >= 1, got "
+                             f"{self.num_speculative_tokens}")
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise ValueError(f"speculative_config needs 1 <= prompt_lookup_min <= prompt_lookup_max, got "
+                             f"{self.prompt_lookup_min} and {self.prompt_lookup_max}")
+
+    @staticmethod
+    def from_dict(values: dict[str, Any]) -> SpeculativeConfig:
+        """Read vLLM's dict (``--speculative-config`` JSON); a ValueError names an unknown or missing key."""
+        known = {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"speculative_config: unknown keys {unknown} (this engine takes {sorted(known)})")
+        if "num_speculative_tokens" not in values:
+            raise ValueError("speculative_config needs num_speculative_tokens")
+        return SpeculativeConfig(**values)
+
+
+def propose_ngram(tokens: list[int], num_drafts: int, min_n: int, max_n: int) -> list[int]:
+    """Up to ``num_drafts`` tokens that followed the most recent earlier occurrence of ``tokens``' last ``n``
+    tokens, for the largest ``n`` in ``max_n .. min_n`` that occurs; [] when none does. Called once per step
+    for each request that may take drafts."""
+    length = len(tokens)
+    if length < min_n + 1 or num_drafts < 1:
+        return []
+    array = np.asarray(tokens, dtype=np.int64)
+    for n in range(min(max_n, length - 1), min_n - 1, -1):
+        suffix = array[length - n:]
+        windows = np.lib.stride_tricks.sliding_window_view(array[: length - 1], n)  # starts 0 .. length - n - 1
+        matches = np.flatnonzero((windows == suffix).all(axis=1))
+        if len(matches):
+            start = int(matches[-1]) + n
+            return array[start : start + num_drafts].tolist()
+    return []
+
+
+def takes_drafts(request: Request) -> bool:
+    """Whether ``request``'s sampling keeps no state across tokens, so its positions can be sampled in one
+    step (see the module docstring)."""
+    p = request.sampling_params
+    return (p.seed is None and p.logprobs is None and p.repetition_penalty == 1.0 and p.presence_penalty == 0.0
+            and p.frequency_penalty == 0.0 and not p.bad_words_token_ids and request.structured is None
+            and request.pooling is None and request.num_output_tokens >= p.min_tokens)
+
+
+def accepted_drafts(drafts: list[int], sampled: list[int]) -> int:
+    """How many of ``drafts`` the tokens ``sampled`` at their positions accept: the length of their common
+    prefix (``sampled`` has one more token than ``drafts``)."""
+    count = 0
+    for draft, token in zip(drafts, sampled, strict=False):
+        if draft != token:
+            break
+        count += 1
+    return count

@@ -1,0 +1,112 @@
+"""Speculative decoding by n-gram prompt lookup (``speculative_config``): greedy generation equals generation
+without it token for token (the tiny random model falls into loops that prompt lookup predicts, so most steps run
+drafts and many are accepted), under chunked prefill, a small KV pool that preempts, stop strings, ``n > 1`` and
+requests that take no drafts; random sampling runs drafts too; seeded requests are unchanged; every KV block
+comes back; bad settings are refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pagedllm import LLM, SamplingParams
+from pagedllm.core.config import EngineConfig
+from pagedllm.core.spec_decode import accepted_drafts, propose_ngram
+from tests.conftest import assert_pool_free
+
+NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 1}
+PROMPTS = ["def f(x):\n    return x + 1\n\ndef f(x):\n    return", "the cat sat on the mat. the cat sat on the",
+           "a b c d a b c d a b c d a b", "x", "import os\nimport sys\nimport os\n"]
+
+
+def engines(model_dir: Path, **settings: object) -> tuple[LLM, LLM]:
+    common = {"device": "cpu", "dtype": "float32", "kv_cache_memory_bytes": 8 << 20, "seed": 0, "block_size": 8,
+              **settings}
+    return LLM(str(model_dir), **common), LLM(str(model_dir), speculative_config=NGRAM, **common)
+
+
+def token_ids(llm: LLM, prompts: list[str], params: SamplingParams | list[SamplingParams]) -> list[list[list[int]]]:
+    return [[c.token_ids for c in out.outputs] for out in llm.generate(prompts, params, use_tqdm=False)]
+
+
+def drafts_and_accepted(llm: LLM) -> tuple[int, int]:
+    stats = llm.llm_engine.stats()
+    return stats.spec_decode_num_draft_tokens, stats.spec_decode_num_accepted_tokens
+
+
+def test_propose_and_accept() -> None:
+    assert propose_ngram([1, 2, 3, 9, 1, 2, 3], 2, 1, 3) == [9, 1]  # "1 2 3" occurred before: what followed it
+    assert propose_ngram([5, 1, 2, 7, 1, 2], 4, 1, 2) == [7, 1, 2]  # as many as there are
+    assert propose_ngram([4, 5, 6, 7], 3, 1, 4) == []  # no repeat
+    assert propose_ngram([1, 2, 1, 3, 1], 1, 1, 2) == [3]  # the most recent earlier occurrence of "1"
+    assert accepted_drafts([3, 4, 5], [3, 4, 9, 1]) == 2 and accepted_drafts([3], [2, 3]) == 0
+    assert accepted_drafts([3, 4], [3, 4, 8]) == 2
+
+
+def test_greedy_equals_decoding_without_drafts(llama_dir: Path) -> None:
+    base, spec = engines(llama_dir)
+    params = SamplingParams(temperature=0.0, max_tokens=96, ignore_eos=True)
+    assert token_ids(spec, PROMPTS, params) == token_ids(base, PROMPTS, params)
+    drafts, accepted = drafts_and_accepted(spec)
+    assert drafts > 200 and accepted > drafts // 3  # the loops are predicted: most tokens came as drafts
+    assert_pool_free(spec)
+
+
+def test_chunked_prefill_preemption_and_the_token_budget(llama_dir: Path) -> None:
+    """A 16-token budget cuts prompts and drafts; a pool of 20 blocks of 8 preempts; the results do not move."""
+    base, spec = engines(llama_dir, max_num_batched_tokens=16, num_kv_blocks=21, kv_cache_memory_bytes=None)
+    params = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
+    assert token_ids(spec, PROMPTS, params) == token_ids(base, PROMPTS, params)
+    assert spec.llm_engine.stats().num_preemptions > 0 and drafts_and_accepted(spec)[1] > 0
+    assert_pool_free(spec)
+
+
+def test_stops_max_tokens_n_and_requests_without_drafts(llama_dir: Path) -> None:
+    """Stop strings and max_tokens cut accepted drafts where they fall; ``n > 1`` completions each draft; requests
+    with logprobs or penalties run one token a step beside the others, with the same tokens."""
+    base, spec = engines(llama_dir)
+    greedy = SamplingParams(temperature=0.0, max_tokens=80, ignore_eos=True)
+    text = base.generate(PROMPTS[1], greedy, use_tqdm=False)[0].outputs[0].text
+    stop = text[40:44]
+    params = [SamplingParams(temperature=0.0, max_tokens=80, ignore_eos=True, stop=[stop]),
+              SamplingParams(temperature=0.0, max_tokens=37, ignore_eos=True),
+              SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True, n=2),
+              SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True, logprobs=2),
+              SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True, repetition_penalty=1.3)]
+    prompts = [PROMPTS[1], PROMPTS[0], PROMPTS[2], PROMPTS[3], PROMPTS[4]]
+    ours = spec.generate(prompts, params, use_tqdm=False)
+    theirs = base.generate(prompts, params, use_tqdm=False)
+    assert [[c.token_ids for c in o.outputs] for o in ours] == [[c.token_ids for c in o.outputs] for o in theirs]
+    assert ours[0].outputs[0].text == text[: text.index(stop)] and ours[0].outputs[0].finish_reason == "stop"
+    assert len(ours[1].outputs[0].token_ids) == 37
+    for mine, reference in zip(ours[3].outputs[0].logprobs, theirs[3].outputs[0].logprobs, strict=True):
+        assert mine.keys() == reference.keys()  # (the batches differ: float32 sums in another order)
+        assert all(mine[t].logprob == pytest.approx(reference[t].logprob, abs=1e-5) for t in mine)
+    assert drafts_and_accepted(spec)[1] > 0
+    assert_pool_free(spec)
+
+
+def test_random_sampling_runs_drafts_and_seeded_requests_are_unchanged(llama_dir: Path) -> None:
+    base, spec = engines(llama_dir)
+    sampled = spec.generate(PROMPTS * 8, SamplingParams(temperature=0.3, max_tokens=48, ignore_eos=True),
+                            use_tqdm=False)
+    assert all(len(o.outputs[0].token_ids) == 48 for o in sampled)
+    assert drafts_and_accepted(spec)[1] > 0  # random samples accept drafts too
+    seeded = SamplingParams(temperature=1.0, max_tokens=24, ignore_eos=True, seed=11)  # takes no drafts
+    assert token_ids(spec, PROMPTS, seeded) == token_ids(base, PROMPTS, seeded)
+    assert_pool_free(spec)
+
+
+@pytest.mark.parametrize("settings,message", [
+    ({"speculative_config": {"method": "eagle", "num_speculative_tokens": 2}}, "must be 'ngram'"),
+    ({"speculative_config": {"method": "ngram"}}, "needs num_speculative_tokens"),
+    ({"speculative_config": {"num_speculative_tokens": 2, "draft_model": "x"}}, "unknown keys"),
+    ({"speculative_config": {"num_speculative_tokens": 2, "prompt_lookup_min": 3, "prompt_lookup_max": 2}},
+     "prompt_lookup_min <= prompt_lookup_max"),
+    ({"speculative_config": NGRAM, "async_scheduling": True}, "synchronous scheduling"),
+    ({"speculative_config": NGRAM, "tensor_parallel_size": 2}, "one device"),
+])
+def test_bad_settings_are_refused(settings: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        EngineConfig(**settings)
