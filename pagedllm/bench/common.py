@@ -57,11 +57,13 @@ def hardware(device: torch.device) -> str:
 
 def engine_settings(args: argparse.Namespace) -> str:
     """pagedllm's settings that change its figures, as one report line."""
+    spec = getattr(args, "speculative_config", None)
     return (f"pagedllm engine: tensor_parallel_size={args.tensor_parallel_size}, max_num_seqs={args.max_num_seqs}, "
             f"max_num_batched_tokens={args.max_num_batched_tokens or 'auto'}, "
             f"enforce_eager={args.enforce_eager}, kv_cache_dtype={args.kv_cache_dtype}, "
             f"quantization={getattr(args, 'resolved_quantization', args.quantization)}, "
-            f"async_scheduling={ {True: 'on', False: 'off', None: 'auto'}[args.async_scheduling] }")
+            f"async_scheduling={ {True: 'on', False: 'off', None: 'auto'}[args.async_scheduling] }"
+            + (f", speculative_config={json.dumps(spec)}" if spec else ""))
 
 
 def make_llm(args: argparse.Namespace) -> object:

@@ -1,5 +1,7 @@
 """``pagedllm bench latency``: time to first token and time per output token of one small batch,
-pagedllm vs transformers in one run, against the weight-read floor of the device."""
+pagedllm vs transformers in one run, against the weight-read floor of the device. With ``--speculative-config``
+both run prompt-lookup speculative decoding: pagedllm its ngram drafts, transformers ``generate`` with
+``prompt_lookup_num_tokens`` (batch 1 only), and pagedllm's draft acceptance is reported."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from pagedllm.bench.common import (
 )
 from pagedllm.bench.hf_runner import load_hf_model, release_device_memory, weight_bytes
 from pagedllm.bench.workloads import BenchRequest, make_workload
+from pagedllm.core.spec_decode import SpeculativeConfig
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -51,7 +54,8 @@ def copy_bandwidth_bytes_per_s(device: torch.device, sync: callable, num_bytes: 
     return 2 * num_bytes / min(times)
 
 
-def _time_pagedllm(args: argparse.Namespace, requests: list[BenchRequest]) -> tuple[float, float, torch.device]:
+def _time_pagedllm(args: argparse.Namespace, requests: list[BenchRequest]
+                   ) -> tuple[float, float, torch.device, dict[str, str]]:
     from pagedllm.core.heap import frozen_heap
     from pagedllm.core.sampling_params import SamplingParams
 
@@ -70,23 +74,35 @@ def _time_pagedllm(args: argparse.Namespace, requests: list[BenchRequest]) -> tu
                 ttfts.append(m.first_token_time - m.arrival_time)
                 tpots.append((m.last_token_time - m.first_token_time) / (args.output_len - 1))
     device = engine.device
+    stats = engine.stats()
+    extra = {}
+    if stats.spec_decode_num_draft_tokens:
+        extra["draft_acceptance"] = f"{stats.spec_decode_num_accepted_tokens / stats.spec_decode_num_draft_tokens:.2f}"
     engine.shutdown()
     del llm, engine
     release_device_memory(device)
-    return statistics.median(ttfts), statistics.median(tpots), device
+    return statistics.median(ttfts), statistics.median(tpots), device, extra
 
 
 def _time_hf(args: argparse.Namespace, model_path: str, dtype: torch.dtype, requests: list[BenchRequest],
              device: torch.device, sync: callable) -> tuple[float, float]:
     model = load_hf_model(model_path, dtype, device, args.load_format == "dummy", args.hf_dummy_init)
     ids = torch.tensor([r.prompt_token_ids for r in requests], device=device)
+    lookup = {}
+    if args.speculative_config:  # transformers' prompt lookup decoding, with the same draft count and n-gram
+        spec = SpeculativeConfig.from_dict(args.speculative_config)
+        if len(requests) != 1:
+            raise ValueError("--speculative-config with --backend hf needs --batch-size 1 (transformers' prompt "
+                             "lookup decodes one sequence)")
+        lookup = {"prompt_lookup_num_tokens": spec.num_speculative_tokens,
+                  "max_matching_ngram_size": spec.prompt_lookup_max}
 
     def timed(new_tokens: int) -> float:
         sync()
         start = time.perf_counter()
         with torch.inference_mode():
             model.generate(ids, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                           pad_token_id=0)
+                           pad_token_id=0, **lookup)
         sync()
         return time.perf_counter() - start
 
@@ -111,11 +127,12 @@ def run(args: argparse.Namespace) -> int:
     results: list[BenchResult] = []
     tokens = args.batch_size * (args.input_len + args.output_len)
     if "pagedllm" in names:
-        ttft, tpot, device = _time_pagedllm(args, requests)
+        ttft, tpot, device, spec_extra = _time_pagedllm(args, requests)
         elapsed = ttft + tpot * (args.output_len - 1)
         results.append(BenchResult("pagedllm", elapsed, args.batch_size / elapsed,
                                    args.batch_size * args.output_len / elapsed, tokens / elapsed,
-                                   {"ttft_ms": f"{1e3 * ttft:.1f}", "per_token_ms": f"{1e3 * tpot:.2f}"}))
+                                   {"ttft_ms": f"{1e3 * ttft:.1f}", "per_token_ms": f"{1e3 * tpot:.2f}",
+                                    **spec_extra}))
     if "hf" in names:
         ttft, tpot = _time_hf(args, model_config.path, model_config.dtype, requests, device, backend.synchronize)
         elapsed = ttft + tpot * (args.output_len - 1)
