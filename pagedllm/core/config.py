@@ -75,7 +75,7 @@ class EngineConfig:
     thinking markup: a structured output then applies to the answer after the thinking, and the server splits
     replies' thinking from their answers. ``speculative_config`` (vLLM's dict, e.g. ``{"method": "ngram",
     "num_speculative_tokens": 4}``: ``pagedllm.core.spec_decode``) turns on speculative decoding by prompt
-    lookup (one device, synchronous scheduling).
+    lookup (synchronous scheduling only).
     """
 
     model: str | None = None
@@ -137,8 +137,6 @@ class EngineConfig:
                              f"got {self.reasoning_parser!r}")
         if self.speculative_config is not None:
             SpeculativeConfig.from_dict(self.speculative_config)
-            if self.tensor_parallel_size > 1:
-                raise ValueError("speculative_config runs on one device: tensor_parallel_size must be 1")
             if self.async_scheduling:
                 raise ValueError("speculative_config needs synchronous scheduling (a step's accepted drafts decide "
                                  "the next step's input): leave async_scheduling off")

@@ -11,7 +11,9 @@ token drawn from ``p`` without ``d``, renormalized. Greedy or not, the output ha
 without drafts; a step just yields up to ``1 + num_speculative_tokens`` tokens per request.
 
 Drafts are proposed only for requests whose sampling keeps no state across tokens: no seed, penalties, bad
-words, structured output, logprobs or unmet ``min_tokens`` (the others decode one token per step as before).
+words, structured output or unmet ``min_tokens`` (the others decode one token per step as before). Logprobs are
+those of each position's own distribution, as without drafts. With tensor parallelism every rank runs the same
+rows; rank 0 samples and checks them.
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ def takes_drafts(request: Request) -> bool:
     """Whether ``request``'s sampling keeps no state across tokens, so its positions can be sampled in one
     step (see the module docstring)."""
     p = request.sampling_params
-    return (p.seed is None and p.logprobs is None and p.repetition_penalty == 1.0 and p.presence_penalty == 0.0
+    return (p.seed is None and p.repetition_penalty == 1.0 and p.presence_penalty == 0.0
             and p.frequency_penalty == 0.0 and not p.bad_words_token_ids and request.structured is None
             and request.pooling is None and request.num_output_tokens >= p.min_tokens)
 

@@ -63,8 +63,9 @@ def test_chunked_prefill_preemption_and_the_token_budget(llama_dir: Path) -> Non
 
 
 def test_stops_max_tokens_n_and_requests_without_drafts(llama_dir: Path) -> None:
-    """Stop strings and max_tokens cut accepted drafts where they fall; ``n > 1`` completions each draft; requests
-    with logprobs or penalties run one token a step beside the others, with the same tokens."""
+    """Stop strings and max_tokens cut accepted drafts where they fall; ``n > 1`` completions each draft; a request
+    with logprobs drafts and gets each position's logprobs; one with penalties runs one token a step beside the
+    others; all with the same tokens."""
     base, spec = engines(llama_dir)
     greedy = SamplingParams(temperature=0.0, max_tokens=80, ignore_eos=True)
     text = base.generate(PROMPTS[1], greedy, use_tqdm=False)[0].outputs[0].text
@@ -105,8 +106,28 @@ def test_random_sampling_runs_drafts_and_seeded_requests_are_unchanged(llama_dir
     ({"speculative_config": {"num_speculative_tokens": 2, "prompt_lookup_min": 3, "prompt_lookup_max": 2}},
      "prompt_lookup_min <= prompt_lookup_max"),
     ({"speculative_config": NGRAM, "async_scheduling": True}, "synchronous scheduling"),
-    ({"speculative_config": NGRAM, "tensor_parallel_size": 2}, "one device"),
 ])
 def test_bad_settings_are_refused(settings: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         EngineConfig(**settings)
+
+
+@pytest.mark.timeout(180)
+def test_tensor_parallel_drafts_equal_one_device(llama_dir: Path) -> None:
+    """With ``tp=2`` (mp executor, gloo) both ranks run the drafts; tokens and logprobs equal tp=1 without."""
+    base, _ = engines(llama_dir)
+    params = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True, logprobs=2)
+    theirs = base.generate(PROMPTS, params, use_tqdm=False)
+    tp = LLM(str(llama_dir), device="cpu", dtype="float32", kv_cache_memory_bytes=8 << 20, seed=0, block_size=8,
+             tensor_parallel_size=2, speculative_config=NGRAM)
+    try:
+        ours = tp.generate(PROMPTS, params, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in ours] == [o.outputs[0].token_ids for o in theirs]
+        for mine, reference in zip(ours, theirs, strict=True):
+            for got, want in zip(mine.outputs[0].logprobs, reference.outputs[0].logprobs, strict=True):
+                assert got.keys() == want.keys()
+                assert all(got[t].logprob == pytest.approx(want[t].logprob, abs=1e-4) for t in got)
+        assert drafts_and_accepted(tp)[1] > 0
+        assert_pool_free(tp)
+    finally:
+        tp.llm_engine.shutdown()
