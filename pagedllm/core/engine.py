@@ -522,7 +522,8 @@ class LLMEngine:
         no more than its ``max_tokens`` and the model's length leave room for."""
         max_model_len = self.model_config.max_model_len
         for request in self.scheduler.running:
-            if request.num_computed_tokens != request.num_tokens - 1 or not takes_drafts(request):
+            if (request.num_computed_tokens != request.num_tokens - 1 or not request.output_token_ids
+                    or not takes_drafts(request)):  # decoding only (not a prompt's last chunk)
                 continue
             room = min(config.num_speculative_tokens, request.max_tokens - request.num_output_tokens - 1,
                        max_model_len - request.num_tokens)
