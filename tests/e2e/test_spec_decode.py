@@ -131,3 +131,26 @@ def test_tensor_parallel_drafts_equal_one_device(llama_dir: Path) -> None:
         assert_pool_free(tp)
     finally:
         tp.llm_engine.shutdown()
+
+
+def test_the_server_drafts_and_counts_them(llama_dir: Path) -> None:
+    """``pagedllm serve --speculative-config``: completions equal the offline engine's without drafts, and
+    ``/metrics`` counts the drafts run and accepted."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("openai")
+    from tests.e2e.openai_server import in_process_client
+
+    base, _ = engines(llama_dir)
+    expected = base.generate(PROMPTS[1], SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True),
+                             use_tqdm=False)[0].outputs[0].text
+    with in_process_client(llama_dir, {"speculative_config": NGRAM}) as (client, engine):
+        reply = client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=64, temperature=0.0,
+                                          extra_body={"ignore_eos": True})
+        assert reply.choices[0].text == expected
+        metrics = client._client.get("http://testserver/metrics").text
+        counted = {line.split()[0].split("{")[0]: float(line.split()[-1]) for line in metrics.splitlines()
+                   if line.startswith("pagedllm:spec_decode_num_")}
+        assert counted["pagedllm:spec_decode_num_accepted_tokens_total"] > 0
+        assert counted["pagedllm:spec_decode_num_draft_tokens_total"] >= counted[
+            "pagedllm:spec_decode_num_accepted_tokens_total"]
+        assert engine.kv_cache_usage() == 0.0
