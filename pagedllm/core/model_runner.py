@@ -332,15 +332,20 @@ class ModelRunner:
         """
         graphs = self.graph_runner
         scheduled = scheduler_output.scheduled
-        if (graphs is not None and len(scheduled) <= graphs.max_batch_size
-                and all(r.num_new_tokens == 1 and not r.pools for r in scheduled)):
+        # decodes, and decodes with draft tokens: each token a decode row of its own (a draft attends to the
+        # request's cache up to its position, which this step's earlier rows write before attention reads it)
+        if (graphs is not None and sum(r.num_new_tokens for r in scheduled) <= graphs.max_batch_size
+                and all(r.num_new_tokens == 1 + len(r.draft_token_ids) and not r.pools for r in scheduled)):
             host = self.prepare_host(scheduled)
+            num_rows = int(host.query_start[-1])
+            tables = host.block_tables if num_rows == len(scheduled) else np.repeat(host.block_tables, host.num_new,
+                                                                                    axis=0)
             lora_rows = None
             if self.lora is not None and host.token_adapters is not None:
                 lora_rows = self.lora.rows(host.token_adapters, host.adapters or {})
-            logits = graphs.run(host.input_ids, host.positions, host.slots, host.block_tables,
+            logits = graphs.run(host.input_ids, host.positions, host.slots, tables,
                                 self.pending_token_ids(host, sampled_token_ids), lora_rows=lora_rows)
-            if len(host.logits_indices) != len(scheduled):  # a one-token prompt chunk that does not sample
+            if len(host.logits_indices) != num_rows:  # a one-token prompt chunk that does not sample
                 logits = logits[torch.from_numpy(host.logits_indices).to(self.device, non_blocking=True)]
             return self._output(host, logits, are_logits=True)
         model_input = self.prepare(scheduled, sampled_token_ids)

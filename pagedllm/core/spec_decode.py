@@ -13,7 +13,8 @@ without drafts; a step just yields up to ``1 + num_speculative_tokens`` tokens p
 Drafts are proposed only for requests whose sampling keeps no state across tokens: no seed, penalties, bad
 words, structured output or unmet ``min_tokens`` (the others decode one token per step as before). Logprobs are
 those of each position's own distribution, as without drafts. With tensor parallelism every rank runs the same
-rows; rank 0 samples and checks them.
+rows; rank 0 samples and checks them. With decode graphs, a step of decodes with drafts replays one, each token a
+decode row (``ModelRunner.execute``).
 """
 
 from __future__ import annotations

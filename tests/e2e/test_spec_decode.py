@@ -154,3 +154,32 @@ def test_the_server_drafts_and_counts_them(llama_dir: Path) -> None:
         assert counted["pagedllm:spec_decode_num_draft_tokens_total"] >= counted[
             "pagedllm:spec_decode_num_accepted_tokens_total"]
         assert engine.kv_cache_usage() == 0.0
+
+
+def test_steps_with_drafts_replay_decode_graphs(llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With graphs (the ``cpu`` backend with emulated graphs: a replay re-runs the step over the static buffers),
+    a step with drafts replays a decode graph, each of its tokens a row that attends to its request's cache up to
+    its position; greedy tokens equal eager decoding without drafts."""
+    from pagedllm.backends.registry import get_registry
+    from tests.e2e.graph_cpu_backend import GraphCpuBackend
+
+    base, _ = engines(llama_dir)
+    params = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
+    expected = token_ids(base, PROMPTS, params)
+    monkeypatch.setattr(get_registry(), "resolve_backend", lambda device: GraphCpuBackend)
+    spec = LLM(str(llama_dir), device="cpu", dtype="float32", kv_cache_memory_bytes=8 << 20, seed=0, block_size=8,
+               max_num_seqs=32, speculative_config=NGRAM)
+    graphs = spec.llm_engine.executor.worker.runner.graph_runner
+    assert graphs is not None
+    rows_per_replay: list[int] = []
+    run = graphs.run
+
+    def counting_run(input_ids, *args: object, **kwargs: object) -> object:
+        rows_per_replay.append(len(input_ids))
+        return run(input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(graphs, "run", counting_run)
+    assert token_ids(spec, PROMPTS, params) == expected
+    assert max(rows_per_replay) > len(PROMPTS)  # replays with draft rows
+    assert drafts_and_accepted(spec)[1] > 0
+    assert_pool_free(spec)
