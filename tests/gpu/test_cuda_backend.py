@@ -469,6 +469,20 @@ def test_async_scheduling_greedy_equals_cpu_fp32(tiny_checkpoints: dict[str, Pat
 
 
 @pytest.mark.parametrize("enforce_eager", [True, False], ids=["eager", "graphs"])
+def test_speculative_decoding_greedy_equals_cpu_fp32(tiny_checkpoints: dict[str, Path], enforce_eager: bool) -> None:
+    """Prompt-lookup drafts on ``cuda`` (eagerly, and replayed in the decode graphs as one decode row per token):
+    tokens equal the ``cpu`` backend's without drafts over 96 tokens, where the tiny model's loops are predicted."""
+    from pagedllm import SamplingParams
+
+    params = [SamplingParams(temperature=0.0, max_tokens=96, ignore_eos=True, logprobs=2)] * 7
+    expected, _ = _generate(tiny_checkpoints["llama"], "cpu", "float32", params)
+    got, llm = _generate(tiny_checkpoints["llama"], "cuda", "float32", params, enforce_eager=enforce_eager,
+                         speculative_config={"method": "ngram", "num_speculative_tokens": 4})
+    assert_same_tokens(got, expected)
+    assert llm.llm_engine.stats().spec_decode_num_accepted_tokens > 0
+
+
+@pytest.mark.parametrize("enforce_eager", [True, False], ids=["eager", "graphs"])
 def test_sampling_controls_equal_cpu_fp32(tiny_checkpoints: dict[str, Path], enforce_eager: bool) -> None:
     """logit_bias, allowed_token_ids, bad_words, min_tokens and a repetition penalty, one per prompt beside plain
     greedy rows, with asynchronous scheduling (the sampler's per-request tensors built on the GPU)."""
