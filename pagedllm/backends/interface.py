@@ -265,7 +265,10 @@ class AttentionMetadata:
 
     Requests are ordered decodes first (``query_len == 1``), then prefills (chunks of one or more
     tokens, possibly over cached prefix blocks). Token ``t`` of request ``r`` is row
-    ``query_start_loc[r] + t`` of the flat batch and sits at position ``context_lens[r] + t``.
+    ``query_start_loc[r] + t`` of the flat batch and sits at position ``context_lens[r] + t``. Several decode
+    "requests" may be rows of one sequence at consecutive positions, sharing its block table (speculative
+    decoding's draft rows, the last layer's sampled rows): the cache holds every row's keys and values before
+    attention, so a row sees the rows before it (the conformance kit's ``decode_rows`` cases).
 
     Slot mapping, worked example with ``block_size=4``: a request with block table ``[7, 2]`` whose
     tokens at positions 3, 4, 5 are in this step writes them to slots ``7*4+3=31``, ``2*4+0=8``,

@@ -242,6 +242,26 @@ def build_attention_batch(
     )
 
 
+def as_decode_rows(metadata: AttentionMetadata) -> AttentionMetadata:
+    """``metadata`` with every new token a decode row of its own: its request's block table, ``seq_len`` its
+    position plus one, one query token (the layout of speculative decoding's draft rows and of the last layer's
+    sampled rows). The same tokens, slots and results: rows of one request see the rows before them through the
+    cache, which holds this step's keys and values before attention."""
+    query_lens = (metadata.query_start_loc_cpu[1:] - metadata.query_start_loc_cpu[:-1]).tolist()
+    context_lens = (metadata.seq_lens_cpu - metadata.query_start_loc_cpu[1:] + metadata.query_start_loc_cpu[:-1])
+    request_of_row = [r for r, n in enumerate(query_lens) for _ in range(n)]
+    seq_lens = torch.tensor([int(context_lens[r]) + 1 + j for r, n in enumerate(query_lens) for j in range(n)],
+                            dtype=torch.int32)
+    device = metadata.seq_lens.device
+    query_start = torch.arange(len(request_of_row) + 1, dtype=torch.int32)
+    return AttentionMetadata(
+        num_tokens=metadata.num_tokens, num_decodes=len(request_of_row), query_start_loc=query_start.to(device),
+        seq_lens=seq_lens.to(device), context_lens=(seq_lens - 1).to(device),
+        block_tables=metadata.block_tables[torch.tensor(request_of_row, device=device)],
+        slot_mapping=metadata.slot_mapping, max_query_len=1, max_seq_len=int(seq_lens.max()),
+        block_size=metadata.block_size, query_start_loc_cpu=query_start, seq_lens_cpu=seq_lens)
+
+
 def stored_value(values: torch.Tensor, kv_dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
     """What a cache of ``kv_dtype`` holding ``values`` stands for, in float32: the values rounded to it, or with a
     ``scale`` other than 1.0 ``values / scale`` rounded to it (``kv_storage.divide_by_scale``) times ``scale``."""

@@ -21,6 +21,8 @@ from pagedllm.conformance.cases import (
 from pagedllm.conformance.plugin import ConformanceTarget, case_id, get_target
 from pagedllm.conformance.reference import (
     AttentionBatch,
+    RequestShape,
+    as_decode_rows,
     build_attention_batch,
     describe_mismatch,
     poisoned_allocations,
@@ -30,7 +32,7 @@ from pagedllm.conformance.reference import (
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """Parametrize ``attention_case`` from the backend's capabilities."""
+    """Parametrize ``attention_case`` from the backend's capabilities, and ``rows_dtype`` over its dtypes."""
     if "attention_case" in metafunc.fixturenames:
         capabilities = get_target(metafunc.config).capabilities
         metafunc.parametrize(
@@ -38,6 +40,10 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             [param(case_id(metafunc.config, *case.id_parts()), case, skip=skip)
              for case, skip in attention_cases(capabilities)],
         )
+    if "rows_dtype" in metafunc.fixturenames:
+        capabilities = get_target(metafunc.config).capabilities
+        metafunc.parametrize("rows_dtype", [param(case_id(metafunc.config, "decode_rows", dtype), dtype)
+                                            for dtype in capabilities.dtypes])
 
 
 def check_attention(batch: AttentionBatch, out: torch.Tensor, dtype: torch.dtype, kv_dtype: torch.dtype) -> None:
@@ -115,3 +121,25 @@ def test_attention_graph_replay(conformance_target: ConformanceTarget, conforman
         batch.full_keys[index][-1] = new_key[index].to(case.kv_dtype).float().cpu()
         batch.full_values[index][-1] = new_value[index].to(case.kv_dtype).float().cpu()
     check_attention(batch, out, dtype, case.kv_dtype)
+
+
+def test_decode_rows_of_one_sequence(conformance_target: ConformanceTarget, rows_dtype: torch.dtype,
+                                     conformance_generator: torch.Generator) -> None:
+    """Several decode rows of one sequence in one step, at consecutive positions (speculative decoding runs a
+    request's last token and its drafts so, through decode graphs too): the step writes all their keys and
+    values, then each row attends to its sequence up to its own position, as the float32 reference computes."""
+    capabilities = conformance_target.capabilities
+    head, block = base_head_size(capabilities), base_block_size(capabilities)
+    requests = [RequestShape(block + 3, 4), RequestShape(2 * block - 1, 3), RequestShape(5, 1)]
+    padding = num_padding_tokens(sum(r.query_len for r in requests), capabilities, False)
+    if padding is None:
+        pytest.skip("the rows exceed the largest claimed token bucket")
+    case = AttentionCase("mixed", "gqa", head, block, rows_dtype, rows_dtype)
+    batch = build_attention_batch(conformance_target.backend, conformance_target.device, requests, case.spec(),
+                                  block, rows_dtype, rows_dtype, conformance_generator, num_padding_tokens=padding)
+    backend = conformance_target.backend
+    with poisoned_allocations():
+        batch.write(backend, batch.key, batch.value, batch.metadata.slot_mapping)
+        out = backend.attention(batch.query, batch.key, batch.value, batch.kv_cache,
+                                as_decode_rows(batch.metadata), batch.spec)
+    check_attention(batch, out, rows_dtype, rows_dtype)

@@ -327,6 +327,20 @@ def test_attention_over_fp8_cache(kernels: SimpleNamespace, case: str, dtype: to
     check_attention(kernels, batch, num_splits=4)
 
 
+@pytest.mark.parametrize("num_splits", [None, 4])
+def test_decode_rows_of_one_sequence(kernels: SimpleNamespace, num_splits: int | None) -> None:
+    """Each new token of two requests as a decode row of its own (speculative decoding's draft rows): the split-K
+    decode kernel gives what attention over the requests as chunks gives."""
+    from pagedllm.conformance.reference import as_decode_rows
+
+    batch = make_batch([4, 3, 1], [19, 6, 30], 0, seed=5)
+    expected = REFERENCE.attention(batch.query, batch.key, batch.value, batch.cache, batch.metadata, batch.spec)
+    out = kernels.attention.paged_attention(batch.query, batch.nan_cache, as_decode_rows(batch.metadata), batch.spec,
+                                            num_splits=num_splits)
+    rows = batch.real_rows
+    torch.testing.assert_close(out[rows].float(), expected[rows].float(), **TOLERANCE[batch.query.dtype])
+
+
 def test_prefill_tiles_split_requests(kernels: SimpleNamespace) -> None:
     """Several query tiles per request (16-row tiles, GQA group 2: 8 tokens a tile) and a window."""
     for window in (None, 5):
