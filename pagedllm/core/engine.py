@@ -449,7 +449,8 @@ class LLMEngine:
         if len(rows) != len(output.request_ids):  # some finished in the previous step: skip their rows
             logits = logits[torch.tensor(rows).to(logits.device, non_blocking=True)]
         ids = [output.request_ids[i] for i in rows]
-        batch = self.sampler.make_batch([requests[rid] for rid in ids], logits.shape[-1])
+        batch = self.sampler.make_batch([requests[rid] for rid in ids], logits.shape[-1],
+                                        self._drafts_before(ids, step.drafts) if step.drafts else None)
         step.sampled = self.sampler(logits, batch, sync=sync)
         step.rows = {rid: row for row, rid in enumerate(ids)}
         step.row_ids = ids
@@ -495,6 +496,17 @@ class LLMEngine:
                                        or parent.finished):
                 touched[parent.request_id] = parent
         return [self.output_processor.make_output(parent) for parent in touched.values()]
+
+    @staticmethod
+    def _drafts_before(row_ids: list[str], drafts: dict[str, list[int]]) -> list[list[int]]:
+        """Per sampled row, the drafts its position follows: ``[]``, ``d[:1]``, ``d[:2]``, ... along the rows of a
+        request that ran drafts ``d`` (its rows are consecutive), ``[]`` for the others."""
+        before, previous, count = [], None, 0
+        for request_id in row_ids:
+            count = count + 1 if request_id == previous else 0
+            previous = request_id
+            before.append(drafts.get(request_id, [])[:count])
+        return before
 
     def _verify_drafts(self, step: LaunchedStep, tokens: list[int]) -> tuple[list[str], list[int]]:
         """Check the drafts ``step`` ran against the tokens it sampled (``tokens``, one per row): each request

@@ -121,11 +121,20 @@ class Sampler:
         self._request_biases.pop(request_id, None)
         self._request_disallowed.pop(request_id, None)
 
-    def make_batch(self, requests: list[Request], vocab_size: int) -> SamplingBatch:
-        """Build the step's :class:`SamplingBatch` from the requests to sample, in row order."""
+    def make_batch(self, requests: list[Request], vocab_size: int,
+                   drafts_before: list[list[int]] | None = None) -> SamplingBatch:
+        """Build the step's :class:`SamplingBatch` from the requests to sample, in row order.
+
+        ``drafts_before`` (speculative decoding): per row, the draft tokens that row's position comes after
+        (a request with drafts has a row per position): penalties, ``min_tokens`` and bad words count them as
+        output, as they will be if accepted."""
         device = self.device
         params = [r.sampling_params for r in requests]
         num_rows = len(requests)
+        before = drafts_before or [[]] * num_rows
+
+        def outputs(row: int) -> list[int]:
+            return requests[row].output_token_ids + before[row] if before[row] else requests[row].output_token_ids
 
         def to_device(values: list, dtype: torch.dtype) -> torch.Tensor:
             # Built on the host, then copied without waiting: a plain torch.tensor(..., device=...) would
@@ -146,24 +155,24 @@ class Sampler:
         output_counts = seen_mask = None
         if presence is not None or frequency is not None:
             output_counts = torch.zeros(num_rows, vocab_size, device=device)
-            for row, r in enumerate(requests):
-                if r.output_token_ids:
-                    ids = torch.tensor(r.output_token_ids, device=device)
+            for row in range(num_rows):
+                if outputs(row):
+                    ids = torch.tensor(outputs(row), device=device)
                     output_counts[row].scatter_add_(0, ids, torch.ones_like(ids, dtype=torch.float32))
         if repetition is not None:
             seen_mask = torch.zeros(num_rows, vocab_size, dtype=torch.bool, device=device)
             for row, r in enumerate(requests):
-                seen_mask[row, torch.tensor(r.all_token_ids, device=device)] = True
+                seen_mask[row, torch.tensor(r.all_token_ids + before[row], device=device)] = True
         blocked = []
         for row, r in enumerate(requests):
             p = r.sampling_params
             stops: set[int] = set()
-            if r.num_output_tokens < p.min_tokens:
+            if r.num_output_tokens + len(before[row]) < p.min_tokens:
                 stops = set(p.stop_token_ids or [])
                 if not p.ignore_eos:
                     stops |= set(r.eos_token_ids)
             if p.bad_words_token_ids:
-                stops.update(blocked_bad_words(p.bad_words_token_ids, r.output_token_ids))
+                stops.update(blocked_bad_words(p.bad_words_token_ids, outputs(row)))
             if stops:
                 blocked.append((row, sorted(stops)))
         generators: list[torch.Generator | None] = []

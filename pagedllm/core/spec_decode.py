@@ -10,9 +10,10 @@ exactly rejection sampling: the draft survives with its probability ``p(d)``, an
 token drawn from ``p`` without ``d``, renormalized. Greedy or not, the output has the distribution it has
 without drafts; a step just yields up to ``1 + num_speculative_tokens`` tokens per request.
 
-Drafts are proposed only for requests whose sampling keeps no state across tokens: no seed, penalties, bad
-words, structured output or unmet ``min_tokens`` (the others decode one token per step as before). Logprobs are
-those of each position's own distribution, as without drafts. With tensor parallelism every rank runs the same
+Seeded requests and structured outputs take no drafts (they decode one token per step as before). Penalties,
+``min_tokens`` and bad words count a position's earlier drafts as output, as they will be if accepted
+(``Sampler.make_batch``'s ``drafts_before``). Logprobs are those of each position's own distribution, as without
+drafts. With tensor parallelism every rank runs the same
 rows; rank 0 samples and checks them. With decode graphs, a step of decodes with drafts replays one, each token a
 decode row (``ModelRunner.execute``).
 """
@@ -79,12 +80,10 @@ def propose_ngram(tokens: list[int], num_drafts: int, min_n: int, max_n: int) ->
 
 
 def takes_drafts(request: Request) -> bool:
-    """Whether ``request``'s sampling keeps no state across tokens, so its positions can be sampled in one
-    step (see the module docstring)."""
-    p = request.sampling_params
-    return (p.seed is None and p.repetition_penalty == 1.0 and p.presence_penalty == 0.0
-            and p.frequency_penalty == 0.0 and not p.bad_words_token_ids and request.structured is None
-            and request.pooling is None and request.num_output_tokens >= p.min_tokens)
+    """Whether ``request``'s positions can be sampled in one step (see the module docstring): not a seeded
+    request (its one generator would be drawn once per position), not a structured output (its grammar would
+    have to follow the drafts), not an embedding."""
+    return (request.sampling_params.seed is None and request.structured is None and request.pooling is None)
 
 
 def accepted_drafts(drafts: list[int], sampled: list[int]) -> int:

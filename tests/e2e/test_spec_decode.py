@@ -35,6 +35,13 @@ def drafts_and_accepted(llm: LLM) -> tuple[int, int]:
     return stats.spec_decode_num_draft_tokens, stats.spec_decode_num_accepted_tokens
 
 
+def test_each_row_knows_the_drafts_before_it() -> None:
+    from pagedllm.core.engine import LLMEngine
+
+    drafts = {"a": [5, 6], "c": [9]}
+    assert LLMEngine._drafts_before(["a", "a", "a", "b", "c", "c"], drafts) == [[], [5], [5, 6], [], [], [9]]
+
+
 def test_propose_and_accept() -> None:
     assert propose_ngram([1, 2, 3, 9, 1, 2, 3], 2, 1, 3) == [9, 1]  # "1 2 3" occurred before: what followed it
     assert propose_ngram([5, 1, 2, 7, 1, 2], 4, 1, 2) == [7, 1, 2]  # as many as there are
@@ -64,8 +71,8 @@ def test_chunked_prefill_preemption_and_the_token_budget(llama_dir: Path) -> Non
 
 def test_stops_max_tokens_n_and_requests_without_drafts(llama_dir: Path) -> None:
     """Stop strings and max_tokens cut accepted drafts where they fall; ``n > 1`` completions each draft; a request
-    with logprobs drafts and gets each position's logprobs; one with penalties runs one token a step beside the
-    others; all with the same tokens."""
+    with logprobs drafts and gets each position's logprobs; penalties, bad words and ``min_tokens`` count a
+    position's earlier drafts; all with the same tokens as without drafts."""
     base, spec = engines(llama_dir)
     greedy = SamplingParams(temperature=0.0, max_tokens=80, ignore_eos=True)
     text = base.generate(PROMPTS[1], greedy, use_tqdm=False)[0].outputs[0].text
@@ -74,8 +81,12 @@ def test_stops_max_tokens_n_and_requests_without_drafts(llama_dir: Path) -> None
               SamplingParams(temperature=0.0, max_tokens=37, ignore_eos=True),
               SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True, n=2),
               SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True, logprobs=2),
-              SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True, repetition_penalty=1.3)]
-    prompts = [PROMPTS[1], PROMPTS[0], PROMPTS[2], PROMPTS[3], PROMPTS[4]]
+              SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True, repetition_penalty=1.3),
+              SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True, presence_penalty=0.4,
+                             frequency_penalty=0.2),
+              SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True, bad_words=[text[20:23], " the"]),
+              SamplingParams(temperature=0.0, max_tokens=60, min_tokens=40)]
+    prompts = [PROMPTS[1], PROMPTS[0], PROMPTS[2], PROMPTS[3], PROMPTS[4], PROMPTS[1], PROMPTS[1], PROMPTS[0]]
     ours = spec.generate(prompts, params, use_tqdm=False)
     theirs = base.generate(prompts, params, use_tqdm=False)
     assert [[c.token_ids for c in o.outputs] for o in ours] == [[c.token_ids for c in o.outputs] for o in theirs]

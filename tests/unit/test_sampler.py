@@ -148,6 +148,30 @@ def test_bad_words_block_single_tokens_always_and_longer_ones_after_their_prefix
     assert sample(sampler, reqs, logits) == [8, 0, 7]
 
 
+def test_rows_after_drafts_count_them_as_output() -> None:
+    """Speculative decoding samples a request at several positions at once; ``drafts_before`` gives each row
+    the drafts its position follows: penalties, ``min_tokens`` and bad words see them as output."""
+    sampler = Sampler(torch.device("cpu"))
+    penalized = SamplingParams(temperature=0, presence_penalty=0.5, frequency_penalty=0.25, repetition_penalty=2.0)
+    req = make_request("p", penalized, prompt=[3], outputs=[0])
+    logits = torch.tensor([[2.0, 1.0, 0.5, 1.0]] * 2)
+    batch = sampler.make_batch([req, req], 4, drafts_before=[[], [1, 1]])
+    penalized_logits = Sampler._apply_penalties(logits.clone(), batch)
+    # row 0 saw token 0 once; row 1 saw 0 once and 1 twice: 1.0 / 2 - 0.25 * 2 - 0.5 = -0.5
+    assert penalized_logits[0, 1].item() == 1.0 and penalized_logits[1, 1].item() == -0.5
+    ending = make_request("m", SamplingParams(temperature=0, min_tokens=3), outputs=[1], eos=frozenset({0}))
+    eos_first = torch.tensor([[5.0, 1.0, 4.0, 0.0]] * 3)
+    batch = sampler.make_batch([ending] * 3, 4, drafts_before=[[], [2], [2, 2]])
+    assert sampler(eos_first, batch).token_ids == [2, 2, 0]  # the third row follows 3 outputs: EOS allowed
+    params = SamplingParams(temperature=0, bad_words=["yz"])
+    params.bad_words_token_ids = [[3, 8]]
+    worded = make_request("w", params, outputs=[1])
+    eight_first = torch.zeros(2, VOCAB)
+    eight_first[:, 8] = 5.0
+    batch = sampler.make_batch([worded] * 2, VOCAB, drafts_before=[[], [3]])
+    assert sampler(eight_first, batch).token_ids == [8, 0]  # after the draft 3, 8 would finish the bad word
+
+
 def test_bad_words_token_ids_as_vllm_derives_them() -> None:
     vocab = {"hi": [5], " hi": [6], "ab": [1, 2], " ab": [1, 2], "big": [7, 8], " big": [9]}
     assert bad_words_token_ids(["hi", " ab", "big"], lambda text: vocab[text]) == [[5], [6], [1, 2], [7, 8]]
