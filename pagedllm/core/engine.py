@@ -39,7 +39,13 @@ from pagedllm.core.sampling_params import (
     truncated_prompt,
 )
 from pagedllm.core.scheduler import Scheduler, SchedulerOutput
-from pagedllm.core.spec_decode import SpeculativeConfig, accepted_drafts, propose_ngram, takes_drafts
+from pagedllm.core.spec_decode import (
+    SpeculativeConfig,
+    accepted_drafts,
+    context_tokens,
+    propose_ngram,
+    takes_drafts,
+)
 from pagedllm.core.structured_output import GrammarMatcher, StructuredOutputs
 
 logger = logging.getLogger(__name__)
@@ -539,7 +545,7 @@ class LLMEngine:
                 continue
             room = min(config.num_speculative_tokens, request.max_tokens - request.num_output_tokens - 1,
                        max_model_len - request.num_tokens)
-            request.spec_token_ids = propose_ngram(request.all_token_ids, room, config.prompt_lookup_min,
+            request.spec_token_ids = propose_ngram(context_tokens(request), room, config.prompt_lookup_min,
                                                    config.prompt_lookup_max)
 
     # ------------------------------------------------------------------ accounting

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pagedllm.core.outputs import Logprob, RequestMetrics
 from pagedllm.core.sampling_params import SamplingParams
@@ -78,6 +78,8 @@ class Request:
     embedding: list[float] | None = None
     # speculative decoding: the tokens proposed to follow, run (and checked) by the next step (core/spec_decode.py)
     spec_token_ids: list[int] = field(default_factory=list)
+    # and its context as an int64 array, extended as tokens are appended (spec_decode.context_tokens): (buffer, filled)
+    spec_context: tuple[Any, int] = (None, 0)
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)

@@ -61,22 +61,45 @@ class SpeculativeConfig:
         return SpeculativeConfig(**values)
 
 
-def propose_ngram(tokens: list[int], num_drafts: int, min_n: int, max_n: int) -> list[int]:
+def propose_ngram(tokens: list[int] | np.ndarray, num_drafts: int, min_n: int, max_n: int) -> list[int]:
     """Up to ``num_drafts`` tokens that followed the most recent earlier occurrence of ``tokens``' last ``n``
-    tokens, for the largest ``n`` in ``max_n .. min_n`` that occurs; [] when none does. Called once per step
-    for each request that may take drafts."""
+    tokens that has that many after it (else the most recent one), for the largest ``n`` in ``max_n .. min_n``
+    that occurs; [] when none does. Called once per step
+    for each request that may take drafts: the earlier places of the last token are found in one pass, and
+    only those are checked for longer matches."""
     length = len(tokens)
     if length < min_n + 1 or num_drafts < 1:
         return []
     array = np.asarray(tokens, dtype=np.int64)
-    for n in range(min(max_n, length - 1), min_n - 1, -1):
-        suffix = array[length - n:]
-        windows = np.lib.stride_tricks.sliding_window_view(array[: length - 1], n)  # starts 0 .. length - n - 1
-        matches = np.flatnonzero((windows == suffix).all(axis=1))
-        if len(matches):
-            start = int(matches[-1]) + n
+    ends = np.flatnonzero(array[: length - 1] == array[-1])  # earlier places of the last token (tokens follow)
+    matched = [ends]  # matched[k - 1]: the places where the last k tokens occur, ending there
+    for k in range(1, min(max_n, length - 1)):
+        previous = matched[-1]
+        previous = previous[previous >= k]
+        matched.append(previous[array[previous - k] == array[length - 1 - k]])
+    for n in range(len(matched), min_n - 1, -1):
+        places = matched[n - 1]
+        if len(places):  # the latest place with num_drafts tokens after it, else the latest (a short loop)
+            whole = places[places < length - num_drafts]
+            start = int(whole[-1] if len(whole) else places[-1]) + 1
             return array[start : start + num_drafts].tolist()
     return []
+
+
+def context_tokens(request: Request) -> np.ndarray:
+    """``request.all_token_ids`` as an int64 array, kept on the request and extended by the tokens appended since
+    the last call (a step adds a few), so a long context is not converted again at every step."""
+    tokens = request.all_token_ids
+    buffer, filled = request.spec_context
+    if buffer is None or len(buffer) < len(tokens):
+        grown = np.empty(max(2 * len(tokens), 256), dtype=np.int64)
+        if buffer is not None:
+            grown[:filled] = buffer[:filled]
+        buffer = grown
+    if filled < len(tokens):
+        buffer[filled : len(tokens)] = tokens[filled:]
+    request.spec_context = (buffer, len(tokens))
+    return buffer[: len(tokens)]
 
 
 def takes_drafts(request: Request) -> bool:

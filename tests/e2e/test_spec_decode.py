@@ -51,6 +51,23 @@ def test_propose_and_accept() -> None:
     assert accepted_drafts([3, 4], [3, 4, 8]) == 2
 
 
+def test_the_context_array_follows_the_tokens() -> None:
+    """The array prompt lookup searches is the request's tokens, extended in place step by step."""
+    from pagedllm.core.request import Request
+    from pagedllm.core.spec_decode import context_tokens
+
+    request = Request("r", list(range(300)), SamplingParams(max_tokens=500), 0.0)
+    assert context_tokens(request).tolist() == list(range(300))
+    buffer = request.spec_context[0]
+    for token in (7, 8, 9):
+        request.append_output_token(token)
+    assert context_tokens(request).tolist() == [*range(300), 7, 8, 9] and request.spec_context[0] is buffer
+    request.output_token_ids.extend([1] * 400)
+    request.all_token_ids.extend([1] * 400)  # past the buffer's room: a larger one, the same tokens
+    assert context_tokens(request).tolist() == request.all_token_ids
+    assert propose_ngram(context_tokens(request), 3, 1, 4) == [1, 1, 1]
+
+
 def test_greedy_equals_decoding_without_drafts(llama_dir: Path) -> None:
     base, spec = engines(llama_dir)
     params = SamplingParams(temperature=0.0, max_tokens=96, ignore_eos=True)
