@@ -114,6 +114,33 @@ def test_the_structure_applies_after_the_thinking(thinking_client, stream: bool)
     assert (reply["reasoning"] or "", reply["content"], reply["finish"]) == ("", "It is sunny.", "stop")
 
 
+def test_usage_counts_the_thinking_tokens(client, thinking_client) -> None:
+    """``usage.completion_tokens_details.reasoning_tokens``: the thinking's tokens with the one-token ``</think>``,
+    all of them when the thinking never ends, in chat (whole and streamed) and in the Responses API."""
+    plain_client, end = thinking_client
+    closed = plain_client.chat.completions.create(
+        model="tiny", messages=MESSAGES, max_tokens=64, temperature=0.0, logit_bias={str(end): 100},
+        extra_body={"structured_outputs": {"choice": ["It is sunny."]}})
+    assert closed.usage.completion_tokens_details.reasoning_tokens == 1  # just </think>
+    thinking = client.chat.completions.create(  # deepseek_r1: a reply without </think> is all thinking
+        model="tiny", messages=MESSAGES, max_tokens=64, temperature=0.0,
+        extra_body={"structured_outputs": {"choice": ["It is sunny."]}})
+    assert thinking.usage.completion_tokens_details.reasoning_tokens == thinking.usage.completion_tokens
+    mixed = client.chat.completions.create(
+        model="tiny", messages=MESSAGES, max_tokens=64, temperature=0.0,
+        extra_body={"structured_outputs": {"choice": [f"<think>{THOUGHT}</think>It is sunny."]}})
+    assert 0 < mixed.usage.completion_tokens_details.reasoning_tokens < mixed.usage.completion_tokens
+    chunks = list(client.chat.completions.create(
+        model="tiny", messages=MESSAGES, max_tokens=64, temperature=0.0, stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"structured_outputs": {"choice": [f"<think>{THOUGHT}</think>It is sunny."]}}))
+    assert chunks[-1].usage.completion_tokens_details.reasoning_tokens == \
+        mixed.usage.completion_tokens_details.reasoning_tokens
+    response = plain_client.responses.create(model="tiny", input="weather?", max_output_tokens=64, temperature=0.0,
+                                             extra_body={"logit_bias": {str(end): 100}})
+    assert response.usage.output_tokens_details.reasoning_tokens >= 1
+
+
 def test_a_forced_call_follows_the_thinking(thinking_client) -> None:
     client, end = thinking_client
     choice = client.chat.completions.create(

@@ -60,3 +60,18 @@ def test_streamed_reasoning_adds_up_to_the_whole(text: str, name: str, size: int
             answers.append(answer)
     whole = format.split(text)
     assert reasoning == (whole.reasoning or "") and (answers[-1] if answers else None) == whole.answer
+
+
+def test_thinking_token_counts() -> None:
+    """The thinking's tokens: up to the one-token end tag, or the shortest run whose text holds a tag written in
+    pieces; all of them when the thinking never ends; none without thinking; unknown without a decoder."""
+    from pagedllm.entrypoints.openai.reasoning import reasoning_token_count
+
+    pieces = ["<think>", "Hm", "m.", "</", "think", ">", "Yes", "."]
+    decode = lambda ids: "".join(pieces[i] for i in ids)  # noqa: E731
+    text = "".join(pieces)
+    assert reasoning_token_count(QWEN3, text, list(range(8)), None, decode) == 6  # through ">"
+    assert reasoning_token_count(QWEN3, text, list(range(8)), None) is None
+    assert reasoning_token_count(R1, "Hm</think>Yes", [11, 12, 99, 13], 99) == 3  # the one-token tag
+    assert reasoning_token_count(R1, "Hmm, still", [1, 2, 3], None) == 3
+    assert reasoning_token_count(QWEN3, "Yes.", [1, 2], None) == 0

@@ -101,12 +101,20 @@ class SamplingRequest(OpenAIBaseModel):
 
 
 # ---------------------------------------------------------------------------------------------- usage
+class CompletionTokensDetails(ResponseModel):
+    """What the completion tokens were: ``reasoning_tokens``, a reasoning model's thinking."""
+
+    reasoning_tokens: int = 0
+
+
 class UsageInfo(ResponseModel):
-    """Token counts of one request (every prompt, every completion)."""
+    """Token counts of one request (every prompt, every completion); under a ``--reasoning-parser`` the chat's
+    also says how many completion tokens were thinking."""
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    completion_tokens_details: CompletionTokensDetails | None = None
 
 
 # ---------------------------------------------------------------------------------------------- completions

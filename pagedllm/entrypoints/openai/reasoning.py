@@ -14,6 +14,7 @@ the answer: ``pagedllm.core.reasoning``). Streamed, the reasoning arrives as it 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -90,3 +91,41 @@ class ReasoningStream:
         new = reasoning[self.sent:]
         self.sent = max(self.sent, len(reasoning))
         return new, split.answer
+
+
+def end_tag_token(format: ReasoningFormat, tokenizer: object | None) -> int | None:
+    """The id of ``format``'s end tag when the tokenizer holds it as one token (Qwen3's and DeepSeek-R1's do),
+    else None."""
+    if tokenizer is None:
+        return None
+    tag = REASONING_TAGS[format.name][1]
+    token_id = tokenizer.convert_tokens_to_ids(tag)  # type: ignore[attr-defined]
+    if not isinstance(token_id, int) or token_id == getattr(tokenizer, "unk_token_id", None):
+        return None
+    return token_id if tokenizer.decode([token_id]) == tag else None  # type: ignore[attr-defined]
+
+
+def reasoning_token_count(format: ReasoningFormat, text: str, token_ids: list[int], end_token: int | None,
+                          decode: Callable[[list[int]], str] | None = None) -> int | None:
+    """How many of a finished reply's ``token_ids`` are its thinking, the end tag included: 0 without thinking,
+    all of them when the thinking never ended, else up to the end tag: the one-token tag's place
+    (``end_token``), or, when the tag was written in pieces, the shortest run of tokens whose text (``decode``)
+    holds it, found by bisection; None when that cannot be told (no ``decode``)."""
+    split = format.split(text)
+    if split.reasoning is None:
+        return 0
+    if split.answer is None:
+        return len(token_ids)
+    if end_token is not None and end_token in token_ids:
+        return token_ids.index(end_token) + 1
+    if decode is None:
+        return None
+    tag = REASONING_TAGS[format.name][1]
+    low, high = 1, len(token_ids)
+    while low < high:
+        middle = (low + high) // 2
+        if tag in decode(token_ids[:middle]):
+            high = middle
+        else:
+            low = middle + 1
+    return low

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
 from starlette.responses import Response
 
+from pagedllm.core.outputs import RequestOutput
 from pagedllm.entrypoints.async_engine import OutputStream
 from pagedllm.entrypoints.openai.chat_reply import ChoiceStream, chat_logprobs, reply_of
 from pagedllm.entrypoints.openai.errors import invalid_param
@@ -19,9 +20,16 @@ from pagedllm.entrypoints.openai.protocol import (
     ChatCompletionResponse,
     ChatCompletionStreamChoice,
     ChatCompletionStreamResponse,
+    CompletionTokensDetails,
     DeltaMessage,
+    UsageInfo,
 )
-from pagedllm.entrypoints.openai.reasoning import REASONING_FORMATS, ReasoningFormat
+from pagedllm.entrypoints.openai.reasoning import (
+    REASONING_FORMATS,
+    ReasoningFormat,
+    end_tag_token,
+    reasoning_token_count,
+)
 from pagedllm.entrypoints.openai.serving_base import OpenAIServing, json_response, random_id, usage_of
 from pagedllm.entrypoints.openai.streaming import sse_event
 from pagedllm.entrypoints.openai.tokenization import messages_for_template
@@ -42,6 +50,19 @@ class StartedChat:
     stop: list[str] | None
     reasoning: ReasoningFormat | None = None
     include_reasoning: bool = True
+    reasoning_end_token: int | None = None  # the end tag's id when it is one token
+    decode: Callable[[list[int]], str] | None = None  # the tokenizer's, to count a tag written in pieces
+
+    def usage(self, output: RequestOutput) -> UsageInfo:
+        """The token counts of the finished chat; with its reasoning split off, also how many completion tokens
+        were thinking (known when the end tag is one token, or when no choice ended its thinking)."""
+        usage = usage_of([output])
+        if self.reasoning is not None:
+            counts = [reasoning_token_count(self.reasoning, c.text, c.token_ids, self.reasoning_end_token,
+                                            self.decode) for c in output.outputs]
+            if None not in counts:
+                usage.completion_tokens_details = CompletionTokensDetails(reasoning_tokens=sum(counts))
+        return usage
 
 
 class OpenAIServingChat(OpenAIServing):
@@ -53,6 +74,8 @@ class OpenAIServingChat(OpenAIServing):
         super().__init__(*args, **kwargs)
         self.tool_parser = tool_parser
         self.reasoning = None if reasoning_parser is None else REASONING_FORMATS[reasoning_parser]
+        self.reasoning_end_token = (None if self.reasoning is None
+                                    else end_tag_token(self.reasoning, self.tokenizer.tokenizer))
 
     async def create_chat_completion(self, request: ChatCompletionRequest, raw_request: Request) -> Response:
         """Validate, render the conversation (and its tools), queue it and answer (SSE when ``stream``)."""
@@ -71,7 +94,7 @@ class OpenAIServingChat(OpenAIServing):
                 logprobs=None if c.logprobs is None else chat_logprobs(c.token_ids, c.logprobs, num_logprobs or 0),
             ))
         return json_response(ChatCompletionResponse(id=request_id, model=model, choices=choices,
-                                                    usage=usage_of([output]),
+                                                    usage=chat.usage(output),
                                                     prompt_logprobs=self.prompt_logprobs_of(output)))
 
     async def start_chat(self, request: ChatCompletionRequest, id_prefix: str = "chatcmpl") -> StartedChat:
@@ -111,8 +134,10 @@ class OpenAIServingChat(OpenAIServing):
         request_id = random_id(id_prefix)
         stream = await self.add(request_id, [prompt_ids], [params], arrival, names, "messages", request.priority,
                                 model)
+        tokenizer = self.tokenizer.tokenizer
         return StartedChat(stream, request_id, model, tools, num_logprobs, params.stop, self.reasoning,
-                           request.include_reasoning)
+                           request.include_reasoning, self.reasoning_end_token,
+                           None if tokenizer is None else tokenizer.decode)
 
     async def _chunks(self, chat: StartedChat, n: int, include_usage: bool) -> AsyncIterator[str]:
         """The SSE chunks of a streamed reply (``n`` choices): each choice opened with the role, then what each
@@ -137,4 +162,4 @@ class OpenAIServingChat(OpenAIServing):
                     yield chunk(choice)
         if include_usage and final is not None:
             yield sse_event(ChatCompletionStreamResponse(id=request_id, created=created, model=model, choices=[],
-                                                         usage=usage_of([final])))
+                                                         usage=chat.usage(final)))

@@ -32,6 +32,7 @@ from pagedllm.entrypoints.openai.protocol_responses import (
     IncompleteDetails,
     MessageItem,
     OutputText,
+    OutputTokensDetails,
     ReasoningItem,
     ReasoningText,
     ResponseObject,
@@ -39,7 +40,7 @@ from pagedllm.entrypoints.openai.protocol_responses import (
     ResponseUsage,
 )
 from pagedllm.entrypoints.openai.reasoning import ReasoningStream
-from pagedllm.entrypoints.openai.serving_base import json_response, usage_of
+from pagedllm.entrypoints.openai.serving_base import json_response
 from pagedllm.entrypoints.openai.serving_chat import OpenAIServingChat, StartedChat
 from pagedllm.entrypoints.openai.tool_call_stream import ContentBeforeCalls
 
@@ -210,12 +211,15 @@ class OpenAIServingResponses:
             items.append(FunctionCallItem(id=call_ids[index] if call_ids else _item_id("fc"), call_id=call.id,
                                           name=call.function.name, arguments=call.function.arguments,
                                           status="completed"))
-        usage = usage_of([output])
+        usage = started.usage(output)
+        details = usage.completion_tokens_details
         return ResponseObject(
             status="incomplete" if cut else "completed", output=items,
             incomplete_details=IncompleteDetails(reason="max_output_tokens") if cut else None,
             usage=ResponseUsage(input_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens,
-                                total_tokens=usage.total_tokens), **common)
+                                total_tokens=usage.total_tokens, output_tokens_details=OutputTokensDetails(
+                                    reasoning_tokens=0 if details is None else details.reasoning_tokens)),
+            **common)
 
     async def _events(self, request: ResponsesRequest, started: StartedChat) -> AsyncIterator[str]:
         """The event stream of a response (see the module docstring)."""
