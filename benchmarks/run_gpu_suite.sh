@@ -22,6 +22,9 @@
 #   e.g. --no-async-scheduling: asynchronous scheduling is the default on cuda)
 #   latency      bench latency, batch 1, 1024 in, 256 out, pagedllm and hf
 #   latency-pg   the same, pagedllm only
+#   spec         speculative decoding: tests/gpu's case (cuda, eager and with graphs, equal to cpu), then bench
+#                latency batch 1 with prompt lookup (SPEC_CONFIG, default 4 drafts), pagedllm and hf (hf's own
+#                prompt lookup), and pagedllm without drafts for the ratio
 #   probe        benchmarks/tp_allreduce_probe.py: NCCL vs symmetric-memory all-reduce on two GPUs
 #   tp-tests     tests/gpu/test_tensor_parallel_cuda.py (two GPUs)
 #   tp-profile   benchmarks/tp_step_profile.py, batch-1 decode steps timed and profiled, tp=1 then tp=2
@@ -36,6 +39,7 @@ OUT=${OUT:-/tmp/gpu_out}
 LOGS=${LOGS:-/tmp/gpu_logs}
 mkdir -p "$LOGS"
 MODEL=${MODEL:-benchmarks/llama3_8b_config}  # a config.json directory (dummy weights)
+SPEC_CONFIG=${SPEC_CONFIG:-'{"method": "ngram", "num_speculative_tokens": 4}'}
 BENCH="python -m pagedllm bench"
 COMMON="--model $MODEL --load-format dummy --device cuda ${MAX_NUM_SEQS:+--max-num-seqs $MAX_NUM_SEQS} ${MNBT:+--max-num-batched-tokens $MNBT} ${BENCH_EXTRA:-}"
 
@@ -90,6 +94,12 @@ torch.cuda.get_device_name())"; } > "$LOGS/env.txt" 2>&1
         latency-pg) stage latency_pg "${LATENCY_LIMIT:-120}" $BENCH latency $COMMON --batch-size 1 --input-len 1024 \
             --output-len 256 --num-iters "${LATENCY_ITERS:-3}" --backend pagedllm \
             --output-json "$LOGS/latency_pg.json" ;;
+        spec) stage spec_tests "${TESTS_LIMIT:-120}" python -m pytest tests/gpu/test_cuda_backend.py -q \
+            -p no:cacheprovider -k speculative
+            stage spec_latency "${LATENCY_LIMIT:-240}" $BENCH latency $COMMON --batch-size 1 --input-len 1024 \
+            --output-len 256 --num-iters "${LATENCY_ITERS:-3}" --backend pagedllm,hf --no-async-scheduling \
+            --speculative-config "$SPEC_CONFIG" \
+            --output-json "$LOGS/spec_latency.json" ;;
         probe) stage probe "${PROBE_LIMIT:-180}" python benchmarks/tp_allreduce_probe.py --out "$LOGS/probe.json" ;;
         tp-tests) stage tp_tests "${TP_TESTS_LIMIT:-240}" python -m pytest tests/gpu/test_tensor_parallel_cuda.py -q \
             -p no:cacheprovider ;;
