@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -48,6 +49,14 @@ with a scale per token and 128 features (DeepSeek-V3's and Qwen3-FP8's scheme). 
 
 SCHEDULING_POLICIES = ("fcfs", "priority")
 """``EngineConfig.scheduling_policy`` values (vLLM's): arrival order, or each request's priority."""
+
+
+def check_choice(name: str, value: object, choices: Sequence[str], optional: bool = False) -> None:
+    """Raise ValueError (``"<name> must be [None or ]one of ...; got ..."``) unless ``value`` is one of ``choices``
+    (or None, when ``optional``)."""
+    if (value is None and optional) or value in choices:
+        return
+    raise ValueError(f"{name} must be {'None or ' if optional else ''}one of {', '.join(choices)}; got {value!r}")
 
 
 @dataclass(slots=True)
@@ -110,16 +119,10 @@ class EngineConfig:
     extra: dict[str, object] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.dtype not in ("auto", *_DTYPES):
-            raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {self.dtype!r}")
-        if self.kv_cache_dtype not in ("auto", *KV_CACHE_DTYPES):
-            raise ValueError(f"kv_cache_dtype must be one of auto, {', '.join(KV_CACHE_DTYPES)}; "
-                             f"got {self.kv_cache_dtype!r}")
-        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
-            raise ValueError(f"quantization must be None or one of {', '.join(QUANTIZATIONS)}; "
-                             f"got {self.quantization!r}")
-        if self.load_format not in LOAD_FORMATS:
-            raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}; got {self.load_format!r}")
+        check_choice("dtype", self.dtype, ("auto", *_DTYPES))
+        check_choice("kv_cache_dtype", self.kv_cache_dtype, ("auto", *KV_CACHE_DTYPES))
+        check_choice("quantization", self.quantization, QUANTIZATIONS, optional=True)
+        check_choice("load_format", self.load_format, LOAD_FORMATS)
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         for name in ("max_num_seqs", "block_size", "max_model_len", "max_num_batched_tokens", "kv_cache_memory_bytes",
@@ -129,12 +132,8 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        if self.scheduling_policy not in SCHEDULING_POLICIES:
-            raise ValueError(f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}; "
-                             f"got {self.scheduling_policy!r}")
-        if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_TAGS:
-            raise ValueError(f"reasoning_parser must be None or one of {', '.join(REASONING_TAGS)}; "
-                             f"got {self.reasoning_parser!r}")
+        check_choice("scheduling_policy", self.scheduling_policy, SCHEDULING_POLICIES)
+        check_choice("reasoning_parser", self.reasoning_parser, tuple(REASONING_TAGS), optional=True)
         if self.speculative_config is not None:
             SpeculativeConfig.from_dict(self.speculative_config)
             if self.async_scheduling:

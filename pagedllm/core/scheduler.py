@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from pagedllm.core.block_manager import BlockManager
-from pagedllm.core.config import SCHEDULING_POLICIES
+from pagedllm.core.config import SCHEDULING_POLICIES, check_choice
 from pagedllm.core.lora.request import LoRARequest
 from pagedllm.core.request import Request, RequestStatus
 
@@ -87,8 +87,7 @@ class Scheduler:
         policy: str = "fcfs",
         max_loras: int = 0,
     ) -> None:
-        if policy not in SCHEDULING_POLICIES:
-            raise ValueError(f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}; got {policy!r}")
+        check_choice("scheduling_policy", policy, SCHEDULING_POLICIES)
         self.policy = policy
         self.max_loras = max_loras  # distinct adapters among the running requests at most (0: no adapters)
         self.block_manager = block_manager
