@@ -23,7 +23,7 @@ from pagedllm.core.config import (
 )
 from pagedllm.core.executor import Executor, UniProcExecutor
 from pagedllm.core.inputs import PromptType, parse_prompt
-from pagedllm.core.lora.request import LoRARequest, read_adapter_config
+from pagedllm.core.lora.request import LoRARequest, check_adapter
 from pagedllm.core.model_runner import ModelRunnerOutput
 from pagedllm.core.output_processor import OutputProcessor, ParentRequest
 from pagedllm.core.outputs import RequestOutput
@@ -348,15 +348,12 @@ class LLMEngine:
 
     def _check_lora(self, lora_request: LoRARequest) -> None:
         """Refuse an adapter the engine cannot run: LoRA not enabled, a bad adapter directory (see
-        :func:`~pagedllm.core.lora.request.read_adapter_config`), a rank above ``max_lora_rank``, or an id
+        :func:`~pagedllm.core.lora.request.check_adapter`), a rank above ``max_lora_rank``, or an id
         already given to another adapter."""
         if not self.config.enable_lora:
             raise ValueError(f"LoRA adapter {lora_request.lora_name!r} was asked for, but LoRA is off: start the "
                              f"engine with enable_lora=True (--enable-lora)")
-        adapter = read_adapter_config(lora_request.lora_path)
-        if adapter.r > self.config.max_lora_rank:
-            raise ValueError(f"LoRA adapter {lora_request.lora_name!r} has rank {adapter.r}, above max_lora_rank "
-                             f"{self.config.max_lora_rank}")
+        check_adapter(lora_request, self.config.max_lora_rank)
         known = self._lora_paths.setdefault(lora_request.lora_int_id, lora_request.lora_path)
         if known != lora_request.lora_path:
             raise ValueError(f"lora_int_id {lora_request.lora_int_id} names adapter {known!r} already; give "

@@ -72,3 +72,14 @@ def read_adapter_config(path: str) -> AdapterConfig:
     alpha = float(config.get("lora_alpha", r))
     scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
     return AdapterConfig(r, short, scaling)
+
+
+def check_adapter(lora_request: LoRARequest, max_rank: int) -> AdapterConfig:
+    """The adapter's config (:func:`read_adapter_config`), checked against the engine's ``max_lora_rank``: a
+    ValueError naming the adapter when its rank is above it. Called when an adapter is first given (the server's
+    ``--lora-modules``, a request's ``lora_request``)."""
+    adapter = read_adapter_config(lora_request.lora_path)
+    if adapter.r > max_rank:
+        raise ValueError(f"LoRA adapter {lora_request.lora_name!r} has rank {adapter.r}, above max_lora_rank "
+                         f"{max_rank}")
+    return adapter

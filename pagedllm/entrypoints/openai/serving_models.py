@@ -7,7 +7,7 @@ import json
 from collections.abc import Mapping, Sequence
 
 from pagedllm.core.config import EngineConfig
-from pagedllm.core.lora.request import LoRARequest, read_adapter_config
+from pagedllm.core.lora.request import LoRARequest, check_adapter
 from pagedllm.entrypoints.openai.errors import OpenAIError
 from pagedllm.entrypoints.openai.protocol import ModelCard, ModelList
 
@@ -67,9 +67,6 @@ def parse_lora_modules(specs: Sequence[str], config: EngineConfig) -> dict[str, 
                 raise ValueError(f"--lora-modules entry {spec!r}: expected NAME=PATH")
         if name in loras:
             raise ValueError(f"--lora-modules names {name!r} twice")
-        adapter = read_adapter_config(path)
-        if adapter.r > config.max_lora_rank:
-            raise ValueError(f"--lora-modules {name!r}: rank {adapter.r} is above --max-lora-rank "
-                             f"{config.max_lora_rank}")
         loras[name] = LoRARequest(name, len(loras) + 1, path)
+        check_adapter(loras[name], config.max_lora_rank)
     return loras
