@@ -156,8 +156,8 @@ class Sampler:
         if presence is not None or frequency is not None:
             output_counts = torch.zeros(num_rows, vocab_size, device=device)
             for row in range(num_rows):
-                if outputs(row):
-                    ids = torch.tensor(outputs(row), device=device)
+                if tokens := outputs(row):
+                    ids = torch.tensor(tokens, device=device)
                     output_counts[row].scatter_add_(0, ids, torch.ones_like(ids, dtype=torch.float32))
         if repetition is not None:
             seen_mask = torch.zeros(num_rows, vocab_size, dtype=torch.bool, device=device)

@@ -50,6 +50,7 @@ from pagedllm.entrypoints.openai.serving_responses import OpenAIServingResponses
 from pagedllm.entrypoints.openai.serving_tokenization import OpenAIServingTokenization
 from pagedllm.entrypoints.openai.shutdown import ShutdownMiddleware
 from pagedllm.entrypoints.openai.tokenization import AsyncTokenizer, load_chat_template
+from pagedllm.entrypoints.openai.tool_call_formats import TOOL_CALL_FORMATS
 from pagedllm.version import __version__
 
 logger = logging.getLogger(__name__)
@@ -191,8 +192,7 @@ def _serve(args: argparse.Namespace) -> None:
 
     config = engine_config_from_args(args)
     if args.enable_auto_tool_choice and args.tool_call_parser is None:
-        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (hermes, mistral, llama3_json or "
-                         "pythonic)")
+        raise ValueError(f"--enable-auto-tool-choice needs --tool-call-parser ({', '.join(TOOL_CALL_FORMATS)})")
     chat_template = load_chat_template(args.chat_template)
     lora_modules = parse_lora_modules(getattr(args, "lora_modules", None) or [], config)
     engine = LLMEngine(config)

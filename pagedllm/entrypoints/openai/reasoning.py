@@ -29,8 +29,9 @@ class ReasoningSplit:
     answer: str | None
 
 
-def _held_back(text: str, tag: str) -> int:
-    """How many trailing characters of ``text`` could be the start of ``tag``."""
+def held_back(text: str, tag: str) -> int:
+    """How many trailing characters of ``text`` could be the start of ``tag`` (a stream holds them back until
+    the next text tells)."""
     return next((k for k in range(min(len(tag) - 1, len(text)), 0, -1) if text.endswith(tag[:k])), 0)
 
 
@@ -56,7 +57,7 @@ class ReasoningFormat:
             return ReasoningSplit(body[:end], body[end + len(end_tag):])
         if finished:
             return ReasoningSplit(body, None)
-        return ReasoningSplit(body[:len(body) - _held_back(body, end_tag)], None)
+        return ReasoningSplit(body[:len(body) - held_back(body, end_tag)], None)
 
 
 class DeepSeekR1Format(ReasoningFormat):

@@ -23,6 +23,7 @@ import uuid
 from typing import ClassVar
 
 from pagedllm.entrypoints.openai.protocol import FunctionCall, ToolCall
+from pagedllm.entrypoints.openai.reasoning import held_back
 
 _DECODER = json.JSONDecoder()
 
@@ -46,8 +47,7 @@ class ToolCallFormat:
         start = self.calls_start(text)
         if start is not None:
             return start
-        return len(text) - next((k for k in range(min(len(self.marker) - 1, len(text)), 0, -1)
-                                 if text.endswith(self.marker[:k])), 0)
+        return len(text) - held_back(text, self.marker)
 
     def blocks(self, text: str) -> list[str]:
         """The text of each call of ``text``, in order, the last perhaps cut short ([] when it holds none)."""

@@ -9,7 +9,7 @@
 - ``"required"``: the reply is forced to be a non-empty JSON array of ``{"name", "parameters"}`` objects naming
   the tools, each call one of them (``finish_reason`` ``"tool_calls"``);
 - ``"auto"`` (OpenAI's default when tools are given): the model decides; its text is parsed by the server's
-  ``--tool-call-parser`` (``hermes``, ``mistral`` or ``llama3_json``: ``tool_call_formats``), which
+  ``--tool-call-parser`` (``hermes``, ``mistral``, ``llama3_json`` or ``pythonic``: ``tool_call_formats``), which
   ``--enable-auto-tool-choice`` turns on; without it, a 400.
 """
 
@@ -24,8 +24,6 @@ from pagedllm.core.sampling_params import StructuredOutputsParams
 from pagedllm.entrypoints.openai.errors import invalid_param
 from pagedllm.entrypoints.openai.protocol import ToolCall
 from pagedllm.entrypoints.openai.tool_call_formats import TOOL_CALL_FORMATS, ToolCallFormat, new_call
-
-TOOL_CALL_PARSERS = tuple(TOOL_CALL_FORMATS)
 
 
 @dataclass(frozen=True, slots=True)
