@@ -26,7 +26,7 @@ from starlette.responses import Response
 from pagedllm.core.outputs import RequestOutput
 from pagedllm.entrypoints.openai.chat_reply import reply_of
 from pagedllm.entrypoints.openai.errors import OpenAIError, invalid_param
-from pagedllm.entrypoints.openai.protocol import ChatCompletionRequest
+from pagedllm.entrypoints.openai.protocol import ChatCompletionRequest, ChatResponseMessage
 from pagedllm.entrypoints.openai.protocol_responses import (
     FunctionCallItem,
     IncompleteDetails,
@@ -183,10 +183,10 @@ class OpenAIServingResponses:
 
     def _response(self, request: ResponsesRequest, started: StartedChat, output: RequestOutput | None,
                   message_text: str | None = None, ids: dict[str, str] | None = None,
-                  call_ids: list[str] | None = None) -> ResponseObject:
+                  call_ids: list[str] | None = None, message: ChatResponseMessage | None = None) -> ResponseObject:
         """The response object: in progress (``output`` None), or finished with its items (the message's text
         ``message_text`` and the reasoning and message item ids, ``ids["rs"]`` and ``ids["msg"]``, as a stream
-        sent them, when given)."""
+        sent them, when given; ``message``: the finished reply as :func:`reply_of` parsed it, if it was)."""
         tool_choice = request.tool_choice if request.tool_choice is not None else "auto"
         common: dict[str, Any] = dict(
             id=started.request_id, model=started.model, instructions=request.instructions,
@@ -196,7 +196,8 @@ class OpenAIServingResponses:
         if output is None:
             return ResponseObject(status="in_progress", **common)
         completion = output.outputs[0]
-        message, _ = reply_of(completion, started.tools, started.reasoning)
+        if message is None:
+            message, _ = reply_of(completion, started.tools, started.reasoning)
         cut = completion.finish_reason == "length"
         ids = ids or {}
         items: list[ReasoningItem | MessageItem | FunctionCallItem] = []
@@ -290,7 +291,8 @@ class OpenAIServingResponses:
                 yield line
         text = sent if text_streams else (message.content or "")
         call_ids = [_item_id("fc") for _ in message.tool_calls or []]
-        done = self._response(request, started, final, message_text=text, ids=ids, call_ids=call_ids)
+        done = self._response(request, started, final, message_text=text, ids=ids, call_ids=call_ids,
+                              message=message)
         for index, item in enumerate(done.output):
             if isinstance(item, FunctionCallItem):
                 started_item = item.model_copy(update={"arguments": "", "status": "in_progress"})
