@@ -109,8 +109,7 @@ def json_objects(text: str, pos: int, separators: str) -> list[str]:
     as its text; the last may be cut short (the rest of ``text`` from its ``{``). Stops at anything else."""
     objects = []
     while True:
-        while pos < len(text) and (text[pos].isspace() or text[pos] in separators):
-            pos += 1
+        pos = skip_space(text, pos, separators)
         if not text.startswith("{", pos):
             return objects
         try:
@@ -175,9 +174,10 @@ _NAME_END = re.compile(r"\[ARGS\]|\[CALL_ID\]|\{")
 _ARGS_START = re.compile(r"\[ARGS\]|\{")
 
 
-def skip_space(text: str, pos: int) -> int:
-    """The first position from ``pos`` on that is not whitespace (``len(text)`` if none)."""
-    while pos < len(text) and text[pos].isspace():
+def skip_space(text: str, pos: int, separators: str = "") -> int:
+    """The first position from ``pos`` on that is neither whitespace nor one of ``separators`` (``len(text)`` if
+    none)."""
+    while pos < len(text) and (text[pos].isspace() or text[pos] in separators):
         pos += 1
     return pos
 
@@ -233,8 +233,7 @@ class PythonicFormat(ToolCallFormat):
         blocks = []
         pos = text.index("[") + 1
         while True:
-            while pos < len(text) and (text[pos].isspace() or text[pos] == ","):
-                pos += 1
+            pos = skip_space(text, pos, ",")
             call = _PYTHON_CALL.match(text, pos)
             if call is None:
                 if _PYTHON_NAME.fullmatch(text, pos):  # the name is still being written

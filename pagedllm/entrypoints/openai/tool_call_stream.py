@@ -100,11 +100,6 @@ class ToolCallStream:
         self.content = ContentBeforeCalls(format)
         self.calls: list[_OpenCall] = []
 
-    @property
-    def opened(self) -> bool:
-        """Whether a call went out (then the reply's text after the first call is never sent as content)."""
-        return bool(self.calls)
-
     def next(self, text: str) -> tuple[str, list[DeltaToolCall]]:
         """``(content, call deltas)`` that ``text`` (the reply so far) adds to what went out."""
         content = self.content.next(text)
