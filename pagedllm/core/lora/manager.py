@@ -13,18 +13,15 @@ from torch import nn
 
 from pagedllm.core.distributed.parallel_layers import MergedColumnParallelLinear, RowParallelLinear
 from pagedllm.core.lora.layers import LoRALinearOp, LoRAStepState
-from pagedllm.core.lora.request import LoRARequest, read_adapter_config
+from pagedllm.core.lora.request import ADAPTED_LAYERS, LoRARequest, read_adapter_config
 
-ADAPTED_LAYERS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "o_proj": ("o_proj",),
-                  "gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
-"""Our projection -> the checkpoint projections that are its parts, in order."""
 _PEFT_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<proj>\w+)\.lora_(?P<which>[AB])(?:\.default)?"
                        r"\.weight$")
 
 
 class LoRAManager:
-    """Wraps the adapted layers of ``model`` (:data:`ADAPTED_LAYERS` that are tensor-parallel linear layers) and
-    keeps ``max_loras`` adapters of rank up to ``max_rank`` in their slots."""
+    """Wraps the adapted layers of ``model`` (:data:`~pagedllm.core.lora.request.ADAPTED_LAYERS` that are
+    tensor-parallel linear layers) and keeps ``max_loras`` adapters of rank up to ``max_rank`` in their slots."""
 
     def __init__(self, model: nn.Module, max_loras: int, max_rank: int) -> None:
         self.max_loras = max_loras

@@ -9,7 +9,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-SUPPORTED_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ADAPTED_LAYERS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "o_proj": ("o_proj",),
+                  "gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
+"""Our projection -> the checkpoint projections that are its parts, in order."""
+SUPPORTED_TARGETS = tuple(part for parts in ADAPTED_LAYERS.values() for part in parts)
 """The projections an adapter may train (the Llama family's names; Mixtral's w1/w3/w2 and the experts are not)."""
 
 
