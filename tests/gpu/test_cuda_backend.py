@@ -483,6 +483,37 @@ def test_speculative_decoding_greedy_equals_cpu_fp32(tiny_checkpoints: dict[str,
 
 
 @pytest.mark.parametrize("enforce_eager", [True, False], ids=["eager", "graphs"])
+def test_lora_adapters_greedy_equal_cpu_fp32(tiny_checkpoints: dict[str, Path], tmp_path: Path,
+                                             enforce_eager: bool) -> None:
+    """Two LoRA adapters (every projection at rank 8; three at rank 4 with rsLoRA) and the base model
+    interleaved in one batch on ``cuda`` (eagerly, and in the decode graphs, which read each row's adapter
+    slot): tokens equal the ``cpu`` backend's with the same adapters (which CI holds equal to transformers + PEFT)."""
+    from pagedllm import LoRARequest
+    from pagedllm.testing.lora_adapters import write_lora_adapter
+
+    model = tiny_checkpoints["llama"]
+    loras = [None, LoRARequest("wide", 1, str(write_lora_adapter(model, tmp_path / "wide", r=8, seed=1))),
+             LoRARequest("narrow", 2, str(write_lora_adapter(model, tmp_path / "narrow", ("q_proj", "v_proj",
+                                                                                         "down_proj"),
+                                                             r=4, alpha=4.0, seed=2, use_rslora=True)))]
+
+    def run(device: str, **kwargs: object) -> Completions:
+        llm = _engine(model, device, "float32", enable_lora=True, max_loras=2, max_lora_rank=8, **kwargs)
+        prompts = _prompts(llm.get_tokenizer())
+        from pagedllm import SamplingParams
+
+        params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=2)
+        batch = [p for p in prompts for _ in loras]
+        outputs = llm.generate(batch, params, use_tqdm=False, lora_request=loras * len(prompts))
+        return Completions(outputs)
+
+    expected = run("cpu")
+    for adapter in (1, 2):  # each adapter changes some prompt's tokens
+        assert any(expected[i + adapter] != expected[i] for i in range(0, len(expected), len(loras)))
+    assert_same_tokens(run("cuda", enforce_eager=enforce_eager), expected)
+
+
+@pytest.mark.parametrize("enforce_eager", [True, False], ids=["eager", "graphs"])
 def test_sampling_controls_equal_cpu_fp32(tiny_checkpoints: dict[str, Path], enforce_eager: bool) -> None:
     """logit_bias, allowed_token_ids, bad_words, min_tokens and a repetition penalty, one per prompt beside plain
     greedy rows, with asynchronous scheduling (the sampler's per-request tensors built on the GPU)."""
