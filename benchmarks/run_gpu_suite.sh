@@ -24,7 +24,10 @@
 #   latency-pg   the same, pagedllm only
 #   spec         speculative decoding: tests/gpu's case (cuda, eager and with graphs, equal to cpu), then bench
 #                latency batch 1 with prompt lookup (SPEC_CONFIG, default 4 drafts), pagedllm and hf (hf's own
-#                prompt lookup), and pagedllm without drafts for the ratio
+#                prompt lookup), and pagedllm without drafts (synchronous scheduling too) for the ratio
+#   lora         bench throughput with a random rank-LORA_RANK (default 16) adapter of every projection on every
+#                request, LORA_SLOTS (default 4) adapter ids in turn, pagedllm and hf (through PEFT: carry its wheel
+#                and accelerate's), then pagedllm without the adapter for the ratio
 #   probe        benchmarks/tp_allreduce_probe.py: NCCL vs symmetric-memory all-reduce on two GPUs
 #   tp-tests     tests/gpu/test_tensor_parallel_cuda.py (two GPUs)
 #   tp-profile   benchmarks/tp_step_profile.py, batch-1 decode steps timed and profiled, tp=1 then tp=2
@@ -99,7 +102,17 @@ torch.cuda.get_device_name())"; } > "$LOGS/env.txt" 2>&1
             stage spec_latency "${LATENCY_LIMIT:-240}" $BENCH latency $COMMON --batch-size 1 --input-len 1024 \
             --output-len 256 --num-iters "${LATENCY_ITERS:-3}" --backend pagedllm,hf --no-async-scheduling \
             --speculative-config "$SPEC_CONFIG" \
-            --output-json "$LOGS/spec_latency.json" ;;
+            --output-json "$LOGS/spec_latency.json"
+            stage spec_latency_off "${LATENCY_LIMIT:-240}" $BENCH latency $COMMON --batch-size 1 --input-len 1024 \
+            --output-len 256 --num-iters "${LATENCY_ITERS:-3}" --backend pagedllm --no-async-scheduling \
+            --output-json "$LOGS/spec_latency_off.json" ;;
+        lora) python -c "from pagedllm.testing.lora_adapters import write_lora_adapter as w
+w('$MODEL', '/tmp/pagedllm_lora', r=${LORA_RANK:-16}, magnitude=0.01)"
+            stage lora_tput "${LORA_LIMIT:-360}" $BENCH throughput $COMMON --enable-lora --max-loras "${LORA_SLOTS:-4}" \
+            --max-lora-rank "${LORA_RANK:-16}" --lora-path /tmp/pagedllm_lora --backend pagedllm,hf \
+            --output-json "$LOGS/lora_tput.json"
+            stage tput_pg "${TPUT_LIMIT:-150}" $BENCH throughput $COMMON --backend pagedllm \
+            --output-json "$LOGS/tput_pg.json" ;;
         probe) stage probe "${PROBE_LIMIT:-180}" python benchmarks/tp_allreduce_probe.py --out "$LOGS/probe.json" ;;
         tp-tests) stage tp_tests "${TP_TESTS_LIMIT:-240}" python -m pytest tests/gpu/test_tensor_parallel_cuda.py -q \
             -p no:cacheprovider ;;

@@ -63,7 +63,9 @@ def engine_settings(args: argparse.Namespace) -> str:
             f"enforce_eager={args.enforce_eager}, kv_cache_dtype={args.kv_cache_dtype}, "
             f"quantization={getattr(args, 'resolved_quantization', args.quantization)}, "
             f"async_scheduling={ {True: 'on', False: 'off', None: 'auto'}[args.async_scheduling] }"
-            + (f", speculative_config={json.dumps(spec)}" if spec else ""))
+            + (f", speculative_config={json.dumps(spec)}" if spec else "")
+            + (f", enable_lora (max_loras={args.max_loras}, max_lora_rank={args.max_lora_rank})"
+               if getattr(args, "enable_lora", False) else ""))
 
 
 def make_llm(args: argparse.Namespace) -> object:

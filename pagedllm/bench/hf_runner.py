@@ -36,11 +36,13 @@ def release_device_memory(device: torch.device) -> None:
 
 
 def load_hf_model(model_dir: str, dtype: torch.dtype, device: torch.device, dummy: bool,
-                  dummy_init: str = "transformers") -> torch.nn.Module:
+                  dummy_init: str = "transformers", lora_path: str | None = None) -> torch.nn.Module:
     """The transformers model of ``model_dir``, in ``dtype`` on ``device``. With ``dummy``, random weights from its
     config: transformers' own initialization (``dummy_init="transformers"``: normal linear weights, norm weights
     of one) or pagedllm's ``load_format="dummy"`` fill (``"pagedllm"``: every parameter uniform in [-0.01, 0.01],
-    so both engines multiply matrices of the same distribution)."""
+    so both engines multiply matrices of the same distribution). With ``lora_path``, the PEFT adapter there
+    applied by PEFT, unmerged (its products run beside the base layer's, as pagedllm runs them), in ``dtype``;
+    a RuntimeError says so when PEFT is not installed."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if dummy:
@@ -53,6 +55,13 @@ def load_hf_model(model_dir: str, dtype: torch.dtype, device: torch.device, dumm
             raise ValueError(f"unknown dummy_init {dummy_init!r}: 'transformers' or 'pagedllm'")
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
+    if lora_path is not None:
+        try:
+            import peft
+        except ImportError as exc:
+            raise RuntimeError("the transformers peer applies --lora-path through PEFT, which is not installed "
+                               "(pip install peft), or run --backend pagedllm alone") from exc
+        model = peft.PeftModel.from_pretrained(model, lora_path, autocast_adapter_dtype=False).to(device, dtype)
     return model.eval()
 
 

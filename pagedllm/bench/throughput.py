@@ -19,6 +19,7 @@ from pagedllm.bench.common import (
 )
 from pagedllm.bench.hf_runner import kv_bytes_per_token, load_hf_model, release_device_memory, run_hf
 from pagedllm.bench.workloads import BenchRequest, add_workload_args, describe, make_workload
+from pagedllm.core.lora.request import LoRARequest, check_adapter, read_adapter_config
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -30,7 +31,33 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="run transformers on a random sample of this many of the workload's requests (its "
                              "static batches are slow on long-tailed lengths); rates are compared, and the "
                              "sample is described in the output")
+    parser.add_argument("--lora-path", default=None,
+                        help="a PEFT LoRA adapter directory every request runs with (needs --enable-lora): request i "
+                             "names adapter id i %% max_loras + 1, all read from these files, as vLLM's "
+                             "benchmark_throughput does; transformers applies it through PEFT")
     return parser
+
+
+def lora_requests(args: argparse.Namespace, num: int) -> list[LoRARequest | None]:
+    """Each request's adapter (see ``--lora-path``), or ``[None] * num`` without one. Raises ValueError when
+    ``--lora-path`` comes without ``--enable-lora`` or is not an adapter the engine can take."""
+    if args.lora_path is None:
+        return [None] * num
+    if not args.enable_lora:
+        raise ValueError("--lora-path needs --enable-lora")
+    slots = max(args.max_loras, 1)
+    requests = [LoRARequest(f"lora{i % slots + 1}", i % slots + 1, args.lora_path) for i in range(max(num, 1))]
+    check_adapter(requests[0], args.max_lora_rank)  # a missing, unsupported or too-wide adapter fails here
+    return requests[:num]
+
+
+def describe_lora(args: argparse.Namespace) -> list[str]:
+    """The workload line naming the adapter, or [] without one."""
+    if args.lora_path is None:
+        return []
+    adapter = read_adapter_config(args.lora_path)
+    return [f"LoRA: every request with {args.lora_path} (rank {adapter.r}, {', '.join(adapter.target_modules)}), "
+            f"adapter ids 1..{max(args.max_loras, 1)} in turn"]
 
 
 def hf_sample(requests: list[BenchRequest], num: int | None, seed: int) -> list[BenchRequest]:
@@ -61,8 +88,9 @@ def run_pagedllm(args: argparse.Namespace, requests: list[BenchRequest]) -> tupl
 
     llm = make_llm(args)
     engine = llm.llm_engine
-    llm.generate([r.prompt_token_ids for r in requests[:4]],
-                 SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    loras = lora_requests(args, len(requests))
+    llm.generate([r.prompt_token_ids for r in requests[:4]], SamplingParams(temperature=0, max_tokens=4,
+                 ignore_eos=True), use_tqdm=False, lora_request=loras[:4])  # fmt: skip
     device = engine.device
     final = RequestOutputKind.FINAL_ONLY  # as LLM.generate: no per-token output snapshots
     params = [SamplingParams(temperature=0, max_tokens=r.output_len, ignore_eos=True, output_kind=final)
@@ -70,8 +98,8 @@ def run_pagedllm(args: argparse.Namespace, requests: list[BenchRequest]) -> tupl
     peak_waste = 0.0
 
     with frozen_heap(args.gc_freeze), GcPauses() as gc_pauses:
-        for r, p in zip(requests, params, strict=True):
-            engine.add_request(None, r.prompt_token_ids, p)
+        for r, p, lora in zip(requests, params, loras, strict=True):
+            engine.add_request(None, r.prompt_token_ids, p, lora_request=lora)
         engine.backend_cls().synchronize()
         start = time.perf_counter()
         num_steps = 0
@@ -101,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
     names = backends_of(args)
     model_config = load_model_config(args.model or EngineConfig().resolved_model(), args.dtype, args.max_model_len)
     requests = make_workload(args, model_config.vocab_size)
+    lora_requests(args, 0)  # --lora-path checked before any engine starts
     backend = get_registry().resolve_backend(args.device)()
     device = backend.device()
     results: list[BenchResult] = []
@@ -110,15 +139,18 @@ def run(args: argparse.Namespace) -> int:
         # printed at once too, so a run stopped during the (slower) peer still records pagedllm's figure
         print(f"pagedllm: {result.elapsed_s:.2f} s, {result.total_tokens_per_s:.1f} total tok/s "
               f"{' '.join(f'{k}={v}' for k, v in result.extra.items())}", flush=True)
-    lines = [f"workload: {args.dataset}: {describe(requests)}"]
+    lines = [f"workload: {args.dataset}: {describe(requests)}", *describe_lora(args)]
     if "hf" in names:
         hf_requests = hf_sample(requests, args.hf_num_prompts, args.workload_seed)
         extra: dict[str, object] = {}
         if hf_requests is not requests:
             lines.append(f"transformers runs a random sample: {describe(hf_requests)}")
             extra["sample"] = f"{len(hf_requests)}/{len(requests)}"
+        if args.lora_path:
+            extra["lora"] = "peft"
         dummy = args.load_format == "dummy"
-        model = load_hf_model(model_config.path, model_config.dtype, device, dummy, args.hf_dummy_init)
+        model = load_hf_model(model_config.path, model_config.dtype, device, dummy, args.hf_dummy_init,
+                              args.lora_path)
         if dummy:
             extra["init"] = args.hf_dummy_init
         kv_budget_tokens = backend.memory_info()[0] // kv_bytes_per_token(model_config)

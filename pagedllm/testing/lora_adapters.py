@@ -1,7 +1,7 @@
-"""Tiny LoRA adapters for tests: random, non-zero updates of a tiny checkpoint's projections, written as PEFT
-saves them (``adapter_config.json``, ``adapter_model.safetensors``) without needing PEFT (the GPU image lacks
-it), and the transformers + PEFT model that loads the same files (the reference pagedllm's output is compared
-with)."""
+"""Tiny LoRA adapters for tests and benchmarks: random, non-zero updates of a model's projections, written as
+PEFT saves them (``adapter_config.json``, ``adapter_model.safetensors``) without needing PEFT (the GPU image
+lacks it) or the base weights (dummy-weight benchmarks have none), and the transformers + PEFT model that loads
+the same files (the reference pagedllm's output is compared with)."""
 
 from __future__ import annotations
 
@@ -16,39 +16,39 @@ ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 
 
 def write_lora_adapter(base_dir: str | Path, directory: str | Path, targets: Sequence[str] = ALL_TARGETS,
-                       r: int = 8, alpha: float = 16.0, seed: int = 0, use_rslora: bool = False) -> Path:
-    """Write a rank-``r`` adapter of ``targets`` for the checkpoint in ``base_dir`` to ``directory``: for each
-    ``<module>.<target>.weight`` of shape ``[out, in]`` a ``lora_A`` ``[r, in]`` and a ``lora_B`` ``[out, r]``,
-    both drawn as PEFT's ``init_lora_weights=False`` draws them (uniform within ``1/sqrt(fan_in)``) and tripled
-    so the update changes greedy tokens. Returns ``directory``."""
-    from safetensors import safe_open
+                       r: int = 8, alpha: float = 16.0, seed: int = 0, use_rslora: bool = False,
+                       magnitude: float = 3.0) -> Path:
+    """Write a rank-``r`` adapter of ``targets`` for the model in ``base_dir`` (a checkpoint, or a ``config.json``
+    directory for dummy weights: the shapes come from the transformers model built on the meta device) to
+    ``directory``: for each ``nn.Linear`` ``<module>.<target>`` of weight ``[out, in]`` a ``lora_A`` ``[r, in]``
+    and a ``lora_B`` ``[out, r]``, uniform within ``magnitude / sqrt(fan_in)`` (PEFT's
+    ``init_lora_weights=False`` draws them within ``1 / sqrt(fan_in)``; tests triple that so the update changes
+    greedy tokens). Returns ``directory``."""
+    import transformers
     from safetensors.torch import save_file
 
+    config = transformers.AutoConfig.from_pretrained(str(base_dir))
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
     generator = torch.Generator().manual_seed(seed)
 
     def uniform(rows: int, cols: int) -> torch.Tensor:
-        bound = 3.0 / math.sqrt(cols)
-        return (torch.rand(rows, cols, generator=generator) * 2 - 1) * bound
+        return (torch.rand(rows, cols, generator=generator) * 2 - 1) * (magnitude / math.sqrt(cols))
 
     tensors: dict[str, torch.Tensor] = {}
-    for weights in sorted(Path(base_dir).glob("*.safetensors")):
-        with safe_open(str(weights), framework="pt") as f:
-            for key in sorted(f.keys()):
-                module, _, leaf = key.rpartition(".")
-                if leaf != "weight" or module.rpartition(".")[2] not in targets:
-                    continue
-                out_features, in_features = f.get_slice(key).get_shape()
-                tensors[f"base_model.model.{module}.lora_A.weight"] = uniform(r, in_features)
-                tensors[f"base_model.model.{module}.lora_B.weight"] = uniform(out_features, r)
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.rpartition(".")[2] in targets:
+            tensors[f"base_model.model.{name}.lora_A.weight"] = uniform(r, module.in_features)
+            tensors[f"base_model.model.{name}.lora_B.weight"] = uniform(module.out_features, r)
     if not tensors:
-        raise ValueError(f"no projection named {list(targets)} in the checkpoint at {base_dir}")
+        raise ValueError(f"no projection named {list(targets)} in the model at {base_dir}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base_dir), "r": r,
-              "lora_alpha": alpha, "target_modules": list(targets), "use_rslora": use_rslora, "bias": "none",
-              "lora_dropout": 0.0, "fan_in_fan_out": False}
-    (directory / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    adapter_config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base_dir),
+                      "r": r, "lora_alpha": alpha, "target_modules": list(targets), "use_rslora": use_rslora,
+                      "bias": "none", "lora_dropout": 0.0, "fan_in_fan_out": False}
+    (directory / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
     return directory
 
 

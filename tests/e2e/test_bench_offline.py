@@ -108,3 +108,30 @@ def test_throughput_reports_the_peers_dummy_init(checkpoint_factory, tmp_path: P
                "--backend", "hf", "--hf-dummy-init", "pagedllm", "--output-json", str(out)])
     assert rc == 0
     assert json.loads(out.read_text())["results"][0]["extra"]["init"] == "pagedllm"
+
+
+@pytest.mark.timeout(300)
+def test_throughput_with_a_lora_adapter_in_both_engines(checkpoint_factory, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    """``--lora-path``: every request runs with the adapter (two slots in turn) in pagedllm, and through PEFT in
+    transformers; the report names the adapter; a path without ``--enable-lora``, or an adapter wider than
+    ``--max-lora-rank``, is refused before any engine starts."""
+    pytest.importorskip("peft")
+    from pagedllm.testing.lora_adapters import write_lora_adapter
+
+    model = checkpoint_factory("llama")
+    adapter = write_lora_adapter(model, tmp_path / "adapter", ("q_proj", "down_proj"), r=4)
+    out = tmp_path / "lora.json"
+    common = ["bench", "throughput", "--model", str(model), "--device", "cpu", "--dtype", "float32",
+              "--num-prompts", "4", "--input-len", "16", "--output-len", "4", "--lora-path", str(adapter)]
+    assert main([*common, "--enable-lora", "--max-loras", "2", "--output-json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    engines = {r["engine"]: r for r in result["results"]}
+    assert set(engines) == {"pagedllm", "hf"} and engines["hf"]["extra"]["lora"] == "peft"
+    assert any(line.startswith("LoRA: ") and "rank 4" in line and "ids 1..2" in line for line in result["lines"])
+    assert any("enable_lora (max_loras=2" in line for line in result["lines"])
+    capsys.readouterr()
+    assert main(common) == 2
+    assert "--lora-path needs --enable-lora" in capsys.readouterr().err
+    assert main([*common, "--enable-lora", "--max-lora-rank", "2"]) == 2
+    assert "rank 4" in capsys.readouterr().err
