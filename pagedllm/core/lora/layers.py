@@ -49,7 +49,7 @@ class LoRALinearOp:
         h = x @ self.a.T  # [num_tokens, slots * parts * rank]
         num_tokens, slots = onehot.shape
         h = (h.view(num_tokens, slots, -1) * onehot[:, :, None]).view(num_tokens, -1)
-        return y + h @ self.b.T
+        return y.addmm_(h, self.b.T)  # the sum in the product's epilogue: y is read and written once
 
     def clear(self, slot: int) -> None:
         """Zero slot ``slot`` (an adapter that does not train this layer leaves it so)."""
