@@ -38,6 +38,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
                         help="LoRA adapters served beside the model (needs --enable-lora): a request whose model "
                              "is NAME runs through the PEFT adapter in PATH; also {\"name\": ..., \"path\": ...}")
+    parser.add_argument("--allow-runtime-lora-updating", action="store_true",
+                        help="serve POST /v1/load_lora_adapter {lora_name, lora_path} and /v1/unload_lora_adapter "
+                             "{lora_name} (vLLM's routes, which it enables with VLLM_ALLOW_RUNTIME_LORA_UPDATING; "
+                             "needs --enable-lora). Anyone who can reach the server can then make it read a "
+                             "directory of its machine")
     parser.add_argument("--uvicorn-log-level", default="info",
                         choices=["critical", "error", "warning", "info", "debug", "trace"])
     parser.add_argument("--disable-access-log", action="store_true", help="do not log every HTTP request")

@@ -179,3 +179,63 @@ def test_server_serves_adapters_by_name(llama_dir: Path, adapters, expected) -> 
             reply = client.completions.create(model=model, prompt=prompts()[1], max_tokens=MAX_TOKENS,
                                               temperature=0.0, extra_body={"min_tokens": MAX_TOKENS})
             assert reply.model == model and reply.choices[0].text == tokenizer.decode(expected[name][1])
+
+
+def test_server_loads_and_unloads_adapters_at_run_time(llama_dir: Path, adapters, expected, tmp_path: Path) -> None:
+    """``--allow-runtime-lora-updating``: ``POST /v1/load_lora_adapter`` serves an adapter under a new name (its
+    completions equal PEFT's), a second load of the name, a bad directory and an adapter wider than the engine
+    takes are refused in the OpenAI error format; ``/v1/unload_lora_adapter`` stops serving it (requests naming it
+    then get a 404, as does a second unload), and a reload from another directory under the same name runs the
+    new adapter, not the slot the old one left. Without the setting the routes do not exist."""
+    pytest.importorskip("fastapi")
+    openai = pytest.importorskip("openai")
+    import httpx
+    from transformers import AutoTokenizer
+
+    from tests.e2e.openai_server import MODEL, in_process_client
+
+    tokenizer = AutoTokenizer.from_pretrained(str(llama_dir))
+    wide, narrow = (str(adapters[name][0]) for name in ("wide", "narrow"))
+    engine_args = {"enable_lora": True, "max_lora_rank": 8, "max_loras": 1}
+
+    def complete(client, model: str) -> str:
+        return client.completions.create(model=model, prompt=prompts()[1], max_tokens=MAX_TOKENS, temperature=0.0,
+                                         extra_body={"min_tokens": MAX_TOKENS}).choices[0].text
+
+    def post(client, route: str, **body: object) -> str:
+        return client.post(route, body=body, cast_to=httpx.Response).text
+
+    with in_process_client(llama_dir, engine_args, allow_runtime_lora_updating=True) as (client, _):
+        assert post(client, "/load_lora_adapter", lora_name="sql", lora_path=wide) == \
+            "Success: LoRA adapter 'sql' added successfully."
+        assert "sql" in {m.id for m in client.models.list().data}
+        assert complete(client, "sql") == tokenizer.decode(expected["wide"][1])
+        with pytest.raises(openai.BadRequestError, match="already been loaded"):
+            post(client, "/load_lora_adapter", lora_name="sql", lora_path=narrow)
+        with pytest.raises(openai.BadRequestError, match=r"adapter_config\.json"):
+            post(client, "/load_lora_adapter", lora_name="none", lora_path=str(tmp_path))
+        with pytest.raises(openai.BadRequestError, match="lora_path: Field required"):
+            post(client, "/load_lora_adapter", lora_name="half")
+        assert post(client, "/unload_lora_adapter", lora_name="sql") == \
+            "Success: LoRA adapter 'sql' removed successfully."
+        with pytest.raises(openai.NotFoundError):
+            complete(client, "sql")
+        with pytest.raises(openai.NotFoundError, match="no LoRA adapter 'sql'"):
+            post(client, "/unload_lora_adapter", lora_name="sql")
+        post(client, "/load_lora_adapter", lora_name="sql", lora_path=narrow)  # the one slot still holds "wide"
+        assert complete(client, "sql") == tokenizer.decode(expected["narrow"][1])
+        assert complete(client, MODEL) == tokenizer.decode(expected[None][1])  # the base model untouched
+    narrow_engine = {"enable_lora": True, "max_lora_rank": 2}
+    with in_process_client(llama_dir, narrow_engine, allow_runtime_lora_updating=True) as (client, _), \
+            pytest.raises(openai.BadRequestError, match="rank"):
+        post(client, "/load_lora_adapter", lora_name="sql", lora_path=wide)
+    with in_process_client(llama_dir, engine_args) as (client, _), pytest.raises(openai.NotFoundError):
+        post(client, "/load_lora_adapter", lora_name="sql", lora_path=wide)
+
+
+def test_runtime_lora_updating_needs_lora(llama_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    pytest.importorskip("uvicorn")
+    from pagedllm.entrypoints.cli import main
+
+    assert main(["serve", str(llama_dir), "--device", "cpu", "--allow-runtime-lora-updating"]) == 2
+    assert "--allow-runtime-lora-updating needs --enable-lora" in capsys.readouterr().err

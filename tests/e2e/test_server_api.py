@@ -316,6 +316,28 @@ def test_tokenize_detokenize(server: ServerProcess, client, offline: LLM) -> Non
     assert chat["count"] == reply.usage.prompt_tokens
 
 
+def test_continue_final_message(server: ServerProcess, client, offline: LLM) -> None:
+    """``continue_final_message`` leaves the last (assistant) message open in the rendered prompt, in ``/tokenize``
+    and in chat completions, whose reply continues it as the offline engine does on the same ids; together with
+    ``add_generation_prompt`` it is a 400 naming the conflict."""
+    import openai
+
+    tokenizer = offline.get_tokenizer()
+    messages = [*MESSAGES, {"role": "assistant", "content": "for i in"}]
+    body = {"model": MODEL, "messages": messages, "add_generation_prompt": False, "continue_final_message": True}
+    ids = httpx.post(server.url + "/tokenize", json=body).json()["tokens"]
+    closed = httpx.post(server.url + "/tokenize", json={**body, "continue_final_message": False}).json()["tokens"]
+    assert tokenizer.decode(ids).endswith("assistant: for i in") and tokenizer.decode(closed).endswith("for i in\n")
+    reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0.0,
+                                           extra_body={"add_generation_prompt": False,
+                                                       "continue_final_message": True})
+    want = offline.generate([ids], greedy(6), use_tqdm=False)[0].outputs[0].text
+    assert reply.choices[0].message.content == want and reply.usage.prompt_tokens == len(ids)
+    with pytest.raises(openai.BadRequestError, match="cannot both be true"):
+        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1,
+                                       extra_body={"continue_final_message": True})
+
+
 def test_metrics(server: ServerProcess, client) -> None:
     client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=8)
     metrics = server.metrics()

@@ -12,6 +12,7 @@ pytest.importorskip("fastapi")
 
 from pagedllm.entrypoints.cli_serve import TOOL_CALL_PARSER_NAMES
 from pagedllm.entrypoints.openai.errors import OpenAIError
+from pagedllm.entrypoints.openai.protocol import ChatTemplateOptions
 from pagedllm.entrypoints.openai.tokenization import AsyncTokenizer
 from pagedllm.entrypoints.openai.tool_call_formats import TOOL_CALL_FORMATS
 from pagedllm.entrypoints.openai.tool_call_stream import ContentBeforeCalls, ToolCallStream, merge_deltas
@@ -154,7 +155,8 @@ def test_tools_and_call_arguments_reach_the_template() -> None:
         {"role": "assistant", "tool_calls": [{"id": "1", "type": "function",
                                               "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
         {"role": "tool", "tool_call_id": "1", "content": "cold"}])
-    rendered = asyncio.run(AsyncTokenizer(tokenizer, template).render_chat(messages, False, None, [WEATHER, TIME]))
+    options = ChatTemplateOptions(add_generation_prompt=False)
+    rendered = asyncio.run(AsyncTokenizer(tokenizer, template).render_chat(messages, options, [WEATHER, TIME]))
     assert rendered == "tool=get_weather;tool=get_time;user:weather?;assistant:[get_weather(Oslo)];tool:cold;"
 
 

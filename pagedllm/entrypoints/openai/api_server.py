@@ -1,8 +1,10 @@
 """The FastAPI app of ``pagedllm serve`` and the uvicorn runner.
 
-Routes: ``/v1/completions``, ``/v1/chat/completions``, ``/v1/models`` (behind ``--api-key`` when set),
-``/health``, ``/version``, ``/metrics``, ``/tokenize``, ``/detokenize``. The engine thread starts with the
-app's lifespan and stops with it, so Ctrl-C / SIGTERM (handled by uvicorn) end the server cleanly.
+Routes: ``/v1/completions``, ``/v1/chat/completions``, ``/v1/responses``, ``/v1/embeddings``, ``/v1/models`` (behind
+``--api-key`` when set), ``/health``, ``/version``, ``/metrics``, ``/tokenize``, ``/detokenize``; with
+``--allow-runtime-lora-updating``, ``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter``. The engine thread
+starts with the app's lifespan and stops with it, so Ctrl-C / SIGTERM (handled by uvicorn) end the server
+cleanly.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
-from starlette.responses import Response
+from starlette.responses import PlainTextResponse, Response
 
 from pagedllm.core.engine import LLMEngine, load_tokenizer
 from pagedllm.core.heap import freeze_heap
@@ -36,9 +38,11 @@ from pagedllm.entrypoints.openai.protocol import (
     EmbeddingRequest,
     EmbeddingResponse,
     ErrorResponse,
+    LoadLoRAAdapterRequest,
     ModelList,
     TokenizeRequest,
     TokenizeResponse,
+    UnloadLoRAAdapterRequest,
     VersionResponse,
 )
 from pagedllm.entrypoints.openai.protocol_responses import ResponseObject, ResponsesRequest
@@ -70,6 +74,7 @@ class ServerSettings:
     max_logprobs: int = 20
     tool_call_parser: str | None = None  # set: chat requests may use tool_choice "auto"
     lora_modules: dict[str, LoRARequest] = field(default_factory=dict)  # served adapter names (--lora-modules)
+    allow_runtime_lora_updating: bool = False  # POST /v1/load_lora_adapter and /v1/unload_lora_adapter
 
 
 def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
@@ -79,8 +84,9 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
     async_engine = AsyncLLMEngine(engine, observers=[metrics])
     tokenizer = AsyncTokenizer(load_tokenizer(engine.config.tokenizer or model_config.path, required=False)
                                if engine.tokenizer is not None else None, settings.chat_template)
+    config = engine.config
     models = OpenAIServingModels(settings.served_model_name, model_config.path, model_config.max_model_len,
-                                 settings.lora_modules)
+                                 settings.lora_modules, config.max_lora_rank if config.enable_lora else None)
     completions = OpenAIServingCompletion(async_engine, tokenizer, models, settings.max_logprobs)
     chat = OpenAIServingChat(async_engine, tokenizer, models, settings.max_logprobs,
                              tool_parser=settings.tool_call_parser, reasoning_parser=engine.config.reasoning_parser)
@@ -150,6 +156,21 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
         """OpenAI's embeddings: the last token's final hidden state of each input, normalized."""
         return await embeddings.create_embedding(request, raw_request)
 
+    if settings.allow_runtime_lora_updating:
+        @app.post("/v1/load_lora_adapter", response_class=PlainTextResponse, responses=_ERRORS)
+        async def load_lora_adapter(request: LoadLoRAAdapterRequest) -> PlainTextResponse:
+            """Serve a PEFT adapter under a new model name (vLLM's route and answer)."""
+            models.load_lora(request.lora_name, request.lora_path)
+            logger.info("LoRA adapter %r loaded from %s", request.lora_name, request.lora_path)
+            return PlainTextResponse(f"Success: LoRA adapter '{request.lora_name}' added successfully.")
+
+        @app.post("/v1/unload_lora_adapter", response_class=PlainTextResponse, responses=_ERRORS)
+        async def unload_lora_adapter(request: UnloadLoRAAdapterRequest) -> PlainTextResponse:
+            """Stop serving an adapter (vLLM's route and answer)."""
+            models.unload_lora(request.lora_name, request.lora_int_id)
+            logger.info("LoRA adapter %r unloaded", request.lora_name)
+            return PlainTextResponse(f"Success: LoRA adapter '{request.lora_name}' removed successfully.")
+
     @app.post("/tokenize", responses=_ERRORS)
     async def tokenize(request: TokenizeRequest) -> TokenizeResponse:
         """Token ids of a prompt or of a conversation through the chat template."""
@@ -195,6 +216,8 @@ def _serve(args: argparse.Namespace) -> None:
         raise ValueError(f"--enable-auto-tool-choice needs --tool-call-parser ({', '.join(TOOL_CALL_FORMATS)})")
     chat_template = load_chat_template(args.chat_template)
     lora_modules = parse_lora_modules(getattr(args, "lora_modules", None) or [], config)
+    if args.allow_runtime_lora_updating and not config.enable_lora:
+        raise ValueError("--allow-runtime-lora-updating needs --enable-lora")
     engine = LLMEngine(config)
     settings = ServerSettings(
         served_model_name=config.served_model_name or config.model or DEMO_MODEL_NAME,
@@ -203,6 +226,7 @@ def _serve(args: argparse.Namespace) -> None:
         max_logprobs=args.max_logprobs,
         tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice else None,
         lora_modules=lora_modules,
+        allow_runtime_lora_updating=args.allow_runtime_lora_updating,
     )
     app = build_app(engine, settings)
     freeze_heap()  # full collections would otherwise rescan the start's heap on the engine thread's steps

@@ -205,7 +205,17 @@ class ChatMessage(OpenAIBaseModel):
     name: str | None = None
 
 
-class ChatCompletionRequest(SamplingRequest):
+class ChatTemplateOptions(OpenAIBaseModel):
+    """How a conversation goes through the chat template (vLLM's fields): ``add_generation_prompt`` opens the
+    assistant's turn; ``continue_final_message`` instead leaves the conversation's last message open, so the
+    reply continues it (a prefilled assistant answer); ``chat_template_kwargs`` are passed to the template."""
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class ChatCompletionRequest(SamplingRequest, ChatTemplateOptions):
     """``POST /v1/chat/completions``: a conversation rendered through the chat template."""
 
     messages: list[ChatMessage]
@@ -217,8 +227,6 @@ class ChatCompletionRequest(SamplingRequest):
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool = True  # False: at most one call per reply
     include_reasoning: bool = True  # False: a reasoning model's thinking is left out of the reply (vLLM's)
-    add_generation_prompt: bool = True
-    chat_template_kwargs: dict[str, Any] | None = None
     add_special_tokens: bool = False
 
 
@@ -411,7 +419,7 @@ class EmbeddingResponse(ResponseModel):
 
 
 # ---------------------------------------------------------------------------------------------- tokenizer
-class TokenizeRequest(OpenAIBaseModel):
+class TokenizeRequest(ChatTemplateOptions):
     """``POST /tokenize``: exactly one of ``prompt`` (text) or ``messages`` (rendered by the chat template).
 
     ``add_special_tokens`` defaults to True for a prompt and False for messages (the template has them).
@@ -421,8 +429,6 @@ class TokenizeRequest(OpenAIBaseModel):
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool | None = None
-    add_generation_prompt: bool = True
-    chat_template_kwargs: dict[str, Any] | None = None
 
 
 class TokenizeResponse(ResponseModel):
@@ -447,6 +453,22 @@ class DetokenizeResponse(ResponseModel):
 
 
 # ---------------------------------------------------------------------------------------------- misc
+class LoadLoRAAdapterRequest(OpenAIBaseModel):
+    """``POST /v1/load_lora_adapter`` (vLLM's, with ``--allow-runtime-lora-updating``): serve the PEFT adapter in
+    ``lora_path`` as the model ``lora_name``."""
+
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLoRAAdapterRequest(OpenAIBaseModel):
+    """``POST /v1/unload_lora_adapter``: stop serving the adapter ``lora_name`` (``lora_int_id``, when given, must
+    be its id)."""
+
+    lora_name: str
+    lora_int_id: int | None = None
+
+
 class VersionResponse(ResponseModel):
     """``GET /version``."""
 

@@ -110,8 +110,7 @@ class OpenAIServingChat(OpenAIServing):
         num_logprobs = (request.top_logprobs or 0) if request.logprobs else None
         try:
             messages = arguments_as_objects(messages_for_template(request.messages))
-            text = await self.tokenizer.render_chat(messages, request.add_generation_prompt,
-                                                    request.chat_template_kwargs, request.tools or None)
+            text = await self.tokenizer.render_chat(messages, request, request.tools or None)
             prompt_ids = await self.tokenizer.encode(text, request.add_special_tokens)
         except ValueError as exc:
             raise invalid_param(str(exc), "messages") from exc

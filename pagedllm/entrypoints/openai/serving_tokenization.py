@@ -32,8 +32,7 @@ class OpenAIServingTokenization:
                 ids = await self.tokenizer.encode(request.prompt, add_special)
             else:
                 assert request.messages is not None
-                text = await self.tokenizer.render_chat(messages_for_template(request.messages),
-                                                        request.add_generation_prompt, request.chat_template_kwargs)
+                text = await self.tokenizer.render_chat(messages_for_template(request.messages), request)
                 ids = await self.tokenizer.encode(text, bool(request.add_special_tokens))
         except ValueError as exc:
             raise invalid_param(str(exc), "prompt" if request.prompt is not None else "messages") from exc

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pagedllm.entrypoints.openai.protocol import ChatMessage
+from pagedllm.entrypoints.openai.protocol import ChatMessage, ChatTemplateOptions
 
 _T = TypeVar("_T")
 
@@ -83,22 +83,27 @@ class AsyncTokenizer:
         tokenizer = self._require()
         return await self._call(lambda: tokenizer.decode(token_ids))
 
-    async def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                          template_kwargs: dict[str, Any] | None = None,
+    async def render_chat(self, messages: list[dict[str, Any]], options: ChatTemplateOptions,
                           tools: list[dict[str, Any]] | None = None) -> str:
-        """The prompt text of a conversation (and of the ``tools`` it may call) through the chat template.
+        """The prompt text of a conversation (and of the ``tools`` it may call) through the chat template, as
+        ``options`` ask (a request's :class:`ChatTemplateOptions` fields).
 
-        Raises ValueError when there is no template or the template rejects the conversation.
+        Raises ValueError when there is no template, the options contradict each other, or the template rejects
+        the conversation (with ``continue_final_message``, also when its last message is not found in the text).
         """
         tokenizer = self._require()
+        if options.continue_final_message and options.add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be true (the first "
+                             "continues the last message, the second opens a new assistant turn)")
 
         def render() -> str:
             import jinja2
 
             try:
                 return tokenizer.apply_chat_template(
-                    messages, chat_template=self.chat_template, add_generation_prompt=add_generation_prompt,
-                    tokenize=False, tools=tools, **(template_kwargs or {}),
+                    messages, chat_template=self.chat_template, add_generation_prompt=options.add_generation_prompt,
+                    continue_final_message=options.continue_final_message, tokenize=False, tools=tools,
+                    **(options.chat_template_kwargs or {}),
                 )
             except (jinja2.TemplateError, TypeError) as exc:
                 raise ValueError(f"the chat template failed on these messages: {exc}") from exc
