@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj", "gate_up_proj")
 
 
 def write_lora_adapter(base_dir: str | Path, directory: str | Path, targets: Sequence[str] = ALL_TARGETS,

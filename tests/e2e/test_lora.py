@@ -129,6 +129,35 @@ def test_tensor_parallel_adapters_equal_peft(llama_dir: Path, adapters, expected
     assert [o.outputs[0].token_ids for o in outputs] == [expected[n][0] for n in names]
 
 
+ARCH_TARGETS = {arch: None for arch in ("mistral", "ministral", "qwen2", "qwen3", "granite", "gemma2", "gemma3",
+                                         "phi3", "olmo2", "mixtral", "qwen2_moe")}
+# PEFT 0.21 on transformers 5 takes an MoE model's MLP targets for its experts and leaves the dense layers' MLPs
+# unadapted, so Qwen3-MoE (whose tiny config has a dense layer) is compared on its attention only
+ARCH_TARGETS["qwen3_moe"] = ("q_proj", "k_proj", "v_proj", "o_proj")
+ARCH_TARGETS["phi3"] = ("qkv_proj", "gate_up_proj")  # only the fused ones: their update alone changes the tokens
+
+
+# tensor parallelism for the fused projections, a shared expert and Gemma 3's norms
+ARCH_CASES = [(arch, 1) for arch in sorted(ARCH_TARGETS)] + [("phi3", 2), ("qwen2_moe", 2), ("gemma3", 2)]
+
+
+@pytest.mark.parametrize(("arch", "tp"), ARCH_CASES)
+def test_adapters_of_other_architectures_equal_peft(checkpoint_factory, arch: str, tp: int, tmp_path: Path) -> None:
+    """An adapter of every projection the architecture's checkpoint names (Phi-3's fused ``qkv_proj`` and
+    ``gate_up_proj`` whole; Mixtral's and Qwen2-MoE's attention and shared expert; the experts are not adapted)
+    gives transformers + PEFT's tokens, and not the base model's, on one rank and split over two."""
+    model_dir = checkpoint_factory(arch)
+    targets = ARCH_TARGETS[arch]
+    peft_model = build_lora_adapter(model_dir, tmp_path / "adapter", *([targets] if targets else []), r=8, seed=1)
+    llm = LLM(str(model_dir), device="cpu", dtype="float32", enable_lora=True, max_lora_rank=8,
+              tensor_parallel_size=tp)
+    prompt = prompts()[0]
+    got = llm.generate([prompt] * 2, PARAMS, use_tqdm=False,
+                       lora_request=[LoRARequest("a", 1, str(tmp_path / "adapter")), None])
+    assert got[0].outputs[0].token_ids == reference(peft_model, prompt)
+    assert got[0].outputs[0].token_ids != got[1].outputs[0].token_ids
+
+
 def test_bad_adapters_and_requests_are_refused(llama_dir: Path, adapters, tmp_path: Path) -> None:
     wide = LoRARequest("wide", 1, str(adapters["wide"][0]))
     plain = LLM(str(llama_dir), device="cpu", num_kv_blocks=16)

@@ -57,6 +57,19 @@ class LoRALinearOp:
         self.a[slot * width:(slot + 1) * width].zero_()
         self.b[:, slot * width:(slot + 1) * width].zero_()
 
+    def load_fused(self, slot: int, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> None:
+        """Put an adapter of the whole fused projection (Phi-3's ``qkv_proj`` or ``gate_up_proj``) in slot
+        ``slot``: ``lora_a [r, in]`` and ``lora_b [sum of the parts' unsharded outputs, r]``. Each part takes
+        ``lora_a`` and its own rows of ``lora_b``, which computes the same update: ``B A x`` row by row."""
+        layer = self.layer
+        if not isinstance(layer, MergedColumnParallelLinear):
+            raise ValueError("a fused adapter needs a fused projection")
+        if lora_b.shape[0] != sum(layer.full_shard_sizes):
+            raise ValueError(f"lora_B has {lora_b.shape[0]} rows; the fused projection has "
+                             f"{sum(layer.full_shard_sizes)} outputs")
+        for part, rows in enumerate(lora_b.split(layer.full_shard_sizes)):
+            self.load(slot, part, lora_a, rows, scaling)
+
     def load(self, slot: int, part: int, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> None:
         """Put one part's matrices of an adapter in slot ``slot``: ``lora_a [r, in_full]`` and ``lora_b [out_full,
         r]`` as the checkpoint holds them (this rank's share taken here), ``lora_b`` times ``scaling``."""

@@ -13,7 +13,7 @@ from torch import nn
 
 from pagedllm.core.distributed.parallel_layers import MergedColumnParallelLinear, RowParallelLinear
 from pagedllm.core.lora.layers import LoRALinearOp, LoRAStepState
-from pagedllm.core.lora.request import ADAPTED_LAYERS, LoRARequest, read_adapter_config
+from pagedllm.core.lora.request import ADAPTED_LAYERS, FUSED_TARGETS, LoRARequest, read_adapter_config
 
 _PEFT_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<proj>\w+)\.lora_(?P<which>[AB])(?:\.default)?"
                        r"\.weight$")
@@ -107,12 +107,18 @@ class LoRAManager:
             if set(matrices) != {"A", "B"}:
                 raise ValueError(f"LoRA adapter {request.lora_path!r}: {layer} part {part} lacks its lora_A or lora_B")
             try:
-                self.ops[layer].load(slot, part, matrices["A"], matrices["B"], config.scaling)
+                if part is None:
+                    self.ops[layer].load_fused(slot, matrices["A"], matrices["B"], config.scaling)
+                else:
+                    self.ops[layer].load(slot, part, matrices["A"], matrices["B"], config.scaling)
             except ValueError as exc:
                 raise ValueError(f"LoRA adapter {request.lora_path!r}, {layer}: {exc}") from exc
 
-    def _layer_of(self, module: str, proj: str, path: str) -> tuple[str, int]:
-        """Our adapted layer and part for a checkpoint module path (``model.layers.3.self_attn``) and projection."""
+    def _layer_of(self, module: str, proj: str, path: str) -> tuple[str, int | None]:
+        """Our adapted layer and part for a checkpoint module path (``model.layers.3.self_attn``) and projection;
+        part None for a fused projection (:data:`FUSED_TARGETS`) trained whole."""
+        if proj in FUSED_TARGETS and f"{module}.{proj}" in self.ops:
+            return f"{module}.{proj}", None
         for ours, parts in ADAPTED_LAYERS.items():
             if proj in parts and f"{module}.{ours}" in self.ops:
                 return f"{module}.{ours}", parts.index(proj)

@@ -12,8 +12,12 @@ from pathlib import Path
 ADAPTED_LAYERS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "o_proj": ("o_proj",),
                   "gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
 """Our projection -> the checkpoint projections that are its parts, in order."""
-SUPPORTED_TARGETS = tuple(part for parts in ADAPTED_LAYERS.values() for part in parts)
-"""The projections an adapter may train (the Llama family's names; Mixtral's w1/w3/w2 and the experts are not)."""
+FUSED_TARGETS = ("qkv_proj", "gate_up_proj")
+"""Fused projections an adapter may train whole (Phi-3's checkpoints fuse q|k|v and gate|up): one ``lora_A`` and
+a ``lora_B`` over all the parts' rows."""
+SUPPORTED_TARGETS = tuple(part for parts in ADAPTED_LAYERS.values() for part in parts) + FUSED_TARGETS
+"""The projections an adapter may train (the Llama family's names and Phi-3's fused ones; Mixtral's w1/w3/w2 and
+the experts are not)."""
 
 
 @dataclass(frozen=True, slots=True)
