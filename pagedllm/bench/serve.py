@@ -197,10 +197,12 @@ async def _get_json(client: httpx.AsyncClient, url: str, headers: dict[str, str]
     return response.json()
 
 
-async def benchmark(base_url: str, requests: Sequence[BenchRequest], model: str, request_rate: float,
-                    max_concurrency: int | None, api_key: str | None = None, temperature: float = 0.0,
-                    seed: int = 0, timeout_s: float = 600.0) -> tuple[list[RequestResult], float]:
-    """Send ``requests`` to ``base_url`` as a Poisson process; returns per-request results and the duration."""
+async def benchmark(base_url: str, requests: Sequence[BenchRequest], model: str | Sequence[str],
+                    request_rate: float, max_concurrency: int | None, api_key: str | None = None,
+                    temperature: float = 0.0, seed: int = 0, timeout_s: float = 600.0
+                    ) -> tuple[list[RequestResult], float]:
+    """Send ``requests`` to ``base_url`` as a Poisson process, each naming ``model`` (or its own entry of a
+    sequence of names, one per request); returns per-request results and the duration."""
     import httpx
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -210,16 +212,18 @@ async def benchmark(base_url: str, requests: Sequence[BenchRequest], model: str,
     async with httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), limits=limits) as client:
         url = base_url.rstrip("/") + "/v1/completions"
 
-        async def one(request: BenchRequest) -> RequestResult:
+        names = [model] * len(requests) if isinstance(model, str) else list(model)
+
+        async def one(request: BenchRequest, name: str) -> RequestResult:
             if semaphore is None:
-                return await _send(client, url, headers, model, request, temperature)
+                return await _send(client, url, headers, name, request, temperature)
             async with semaphore:
-                return await _send(client, url, headers, model, request, temperature)
+                return await _send(client, url, headers, name, request, temperature)
 
         start = time.perf_counter()
         tasks = []
-        for i, request in enumerate(requests):
-            tasks.append(asyncio.ensure_future(one(request)))
+        for i, (request, name) in enumerate(zip(requests, names, strict=True)):
+            tasks.append(asyncio.ensure_future(one(request, name)))
             if math.isfinite(request_rate) and i < len(requests) - 1:
                 await asyncio.sleep(rng.expovariate(request_rate))
         results = await asyncio.gather(*tasks)
@@ -243,20 +247,26 @@ def fit_to_context(requests: Sequence[BenchRequest], max_model_len: int) -> list
 
 
 async def _prepare(args: argparse.Namespace, base_url: str, api_key: str | None
-                   ) -> tuple[str, list[BenchRequest]]:
-    """Ask the server for its model, context length and valid token ids; build the workload."""
+                   ) -> tuple[str, list[BenchRequest], list[str]]:
+    """Ask the server for its model, context length and valid token ids; build the workload. Returns the model,
+    the requests and the names the server serves (raises ValueError when ``--model`` or a ``--lora-modules``
+    name is not among them)."""
     import httpx
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     async with httpx.AsyncClient(timeout=60) as client:
         models = await _get_json(client, base_url + "/v1/models", headers)
         card = next((m for m in models["data"] if args.model in (None, m["id"])), None)
+        served = [m["id"] for m in models["data"]]
         if card is None:
-            raise ValueError(f"the server does not serve {args.model!r}; it serves "
-                             f"{[m['id'] for m in models['data']]}")
+            raise ValueError(f"the server does not serve {args.model!r}; it serves {served}")
+        unknown = [name for name in args.lora_modules or [] if name not in served]
+        if unknown:
+            raise ValueError(f"--lora-modules {unknown} are not served; the server serves {served} (start it with "
+                             f"--enable-lora --lora-modules NAME=PATH)")
         probe = await _get_json(client, base_url + "/tokenize", headers,
                                 {"model": card["id"], "prompt": PROBE_TEXT, "add_special_tokens": False})
-    return card["id"], build_workload(args, probe["tokens"], card.get("max_model_len"))
+    return card["id"], build_workload(args, probe["tokens"], card.get("max_model_len")), served
 
 
 def build_workload(args: argparse.Namespace, probe_token_ids: Sequence[int], max_model_len: int | None
@@ -268,6 +278,15 @@ def build_workload(args: argparse.Namespace, probe_token_ids: Sequence[int], max
     return fit_to_context(requests, max_model_len) if max_model_len else requests
 
 
+def request_models(model: str, lora_modules: Sequence[str] | None, num: int, seed: int) -> list[str]:
+    """The model name each of ``num`` requests sends: ``model``, or one of ``lora_modules`` drawn at random (a
+    generator seeded with ``seed``, apart from the arrival times')."""
+    if not lora_modules:
+        return [model] * num
+    rng = random.Random(f"lora-{seed}")
+    return [rng.choice(list(lora_modules)) for _ in range(num)]
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``bench serve``."""
     parser = subparsers.add_parser("serve", help="load-test a running `pagedllm serve` (OpenAI API)")
@@ -276,6 +295,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--model", default=None, help="model name to request (default: the served one)")
     parser.add_argument("--api-key", default=None, help="bearer key (default: $PAGEDLLM_API_KEY)")
+    parser.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME",
+                        help="LoRA adapters the server serves by these names: each request names one of them, "
+                             "drawn at random (seeded by --seed), as vLLM's benchmark_serving does")
     add_workload_args(parser, num_prompts=100, input_len=128, output_len=128)
     parser.add_argument("--request-rate", type=float, default=math.inf,
                         help="mean requests per second of the Poisson arrivals; inf sends them all at once")
@@ -299,7 +321,7 @@ def run(args: argparse.Namespace) -> int:
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would drown the figures
     try:
-        model, requests = asyncio.run(_prepare(args, base_url, api_key))
+        model, requests, _ = asyncio.run(_prepare(args, base_url, api_key))
     except httpx.TransportError as exc:
         raise RuntimeError(f"cannot reach a server at {base_url} ({exc}); start one with `pagedllm serve MODEL`"
                            ) from exc
@@ -307,7 +329,11 @@ def run(args: argparse.Namespace) -> int:
     sys.stdout.write(f"workload: {args.dataset}: {describe(requests)}\n")
     sys.stdout.write(f"server: {base_url}, model {model!r}; request rate {rate}/s, max concurrency "
                      f"{args.max_concurrency or 'unlimited'}\n")
-    results, duration = asyncio.run(benchmark(base_url, requests, model, args.request_rate, args.max_concurrency,
+    names = request_models(model, args.lora_modules, len(requests), args.seed)
+    if args.lora_modules:
+        counts = {name: names.count(name) for name in args.lora_modules}
+        sys.stdout.write(f"LoRA adapters, requests each: {counts}\n")
+    results, duration = asyncio.run(benchmark(base_url, requests, names, args.request_rate, args.max_concurrency,
                                               api_key, args.temperature, args.seed, args.timeout_s))
     summary = summarize(results, duration)
     sys.stdout.write(format_summary(summary) + "\n")
@@ -315,5 +341,6 @@ def run(args: argparse.Namespace) -> int:
         with open(args.result_json, "w") as f:
             config = {k: v for k, v in vars(args).items() if k != "api_key" and not callable(v)}
             config["request_rate"] = rate
-            json.dump({"config": config, "model": model, **asdict(summary)}, f, indent=2, default=str)
+            json.dump({"config": config, "model": model, "request_models": names, **asdict(summary)}, f, indent=2,
+                      default=str)
     return 0 if summary.num_successful else 1

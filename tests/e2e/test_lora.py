@@ -188,7 +188,7 @@ def test_bad_adapters_and_requests_are_refused(llama_dir: Path, adapters, tmp_pa
         LLM(str(llama_dir), device="cpu", enable_lora=True, quantization="fp8")
 
 
-def test_server_serves_adapters_by_name(llama_dir: Path, adapters, expected) -> None:
+def test_server_serves_adapters_by_name(llama_dir: Path, adapters, expected, tmp_path: Path) -> None:
     pytest.importorskip("fastapi")
     pytest.importorskip("openai")
     from pagedllm.testing.server import ServerProcess
@@ -208,6 +208,16 @@ def test_server_serves_adapters_by_name(llama_dir: Path, adapters, expected) -> 
             reply = client.completions.create(model=model, prompt=prompts()[1], max_tokens=MAX_TOKENS,
                                               temperature=0.0, extra_body={"min_tokens": MAX_TOKENS})
             assert reply.model == model and reply.choices[0].text == tokenizer.decode(expected[name][1])
+        # bench serve spreads its requests over the adapters (a name the server does not serve is refused)
+        from pagedllm.entrypoints.cli import main
+
+        out = tmp_path / "serve.json"
+        bench = ["bench", "serve", "--base-url", server.url, "--num-prompts", "6", "--input-len", "16",
+                 "--output-len", "4", "--result-json", str(out), "--lora-modules", "wide", "narrow"]
+        assert main(bench) == 0
+        result = json.loads(out.read_text())
+        assert result["num_successful"] == 6 and set(result["request_models"]) == {"wide", "narrow"}
+        assert main([*bench, "nope"]) == 2
 
 
 def test_server_loads_and_unloads_adapters_at_run_time(llama_dir: Path, adapters, expected, tmp_path: Path) -> None:
