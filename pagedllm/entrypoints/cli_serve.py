@@ -38,6 +38,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
                         help="LoRA adapters served beside the model (needs --enable-lora): a request whose model "
                              "is NAME runs through the PEFT adapter in PATH; also {\"name\": ..., \"path\": ...}")
+    parser.add_argument("--return-tokens-as-token-ids", action="store_true",
+                        help="logprobs name tokens 'token_id:<id>' instead of their text (a request's "
+                             "return_tokens_as_token_ids overrides it): for clients that need the exact ids")
     parser.add_argument("--allow-runtime-lora-updating", action="store_true",
                         help="serve POST /v1/load_lora_adapter {lora_name, lora_path} and /v1/unload_lora_adapter "
                              "{lora_name} (vLLM's routes, which it enables with VLLM_ALLOW_RUNTIME_LORA_UPDATING; "

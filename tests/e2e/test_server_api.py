@@ -192,6 +192,53 @@ def test_chat_logprobs(client) -> None:
     assert all(item.top_logprobs == [] for item in plain.choices[0].logprobs.content)
 
 
+def test_return_tokens_as_token_ids(client, offline: LLM) -> None:
+    """``return_tokens_as_token_ids``: every token in the logprobs (sampled, alternatives, an echoed prompt's,
+    streamed or not, completions and chat) is ``token_id:<id>`` of the very ids the offline engine gives; the
+    values and text offsets are those of the plain answer."""
+    ids = {"return_tokens_as_token_ids": True, "ignore_eos": True}
+    want = offline.generate(PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=6, logprobs=2, ignore_eos=True),
+                            use_tqdm=False)[0].outputs[0]
+    labels = [f"token_id:{t}" for t in want.token_ids]
+    plain = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=6, temperature=0.0, logprobs=2,
+                                      extra_body={"ignore_eos": True}).choices[0].logprobs
+    got = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=6, temperature=0.0, logprobs=2,
+                                    extra_body=ids).choices[0].logprobs
+    assert got.tokens == labels and got.token_logprobs == plain.token_logprobs
+    assert got.text_offset == plain.text_offset
+    for position, top in enumerate(got.top_logprobs):
+        assert set(top) == {f"token_id:{t}" for t in want.logprobs[position]}
+    streamed = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=6, temperature=0.0, logprobs=2,
+                                         stream=True, extra_body=ids)
+    assert [t for c in streamed for t in c.choices[0].logprobs.tokens] == labels
+    echoed = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=1, temperature=0.0, logprobs=1,
+                                       echo=True, extra_body=ids).choices[0].logprobs
+    prompt_ids = offline.get_tokenizer()(PROMPTS[0]).input_ids
+    assert echoed.tokens[:len(prompt_ids)] == [f"token_id:{t}" for t in prompt_ids]
+    chat = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4, temperature=0.0,
+                                          logprobs=True, top_logprobs=2, extra_body=ids).choices[0].logprobs
+    for item in chat.content:
+        assert item.token.startswith("token_id:") and item.top_logprobs[0].token == item.token
+        assert item.bytes == list(item.token.encode())
+    chunks = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4, temperature=0.0,
+                                            logprobs=True, stream=True, extra_body=ids)
+    assert [i.token for c in chunks if c.choices and c.choices[0].logprobs for i in c.choices[0].logprobs.content] \
+        == [i.token for i in chat.content]
+
+
+def test_return_tokens_as_token_ids_server_default(llama_dir) -> None:
+    """``--return-tokens-as-token-ids`` (``ServerSettings``) names tokens by id unless a request says false."""
+    from tests.e2e.openai_server import in_process_client
+
+    with in_process_client(llama_dir, return_tokens_as_token_ids=True) as (client, _):
+        def tokens(**extra: object) -> list[str]:
+            return client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=3, temperature=0.0,
+                                             logprobs=1, extra_body=extra).choices[0].logprobs.tokens
+
+        assert all(t.startswith("token_id:") for t in tokens())
+        assert not any(t.startswith("token_id:") for t in tokens(return_tokens_as_token_ids=False))
+
+
 def test_stop_strings(client) -> None:
     for prompt in PROMPTS:
         full = client.completions.create(model=MODEL, prompt=prompt, max_tokens=32, temperature=0.0,

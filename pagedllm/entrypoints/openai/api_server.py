@@ -75,6 +75,7 @@ class ServerSettings:
     tool_call_parser: str | None = None  # set: chat requests may use tool_choice "auto"
     lora_modules: dict[str, LoRARequest] = field(default_factory=dict)  # served adapter names (--lora-modules)
     allow_runtime_lora_updating: bool = False  # POST /v1/load_lora_adapter and /v1/unload_lora_adapter
+    return_tokens_as_token_ids: bool = False  # logprobs name tokens "token_id:<id>" unless a request says
 
 
 def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
@@ -87,8 +88,9 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
     config = engine.config
     models = OpenAIServingModels(settings.served_model_name, model_config.path, model_config.max_model_len,
                                  settings.lora_modules, config.max_lora_rank if config.enable_lora else None)
-    completions = OpenAIServingCompletion(async_engine, tokenizer, models, settings.max_logprobs)
-    chat = OpenAIServingChat(async_engine, tokenizer, models, settings.max_logprobs,
+    as_ids = settings.return_tokens_as_token_ids
+    completions = OpenAIServingCompletion(async_engine, tokenizer, models, settings.max_logprobs, as_ids)
+    chat = OpenAIServingChat(async_engine, tokenizer, models, settings.max_logprobs, as_ids,
                              tool_parser=settings.tool_call_parser, reasoning_parser=engine.config.reasoning_parser)
     tokenization = OpenAIServingTokenization(tokenizer, models, model_config.vocab_size)
     embeddings = OpenAIServingEmbedding(async_engine, tokenizer, models, settings.max_logprobs)
@@ -227,6 +229,7 @@ def _serve(args: argparse.Namespace) -> None:
         tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice else None,
         lora_modules=lora_modules,
         allow_runtime_lora_updating=args.allow_runtime_lora_updating,
+        return_tokens_as_token_ids=args.return_tokens_as_token_ids,
     )
     app = build_app(engine, settings)
     freeze_heap()  # full collections would otherwise rescan the start's heap on the engine thread's steps

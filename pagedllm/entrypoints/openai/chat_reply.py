@@ -19,21 +19,25 @@ from pagedllm.entrypoints.openai.protocol import (
     DeltaToolCall,
 )
 from pagedllm.entrypoints.openai.reasoning import ReasoningFormat, ReasoningStream
-from pagedllm.entrypoints.openai.serving_base import finite_logprob
+from pagedllm.entrypoints.openai.serving_base import finite_logprob, token_label
 from pagedllm.entrypoints.openai.streaming import DeltaTracker
 from pagedllm.entrypoints.openai.tool_call_stream import ToolCallStream, merge_deltas
 from pagedllm.entrypoints.openai.tool_calls import ToolMode
 
 
-def chat_logprobs(token_ids: Sequence[int], logprobs: SampleLogprobs, num_top: int) -> ChatLogProbs:
-    """The chat logprobs of some generated tokens, each with its ``num_top`` most likely alternatives."""
+def chat_logprobs(token_ids: Sequence[int], logprobs: SampleLogprobs, num_top: int,
+                  as_ids: bool = False) -> ChatLogProbs:
+    """The chat logprobs of some generated tokens, each with its ``num_top`` most likely alternatives; tokens
+    named ``token_id:<id>`` with ``as_ids`` (:func:`token_label`)."""
     content = []
     for token_id, entry in zip(token_ids, logprobs, strict=False):
         sampled = entry.get(token_id)
-        token = (sampled.decoded_token if sampled is not None else None) or ""
-        ranked = sorted(entry.values(), key=lambda lp: -lp.logprob)[:num_top]
-        top = [ChatTopLogprob(token=lp.decoded_token or "", logprob=finite_logprob(lp.logprob),
-                              bytes=list((lp.decoded_token or "").encode())) for lp in ranked]
+        token = token_label(token_id, sampled, as_ids)
+        ranked = sorted(entry.items(), key=lambda item: -item[1].logprob)[:num_top]
+        top = []
+        for other, lp in ranked:
+            label = token_label(other, lp, as_ids)
+            top.append(ChatTopLogprob(token=label, logprob=finite_logprob(lp.logprob), bytes=list(label.encode())))
         content.append(ChatLogprobToken(token=token, bytes=list(token.encode()), top_logprobs=top,
                                         logprob=finite_logprob(sampled.logprob if sampled else -math.inf)))
     return ChatLogProbs(content=content)
@@ -72,8 +76,9 @@ class ChoiceStream:
     ``include_reasoning`` the reasoning is split off but not sent."""
 
     def __init__(self, index: int, tools: ToolMode, reasoning: ReasoningFormat | None, stop: list[str] | None,
-                 num_logprobs: int | None, include_reasoning: bool = True) -> None:
+                 num_logprobs: int | None, include_reasoning: bool = True, tokens_as_ids: bool = False) -> None:
         self.index = index
+        self.tokens_as_ids = tokens_as_ids
         self.tools = tools
         self.reasoning_format = reasoning
         self.include_reasoning = include_reasoning
@@ -103,7 +108,7 @@ class ChoiceStream:
         self.answer_sent += len(text)
         logprobs = None
         if delta.logprobs is not None:
-            logprobs = chat_logprobs(delta.token_ids, delta.logprobs, self.num_logprobs or 0)
+            logprobs = chat_logprobs(delta.token_ids, delta.logprobs, self.num_logprobs or 0, self.tokens_as_ids)
         return ChatCompletionStreamChoice(index=self.index, delta=_delta(text if text or not thought else None,
                                                                          thought), logprobs=logprobs,
                                           finish_reason=delta.finish_reason, stop_reason=delta.stop_reason)

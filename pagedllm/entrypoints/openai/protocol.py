@@ -98,6 +98,7 @@ class SamplingRequest(OpenAIBaseModel):
     guided_grammar: str | None = None
     truncate_prompt_tokens: int | None = None
     priority: int = 0  # under --scheduling-policy priority: lower runs first
+    return_tokens_as_token_ids: bool | None = None  # logprobs name tokens "token_id:<id>" (None: the server's)
 
 
 # ---------------------------------------------------------------------------------------------- usage

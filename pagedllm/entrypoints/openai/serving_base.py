@@ -14,7 +14,7 @@ from fastapi import Request
 from pydantic import BaseModel
 from starlette.responses import Response
 
-from pagedllm.core.outputs import RequestOutput
+from pagedllm.core.outputs import Logprob, RequestOutput
 from pagedllm.core.pooling import PoolingParams
 from pagedllm.core.sampling_params import (
     RequestOutputKind,
@@ -51,6 +51,14 @@ def json_response(body: BaseModel, status_code: int = 200) -> Response:
     return Response(body.model_dump_json(), status_code=status_code, media_type="application/json")
 
 
+def token_label(token_id: int, logprob: Logprob | None, as_ids: bool) -> str:
+    """How a logprobs entry names a token: its text, or, with ``return_tokens_as_token_ids``, ``token_id:<id>``
+    (vLLM's form, for clients that need the exact ids: a token's text may not map back to one id)."""
+    if as_ids:
+        return f"token_id:{token_id}"
+    return (logprob.decoded_token if logprob is not None else None) or ""
+
+
 def finite_logprob(value: float) -> float:
     """A logprob JSON can carry: -inf (a token the distribution excludes) becomes -9999.0, as in vLLM."""
     return max(value, _MIN_LOGPROB)
@@ -79,8 +87,9 @@ class OpenAIServing:
     """
 
     def __init__(self, engine: AsyncLLMEngine, tokenizer: AsyncTokenizer, models: OpenAIServingModels,
-                 max_logprobs: int = 20) -> None:
+                 max_logprobs: int = 20, return_tokens_as_token_ids: bool = False) -> None:
         self.engine = engine
+        self.return_tokens_as_token_ids = return_tokens_as_token_ids  # the default of requests that do not say
         self.tokenizer = tokenizer
         self.models = models
         core = engine.engine
@@ -89,6 +98,12 @@ class OpenAIServing:
         self.max_logprobs = min(max_logprobs, self.vocab_size)
         self.kv_pool_tokens = engine.latest_stats.num_total_blocks * core.block_size
         self.defaults = core.default_sampling_params()
+
+    def tokens_as_ids(self, request: SamplingRequest) -> bool:
+        """Whether ``request``'s logprobs name tokens by id (its ``return_tokens_as_token_ids``, else the server's
+        ``--return-tokens-as-token-ids``)."""
+        asked = request.return_tokens_as_token_ids
+        return self.return_tokens_as_token_ids if asked is None else asked
 
     # ------------------------------------------------------------------ checks
     @staticmethod

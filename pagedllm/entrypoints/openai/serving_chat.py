@@ -52,6 +52,7 @@ class StartedChat:
     include_reasoning: bool = True
     reasoning_end_token: int | None = None  # the end tag's id when it is one token
     decode: Callable[[list[int]], str] | None = None  # the tokenizer's, to count a tag written in pieces
+    tokens_as_ids: bool = False  # logprobs name tokens "token_id:<id>"
 
     def usage(self, output: RequestOutput) -> UsageInfo:
         """The token counts of the finished chat; with its reasoning split off, also how many completion tokens
@@ -91,7 +92,8 @@ class OpenAIServingChat(OpenAIServing):
             message, finish = reply_of(c, tools, chat.reasoning, chat.include_reasoning)
             choices.append(ChatCompletionChoice(
                 index=c.index, message=message, finish_reason=finish, stop_reason=c.stop_reason,
-                logprobs=None if c.logprobs is None else chat_logprobs(c.token_ids, c.logprobs, num_logprobs or 0),
+                logprobs=None if c.logprobs is None else chat_logprobs(c.token_ids, c.logprobs, num_logprobs or 0,
+                                                                       chat.tokens_as_ids),
             ))
         return json_response(ChatCompletionResponse(id=request_id, model=model, choices=choices,
                                                     usage=chat.usage(output),
@@ -136,7 +138,7 @@ class OpenAIServingChat(OpenAIServing):
         tokenizer = self.tokenizer.tokenizer
         return StartedChat(stream, request_id, model, tools, num_logprobs, params.stop, self.reasoning,
                            request.include_reasoning, self.reasoning_end_token,
-                           None if tokenizer is None else tokenizer.decode)
+                           None if tokenizer is None else tokenizer.decode, self.tokens_as_ids(request))
 
     async def _chunks(self, chat: StartedChat, n: int, include_usage: bool) -> AsyncIterator[str]:
         """The SSE chunks of a streamed reply (``n`` choices): each choice opened with the role, then what each
@@ -150,8 +152,8 @@ class OpenAIServingChat(OpenAIServing):
 
         for index in range(n):  # OpenAI opens every choice with the role
             yield chunk(ChatCompletionStreamChoice(index=index, delta=DeltaMessage(role="assistant", content="")))
-        choices = [ChoiceStream(index, chat.tools, chat.reasoning, chat.stop, chat.num_logprobs, chat.include_reasoning)
-                   for index in range(n)]
+        choices = [ChoiceStream(index, chat.tools, chat.reasoning, chat.stop, chat.num_logprobs, chat.include_reasoning,
+                                chat.tokens_as_ids) for index in range(n)]
         final = None
         async for outputs in chat.stream:
             final = outputs[-1]

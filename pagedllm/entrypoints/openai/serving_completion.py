@@ -19,39 +19,45 @@ from pagedllm.entrypoints.openai.protocol import (
     CompletionResponse,
     CompletionStreamResponse,
 )
-from pagedllm.entrypoints.openai.serving_base import OpenAIServing, finite_logprob, json_response, random_id, usage_of
+from pagedllm.entrypoints.openai.serving_base import (
+    OpenAIServing,
+    finite_logprob,
+    json_response,
+    random_id,
+    token_label,
+    usage_of,
+)
 from pagedllm.entrypoints.openai.streaming import DeltaTracker, sse_event
 
 
 def completion_logprobs(token_ids: Sequence[int], logprobs: Sequence[dict[int, Logprob] | None],
-                        text_offset: int = 0, first_token_text: str = "") -> CompletionLogProbs:
+                        text_offset: int = 0, first_token_text: str = "", as_ids: bool = False) -> CompletionLogProbs:
     """The legacy completions logprobs of some tokens, text offsets starting at ``text_offset``.
 
     ``top_logprobs`` holds the requested alternatives and the token itself (so up to ``logprobs + 1``);
     when tokens decode to the same text (e.g. byte pieces of one character), the likeliest one keeps it. An
     entry None (an echoed prompt's first token, which nothing predicts) gives null logprobs and
-    ``first_token_text``.
+    ``first_token_text``. With ``as_ids`` tokens are named ``token_id:<id>`` (:func:`token_label`); the text
+    offsets still count the tokens' text.
     """
     out = CompletionLogProbs()
     for token_id, entry in zip(token_ids, logprobs, strict=False):
         if entry is None:
-            token = first_token_text
-            out.tokens.append(token)
+            out.tokens.append(f"token_id:{token_id}" if as_ids else first_token_text)
             out.token_logprobs.append(None)
             out.top_logprobs.append(None)
             out.text_offset.append(text_offset)
-            text_offset += len(token)
+            text_offset += len(first_token_text)
             continue
         sampled = entry.get(token_id)
-        token = (sampled.decoded_token if sampled is not None else None) or ""
-        out.tokens.append(token)
+        out.tokens.append(token_label(token_id, sampled, as_ids))
         out.token_logprobs.append(None if sampled is None else finite_logprob(sampled.logprob))
         top: dict[str, float] = {}
-        for lp in sorted(entry.values(), key=lambda lp: -lp.logprob):
-            top.setdefault(lp.decoded_token or "", finite_logprob(lp.logprob))  # tokens may share a text
+        for other, lp in sorted(entry.items(), key=lambda item: -item[1].logprob):
+            top.setdefault(token_label(other, lp, as_ids), finite_logprob(lp.logprob))  # tokens may share a text
         out.top_logprobs.append(top)
         out.text_offset.append(text_offset)
-        text_offset += len(token)
+        text_offset += len(token_label(token_id, sampled, False))
     return out
 
 
@@ -72,19 +78,21 @@ class Echo:
     first_token_text: str
     logprobs: CompletionLogProbs | None = None
 
-    def prompt_logprobs(self, output: RequestOutput) -> CompletionLogProbs | None:
+    def prompt_logprobs(self, output: RequestOutput, as_ids: bool = False) -> CompletionLogProbs | None:
         """The prompt tokens' logprobs from ``output`` (None unless asked for)."""
         if self.logprobs is None and output.prompt_logprobs is not None:
-            self.logprobs = completion_logprobs(self.token_ids, output.prompt_logprobs, 0, self.first_token_text)
+            self.logprobs = completion_logprobs(self.token_ids, output.prompt_logprobs, 0, self.first_token_text,
+                                                as_ids)
         return self.logprobs
 
 
 def choice_logprobs(token_ids: Sequence[int], logprobs: Sequence[dict[int, Logprob]], text_offset: int,
-                    echo: Echo | None, output: RequestOutput) -> CompletionLogProbs:
+                    echo: Echo | None, output: RequestOutput, as_ids: bool = False) -> CompletionLogProbs:
     """The logprobs a choice (or a streamed chunk) carries: its tokens', text offsets from ``text_offset``,
-    after the echoed prompt's when ``echo`` precedes them and the prompt logprobs were computed."""
-    logprobs_out = completion_logprobs(token_ids, logprobs, text_offset)
-    prompt = echo.prompt_logprobs(output) if echo is not None else None
+    after the echoed prompt's when ``echo`` precedes them and the prompt logprobs were computed; tokens named by
+    id with ``as_ids``."""
+    logprobs_out = completion_logprobs(token_ids, logprobs, text_offset, as_ids=as_ids)
+    prompt = echo.prompt_logprobs(output, as_ids) if echo is not None else None
     return logprobs_out if prompt is None else joined(prompt, logprobs_out)
 
 
@@ -121,17 +129,19 @@ class OpenAIServingCompletion(OpenAIServing):
             for p in params:  # the echoed prompt's tokens get logprobs too
                 p.prompt_logprobs = request.logprobs
         request_id = random_id("cmpl")
+        as_ids = self.tokens_as_ids(request)
         stream = await self.add(request_id, prompts, params, arrival, names, "prompt", request.priority, model)
         if request.stream:
             include_usage = request.stream_options is not None and request.stream_options.include_usage
             return self.stream_response(stream, lambda: self._chunks(
-                stream, request_id, model, request.n, params[0].stop, echo, include_usage))
+                stream, request_id, model, request.n, params[0].stop, echo, include_usage, as_ids))
         outputs = await self.collect(stream, raw_request)
         choices = []
         for i, output in enumerate(outputs):
             prompt_logprobs = self.prompt_logprobs_of(output) if request.prompt_logprobs is not None else None
             for completion in output.outputs:
-                choice = self._choice(i * request.n + completion.index, completion, output, echo[i] if echo else None)
+                choice = self._choice(i * request.n + completion.index, completion, output, echo[i] if echo else None,
+                                      as_ids)
                 choice.prompt_logprobs = prompt_logprobs
                 choices.append(choice)
         return json_response(CompletionResponse(id=request_id, model=model, choices=choices,
@@ -147,17 +157,17 @@ class OpenAIServingCompletion(OpenAIServing):
         return Echo(await self.tokenizer.decode(token_ids) if has_tokenizer else "", token_ids, first)
 
     @staticmethod
-    def _choice(index: int, completion: CompletionOutput, output: RequestOutput, echo: Echo | None
-                ) -> CompletionChoice:
+    def _choice(index: int, completion: CompletionOutput, output: RequestOutput, echo: Echo | None,
+                as_ids: bool) -> CompletionChoice:
         prefix = echo.text if echo is not None else ""
         logprobs = None
         if completion.logprobs is not None:
-            logprobs = choice_logprobs(completion.token_ids, completion.logprobs, len(prefix), echo, output)
+            logprobs = choice_logprobs(completion.token_ids, completion.logprobs, len(prefix), echo, output, as_ids)
         return CompletionChoice(index=index, text=prefix + completion.text, logprobs=logprobs,
                                 finish_reason=completion.finish_reason, stop_reason=completion.stop_reason)
 
     async def _chunks(self, stream: OutputStream, request_id: str, model: str, n: int, stop: list[str] | None,
-                      echo: list[Echo] | None, include_usage: bool) -> AsyncIterator[str]:
+                      echo: list[Echo] | None, include_usage: bool, as_ids: bool) -> AsyncIterator[str]:
         created = int(time.time())
         prompt_index = {rid: i for i, rid in enumerate(stream.request_ids)}
         trackers: dict[tuple[int, int], DeltaTracker] = {}
@@ -182,7 +192,7 @@ class OpenAIServingCompletion(OpenAIServing):
                     logprobs = None
                     if delta.logprobs is not None:
                         logprobs = choice_logprobs(delta.token_ids, delta.logprobs, offset + len(prefix), echoed,
-                                                   output)
+                                                   output, as_ids)
                     sent_chars[key] = offset + len(text)
                     choice = CompletionChoice(index=i * n + completion.index, text=text, logprobs=logprobs,
                                               finish_reason=delta.finish_reason, stop_reason=delta.stop_reason)
