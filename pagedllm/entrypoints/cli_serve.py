@@ -12,7 +12,7 @@ from pagedllm.entrypoints.engine_args import add_engine_args
 
 SERVE_REQUIREMENTS: tuple[str, ...] = ("fastapi", "uvicorn", "prometheus_client", "pydantic")
 # the names of openai.tool_call_formats (kept here: this module imports nothing heavy)
-TOOL_CALL_PARSER_NAMES: tuple[str, ...] = ("hermes", "mistral", "llama3_json", "pythonic")
+TOOL_CALL_PARSER_NAMES: tuple[str, ...] = ("hermes", "mistral", "llama3_json", "pythonic", "qwen3_coder")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -34,7 +34,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="how a reply's text becomes tool calls under tool_choice 'auto': hermes "
                              "(<tool_call>{...}</tool_call> blocks: Qwen2.5/Qwen3/Hermes), mistral ([TOOL_CALLS] "
                              "[{...}] or [TOOL_CALLS]name[ARGS]{...}: Mistral models), llama3_json ({...}; {...}: "
-                             "Llama 3.1-3.3), pythonic ([f(a=1), g()]: Llama 3.2/4)")
+                             "Llama 3.1-3.3), pythonic ([f(a=1), g()]: Llama 3.2/4), qwen3_coder (<tool_call>"
+                             "<function=f><parameter=a>1</parameter></function></tool_call>: Qwen3-Coder)")
     parser.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
                         help="LoRA adapters served beside the model (needs --enable-lora): a request whose model "
                              "is NAME runs through the PEFT adapter in PATH; also {\"name\": ..., \"path\": ...}")

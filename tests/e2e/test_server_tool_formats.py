@@ -1,7 +1,7 @@
-"""The ``mistral``, ``llama3_json`` and ``pythonic`` tool-call formats through ``/v1/chat/completions`` with the
-official ``openai`` client: the format is a server setting, so each gets an app of its own, served in-process
-(``in_process_client``); the tiny random model is steered into each format's reply with a structured-output
-choice, streamed and not. (``hermes`` runs on the shared server: ``test_server_tools``.)"""
+"""The ``mistral``, ``llama3_json``, ``pythonic`` and ``qwen3_coder`` tool-call formats through
+``/v1/chat/completions`` with the official ``openai`` client: the format is a server setting, so each gets an app
+of its own, served in-process (``in_process_client``); the tiny random model is steered into each format's reply
+with a structured-output choice, streamed and not. (``hermes`` runs on the shared server: ``test_server_tools``.)"""
 
 from __future__ import annotations
 
@@ -25,6 +25,9 @@ REPLIES = {  # the format's reply calling get_weather then get_time
     "llama3_json": '{"name": "get_weather", "parameters": {"city": "Paris", "days": 2}}; '
                    '{"name": "get_time", "parameters": {"zone": "UTC"}}',
     "pythonic": '[get_weather(city="Paris", days=2), get_time(zone="UTC")]',
+    "qwen3_coder": "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=days>\n2\n"
+                   "</parameter>\n</function>\n</tool_call>\n<tool_call>\n<function=get_time>\n<parameter=zone>\nUTC\n"
+                   "</parameter>\n</function>\n</tool_call>",
 }
 V11 = '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris", "days": 2}[TOOL_CALLS]get_time[ARGS]{"zone": "UTC"}'
 """The same calls in the form of Mistral's v11+ tokenizers."""
@@ -60,8 +63,8 @@ def test_auto_parses_the_servers_format(served, stream: bool) -> None:
         assert [c["name"] for c in calls] == ["get_weather", "get_time"]
         assert json.loads(calls[0]["arguments"]) == ARGUMENTS and json.loads(calls[1]["arguments"]) == {"zone": "UTC"}
         assert calls[0]["id"].startswith("chatcmpl-tool-") and calls[0]["id"] != calls[1]["id"]
-        if stream:  # the arguments came as the model wrote them (a Python call's whole, once it closes)
-            assert calls[0]["pieces"] == 1 if name == "pythonic" else calls[0]["pieces"] > 1
+        if stream:  # the arguments came as the model wrote them (a Python or XML call's whole, once it closes)
+            assert calls[0]["pieces"] == 1 if name in ("pythonic", "qwen3_coder") else calls[0]["pieces"] > 1
     assert engine.kv_cache_usage() == 0.0
 
 
@@ -76,12 +79,12 @@ def test_a_reply_without_calls_is_content(served, stream: bool) -> None:
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 def test_text_before_the_calls(served, stream: bool) -> None:
-    """``mistral`` calls may follow text, which is the reply's content; ``llama3_json`` and ``pythonic`` calls
-    must begin the reply, so text first makes all of it content."""
+    """``mistral`` and ``qwen3_coder`` calls may follow text, which is the reply's content; ``llama3_json`` and
+    ``pythonic`` calls must begin the reply, so text first makes all of it content."""
     name, client, _ = served
     reply = "Checking. " + REPLIES[name]
     content, calls, finish = ask(client, reply, stream)
-    if name == "mistral":
+    if name in ("mistral", "qwen3_coder"):
         assert content.strip() == "Checking." and len(calls) == 2 and finish == "tool_calls"
     else:
         assert (content, calls, finish) == (reply, [], "stop")

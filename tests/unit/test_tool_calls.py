@@ -25,6 +25,16 @@ WEATHER = {"type": "function", "function": {"name": "get_weather", "description"
                                             "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
                                                            "required": ["city"]}}}
 TIME = {"type": "function", "function": {"name": "get_time"}}
+TYPED = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {
+    "city": {"type": "string"}, "days": {"type": "integer"}, "scale": {"type": ["number", "null"]},
+    "alerts": {"type": "boolean"}, "where": {"type": "object"}, "hours": {"type": "array"}, "note": {}}}}}
+QWEN3_CODER = TOOL_CALL_FORMATS["qwen3_coder"].for_tools([TYPED, TIME])
+
+
+def xml_call(function: str, /, **parameters: str) -> str:
+    """A call as Qwen3-Coder's template writes it."""
+    body = "".join(f"<parameter={k}>\n{v}\n</parameter>\n" for k, v in parameters.items())
+    return f"<tool_call>\n<function={function}>\n{body}</function>\n</tool_call>"
 
 
 def error_param(call) -> str | None:
@@ -174,6 +184,28 @@ def test_pythonic_parser() -> None:
     assert listing.next("[") == "" and listing.next("[1, 2") == "[1, 2"
 
 
+def test_qwen3_coder_parser() -> None:
+    """Parameters typed by the function's schema (a string stays one even when it reads as a number; text that
+    is not the type stays text; parameters without a type, and functions without a schema, are strings)."""
+    text = "Checking.\n" + xml_call("get_weather", city="007", days="2", scale="1.5", alerts="True",
+                                      where='{"lat": 1}', hours="[1, 2]", note="7") + "\n" + xml_call("get_time",
+                                                                                                     zone="UTC")
+    content, calls = QWEN3_CODER.parse(text)
+    assert content == "Checking." and named_arguments(calls) == [
+        ("get_weather", {"city": "007", "days": 2, "scale": 1.5, "alerts": True, "where": {"lat": 1},
+                         "hours": [1, 2], "note": "7"}), ("get_time", {"zone": "UTC"})]
+    odd = xml_call("get_weather", days="two", scale="null", where="{'lat': 2}", hours="[oops", city="a\nb")
+    assert named_arguments(QWEN3_CODER.parse(odd)[1]) == [
+        ("get_weather", {"days": "two", "scale": "null", "where": {"lat": 2}, "hours": "[oops", "city": "a\nb"})]
+    untyped = TOOL_CALL_FORMATS["qwen3_coder"]  # no tools given: every value text
+    assert named_arguments(untyped.parse(xml_call("f", n="3"))[1]) == [("f", {"n": "3"})]
+    for broken in ("<tool_call>\n<function=f>\n<parameter=a>\n1\n</parameter>\n",  # never closed
+                   "<tool_call>\n<parameter=a>1</parameter>\n</tool_call>"):  # no function
+        assert QWEN3_CODER.parse(broken) == (broken, [])
+    assert resolve_tool_mode([TYPED], "auto", "qwen3_coder").format.parameters["get_weather"]["days"] == \
+        {"type": "integer"}
+
+
 def test_auto_streaming_holds_back_what_could_begin_a_call() -> None:
     stream = ContentBeforeCalls(HERMES)
     assert stream.next("Let me") == "Let me"
@@ -230,6 +262,8 @@ TWO_CALLS = {  # (format, reply, its content)
                     'get_time[CALL_ID]a1b2c3d4e[ARGS]{"zone": "UTC", "name": "not the name"}', "Let me check.\n"),
     "llama3_json": (LLAMA3, f"<|python_tag|>{WEATHER_CALL.replace('arguments', 'parameters')}; {TIME_CALL}", ""),
     "pythonic": (PYTHONIC, '[get_weather(city="Paris", days=2), get_time(zone=\'UTC\', name="not the name")]', ""),
+    "qwen3_coder": (QWEN3_CODER, "Let me check.\n" + xml_call("get_weather", city="Paris", days="2")
+                    + "\n" + xml_call("get_time", zone="UTC", name="not the name"), "Let me check.\n"),
 }
 
 

@@ -8,7 +8,9 @@
 - ``llama3_json``: a reply that *begins* with ``{"name": ..., "parameters": {...}}`` (after an optional
   ``<|python_tag|>``), several calls separated by ``;`` (Llama 3.1, 3.2, 3.3);
 - ``pythonic``: a reply that *begins* with a Python list of calls, ``[get_weather(city="Paris")]`` (Llama 3.2
-  and 4 with their pythonic templates, ToolACE).
+  and 4 with their pythonic templates, ToolACE);
+- ``qwen3_coder``: ``<tool_call><function=NAME><parameter=KEY>value</parameter>...</function></tool_call>`` blocks
+  after any text (Qwen3-Coder); each value is text, read as its parameter's JSON-schema type says.
 
 Each format says where a reply's calls begin and cuts the text after that into one piece per call, the last
 perhaps cut short; parsing a finished reply and streaming one (``tool_call_stream``) both read those pieces.
@@ -20,7 +22,8 @@ import ast
 import json
 import re
 import uuid
-from typing import ClassVar
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 from pagedllm.entrypoints.openai.protocol import FunctionCall, ToolCall
 from pagedllm.entrypoints.openai.reasoning import held_back
@@ -35,6 +38,11 @@ class ToolCallFormat:
     name: ClassVar[str]
     marker: ClassVar[str]  # the text that opens a reply's calls
     keeps_special_tokens: ClassVar[bool] = False  # the marker is a special token: detokenize with special tokens
+
+    def for_tools(self, tools: Sequence[dict[str, Any]]) -> ToolCallFormat:
+        """This format for a request offering ``tools`` (OpenAI's ``{"type": "function", "function": {...}}``):
+        itself, unless reading its calls needs the functions' parameter schemas."""
+        return self
 
     def calls_start(self, text: str) -> int | None:
         """Where ``text``'s calls begin (the marker's index), or None when it holds none."""
@@ -299,8 +307,98 @@ def _keyword_arguments(call: str) -> str | None:
         return None
 
 
+class Qwen3CoderFormat(HermesFormat):
+    """Qwen3-Coder's XML calls inside ``<tool_call>`` blocks::
+
+        <tool_call>
+        <function=get_weather>
+        <parameter=city>
+        Paris
+        </parameter>
+        </function>
+        </tool_call>
+
+    A block reads as the JSON object ``{"name": ..., "arguments": {...}}``: each parameter's text (less the one
+    newline on each side the template writes) taken as a string, or, where the function's schema types the
+    parameter ``integer``, ``number``, ``boolean``, ``null``, ``object`` or ``array``, as that value (text that
+    does not read as one stays a string). A call opens once its function's name is complete; its arguments
+    stream whole, once ``</function>`` closes it. A block needs its ``</tool_call>`` to count in a finished
+    reply, as ``hermes``'s."""
+
+    name = "qwen3_coder"
+
+    def __init__(self, parameters: dict[str, dict[str, Any]] | None = None) -> None:
+        self.parameters = parameters or {}  # function name -> its JSON schema's properties
+
+    def for_tools(self, tools: Sequence[dict[str, Any]]) -> ToolCallFormat:
+        """A reader typing each function's parameters by its schema."""
+        return Qwen3CoderFormat({tool["function"]["name"]: (tool["function"].get("parameters") or {}).get(
+            "properties") or {} for tool in tools})
+
+    def blocks(self, text: str) -> list[str]:
+        """Each ``<tool_call>`` block as JSON: whole once its function closes; ``{"name": ..., "arguments": ``
+        while its parameters are being written; ``{"name": "`` while its name is."""
+        return [self._as_json(block) for block in super().blocks(text)]
+
+    def _as_json(self, block: str) -> str:
+        function = _XML_FUNCTION.search(block)
+        if function is None:
+            return '{"name": "'
+        name = function.group(1).strip()
+        end = block.find("</function>", function.end())
+        if end < 0:
+            return f'{{"name": {json.dumps(name)}, "arguments": '
+        schema = self.parameters.get(name, {})
+        arguments = {key.strip(): _typed(_strip_newline(value), schema.get(key.strip()) or {})
+                     for key, value in _XML_PARAMETER.findall(block, function.end(), end)}
+        return json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False)
+
+
+_XML_FUNCTION = re.compile(r"<function=([^>\n]+)>")
+_XML_PARAMETER = re.compile(r"<parameter=([^>\n]+)>(.*?)</parameter>", re.DOTALL)
+_INTEGER = re.compile(r"\s*-?\d+\s*")
+
+
+def _strip_newline(value: str) -> str:
+    """A parameter's text less the newline the template writes after its opening tag and before its closing one."""
+    value = value[1:] if value.startswith("\n") else value
+    return value[:-1] if value.endswith("\n") else value
+
+
+def _typed(text: str, schema: dict[str, Any]) -> Any:
+    """A parameter's text as the value its JSON schema's ``type`` says (the first of a list, ``null`` aside);
+    strings, parameters without a type and text that does not read as the type stay text."""
+    kind = schema.get("type", "string")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "null")
+    stripped = text.strip()
+    if kind == "integer" and _INTEGER.fullmatch(text):
+        return int(stripped)
+    if kind == "number":
+        try:
+            return int(stripped) if _INTEGER.fullmatch(text) else float(stripped)
+        except ValueError:
+            return text
+    if kind == "boolean" and stripped.lower() in ("true", "false"):
+        return stripped.lower() == "true"
+    if kind == "null" and stripped == "null":
+        return None
+    if kind in ("object", "array"):
+        try:
+            return json.loads(stripped)
+        except ValueError:
+            try:
+                value = ast.literal_eval(stripped)
+                json.dumps(value)
+                return value
+            except (SyntaxError, ValueError, TypeError):
+                return text
+    return text
+
+
 TOOL_CALL_FORMATS: dict[str, ToolCallFormat] = {f.name: f for f in (HermesFormat(), MistralFormat(),
-                                                                      Llama3JsonFormat(), PythonicFormat())}
+                                                                      Llama3JsonFormat(), PythonicFormat(),
+                                                                      Qwen3CoderFormat())}
 
 
 def new_call_id() -> str:

@@ -9,8 +9,8 @@
 - ``"required"``: the reply is forced to be a non-empty JSON array of ``{"name", "parameters"}`` objects naming
   the tools, each call one of them (``finish_reason`` ``"tool_calls"``);
 - ``"auto"`` (OpenAI's default when tools are given): the model decides; its text is parsed by the server's
-  ``--tool-call-parser`` (``hermes``, ``mistral``, ``llama3_json`` or ``pythonic``: ``tool_call_formats``), which
-  ``--enable-auto-tool-choice`` turns on; without it, a 400.
+  ``--tool-call-parser`` (``hermes``, ``mistral``, ``llama3_json``, ``pythonic`` or ``qwen3_coder``:
+  ``tool_call_formats``), which ``--enable-auto-tool-choice`` turns on; without it, a 400.
 """
 
 from __future__ import annotations
@@ -46,7 +46,9 @@ class ToolMode:
     @property
     def format(self) -> ToolCallFormat | None:
         """The tool-call format an ``"auto"`` reply is parsed with (None for the other kinds)."""
-        return TOOL_CALL_FORMATS[self.parser] if self.kind == "auto" and self.parser is not None else None
+        if self.kind != "auto" or self.parser is None:
+            return None
+        return TOOL_CALL_FORMATS[self.parser].for_tools(self.tools)
 
     @property
     def parses(self) -> bool:
