@@ -542,8 +542,10 @@ class LLMEngine:
                 continue
             room = min(config.num_speculative_tokens, request.max_tokens - request.num_output_tokens - 1,
                        max_model_len - request.num_tokens)
-            request.spec_token_ids = propose_ngram(context_tokens(request), room, config.prompt_lookup_min,
-                                                   config.prompt_lookup_max)
+            drafts = propose_ngram(context_tokens(request), room, config.prompt_lookup_min, config.prompt_lookup_max)
+            if drafts and request.structured is not None:
+                drafts = request.structured.valid_drafts(drafts)
+            request.spec_token_ids = drafts
 
     # ------------------------------------------------------------------ accounting
     def kv_cache_usage(self) -> float:

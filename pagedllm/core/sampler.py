@@ -186,7 +186,8 @@ class Sampler:
                 g.manual_seed(seed)
                 self._request_generators[r.request_id] = g
             generators.append(self._request_generators[r.request_id])
-        biases, disallowed, grammar_rows, grammar_bitmask = self._constraints(requests, vocab_size, to_device)
+        biases, disallowed, grammar_rows, grammar_bitmask = self._constraints(requests, vocab_size, to_device,
+                                                                              before)
         num_logprobs = [p.logprobs for p in params if p.logprobs is not None]
         return SamplingBatch(
             temperature=to_device([1.0 if g else p.temperature for p, g in zip(params, greedy, strict=True)],
@@ -211,12 +212,13 @@ class Sampler:
         )
 
     def _constraints(self, requests: list[Request], vocab_size: int,
-                     to_device: Callable[[list, torch.dtype], torch.Tensor]) -> tuple[
+                     to_device: Callable[[list, torch.dtype], torch.Tensor], before: list[list[int]]) -> tuple[
                          list[tuple[int, torch.Tensor, torch.Tensor]], list[tuple[int, torch.Tensor]],
                          torch.Tensor | None, torch.Tensor | None]:
         """The rows' logit biases and allowed-token masks (device tensors built once per request and kept
         until :meth:`forget`), and the rows a structured output constrains with their grammars' bitmask (filled
-        on the host each step, then copied): :class:`SamplingBatch`'s ``logit_biases``, ``disallowed``,
+        on the host each step, then copied; a request's draft rows, after ``before[row]``, each from its
+        grammar's state after those drafts): :class:`SamplingBatch`'s ``logit_biases``, ``disallowed``,
         ``grammar_rows`` and ``grammar_bitmask``."""
         biases, disallowed, constrained = [], [], []
         for row, r in enumerate(requests):
@@ -238,7 +240,12 @@ class Sampler:
             return biases, disallowed, None, None
         bitmask = torch.full((len(constrained), -(-vocab_size // 32)), -1, dtype=torch.int32)
         for i, row in enumerate(constrained):
-            requests[row].structured.fill_bitmask(bitmask, i)  # type: ignore[union-attr]
+            if before[row]:
+                continue  # a draft row: filled with its request's first row
+            last = row  # a request's rows follow each other, each after one more of its drafts
+            while last + 1 < len(requests) and requests[last + 1] is requests[row] and before[last + 1]:
+                last += 1
+            requests[row].structured.fill_bitmasks(bitmask, i, before[last])  # type: ignore[union-attr]
         return biases, disallowed, to_device(constrained, torch.int64), bitmask.to(self.device, non_blocking=True)
 
     @torch.inference_mode()

@@ -54,6 +54,35 @@ class GrammarMatcher:
         """True once the grammar is complete and its end (a stop token) was accepted."""
         return bool(self._matcher.is_terminated())
 
+    def valid_drafts(self, drafts: list[int]) -> list[int]:
+        """The longest prefix of ``drafts`` (speculative decoding) the grammar allows from here, short of a token
+        that would complete it (the completion ends there: no position after it to sample); the matcher is
+        left where it was. Called when drafts are proposed, while :attr:`active`."""
+        taken = 0
+        for token_id in drafts:
+            if not self._matcher.accept_token(token_id):
+                break
+            taken += 1
+            if self._matcher.is_terminated():
+                self._matcher.rollback(1)
+                taken -= 1
+                break
+        if taken:
+            self._matcher.rollback(taken)
+        return drafts[:taken]
+
+    def fill_bitmasks(self, bitmask: torch.Tensor, first_row: int, drafts: list[int]) -> None:
+        """:meth:`fill_bitmask` for a position and each of its ``drafts`` after it: row ``first_row + i`` holds
+        the tokens allowed after the first ``i`` drafts (which :meth:`valid_drafts` vouched for); the matcher is
+        left where it was."""
+        self.fill_bitmask(bitmask, first_row)
+        for i, token_id in enumerate(drafts, 1):
+            if not self._matcher.accept_token(token_id):
+                raise RuntimeError(f"draft token {token_id} breaks the grammar it was checked against")
+            self.fill_bitmask(bitmask, first_row + i)
+        if drafts:
+            self._matcher.rollback(len(drafts))
+
 
 class StructuredOutputs:
     """The engine's grammar compiler for one tokenizer: built on the first request that asks for structure."""

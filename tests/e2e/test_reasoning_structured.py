@@ -2,7 +2,8 @@
 answer after the thinking. On a tiny checkpoint whose tokenizer has ``<think>`` and ``</think>`` as single
 tokens (as Qwen3's has), a logit bias makes ``</think>`` the first token: the answer after it follows the
 grammar. While the model thinks, generation is exactly what it is without a grammar; a prompt that already
-closed the thinking (Qwen3's template with ``enable_thinking`` false) has the grammar from the first token."""
+closed the thinking (Qwen3's template with ``enable_thinking`` false) has the grammar from the first token. Speculative
+decoding changes none of it."""
 
 from __future__ import annotations
 
@@ -27,10 +28,12 @@ def think_dir(checkpoint_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def llms(think_dir: Path) -> dict[str, LLM]:
-    """The same checkpoint with and without a reasoning parser."""
+    """The same checkpoint with and without a reasoning parser, and with one and speculative decoding."""
     common = dict(device="cpu", dtype="float32", kv_cache_memory_bytes=4 << 20, seed=0)
-    return {"deepseek_r1": LLM(str(think_dir), reasoning_parser="deepseek_r1", **common), "none": LLM(str(think_dir),
-                                                                                                  **common)}
+    ngram = {"method": "ngram", "num_speculative_tokens": 4}
+    return {"deepseek_r1": LLM(str(think_dir), reasoning_parser="deepseek_r1", **common),
+            "none": LLM(str(think_dir), **common),
+            "speculative": LLM(str(think_dir), reasoning_parser="deepseek_r1", speculative_config=ngram, **common)}
 
 
 def text_of(llm: LLM, prompt: str, **params: object) -> str:
@@ -57,3 +60,18 @@ def test_thinking_is_free_and_a_closed_prompt_answers_at_once(llms: dict[str, LL
     closed = "user: weather?\nassistant:<think>\n\n</think>\n\n"
     assert text_of(reasoner, closed, structured_outputs=ANSWER) == "It is sunny."
     assert_pool_free(reasoner)
+
+
+def test_speculative_drafts_wait_for_the_grammar(llms: dict[str, LLM]) -> None:
+    """With prompt lookup, the thinking (no drafts while the grammar waits) and the answer (drafts its grammar
+    allows) are what they are without it."""
+    reasoner, speculative = llms["deepseek_r1"], llms["speculative"]
+    end = reasoner.get_tokenizer().convert_tokens_to_ids("</think>")
+    closed = "user: It is sunny. It is sunny. weather?\nassistant:<think>\n\n</think>\n\n"
+    for prompt, params in (("user: weather?\nassistant:<think>", dict(max_tokens=12)),
+                           ("user: weather?\nassistant:", dict(logit_bias={end: 100.0})),
+                           (closed, {})):
+        assert text_of(speculative, prompt, structured_outputs=ANSWER, **params) == \
+            text_of(reasoner, prompt, structured_outputs=ANSWER, **params)
+    assert speculative.llm_engine.stats().spec_decode_num_accepted_tokens > 0  # the answer copied the prompt
+    assert_pool_free(speculative)

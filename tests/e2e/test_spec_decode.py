@@ -1,8 +1,8 @@
 """Speculative decoding by n-gram prompt lookup (``speculative_config``): greedy generation equals generation
 without it token for token (the tiny random model falls into loops that prompt lookup predicts, so most steps run
 drafts and many are accepted), under chunked prefill, a small KV pool that preempts, stop strings, ``n > 1`` and
-requests that take no drafts; random sampling runs drafts too; seeded requests are unchanged; every KV block
-comes back; bad settings are refused."""
+requests that take no drafts; structured outputs take the drafts their grammar allows; random sampling runs drafts
+too; seeded requests are unchanged; every KV block comes back; bad settings are refused."""
 
 from __future__ import annotations
 
@@ -114,6 +114,32 @@ def test_stops_max_tokens_n_and_requests_without_drafts(llama_dir: Path) -> None
         assert all(mine[t].logprob == pytest.approx(reference[t].logprob, abs=1e-5) for t in mine)
     assert drafts_and_accepted(spec)[1] > 0
     assert_pool_free(spec)
+
+
+def test_structured_outputs_take_the_drafts_their_grammar_allows(llama_dir: Path) -> None:
+    """A regex, a JSON schema and a choice: the same tokens as without drafts, and drafts run and accepted under
+    each. Drafts are cut before the first token the grammar refuses, and before one that would complete it."""
+    from pagedllm.core.sampling_params import StructuredOutputsParams
+
+    base, spec = engines(llama_dir)
+    cases = [StructuredOutputsParams(regex="[a-z .]{0,120}"),
+             StructuredOutputsParams(json={"type": "array", "maxItems": 30,
+                                           "items": {"type": "string", "enum": ["cat", "mat", "the"]}}),
+             StructuredOutputsParams(choice=["the cat sat on the mat. the cat sat on the mat.", "no"])]
+    for structured in cases:
+        params = SamplingParams(temperature=0.0, max_tokens=80, structured_outputs=structured)
+        drafts, accepted = drafts_and_accepted(spec)
+        assert token_ids(spec, PROMPTS[:3], params) == token_ids(base, PROMPTS[:3], params), structured
+        assert drafts_and_accepted(spec)[1] > accepted and drafts_and_accepted(spec)[0] > drafts
+    assert_pool_free(spec)
+    engine = spec.llm_engine
+    matcher = engine.structured_outputs().compile(StructuredOutputsParams(choice=["ab", "cd"]))()
+    ab, cd = engine.tokenizer.encode("ab"), engine.tokenizer.encode("cd")
+    eos = sorted(engine.eos_token_ids)[0]
+    assert matcher.valid_drafts([*ab, eos]) == ab  # not the end, which completes the grammar
+    assert matcher.valid_drafts([*ab, *cd]) == ab  # "abcd" is no choice
+    assert matcher.valid_drafts([*cd, *ab]) == cd  # the matcher is where it was after each call
+    assert matcher.valid_drafts([eos]) == [] and matcher.accept(ab[0])
 
 
 def test_random_sampling_runs_drafts_and_seeded_requests_are_unchanged(llama_dir: Path) -> None:
