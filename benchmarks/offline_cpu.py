@@ -15,6 +15,10 @@ and prints the workload, the hardware, and for each engine the median wall time,
 Every engine is warmed up once (a short generate) before the timed runs. Prefix caching is off in
 pagedllm and vLLM so that ``--repeat`` reruns of the same prompts are not served from the cache.
 
+``--speculative-config`` (prompt lookup) and ``--lora-path`` (a PEFT adapter on every prompt) run the same
+feature in every engine: vLLM and pagedllm take them as they are; transformers runs its own prompt lookup (one
+prompt at a time) or applies the adapter through PEFT.
+
 Examples::
 
     python benchmarks/offline_cpu.py --build tiny --dtype float32
@@ -78,19 +82,27 @@ def main():
 
     kwargs = dict(model=cfg["model"], enforce_eager=True, dtype=cfg["dtype"], seed=0,
                   max_model_len=cfg["max_model_len"], enable_prefix_caching=False)
-    for name in ("max_num_seqs", "max_num_batched_tokens"):
+    for name in ("max_num_seqs", "max_num_batched_tokens", "speculative_config"):
         if cfg.get(name):
             kwargs[name] = cfg[name]
+    lora = cfg.get("lora")
+    lora_requests = None
+    if lora:
+        from vllm.lora.request import LoRARequest
+        kwargs.update(enable_lora=True, max_loras=lora["max_loras"], max_lora_rank=lora["max_lora_rank"])
+        lora_requests = [LoRARequest(f"lora{i % lora['max_loras'] + 1}", i % lora["max_loras"] + 1, lora["path"])
+                         for i in range(len(cfg["prompts"]))]
     llm = LLM(**kwargs)
     startup_s = time.perf_counter() - t0
     warm = SamplingParams(temperature=0, max_tokens=cfg["warmup_output_len"], ignore_eos=True)
-    llm.generate([{"prompt_token_ids": p} for p in cfg["warmup_prompts"]], warm, use_tqdm=False)
+    llm.generate([{"prompt_token_ids": p} for p in cfg["warmup_prompts"]], warm, use_tqdm=False,
+                 lora_request=lora_requests[:len(cfg["warmup_prompts"])] if lora_requests else None)
     params = SamplingParams(temperature=0, max_tokens=cfg["output_len"], ignore_eos=True)
     prompts = [{"prompt_token_ids": p} for p in cfg["prompts"]]
     times, output_tokens = [], []
     for _ in range(cfg["repeat"]):
         start = time.perf_counter()
-        outs = llm.generate(prompts, params, use_tqdm=False)
+        outs = llm.generate(prompts, params, use_tqdm=False, lora_request=lora_requests)
         times.append(time.perf_counter() - start)
         output_tokens.append(sum(len(o.outputs[0].token_ids) for o in outs))
     info = {}
@@ -182,6 +194,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="for pagedllm and vLLM (default: each's own)")
     p.add_argument("--threads", type=int, default=None, help="torch threads for pagedllm and transformers")
+    p.add_argument("--speculative-config", type=json.loads, default=None,
+                   help="prompt lookup, vLLM's form (e.g. '{\"method\": \"ngram\", \"num_speculative_tokens\": 4}'): "
+                        "pagedllm and vLLM take it as is; transformers runs its own prompt lookup "
+                        "(prompt_lookup_num_tokens), which takes one prompt at a time")
+    p.add_argument("--lora-path", default=None,
+                   help="a PEFT LoRA adapter every prompt runs with (ids 1..--max-loras in turn, the same files) in "
+                        "pagedllm and vLLM; transformers applies it through PEFT, unmerged")
+    p.add_argument("--max-loras", type=int, default=4, help="adapter slots, with --lora-path")
+    p.add_argument("--max-lora-rank", type=int, default=16, help="the largest adapter rank, with --lora-path")
     p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     args = p.parse_args(argv)
     if not 1 <= args.min_input <= args.max_input:
@@ -293,20 +314,34 @@ def run_pagedllm(model_dir: Path, work: Workload, args: argparse.Namespace) -> E
         kwargs["max_num_seqs"] = args.max_num_seqs
     if args.max_num_batched_tokens:
         kwargs["max_num_batched_tokens"] = args.max_num_batched_tokens
+    if args.speculative_config:
+        kwargs["speculative_config"] = args.speculative_config
+    loras = None
+    if args.lora_path:
+        from pagedllm import LoRARequest
+
+        kwargs.update(enable_lora=True, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank)
+        loras = [LoRARequest(f"lora{i % args.max_loras + 1}", i % args.max_loras + 1, args.lora_path)
+                 for i in range(len(work.prompts))]
     llm = LLM(str(model_dir), **kwargs)
     startup = time.perf_counter() - start
     llm.generate(work.warmup_prompts, SamplingParams(temperature=0, max_tokens=work.warmup_output_len,
-                                                     ignore_eos=True), use_tqdm=False)
+                                                     ignore_eos=True), use_tqdm=False,
+                 lora_request=loras[:len(work.warmup_prompts)] if loras else None)
     params = SamplingParams(temperature=0, max_tokens=work.output_len, ignore_eos=True)
 
     def run() -> int:
-        outs = llm.generate(work.prompts, params, use_tqdm=False)
+        outs = llm.generate(work.prompts, params, use_tqdm=False, lora_request=loras)
         return sum(len(o.outputs[0].token_ids) for o in outs)
 
     times, out_tokens = timed_runs(run, args.repeat)
     engine = llm.llm_engine
     notes = {"max_num_seqs": engine.scheduler.max_num_seqs, "max_num_batched_tokens": engine.max_num_batched_tokens,
              "block_size": engine.block_size, "torch_threads": torch.get_num_threads()}
+    if args.speculative_config:
+        stats = engine.stats()
+        notes["draft_acceptance"] = round(stats.spec_decode_num_accepted_tokens
+                                          / max(stats.spec_decode_num_draft_tokens, 1), 2)
     engine.shutdown()
     return EngineResult("pagedllm", times, out_tokens, work.input_tokens, startup,
                         getattr(pagedllm, "__version__", "?"), notes)
@@ -320,6 +355,14 @@ def run_transformers(model_dir: Path, work: Workload, args: argparse.Namespace) 
     start = time.perf_counter()
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).eval()
+    if args.lora_path:
+        import peft
+
+        model = peft.PeftModel.from_pretrained(model, args.lora_path, autocast_adapter_dtype=False).to(dtype).eval()
+    lookup = {}
+    if args.speculative_config:  # transformers' prompt lookup: one prompt at a time
+        lookup = {"prompt_lookup_num_tokens": args.speculative_config["num_speculative_tokens"],
+                  "max_matching_ngram_size": args.speculative_config.get("prompt_lookup_max", 4)}
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     startup = time.perf_counter() - start
@@ -331,18 +374,19 @@ def run_transformers(model_dir: Path, work: Workload, args: argparse.Namespace) 
         with torch.inference_mode():
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
                                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad,
-                                 temperature=None, top_p=None, top_k=None)
+                                 temperature=None, top_p=None, top_k=None, **lookup)
         return (out.shape[1] - width) * len(prompts)
 
-    generate(work.warmup_prompts, work.warmup_output_len)
-    bs = args.hf_batch_size
+    bs = 1 if lookup else args.hf_batch_size
+    generate(work.warmup_prompts[:bs], work.warmup_output_len)
 
     def run() -> int:
         return sum(generate(work.prompts[i : i + bs], work.output_len) for i in range(0, len(work.prompts), bs))
 
     times, out_tokens = timed_runs(run, args.repeat)
     notes = {"batch_size": bs, "attn_implementation": getattr(model.config, "_attn_implementation", None),
-             "torch_threads": torch.get_num_threads()}
+             "torch_threads": torch.get_num_threads(), **({"prompt_lookup": lookup} if lookup else {}),
+             **({"lora": "peft"} if args.lora_path else {})}
     return EngineResult("transformers", times, out_tokens, work.input_tokens, startup, transformers.__version__, notes)
 
 
@@ -360,7 +404,10 @@ def run_vllm(model_dir: Path, work: Workload, args: argparse.Namespace) -> Engin
         cfg = {"model": str(model_dir), "dtype": args.dtype, "prompts": work.prompts, "output_len": work.output_len,
                "warmup_prompts": work.warmup_prompts, "warmup_output_len": work.warmup_output_len,
                "repeat": args.repeat, "max_model_len": args.max_input + args.output_len,
-               "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens}
+               "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
+               "speculative_config": args.speculative_config,
+               "lora": {"path": str(Path(args.lora_path).resolve()), "max_loras": args.max_loras,
+                        "max_lora_rank": args.max_lora_rank} if args.lora_path else None}
         cfg_path, driver_path, log_path = Path(tmp, "cfg.json"), Path(tmp, "driver.py"), Path(tmp, "vllm.log")
         cfg_path.write_text(json.dumps(cfg))
         driver_path.write_text(VLLM_DRIVER)
@@ -400,6 +447,11 @@ def print_report(model_dir: Path, work: Workload, hw: dict[str, object], results
           f"{statistics.mean(lens):.1f} / max {lens[-1]}, {work.input_tokens} in all; {work.output_len} new tokens "
           f"each ({work.output_len * len(work.prompts)} in all), greedy, EOS ignored; "
           f"{args.repeat} timed run(s) per engine after one warm-up, median reported")
+    if args.speculative_config:
+        print(f"speculative: {json.dumps(args.speculative_config)} (transformers: its prompt lookup, batch 1)")
+    if args.lora_path:
+        print(f"LoRA      : every prompt with {args.lora_path}, adapter ids 1..{args.max_loras} in turn "
+              f"(transformers: PEFT, unmerged)")
     load = hw.get("loadavg")
     load_text = " / ".join(f"{x:.2f}" for x in load) if load else "?"
     print(f"hardware  : {hw['cpu']}, {hw['cores']} cores ({hw['usable_cores']} usable), {hw.get('mem_gib', '?')} GiB "
