@@ -42,6 +42,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--return-tokens-as-token-ids", action="store_true",
                         help="logprobs name tokens 'token_id:<id>' instead of their text (a request's "
                              "return_tokens_as_token_ids overrides it): for clients that need the exact ids")
+    parser.add_argument("--enable-prompt-tokens-details", action="store_true",
+                        help="completion and chat usage add prompt_tokens_details.cached_tokens: the prompt tokens "
+                             "the prefix cache held (the Responses API always reports them)")
     parser.add_argument("--allow-runtime-lora-updating", action="store_true",
                         help="serve POST /v1/load_lora_adapter {lora_name, lora_path} and /v1/unload_lora_adapter "
                              "{lora_name} (vLLM's routes, which it enables with VLLM_ALLOW_RUNTIME_LORA_UPDATING; "

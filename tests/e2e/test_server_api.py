@@ -239,6 +239,31 @@ def test_return_tokens_as_token_ids_server_default(llama_dir) -> None:
         assert not any(t.startswith("token_id:") for t in tokens(return_tokens_as_token_ids=False))
 
 
+def test_prompt_tokens_details_count_the_cached_prompt(llama_dir, client) -> None:
+    """``--enable-prompt-tokens-details``: a prompt sent again reports the tokens the prefix cache held (whole
+    blocks, fewer than the prompt), in completions, chat (streamed too) and the Responses API, which reports
+    them always; without the setting the usage has no such details."""
+    from tests.e2e.openai_server import in_process_client
+
+    long = PROMPTS[0] * 6
+    assert client.completions.create(model=MODEL, prompt=long, max_tokens=2).usage.prompt_tokens_details is None
+    with in_process_client(llama_dir, enable_prompt_tokens_details=True) as (local, engine):
+        first = local.completions.create(model=MODEL, prompt=long, max_tokens=2).usage
+        again = local.completions.create(model=MODEL, prompt=long, max_tokens=2).usage
+        assert first.prompt_tokens_details.cached_tokens == 0
+        cached = again.prompt_tokens_details.cached_tokens
+        assert 0 < cached < again.prompt_tokens and cached % engine.block_size == 0
+        messages = [{"role": "user", "content": long}]
+        local.chat.completions.create(model=MODEL, messages=messages, max_tokens=2)
+        chat = local.chat.completions.create(model=MODEL, messages=messages, max_tokens=2).usage
+        assert chat.prompt_tokens_details.cached_tokens > 0
+        chunks = list(local.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, stream=True,
+                                                    stream_options={"include_usage": True}))
+        assert chunks[-1].usage.prompt_tokens_details.cached_tokens > 0
+        response = local.responses.create(model=MODEL, input=long, max_output_tokens=2)
+        assert response.usage.input_tokens_details.cached_tokens > 0  # the chat above rendered the same prompt
+
+
 def test_stop_strings(client) -> None:
     for prompt in PROMPTS:
         full = client.completions.create(model=MODEL, prompt=prompt, max_tokens=32, temperature=0.0,

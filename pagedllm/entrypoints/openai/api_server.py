@@ -76,6 +76,7 @@ class ServerSettings:
     lora_modules: dict[str, LoRARequest] = field(default_factory=dict)  # served adapter names (--lora-modules)
     allow_runtime_lora_updating: bool = False  # POST /v1/load_lora_adapter and /v1/unload_lora_adapter
     return_tokens_as_token_ids: bool = False  # logprobs name tokens "token_id:<id>" unless a request says
+    enable_prompt_tokens_details: bool = False  # usage.prompt_tokens_details.cached_tokens in every answer
 
 
 def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
@@ -88,9 +89,9 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
     config = engine.config
     models = OpenAIServingModels(settings.served_model_name, model_config.path, model_config.max_model_len,
                                  settings.lora_modules, config.max_lora_rank if config.enable_lora else None)
-    as_ids = settings.return_tokens_as_token_ids
-    completions = OpenAIServingCompletion(async_engine, tokenizer, models, settings.max_logprobs, as_ids)
-    chat = OpenAIServingChat(async_engine, tokenizer, models, settings.max_logprobs, as_ids,
+    as_ids, cached = settings.return_tokens_as_token_ids, settings.enable_prompt_tokens_details
+    completions = OpenAIServingCompletion(async_engine, tokenizer, models, settings.max_logprobs, as_ids, cached)
+    chat = OpenAIServingChat(async_engine, tokenizer, models, settings.max_logprobs, as_ids, cached,
                              tool_parser=settings.tool_call_parser, reasoning_parser=engine.config.reasoning_parser)
     tokenization = OpenAIServingTokenization(tokenizer, models, model_config.vocab_size)
     embeddings = OpenAIServingEmbedding(async_engine, tokenizer, models, settings.max_logprobs)
@@ -230,6 +231,7 @@ def _serve(args: argparse.Namespace) -> None:
         lora_modules=lora_modules,
         allow_runtime_lora_updating=args.allow_runtime_lora_updating,
         return_tokens_as_token_ids=args.return_tokens_as_token_ids,
+        enable_prompt_tokens_details=args.enable_prompt_tokens_details,
     )
     app = build_app(engine, settings)
     freeze_heap()  # full collections would otherwise rescan the start's heap on the engine thread's steps

@@ -108,13 +108,21 @@ class CompletionTokensDetails(ResponseModel):
     reasoning_tokens: int = 0
 
 
+class PromptTokensDetails(ResponseModel):
+    """How many prompt tokens the prefix cache held (their keys and values were not computed again)."""
+
+    cached_tokens: int = 0
+
+
 class UsageInfo(ResponseModel):
     """Token counts of one request (every prompt, every completion); under a ``--reasoning-parser`` the chat's
-    also says how many completion tokens were thinking."""
+    also says how many completion tokens were thinking; with ``--enable-prompt-tokens-details``, how many prompt
+    tokens came from the prefix cache."""
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails | None = None
     completion_tokens_details: CompletionTokensDetails | None = None
 
 

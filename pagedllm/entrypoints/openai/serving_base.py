@@ -28,6 +28,7 @@ from pagedllm.entrypoints.openai.protocol import (
     OpenAIBaseModel,
     PromptLogprob,
     PromptLogprobList,
+    PromptTokensDetails,
     SamplingRequest,
     UsageInfo,
 )
@@ -64,11 +65,14 @@ def finite_logprob(value: float) -> float:
     return max(value, _MIN_LOGPROB)
 
 
-def usage_of(outputs: Sequence[RequestOutput]) -> UsageInfo:
-    """Token counts over every prompt and every completion of ``outputs``."""
+def usage_of(outputs: Sequence[RequestOutput], cached_details: bool = False) -> UsageInfo:
+    """Token counts over every prompt and every completion of ``outputs``; with ``cached_details`` also how many
+    prompt tokens the prefix cache held (``prompt_tokens_details.cached_tokens``)."""
     prompt = sum(len(o.prompt_token_ids) for o in outputs)
     completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
-    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    details = PromptTokensDetails(cached_tokens=sum(o.num_cached_tokens for o in outputs)) if cached_details else None
+    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                     prompt_tokens_details=details)
 
 
 async def wait_for_disconnect(raw_request: Request) -> None:
@@ -87,9 +91,11 @@ class OpenAIServing:
     """
 
     def __init__(self, engine: AsyncLLMEngine, tokenizer: AsyncTokenizer, models: OpenAIServingModels,
-                 max_logprobs: int = 20, return_tokens_as_token_ids: bool = False) -> None:
+                 max_logprobs: int = 20, return_tokens_as_token_ids: bool = False,
+                 prompt_tokens_details: bool = False) -> None:
         self.engine = engine
         self.return_tokens_as_token_ids = return_tokens_as_token_ids  # the default of requests that do not say
+        self.prompt_tokens_details = prompt_tokens_details  # usage says how many prompt tokens were cached
         self.tokenizer = tokenizer
         self.models = models
         core = engine.engine

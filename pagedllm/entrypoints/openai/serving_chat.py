@@ -53,11 +53,12 @@ class StartedChat:
     reasoning_end_token: int | None = None  # the end tag's id when it is one token
     decode: Callable[[list[int]], str] | None = None  # the tokenizer's, to count a tag written in pieces
     tokens_as_ids: bool = False  # logprobs name tokens "token_id:<id>"
+    cached_details: bool = False  # usage says how many prompt tokens were cached
 
     def usage(self, output: RequestOutput) -> UsageInfo:
         """The token counts of the finished chat; with its reasoning split off, also how many completion tokens
         were thinking (known when the end tag is one token, or when no choice ended its thinking)."""
-        usage = usage_of([output])
+        usage = usage_of([output], self.cached_details)
         if self.reasoning is not None:
             counts = [reasoning_token_count(self.reasoning, c.text, c.token_ids, self.reasoning_end_token,
                                             self.decode) for c in output.outputs]
@@ -138,7 +139,8 @@ class OpenAIServingChat(OpenAIServing):
         tokenizer = self.tokenizer.tokenizer
         return StartedChat(stream, request_id, model, tools, num_logprobs, params.stop, self.reasoning,
                            request.include_reasoning, self.reasoning_end_token,
-                           None if tokenizer is None else tokenizer.decode, self.tokens_as_ids(request))
+                           None if tokenizer is None else tokenizer.decode, self.tokens_as_ids(request),
+                           self.prompt_tokens_details)
 
     async def _chunks(self, chat: StartedChat, n: int, include_usage: bool) -> AsyncIterator[str]:
         """The SSE chunks of a streamed reply (``n`` choices): each choice opened with the role, then what each

@@ -145,7 +145,7 @@ class OpenAIServingCompletion(OpenAIServing):
                 choice.prompt_logprobs = prompt_logprobs
                 choices.append(choice)
         return json_response(CompletionResponse(id=request_id, model=model, choices=choices,
-                                                usage=usage_of(outputs)))
+                                                usage=usage_of(outputs, self.prompt_tokens_details)))
 
     async def _echo(self, prompt: object, index: int, token_ids: list[int], with_logprobs: bool) -> Echo:
         has_tokenizer = self.tokenizer.tokenizer is not None
@@ -200,4 +200,5 @@ class OpenAIServingCompletion(OpenAIServing):
                                                              choices=[choice]))
         if include_usage:
             yield sse_event(CompletionStreamResponse(id=request_id, created=created, model=model, choices=[],
-                                                     usage=usage_of(list(final.values()))))
+                                                     usage=usage_of(list(final.values()),
+                                                                    self.prompt_tokens_details)))

@@ -30,6 +30,7 @@ from pagedllm.entrypoints.openai.protocol import ChatCompletionRequest, ChatResp
 from pagedllm.entrypoints.openai.protocol_responses import (
     FunctionCallItem,
     IncompleteDetails,
+    InputTokensDetails,
     MessageItem,
     OutputText,
     OutputTokensDetails,
@@ -218,6 +219,7 @@ class OpenAIServingResponses:
             status="incomplete" if cut else "completed", output=items,
             incomplete_details=IncompleteDetails(reason="max_output_tokens") if cut else None,
             usage=ResponseUsage(input_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens,
+                                input_tokens_details=InputTokensDetails(cached_tokens=output.num_cached_tokens),
                                 total_tokens=usage.total_tokens, output_tokens_details=OutputTokensDetails(
                                     reasoning_tokens=0 if details is None else details.reasoning_tokens)),
             **common)
