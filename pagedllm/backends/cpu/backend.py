@@ -1,15 +1,18 @@
 """The ``cpu`` reference backend: paged KV cache and attention in plain PyTorch.
 
 Every other backend is held to what this one computes, so it favours clarity: keys and values are gathered
-through the block tables and attended with PyTorch's scaled-dot-product attention (float32 accumulation)
-under an explicit causal/sliding-window mask, vectorized over requests (decodes in one batched call,
-prefills padded to the longest chunk in another), with no Python loop per token.
+through the block tables and attended with PyTorch's scaled-dot-product attention (float32 accumulation: on
+float32 copies of the inputs, or, for bf16 on CPUs with AMX-BF16, on the bf16 inputs themselves, which that
+kernel multiplies in hardware; :func:`bf16_attention_is_fast`) under an explicit causal/sliding-window mask,
+vectorized over requests (decodes in one batched call, prefills padded to the longest chunk in another), with no
+Python loop per token.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import replace
+from functools import cache
 
 import torch
 
@@ -22,6 +25,17 @@ DEFAULT_MAX_KV_CACHE_BYTES = 4 << 30
 # Decodes are attended in up to this many groups of similar length (each at least DECODE_GROUP_MIN requests).
 DECODE_GROUPS = 4
 DECODE_GROUP_MIN = 8
+
+
+@cache
+def bf16_attention_is_fast() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AMX-BF16), where SDPA on bf16 inputs is 3-6x faster
+    than on float32 copies of them (``benchmarks/RESULTS.md``); elsewhere (AVX-512 or AVX2 alone) its bf16
+    path is about 2x slower. ``PAGEDLLM_CPU_ATTENTION_FP32=1`` keeps float32 everywhere."""
+    if os.environ.get("PAGEDLLM_CPU_ATTENTION_FP32") == "1":
+        return False
+    capabilities = getattr(torch.cpu, "get_capabilities", None)
+    return bool(capabilities is not None and capabilities().get("amx_bf16", False))
 
 
 class CpuBackend(Backend):
@@ -205,13 +219,16 @@ class CpuBackend(Backend):
         if spec.sliding_window is not None:
             allowed &= key_pos[None, None, :] > query_pos[:, :, None] - spec.sliding_window
         allowed[:, :, 0] |= ~allowed.any(-1)  # padding rows: keep softmax finite, result discarded
-        # float32 throughout: the reference's precision, and on the CPU faster than SDPA's half-precision
-        # decode path (about 2x, measured with torch 2.13). GQA maps query head h to kv head h // group.
+        # float32: the reference's precision, and without AMX faster than SDPA's half-precision decode path
+        # (about 2x, measured with torch 2.13); bf16 where AMX multiplies it (its kernel accumulates in float32).
+        # GQA maps query head h to kv head h // group.
         if spec.logits_soft_cap:
             out = _soft_capped_attention(q.float(), keys.float(), values.float(), allowed, spec)
         else:
+            keep = q.dtype == torch.bfloat16 and keys.dtype == torch.bfloat16 and bf16_attention_is_fast()
+            q, keys, values = (q, keys, values) if keep else (q.float(), keys.float(), values.float())
             out = torch.nn.functional.scaled_dot_product_attention(
-                q.float(), keys.float(), values.float(), attn_mask=allowed[:, None], scale=spec.scale,
+                q, keys, values, attn_mask=allowed[:, None], scale=spec.scale,
                 enable_gqa=num_kv_heads != spec.num_heads,
             )
         out = (out * v_scale if v_scale != 1.0 else out).to(query.dtype)
