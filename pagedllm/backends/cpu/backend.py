@@ -11,7 +11,7 @@ Python loop per token.
 from __future__ import annotations
 
 import os
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from functools import cache
 
 import torch
@@ -46,6 +46,7 @@ class CpuBackend(Backend):
     dist_backend = "gloo"
     interface_version = (1, 13)
     priority = -100  # auto picks cpu last
+    _plan: _StepPlan | None = None  # the current step's attention plan
 
     @classmethod
     def is_available(cls) -> tuple[bool, str]:
@@ -163,62 +164,38 @@ class CpuBackend(Backend):
         v_scale: float,
     ) -> torch.Tensor:
         out = torch.zeros_like(query)
-        query_start = metadata.query_start_loc_cpu.tolist()
-        num_requests = len(query_start) - 1
-        num_decodes = metadata.num_decodes
-        if num_decodes:
-            # decode rows are request indices; sorting by length and splitting bounds the key padding
-            seq_lens = metadata.seq_lens_cpu[:num_decodes]
-            order = torch.argsort(seq_lens)
-            for group in order.split(max(DECODE_GROUP_MIN, -(-num_decodes // DECODE_GROUPS))):
-                out[group] = self._attend(query, group, 1, kv_cache, metadata, spec, group, v_scale)
-        if num_requests > num_decodes:
-            starts = torch.tensor(query_start[num_decodes:num_requests])
-            lens = torch.tensor(query_start[num_decodes + 1 :]) - starts
-            max_len = int(lens.max())
-            offsets = torch.arange(max_len)
-            valid = offsets[None, :] < lens[:, None]  # [num_prefills, max_len]
-            rows = (starts[:, None] + offsets[None, :]).where(valid, starts[:, None])
-            requests = torch.arange(num_decodes, num_requests)
-            result = self._attend(query, rows.reshape(-1), max_len, kv_cache, metadata, spec, requests, v_scale)
-            out[rows[valid]] = result.view(-1, max_len, *query.shape[1:])[valid]
+        plan = self._plan_of(metadata, kv_cache.shape[2])
+        for group in plan.decodes:
+            out[group.rows] = self._attend(query, group, kv_cache, spec, v_scale)
+        if plan.prefills is not None:
+            group = plan.prefills
+            result = self._attend(query, group, kv_cache, spec, v_scale)
+            out[group.rows[group.valid]] = result.view(-1, group.max_query_len, *query.shape[1:])[group.valid]
         return out
 
-    def _attend(
-        self,
-        query: torch.Tensor,
-        rows: torch.Tensor,
-        max_query_len: int,
-        kv_cache: torch.Tensor,
-        metadata: AttentionMetadata,
-        spec: AttentionSpec,
-        requests: torch.Tensor,
-        v_scale: float,
-    ) -> torch.Tensor:
-        """Attention for the requests at indices ``requests``, whose query rows (padded to
-        ``max_query_len`` each) are ``rows``, the float32 result times ``v_scale``; returns ``[len(rows),
-        num_heads, head_dim]``."""
-        seq_lens = metadata.seq_lens[requests].long()
-        context_lens = metadata.context_lens[requests].long()
-        num_requests = seq_lens.shape[0]
-        block_size = kv_cache.shape[2]
-        num_blocks = -(-int(seq_lens.max()) // block_size)
-        blocks = metadata.block_tables[requests, :num_blocks].flatten()
+    def _plan_of(self, metadata: AttentionMetadata, block_size: int) -> _StepPlan:
+        """The step's attention plan (:class:`_StepPlan`), built on the first layer's call and reused by the others:
+        while the metadata's lengths and block tables hold what the plan was built from (compared by value:
+        recorded decode steps refill the same tensors in place)."""
+        plan = self._plan
+        if plan is None or plan.block_size != block_size or not plan.describes(metadata):
+            plan = self._plan = _StepPlan.build(metadata, block_size)
+        return plan
+
+    def _attend(self, query: torch.Tensor, group: _Group, kv_cache: torch.Tensor, spec: AttentionSpec,
+                v_scale: float) -> torch.Tensor:
+        """Attention for one :class:`_Group` of requests, the float32 result times ``v_scale``; returns
+        ``[len(group.rows), num_heads, head_dim]``."""
+        num_requests = group.num_requests
         num_kv_heads, head_dim = spec.num_kv_heads, spec.head_dim
-        max_key_len = num_blocks * block_size
         # keys/values: [R, num_kv_heads, max_key_len, head_dim]; queries: [R, num_heads, max_query_len, head_dim]
         # (index_select copies whole blocks, markedly faster than advanced indexing on the CPU)
-        keys = kv_cache[0].index_select(0, blocks).view(num_requests, max_key_len, num_kv_heads, head_dim)
-        values = kv_cache[1].index_select(0, blocks).view(num_requests, max_key_len, num_kv_heads, head_dim)
+        keys = kv_cache[0].index_select(0, group.blocks).view(num_requests, group.max_key_len, num_kv_heads, head_dim)
+        values = kv_cache[1].index_select(0, group.blocks).view(num_requests, group.max_key_len, num_kv_heads,
+                                                                head_dim)
         keys, values = keys.transpose(1, 2), values.transpose(1, 2)
-        q = query[rows].view(num_requests, max_query_len, spec.num_heads, head_dim).transpose(1, 2)
-        key_pos = torch.arange(max_key_len)
-        query_pos = context_lens[:, None] + torch.arange(max_query_len)[None, :]  # [R, Q]
-        allowed = key_pos[None, None, :] <= query_pos[:, :, None]
-        allowed &= key_pos[None, None, :] < seq_lens[:, None, None]
-        if spec.sliding_window is not None:
-            allowed &= key_pos[None, None, :] > query_pos[:, :, None] - spec.sliding_window
-        allowed[:, :, 0] |= ~allowed.any(-1)  # padding rows: keep softmax finite, result discarded
+        q = query[group.rows].view(num_requests, group.max_query_len, spec.num_heads, head_dim).transpose(1, 2)
+        allowed = group.mask(spec.sliding_window)
         # float32: the reference's precision, and without AMX faster than SDPA's half-precision decode path
         # (about 2x, measured with torch 2.13); bf16 where AMX multiplies it (its kernel accumulates in float32).
         # GQA maps query head h to kv head h // group.
@@ -232,7 +209,95 @@ class CpuBackend(Backend):
                 enable_gqa=num_kv_heads != spec.num_heads,
             )
         out = (out * v_scale if v_scale != 1.0 else out).to(query.dtype)
-        return out.transpose(1, 2).reshape(num_requests * max_query_len, spec.num_heads, head_dim)
+        return out.transpose(1, 2).reshape(num_requests * group.max_query_len, spec.num_heads, head_dim)
+
+
+@dataclass(eq=False)
+class _Group:
+    """One SDPA call of a step: ``num_requests`` requests whose query rows, padded to ``max_query_len`` each,
+    are ``rows`` (``[R]`` for decodes, ``[R, Q]`` for prefills, whose ``valid`` says which padded places are real
+    rows), whose keys are the
+    ``max_key_len`` slots of ``blocks`` (``[num_requests * num_blocks]``, block table order); ``query_pos``
+    ``[R, Q]`` and ``seq_lens`` ``[R]`` give the masks (:meth:`mask`, one per sliding window, built once)."""
+
+    num_requests: int
+    rows: torch.Tensor
+    max_query_len: int
+    blocks: torch.Tensor
+    max_key_len: int
+    query_pos: torch.Tensor
+    seq_lens: torch.Tensor
+    valid: torch.Tensor | None = None
+    masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
+
+    @staticmethod
+    def build(metadata: AttentionMetadata, requests: torch.Tensor, rows: torch.Tensor, max_query_len: int,
+              block_size: int, valid: torch.Tensor | None = None) -> _Group:
+        """The group of the requests at indices ``requests`` (whose padded query rows are ``rows``)."""
+        seq_lens = metadata.seq_lens[requests].long()
+        context_lens = metadata.context_lens[requests].long()
+        num_blocks = -(-int(seq_lens.max()) // block_size)
+        blocks = metadata.block_tables[requests, :num_blocks].flatten()
+        query_pos = context_lens[:, None] + torch.arange(max_query_len)[None, :]
+        return _Group(len(requests), rows, max_query_len, blocks, num_blocks * block_size, query_pos, seq_lens,
+                      valid)
+
+    def mask(self, sliding_window: int | None) -> torch.Tensor:
+        """``[R, Q, K]`` bool: which keys each query row may attend (causal, within its sequence and the window)."""
+        if sliding_window not in self.masks:
+            key_pos = torch.arange(self.max_key_len)
+            allowed = key_pos[None, None, :] <= self.query_pos[:, :, None]
+            allowed &= key_pos[None, None, :] < self.seq_lens[:, None, None]
+            if sliding_window is not None:
+                allowed &= key_pos[None, None, :] > self.query_pos[:, :, None] - sliding_window
+            allowed[:, :, 0] |= ~allowed.any(-1)  # padding rows: keep softmax finite, result discarded
+            self.masks[sliding_window] = allowed
+        return self.masks[sliding_window]
+
+
+@dataclass(eq=False)
+class _StepPlan:
+    """How one step's attention is split into SDPA calls, the same for every layer: the decodes sorted by length
+    in up to :data:`DECODE_GROUPS` groups (bounding their key padding), the prefills in one group padded to the
+    longest chunk. Built once per step (:meth:`CpuBackend._plan_of`)."""
+
+    block_size: int
+    inputs: tuple[torch.Tensor, ...]  # copies of what the plan was built from: lengths, block tables
+    decodes: list[_Group]
+    prefills: _Group | None
+
+    @staticmethod
+    def inputs_of(metadata: AttentionMetadata) -> tuple[torch.Tensor, ...]:
+        """The metadata tensors a plan depends on."""
+        return (metadata.query_start_loc_cpu, metadata.seq_lens_cpu, metadata.seq_lens, metadata.context_lens,
+                metadata.block_tables)
+
+    def describes(self, metadata: AttentionMetadata) -> bool:
+        """Whether ``metadata`` holds the lengths and block tables this plan was built from."""
+        current = self.inputs_of(metadata)
+        return all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(self.inputs, current, strict=True))
+
+    @staticmethod
+    def build(metadata: AttentionMetadata, block_size: int) -> _StepPlan:
+        """The plan of ``metadata``'s step."""
+        query_start = metadata.query_start_loc_cpu.tolist()
+        num_requests = len(query_start) - 1
+        num_decodes = metadata.num_decodes
+        decodes = []
+        if num_decodes:  # decode rows are request indices
+            order = torch.argsort(metadata.seq_lens_cpu[:num_decodes])
+            for group in order.split(max(DECODE_GROUP_MIN, -(-num_decodes // DECODE_GROUPS))):
+                decodes.append(_Group.build(metadata, group, group, 1, block_size))
+        prefills = None
+        if num_requests > num_decodes:
+            starts = torch.tensor(query_start[num_decodes:num_requests])
+            lens = torch.tensor(query_start[num_decodes + 1 :]) - starts
+            max_len = int(lens.max())
+            offsets = torch.arange(max_len)
+            valid = offsets[None, :] < lens[:, None]  # [num_prefills, max_len]
+            rows = (starts[:, None] + offsets[None, :]).where(valid, starts[:, None])
+            prefills = _Group.build(metadata, torch.arange(num_decodes, num_requests), rows, max_len, block_size, valid)
+        return _StepPlan(block_size, tuple(t.clone() for t in _StepPlan.inputs_of(metadata)), decodes, prefills)
 
 
 def _soft_capped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor,
