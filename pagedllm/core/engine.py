@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -66,6 +66,9 @@ class EngineStats:
     prefix_cache_hit_tokens: int
     spec_decode_num_draft_tokens: int = 0  # speculative decoding: drafts run, and those accepted
     spec_decode_num_accepted_tokens: int = 0
+    max_loras: int = 0  # LoRA: adapter slots (0: LoRA off), and the adapters of running and waiting requests
+    running_lora_adapters: tuple[str, ...] = ()
+    waiting_lora_adapters: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -553,9 +556,14 @@ class LLMEngine:
         return self.block_manager.usage()
 
     def stats(self) -> EngineStats:
-        """Running/waiting counts, KV usage and waste, preemptions and prefix-cache counters."""
+        """Running/waiting counts, KV usage and waste, preemptions, prefix-cache and speculative-decoding
+        counters, and the LoRA adapters of running and waiting requests (by name, sorted)."""
         bm = self.block_manager
         in_cache = {r.request_id: r.num_computed_tokens for r in self.scheduler.running}
+
+        def adapters(requests: Iterable[Request]) -> tuple[str, ...]:
+            return tuple(sorted({r.lora_request.lora_name for r in requests if r.lora_request is not None}))
+
         return EngineStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
@@ -568,6 +576,9 @@ class LLMEngine:
             prefix_cache_hit_tokens=bm.num_prefix_hit_tokens,
             spec_decode_num_draft_tokens=self.num_draft_tokens,
             spec_decode_num_accepted_tokens=self.num_accepted_tokens,
+            max_loras=self.scheduler.max_loras,
+            running_lora_adapters=adapters(self.scheduler.running),
+            waiting_lora_adapters=adapters(self.scheduler.waiting),
         )
 
     def shutdown(self) -> None:

@@ -278,3 +278,35 @@ def test_runtime_lora_updating_needs_lora(llama_dir: Path, capsys: pytest.Captur
 
     assert main(["serve", str(llama_dir), "--device", "cpu", "--allow-runtime-lora-updating"]) == 2
     assert "--allow-runtime-lora-updating needs --enable-lora" in capsys.readouterr().err
+
+
+def test_stats_and_metrics_name_the_adapters_in_use(llama_dir: Path, adapters) -> None:
+    """``EngineStats`` lists the adapters of waiting and running requests, and the server's
+    ``pagedllm:lora_requests_info`` carries them as vLLM's ``lora_requests_info`` does (one series: the latest)."""
+    pytest.importorskip("prometheus_client")
+    from pagedllm.core.config import EngineConfig
+    from pagedllm.core.engine import LLMEngine
+    from pagedllm.entrypoints.openai.metrics import ServerMetrics
+
+    engine = LLMEngine(EngineConfig(model=str(llama_dir), device="cpu", dtype="float32", enable_lora=True,
+                                    max_loras=1, max_lora_rank=8, kv_cache_memory_bytes=4 << 20))
+    loras = requests(adapters)
+    for name in ("wide", "narrow", None):
+        engine.add_request(None, prompts()[0], SamplingParams(max_tokens=4), lora_request=loras[name])
+    before = engine.stats()
+    assert (before.max_loras, before.running_lora_adapters, before.waiting_lora_adapters) == (1, (), ("narrow",
+                                                                                                    "wide"))
+    engine.step()
+    after = engine.stats()  # one slot: "wide" runs (with the base request), "narrow" waits for it
+    assert after.running_lora_adapters == ("wide",) and after.waiting_lora_adapters == ("narrow",)
+    metrics = ServerMetrics("tiny")
+    metrics.observe([], [], before)
+    metrics.observe([], [], after)
+    text = metrics.render()[0].decode()
+    series = [line for line in text.splitlines() if line.startswith("pagedllm:lora_requests_info{")]
+    assert len(series) == 1
+    assert 'max_lora="1"' in series[0] and 'running_lora_adapters="wide"' in series[0]
+    assert 'waiting_lora_adapters="narrow"' in series[0]
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.stats().running_lora_adapters == ()

@@ -51,6 +51,10 @@ class ServerMetrics:
         self.preemptions = counter("pagedllm:num_preemptions", "Requests preempted (recomputed later).")
         self.draft_tokens = counter("pagedllm:spec_decode_num_draft_tokens", "Draft tokens run (speculative decoding).")
         self.accepted_tokens = counter("pagedllm:spec_decode_num_accepted_tokens", "Draft tokens accepted.")
+        self.lora_info = Gauge("pagedllm:lora_requests_info",
+                               "The LoRA adapters of running and waiting requests (labels, comma-separated) and the "
+                               "adapter slots; its value is when they were seen, as vLLM's.",
+                               ["max_lora", "running_lora_adapters", "waiting_lora_adapters"], registry=r)
         self.prompt_tokens = counter("pagedllm:prompt_tokens", "Prompt tokens of requests that started.")
         self.generation_tokens = counter("pagedllm:generation_tokens", "Tokens generated.")
         self.ttft = Histogram("pagedllm:time_to_first_token_seconds", "Time to first token.", labels,
@@ -123,6 +127,10 @@ class ServerMetrics:
                               - (previous.spec_decode_num_draft_tokens if previous else 0))
         self.accepted_tokens.inc(stats.spec_decode_num_accepted_tokens
                                  - (previous.spec_decode_num_accepted_tokens if previous else 0))
+        if stats.max_loras:  # one series: the adapters now (vLLM keeps every combination ever seen)
+            self.lora_info.clear()
+            self.lora_info.labels(str(stats.max_loras), ",".join(stats.running_lora_adapters),
+                                  ",".join(stats.waiting_lora_adapters)).set_to_current_time()
         self._last_stats = stats
 
     def render(self) -> tuple[bytes, str]:
