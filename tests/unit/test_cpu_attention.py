@@ -47,3 +47,20 @@ def test_bf16_attention_agrees_with_float32(monkeypatch: pytest.MonkeyPatch) -> 
     assert torch.isfinite(got).all()
     assert float((got - want).norm() / want.norm()) < 1e-2
     torch.testing.assert_close(got, want, atol=4e-2, rtol=4e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prompts_from_their_start_take_sdpas_causal_mask(dtype: torch.dtype) -> None:
+    """Prefills with no cached context (of unlike lengths, so one is padded) use SDPA's own causal mask; their
+    real rows equal the explicit mask's."""
+    batch = make_batch([1, 1, 50, 23], [40, 70, 0, 0], num_decodes=2, dtype=dtype)
+    backend = CpuBackend()
+    plan = backend._plan_of(batch.metadata, batch.cache.shape[2])
+    group = plan.prefills
+    assert group is not None and group.from_start and not any(g.from_start for g in plan.decodes)
+    causal = backend._attend(batch.query, group, batch.cache, batch.spec, 1.0)
+    group.from_start = False
+    masked = backend._attend(batch.query, group, batch.cache, batch.spec, 1.0)
+    rows = group.valid.reshape(-1)
+    torch.testing.assert_close(causal[rows].float(), masked[rows].float(), atol=1e-5 if dtype == torch.float32
+                               else 2e-2, rtol=1e-5 if dtype == torch.float32 else 2e-2)

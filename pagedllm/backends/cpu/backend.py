@@ -195,18 +195,22 @@ class CpuBackend(Backend):
                                                                 head_dim)
         keys, values = keys.transpose(1, 2), values.transpose(1, 2)
         q = query[group.rows].view(num_requests, group.max_query_len, spec.num_heads, head_dim).transpose(1, 2)
-        allowed = group.mask(spec.sliding_window)
         # float32: the reference's precision, and without AMX faster than SDPA's half-precision decode path
         # (about 2x, measured with torch 2.13); bf16 where AMX multiplies it (its kernel accumulates in float32).
         # GQA maps query head h to kv head h // group.
         if spec.logits_soft_cap:
-            out = _soft_capped_attention(q.float(), keys.float(), values.float(), allowed, spec)
+            out = _soft_capped_attention(q.float(), keys.float(), values.float(), group.mask(spec.sliding_window),
+                                         spec)
         else:
             keep = q.dtype == torch.bfloat16 and keys.dtype == torch.bfloat16 and bf16_attention_is_fast()
             q, keys, values = (q, keys, values) if keep else (q.float(), keys.float(), values.float())
+            # prompts from their first token, no window: SDPA's own causal mask (top-left aligned: query row i
+            # sees keys 0..i, so neither the keys past a prompt nor a padded row's garbage reach a real row),
+            # about 2x faster than an explicit mask
+            causal = group.from_start and spec.sliding_window is None
             out = torch.nn.functional.scaled_dot_product_attention(
-                q, keys, values, attn_mask=allowed[:, None], scale=spec.scale,
-                enable_gqa=num_kv_heads != spec.num_heads,
+                q, keys, values, attn_mask=None if causal else group.mask(spec.sliding_window)[:, None],
+                is_causal=causal, scale=spec.scale, enable_gqa=num_kv_heads != spec.num_heads,
             )
         out = (out * v_scale if v_scale != 1.0 else out).to(query.dtype)
         return out.transpose(1, 2).reshape(num_requests * group.max_query_len, spec.num_heads, head_dim)
@@ -228,6 +232,7 @@ class _Group:
     query_pos: torch.Tensor
     seq_lens: torch.Tensor
     valid: torch.Tensor | None = None
+    from_start: bool = False  # prefills only, every one from its first token (no cached context)
     masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
 
     @staticmethod
@@ -239,8 +244,9 @@ class _Group:
         num_blocks = -(-int(seq_lens.max()) // block_size)
         blocks = metadata.block_tables[requests, :num_blocks].flatten()
         query_pos = context_lens[:, None] + torch.arange(max_query_len)[None, :]
+        from_start = valid is not None and not bool(context_lens.any())
         return _Group(len(requests), rows, max_query_len, blocks, num_blocks * block_size, query_pos, seq_lens,
-                      valid)
+                      valid, from_start)
 
     def mask(self, sliding_window: int | None) -> torch.Tensor:
         """``[R, Q, K]`` bool: which keys each query row may attend (causal, within its sequence and the window)."""
