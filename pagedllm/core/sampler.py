@@ -240,12 +240,7 @@ class Sampler:
             return biases, disallowed, None, None
         bitmask = torch.full((len(constrained), -(-vocab_size // 32)), -1, dtype=torch.int32)
         for i, row in enumerate(constrained):
-            if before[row]:
-                continue  # a draft row: filled with its request's first row
-            last = row  # a request's rows follow each other, each after one more of its drafts
-            while last + 1 < len(requests) and requests[last + 1] is requests[row] and before[last + 1]:
-                last += 1
-            requests[row].structured.fill_bitmasks(bitmask, i, before[last])  # type: ignore[union-attr]
+            requests[row].structured.fill_bitmask(bitmask, i, before[row])  # type: ignore[union-attr]
         return biases, disallowed, to_device(constrained, torch.int64), bitmask.to(self.device, non_blocking=True)
 
     @torch.inference_mode()

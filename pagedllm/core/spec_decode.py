@@ -12,7 +12,7 @@ without drafts; a step just yields up to ``1 + num_speculative_tokens`` tokens p
 
 Seeded requests take no drafts (they decode one token per step as before). A structured output's drafts are cut
 at the first token its grammar does not allow (``GrammarMatcher.valid_drafts``), and each position is sampled
-under its grammar's state after the drafts before it (``GrammarMatcher.fill_bitmasks``). Penalties,
+under its grammar's state after the drafts before it (``GrammarMatcher.fill_bitmask``'s ``after``). Penalties,
 ``min_tokens`` and bad words count a position's earlier drafts as output, as they will be if accepted
 (``Sampler.make_batch``'s ``drafts_before``). Logprobs are those of each position's own distribution, as without
 drafts. With tensor parallelism every rank runs the same

@@ -40,10 +40,17 @@ class GrammarMatcher:
         if self.waits_for is not None and self.waits_for in text:
             self.waits_for = None
 
-    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int, after: list[int] | None = None) -> None:
         """Write the tokens allowed next into row ``row`` of ``bitmask`` (``[rows, ceil(vocab / 32)]`` int32 on
-        the host; bit ``t % 32`` of word ``t // 32`` set for an allowed token ``t``)."""
+        the host; bit ``t % 32`` of word ``t // 32`` set for an allowed token ``t``). With ``after`` (the draft
+        tokens before a speculative row, which :meth:`valid_drafts` vouched for): the tokens allowed once those
+        are taken; the matcher is left where it was."""
+        for token_id in after or ():
+            if not self._matcher.accept_token(token_id):
+                raise RuntimeError(f"draft token {token_id} breaks the grammar it was checked against")
         self._matcher.fill_next_token_bitmask(bitmask, row)
+        if after:
+            self._matcher.rollback(len(after))
 
     def accept(self, token_id: int) -> bool:
         """Advance by the sampled ``token_id``; False if the grammar does not allow it."""
@@ -62,26 +69,13 @@ class GrammarMatcher:
         for token_id in drafts:
             if not self._matcher.accept_token(token_id):
                 break
-            taken += 1
-            if self._matcher.is_terminated():
+            if self._matcher.is_terminated():  # it completes the grammar: not a draft
                 self._matcher.rollback(1)
-                taken -= 1
                 break
+            taken += 1
         if taken:
             self._matcher.rollback(taken)
         return drafts[:taken]
-
-    def fill_bitmasks(self, bitmask: torch.Tensor, first_row: int, drafts: list[int]) -> None:
-        """:meth:`fill_bitmask` for a position and each of its ``drafts`` after it: row ``first_row + i`` holds
-        the tokens allowed after the first ``i`` drafts (which :meth:`valid_drafts` vouched for); the matcher is
-        left where it was."""
-        self.fill_bitmask(bitmask, first_row)
-        for i, token_id in enumerate(drafts, 1):
-            if not self._matcher.accept_token(token_id):
-                raise RuntimeError(f"draft token {token_id} breaks the grammar it was checked against")
-            self.fill_bitmask(bitmask, first_row + i)
-        if drafts:
-            self._matcher.rollback(len(drafts))
 
 
 class StructuredOutputs:
