@@ -46,9 +46,9 @@ def lora_requests(args: argparse.Namespace, num: int) -> list[LoRARequest | None
     if not args.enable_lora:
         raise ValueError("--lora-path needs --enable-lora")
     slots = max(args.max_loras, 1)
-    requests = [LoRARequest(f"lora{i % slots + 1}", i % slots + 1, args.lora_path) for i in range(max(num, 1))]
+    requests = [LoRARequest(f"lora{i + 1}", i + 1, args.lora_path) for i in range(slots)]
     check_adapter(requests[0], args.max_lora_rank)  # a missing, unsupported or too-wide adapter fails here
-    return requests[:num]
+    return [requests[i % slots] for i in range(num)]
 
 
 def describe_lora(args: argparse.Namespace) -> list[str]:
@@ -81,14 +81,15 @@ def _result(engine: str, elapsed: float, requests: list[BenchRequest], extra: di
                        extra)
 
 
-def run_pagedllm(args: argparse.Namespace, requests: list[BenchRequest]) -> tuple[BenchResult, torch.device]:
-    """Run the workload through pagedllm (warmed up); returns the result and the engine's device."""
+def run_pagedllm(args: argparse.Namespace, requests: list[BenchRequest],
+                 loras: list[LoRARequest | None]) -> tuple[BenchResult, torch.device]:
+    """Run the workload through pagedllm (warmed up), request ``i`` with adapter ``loras[i]``
+    (:func:`lora_requests`); returns the result and the engine's device."""
     from pagedllm.core.heap import GcPauses, frozen_heap
     from pagedllm.core.sampling_params import RequestOutputKind, SamplingParams
 
     llm = make_llm(args)
     engine = llm.llm_engine
-    loras = lora_requests(args, len(requests))
     llm.generate([r.prompt_token_ids for r in requests[:4]], SamplingParams(temperature=0, max_tokens=4,
                  ignore_eos=True), use_tqdm=False, lora_request=loras[:4])  # fmt: skip
     device = engine.device
@@ -129,12 +130,12 @@ def run(args: argparse.Namespace) -> int:
     names = backends_of(args)
     model_config = load_model_config(args.model or EngineConfig().resolved_model(), args.dtype, args.max_model_len)
     requests = make_workload(args, model_config.vocab_size)
-    lora_requests(args, 0)  # --lora-path checked before any engine starts
+    loras = lora_requests(args, len(requests))  # --lora-path checked before any engine starts
     backend = get_registry().resolve_backend(args.device)()
     device = backend.device()
     results: list[BenchResult] = []
     if "pagedllm" in names:
-        result, device = run_pagedllm(args, requests)
+        result, device = run_pagedllm(args, requests, loras)
         results.append(result)
         # printed at once too, so a run stopped during the (slower) peer still records pagedllm's figure
         print(f"pagedllm: {result.elapsed_s:.2f} s, {result.total_tokens_per_s:.1f} total tok/s "

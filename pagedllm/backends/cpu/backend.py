@@ -218,11 +218,11 @@ class CpuBackend(Backend):
 
 @dataclass(eq=False)
 class _Group:
-    """One SDPA call of a step: ``num_requests`` requests whose query rows, padded to ``max_query_len`` each,
-    are ``rows`` (``[R]`` for decodes, ``[R, Q]`` for prefills, whose ``valid`` says which padded places are real
-    rows), whose keys are the
-    ``max_key_len`` slots of ``blocks`` (``[num_requests * num_blocks]``, block table order); ``query_pos``
-    ``[R, Q]`` and ``seq_lens`` ``[R]`` give the masks (:meth:`mask`, one per sliding window, built once)."""
+    """One SDPA call of a step: ``num_requests`` requests whose query rows, padded to ``max_query_len`` each, are
+    ``rows`` (``[R]`` for decodes; ``[R, Q]`` for prefills, whose ``valid`` says which padded places are real rows),
+    whose keys are the ``max_key_len`` slots of ``blocks`` (``[num_requests * num_blocks]``, block table order);
+    ``query_pos`` ``[R, Q]`` and ``seq_lens`` ``[R]`` give the masks (:meth:`mask`, one per sliding window, built
+    once)."""
 
     num_requests: int
     rows: torch.Tensor

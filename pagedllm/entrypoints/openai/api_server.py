@@ -92,7 +92,7 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
     as_ids, cached = settings.return_tokens_as_token_ids, settings.enable_prompt_tokens_details
     completions = OpenAIServingCompletion(async_engine, tokenizer, models, settings.max_logprobs, as_ids, cached)
     chat = OpenAIServingChat(async_engine, tokenizer, models, settings.max_logprobs, as_ids, cached,
-                             tool_parser=settings.tool_call_parser, reasoning_parser=engine.config.reasoning_parser)
+                             tool_parser=settings.tool_call_parser, reasoning_parser=config.reasoning_parser)
     tokenization = OpenAIServingTokenization(tokenizer, models, model_config.vocab_size)
     embeddings = OpenAIServingEmbedding(async_engine, tokenizer, models, settings.max_logprobs)
     responses = OpenAIServingResponses(chat)
