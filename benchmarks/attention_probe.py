@@ -22,10 +22,10 @@ import itertools
 import torch
 from device_timing import device_time_us, write_results
 
-from pagedllm.backends.cuda.decode_attention import decode_attention
-from pagedllm.backends.cuda.prefill_attention import prefill_attention
 from pagedllm.backends.interface import AttentionMetadata, AttentionSpec
 from pagedllm.backends.kv_storage import byte_view
+from pagedllm.backends.triton_gpu.decode_attention import decode_attention
+from pagedllm.backends.triton_gpu.prefill_attention import prefill_attention
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16
 DTYPE = torch.bfloat16

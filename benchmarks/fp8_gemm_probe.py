@@ -29,8 +29,6 @@ import torch
 from device_timing import device_time_us, write_results
 from gemm_probe import SHAPES as MODEL_SHAPES
 
-from pagedllm.backends.cuda.fp8_linear import linear_fp8, quantize_rows
-from pagedllm.backends.cuda.gemv import gemv
 from pagedllm.backends.fp8_linear import (
     quantize_blocks,
     quantize_groups,
@@ -38,6 +36,8 @@ from pagedllm.backends.fp8_linear import (
     reference_linear_fp8_block,
 )
 from pagedllm.backends.fp8_linear import quantize_rows as reference_quantize_rows
+from pagedllm.backends.triton_gpu.fp8_linear import linear_fp8, quantize_rows
+from pagedllm.backends.triton_gpu.gemv import gemv
 
 SHAPES = {name: shape for name, shape in MODEL_SHAPES.items() if name != "lm_head"}  # a step's projections
 
@@ -184,7 +184,7 @@ def one_token() -> list[dict]:
 def input_op_calls(tokens: int) -> dict[str, tuple[Callable[[], object], Callable[[str], object]]]:
     """For ``tokens`` rows of a Llama-3-8B step: op name -> (the bf16 op, the op fused with a quantization
     ``"rows"`` or ``"groups"``)."""
-    from pagedllm.backends.cuda import fused_kernels
+    from pagedllm.backends.triton_gpu import fused_kernels
 
     k, d = SHAPES["qkv"][1], SHAPES["down"][1]
     x, residual = (torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16) for _ in range(2))
@@ -198,8 +198,8 @@ def input_op_calls(tokens: int) -> dict[str, tuple[Callable[[], object], Callabl
 
 def input_op_row(plain: Callable[[], object], fused: Callable[[str], object]) -> dict[str, float]:
     """Microseconds of ``plain``, of ``plain`` then each Triton quantizer, and of ``fused`` for each scheme."""
-    from pagedllm.backends.cuda.fp8_linear import padded_rows
-    from pagedllm.backends.cuda.fp8_linear import quantize_groups as triton_quantize_groups
+    from pagedllm.backends.triton_gpu.fp8_linear import padded_rows
+    from pagedllm.backends.triton_gpu.fp8_linear import quantize_groups as triton_quantize_groups
 
     def groups(x: torch.Tensor) -> object:
         return triton_quantize_groups(x, padded_rows(x.shape[0]))

@@ -26,13 +26,13 @@ import triton.language as tl
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gemv_probe import graph_time_us
 
-from pagedllm.backends.cuda import gemv
-from pagedllm.backends.cuda.fp8_linear import e4m3_scale, e4m3_scaled
 from pagedllm.backends.fp8_linear import (
     FP8_BLOCK,
     quantize_blocks,
     reference_linear_fp8_block,
 )
+from pagedllm.backends.triton_gpu import gemv
+from pagedllm.backends.triton_gpu.fp8_linear import e4m3_scale, e4m3_scaled
 
 
 @triton.jit

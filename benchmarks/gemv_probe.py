@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from pagedllm.backends.cuda.gemv import gemv, gemv_config, gemv_fp8, gemv_fp8_config
 from pagedllm.backends.fp8_linear import quantize_rows, reference_linear_fp8
+from pagedllm.backends.triton_gpu.gemv import gemv, gemv_config, gemv_fp8, gemv_fp8_config
 
 SHAPES = {  # name: (N, K) of the weight [N, K]
     "qkv tp1": (6144, 4096), "o tp1": (4096, 4096), "gate_up tp1": (28672, 4096), "down tp1": (4096, 14336),

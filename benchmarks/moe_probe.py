@@ -23,9 +23,9 @@ from functools import partial
 import torch
 from device_timing import device_time_us, write_results
 
-from pagedllm.backends.cuda import fused_moe as kernels
 from pagedllm.backends.cuda.backend import CudaBackend
 from pagedllm.backends.moe import moe_reference, route_tokens
+from pagedllm.backends.triton_gpu import fused_moe as kernels
 
 EXPERTS, TOP_K, HIDDEN, INTER = 128, 8, 2048, 768
 CONFIGS = [(64, 64, 32, 4, 3), (16, 64, 64, 4, 3), (64, 128, 64, 4, 3), (64, 128, 64, 8, 3), (128, 128, 64, 8, 3),

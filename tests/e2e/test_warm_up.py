@@ -142,7 +142,7 @@ def test_warm_up_sizes() -> None:
 def test_decode_split_count_moves_at_most_one_step_per_doubling() -> None:
     """The contract the eager warm-up relies on, for ``cuda``'s split count (pure shapes, no GPU needed)."""
     pytest.importorskip("triton")
-    from pagedllm.backends.cuda.decode_attention import choose_num_splits
+    from pagedllm.backends.triton_gpu.decode_attention import choose_num_splits
 
     for num_sms in (16, 66, 78, 108, 132, 144):
         for kv_heads in (1, 2, 4, 8):

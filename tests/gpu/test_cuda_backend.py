@@ -65,7 +65,7 @@ def assert_close_to_reference(out: torch.Tensor, expected: torch.Tensor, dtype: 
 def check_attention(batch, dtype: torch.dtype, **overrides: int) -> torch.Tensor:
     """Compiled kernels on ``batch.nan_cache`` (NaN in every slot no request owns) vs the float32 reference
     on the upcast inputs; returns the kernel output (on the GPU)."""
-    from pagedllm.backends.cuda.attention import paged_attention
+    from pagedllm.backends.triton_gpu.attention import paged_attention
 
     expected = REFERENCE.attention(batch.query.float(), batch.key.float(), batch.value.float(), batch.cache.float(),
                                    batch.metadata, batch.spec)  # fmt: skip
@@ -222,8 +222,8 @@ def test_scaled_fp8_kv_write_stores_what_the_reference_stores(dtype: torch.dtype
 def test_scaled_attention_over_fp8_cache(case: str, dtype: torch.dtype) -> None:
     """``attention_scaled`` over an e4m3 cache: the key scale in the scores, the value scale on the output,
     against the reference's scaled attention over the same stored bytes (with and without split-K)."""
-    from pagedllm.backends.cuda.attention import paged_attention
     from pagedllm.backends.cuda.backend import CudaBackend
+    from pagedllm.backends.triton_gpu.attention import paged_attention
 
     interp = _helpers()
     query_lens, context_lens, num_decodes, extra = interp.ATTENTION_CASES[case]
@@ -247,7 +247,7 @@ def test_bf16_queries_beyond_fp16_range_over_fp8_cache() -> None:
     """Over an 8-bit float cache, bf16 queries multiply the tiles in fp16: a query element beyond fp16's
     range is clamped to +-65504 (not made infinite), so the rows stay finite and equal attention with the
     clamped query."""
-    from pagedllm.backends.cuda.attention import paged_attention
+    from pagedllm.backends.triton_gpu.attention import paged_attention
 
     batch, expected = _helpers().bf16_batch_with_outlier_queries("mixed")
     out = paged_attention(batch.query.cuda(), batch.nan_cache.cuda(), to_cuda(batch.metadata), batch.spec)
@@ -257,7 +257,7 @@ def test_bf16_queries_beyond_fp16_range_over_fp8_cache() -> None:
 
 def test_decode_attention_replays_in_a_graph() -> None:
     """Captured once, replayed over new lengths and block tables in the same static buffers."""
-    from pagedllm.backends.cuda.attention import paged_attention
+    from pagedllm.backends.triton_gpu.attention import paged_attention
 
     interp = _helpers()
     first = interp.make_batch([1, 1, 1, 1], [40, 3, 200, 1], 4, num_heads=8, num_kv_heads=2, head_dim=128,
@@ -305,7 +305,7 @@ def test_decode_attention_replays_in_a_graph() -> None:
 
 # --------------------------------------------------------------------------- fused ops
 def _fused():
-    from pagedllm.backends.cuda import fused_kernels
+    from pagedllm.backends.triton_gpu import fused_kernels
 
     return fused_kernels
 
@@ -719,7 +719,7 @@ def test_no_kernel_compiles_once_started(tiny_checkpoints: dict[str, Path], conf
     claims = CudaBackend().capabilities()
     if "quantization" in COMPILE_CONFIGS[config] and "fp8" not in claims.quantizations:
         pytest.skip("this GPU runs no fp8 linear layers")
-    forget_compiled("pagedllm.backends.cuda")  # as in a fresh process: earlier tests compiled some variants
+    forget_compiled("pagedllm.backends")  # as in a fresh process: earlier tests compiled some variants
     llm = LLM(str(tiny_checkpoints["llama"]), device="cuda", block_size=16, max_num_batched_tokens=128,
               max_num_seqs=32, kv_cache_memory_bytes=32 << 20, enforce_eager=enforce_eager,
               **COMPILE_CONFIGS[config])  # fmt: skip

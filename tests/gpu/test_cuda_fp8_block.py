@@ -40,7 +40,7 @@ TILED = dict(hidden_size=512, intermediate_size=1024, num_attention_heads=8, num
 def test_group_quantizer_matches_the_cpu_reference_bit_for_bit(dtype: torch.dtype, rows: int, cols: int) -> None:
     """Scales and e4m3 bytes of every 128-feature group (outliers, an all-zero group, a short last group) equal
     the reference's on the CPU; the rows padded to a multiple of four are zeros."""
-    from pagedllm.backends.cuda.fp8_linear import quantize_groups as triton_quantize_groups
+    from pagedllm.backends.triton_gpu.fp8_linear import quantize_groups as triton_quantize_groups
 
     x = (torch.randn(rows, cols, device="cuda") * 5).to(dtype)
     x[0, 1] = 3e4
@@ -60,7 +60,7 @@ def test_linear_fp8_block_matches_the_reference(dtype: torch.dtype, rows: int, n
     """The quantizer and ``torch._scaled_mm`` with block scales (rows padded to four; 384 features and float32
     through the reference; one token through the GEMV with tile scales), with a bias, against the float32
     reference on the CPU."""
-    from pagedllm.backends.cuda.fp8_linear import block_product_takes
+    from pagedllm.backends.triton_gpu.fp8_linear import block_product_takes
 
     assert block_product_takes(n, k, dtype) == (k % 512 == 0 and dtype != torch.float32)
     assert_fp8_layer_matches_reference("linear_fp8_block", quantize_blocks, reference_linear_fp8_block, dtype, rows,

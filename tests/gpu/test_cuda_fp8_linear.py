@@ -25,7 +25,7 @@ from tests.gpu.test_cuda_backend import DTYPES, _generate, assert_close_to_refer
 def test_quantizer_matches_the_cpu_reference_bit_for_bit(dtype: torch.dtype, rows: int, cols: int) -> None:
     """Scales and e4m3 bytes, for the Triton kernel and for the reference run on the GPU (weights are
     quantized there at load), equal the reference's on the CPU; outliers and an all-zero row included."""
-    from pagedllm.backends.cuda.fp8_linear import quantize_rows as triton_quantize_rows
+    from pagedllm.backends.triton_gpu.fp8_linear import quantize_rows as triton_quantize_rows
 
     x = (torch.randn(rows, cols, device="cuda") * 5).to(dtype)
     x[0, 1] = 3e4
@@ -42,8 +42,8 @@ def test_static_input_scale_matches_the_reference(dtype: torch.dtype, rows: int)
     """The Triton quantizer with a static scale bit for bit against the CPU reference (a scale half of what the
     input needs: the largest values saturate), and ``linear_fp8_static`` against the float32 reference."""
     from pagedllm.backends.cuda.backend import CudaBackend
-    from pagedllm.backends.cuda.fp8_linear import quantize_with_scale as triton_quantize_with_scale
     from pagedllm.backends.fp8_linear import quantize_with_scale, reference_linear_fp8_quantized
+    from pagedllm.backends.triton_gpu.fp8_linear import quantize_with_scale as triton_quantize_with_scale
 
     x = (torch.randn(rows, 4096, device="cuda") * 3).to(dtype)
     scale = (x.float().abs().amax() / 448.0 / 2.0).reshape(1)

@@ -48,7 +48,7 @@ REFERENCE = CpuBackend()
 @pytest.fixture(scope="module")
 def interpreted_modules() -> SimpleNamespace:
     """The kernel modules imported with ``TRITON_INTERPRET=1``, without leaving them in ``sys.modules``."""
-    package = importlib.import_module("pagedllm.backends.cuda")
+    package = importlib.import_module("pagedllm.backends.triton_gpu")
     names = [f"{package.__name__}.{m}" for m in KERNEL_MODULES]
     saved_modules = {n: sys.modules.pop(n) for n in names if n in sys.modules}
     saved_attrs = {m: getattr(package, m) for m in KERNEL_MODULES if hasattr(package, m)}
@@ -765,7 +765,7 @@ def test_interpreted_kernels_do_not_leak(interpreted_modules: SimpleNamespace) -
 
     assert isinstance(interpreted_modules.decode_attention._decode_split_kernel, InterpretedFunction)
     assert os.environ.get("TRITON_INTERPRET", "0") != "1"
-    module = importlib.import_module("pagedllm.backends.cuda.decode_attention")
+    module = importlib.import_module("pagedllm.backends.triton_gpu.decode_attention")
     assert module is not interpreted_modules.decode_attention
     assert isinstance(module._decode_split_kernel, JITFunction)
     assert isinstance(tl.sum, JITFunction) and isinstance(tl.cdiv, JITFunction)
@@ -800,8 +800,8 @@ def test_kernels_compile_for_sm90() -> None:
     pytest.importorskip("triton.compiler")
     import triton.language as tl
 
-    from pagedllm.backends.cuda import (
-        allreduce_norm,
+    from pagedllm.backends.cuda import allreduce_norm
+    from pagedllm.backends.triton_gpu import (
         decode_attention,
         fp8_linear,
         fused_kernels,

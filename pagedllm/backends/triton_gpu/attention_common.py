@@ -25,10 +25,11 @@ def block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def dot_precision(dtype: torch.dtype) -> str:
+def dot_precision(dtype: torch.dtype) -> str | None:
     """Return tl.dot's input precision: full fp32 ("ieee") for float32 inputs, so results match the fp32
-    reference instead of TF32's 10-bit mantissa; irrelevant (tensor cores) for fp16/bf16."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+    reference instead of TF32's 10-bit mantissa; for fp16/bf16 (where it changes nothing) None, the target's
+    default (AMD's compiler refuses "tf32" on every CDNA but gfx942; NVIDIA's defaults to it)."""
+    return "ieee" if dtype == torch.float32 else None
 
 
 def unmasked_tiles(dtype: torch.dtype) -> bool:

@@ -25,9 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedllm.backends.cuda.attention_common import dot_precision
-from pagedllm.backends.cuda.fused_kernels import silu_mul_values
 from pagedllm.backends.moe import ExpertBlocks, expert_blocks
+from pagedllm.backends.triton_gpu.attention_common import dot_precision
+from pagedllm.backends.triton_gpu.fused_kernels import silu_mul_values
 
 TILES = (64, 128, 64, 4, 3)
 """BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages of both GEMMs."""

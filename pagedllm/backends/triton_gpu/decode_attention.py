@@ -25,9 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedllm.backends.cuda.attention_common import LOG2_E, attend_tiles, block_d, dot_precision, unmasked_tiles
 from pagedllm.backends.interface import AttentionMetadata, AttentionSpec
 from pagedllm.backends.kv_storage import is_fp8
+from pagedllm.backends.triton_gpu.attention_common import LOG2_E, attend_tiles, block_d, dot_precision, unmasked_tiles
 
 MAX_SPLITS = 32
 """Most splits per request: past this the reduce and the partial buffers cost more than they bring."""
@@ -170,7 +170,8 @@ def _device_index(device: torch.device) -> int:
 
 
 def decode_tiles(head_dim: int, kv_dtype: torch.dtype) -> tuple[int, int, int]:
-    """Return the decode kernel's ``(BLOCK_N, num_warps, num_stages)`` for a head size and cache dtype.
+    """Return the decode kernel's ``(BLOCK_N, num_warps, num_stages)`` on NVIDIA GPUs for a head size and cache
+    dtype.
 
     64-key tiles (32 for heads wider than 128), 4 warps, 2 stages; 2 warps over an 8-bit float cache with
     heads up to 128. On an H200 with Llama-3-8B heads (RESULTS.md runs 21, 55, 56): bf16's tiles were the

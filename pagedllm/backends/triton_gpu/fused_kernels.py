@@ -15,7 +15,10 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedllm.backends.cuda.fp8_linear import (
+from pagedllm.backends.fp8_linear import FP8_BLOCK, FP8_DTYPE
+from pagedllm.backends.fp8_linear import quantize_groups as reference_quantize_groups
+from pagedllm.backends.fp8_linear import quantize_rows as reference_quantize_rows
+from pagedllm.backends.triton_gpu.fp8_linear import (
     MAX_ROW,
     fused_quantize_store,
     fused_row_offsets,
@@ -23,9 +26,6 @@ from pagedllm.backends.cuda.fp8_linear import (
     padded_rows,
     row_warps,
 )
-from pagedllm.backends.fp8_linear import FP8_BLOCK, FP8_DTYPE
-from pagedllm.backends.fp8_linear import quantize_groups as reference_quantize_groups
-from pagedllm.backends.fp8_linear import quantize_rows as reference_quantize_rows
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 

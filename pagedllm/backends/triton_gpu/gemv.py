@@ -22,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedllm.backends.cuda.fp8_linear import e4m3_scale, e4m3_scaled
 from pagedllm.backends.fp8_linear import FP8_BLOCK, FP8_DTYPE, block_scale_shape
+from pagedllm.backends.triton_gpu.fp8_linear import e4m3_scale, e4m3_scaled
 
 
 @triton.jit

@@ -16,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedllm.backends.cuda.attention_common import LOG2_E, attend_tiles, block_d, dot_precision, unmasked_tiles
 from pagedllm.backends.interface import AttentionMetadata, AttentionSpec
+from pagedllm.backends.triton_gpu.attention_common import LOG2_E, attend_tiles, block_d, dot_precision, unmasked_tiles
 
 
 # ``first_request`` (the number of decodes) changes every step: unspecialized, one compiled variant serves
@@ -99,21 +99,18 @@ def _prefill_kernel(
         tl.store(out_ptr + out_offs, o.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-PREFILL_STAGES = 2
-"""Software-pipelining depth of the prefill kernel's key/value loads."""
+def prefill_tiles(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """Return ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` of the prefill kernel on NVIDIA GPUs for a head size and
+    query dtype.
 
-
-def prefill_tiles(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
-    """Return ``(BLOCK_M, BLOCK_N, num_warps)`` of the prefill kernel for a head size and query dtype.
-
-    fp16/bf16: 64x32 tiles on tensor cores, 4 warps (8 for heads wider than 128). On an H200, prompts of
+    fp16/bf16: 64x32 tiles on tensor cores, 4 warps (8 for heads wider than 128), 2 stages. On an H200, prompts of
     512 tokens, Llama-3-8B heads: 158 us per layer for 16 prompts against 206 us with 128x64 tiles and
     8 warps, the best of 26 choices (``benchmarks/attention_probe.py``). fp32 (exact, not a speed path)
     uses 32x32 tiles so its shared memory fits every GPU.
     """
     if dtype == torch.float32:
-        return 32, 32, 4
-    return 64, 32, 4 if head_dim <= 128 else 8
+        return 32, 32, 4, 2
+    return 64, 32, 4 if head_dim <= 128 else 8, 2
 
 
 def prefill_attention(
@@ -139,8 +136,8 @@ def prefill_attention(
     num_prefills = metadata.num_requests - num_decodes
     num_kv_heads, head_dim = spec.num_kv_heads, spec.head_dim
     group = spec.num_heads // num_kv_heads
-    tile_m, block_n, num_warps = prefill_tiles(head_dim, query.dtype)
-    block_n, num_warps, num_stages = tiles or (block_n, num_warps, PREFILL_STAGES)
+    tile_m, block_n, num_warps, num_stages = prefill_tiles(head_dim, query.dtype)
+    block_n, num_warps, num_stages = tiles or (block_n, num_warps, num_stages)
     tile_m = max(block_m or tile_m, triton.next_power_of_2(group), 16)
     block_q = tile_m // group  # tokens per tile; rows past block_q * group are idle when group is not 2^k
     max_query_len = metadata.max_query_len
