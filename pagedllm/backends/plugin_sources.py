@@ -23,6 +23,7 @@ BUILTIN_DISTRIBUTION = "pagedllm"
 BUILTIN_PLUGINS: tuple[str, ...] = (
     "pagedllm.core.models.plugin",
     "pagedllm.backends.cpu.plugin",
+    "pagedllm.backends.rocm.plugin",
     "pagedllm.backends.cuda.plugin",
 )
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import inspect
 import os
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from pagedllm.backends.cpu.backend import CpuBackend
 from pagedllm.backends.cuda.backend import CudaBackend
 from pagedllm.backends.interface import AttentionMetadata, AttentionSpec
 from pagedllm.backends.kv_storage import to_cache_dtype
+from tests.unit.triton_compile import compile_kernel
 
 KERNEL_MODULES = (
     "attention_common",
@@ -772,24 +772,8 @@ def test_interpreted_kernels_do_not_leak(interpreted_modules: SimpleNamespace) -
 
 
 def _compile_sm90(kernel: object, pointers: dict[str, str], constexprs: dict[str, object], **options: object) -> None:
-    """Compile ``kernel`` for an H100 (sm_90) without a GPU; pointers and ``stride*`` args are declared
-    16-aligned as a real launch specializes them. Parameters not named are i32 (``*scale``/``eps``: fp32)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    params = list(inspect.signature(kernel.fn).parameters)  # type: ignore[attr-defined]
-    signature = {
-        p: "constexpr" if p in constexprs else pointers.get(p, "fp32" if p in FLOAT_ARGUMENTS else "i32")
-        for p in params
-    }
-    attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params) if p in pointers or p.startswith("stride")}
-    source = ASTSource(kernel, signature, {(params.index(k),): v for k, v in constexprs.items()}, attrs)
-    triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
-
-
-FLOAT_ARGUMENTS = ("qk_scale", "eps", "v_scale", "k_inv_scale", "v_inv_scale")
-"""Scalar kernel arguments passed as Python floats (32-bit floats in the signature); other scalars are ints."""
+    """Compile ``kernel`` for an H100 (sm_90) without a GPU (:func:`compile_kernel`)."""
+    compile_kernel(kernel, pointers, constexprs, ("cuda", 90, 32), **options)
 
 
 def test_kernels_compile_for_sm90() -> None:

@@ -10,21 +10,16 @@ compiles or touches a GPU.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from collections.abc import Callable
 
 import torch
 
 from pagedllm.backends.interface import BackendCapabilities, DeviceCommunicator
-from pagedllm.backends.triton_gpu.backend import TritonGpuBackend
+from pagedllm.backends.triton_gpu.backend import TritonGpuBackend, scheduler_defaults, triton_problem
 from pagedllm.backends.triton_gpu.tuning import KernelTuning, nvidia
 
 logger = logging.getLogger(__name__)
-
-LARGE_GPU_BYTES = 70 * 2**30
-"""Device memory from which the larger scheduler defaults apply (vLLM's threshold)."""
-
 
 def _cuda_version() -> tuple[int, ...]:
     """The CUDA version torch was built with, as numbers (``()`` for a build without CUDA)."""
@@ -71,12 +66,9 @@ class CudaBackend(TritonGpuBackend):
                     f"torch {torch.__version__} has no CUDA device (torch.version.cuda={torch.version.cuda}); "
                     "install a CUDA build of torch on a machine with an NVIDIA GPU"
                 )
-            if importlib.util.find_spec("triton") is None:
-                return False, "triton is not installed; install the triton that matches your torch"
-            try:
-                import triton  # noqa: F401 - a broken install fails here, not in the first kernel launch
-            except Exception as exc:
-                return False, f"triton cannot be imported ({type(exc).__name__}: {exc}); reinstall it"
+            problem = triton_problem()
+            if problem:
+                return False, problem
             major, minor = torch.cuda.get_device_capability()
             if major < 7:
                 return False, f"GPU compute capability {major}.{minor} is below 7.0, the least triton supports"
@@ -91,14 +83,12 @@ class CudaBackend(TritonGpuBackend):
         Hopper with CUDA 12.9 or later, where cuBLAS has block-scaled e4m3 products), KV blocks of 16/32/64, heads
         up to 256.
 
-        Scheduler defaults as vLLM's for offline runs: on GPUs of at least 70 GiB (H100, H200) up to 1024
-        running requests and 16384 tokens a step (decode steps of hundreds of requests keep the matrix units
-        busy; measured in benchmarks/RESULTS.md), else 256 and 8192.
+        Scheduler defaults as vLLM's for offline runs (``triton_gpu.backend.scheduler_defaults``): on GPUs of at
+        least 70 GiB (H100, H200) up to 1024 running requests and 16384 tokens a step, else 256 and 8192.
         """
         dtypes: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32)
         kv_only: tuple[torch.dtype, ...] = (torch.float8_e4m3fn, torch.float8_e5m2)
         quantizations: tuple[str, ...] = ("fp8",)
-        large = False
         try:
             if torch.cuda.is_available():
                 capability = torch.cuda.get_device_capability()
@@ -110,9 +100,9 @@ class CudaBackend(TritonGpuBackend):
                     quantizations = ()
                 elif capability == (9, 0) and _cuda_version() >= (12, 9):  # cuBLAS's block scales: Hopper only
                     quantizations = ("fp8", "fp8_block")
-                large = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory >= LARGE_GPU_BYTES
         except Exception:  # capabilities are also listed on machines without a GPU
             pass
+        max_num_seqs, max_num_batched_tokens = scheduler_defaults()
         return BackendCapabilities(
             dtypes=dtypes,
             kv_cache_dtypes=(*dtypes, *kv_only),
@@ -124,8 +114,8 @@ class CudaBackend(TritonGpuBackend):
             can_capture_graphs=True,
             runs_asynchronously=True,
             compiles_kernels=True,
-            default_max_num_seqs=1024 if large else 256,
-            default_max_num_batched_tokens=16384 if large else 8192,
+            default_max_num_seqs=max_num_seqs,
+            default_max_num_batched_tokens=max_num_batched_tokens,
             quantizations=quantizations,
         )
 

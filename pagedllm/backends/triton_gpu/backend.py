@@ -10,6 +10,7 @@ the methods that launch them, so loading a plugin or probing ``is_available`` ne
 from __future__ import annotations
 
 import gc
+import importlib.util
 import logging
 from collections.abc import Callable
 from dataclasses import replace
@@ -24,6 +25,34 @@ logger = logging.getLogger(__name__)
 
 _ALLOC_MARGIN_BYTES = 256 << 20
 """Left free when the KV pool is sized by what is allocatable now (allocator rounding, small buffers)."""
+
+LARGE_GPU_BYTES = 70 * 2**30
+"""Device memory from which the larger scheduler defaults apply (vLLM's threshold)."""
+
+
+def scheduler_defaults() -> tuple[int, int]:
+    """``(max_num_seqs, max_num_batched_tokens)`` when the user sets none, as vLLM's for offline runs: 1024 and
+    16384 on GPUs of at least :data:`LARGE_GPU_BYTES` (decode steps of hundreds of requests keep the matrix units
+    busy; measured on an H200 in benchmarks/RESULTS.md), else 256 and 8192 (also without a visible GPU)."""
+    try:
+        if torch.cuda.is_available():
+            total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+            if total >= LARGE_GPU_BYTES:
+                return 1024, 16384
+    except Exception:  # capabilities are also listed on machines without a GPU
+        pass
+    return 256, 8192
+
+
+def triton_problem() -> str:
+    """Why triton cannot run kernels here (not installed, or its import fails), or ``""``; never raises."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed; install the triton that matches your torch"
+    try:
+        import triton  # noqa: F401 - a broken install fails here, not in the first kernel launch
+    except Exception as exc:
+        return f"triton cannot be imported ({type(exc).__name__}: {exc}); reinstall it"
+    return ""
 
 
 class TritonGpuBackend(Backend):

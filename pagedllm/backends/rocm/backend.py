@@ -1,0 +1,97 @@
+"""The ``rocm`` backend: AMD Instinct GPUs (CDNA) through a ROCm build of torch, attention and fused ops as Triton
+kernels.
+
+On a ROCm build, ``torch.cuda`` drives the AMD GPU (HIP) and Triton compiles for it, so what the ``cuda`` backend
+shares with this one lives in :class:`~pagedllm.backends.triton_gpu.backend.TritonGpuBackend`: device life, the
+KV cache, attention, the fused ops, the MoE kernels and graph capture (HIP graphs, through the same
+``torch.cuda.CUDAGraph``). Here is what is AMD's: the availability check (a HIP build, an AMD GPU of a CDNA
+architecture the kernels are compile-checked for), the claims, and the tiles (:mod:`pagedllm.backends.rocm.tuning`).
+Linear layers run through torch (hipBLASLt); the NVIDIA-only pieces of ``cuda`` (the one-token GEMVs tuned on an
+H200, fp8 through cuBLAS's scaled products, symmetric-memory collectives) are not claimed here.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pagedllm.backends.interface import BackendCapabilities
+from pagedllm.backends.rocm.tuning import cdna
+from pagedllm.backends.triton_gpu.backend import TritonGpuBackend, scheduler_defaults, triton_problem
+from pagedllm.backends.triton_gpu.tuning import KernelTuning
+
+SUPPORTED_ARCHS = {
+    "gfx90a": "AMD Instinct MI200 series (CDNA2)",
+    "gfx942": "AMD Instinct MI300 series (CDNA3)",
+    "gfx950": "AMD Instinct MI350 series (CDNA4)",
+}
+"""The GPU architectures whose code the kernels are compiled for in the tests, with what they are."""
+
+
+def gpu_arch(device_index: int = 0) -> str:
+    """The GPU's architecture name without its feature flags (``"gfx942:sramecc+:xnack-"`` -> ``"gfx942"``)."""
+    return torch.cuda.get_device_properties(device_index).gcnArchName.split(":")[0]
+
+
+class RocmBackend(TritonGpuBackend):
+    """Triton kernels on AMD CDNA GPUs; KV layout ``[2, num_blocks, block_size, num_kv_heads, head_dim]``."""
+
+    name = "rocm"
+    # the cuda backend's interface, less what it claims only for NVIDIA (fp8, fp8_block, the GEMVs, collectives)
+    interface_version = (1, 13)
+    priority = 20  # above cuda: torch.cuda also answers on a ROCm build, and cuda then says to use rocm
+
+    @classmethod
+    def is_available(cls) -> tuple[bool, str]:
+        """Available when torch is a ROCm (HIP) build that sees an AMD GPU of a supported CDNA architecture and
+        triton can be imported."""
+        try:
+            if not getattr(torch.version, "hip", None):
+                return False, (
+                    f"torch {torch.__version__} is not a ROCm build (torch.version.hip is None); install torch "
+                    "for ROCm (https://pytorch.org/get-started/locally/) on a machine with an AMD Instinct GPU"
+                )
+            if not torch.cuda.is_available():
+                return False, (
+                    f"torch {torch.__version__} (HIP {torch.version.hip}) sees no AMD GPU; check the driver "
+                    "(rocm-smi) and HIP_VISIBLE_DEVICES"
+                )
+            problem = triton_problem()
+            if problem:
+                return False, problem
+            arch = gpu_arch()
+            if arch not in SUPPORTED_ARCHS:
+                known = ", ".join(f"{a} ({what})" for a, what in SUPPORTED_ARCHS.items())
+                return False, f"GPU architecture {arch} is not one the rocm kernels are built for: {known}"
+        except Exception as exc:  # never raise: the reason is shown to the operator
+            return False, f"probing ROCm failed: {type(exc).__name__}: {exc}"
+        return True, ""
+
+    def capabilities(self) -> BackendCapabilities:
+        """fp16/bf16/fp32 (KV cache in the same dtypes; no fp8), KV blocks of 16/32/64, heads up to 256, sliding
+        windows, soft-capped scores, HIP graphs of decode steps, asynchronous scheduling. Scheduler defaults as
+        ``cuda``'s: 1024 running requests and 16384 tokens a step on GPUs of at least 70 GiB (every MI300), else
+        256 and 8192.
+
+        Not claimed: an fp8 KV cache and fp8 linear layers (gfx942 computes in the FNUZ fp8 formats, not the OCP
+        e4m3/e5m2 that pagedllm stores and checkpoints hold; gfx950 has OCP fp8, untested here) and graph-safe
+        tensor-parallel collectives (tensor parallelism runs through RCCL; its decode steps run without graphs).
+        """
+        dtypes = (torch.float16, torch.bfloat16, torch.float32)
+        max_num_seqs, max_num_batched_tokens = scheduler_defaults()
+        return BackendCapabilities(
+            dtypes=dtypes,
+            kv_cache_dtypes=dtypes,
+            block_sizes=(16, 32, 64),
+            head_sizes=(64, 80, 96, 112, 128, 256, 32, 16, 8),
+            supports_sliding_window=True,
+            supports_logits_soft_cap=True,
+            can_capture_graphs=True,
+            runs_asynchronously=True,
+            compiles_kernels=True,
+            default_max_num_seqs=max_num_seqs,
+            default_max_num_batched_tokens=max_num_batched_tokens,
+        )
+
+    def make_kernel_tuning(self) -> KernelTuning:
+        """The CDNA tiles (:func:`pagedllm.backends.rocm.tuning.cdna`)."""
+        return cdna()

@@ -1,0 +1,295 @@
+"""The ``rocm`` backend without AMD hardware, through the code paths its hardware would run.
+
+- Availability and claims: on this machine (no ROCm build) it says why not; on a faked ROCm build it accepts the
+  CDNA GPUs its kernels are built for and refuses others with the reason; ``cuda`` then defers to it, and
+  ``--device auto`` tries it before ``cuda``.
+- The real AMD compiler: every kernel variant the backend launches, with its CDNA tiles, compiles through Triton's
+  AMD backend to a code object for gfx90a, gfx942 and gfx950, within each one's LDS.
+- The numbers: :class:`RocmBackend`'s own methods (its tiles, its dispatch) run the kernels under Triton's
+  interpreter against the ``cpu`` reference backend.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from pagedllm.backends.cuda.backend import CudaBackend
+from pagedllm.backends.registry import PluginRegistry
+from pagedllm.backends.rocm.backend import SUPPORTED_ARCHS, RocmBackend
+from pagedllm.backends.rocm.tuning import CDNA_MOE_TILES, LDS_BYTES, cdna, cdna_decode_tiles, cdna_prefill_tiles
+from tests.unit.test_cuda_kernels_interpreter import (  # noqa: F401 - fixtures, used by name
+    ATTENTION_CASES,
+    DTYPES,
+    KERNEL_MODULES,
+    REFERENCE,
+    TOLERANCE,
+    interpreted_modules,
+    kernels,
+    make_batch,
+)
+from tests.unit.triton_compile import compile_kernel
+
+GIB = 2**30
+
+
+# --------------------------------------------------------------------------- availability and claims
+def test_is_available_says_why_not_here() -> None:
+    ok, reason = RocmBackend.is_available()
+    assert not ok
+    assert "not a ROCm build" in reason and "torch.version.hip" in reason
+
+
+def fake_rocm(monkeypatch: pytest.MonkeyPatch, arch: str | None, total_memory: int = 192 * GIB) -> None:
+    """Make torch look like a ROCm build that sees one AMD GPU of ``arch`` (None: no GPU visible)."""
+    monkeypatch.setattr(torch.version, "hip", "6.4.43482", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: arch is not None)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    properties = SimpleNamespace(gcnArchName=f"{arch}:sramecc+:xnack-", total_memory=total_memory)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index=0: properties)
+
+
+@pytest.mark.parametrize("arch", sorted(SUPPORTED_ARCHS))
+def test_available_on_cdna_gpus(monkeypatch: pytest.MonkeyPatch, arch: str) -> None:
+    fake_rocm(monkeypatch, arch)
+    assert RocmBackend.is_available() == (True, "")
+    ok, reason = CudaBackend.is_available()
+    assert not ok and "use --device rocm" in reason
+
+
+def test_refuses_what_it_is_not_built_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_rocm(monkeypatch, "gfx1100")
+    ok, reason = RocmBackend.is_available()
+    assert not ok and "gfx1100" in reason and all(arch in reason for arch in SUPPORTED_ARCHS)
+    fake_rocm(monkeypatch, None)
+    ok, reason = RocmBackend.is_available()
+    assert not ok and "sees no AMD GPU" in reason and "HIP_VISIBLE_DEVICES" in reason
+
+
+def test_capabilities(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the backend claims: no fp8 (cache or layers), graphs and asynchronous scheduling, and the larger
+    scheduler defaults on an MI300X's 192 GB, the smaller ones on a 64 GB MI210."""
+    backend = RocmBackend()
+    assert (backend.name, backend.device_type, backend.dist_backend) == ("rocm", "cuda", "nccl")
+    assert RocmBackend.priority > CudaBackend.priority
+    fake_rocm(monkeypatch, "gfx942")
+    claims = backend.capabilities()
+    assert set(claims.dtypes) == set(claims.kv_cache_dtypes) == {torch.float16, torch.bfloat16, torch.float32}
+    assert claims.quantizations == ()
+    assert claims.can_capture_graphs and claims.runs_asynchronously and claims.compiles_kernels
+    assert (claims.default_max_num_seqs, claims.default_max_num_batched_tokens) == (1024, 16384)
+    fake_rocm(monkeypatch, "gfx90a", total_memory=64 * GIB)
+    assert (backend.capabilities().default_max_num_seqs, backend.capabilities().default_max_num_batched_tokens) == (
+        256, 8192)
+
+
+def test_registered_as_a_builtin_and_tried_before_cuda() -> None:
+    registry = PluginRegistry(load_entry_points=False)
+    entries = registry.backends()
+    assert entries["rocm"].backend_cls is RocmBackend
+    order = [entry.backend_cls.name for entry in registry.auto_order()]
+    assert order.index("rocm") < order.index("cuda") < order.index("cpu")
+
+
+def test_plugin_registers_backend_without_importing_triton() -> None:
+    code = (
+        "import sys\n"
+        "from pagedllm.backends.registry import PluginRegistry\n"
+        "from pagedllm.backends.rocm.backend import RocmBackend\n"
+        "entries = PluginRegistry(load_entry_points=False).backends()\n"
+        "assert entries['rocm'].backend_cls is RocmBackend, entries\n"
+        "RocmBackend.is_available(); RocmBackend().capabilities()\n"
+        "assert 'triton' not in sys.modules, 'triton imported too early'\n"
+    )
+    root = str(Path(importlib.import_module("pagedllm").__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    env.pop("TRITON_INTERPRET", None)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+# --------------------------------------------------------------------------- the AMD compiler
+def kernel_variants() -> list[tuple[str, object, dict[str, str], dict[str, object], dict[str, object]]]:
+    """``(label, kernel, pointer types, constexprs, options)`` of the launches the rocm backend makes, with its
+    tiles: attention for Llama (head 128, GQA 4), Gemma 3 (head 256), Phi-3-like head 80 (GQA 8), Qwen2's MQA in
+    fp32; the KV write; the fused ops; the MoE router, GEMVs and grouped GEMMs."""
+    from pagedllm.backends.triton_gpu import decode_attention, fused_kernels, fused_moe, kv_cache_kernels
+    from pagedllm.backends.triton_gpu import prefill_attention as prefill
+    from pagedllm.backends.triton_gpu.attention_common import block_d, dot_precision, unmasked_tiles
+
+    variants = []
+    for dtype, name, head_dim, group in ((torch.bfloat16, "bf16", 128, 4), (torch.bfloat16, "bf16", 256, 2),
+                                         (torch.float16, "fp16", 80, 8), (torch.float32, "fp32", 64, 4)):
+        typed = {n: f"*{name}" for n in ("out_ptr", "q_ptr", "k_cache_ptr", "v_cache_ptr")}
+        pointers = {**typed, "mid_o_ptr": "*fp32", "mid_lse_ptr": "*fp32", "block_tables_ptr": "*i32",
+                    "seq_lens_ptr": "*i32", "query_start_loc_ptr": "*i32", "context_lens_ptr": "*i32"}
+        shared = {"GROUP": group, "HEAD_DIM": head_dim, "BLOCK_D": block_d(head_dim), "BLOCK_SIZE": 16,
+                  "SLIDING_WINDOW": 0, "SOFT_CAP": 0.0, "DOT_PRECISION": dot_precision(dtype),
+                  "UNMASKED_TILES": unmasked_tiles(dtype), "V_SCALED": False}
+        block_n, warps, stages = cdna_decode_tiles(head_dim, dtype)
+        for splits in (1, 8):
+            variants.append((f"decode {name} head {head_dim} splits {splits}", decode_attention._decode_split_kernel,
+                             pointers, {**shared, "BLOCK_G": max(16, group), "BLOCK_N": block_n, "NUM_SPLITS": splits},
+                             {"num_warps": warps, "num_stages": stages}))
+        variants.append((f"decode reduce head {head_dim}", decode_attention._decode_reduce_kernel, pointers,
+                         {"HEAD_DIM": head_dim, "BLOCK_D": block_d(head_dim), "NUM_SPLITS": 8, "BLOCK_S": 8},
+                         {"num_warps": 4}))
+        tile_m, block_n, warps, stages = cdna_prefill_tiles(head_dim, dtype)
+        tile_m = max(tile_m, group, 16)
+        variants.append((f"prefill {name} head {head_dim}", prefill._prefill_kernel, pointers,
+                         {**shared, "BLOCK_M": tile_m, "BLOCK_Q": tile_m // group, "BLOCK_N": block_n},
+                         {"num_warps": warps, "num_stages": stages}))
+        variants.append((f"write kv {name}", kv_cache_kernels._write_kv_kernel,
+                         {**typed, "key_ptr": f"*{name}", "value_ptr": f"*{name}", "slot_mapping_ptr": "*i64"},
+                         {"NUM_KV_HEADS": 8, "HEAD_DIM": head_dim, "BLOCK_H": 8, "BLOCK_D": block_d(head_dim),
+                          "BLOCK_SIZE": 16, "SCALED": False}, {}))
+    import triton.language as tl
+
+    fused = {n: "*bf16" for n in ("out_ptr", "x_ptr", "residual_ptr", "weight_ptr", "q_out_ptr", "k_out_ptr", "k_ptr",
+                                  "q_ptr", "q_weight_ptr", "k_weight_ptr")}
+    fused.update(positions_ptr="*i64", cos_sin_ptr="*fp32", scale_ptr="*fp32")
+    for residual in (False, True):
+        variants.append((f"rms_norm residual={residual}", fused_kernels._rms_norm_kernel, fused,
+                         {"HAS_RESIDUAL": residual, "QUANTIZE": False, "ROUND_TO": tl.bfloat16, "BLOCK": 4096,
+                          "GROUP": 0}, {"num_warps": 8}))
+    for norm in (False, True):
+        variants.append((f"rotary norm={norm}", fused_kernels._rotary_kernel, fused,
+                         {"NUM_Q_HEADS": 32, "NUM_K_HEADS": 8, "HALF": 64, "BLOCK_HQ": 32, "BLOCK_HK": 8,
+                          "BLOCK_HALF": 64, "NORM": norm}, {}))
+    variants.append(("silu_and_mul", fused_kernels._silu_and_mul_kernel, fused, {"BLOCK": 1024}, {}))
+    moe = {"a_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": "*bf16", "sorted_ids_ptr": "*i32", "block_experts_ptr": "*i32",
+           "weights_ptr": "*fp32"}
+    block_m, block_n, block_k, warps, stages = CDNA_MOE_TILES
+    for rows_are_tokens in (True, False):
+        variants.append((f"moe gemm rows_are_tokens={rows_are_tokens}", fused_moe._moe_gemm_kernel, moe,
+                         {"NUM_EXPERTS": 128, "TOP_K": 8, "ROWS_ARE_TOKENS": rows_are_tokens,
+                          "MUL_WEIGHTS": not rows_are_tokens, "DOT_PRECISION": None, "BLOCK_M": block_m,
+                          "BLOCK_N": block_n, "BLOCK_K": block_k}, {"num_warps": warps, "num_stages": stages}))
+    return variants
+
+
+@pytest.mark.parametrize("arch", sorted(SUPPORTED_ARCHS))
+def test_kernels_compile_for_cdna(arch: str) -> None:
+    """Triton's AMD backend (LLVM's AMDGPU target, linked to a code object) takes every variant, each within the
+    architecture's LDS and without spilling vector registers to scratch memory: what a first launch on that GPU
+    compiles."""
+    triton = pytest.importorskip("triton")
+    if not (Path(triton.__file__).parent / "backends" / "amd").is_dir():
+        pytest.skip("this triton has no AMD backend")
+    for label, kernel, pointers, constexprs, options in kernel_variants():
+        compiled = compile_kernel(kernel, pointers, constexprs, ("hip", arch, 64), **options)
+        assert "hsaco" in compiled.asm, label
+        assert compiled.metadata.shared <= LDS_BYTES[arch], f"{label}: {compiled.metadata.shared} bytes of LDS"
+        spills = re.findall(r"\.vgpr_spill_count:\s*(\d+)", compiled.asm["amdgcn"])
+        assert spills and all(n == "0" for n in spills), f"{label}: {spills} vector registers spilled"
+
+
+def test_kernels_refuse_tf32_where_amd_does() -> None:
+    """Why 16-bit products take the target's default precision: AMD's compiler refuses ``tf32`` on gfx90a (the
+    kernels once passed it for every dtype)."""
+    pytest.importorskip("triton.backends.amd")
+    from triton.compiler.errors import CompilationError
+
+    from pagedllm.backends.triton_gpu import fused_moe
+
+    moe = {"a_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": "*bf16", "sorted_ids_ptr": "*i32", "block_experts_ptr": "*i32",
+           "weights_ptr": "*fp32"}
+    constexprs = {"NUM_EXPERTS": 8, "TOP_K": 2, "ROWS_ARE_TOKENS": True, "MUL_WEIGHTS": False, "DOT_PRECISION": "tf32",
+                  "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}
+    with pytest.raises(CompilationError, match="input_precision"):
+        compile_kernel(fused_moe._moe_gemm_kernel, moe, constexprs, ("hip", "gfx90a", 64), num_warps=4)
+
+
+# --------------------------------------------------------------------------- the numbers, under the interpreter
+@pytest.fixture
+def rocm(kernels: SimpleNamespace, monkeypatch: pytest.MonkeyPatch) -> Iterator[RocmBackend]:  # noqa: F811
+    """A :class:`RocmBackend` whose kernel imports get the interpreted modules (its methods import them on first
+    use, by module path or from the package)."""
+    package = importlib.import_module("pagedllm.backends.triton_gpu")
+    for name in KERNEL_MODULES:
+        module = getattr(kernels, name)
+        monkeypatch.setitem(sys.modules, f"{package.__name__}.{name}", module)
+        monkeypatch.setattr(package, name, module, raising=False)
+    yield RocmBackend()
+
+
+def test_tuning_is_cdna(rocm: RocmBackend) -> None:
+    """The tests below run the CDNA tiles, not cuda's (the kernels' defaults)."""
+    from pagedllm.backends.triton_gpu.prefill_attention import prefill_tiles
+
+    assert rocm.kernel_tuning() == cdna()
+    assert rocm.kernel_tuning().prefill(128, torch.float16) != prefill_tiles(128, torch.float16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", list(ATTENTION_CASES))
+def test_attention_matches_reference(rocm: RocmBackend, case: str, dtype: torch.dtype) -> None:
+    """``RocmBackend.write_kv_cache`` then ``attention``, with the CDNA tiles (128-row prefill tiles: several
+    requests' tokens and GQA groups in one tile), against the ``cpu`` backend."""
+    query_lens, context_lens, num_decodes, extra = ATTENTION_CASES[case]
+    batch = make_batch(query_lens, context_lens, num_decodes, dtype=dtype, **extra)
+    cache = batch.nan_cache.clone()
+    real = batch.metadata.slot_mapping >= 0
+    cache.view(2, -1, *cache.shape[3:])[:, batch.metadata.slot_mapping[real]] = float("nan")  # the kernel writes these
+    rocm.write_kv_cache(batch.key, batch.value, cache, batch.metadata.slot_mapping)
+    out = rocm.attention(batch.query, batch.key, batch.value, cache, batch.metadata, batch.spec)
+    expected = REFERENCE.attention(batch.query, batch.key, batch.value, batch.cache, batch.metadata, batch.spec)
+    rows = batch.real_rows
+    torch.testing.assert_close(out[rows].float(), expected[rows].float(), **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_ops_match_reference(rocm: RocmBackend, dtype: torch.dtype) -> None:
+    """RMSNorm (plain and with the residual add), the rotary embedding with and without Qwen3's q/k norms, and
+    SiLU-and-mul through the backend's methods, against the ``cpu`` backend."""
+    tol = TOLERANCE[dtype]
+    x, residual = torch.randn(5, 96).to(dtype), torch.randn(5, 96).to(dtype)
+    weight = (1 + 0.1 * torch.randn(96)).to(dtype)
+    torch.testing.assert_close(rocm.rms_norm(x, weight, 1e-6), REFERENCE.rms_norm(x, weight, 1e-6), **tol)
+    got = rocm.add_rms_norm(x, residual.clone(), weight, 1e-5)
+    for a, b in zip(got, REFERENCE.add_rms_norm(x, residual.clone(), weight, 1e-5), strict=True):
+        torch.testing.assert_close(a, b, **tol)
+    head_dim, positions = 64, torch.tensor([0, 5, 63, 1, 17])
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    freqs = torch.outer(torch.arange(64).float(), inv_freq)
+    cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=-1)
+    query, key = torch.randn(5, 4, head_dim).to(dtype), torch.randn(5, 2, head_dim).to(dtype)
+    for a, b in zip(rocm.rotary_embedding(positions, query, key, cos_sin),
+                    REFERENCE.rotary_embedding(positions, query, key, cos_sin), strict=True):
+        torch.testing.assert_close(a, b, **tol)
+    norms = ((1 + 0.2 * torch.randn(head_dim)).to(dtype), (1 + 0.2 * torch.randn(head_dim)).to(dtype), 1e-6)
+    for a, b in zip(rocm.qk_norm_rotary_embedding(positions, query, key, *norms, cos_sin),
+                    REFERENCE.qk_norm_rotary_embedding(positions, query, key, *norms, cos_sin), strict=True):
+        torch.testing.assert_close(a, b, **tol)
+    gate_up = (torch.randn(4, 2 * 300) * 3).to(dtype)
+    torch.testing.assert_close(rocm.silu_and_mul(gate_up), REFERENCE.silu_and_mul(gate_up), **tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", [3, 40])
+def test_mixture_of_experts_matches_reference(rocm: RocmBackend, dtype: torch.dtype, tokens: int) -> None:
+    """The router (``topk_softmax``) and the experts (``fused_moe``: the GEMVs at 3 tokens, the grouped GEMMs with
+    the CDNA tiles at 40) through the backend's methods, against the ``cpu`` backend's."""
+    gen = torch.Generator().manual_seed(tokens)
+    hidden, inter, experts, top_k = 48, 36, 8, 2
+    x = torch.randn(tokens, hidden, generator=gen).to(dtype)
+    w13 = (torch.randn(experts, 2 * inter, hidden, generator=gen) / hidden**0.5).to(dtype)
+    w2 = (torch.randn(experts, hidden, inter, generator=gen) / inter**0.5).to(dtype)
+    logits = torch.randn(tokens, experts, generator=gen).to(dtype)
+    weights, ids = rocm.topk_softmax(logits, top_k, True)
+    want_weights, want_ids = REFERENCE.topk_softmax(logits, top_k, True)
+    assert torch.equal(ids.long(), want_ids.long())
+    torch.testing.assert_close(weights, want_weights, rtol=1e-5, atol=1e-6)
+    got = rocm.fused_moe(x, w13, w2, weights, ids)
+    torch.testing.assert_close(got, REFERENCE.fused_moe(x, w13, w2, weights, ids), **TOLERANCE[dtype])
