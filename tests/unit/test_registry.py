@@ -74,9 +74,9 @@ class MissingBackend(CpuBackend):
 # ---------------------------------------------------------------------------------------------- discovery
 def test_builtins_go_through_the_same_loader_as_entry_points() -> None:
     registry = PluginRegistry()
-    assert [s.name for s in registry.sources.values()] == ["models", "cpu", "cuda"]
+    assert [s.name for s in registry.sources.values()] == ["models", "cpu", "rocm", "cuda"]
     assert {s.distribution for s in registry.sources.values()} == {"pagedllm"}
-    assert {"cpu", "cuda"} <= set(registry.backends())
+    assert {"cpu", "rocm", "cuda"} <= set(registry.backends())
     assert registry.backends()["cpu"].backend_cls is CpuBackend and registry.backends()["cpu"].is_builtin
     assert "LlamaForCausalLM" in registry.models()
 
@@ -255,7 +255,7 @@ def test_cli_option_clash_names_the_plugin() -> None:
 
 # ---------------------------------------------------------------------------------------------- --device
 def test_unknown_device_lists_known_backends() -> None:
-    with pytest.raises(ValueError, match=r"unknown device 'tpu'; known backends: cpu, cuda \(or auto\)"):
+    with pytest.raises(ValueError, match=r"unknown device 'tpu'; known backends: cpu, cuda, rocm \(or auto\)"):
         PluginRegistry().resolve_backend("tpu")
 
 
@@ -289,7 +289,7 @@ def test_explicit_name_wins_over_auto_preferences() -> None:
 def test_auto_prefers_third_party_then_priority_and_logs(caplog: pytest.LogCaptureFixture) -> None:
     sources = (inline("s", backend_plugin(SlowBackend, MissingBackend)), inline("f", backend_plugin(FastBackend)))
     registry = PluginRegistry(load_entry_points=False, extra_sources=sources)
-    assert [e.backend_cls.name for e in registry.auto_order()] == ["missing", "fast", "slow", "cuda", "cpu"]
+    assert [e.backend_cls.name for e in registry.auto_order()] == ["missing", "fast", "slow", "rocm", "cuda", "cpu"]
     with caplog.at_level(logging.INFO, logger="pagedllm.backends.registry"):
         assert registry.resolve_backend("auto") is FastBackend
     assert "device auto: picked backend 'fast'" in caplog.text
@@ -301,8 +301,8 @@ def test_auto_on_builtins_picks_cpu_last_and_logs(caplog: pytest.LogCaptureFixtu
     assert registry.auto_order()[-1].backend_cls is CpuBackend
     with caplog.at_level(logging.INFO, logger="pagedllm.backends.registry"):
         chosen = registry.resolve_backend("auto")
-    cuda_ok, _ = registry.backends()["cuda"].backend_cls.is_available()
-    assert chosen.name == ("cuda" if cuda_ok else "cpu")
+    gpus = [name for name in ("rocm", "cuda") if registry.backends()[name].backend_cls.is_available()[0]]
+    assert chosen.name == (gpus[0] if gpus else "cpu")
     assert f"device auto: picked backend {chosen.name!r}" in caplog.text
 
 

@@ -56,14 +56,14 @@ def test_every_command_takes_device() -> None:
 def test_generate_with_unknown_device_fails_listing_backends(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["generate", "/nonexistent", "--device", "tpu", "--prompt", "hi"]) == 2
     err = capsys.readouterr().err
-    assert "unknown device 'tpu'; known backends: cpu, cuda (or auto)" in err
+    assert "unknown device 'tpu'; known backends: cpu, cuda, rocm (or auto)" in err
     assert "Traceback" not in err
 
 
 def test_llm_device_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     from pagedllm.entrypoints.llm import LLM
 
-    with pytest.raises(ValueError, match=r"unknown device 'tpu'; known backends: cpu, cuda \(or auto\)"):
+    with pytest.raises(ValueError, match=r"unknown device 'tpu'; known backends: cpu, cuda, rocm \(or auto\)"):
         LLM("/nonexistent", device="tpu")
     monkeypatch.setattr(plugin_sources.metadata, "distributions", distributions_of(BROKEN))
     registry_module.reset_registry()
