@@ -93,6 +93,20 @@ def test_attention_cases(case: str, dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", ["decode", "mixed", "gqa_group3", "head80", "long_prefill", "soft_cap_window"])
+def test_attention_with_the_rocm_tiles(case: str, dtype: torch.dtype) -> None:
+    """The ``rocm`` backend's CDNA tiles (128 x 64 prefill tiles, one stage) through a real GPU compiler: not AMD's,
+    which no machine here has, but the same kernels and tiles computing on a device against the reference."""
+    from pagedllm.backends.rocm.tuning import cdna
+
+    interp = _helpers()
+    query_lens, context_lens, num_decodes, extra = interp.ATTENTION_CASES[case]
+    batch = interp.make_batch(query_lens, context_lens, num_decodes, dtype=dtype, **extra)
+    check_attention(batch, dtype, tuning=cdna())
+    check_attention(batch, dtype, tuning=cdna(), num_splits=4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("num_splits", [1, 2, 4, 8, 32])
 def test_split_k_decode_with_padding_rows(num_splits: int, dtype: torch.dtype) -> None:
     batch = _helpers().make_batch([1, 1, 1], [150, 70, 3], 3, dtype=dtype, num_padding=2, seed=1)
