@@ -3,7 +3,8 @@
 #   setup        install pagedllm (editable, no deps) and record versions
 #   tests        tests/gpu but the two-GPU tests (kernels in fp32/fp16/bf16, greedy parity with the cpu backend;
 #                ~250-300 s on an H200): together with tp-tests (~270 s) they do not fit one 600 s call
-#   conformance  the conformance kit on --device cuda
+#   conformance  the conformance kit on --device $DEVICE (default cuda; DEVICE=rocm on an AMD GPU, where the
+#                benchmark stages run --device rocm too and the tests/gpu stages, written for cuda, do not apply)
 #   profile      benchmarks/cuda_step_profile.py on the Llama-3-8B-shaped config (PROFILE_EXTRA: more options,
 #                e.g. --num-requests 1 --skip-ceilings for the kernels of a batch-1 decode step)
 #   moe-tests    tests/gpu/test_cuda_moe.py (the experts' kernels, Mixtral and Qwen3-MoE parity)
@@ -44,7 +45,8 @@ mkdir -p "$LOGS"
 MODEL=${MODEL:-benchmarks/llama3_8b_config}  # a config.json directory (dummy weights)
 SPEC_CONFIG=${SPEC_CONFIG:-'{"method": "ngram", "num_speculative_tokens": 4}'}
 BENCH="python -m pagedllm bench"
-COMMON="--model $MODEL --load-format dummy --device cuda ${MAX_NUM_SEQS:+--max-num-seqs $MAX_NUM_SEQS} ${MNBT:+--max-num-batched-tokens $MNBT} ${BENCH_EXTRA:-}"
+DEVICE=${DEVICE:-cuda}
+COMMON="--model $MODEL --load-format dummy --device $DEVICE ${MAX_NUM_SEQS:+--max-num-seqs $MAX_NUM_SEQS} ${MNBT:+--max-num-batched-tokens $MNBT} ${BENCH_EXTRA:-}"
 
 stage() {
     local name=$1 limit=$2
@@ -70,7 +72,7 @@ torch.cuda.get_device_name())"; } > "$LOGS/env.txt" 2>&1
         tests-engine) stage gpu_tests_engine "${TESTS_LIMIT:-120}" python -m pytest tests/gpu/test_cuda_backend.py -q -p no:cacheprovider \
             -k "greedy or bf16 or budget" ;;
         conformance) stage conformance "${CONF_LIMIT:-150}" python -m pytest -p pagedllm.conformance.plugin --pyargs pagedllm.conformance \
-            --device cuda -q -p no:cacheprovider ;;
+            --device "$DEVICE" -q -p no:cacheprovider ;;
         profile) TAIL=120 stage profile "${PROFILE_LIMIT:-220}" python benchmarks/cuda_step_profile.py --model $MODEL \
             --out "$LOGS/prof" ${PROFILE_EXTRA:-} ;;
         moe-tests) stage moe_tests "${MOE_TESTS_LIMIT:-200}" python -m pytest tests/gpu/test_cuda_moe.py -q \
