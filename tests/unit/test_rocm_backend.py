@@ -122,8 +122,8 @@ def test_plugin_registers_backend_without_importing_triton() -> None:
 # --------------------------------------------------------------------------- the AMD compiler
 def kernel_variants() -> list[tuple[str, object, dict[str, str], dict[str, object], dict[str, object]]]:
     """``(label, kernel, pointer types, constexprs, options)`` of the launches the rocm backend makes, with its
-    tiles: attention for Llama (head 128, GQA 4), Gemma 3 (head 256), Phi-3-like head 80 (GQA 8), Qwen2's MQA in
-    fp32; the KV write; the fused ops; the MoE router, GEMVs and grouped GEMMs."""
+    tiles: attention for Llama (head 128, GQA 4), Gemma 3 (head 256; with its window and soft cap), a head of 80
+    (GQA 8), Qwen2's MQA in fp32; the KV write; the fused ops; the MoE router, GEMVs and grouped GEMMs."""
     from pagedllm.backends.triton_gpu import decode_attention, fused_kernels, fused_moe, kv_cache_kernels
     from pagedllm.backends.triton_gpu import prefill_attention as prefill
     from pagedllm.backends.triton_gpu.attention_common import block_d, dot_precision, unmasked_tiles
@@ -168,6 +168,30 @@ def kernel_variants() -> list[tuple[str, object, dict[str, str], dict[str, objec
                          {"NUM_Q_HEADS": 32, "NUM_K_HEADS": 8, "HALF": 64, "BLOCK_HQ": 32, "BLOCK_HK": 8,
                           "BLOCK_HALF": 64, "NORM": norm}, {}))
     variants.append(("silu_and_mul", fused_kernels._silu_and_mul_kernel, fused, {"BLOCK": 1024}, {}))
+    # Gemma 2/3's attention: a sliding window and soft-capped scores, head 256
+    gemma = {n: "*bf16" for n in ("out_ptr", "q_ptr", "k_cache_ptr", "v_cache_ptr")}
+    gemma.update(block_tables_ptr="*i32", seq_lens_ptr="*i32", query_start_loc_ptr="*i32", context_lens_ptr="*i32")
+    windowed = {"GROUP": 2, "HEAD_DIM": 256, "BLOCK_D": 256, "BLOCK_SIZE": 16, "SLIDING_WINDOW": 512,
+                "SOFT_CAP": 50.0 * 1.4426950408889634, "DOT_PRECISION": None, "UNMASKED_TILES": True, "V_SCALED": False}
+    block_n, warps, stages = cdna_decode_tiles(256, torch.bfloat16)
+    variants.append(("decode window soft-cap", decode_attention._decode_split_kernel, gemma,
+                     {**windowed, "BLOCK_G": 16, "BLOCK_N": block_n, "NUM_SPLITS": 1},
+                     {"num_warps": warps, "num_stages": stages}))
+    tile_m, block_n, warps, stages = cdna_prefill_tiles(256, torch.bfloat16)
+    variants.append(("prefill window soft-cap", prefill._prefill_kernel, gemma,
+                     {**windowed, "BLOCK_M": tile_m, "BLOCK_Q": tile_m // 2, "BLOCK_N": block_n},
+                     {"num_warps": warps, "num_stages": stages}))
+    # the MoE router and, up to 16 tokens, the experts' GEMVs (their default tiles)
+    variants.append(("topk_softmax", fused_moe._topk_softmax_kernel, {"weights_ptr": "*fp32", "ids_ptr": "*i32",
+                     "logits_ptr": "*bf16"}, {"TOP_K": 8, "BLOCK_E": 128, "BLOCK_K": 8, "RENORMALIZE": True,
+                     "ROUND_TO": tl.bfloat16}, {"num_warps": 1}))
+    n13, k13, warps13, n2, k2, warps2, at_once = fused_moe.GEMV_TILES
+    gemv = {"h_ptr": "*bf16", "x_ptr": "*bf16", "w_ptr": "*bf16", "ids_ptr": "*i32", "y_ptr": "*bf16",
+            "weights_ptr": "*fp32"}
+    variants.append(("moe gate|up gemv", fused_moe._moe_gate_up_gemv_kernel, gemv,
+                     {"TOP_K": 8, "BLOCK_N": n13, "BLOCK_K": k13}, {"num_warps": warps13}))
+    variants.append(("moe down gemv", fused_moe._moe_down_gemv_kernel, gemv,
+                     {"TOP_K": 8, "BLOCK_N": n2, "BLOCK_K": k2, "EXPERTS_AT_ONCE": at_once}, {"num_warps": warps2}))
     moe = {"a_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": "*bf16", "sorted_ids_ptr": "*i32", "block_experts_ptr": "*i32",
            "weights_ptr": "*fp32"}
     block_m, block_n, block_k, warps, stages = CDNA_MOE_TILES

@@ -8,7 +8,8 @@ These choices follow AMD's own Triton attention kernels for CDNA. They are compi
 and gfx950 (every variant fits the LDS and spills no register: ``tests/unit/test_rocm_backend.py``) and computed
 against the float32 reference under Triton's interpreter, but **not measured on AMD hardware** (none was
 available): a sweep there (``benchmarks/attention_probe.py`` sweeps the attention tiles; a ROCm build of torch
-calls the GPU ``cuda`` too) should replace them.
+calls the GPU ``cuda`` too) should replace them. The element-wise kernels and the few-token MoE GEMVs launch with
+the kernels' own defaults (per row or per expert; no tile to fit an LDS).
 """
 
 from __future__ import annotations
