@@ -910,14 +910,16 @@ def test_kernels_compile_for_sm90() -> None:
         )  # fmt: skip
 
 
-def test_plugin_registers_backend_without_importing_triton() -> None:
+@pytest.mark.parametrize(("name", "cls"), [("cuda", "CudaBackend"), ("rocm", "RocmBackend")])
+def test_plugin_registers_backend_without_importing_triton(name: str, cls: str) -> None:
+    """Loading the GPU plugins and listing their claims import no triton (nor compile anything)."""
     code = (
         "import sys\n"
         "from pagedllm.backends.registry import PluginRegistry\n"
-        "from pagedllm.backends.cuda.backend import CudaBackend\n"
+        f"from pagedllm.backends.{name}.backend import {cls}\n"
         "entries = PluginRegistry(load_entry_points=False).backends()\n"
-        "assert entries['cuda'].backend_cls is CudaBackend, entries\n"
-        "CudaBackend().capabilities()\n"
+        f"assert entries[{name!r}].backend_cls is {cls}, entries\n"
+        f"{cls}().capabilities()\n"
         "assert 'triton' not in sys.modules, 'triton imported too early'\n"
     )
     root = str(Path(importlib.import_module("pagedllm").__file__).resolve().parents[1])

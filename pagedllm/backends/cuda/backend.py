@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 
 from pagedllm.backends.interface import BackendCapabilities, DeviceCommunicator
-from pagedllm.backends.triton_gpu.backend import TritonGpuBackend, scheduler_defaults, triton_problem
+from pagedllm.backends.triton_gpu.backend import TritonGpuBackend, gpu_capabilities, triton_problem
 from pagedllm.backends.triton_gpu.tuning import KernelTuning, nvidia
 
 logger = logging.getLogger(__name__)
@@ -102,22 +102,7 @@ class CudaBackend(TritonGpuBackend):
                     quantizations = ("fp8", "fp8_block")
         except Exception:  # capabilities are also listed on machines without a GPU
             pass
-        max_num_seqs, max_num_batched_tokens = scheduler_defaults()
-        return BackendCapabilities(
-            dtypes=dtypes,
-            kv_cache_dtypes=(*dtypes, *kv_only),
-            block_sizes=(16, 32, 64),
-            # Any head size up to 256 works (padded to a power of two with masks); these are the tested ones.
-            head_sizes=(64, 80, 96, 112, 128, 256, 32, 16, 8),
-            supports_sliding_window=True,
-            supports_logits_soft_cap=True,
-            can_capture_graphs=True,
-            runs_asynchronously=True,
-            compiles_kernels=True,
-            default_max_num_seqs=max_num_seqs,
-            default_max_num_batched_tokens=max_num_batched_tokens,
-            quantizations=quantizations,
-        )
+        return gpu_capabilities(dtypes, (*dtypes, *kv_only), quantizations)
 
     def rms_norm_fp8(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Triton RMSNorm writing its output quantized per token (the default's up to the sum-of-squares order)."""

@@ -16,7 +16,7 @@ import torch
 
 from pagedllm.backends.interface import BackendCapabilities
 from pagedllm.backends.rocm.tuning import cdna
-from pagedllm.backends.triton_gpu.backend import TritonGpuBackend, scheduler_defaults, triton_problem
+from pagedllm.backends.triton_gpu.backend import TritonGpuBackend, gpu_capabilities, triton_problem
 from pagedllm.backends.triton_gpu.tuning import KernelTuning
 
 SUPPORTED_ARCHS = {
@@ -77,20 +77,7 @@ class RocmBackend(TritonGpuBackend):
         tensor-parallel collectives (tensor parallelism runs through RCCL; its decode steps run without graphs).
         """
         dtypes = (torch.float16, torch.bfloat16, torch.float32)
-        max_num_seqs, max_num_batched_tokens = scheduler_defaults()
-        return BackendCapabilities(
-            dtypes=dtypes,
-            kv_cache_dtypes=dtypes,
-            block_sizes=(16, 32, 64),
-            head_sizes=(64, 80, 96, 112, 128, 256, 32, 16, 8),
-            supports_sliding_window=True,
-            supports_logits_soft_cap=True,
-            can_capture_graphs=True,
-            runs_asynchronously=True,
-            compiles_kernels=True,
-            default_max_num_seqs=max_num_seqs,
-            default_max_num_batched_tokens=max_num_batched_tokens,
-        )
+        return gpu_capabilities(dtypes, dtypes)
 
     def make_kernel_tuning(self) -> KernelTuning:
         """The CDNA tiles (:func:`pagedllm.backends.rocm.tuning.cdna`)."""

@@ -18,7 +18,7 @@ from dataclasses import replace
 import torch
 
 from pagedllm.backends import kv_storage
-from pagedllm.backends.interface import AttentionMetadata, AttentionSpec, Backend
+from pagedllm.backends.interface import AttentionMetadata, AttentionSpec, Backend, BackendCapabilities
 from pagedllm.backends.triton_gpu.tuning import KernelTuning
 
 logger = logging.getLogger(__name__)
@@ -42,6 +42,29 @@ def scheduler_defaults() -> tuple[int, int]:
     except Exception:  # capabilities are also listed on machines without a GPU
         pass
     return 256, 8192
+
+
+def gpu_capabilities(dtypes: tuple[torch.dtype, ...], kv_cache_dtypes: tuple[torch.dtype, ...],
+                     quantizations: tuple[str, ...] = ()) -> BackendCapabilities:
+    """The claims of a backend running the shared kernels, given its model and KV-cache dtypes and quantizations:
+    KV blocks of 16/32/64, heads up to 256 (any size works, padded to a power of two with masks; these are the
+    tested ones), sliding windows, soft-capped scores, graphs of decode steps, asynchronous scheduling, kernels
+    compiled at start, and :func:`scheduler_defaults`."""
+    max_num_seqs, max_num_batched_tokens = scheduler_defaults()
+    return BackendCapabilities(
+        dtypes=dtypes,
+        kv_cache_dtypes=kv_cache_dtypes,
+        block_sizes=(16, 32, 64),
+        head_sizes=(64, 80, 96, 112, 128, 256, 32, 16, 8),
+        supports_sliding_window=True,
+        supports_logits_soft_cap=True,
+        can_capture_graphs=True,
+        runs_asynchronously=True,
+        compiles_kernels=True,
+        default_max_num_seqs=max_num_seqs,
+        default_max_num_batched_tokens=max_num_batched_tokens,
+        quantizations=quantizations,
+    )
 
 
 def triton_problem() -> str:
