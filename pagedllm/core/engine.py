@@ -529,6 +529,7 @@ class LLMEngine:
             if drafts:
                 self.num_draft_tokens += len(drafts)
                 self.num_accepted_tokens += accepted
+                self.sampler.keep_draws(request_id, row + accepted)  # a seeded request draws as without drafts
                 request = self.scheduler.requests.get(request_id)
                 if request is not None:
                     request.num_computed_tokens -= len(drafts) - accepted

@@ -111,6 +111,8 @@ class Sampler:
         else:
             self.generator.seed()
         self._request_generators: dict[str, torch.Generator] = {}
+        # per row of the last step sampled randomly: its seeded generator's state after the row's draw
+        self._states_after: dict[int, torch.Tensor] = {}
         # device tensors built once per request from its logit_bias / allowed_token_ids
         self._request_biases: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._request_disallowed: dict[str, torch.Tensor] = {}
@@ -120,6 +122,16 @@ class Sampler:
         self._request_generators.pop(request_id, None)
         self._request_biases.pop(request_id, None)
         self._request_disallowed.pop(request_id, None)
+
+    def keep_draws(self, request_id: str, row: int) -> None:
+        """Set ``request_id``'s seeded generator back to where it stood after the last step's row ``row``: called
+        once a request's drafts are checked, with its last kept row, so the draws of its rejected positions are
+        drawn again for the tokens that take their place (as if the step had sampled only the kept rows). No-op
+        for a request without a generator or a row that drew none."""
+        generator = self._request_generators.get(request_id)
+        state = self._states_after.get(row)
+        if generator is not None and state is not None:
+            generator.set_state(state)
 
     def make_batch(self, requests: list[Request], vocab_size: int,
                    drafts_before: list[list[int]] | None = None) -> SamplingBatch:
@@ -330,7 +342,9 @@ class Sampler:
         # Gumbel-style race: argmax(p / q) with q ~ Exp(1) samples from p; seeded rows use their own stream
         noise = torch.empty_like(probs)
         noise.exponential_(generator=self.generator)
+        self._states_after.clear()
         for row, generator in enumerate(batch.generators):
             if generator is not None:
                 noise[row].exponential_(generator=generator)
+                self._states_after[row] = generator.get_state()  # host bookkeeping (CUDA: seed and offset)
         return (probs / noise).argmax(dim=-1)

@@ -10,7 +10,9 @@ exactly rejection sampling: the draft survives with its probability ``p(d)``, an
 token drawn from ``p`` without ``d``, renormalized. Greedy or not, the output has the distribution it has
 without drafts; a step just yields up to ``1 + num_speculative_tokens`` tokens per request.
 
-Seeded requests take no drafts (they decode one token per step as before). A structured output's drafts are cut
+A seeded request's generator draws once per row; once its drafts are checked it is set back to where it stood
+after the last row kept (``Sampler.keep_draws``), so each of its tokens is drawn with the same random numbers as
+without drafts and its output is the same token for token. A structured output's drafts are cut
 at the first token its grammar does not allow (``GrammarMatcher.valid_drafts``), and each position is sampled
 under its grammar's state after the drafts before it (``GrammarMatcher.fill_bitmask``'s ``after``). Penalties,
 ``min_tokens`` and bad words count a position's earlier drafts as output, as they will be if accepted
@@ -105,13 +107,11 @@ def context_tokens(request: Request) -> np.ndarray:
 
 
 def takes_drafts(request: Request) -> bool:
-    """Whether ``request``'s positions can be sampled in one step (see the module docstring): not a seeded
-    request (its one generator would be drawn once per position), not an embedding, and a structured output
-    only while its grammar applies (not while a reasoning model thinks before it: the drafts could end the
-    thinking, after which the grammar would apply)."""
+    """Whether ``request``'s positions can be sampled in one step (see the module docstring): not an embedding,
+    and a structured output only while its grammar applies (not while a reasoning model thinks before it: the
+    drafts could end the thinking, after which the grammar would apply)."""
     structured = request.structured
-    return (request.sampling_params.seed is None and request.pooling is None
-            and (structured is None or structured.active))
+    return request.pooling is None and (structured is None or structured.active)
 
 
 def accepted_drafts(drafts: list[int], sampled: list[int]) -> int:

@@ -2,7 +2,8 @@
 without it token for token (the tiny random model falls into loops that prompt lookup predicts, so most steps run
 drafts and many are accepted), under chunked prefill, a small KV pool that preempts, stop strings, ``n > 1`` and
 requests that take no drafts; structured outputs take the drafts their grammar allows; random sampling runs drafts
-too; seeded requests are unchanged; every KV block comes back; bad settings are refused."""
+too, and seeded requests with drafts give what they give without; every KV block comes back; bad settings are
+refused."""
 
 from __future__ import annotations
 
@@ -143,13 +144,26 @@ def test_structured_outputs_take_the_drafts_their_grammar_allows(llama_dir: Path
 
 
 def test_random_sampling_runs_drafts_and_seeded_requests_are_unchanged(llama_dir: Path) -> None:
+    """Random samples accept drafts too; seeded requests run drafts and still give, token for token, what they
+    give without them (their generator is set back past the draws of rejected positions), alone, beside
+    unseeded requests, and with ``n > 1``."""
     base, spec = engines(llama_dir)
     sampled = spec.generate(PROMPTS * 8, SamplingParams(temperature=0.3, max_tokens=48, ignore_eos=True),
                             use_tqdm=False)
     assert all(len(o.outputs[0].token_ids) == 48 for o in sampled)
     assert drafts_and_accepted(spec)[1] > 0  # random samples accept drafts too
-    seeded = SamplingParams(temperature=1.0, max_tokens=24, ignore_eos=True, seed=11)  # takes no drafts
-    assert token_ids(spec, PROMPTS, seeded) == token_ids(base, PROMPTS, seeded)
+    for temperature in (0.3, 0.6):
+        drafts, accepted = drafts_and_accepted(spec)
+        seeded = [SamplingParams(temperature=temperature, max_tokens=40, ignore_eos=True, seed=11 + i)
+                  for i in range(len(PROMPTS))]
+        assert token_ids(spec, PROMPTS, seeded) == token_ids(base, PROMPTS, seeded)
+        new_drafts, new_accepted = drafts_and_accepted(spec)
+        assert 0 < new_accepted - accepted < new_drafts - drafts  # drafts accepted, and some rejected (rewound)
+    # beside unseeded requests (compared: the seeded ones), and n > 1 (each sample its own generator)
+    mixed = [SamplingParams(temperature=0.5, max_tokens=32, ignore_eos=True, seed=5, n=2),
+             SamplingParams(temperature=0.5, max_tokens=32, ignore_eos=True)] * 3
+    got, want = token_ids(spec, PROMPTS[:2] * 3, mixed), token_ids(base, PROMPTS[:2] * 3, mixed)
+    assert got[0::2] == want[0::2]
     assert_pool_free(spec)
 
 

@@ -496,6 +496,20 @@ def test_speculative_decoding_greedy_equals_cpu_fp32(tiny_checkpoints: dict[str,
     assert llm.llm_engine.stats().spec_decode_num_accepted_tokens > 0
 
 
+def test_speculative_decoding_seeded_sampling_equals_no_drafts(tiny_checkpoints: dict[str, Path]) -> None:
+    """Seeded random sampling on ``cuda`` with drafts gives the tokens it gives without them: the request's CUDA
+    generator is set back past the draws of rejected positions (its state read and set on the host)."""
+    from pagedllm import SamplingParams
+
+    params = [SamplingParams(temperature=0.4, max_tokens=64, ignore_eos=True, seed=100 + i) for i in range(7)]
+    expected, _ = _generate(tiny_checkpoints["llama"], "cuda", "float32", params, async_scheduling=False)
+    got, llm = _generate(tiny_checkpoints["llama"], "cuda", "float32", params,
+                         speculative_config={"method": "ngram", "num_speculative_tokens": 4})
+    assert_same_tokens(got, expected)
+    stats = llm.llm_engine.stats()
+    assert 0 < stats.spec_decode_num_accepted_tokens < stats.spec_decode_num_draft_tokens
+
+
 @pytest.mark.parametrize("enforce_eager", [True, False], ids=["eager", "graphs"])
 def test_lora_adapters_greedy_equal_cpu_fp32(tiny_checkpoints: dict[str, Path], tmp_path: Path,
                                              enforce_eager: bool) -> None:
