@@ -95,15 +95,17 @@ def test_attention_cases(case: str, dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", ["decode", "mixed", "gqa_group3", "head80", "long_prefill", "soft_cap_window"])
 def test_attention_with_the_rocm_tiles(case: str, dtype: torch.dtype) -> None:
-    """The ``rocm`` backend's CDNA tiles (128 x 64 prefill tiles, one stage) through a real GPU compiler: not AMD's,
-    which no machine here has, but the same kernels and tiles computing on a device against the reference."""
-    from pagedllm.backends.rocm.tuning import cdna
+    """The ``rocm`` backend's CDNA tiles (128 x 64 prefill tiles, one stage) and RDNA tiles (64 x 16 prefill, 16-key
+    decode tiles) through a real GPU compiler: not AMD's, which no machine here has, but the same kernels and tiles
+    computing on a device against the reference."""
+    from pagedllm.backends.rocm.tuning import cdna, rdna
 
     interp = _helpers()
     query_lens, context_lens, num_decodes, extra = interp.ATTENTION_CASES[case]
     batch = interp.make_batch(query_lens, context_lens, num_decodes, dtype=dtype, **extra)
-    check_attention(batch, dtype, tuning=cdna())
-    check_attention(batch, dtype, tuning=cdna(), num_splits=4)
+    for tuning in (cdna(), rdna()):
+        check_attention(batch, dtype, tuning=tuning)
+        check_attention(batch, dtype, tuning=tuning, num_splits=4)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -1,11 +1,12 @@
-"""The ``rocm`` backend: AMD Instinct GPUs (CDNA) through a ROCm build of torch, attention and fused ops as Triton
-kernels.
+"""The ``rocm`` backend: AMD Instinct (CDNA) and Radeon (RDNA3/4) GPUs through a ROCm build of torch, attention and
+fused ops as Triton kernels.
 
 On a ROCm build, ``torch.cuda`` drives the AMD GPU (HIP) and Triton compiles for it, so what the ``cuda`` backend
 shares with this one lives in :class:`~pagedllm.backends.triton_gpu.backend.TritonGpuBackend`: device life, the
 KV cache, attention, the fused ops, the MoE kernels and graph capture (HIP graphs, through the same
-``torch.cuda.CUDAGraph``). Here is what is AMD's: the availability check (a HIP build, an AMD GPU of a CDNA
-architecture the kernels are compile-checked for), the claims, and the tiles (:mod:`pagedllm.backends.rocm.tuning`).
+``torch.cuda.CUDAGraph``). Here is what is AMD's: the availability check (a HIP build, an AMD GPU of an
+architecture the kernels are compile-checked for), the claims, and each family's tiles
+(:mod:`pagedllm.backends.rocm.tuning`).
 Linear layers run through torch (hipBLASLt); the NVIDIA-only pieces of ``cuda`` (the one-token GEMVs tuned on an
 H200, fp8 through cuBLAS's scaled products, symmetric-memory collectives) are not claimed here.
 """
@@ -15,16 +16,9 @@ from __future__ import annotations
 import torch
 
 from pagedllm.backends.interface import BackendCapabilities
-from pagedllm.backends.rocm.tuning import cdna
+from pagedllm.backends.rocm.tuning import SUPPORTED_ARCHS, tuning_for
 from pagedllm.backends.triton_gpu.backend import TritonGpuBackend, gpu_capabilities, triton_problem
 from pagedllm.backends.triton_gpu.tuning import KernelTuning
-
-SUPPORTED_ARCHS = {
-    "gfx90a": "AMD Instinct MI200 series (CDNA2)",
-    "gfx942": "AMD Instinct MI300 series (CDNA3)",
-    "gfx950": "AMD Instinct MI350 series (CDNA4)",
-}
-"""The GPU architectures whose code the kernels are compiled for in the tests, with what they are."""
 
 
 def gpu_arch(device_index: int = 0) -> str:
@@ -33,7 +27,7 @@ def gpu_arch(device_index: int = 0) -> str:
 
 
 class RocmBackend(TritonGpuBackend):
-    """Triton kernels on AMD CDNA GPUs; KV layout ``[2, num_blocks, block_size, num_kv_heads, head_dim]``."""
+    """Triton kernels on AMD CDNA and RDNA GPUs; KV layout ``[2, num_blocks, block_size, num_kv_heads, head_dim]``."""
 
     name = "rocm"
     # the cuda backend's interface, less what it claims only for NVIDIA (fp8, fp8_block, the GEMVs, collectives)
@@ -42,13 +36,13 @@ class RocmBackend(TritonGpuBackend):
 
     @classmethod
     def is_available(cls) -> tuple[bool, str]:
-        """Available when torch is a ROCm (HIP) build that sees an AMD GPU of a supported CDNA architecture and
-        triton can be imported."""
+        """Available when torch is a ROCm (HIP) build that sees an AMD GPU of a supported architecture
+        (:data:`~pagedllm.backends.rocm.tuning.SUPPORTED_ARCHS`) and triton can be imported."""
         try:
             if not getattr(torch.version, "hip", None):
                 return False, (
-                    f"torch {torch.__version__} is not a ROCm build (torch.version.hip is None); install torch "
-                    "for ROCm (https://pytorch.org/get-started/locally/) on a machine with an AMD Instinct GPU"
+                    f"torch {torch.__version__} is not a ROCm build (torch.version.hip is None); install torch for "
+                    "ROCm (https://pytorch.org/get-started/locally/) on a machine with an AMD Instinct or Radeon GPU"
                 )
             if not torch.cuda.is_available():
                 return False, (
@@ -70,7 +64,7 @@ class RocmBackend(TritonGpuBackend):
         """fp16/bf16/fp32 (KV cache in the same dtypes; no fp8), KV blocks of 16/32/64, heads up to 256, sliding
         windows, soft-capped scores, HIP graphs of decode steps, asynchronous scheduling. Scheduler defaults as
         ``cuda``'s: 1024 running requests and 16384 tokens a step on GPUs of at least 70 GiB (every MI300), else
-        256 and 8192.
+        256 and 8192 (a 24-48 GB Radeon).
 
         Not claimed: an fp8 KV cache and fp8 linear layers (gfx942 computes in the FNUZ fp8 formats, not the OCP
         e4m3/e5m2 that pagedllm stores and checkpoints hold; gfx950 has OCP fp8, untested here) and graph-safe
@@ -80,5 +74,5 @@ class RocmBackend(TritonGpuBackend):
         return gpu_capabilities(dtypes, dtypes)
 
     def make_kernel_tuning(self) -> KernelTuning:
-        """The CDNA tiles (:func:`pagedllm.backends.rocm.tuning.cdna`)."""
-        return cdna()
+        """The tiles of the current GPU's family (:func:`pagedllm.backends.rocm.tuning.tuning_for`)."""
+        return tuning_for(gpu_arch(torch.cuda.current_device()))
