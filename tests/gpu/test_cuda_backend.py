@@ -103,9 +103,12 @@ def test_attention_with_the_rocm_tiles(case: str, dtype: torch.dtype) -> None:
     interp = _helpers()
     query_lens, context_lens, num_decodes, extra = interp.ATTENTION_CASES[case]
     batch = interp.make_batch(query_lens, context_lens, num_decodes, dtype=dtype, **extra)
+    fp8 = interp.make_batch(query_lens, context_lens, num_decodes, dtype=dtype, kv_dtype=torch.float8_e4m3fn,
+                            **extra)  # the 8-bit cache gfx950 and RDNA4 take  # fmt: skip
     for tuning in (cdna(), rdna()):
         check_attention(batch, dtype, tuning=tuning)
         check_attention(batch, dtype, tuning=tuning, num_splits=4)
+        check_attention(fp8, dtype, tuning=tuning)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

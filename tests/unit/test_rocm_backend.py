@@ -27,7 +27,15 @@ pytest.importorskip("triton")
 from pagedllm.backends.cuda.backend import CudaBackend
 from pagedllm.backends.registry import PluginRegistry
 from pagedllm.backends.rocm.backend import RocmBackend
-from pagedllm.backends.rocm.tuning import CDNA_ARCHS, LDS_BYTES, RDNA_ARCHS, SUPPORTED_ARCHS, tuning_for, wave_size
+from pagedllm.backends.rocm.tuning import (
+    CDNA_ARCHS,
+    LDS_BYTES,
+    OCP_FP8_ARCHS,
+    RDNA_ARCHS,
+    SUPPORTED_ARCHS,
+    tuning_for,
+    wave_size,
+)
 from pagedllm.backends.triton_gpu.tuning import KernelTuning
 from tests.unit.test_cuda_kernels_interpreter import (  # noqa: F401 - fixtures, used by name
     ATTENTION_CASES,
@@ -89,6 +97,10 @@ def test_capabilities(monkeypatch: pytest.MonkeyPatch) -> None:
     assert claims.quantizations == ()
     assert claims.can_capture_graphs and claims.runs_asynchronously and claims.compiles_kernels
     assert (claims.default_max_num_seqs, claims.default_max_num_batched_tokens) == (1024, 16384)
+    for arch in SUPPORTED_ARCHS:  # an fp8 KV cache where the GPU converts OCP 8-bit floats in hardware
+        fake_rocm(monkeypatch, arch)
+        fp8 = {torch.float8_e4m3fn, torch.float8_e5m2} <= set(backend.capabilities().kv_cache_dtypes)
+        assert fp8 == (arch in OCP_FP8_ARCHS), arch
     fake_rocm(monkeypatch, "gfx90a", total_memory=64 * GIB)
     assert (backend.capabilities().default_max_num_seqs, backend.capabilities().default_max_num_batched_tokens) == (
         256, 8192)
@@ -103,12 +115,12 @@ def test_registered_as_a_builtin_and_tried_before_cuda() -> None:
 
 
 # --------------------------------------------------------------------------- the AMD compiler
-def kernel_variants(tuning: KernelTuning) -> list[tuple[str, object, dict[str, str], dict[str, object],
-                                                      dict[str, object]]]:
+def kernel_variants(tuning: KernelTuning, fp8: bool = False) -> list[tuple[str, object, dict[str, str],
+                                                                         dict[str, object], dict[str, object]]]:
     """``(label, kernel, pointer types, constexprs, options)`` of the launches the rocm backend makes with
     ``tuning``'s tiles: attention for Llama (head 128, GQA 4), Gemma 3 (head 256; with its window and soft cap),
-    a head of 80 (GQA 8), Qwen2's MQA in fp32; the KV write; the fused ops; the MoE router, GEMVs and grouped
-    GEMMs."""
+    a head of 80 (GQA 8), Qwen2's MQA in fp32; the KV write; with ``fp8``, attention over an e4m3 or e5m2 cache
+    and its scaled write; the fused ops; the MoE router, GEMVs and grouped GEMMs."""
     from pagedllm.backends.triton_gpu import decode_attention, fused_kernels, fused_moe, kv_cache_kernels
     from pagedllm.backends.triton_gpu import prefill_attention as prefill
     from pagedllm.backends.triton_gpu.attention_common import block_d, dot_precision, unmasked_tiles
@@ -139,6 +151,26 @@ def kernel_variants(tuning: KernelTuning) -> list[tuple[str, object, dict[str, s
                          {**typed, "key_ptr": f"*{name}", "value_ptr": f"*{name}", "slot_mapping_ptr": "*i64"},
                          {"NUM_KV_HEADS": 8, "HEAD_DIM": head_dim, "BLOCK_H": 8, "BLOCK_D": block_d(head_dim),
                           "BLOCK_SIZE": 16, "SCALED": False}, {}))
+    if fp8:  # the KV cache in e4m3 and e5m2 under bf16 queries (scaled values), Llama's heads
+        for fp8_type in ("*fp8e4nv", "*fp8e5"):
+            cache = {"k_cache_ptr": fp8_type, "v_cache_ptr": fp8_type}
+            pointers = {"out_ptr": "*bf16", "q_ptr": "*bf16", **cache, "mid_o_ptr": "*fp32", "mid_lse_ptr": "*fp32",
+                        "block_tables_ptr": "*i32", "seq_lens_ptr": "*i32", "query_start_loc_ptr": "*i32",
+                        "context_lens_ptr": "*i32"}
+            shared = {"GROUP": 4, "HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_SIZE": 16, "SLIDING_WINDOW": 0,
+                      "SOFT_CAP": 0.0, "DOT_PRECISION": None, "UNMASKED_TILES": True, "V_SCALED": True}
+            block_n, warps, stages = tuning.decode(128, torch.float8_e4m3fn)
+            variants.append((f"decode {fp8_type} cache", decode_attention._decode_split_kernel, pointers,
+                             {**shared, "BLOCK_G": 16, "BLOCK_N": block_n, "NUM_SPLITS": 4},
+                             {"num_warps": warps, "num_stages": stages}))
+            tile_m, block_n, warps, stages = tuning.prefill(128, torch.bfloat16)
+            variants.append((f"prefill {fp8_type} cache", prefill._prefill_kernel, pointers,
+                             {**shared, "BLOCK_M": tile_m, "BLOCK_Q": tile_m // 4, "BLOCK_N": block_n},
+                             {"num_warps": warps, "num_stages": stages}))
+            variants.append((f"write kv {fp8_type} scaled", kv_cache_kernels._write_kv_kernel,
+                             {"key_ptr": "*bf16", "value_ptr": "*bf16", **cache, "slot_mapping_ptr": "*i64"},
+                             {"NUM_KV_HEADS": 8, "HEAD_DIM": 128, "BLOCK_H": 8, "BLOCK_D": 128, "BLOCK_SIZE": 16,
+                              "SCALED": True}, {}))
     import triton.language as tl
 
     fused = {n: "*bf16" for n in ("out_ptr", "x_ptr", "residual_ptr", "weight_ptr", "q_out_ptr", "k_out_ptr", "k_ptr",
@@ -201,7 +233,7 @@ def test_kernels_compile_for_amd_gpus(arch: str) -> None:
     triton = pytest.importorskip("triton")
     if not (Path(triton.__file__).parent / "backends" / "amd").is_dir():
         pytest.skip("this triton has no AMD backend")
-    for label, kernel, pointers, constexprs, options in kernel_variants(tuning_for(arch)):
+    for label, kernel, pointers, constexprs, options in kernel_variants(tuning_for(arch), arch in OCP_FP8_ARCHS):
         compiled = compile_kernel(kernel, pointers, constexprs, ("hip", arch, wave_size(arch)), **options)
         assert "hsaco" in compiled.asm, label
         assert compiled.metadata.shared <= LDS_BYTES[arch], f"{label}: {compiled.metadata.shared} bytes of LDS"
@@ -272,6 +304,19 @@ def test_attention_matches_reference(rocm: RocmBackend, case: str, dtype: torch.
     expected = REFERENCE.attention(batch.query, batch.key, batch.value, batch.cache, batch.metadata, batch.spec)
     rows = batch.real_rows
     torch.testing.assert_close(out[rows].float(), expected[rows].float(), **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])
+@pytest.mark.parametrize("case", ["decode", "mixed", "long_prefill", "gqa_group3"])
+def test_attention_over_fp8_cache(rocm: RocmBackend, case: str, kv_dtype: torch.dtype) -> None:
+    """fp16 queries over an 8-bit cache (written by the reference: the interpreter's fp8 store rounds its own way),
+    through ``RocmBackend.attention`` with the family's tiles, against the ``cpu`` backend."""
+    query_lens, context_lens, num_decodes, extra = ATTENTION_CASES[case]
+    batch = make_batch(query_lens, context_lens, num_decodes, dtype=torch.float16, kv_dtype=kv_dtype, **extra)
+    out = rocm.attention(batch.query, batch.key, batch.value, batch.nan_cache, batch.metadata, batch.spec)
+    expected = REFERENCE.attention(batch.query, batch.key, batch.value, batch.cache, batch.metadata, batch.spec)
+    rows = batch.real_rows
+    torch.testing.assert_close(out[rows].float(), expected[rows].float(), **TOLERANCE[torch.float16])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from pagedllm.backends.interface import BackendCapabilities
-from pagedllm.backends.rocm.tuning import SUPPORTED_ARCHS, tuning_for
+from pagedllm.backends.rocm.tuning import OCP_FP8_ARCHS, SUPPORTED_ARCHS, tuning_for
 from pagedllm.backends.triton_gpu.backend import TritonGpuBackend, gpu_capabilities, triton_problem
 from pagedllm.backends.triton_gpu.tuning import KernelTuning
 
@@ -61,17 +61,26 @@ class RocmBackend(TritonGpuBackend):
         return True, ""
 
     def capabilities(self) -> BackendCapabilities:
-        """fp16/bf16/fp32 (KV cache in the same dtypes; no fp8), KV blocks of 16/32/64, heads up to 256, sliding
-        windows, soft-capped scores, HIP graphs of decode steps, asynchronous scheduling. Scheduler defaults as
-        ``cuda``'s: 1024 running requests and 16384 tokens a step on GPUs of at least 70 GiB (every MI300), else
-        256 and 8192 (a 24-48 GB Radeon).
+        """fp16/bf16/fp32, the KV cache in the same dtypes and, on GPUs with OCP 8-bit floats in hardware (gfx950,
+        gfx1200, gfx1201: :data:`~pagedllm.backends.rocm.tuning.OCP_FP8_ARCHS`), also in fp8 e4m3 or e5m2 (vLLM's
+        ``--kv-cache-dtype fp8`` / ``fp8_e5m2``, with checkpoints' KV scales); KV blocks of 16/32/64, heads up to
+        256, sliding windows, soft-capped scores, HIP graphs of decode steps, asynchronous scheduling. Scheduler
+        defaults as ``cuda``'s: 1024 running requests and 16384 tokens a step on GPUs of at least 70 GiB (every
+        MI300), else 256 and 8192 (a 24-48 GB Radeon).
 
-        Not claimed: an fp8 KV cache and fp8 linear layers (gfx942 computes in the FNUZ fp8 formats, not the OCP
-        e4m3/e5m2 that pagedllm stores and checkpoints hold; gfx950 has OCP fp8, untested here) and graph-safe
-        tensor-parallel collectives (tensor parallelism runs through RCCL; its decode steps run without graphs).
+        Not claimed: an fp8 KV cache on gfx90a, gfx942 and RDNA3 (gfx942 computes in the FNUZ fp8 formats, not the
+        OCP e4m3/e5m2 that pagedllm stores and checkpoints hold; Triton would convert in software), fp8 linear
+        layers, and graph-safe tensor-parallel collectives (tensor parallelism runs through RCCL; its decode steps
+        run without graphs).
         """
         dtypes = (torch.float16, torch.bfloat16, torch.float32)
-        return gpu_capabilities(dtypes, dtypes)
+        kv_only: tuple[torch.dtype, ...] = ()
+        try:
+            if getattr(torch.version, "hip", None) and torch.cuda.is_available() and gpu_arch() in OCP_FP8_ARCHS:
+                kv_only = (torch.float8_e4m3fn, torch.float8_e5m2)
+        except Exception:  # capabilities are also listed on machines without a GPU
+            pass
+        return gpu_capabilities(dtypes, (*dtypes, *kv_only))
 
     def make_kernel_tuning(self) -> KernelTuning:
         """The tiles of the current GPU's family (:func:`pagedllm.backends.rocm.tuning.tuning_for`)."""

@@ -41,6 +41,9 @@ RDNA_ARCHS = {
 SUPPORTED_ARCHS = {**CDNA_ARCHS, **RDNA_ARCHS}
 """The GPU architectures whose code the kernels are compiled for in the tests, with what they are."""
 
+OCP_FP8_ARCHS = ("gfx950", "gfx1200", "gfx1201")
+"""Architectures that convert the OCP 8-bit floats (e4m3, e5m2: what an fp8 KV cache holds) in hardware."""
+
 LDS_BYTES = {"gfx90a": 64 << 10, "gfx942": 64 << 10, "gfx950": 160 << 10, **dict.fromkeys(RDNA_ARCHS, 64 << 10)}
 """Local data share a workgroup may use: the most shared memory one program may take."""
 
@@ -52,7 +55,7 @@ def wave_size(arch: str) -> int:
 
 def cdna_decode_tiles(head_dim: int, kv_dtype: torch.dtype) -> tuple[int, int, int]:
     """``(BLOCK_N, num_warps, num_stages)`` of the split-K decode kernel on CDNA: 64-key tiles (32 for heads wider
-    than 128), 4 wavefronts, one stage; 2 wavefronts over an 8-bit cache (unclaimed today) as on NVIDIA."""
+    than 128), 4 wavefronts, one stage; 2 wavefronts over an 8-bit cache (gfx950), as on NVIDIA."""
     return (64 if head_dim <= 128 else 32), (2 if is_fp8(kv_dtype) else 4), 1
 
 
