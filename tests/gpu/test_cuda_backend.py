@@ -596,11 +596,15 @@ def test_prompt_logprobs_equal_cpu_fp32(tiny_checkpoints: dict[str, Path], enfor
             assert sorted(top_a) == pytest.approx(sorted(top_b), abs=1e-4)
 
 
-@pytest.mark.parametrize("enforce_eager", [True, False], ids=["eager", "graphs"])
-def test_structured_outputs_equal_cpu_fp32(tiny_checkpoints: dict[str, Path], enforce_eager: bool) -> None:
+@pytest.mark.parametrize(("enforce_eager", "drafts"), [(True, False), (False, False), (False, True)],
+                         ids=["eager", "graphs", "graphs-drafts"])
+def test_structured_outputs_equal_cpu_fp32(tiny_checkpoints: dict[str, Path], enforce_eager: bool,
+                                           drafts: bool) -> None:
     """Greedy completions under a JSON schema, a regular expression, a choice and an EBNF grammar beside free
-    rows, with asynchronous scheduling (the grammars' bitmasks filled on the host, applied on the GPU): equal
-    to the cpu backend's token for token, and each finished one follows its structure."""
+    rows, with asynchronous scheduling (the grammars' bitmasks filled on the host, applied on the GPU), or with
+    prompt-lookup drafts (synchronous; each draft row masked under the grammar's state after the drafts before
+    it): equal to the cpu backend's without drafts token for token, and each finished one follows its
+    structure."""
     pytest.importorskip("xgrammar")
     from pagedllm import SamplingParams
     from pagedllm.core.sampling_params import StructuredOutputsParams
@@ -617,8 +621,9 @@ def test_structured_outputs_equal_cpu_fp32(tiny_checkpoints: dict[str, Path], en
                 SamplingParams(**greedy, ignore_eos=True)]
 
     cpu = _engine(tiny_checkpoints["llama"], "cpu", "float32")
-    gpu = _engine(tiny_checkpoints["llama"], "cuda", "float32", enforce_eager=enforce_eager)
-    assert gpu.llm_engine.config.async_scheduling is True
+    spec = {"speculative_config": {"method": "ngram", "num_speculative_tokens": 4}} if drafts else {}
+    gpu = _engine(tiny_checkpoints["llama"], "cuda", "float32", enforce_eager=enforce_eager, **spec)
+    assert gpu.llm_engine.config.async_scheduling is not drafts
     prompts = _prompts(cpu.get_tokenizer())
     want = cpu.generate(prompts, params(), use_tqdm=False)
     got = gpu.generate(prompts, params(), use_tqdm=False)
@@ -627,6 +632,8 @@ def test_structured_outputs_equal_cpu_fp32(tiny_checkpoints: dict[str, Path], en
         assert out.outputs[0].finish_reason == "stop", out.outputs[0].text
         check(out.outputs[0].text)
     assert re.fullmatch(r"\((?:[a-c],)*[a-c]?", got[4].outputs[0].text)  # the grammar's list: a valid prefix
+    if drafts:
+        assert gpu.llm_engine.stats().spec_decode_num_accepted_tokens > 0
 
 
 @pytest.mark.parametrize("enforce_eager", [True, False], ids=["eager", "graphs"])
