@@ -263,6 +263,7 @@ class Sampler:
         with :meth:`SamplerOutput.resolve` (logprobs, when asked, are still read at once).
         """
         out = SamplerOutput(token_ids=[])
+        self._states_after.clear()  # this step's rows only (``keep_draws``)
         if (batch.all_greedy and batch.max_num_logprobs is None and not batch.blocked_tokens
                 and not batch.logit_biases and not batch.disallowed and batch.grammar_rows is None
                 and batch.repetition_penalty is None and batch.output_counts is None):
@@ -342,7 +343,6 @@ class Sampler:
         # Gumbel-style race: argmax(p / q) with q ~ Exp(1) samples from p; seeded rows use their own stream
         noise = torch.empty_like(probs)
         noise.exponential_(generator=self.generator)
-        self._states_after.clear()
         for row, generator in enumerate(batch.generators):
             if generator is not None:
                 noise[row].exponential_(generator=generator)
