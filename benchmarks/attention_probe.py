@@ -1,4 +1,4 @@
-"""Tile sweep of the ``cuda`` backend's attention kernels on the throughput workload's shapes.
+"""Tile sweep of the GPU backends' attention kernels on the throughput workload's shapes.
 
 Builds, in bf16 with a Llama-3-8B layer's heads (32 query heads, 8 KV heads, head size 128, block size
 16, block tables permuted at random), the attention inputs of the workload's two kinds of step:
@@ -6,8 +6,10 @@ Builds, in bf16 with a Llama-3-8B layer's heads (32 query heads, 8 KV heads, hea
 - prefill-heavy: ``--prefills`` fresh prompts of ``--prompt-len`` tokens after ``--decodes`` decodes;
 - pure decode: ``--decodes`` requests one token behind, with ``--context`` tokens cached.
 
-``--kv-dtype fp8`` stores the cache in float8_e4m3fn (the engine's ``--kv-cache-dtype fp8``). Checks the
-kernels' default tiles against a float32 PyTorch reference, then times every tile choice of a
+``--kv-dtype fp8`` stores the cache in float8_e4m3fn (the engine's ``--kv-cache-dtype fp8``). ``--tuning``
+names whose default tiles are checked and timed first: ``nvidia`` (the ``cuda`` backend's), ``cdna`` or ``rdna``
+(the ``rocm`` backend's; on an AMD GPU, whose ROCm build of torch calls it ``cuda`` too). Checks those default
+tiles against a float32 PyTorch reference, then times every tile choice of a
 sweep (each checked against the default's output) and prints microseconds per call, TFLOP/s for prefill
 and TB/s of K/V read for decode. Writes ``attention_probe.json`` under ``--out``.
 
@@ -26,6 +28,14 @@ from pagedllm.backends.interface import AttentionMetadata, AttentionSpec
 from pagedllm.backends.kv_storage import byte_view
 from pagedllm.backends.triton_gpu.decode_attention import decode_attention
 from pagedllm.backends.triton_gpu.prefill_attention import prefill_attention
+from pagedllm.backends.triton_gpu.tuning import KernelTuning, nvidia
+
+
+def tunings() -> dict[str, KernelTuning]:
+    """The kernel tunings by name: the ``cuda`` backend's and the ``rocm`` backend's two families."""
+    from pagedllm.backends.rocm.tuning import cdna, rdna
+
+    return {"nvidia": nvidia(), "cdna": cdna(), "rdna": rdna()}
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16
 DTYPE = torch.bfloat16
@@ -105,8 +115,13 @@ def main() -> int:
     parser.add_argument("--kv-dtype", choices=list(KV_DTYPES), default="bf16")
     parser.add_argument("--skip-prefill", action="store_true")
     parser.add_argument("--skip-decode", action="store_true")
+    parser.add_argument("--tuning", choices=["nvidia", "cdna", "rdna"], default="nvidia",
+                        help="whose tiles are the defaults (None in the results)")
     args = parser.parse_args()
+    tuning = tunings()[args.tuning]
+    default_m, *default_prefill = tuning.prefill(HEAD_DIM, DTYPE)
     kv_dtype = KV_DTYPES[args.kv_dtype]
+    default_decode = tuning.decode(HEAD_DIM, kv_dtype)
     torch.manual_seed(0)
     spec = AttentionSpec(num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, scale=HEAD_DIM**-0.5)
     results = []
@@ -117,7 +132,7 @@ def main() -> int:
                                       n_dec, "cuda", kv_dtype)  # fmt: skip
         out = torch.empty_like(query)
         rows = torch.arange(n_dec, md.num_tokens, device="cuda")
-        prefill_attention(out, query, cache, md, spec)
+        prefill_attention(out, query, cache, md, spec, block_m=default_m, tiles=tuple(default_prefill))
         expected = reference(query, cache, md, range(n_dec, n_dec + n_pf))
         err = (out[rows].float() - expected).abs().max().item()
         print(f"prefill default tiles vs float32 reference: max abs error {err:.4f}", flush=True)
@@ -126,10 +141,11 @@ def main() -> int:
         flop = n_pf * 2 * 2 * HEADS * HEAD_DIM * args.prompt_len * (args.prompt_len + 1) / 2
 
         def run_prefill(tiles, block_m=None):
-            prefill_attention(out, query, cache, md, spec, block_m=block_m, tiles=tiles)
+            prefill_attention(out, query, cache, md, spec, block_m=block_m or default_m,
+                              tiles=tiles or tuple(default_prefill))
             return out
 
-        configs = [None, *itertools.product((32, 64, 128), (4, 8), (1, 2, 3))]
+        configs = [None, *itertools.product((16, 32, 64, 128), (4, 8), (1, 2, 3))]
         results += sweep("prefill", run_prefill, rows, expected, configs, flop, "TFLOPs")
         for block_m in (128, 256):
             results += [dict(r, block_m=block_m) for r in sweep(
@@ -143,7 +159,7 @@ def main() -> int:
     query, cache, md = make_batch([1] * n_dec, [args.context] * n_dec, n_dec, "cuda", kv_dtype)
     out = torch.empty_like(query)
     rows = torch.arange(n_dec, device="cuda")
-    decode_attention(out, query, cache, md, spec)
+    decode_attention(out, query, cache, md, spec, tiles=default_decode)
     expected = reference(query, cache, md, range(n_dec))
     err = (out.float() - expected).abs().max().item()
     print(f"decode default tiles vs float32 reference: max abs error {err:.4f}", flush=True)
@@ -152,10 +168,10 @@ def main() -> int:
     kv_bytes = n_dec * (args.context + 1) * KV_HEADS * HEAD_DIM * 2 * cache.element_size()
 
     def run_decode(tiles):
-        decode_attention(out, query, cache, md, spec, tiles=tiles)
+        decode_attention(out, query, cache, md, spec, tiles=tiles or default_decode)
         return out
 
-    configs = [None, *itertools.product((32, 64, 128), (2, 4, 8), (1, 2, 3))]
+    configs = [None, *itertools.product((16, 32, 64, 128), (2, 4, 8), (1, 2, 3))]
     results += sweep("decode", run_decode, rows, expected, configs, kv_bytes, "TBps")
     write_results(args.out, "attention_probe.json", results)
     return 0

@@ -13,11 +13,12 @@ decode key tiles 16-64 x 2-8 warps and prefill tiles 32-128 x 16-32 x 4-8 warps 
 holds them to that): 16-key decode tiles with 4 warps, 64 x 16 prefill tiles with 8. Heads of 256 spill on RDNA3
 with every tile tried (they run, slower); RDNA4 takes them without a spill.
 
-Every variant is compile-checked for each listed architecture (fits the LDS, spills no register but where said)
-and computed against the float32 reference under Triton's interpreter, but **none is measured on AMD hardware**
-(none was available): a sweep there (``benchmarks/attention_probe.py`` sweeps the attention tiles; a ROCm build
-of torch calls the GPU ``cuda`` too) should replace them. The element-wise kernels and the few-token MoE GEMVs
-launch with the kernels' own defaults (per row or per expert; no tile to fit an LDS).
+Every variant is compile-checked for each listed architecture (fits the LDS, spills no register but where said) and
+computed against the float32 reference under Triton's interpreter, but **none is measured on AMD hardware** (none
+was available): a sweep there (``benchmarks/attention_probe.py --tuning cdna`` or ``rdna`` checks these tiles and
+times them against the others; a ROCm build of torch calls the GPU ``cuda`` too) should replace them. The element-
+wise kernels and the few-token MoE GEMVs launch with the kernels' own defaults (per row or per expert; no tile to
+fit an LDS).
 """
 
 from __future__ import annotations
