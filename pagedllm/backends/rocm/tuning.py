@@ -16,9 +16,9 @@ with every tile tried (they run, slower); RDNA4 takes them without a spill.
 Every variant is compile-checked for each listed architecture (fits the LDS, spills no register but where said) and
 computed against the float32 reference under Triton's interpreter, but **none is measured on AMD hardware** (none
 was available): a sweep there (``benchmarks/attention_probe.py --tuning cdna`` or ``rdna`` checks these tiles and
-times them against the others; a ROCm build of torch calls the GPU ``cuda`` too) should replace them. The element-
-wise kernels and the few-token MoE GEMVs launch with the kernels' own defaults (per row or per expert; no tile to
-fit an LDS).
+times them against the others; a ROCm build of torch calls the GPU ``cuda`` too) should replace them. The
+element-wise kernels and the few-token MoE GEMVs launch with the kernels' own defaults (per row or per expert; no
+tile to fit an LDS).
 """
 
 from __future__ import annotations
