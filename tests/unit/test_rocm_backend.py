@@ -50,6 +50,9 @@ from tests.unit.test_cuda_kernels_interpreter import (  # noqa: F401 - fixtures,
 from tests.unit.triton_compile import compile_kernel
 
 GIB = 2**30
+TORCH_TYPES = {"*bf16": torch.bfloat16, "*fp16": torch.float16, "*fp32": torch.float32,
+               "*fp8e4nv": torch.float8_e4m3fn, "*fp8e5": torch.float8_e5m2}
+"""Triton's pointer types of the variants, as torch dtypes (what the backend chooses tiles by)."""
 
 
 # --------------------------------------------------------------------------- availability and claims
@@ -123,54 +126,50 @@ def kernel_variants(tuning: KernelTuning, fp8: bool = False) -> list[tuple[str, 
     and its scaled write; the fused ops; the MoE router, GEMVs and grouped GEMMs."""
     from pagedllm.backends.triton_gpu import decode_attention, fused_kernels, fused_moe, kv_cache_kernels
     from pagedllm.backends.triton_gpu import prefill_attention as prefill
-    from pagedllm.backends.triton_gpu.attention_common import block_d, dot_precision, unmasked_tiles
+    from pagedllm.backends.triton_gpu.attention_common import LOG2_E, block_d, dot_precision, unmasked_tiles
 
     variants = []
-    for dtype, name, head_dim, group in ((torch.bfloat16, "bf16", 128, 4), (torch.bfloat16, "bf16", 256, 2),
-                                         (torch.float16, "fp16", 80, 8), (torch.float32, "fp32", 64, 4)):
-        typed = {n: f"*{name}" for n in ("out_ptr", "q_ptr", "k_cache_ptr", "v_cache_ptr")}
-        pointers = {**typed, "mid_o_ptr": "*fp32", "mid_lse_ptr": "*fp32", "block_tables_ptr": "*i32",
-                    "seq_lens_ptr": "*i32", "query_start_loc_ptr": "*i32", "context_lens_ptr": "*i32"}
+
+    def attention(query: str, cache: str, head_dim: int, group: int, splits: tuple[int, ...], label: str = "",
+                  **constexprs: object) -> None:
+        """The split-K decode (one variant per split count), the reduce and the prefill over a ``cache``-typed
+        cache under ``query``-typed queries, with ``tuning``'s tiles for them; ``constexprs`` override the
+        defaults (no window, no soft cap, unscaled values), then the KV write into that cache."""
+        dtype, kv_dtype = TORCH_TYPES[query], TORCH_TYPES[cache]
+        pointers = {"out_ptr": query, "q_ptr": query, "k_cache_ptr": cache, "v_cache_ptr": cache,
+                    "mid_o_ptr": "*fp32", "mid_lse_ptr": "*fp32", "block_tables_ptr": "*i32", "seq_lens_ptr": "*i32",
+                    "query_start_loc_ptr": "*i32", "context_lens_ptr": "*i32"}
         shared = {"GROUP": group, "HEAD_DIM": head_dim, "BLOCK_D": block_d(head_dim), "BLOCK_SIZE": 16,
                   "SLIDING_WINDOW": 0, "SOFT_CAP": 0.0, "DOT_PRECISION": dot_precision(dtype),
-                  "UNMASKED_TILES": unmasked_tiles(dtype), "V_SCALED": False}
-        block_n, warps, stages = tuning.decode(head_dim, dtype)
-        for splits in (1, 8):
-            variants.append((f"decode {name} head {head_dim} splits {splits}", decode_attention._decode_split_kernel,
-                             pointers, {**shared, "BLOCK_G": max(16, group), "BLOCK_N": block_n, "NUM_SPLITS": splits},
+                  "UNMASKED_TILES": unmasked_tiles(dtype), "V_SCALED": False, **constexprs}
+        name = f"{query[1:]} head {head_dim}" + (f" {cache[1:]} cache" if cache != query else "") + label
+        block_n, warps, stages = tuning.decode(head_dim, kv_dtype)
+        for count in splits:
+            variants.append((f"decode {name} splits {count}", decode_attention._decode_split_kernel, pointers,
+                             {**shared, "BLOCK_G": max(16, group), "BLOCK_N": block_n, "NUM_SPLITS": count},
                              {"num_warps": warps, "num_stages": stages}))
-        variants.append((f"decode reduce head {head_dim}", decode_attention._decode_reduce_kernel, pointers,
-                         {"HEAD_DIM": head_dim, "BLOCK_D": block_d(head_dim), "NUM_SPLITS": 8, "BLOCK_S": 8},
-                         {"num_warps": 4}))
+        if max(splits) > 1:
+            variants.append((f"decode reduce {name}", decode_attention._decode_reduce_kernel, pointers,
+                             {"HEAD_DIM": head_dim, "BLOCK_D": block_d(head_dim), "NUM_SPLITS": max(splits),
+                              "BLOCK_S": max(splits)}, {"num_warps": 4}))
         tile_m, block_n, warps, stages = tuning.prefill(head_dim, dtype)
         tile_m = max(tile_m, group, 16)
-        variants.append((f"prefill {name} head {head_dim}", prefill._prefill_kernel, pointers,
+        variants.append((f"prefill {name}", prefill._prefill_kernel, pointers,
                          {**shared, "BLOCK_M": tile_m, "BLOCK_Q": tile_m // group, "BLOCK_N": block_n},
                          {"num_warps": warps, "num_stages": stages}))
         variants.append((f"write kv {name}", kv_cache_kernels._write_kv_kernel,
-                         {**typed, "key_ptr": f"*{name}", "value_ptr": f"*{name}", "slot_mapping_ptr": "*i64"},
+                         {"key_ptr": query, "value_ptr": query, "k_cache_ptr": cache, "v_cache_ptr": cache,
+                          "slot_mapping_ptr": "*i64"},
                          {"NUM_KV_HEADS": 8, "HEAD_DIM": head_dim, "BLOCK_H": 8, "BLOCK_D": block_d(head_dim),
-                          "BLOCK_SIZE": 16, "SCALED": False}, {}))
+                          "BLOCK_SIZE": 16, "SCALED": shared["V_SCALED"]}, {}))
+
+    for query, head_dim, group in (("*bf16", 128, 4), ("*bf16", 256, 2), ("*fp16", 80, 8), ("*fp32", 64, 4)):
+        attention(query, query, head_dim, group, (1, 8))
+    # Gemma 2/3's attention: a sliding window and soft-capped scores, head 256
+    attention("*bf16", "*bf16", 256, 2, (1,), " window soft-cap", SLIDING_WINDOW=512, SOFT_CAP=50.0 * LOG2_E)
     if fp8:  # the KV cache in e4m3 and e5m2 under bf16 queries (scaled values), Llama's heads
-        for fp8_type in ("*fp8e4nv", "*fp8e5"):
-            cache = {"k_cache_ptr": fp8_type, "v_cache_ptr": fp8_type}
-            pointers = {"out_ptr": "*bf16", "q_ptr": "*bf16", **cache, "mid_o_ptr": "*fp32", "mid_lse_ptr": "*fp32",
-                        "block_tables_ptr": "*i32", "seq_lens_ptr": "*i32", "query_start_loc_ptr": "*i32",
-                        "context_lens_ptr": "*i32"}
-            shared = {"GROUP": 4, "HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_SIZE": 16, "SLIDING_WINDOW": 0,
-                      "SOFT_CAP": 0.0, "DOT_PRECISION": None, "UNMASKED_TILES": True, "V_SCALED": True}
-            block_n, warps, stages = tuning.decode(128, torch.float8_e4m3fn)
-            variants.append((f"decode {fp8_type} cache", decode_attention._decode_split_kernel, pointers,
-                             {**shared, "BLOCK_G": 16, "BLOCK_N": block_n, "NUM_SPLITS": 4},
-                             {"num_warps": warps, "num_stages": stages}))
-            tile_m, block_n, warps, stages = tuning.prefill(128, torch.bfloat16)
-            variants.append((f"prefill {fp8_type} cache", prefill._prefill_kernel, pointers,
-                             {**shared, "BLOCK_M": tile_m, "BLOCK_Q": tile_m // 4, "BLOCK_N": block_n},
-                             {"num_warps": warps, "num_stages": stages}))
-            variants.append((f"write kv {fp8_type} scaled", kv_cache_kernels._write_kv_kernel,
-                             {"key_ptr": "*bf16", "value_ptr": "*bf16", **cache, "slot_mapping_ptr": "*i64"},
-                             {"NUM_KV_HEADS": 8, "HEAD_DIM": 128, "BLOCK_H": 8, "BLOCK_D": 128, "BLOCK_SIZE": 16,
-                              "SCALED": True}, {}))
+        for cache in ("*fp8e4nv", "*fp8e5"):
+            attention("*bf16", cache, 128, 4, (4,), V_SCALED=True)
     import triton.language as tl
 
     fused = {n: "*bf16" for n in ("out_ptr", "x_ptr", "residual_ptr", "weight_ptr", "q_out_ptr", "k_out_ptr", "k_ptr",
@@ -185,19 +184,6 @@ def kernel_variants(tuning: KernelTuning, fp8: bool = False) -> list[tuple[str, 
                          {"NUM_Q_HEADS": 32, "NUM_K_HEADS": 8, "HALF": 64, "BLOCK_HQ": 32, "BLOCK_HK": 8,
                           "BLOCK_HALF": 64, "NORM": norm}, {}))
     variants.append(("silu_and_mul", fused_kernels._silu_and_mul_kernel, fused, {"BLOCK": 1024}, {}))
-    # Gemma 2/3's attention: a sliding window and soft-capped scores, head 256
-    gemma = {n: "*bf16" for n in ("out_ptr", "q_ptr", "k_cache_ptr", "v_cache_ptr")}
-    gemma.update(block_tables_ptr="*i32", seq_lens_ptr="*i32", query_start_loc_ptr="*i32", context_lens_ptr="*i32")
-    windowed = {"GROUP": 2, "HEAD_DIM": 256, "BLOCK_D": 256, "BLOCK_SIZE": 16, "SLIDING_WINDOW": 512,
-                "SOFT_CAP": 50.0 * 1.4426950408889634, "DOT_PRECISION": None, "UNMASKED_TILES": True, "V_SCALED": False}
-    block_n, warps, stages = tuning.decode(256, torch.bfloat16)
-    variants.append(("decode window soft-cap", decode_attention._decode_split_kernel, gemma,
-                     {**windowed, "BLOCK_G": 16, "BLOCK_N": block_n, "NUM_SPLITS": 1},
-                     {"num_warps": warps, "num_stages": stages}))
-    tile_m, block_n, warps, stages = tuning.prefill(256, torch.bfloat16)
-    variants.append(("prefill window soft-cap", prefill._prefill_kernel, gemma,
-                     {**windowed, "BLOCK_M": tile_m, "BLOCK_Q": tile_m // 2, "BLOCK_N": block_n},
-                     {"num_warps": warps, "num_stages": stages}))
     # the MoE router and, up to 16 tokens, the experts' GEMVs (their default tiles)
     variants.append(("topk_softmax", fused_moe._topk_softmax_kernel, {"weights_ptr": "*fp32", "ids_ptr": "*i32",
                      "logits_ptr": "*bf16"}, {"TOP_K": 8, "BLOCK_E": 128, "BLOCK_K": 8, "RENORMALIZE": True,
@@ -220,7 +206,7 @@ def kernel_variants(tuning: KernelTuning, fp8: bool = False) -> list[tuple[str, 
     return variants
 
 
-SPILLS_ALLOWED = {arch: ("head 256", "window") for arch in RDNA_ARCHS if arch.startswith("gfx11")}
+SPILLS_ALLOWED = {arch: ("head 256",) for arch in RDNA_ARCHS if arch.startswith("gfx11")}
 """Variants that may spill registers: heads of 256 on RDNA3, where every tile of the sweep spills (they run,
 slower); see ``pagedllm.backends.rocm.tuning``."""
 
