@@ -46,8 +46,10 @@ from pagedllm.backends.moe import moe_reference, route_tokens
 # (the engine's start runs warm-up steps, so no request waits for a kernel compile); 1.11 — mixture-of-experts
 # layers: ``Backend.fused_moe``; 1.12 — GeGLU MLPs (Gemma): ``Backend.gelu_and_mul``; 1.13 — the routers of
 # mixture-of-experts layers: ``Backend.topk_softmax``; attention logits soft-capped (Gemma 2):
-# ``AttentionSpec.logits_soft_cap`` and ``BackendCapabilities.supports_logits_soft_cap``.
-INTERFACE_VERSION: tuple[int, int] = (1, 13)
+# ``AttentionSpec.logits_soft_cap`` and ``BackendCapabilities.supports_logits_soft_cap``; 1.14 — 4-bit weights
+# with 16-bit activations (AWQ, GPTQ, compressed-tensors checkpoints): ``Backend.linear_w4a16`` and the
+# ``"w4a16"`` name in ``BackendCapabilities.quantizations``.
+INTERFACE_VERSION: tuple[int, int] = (1, 14)
 
 
 class InterfaceVersionError(ValueError):
@@ -154,7 +156,9 @@ class BackendCapabilities:
     ``"fp8"`` — e4m3 weights with per-row scales and per-token input scales, through :meth:`Backend.linear_fp8`
     (see ``pagedllm.backends.fp8_linear``; added in 1.5); ``"fp8_block"`` — e4m3 weights with a scale per 128 x
     128 tile and inputs with a scale per token and 128 features, through :meth:`Backend.linear_fp8_block`
-    (added in 1.7). Claimed only where it runs on every dtype of ``dtypes``."""
+    (added in 1.7); ``"w4a16"`` — 4-bit weights in groups with scales and zero points, inputs in the model
+    dtype, through :meth:`Backend.linear_w4a16` (see ``pagedllm.backends.w4a16_linear``; added in 1.14).
+    Claimed only where it runs on every dtype of ``dtypes``."""
     compiles_kernels: bool = False
     """True where kernels compile a variant per argument specialization on their first launch (Triton's JIT,
     ``torch.compile``): the engine's start then runs throw-away steps of every shape class its steps have
@@ -699,6 +703,28 @@ class Backend(abc.ABC):
         from pagedllm.backends.fp8_linear import reference_linear_fp8_block
 
         return reference_linear_fp8_block(x, weight, weight_scale, bias)
+
+    def linear_w4a16(
+        self, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+        g_idx: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """A linear layer with 4-bit weights: ``x @ W.T + bias`` with ``W[n, k] = (q[n, k] - zeros[n, g(k)]) *
+        scales[n, g(k)]`` (``pagedllm.backends.w4a16_linear``); called instead of :meth:`linear` by every
+        projection of a model loaded with ``quantization="w4a16"`` (an AWQ, GPTQ or compressed-tensors 4-bit
+        checkpoint, or online), per step, only when ``"w4a16" in capabilities().quantizations``.
+
+        ``x``: ``[num_tokens, in_features]`` in the model dtype; ``weight``: ``[out_features, in_features // 8]``
+        int32, eight 4-bit values ``q`` per word, feature ``k`` in bits ``4 * (k % 8)``; ``scales``:
+        ``[out_features, in_features // group_size]`` float32; ``zeros``: the same shape, uint8 (0..16);
+        ``group_size``: input features per group (a multiple of 8 dividing ``in_features``); ``g_idx``:
+        ``[in_features]`` int32, the group of each feature (act-order checkpoints), or None for ``k //
+        group_size``; ``bias``: ``[out_features]`` in the model dtype or None. Returns ``[num_tokens,
+        out_features]`` in ``x.dtype``. Default: the float32 PyTorch reference (``reference_linear_w4a16``),
+        which the conformance kit compares every backend with. Added in 1.14.
+        """
+        from pagedllm.backends.w4a16_linear import reference_linear_w4a16
+
+        return reference_linear_w4a16(x, weight, scales, zeros, group_size, g_idx, bias)
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
         """Gated MLP activation ``silu(x[:, :d]) * x[:, d:]``; called by every MLP of the model, per step.

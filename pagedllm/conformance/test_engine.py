@@ -206,6 +206,19 @@ def test_greedy_generation_with_fp8_block_linear_matches_cpu(
                       quantization="fp8_block")
 
 
+def test_greedy_generation_with_w4a16_linear_matches_cpu(
+    conformance_target: ConformanceTarget,
+    engine_reference_outputs: dict[tuple[str, str, int | None, str, str | None], list[list[object]]],
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """The same with ``quantization="w4a16"`` (when claimed): both backends round the same weights to 4 bits in
+    groups and multiply the unquantized inputs by them."""
+    if "w4a16" not in conformance_target.capabilities.quantizations:
+        pytest.skip("w4a16 linear layers not claimed (quantizations)")
+    check_against_cpu(conformance_target, "llama", "auto", engine_reference_outputs, request, tmp_path_factory,
+                      quantization="w4a16")
+
+
 def test_greedy_generation_with_kv_cache_scales_matches_cpu(
     conformance_target: ConformanceTarget,
     engine_reference_outputs: dict[tuple[str, str, int | None, str, str | None], list[list[object]]],

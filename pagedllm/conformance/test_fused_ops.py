@@ -13,7 +13,8 @@ default does not, so an element may land one e4m3 step away (at most 1/8 of its 
 wrong normalization, activation or scale is far outside that. ``linear_fp8_static`` gets a static input scale
 half of what the input needs, so its largest values must saturate at 448. ``qk_norm_rotary_embedding`` (Qwen3's per-head
 q/k norms with the rotary embedding) gets heads of magnitudes 32 times apart, so a norm over the wrong span
-shows.
+shows. ``linear_w4a16`` (when ``"w4a16"`` is claimed) gets 4-bit weights in groups of 32 to 128 features, one
+case with act-order groups (``g_idx`` a permutation), its input as it is: only the float32 sums may differ.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 from pagedllm.backends.fp8_linear import dequantize_groups, quantize_blocks, quantize_groups, quantize_rows
 from pagedllm.backends.interface import Backend
 from pagedllm.backends.moe import route_tokens
+from pagedllm.backends.w4a16_linear import pack_int4, quantize_w4a16, unpack_int4
 from pagedllm.conformance.cases import all_dtypes, base_head_size, dtype_skip, param
 from pagedllm.conformance.plugin import ConformanceTarget, case_id, get_target
 from pagedllm.conformance.reference import DefaultOpsBackend, poisoned_allocations, tolerance
@@ -49,7 +51,14 @@ OPS: dict[str, str] = {"rms_norm": "rms_norm", "add_rms_norm": "add_rms_norm", "
                        "linear_fp8_block": "linear_fp8_block", "linear_fp8_block_one_token": "linear_fp8_block",
                        "linear_fp8_block_quantized": "linear_fp8_block_quantized",
                        "linear_fp8_block_quantized_one_token": "linear_fp8_block_quantized",
+                       "linear_w4a16": "linear_w4a16", "linear_w4a16_one_token": "linear_w4a16",
+                       "linear_w4a16_act_order": "linear_w4a16", "linear_w4a16_wide": "linear_w4a16",
                        "fused_moe": "fused_moe", "fused_moe_one_token": "fused_moe", "fused_moe_wide": "fused_moe"}
+W4A16_CASES: dict[str, tuple[int, int, bool]] = {
+    "linear_w4a16": (NUM_TOKENS, 128, False), "linear_w4a16_one_token": (1, 32, False),
+    "linear_w4a16_act_order": (NUM_TOKENS, 64, True), "linear_w4a16_wide": (48, 128, False)}
+"""``Backend.linear_w4a16`` cases: tokens, group size, whether the groups number a permutation of the features
+(act-order ``g_idx``)."""
 ROUTER_CASES: dict[str, tuple[int, int, int, bool, bool]] = {
     "topk_softmax": (NUM_TOKENS, 8, 2, True, False), "topk_softmax_one_token": (1, 128, 8, True, True),
     "topk_softmax_wide": (48, 64, 6, False, False), "topk_softmax_odd": (5, 60, 4, False, True)}
@@ -85,7 +94,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 def unclaimed_quantization(op: str, claimed: tuple[str, ...]) -> str | None:
     """Why case ``op`` is skipped on a backend claiming the quantizations ``claimed``, or None: the fp8 cases
     need their scheme (``fp8_block``, for the tile-scaled layers and the ``_groups`` ops, or ``fp8``) claimed."""
-    needed = "fp8_block" if "fp8_block" in op or op.endswith("_groups") else "fp8" if "fp8" in op else None
+    needed = ("fp8_block" if "fp8_block" in op or op.endswith("_groups") else "fp8" if "fp8" in op
+              else "w4a16" if "w4a16" in op else None)
     if needed is None or needed in claimed:
         return None
     return f"{needed} linear layers not claimed (quantizations)"
@@ -150,6 +160,17 @@ def op_inputs(op: str, head_dim: int, dtype: torch.dtype, gen: torch.Generator,
         if "quantized" in op:  # the input quantized per token and group already; the output dtype last
             return *quantize_groups(x), *quantize_blocks(weight), randn(BLOCK_OUT_FEATURES), dtype
         return x, *quantize_blocks(weight), randn(BLOCK_OUT_FEATURES)
+    if op.startswith("linear_w4a16"):  # asymmetric 4-bit weights, float32 scales; the op reads x as it is
+        rows, group_size, act_order = W4A16_CASES[op]
+        weight = torch.randn(OUT_FEATURES, IN_FEATURES, generator=gen) * IN_FEATURES**-0.5
+        perm = torch.randperm(IN_FEATURES, generator=gen) if act_order else torch.arange(IN_FEATURES)
+        packed, scales, zeros = quantize_w4a16(weight[:, perm], group_size, scale_dtype=torch.float32)
+        packed = pack_int4(unpack_int4(packed)[:, torch.argsort(perm)])  # feature perm[j] is in group j // size
+        g_idx = None
+        if act_order:
+            g_idx = torch.empty(IN_FEATURES, dtype=torch.int32)
+            g_idx[perm] = (torch.arange(IN_FEATURES) // group_size).to(torch.int32)
+        return randn(rows, IN_FEATURES), packed, scales, zeros, group_size, g_idx, randn(OUT_FEATURES)
     if op.startswith("linear"):
         rows = 1 if op.endswith("one_token") else NUM_TOKENS
         weight = torch.randn(OUT_FEATURES, IN_FEATURES, generator=gen) * IN_FEATURES**-0.5

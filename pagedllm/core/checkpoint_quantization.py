@@ -26,7 +26,8 @@ are already stored in one of them is loaded as it is, without its bf16 weights e
 
 Refused, with the reason: static input scales with tile-scaled weights or per token, weight-only fp8, block
 sizes other than 128 x 128, group-wise weight scales, config groups mixing schemes, and every other method
-(AWQ, GPTQ, bitsandbytes...). KV-cache scales (:func:`checkpoint_kv_cache_scales`, one per layer for keys and
+(bitsandbytes...) but the 4-bit ones ``pagedllm.core.w4a16_loading`` reads (AWQ, GPTQ, compressed-tensors'
+``pack-quantized``). KV-cache scales (:func:`checkpoint_kv_cache_scales`, one per layer for keys and
 one for values) are taken by an fp8 KV cache (``kv_cache_dtype="fp8"``), which then stores keys and values
 divided by them, and skipped with a cache in the model dtype; scales per head or channel are refused.
 """
@@ -64,7 +65,7 @@ def checkpoint_fp8(hf_config: object) -> CheckpointFp8:
     ``hf_config``: the Hugging Face config; its ``quantization_config`` may be a dict or a transformers
     quantization config object. Raises ValueError naming what the checkpoint declares and what is supported.
     """
-    config = _quantization_config(hf_config)
+    config = quantization_config(hf_config)
     if config is None:
         return CheckpointFp8(None, None)
     method = config.get("quant_method")
@@ -87,7 +88,7 @@ def checkpoint_kv_cache_scales(hf_config: object) -> bool:
     attention layer's cache then holds keys and values divided by its scales (without them: scale 1, vLLM's
     default too); with a cache in the model dtype the loader skips them. Called when the model config is read.
     Raises ValueError for a ``kv_cache_scheme`` other than 8-bit floats with one static scale per tensor."""
-    config = _quantization_config(hf_config)
+    config = quantization_config(hf_config)
     if config is None:
         return False
     scheme = config.get("kv_cache_scheme")
@@ -104,8 +105,9 @@ def checkpoint_kv_cache_scales(hf_config: object) -> bool:
     return bool(scheme or config.get("kv_cache_quant_targets"))
 
 
-def _quantization_config(hf_config: object) -> Mapping[str, object] | None:
-    """``hf_config.quantization_config`` as a mapping (a dict or a transformers config object), or None."""
+def quantization_config(hf_config: object) -> Mapping[str, object] | None:
+    """``hf_config.quantization_config`` as a mapping (a dict or a transformers config object), or None. Called
+    when the model config is read."""
     config = getattr(hf_config, "quantization_config", None)
     if config is None or isinstance(config, Mapping):
         return config

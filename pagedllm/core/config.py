@@ -12,11 +12,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from pagedllm.core.checkpoint_quantization import (
+    CheckpointFp8,
     checkpoint_fp8,
     checkpoint_kv_cache_scales,
+    quantization_config,
 )
 from pagedllm.core.reasoning import REASONING_TAGS
 from pagedllm.core.spec_decode import SpeculativeConfig
+from pagedllm.core.w4a16_loading import W4A16Format, checkpoint_w4a16
 
 if TYPE_CHECKING:
     from pagedllm.backends.interface import BackendCapabilities
@@ -40,11 +43,17 @@ KV_CACHE_DTYPES: dict[str, torch.dtype] = {
     "fp8_e5m2": torch.float8_e5m2,
 }
 
-QUANTIZATIONS = ("fp8", "fp8_block")
-"""Names ``EngineConfig.quantization`` accepts: ``fp8`` (vLLM's online fp8), e4m3 weights with a scale per output
-row and inputs with a scale per token; ``fp8_block``, e4m3 weights with a scale per 128 x 128 tile and inputs
-with a scale per token and 128 features (DeepSeek-V3's and Qwen3-FP8's scheme). See
-``pagedllm.backends.fp8_linear``."""
+QUANTIZATIONS = ("fp8", "fp8_block", "w4a16")
+"""The schemes of quantized linear layers (``EngineConfig.quantization``, ``BackendCapabilities.quantizations``):
+``fp8`` (vLLM's online fp8), e4m3 weights with a scale per output row and inputs with a scale per token;
+``fp8_block``, e4m3 weights with a scale per 128 x 128 tile and inputs with a scale per token and 128 features
+(DeepSeek-V3's and Qwen3-FP8's scheme), see ``pagedllm.backends.fp8_linear``; ``w4a16``, 4-bit weights in groups
+with scales and zero points, inputs in the model dtype (AWQ, GPTQ and compressed-tensors' ``pack-quantized``
+checkpoints, or online), see ``pagedllm.backends.w4a16_linear``."""
+
+W4A16_NAMES = ("awq", "gptq", "compressed-tensors")
+"""vLLM's names for 4-bit checkpoints, which ``EngineConfig.quantization`` also accepts for one stored in
+``w4a16``."""
 
 
 SCHEDULING_POLICIES = ("fcfs", "priority")
@@ -121,7 +130,7 @@ class EngineConfig:
     def __post_init__(self) -> None:
         check_choice("dtype", self.dtype, ("auto", *_DTYPES))
         check_choice("kv_cache_dtype", self.kv_cache_dtype, ("auto", *KV_CACHE_DTYPES))
-        check_choice("quantization", self.quantization, QUANTIZATIONS, optional=True)
+        check_choice("quantization", self.quantization, (*QUANTIZATIONS, *W4A16_NAMES), optional=True)
         check_choice("load_format", self.load_format, LOAD_FORMATS)
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
@@ -196,7 +205,11 @@ class ModelConfig:
     generation_defaults: dict[str, object]
     quantization: str | None = None
     """What the checkpoint's weights are stored in (``quantization_config``; see
-    ``pagedllm.core.checkpoint_quantization``): ``fp8``, ``fp8_block`` or None."""
+    ``pagedllm.core.checkpoint_quantization``, ``pagedllm.core.w4a16_loading``): ``fp8``, ``fp8_block``,
+    ``w4a16`` or None."""
+    w4a16: W4A16Format | None = None
+    """The 4-bit format of a ``w4a16`` checkpoint (AWQ, GPTQ or compressed-tensors; group size, zero points,
+    act-order), else None."""
     input_scales: str | None = None
     """How those fp8 projections scale their inputs: ``"dynamic"``, ``"static"`` (a calibrated ``input_scale``
     per layer in the checkpoint) or None (unquantized)."""
@@ -265,7 +278,8 @@ def load_model_config(path: str, dtype: str, max_model_len: int | None) -> Model
             f"max_model_len {max_model_len} exceeds the model's max_position_embeddings {model_positions}"
         )
     eos_ids, defaults = _generation_config(directory, hf_config)
-    stored = checkpoint_fp8(hf_config)
+    w4a16 = checkpoint_w4a16(quantization_config(hf_config))
+    stored = CheckpointFp8("w4a16", None) if w4a16 is not None else checkpoint_fp8(hf_config)
     return ModelConfig(
         path=str(directory),
         hf_config=model_hf_config,
@@ -275,6 +289,7 @@ def load_model_config(path: str, dtype: str, max_model_len: int | None) -> Model
         eos_token_ids=eos_ids,
         generation_defaults=defaults,
         quantization=stored.quantization,
+        w4a16=w4a16,
         input_scales=stored.input_scales,
         kv_cache_scales=checkpoint_kv_cache_scales(hf_config),
     )

@@ -14,6 +14,7 @@ import torch
 from pagedllm.backends.interface import Backend
 from pagedllm.core.block_manager import BlockManager
 from pagedllm.core.config import (
+    W4A16_NAMES,
     EngineConfig,
     ModelConfig,
     load_model_config,
@@ -124,11 +125,17 @@ class LLMEngine:
             raise ValueError(f"backend {self.backend_cls.name!r} does not support kv_cache_dtype "
                              f"{config.kv_cache_dtype!r} ({kv_dtype}); supported: "
                              f"{[str(d) for d in capabilities.kv_cache_dtypes]}")
-        if mc.quantization is not None:  # an fp8 checkpoint runs in its scheme, asked for or not (as in vLLM)
-            if config.quantization not in (None, mc.quantization, "fp8"):  # vLLM's "fp8" names both schemes
+        if mc.quantization is not None:  # a quantized checkpoint runs in its scheme, asked for or not (as in vLLM)
+            # vLLM's "fp8" names both fp8 schemes; "awq", "gptq", "compressed-tensors" the 4-bit checkpoints
+            aliases = W4A16_NAMES if mc.quantization == "w4a16" else ("fp8",)
+            if config.quantization not in (None, mc.quantization, *aliases):
                 raise ValueError(f"quantization {config.quantization!r} was asked for, but the checkpoint's weights "
                                  f"are stored in {mc.quantization!r}")
             config = self.config = replace(config, quantization=mc.quantization)
+        elif config.quantization in W4A16_NAMES:
+            raise ValueError(f"quantization {config.quantization!r} loads a checkpoint stored in 4 bits, but "
+                             f"{mc.path}'s weights are not quantized (quantization='w4a16' quantizes them when "
+                             f"loaded)")
         if config.quantization is not None and config.quantization not in capabilities.quantizations:
             raise ValueError(f"backend {self.backend_cls.name!r} does not support quantization "
                              f"{config.quantization!r}; supported: {list(capabilities.quantizations) or 'none'}")

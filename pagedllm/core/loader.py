@@ -23,6 +23,13 @@ from pagedllm.core.models.layers import (
     quantize_linear_layers,
     use_fp8_inputs,
 )
+from pagedllm.core.w4a16_loading import (
+    ONLINE_GROUP_SIZE,
+    finish_w4a16,
+    prepare_w4a16_weights,
+    quantize_w4a16_layers,
+    w4a16_tensors,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -101,10 +108,20 @@ def fill_dummy_weights(model: nn.Module, device: torch.device, seed: int | None)
     for param in model.parameters():
         full_shape = getattr(param, "full_shape", None)
         if full_shape is None or tuple(full_shape) == tuple(param.shape):
-            param.data.uniform_(-1e-2, 1e-2, generator=generator)
+            _fill_random(param.data, generator)
         else:
-            full = torch.empty(full_shape, dtype=param.dtype, device=device).uniform_(-1e-2, 1e-2, generator=generator)
-            param.weight_loader(param, full)
+            full = torch.empty(full_shape, dtype=param.dtype, device=device)
+            param.weight_loader(param, _fill_random(full, generator))
+
+
+def _fill_random(tensor: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """``tensor`` filled in place with small uniform values, or for the integers of ``"w4a16"`` layers (packed
+    4-bit words, zero points) with random 4-bit values; returns it."""
+    if tensor.is_floating_point():
+        return tensor.uniform_(-1e-2, 1e-2, generator=generator)
+    if tensor.dtype == torch.uint8:  # zero points
+        return tensor.random_(0, 16, generator=generator)
+    return tensor.random_(-(2**31), 2**31 - 1, generator=generator)  # int32 words of eight 4-bit values
 
 
 DUMMY_INPUT_SCALE = 1.0 / FP8_MAX
@@ -141,11 +158,15 @@ def load_model(
         model = cls(model_config.hf_config, backend)
     bind_linear_op(model, backend.linear)
     block = quantization == "fp8_block"
-    stored_fp8 = model_config.quantization is not None and load_format != "dummy"
-    if stored_fp8 and quantization != model_config.quantization:
+    w4a16 = model_config.w4a16 if quantization == "w4a16" else None  # a 4-bit checkpoint, or its dummy
+    stored_fp8 = model_config.quantization is not None and w4a16 is None and load_format != "dummy"
+    if (stored_fp8 or (model_config.w4a16 and load_format != "dummy")) and quantization != model_config.quantization:
         raise ValueError(f"the checkpoint's weights are stored in {model_config.quantization!r}; loading them "
                          f"with quantization {quantization!r} is not possible")
     count = 0
+    if w4a16 is not None:  # dummy weights of an act-order checkpoint number their groups in order
+        count = prepare_w4a16_weights(model, backend, w4a16 if load_format != "dummy" else w4a16._replace(
+            act_order=False))
     if stored_fp8:
         count = prepare_fp8_weights(model, backend, block, static_inputs=model_config.input_scales == "static")
         _check_quantizable(count, model_config, quantization)
@@ -160,6 +181,8 @@ def load_model(
         lazy = bool(getattr(cls, "supports_tensor_parallel", False))
         weights = iterate_weights(Path(model_config.path), lazy=lazy)
         weights = _kv_cache_scales(weights, model_config.kv_cache_scales, fp8_cache)
+        if w4a16 is not None:
+            weights = w4a16_tensors(weights, w4a16)
         loaded = model.load_weights(_block_scale_names(weights) if stored_fp8 and block else weights)
         expected = {name for name, _ in model.named_parameters()}
         missing = sorted(expected - loaded)
@@ -168,7 +191,17 @@ def load_model(
                 f"checkpoint {model_config.path} does not provide parameter(s): {', '.join(missing[:8])}"
                 + (" ..." if len(missing) > 8 else "")
             )
-    if stored_fp8:
+    if w4a16 is not None:
+        finish_w4a16(model)
+        logger.info("w4a16 checkpoint (%s, groups of %s%s): %d linear layers loaded in 4 bits; weights %.1f MiB",
+                    w4a16.method, w4a16.group_size if w4a16.group_size > 0 else "a row", ", act-order" *
+                    w4a16.act_order, count, _parameter_bytes(model) / 2**20)
+    elif quantization == "w4a16":
+        before = _parameter_bytes(model)
+        count = quantize_w4a16_layers(model, backend)
+        logger.info("w4a16: %d linear layers stored in 4 bits in groups of %d; weights %.1f MiB -> %.1f MiB", count,
+                    ONLINE_GROUP_SIZE, before / 2**20, _parameter_bytes(model) / 2**20)
+    elif stored_fp8:
         logger.info("%s checkpoint: %d linear layers loaded in e4m3 with their scales (%s input scales); weights "
                     "%.1f MiB", quantization, count, model_config.input_scales, _parameter_bytes(model) / 2**20)
     elif quantization is not None:
@@ -183,7 +216,7 @@ def load_model(
                 if getattr(module, "quantizable", False):
                     add_input_scale(module, DUMMY_INPUT_SCALE)
             logger.info("dummy weights with static input scales: every input_scale %g", DUMMY_INPUT_SCALE)
-    if quantization is not None:
+    if quantization in ("fp8", "fp8_block"):
         use_fp8_inputs(model)
     return model.eval()
 

@@ -6,7 +6,7 @@ import argparse
 import json
 from dataclasses import fields
 
-from pagedllm.core.config import KV_CACHE_DTYPES, QUANTIZATIONS, SCHEDULING_POLICIES, EngineConfig
+from pagedllm.core.config import KV_CACHE_DTYPES, QUANTIZATIONS, SCHEDULING_POLICIES, W4A16_NAMES, EngineConfig
 from pagedllm.core.reasoning import REASONING_TAGS
 
 
@@ -30,11 +30,13 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Tr
     parser.add_argument("--kv-cache-dtype", default="auto", choices=kv_choices,
                         help="the KV cache's storage dtype: auto (the model's) or one the backend claims, e.g. "
                              "fp8 (float8_e4m3fn: half the bytes of bf16, twice the tokens)")
-    parser.add_argument("--quantization", default=None, choices=list(QUANTIZATIONS),
-                        help="run the projections in fp8 where the backend claims it: e4m3 weights (quantized "
+    parser.add_argument("--quantization", default=None, choices=[*QUANTIZATIONS, *W4A16_NAMES],
+                        help="run the projections quantized where the backend claims it: e4m3 weights (quantized "
                              "once loaded) with per-row scales and inputs quantized per token (fp8), or with "
-                             "128 x 128 tile scales and inputs quantized per 128 features (fp8_block); a "
-                             "checkpoint stored in fp8 (its config.json's quantization_config) runs so without it")
+                             "128 x 128 tile scales and inputs quantized per 128 features (fp8_block); 4-bit "
+                             "weights in groups of 128 with 16-bit inputs (w4a16); a checkpoint stored quantized "
+                             "(fp8, or 4-bit AWQ, GPTQ or compressed-tensors: its config.json's "
+                             "quantization_config) runs so without it (awq, gptq and compressed-tensors name those)")
     parser.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--block-size", type=int, default=None)

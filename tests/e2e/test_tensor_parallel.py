@@ -279,6 +279,36 @@ def test_mp_tp2_tile_checkpoint_equals_tp1(references, tmp_path: Path) -> None:
     assert_same_up_to_a_near_tie(expected, outputs)
 
 
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("scheme", ["awq", "gptq-sym", "compressed-tensors-asym"])
+def test_mp_tp2_w4a16_checkpoint_equals_tp1(references, tmp_path: Path, scheme: str) -> None:
+    """A 4-bit checkpoint in groups of 32: each rank loads its rows (words, scales, zero points) of the
+    column-parallel layers and its input features' words and groups of the row-parallel ones; the inputs stay
+    float32, so tp=2 equals tp=1 up to the order of the sums."""
+    from pagedllm.testing.w4a16_checkpoints import write_w4a16_checkpoint
+
+    quantized, _ = write_w4a16_checkpoint(references("llama")[0], tmp_path, scheme)
+    expected, _ = generate(quantized)
+
+    def check(llm: LLM) -> None:
+        layer = rank0_layer(llm)
+        qkv, down = layer.self_attn.qkv_proj, layer.mlp.down_proj
+        assert qkv.weight.shape == (64, 8) and qkv.weight_scale.shape == (64, 2)  # 2 of 4 heads, 1 of 2 KV heads
+        assert down.weight.shape == (64, 8) and down.weight_zero.shape == (64, 2)  # 64 of the 128 inputs
+
+    outputs, _ = generate(quantized, check, tensor_parallel_size=2)
+    assert_same_completions(expected, outputs)
+
+
+def test_act_order_checkpoints_need_tp1(references, tmp_path: Path) -> None:
+    """GPTQ's act-order groups span the input features of every rank: refused at tp=2, with the reason."""
+    from pagedllm.testing.w4a16_checkpoints import write_w4a16_checkpoint
+
+    quantized, _ = write_w4a16_checkpoint(references("llama")[0], tmp_path, "gptq-act-order")
+    with pytest.raises(Exception, match="act-order"):
+        generate(quantized, tensor_parallel_size=2)
+
+
 def rank0_layer(llm: LLM) -> torch.nn.Module:
     """The first decoder layer of rank 0's model (the driver's worker)."""
     return llm.llm_engine.executor.worker.runner.model.model.layers[0]

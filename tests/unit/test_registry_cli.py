@@ -83,7 +83,7 @@ def test_backends_table(capsys: pytest.CaptureFixture[str]) -> None:
     assert "pagedllm 0.1.0" in cpu_row and " yes " in cpu_row
     assert f" {format_version(CpuBackend.interface_version)} " in cpu_row
     assert ("float32,bfloat16,float16; kv float32,bfloat16,float16,float8_e4m3fn,float8_e5m2; "
-            "quantization fp8,fp8_block; blocks 1,2,4") in cpu_row
+            "quantization fp8,fp8_block,w4a16; blocks 1,2,4") in cpu_row
     assert "--device auto selects: cpu" in out or "--device auto selects: cuda" in out
 
 

@@ -44,7 +44,7 @@ class CpuBackend(Backend):
     name = "cpu"
     device_type = "cpu"
     dist_backend = "gloo"
-    interface_version = (1, 13)
+    interface_version = (1, 14)
     priority = -100  # auto picks cpu last
     _plan: _StepPlan | None = None  # the current step's attention plan
 
@@ -55,15 +55,16 @@ class CpuBackend(Backend):
 
     def capabilities(self) -> BackendCapabilities:
         """Any block size and head size; float32, bfloat16 and float16; the KV cache also in fp8 (e4m3 and
-        e5m2: the reference of what an fp8 cache computes); fp8 linear layers with row or tile scales (the
-        references, the defaults of :meth:`Backend.linear_fp8` and :meth:`Backend.linear_fp8_block`)."""
+        e5m2: the reference of what an fp8 cache computes); fp8 linear layers with row or tile scales and 4-bit
+        ones (the references, the defaults of :meth:`Backend.linear_fp8`, :meth:`Backend.linear_fp8_block` and
+        :meth:`Backend.linear_w4a16`)."""
         dtypes = (torch.float32, torch.bfloat16, torch.float16)
         return BackendCapabilities(
             dtypes=dtypes,
             kv_cache_dtypes=(*dtypes, torch.float8_e4m3fn, torch.float8_e5m2),
             block_sizes=(16, 1, 2, 4, 8, 32, 64, 128),
             head_sizes=(32, 64, 80, 96, 112, 128, 256, 8, 16),
-            quantizations=("fp8", "fp8_block"),
+            quantizations=("fp8", "fp8_block", "w4a16"),
             supports_logits_soft_cap=True,
         )
 

@@ -111,15 +111,16 @@ class MergedColumnParallelLinear(MergedLinear):
     def load_shard(self, param_name: str, index: int, loaded: WeightLike) -> None:
         """Copy this rank's rows of the unsharded checkpoint tensor of part ``index`` (weight, bias or an fp8
         checkpoint's weight_scale; its static input_scale whole)."""
-        if param_name == "input_scale":  # one per tensor: every rank takes it whole
+        if param_name in ("input_scale", "g_idx"):  # one per tensor / per input feature: every rank takes it whole
             super().load_shard(param_name, index, loaded)
             return
         full, start, size = self.full_shard_sizes[index], self.shard_start(index), self.shard_sizes[index]
-        if param_name == "weight_scale" and self.weight_scale.dim() == 2:  # "fp8_block": this rank's tile rows
+        fp8_scale = param_name == "weight_scale" and not hasattr(self, "group_size")  # w4a16's are rows, as weight's
+        if fp8_scale and self.weight_scale.dim() == 2:  # "fp8_block": this rank's tile rows
             check_full_shape(loaded, block_scale_shape(full, self.weight.shape[1]))
             start, size = scale_block_range(start, size, full)
         else:
-            if param_name == "weight_scale":
+            if fp8_scale:
                 loaded = per_row_scale(materialize(loaded), full)
             check_full_shape(loaded, (full, *getattr(self, param_name).shape[1:]))
         super().load_shard(param_name, index, narrow_weight(loaded, 0, start, size))
@@ -213,6 +214,22 @@ class RowParallelLinear(nn.Module):
             copy_checked(param.data, narrow_weight(loaded, 1, start, size))
             return
         copy_checked(param.data, per_row_scale(materialize(loaded), param.shape[0]))
+
+    def load_columns(self, param: nn.Parameter, loaded: WeightLike) -> None:
+        """Load this rank's share of a ``"w4a16"`` parameter from the unsharded checkpoint tensor, split along
+        its last dimension as the input features are: ``weight [out, in // 8]``, ``weight_scale``/``weight_zero
+        [out, groups]`` (whole when there is one group per row), ``g_idx [in]`` (act-order; whole, at tp 1
+        only). Raises ValueError naming the shapes when the tensor's does not split into ``world_size`` parts
+        of the parameter's."""
+        dim = param.dim() - 1
+        full = shape_of(loaded)
+        if full[:dim] != tuple(param.shape[:dim]) or full[dim] not in (param.shape[dim],
+                                                                         param.shape[dim] * self.tp.world_size):
+            raise ValueError(f"shape mismatch: expected {tuple(param.shape)} per rank of {self.tp.world_size}, got "
+                             f"{full}")
+        if full[dim] != param.shape[dim]:
+            loaded = narrow_weight(loaded, dim, self.tp.rank * param.shape[dim], param.shape[dim])
+        copy_checked(param.data, materialize(loaded))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """See the class docstring."""

@@ -364,14 +364,30 @@ class MergedLinear(nn.Module):
             return
         if not isinstance(loaded, torch.Tensor):
             loaded = loaded[...]
+        if param_name == "g_idx":
+            self.load_g_idx(loaded)
+            return
         param = getattr(self, param_name)
         start, size = sum(self.shard_sizes[:index]), self.shard_sizes[index]
-        if param_name == "weight_scale":
+        if param_name == "weight_scale" and not hasattr(self, "group_size"):  # fp8 (w4a16's are rows, as weight's)
             if param.dim() == 2:
                 start, size = scale_block_range(start, size, sum(self.shard_sizes))
             else:
                 loaded = per_row_scale(loaded, size)
         copy_checked(param.data[start : start + size], loaded)
+
+    def load_g_idx(self, loaded: torch.Tensor) -> None:
+        """Load an act-order ``"w4a16"`` checkpoint's ``g_idx [in]`` (the group of each input feature), which
+        every part of the merged projection brings: the first fills the layer's, the others must equal it (the
+        parts are computed as one matrix). Raises ValueError otherwise."""
+        loaded = loaded.to(torch.int32)
+        if getattr(self, "g_idx_loaded", False):
+            if not torch.equal(self.g_idx.data.cpu(), loaded):
+                raise ValueError("the parts of a merged projection number their groups differently (g_idx); "
+                                 "pagedllm computes them as one matrix")
+            return
+        copy_checked(self.g_idx.data, loaded)
+        self.g_idx_loaded = True
 
     def load_weight_scale(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
         """Load one checkpoint scale for all parts at once (per tensor, ``[sum(full_shard_sizes)(, 1)]``, or

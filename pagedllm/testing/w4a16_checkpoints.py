@@ -1,0 +1,122 @@
+"""Tiny 4-bit checkpoints stored the way AutoAWQ, GPTQ (AutoGPTQ / GPTQModel) and llm-compressor
+(compressed-tensors ``pack-quantized``) write them, made from an unquantized one by rounding to nearest.
+
+Used by the tests (and by anyone checking a backend on 4-bit checkpoints) without those tools: the projections'
+weights packed in the tool's layout with its scales and zero points, the rest as it was, and
+``quantization_config`` in config.json; plus the same weights dequantized, for a reference (transformers) that
+loads no 4-bit weights.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from pagedllm.backends.w4a16_linear import PACK, dequantize_w4a16, pack_int4, quantize_w4a16, unpack_int4
+
+PROJECTION = re.compile(r"\.(q|k|v|o|gate|up|down)_proj\.weight$")
+"""The checkpoint tensors the tools quantize in a Llama-family model (never the LM head or the embeddings)."""
+
+SCHEMES = ("awq", "gptq", "gptq-sym", "gptq-act-order", "gptq-v2", "compressed-tensors", "compressed-tensors-asym")
+"""``awq``: AutoAWQ's GEMM layout (asymmetric, float16 scales); ``gptq``: AutoGPTQ's original format
+(``checkpoint_format: gptq``, zero points stored minus one, float16 scales, asymmetric), ``gptq-sym`` the same
+symmetric (zero points 8), ``gptq-act-order`` with ``desc_act: true`` (the groups number a permutation of the
+features), ``gptq-v2`` GPTQModel's ``gptq_v2`` format (zero points as they are); ``compressed-tensors``:
+llm-compressor's W4A16 (symmetric, scales in the weights' dtype), ``compressed-tensors-asym`` its W4A16_ASYM."""
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # the feature AutoAWQ puts in each nibble of a word
+
+
+def _pack_awq(values: torch.Tensor) -> torch.Tensor:
+    """``[rows, cols]`` 4-bit values -> ``[rows, cols // 8]`` AWQ words (along the columns, AutoAWQ's order)."""
+    rows, cols = values.shape
+    return pack_int4(values.reshape(rows, cols // PACK, PACK)[:, :, list(AWQ_ORDER)].reshape(rows, cols))
+
+
+def quantization_config(scheme: str, group_size: int) -> dict[str, object]:
+    """The ``quantization_config`` the tool writes into config.json for ``scheme`` (:data:`SCHEMES`)."""
+    if scheme == "awq":
+        return {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True, "version": "gemm",
+                "modules_to_not_convert": None}
+    if scheme.startswith("gptq"):
+        return {"quant_method": "gptq", "bits": 4, "group_size": group_size, "desc_act": scheme == "gptq-act-order",
+                "sym": scheme == "gptq-sym", "true_sequential": True, "damp_percent": 0.01,
+                "checkpoint_format": "gptq_v2" if scheme == "gptq-v2" else "gptq"}
+    symmetric = scheme == "compressed-tensors"
+    return {
+        "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+        "ignore": ["lm_head"],
+        "config_groups": {"group_0": {
+            "targets": ["Linear"], "input_activations": None, "output_activations": None,
+            "weights": {"num_bits": 4, "type": "int", "symmetric": symmetric, "strategy": "group",
+                        "group_size": group_size, "dynamic": False, "actorder": None, "observer": "minmax"}}},
+    }
+
+
+def _quantize(weight: torch.Tensor, scheme: str, group_size: int, scale_dtype: torch.dtype,
+              ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """One projection's tensors in ``scheme`` (by suffix) and its dequantized float32 weight."""
+    out, inp = weight.shape
+    symmetric = scheme in ("gptq-sym", "compressed-tensors")
+    # one permutation per input width: the parts of a merged projection share their input, so GPTQ orders them alike
+    perm = torch.randperm(inp, generator=torch.Generator().manual_seed(inp)) if scheme == "gptq-act-order" \
+        else torch.arange(inp)
+    packed, scales, zeros = quantize_w4a16(weight[:, perm], group_size, symmetric, scale_dtype)
+    values = unpack_int4(packed)[:, torch.argsort(perm)]  # feature perm[j] lies in group j // group_size
+    g_idx = torch.empty(inp, dtype=torch.int32)
+    g_idx[perm] = (torch.arange(inp) // group_size).to(torch.int32)
+    if scheme.startswith("gptq") and scheme != "gptq-v2":  # stored minus one in 4 bits: a zero point 0 reads 16
+        zeros = ((zeros.to(torch.int32) - 1) & 0xF).to(torch.uint8) + 1
+    dequantized = dequantize_w4a16(pack_int4(values), scales, zeros, group_size, g_idx)
+    if scheme == "awq":
+        return {"qweight": _pack_awq(values.t()), "qzeros": _pack_awq(zeros.t()), "scales": scales.t().contiguous()}, \
+            dequantized
+    if scheme.startswith("gptq"):
+        stored_zeros = zeros.to(torch.int32) - (0 if scheme == "gptq-v2" else 1)  # 16 - 1 fits
+        return {"qweight": pack_int4(values).t().contiguous(), "qzeros": pack_int4(stored_zeros.t() & 0xF),
+                "scales": scales.t().contiguous(), "g_idx": g_idx}, dequantized
+    tensors = {"weight_packed": pack_int4(values), "weight_scale": scales,
+               "weight_shape": torch.tensor([out, inp], dtype=torch.int64)}
+    if not symmetric:
+        tensors["weight_zero_point"] = pack_int4(zeros.t().contiguous()).t().contiguous()
+    return tensors, dequantized
+
+
+def write_w4a16_checkpoint(source: str | Path, directory: str | Path, scheme: str, group_size: int = 32,
+                           ) -> tuple[Path, Path]:
+    """Write ``source`` (an unquantized safetensors checkpoint, one file) with its projections stored in 4 bits
+    by ``scheme`` (:data:`SCHEMES`), in groups of ``group_size`` input features, to ``directory/w4a16``, and
+    the same weights dequantized (in the source dtype, no ``quantization_config``) to ``directory/dequantized``.
+    AWQ and GPTQ scales are float16, compressed-tensors' in the weights' dtype. Returns ``(4-bit directory,
+    dequantized directory)``. Raises ValueError for an unknown scheme."""
+    from safetensors.torch import load_file, save_file
+
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown 4-bit checkpoint scheme {scheme!r}; known: {', '.join(SCHEMES)}")
+    source, directory = Path(source), Path(directory)
+    quantized: dict[str, torch.Tensor] = {}
+    dequantized: dict[str, torch.Tensor] = {}
+    for name, tensor in load_file(str(source / "model.safetensors")).items():
+        if not PROJECTION.search(name):
+            quantized[name] = dequantized[name] = tensor
+            continue
+        scale_dtype = tensor.dtype if scheme.startswith("compressed") else torch.float16
+        parts, values = _quantize(tensor, scheme, group_size, scale_dtype)
+        layer = name.removesuffix(".weight")
+        quantized.update({f"{layer}.{suffix}": part for suffix, part in parts.items()})
+        dequantized[name] = values.to(tensor.dtype)
+    paths = []
+    for kind, tensors in (("w4a16", quantized), ("dequantized", dequantized)):
+        target = directory / kind
+        shutil.copytree(source, target, ignore=shutil.ignore_patterns("*.safetensors"), dirs_exist_ok=True)
+        save_file(tensors, str(target / "model.safetensors"), metadata={"format": "pt"})
+        if kind == "w4a16":
+            config = json.loads((target / "config.json").read_text())
+            config["quantization_config"] = quantization_config(scheme, group_size)
+            (target / "config.json").write_text(json.dumps(config, indent=2))
+        paths.append(target)
+    return paths[0], paths[1]
