@@ -57,11 +57,20 @@ def gptq_weight(qweight: torch.Tensor) -> torch.Tensor:
     return qweight.t().contiguous()
 
 
+GPTQ_V1_OFFSET = 0x11111111
+"""What GPTQ's original format (``checkpoint_format: gptq``) subtracts from each packed word of zero points: one
+from each of its eight, borrowing across them as GPTQModel writes and reads it."""
+
+
 def gptq_zeros(qzeros: torch.Tensor, zero_offset: int) -> torch.Tensor:
-    """GPTQ's ``qzeros [groups, out // 8]`` as ``zeros [out, groups]`` uint8, ``zero_offset`` added (1 for the
-    ``gptq`` format, which stores the zero points minus one; a stored 15 then reads 16, as GPTQ's own kernels
-    read it; 0 for ``gptq_v2``)."""
-    return (unpack_int4(qzeros).t() + zero_offset).contiguous()
+    """GPTQ's ``qzeros [groups, out // 8]`` as ``zeros [out, groups]`` uint8. ``zero_offset`` 1: the ``gptq``
+    format, whose words hold the zero points packed minus :data:`GPTQ_V1_OFFSET` (so a zero point of 0 borrows
+    from the next one; adding the word back restores both, as GPTQModel reads them — AutoGPTQ 0.7.1 wrote such a
+    zero point as the nibble 15 and no reading recovers it); 0: ``gptq_v2``, the zero points as they are."""
+    if zero_offset:
+        words = (qzeros.to(torch.int64) + GPTQ_V1_OFFSET * zero_offset) & 0xFFFFFFFF
+        qzeros = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    return unpack_int4(qzeros).t().contiguous()
 
 
 def compressed_zeros(weight_zero_point: torch.Tensor, out: int) -> torch.Tensor:

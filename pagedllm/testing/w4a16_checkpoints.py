@@ -17,16 +17,18 @@ from pathlib import Path
 import torch
 
 from pagedllm.backends.w4a16_linear import PACK, dequantize_w4a16, pack_int4, quantize_w4a16, unpack_int4
+from pagedllm.core.w4a16_formats import GPTQ_V1_OFFSET
 
 PROJECTION = re.compile(r"\.(q|k|v|o|gate|up|down)_proj\.weight$")
 """The checkpoint tensors the tools quantize in a Llama-family model (never the LM head or the embeddings)."""
 
 SCHEMES = ("awq", "gptq", "gptq-sym", "gptq-act-order", "gptq-v2", "compressed-tensors", "compressed-tensors-asym")
-"""``awq``: AutoAWQ's GEMM layout (asymmetric, float16 scales); ``gptq``: AutoGPTQ's original format
-(``checkpoint_format: gptq``, zero points stored minus one, float16 scales, asymmetric), ``gptq-sym`` the same
-symmetric (zero points 8), ``gptq-act-order`` with ``desc_act: true`` (the groups number a permutation of the
-features), ``gptq-v2`` GPTQModel's ``gptq_v2`` format (zero points as they are); ``compressed-tensors``:
-llm-compressor's W4A16 (symmetric, scales in the weights' dtype), ``compressed-tensors-asym`` its W4A16_ASYM."""
+"""``awq``: AutoAWQ's GEMM layout (asymmetric, float16 scales); ``gptq``: GPTQ's original format as GPTQModel
+writes it (``checkpoint_format: gptq``, each word of zero points minus 0x11111111, float16 scales, asymmetric),
+``gptq-sym`` the same symmetric (zero points 8), ``gptq-act-order`` with ``desc_act: true`` (the groups number a
+permutation of the features), ``gptq-v2`` GPTQModel's ``gptq_v2`` format (zero points as they are);
+``compressed-tensors``: llm-compressor's W4A16 (symmetric, scales in the weights' dtype), ``compressed-tensors-asym``
+its W4A16_ASYM."""
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # the feature AutoAWQ puts in each nibble of a word
 
@@ -69,15 +71,16 @@ def _quantize(weight: torch.Tensor, scheme: str, group_size: int, scale_dtype: t
     values = unpack_int4(packed)[:, torch.argsort(perm)]  # feature perm[j] lies in group j // group_size
     g_idx = torch.empty(inp, dtype=torch.int32)
     g_idx[perm] = (torch.arange(inp) // group_size).to(torch.int32)
-    if scheme.startswith("gptq") and scheme != "gptq-v2":  # stored minus one in 4 bits: a zero point 0 reads 16
-        zeros = ((zeros.to(torch.int32) - 1) & 0xF).to(torch.uint8) + 1
     dequantized = dequantize_w4a16(pack_int4(values), scales, zeros, group_size, g_idx)
     if scheme == "awq":
         return {"qweight": _pack_awq(values.t()), "qzeros": _pack_awq(zeros.t()), "scales": scales.t().contiguous()}, \
             dequantized
     if scheme.startswith("gptq"):
-        stored_zeros = zeros.to(torch.int32) - (0 if scheme == "gptq-v2" else 1)  # 16 - 1 fits
-        return {"qweight": pack_int4(values).t().contiguous(), "qzeros": pack_int4(stored_zeros.t() & 0xF),
+        qzeros = pack_int4(zeros.t()).to(torch.int64)
+        if scheme != "gptq-v2":  # GPTQModel's original format: each word minus 0x11111111, borrowing
+            qzeros = (qzeros - GPTQ_V1_OFFSET) & 0xFFFFFFFF
+        qzeros = torch.where(qzeros >= 2**31, qzeros - 2**32, qzeros).to(torch.int32)
+        return {"qweight": pack_int4(values).t().contiguous(), "qzeros": qzeros,
                 "scales": scales.t().contiguous(), "g_idx": g_idx}, dequantized
     tensors = {"weight_packed": pack_int4(values), "weight_scale": scales,
                "weight_shape": torch.tensor([out, inp], dtype=torch.int64)}
@@ -120,3 +123,44 @@ def write_w4a16_checkpoint(source: str | Path, directory: str | Path, scheme: st
             (target / "config.json").write_text(json.dumps(config, indent=2))
         paths.append(target)
     return paths[0], paths[1]
+
+
+def write_with_compressed_tensors(source: str | Path, directory: str | Path, symmetric: bool = True,
+                                  group_size: int = 32) -> Path:
+    """Write ``source`` (an unquantized checkpoint) as llm-compressor would with its ``W4A16`` (``symmetric``) or
+    ``W4A16_ASYM`` preset, through the compressed-tensors library itself (not this module's layouts): each
+    projection's scales and zero points from the minimum and maximum of its groups of ``group_size``, then the
+    library's ``pack-quantized`` compressor and its ``quantization_config``; the tokenizer files copied.
+    Returns ``directory``. Needs the ``compressed-tensors`` package (a test dependency) and transformers."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (
+        QuantizationConfig,
+        QuantizationStatus,
+        apply_quantization_config,
+        preset_name_to_scheme,
+    )
+    from compressed_tensors.quantization.utils.helpers import calculate_qparams
+    from transformers import AutoModelForCausalLM
+
+    source, directory = Path(source), Path(directory)
+    model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32).eval()
+    scheme = preset_name_to_scheme("W4A16" if symmetric else "W4A16_ASYM", targets=["Linear"])
+    scheme.weights.group_size = group_size
+    apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"]))
+    with torch.no_grad():
+        for module in model.modules():
+            if getattr(module, "quantization_scheme", None) is None:
+                continue
+            groups = module.weight.reshape(module.weight.shape[0], -1, group_size)
+            scale, zero_point = calculate_qparams(groups.amin(-1), groups.amax(-1), module.quantization_scheme.weights)
+            module.weight_scale.data.copy_(scale.to(module.weight_scale.dtype))
+            module.weight_zero_point.data.copy_(zero_point.to(module.weight_zero_point.dtype))
+            module.quantization_status = QuantizationStatus.FROZEN
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format="pack-quantized")
+    compressor.compress_model(model)
+    model.save_pretrained(str(directory))
+    compressor.update_config(str(directory))
+    for path in source.iterdir():
+        if path.suffix != ".safetensors" and path.name != "config.json" and path.is_file():
+            shutil.copy(path, directory / path.name)
+    return directory

@@ -68,6 +68,7 @@ def hf_greedy(
     model_dir: Path, prompts_ids: list[list[int]], max_new_tokens: int, dtype: torch.dtype = torch.float32,
     top_logprobs: int = 0, kv_dtype: torch.dtype | None = None, fp8_linear: bool = False,
     fp8_weights_stored: bool = False, fp8_block: bool = False, fp8_input_scales: dict[str, float] | None = None,
+    load_kwargs: dict[str, object] | None = None,
 ) -> list[tuple[list[int], list[dict[int, float]]]]:
     """Generate each prompt alone (no padding) with ``do_sample=False``; EOS is suppressed for exactly
     ``max_new_tokens`` tokens. ``kv_dtype``: attend over keys and values rounded to it, as a KV cache in
@@ -75,12 +76,12 @@ def hf_greedy(
     (see :func:`_fake_quantize_fp8`); with ``fp8_weights_stored`` their weights are an fp8 checkpoint's,
     dequantized (``write_fp8_checkpoint``'s twin), and only their inputs are rounded; with ``fp8_block`` as
     ``quantization="fp8_block"`` defines them; ``fp8_input_scales`` (module name -> scale): inputs rounded with
-    those static scales. Returns ``(token_ids,
+    those static scales; ``load_kwargs``: more arguments of ``from_pretrained``. Returns ``(token_ids,
     per-token top-k {id: logprob})`` per prompt."""
     from transformers import AutoModelForCausalLM
 
     extra = {"attn_implementation": _register_rounded_kv_attention(kv_dtype)} if kv_dtype is not None else {}
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, **extra).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, **extra, **(load_kwargs or {})).eval()
     if fp8_linear:
         _fake_quantize_fp8(model, weights=not fp8_weights_stored, block=fp8_block, input_scales=fp8_input_scales)
     results = []

@@ -39,13 +39,15 @@ def _model(llm: LLM) -> torch.nn.Module:
     return llm.llm_engine.executor.worker.runner.model
 
 
-def assert_matches_transformers(llm: LLM, dequantized: Path, unquantized: Path | None = None) -> None:
+def assert_matches_transformers(llm: LLM, dequantized: Path, unquantized: Path | None = None,
+                                load_kwargs: dict[str, object] | None = None) -> None:
     """Greedy tokens of :data:`PROMPTS` (prefix-sharing, chunked) equal transformers' on the dequantized weights,
     top logprobs within :data:`LOGPROB_GAP`; with ``unquantized``, some logprob is far from that model's (the
-    4-bit weights are really used); every KV block back in the pool."""
+    4-bit weights are really used); every KV block back in the pool. ``load_kwargs``: for transformers'
+    ``from_pretrained``."""
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, min_tokens=MAX_TOKENS, logprobs=3)
     outputs = llm.generate(PROMPTS, params, use_tqdm=False)
-    expected = hf_greedy(dequantized, PROMPTS, MAX_TOKENS, top_logprobs=3)
+    expected = hf_greedy(dequantized, PROMPTS, MAX_TOKENS, top_logprobs=3, load_kwargs=load_kwargs)
     for prompt, out, (tokens, tops) in zip(PROMPTS, outputs, expected, strict=True):
         assert out.outputs[0].token_ids == tokens, f"prompt of {len(prompt)} tokens diverged"
         for ours, theirs in zip(out.outputs[0].logprobs, tops, strict=True):
@@ -72,6 +74,23 @@ def test_checkpoints_match_transformers_on_the_dequantized_weights(checkpoint_fa
     assert qkv.weight_scale.shape == qkv.weight_zero.shape == (128, 2) and qkv.weight_zero.dtype == torch.uint8
     assert (qkv.g_idx is not None) == (scheme == "gptq-act-order")
     assert_matches_transformers(llm, dequantized, checkpoint_factory("llama"))
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_a_checkpoint_written_by_compressed_tensors_matches_transformers(checkpoint_factory, tmp_path: Path,
+                                                                         symmetric: bool) -> None:
+    """A checkpoint the compressed-tensors library itself packs (llm-compressor's W4A16 and W4A16_ASYM presets,
+    groups of 32), read by pagedllm's own converters: the tokens transformers generates on it, decompressed by
+    the same library (``CompressedTensorsConfig(dequantize=True)``)."""
+    from transformers import CompressedTensorsConfig
+
+    from pagedllm.testing.w4a16_checkpoints import write_with_compressed_tensors
+
+    quantized = write_with_compressed_tensors(checkpoint_factory("llama"), tmp_path / "ct", symmetric)
+    llm = LLM(str(quantized), **ENGINE)
+    assert llm.llm_engine.model_config.w4a16.symmetric == symmetric
+    assert_matches_transformers(llm, quantized, checkpoint_factory("llama"),
+                                load_kwargs={"quantization_config": CompressedTensorsConfig(dequantize=True)})
 
 
 def test_qwen2_biases_and_vllm_names(w4a16_checkpoint) -> None:

@@ -79,10 +79,15 @@ def test_awq_nibble_order() -> None:
     assert formats.unpack_awq(word).tolist() == [[0, 1, 2, 3, 4, 5, 6, 7]]
 
 
-def test_gptq_original_format_stores_zero_points_minus_one() -> None:
-    stored = pack_int4(torch.tensor([[7, 7, 7, 7, 7, 7, 7, 15]], dtype=torch.int32))  # sym: 8 - 1; and 0 - 1
-    assert formats.gptq_zeros(stored, 1).t().tolist() == [[8, 8, 8, 8, 8, 8, 8, 16]]
-    assert formats.gptq_zeros(stored, 0).t().tolist()[0][0] == 7
+def test_gptq_original_format_stores_each_word_of_zero_points_minus_0x11111111() -> None:
+    """As GPTQModel writes and reads them: a zero point of 0 borrows from the next one, and adding the word back
+    restores both (symmetric weights: every zero point 8, stored 0x77777777)."""
+    assert formats.gptq_zeros(torch.tensor([[0x77777777]], dtype=torch.int32), 1).t().tolist() == [[8] * 8]
+    zeros = torch.tensor([[0, 3, 0, 15, 1, 0, 8, 2]], dtype=torch.int32)
+    word = int(pack_int4(zeros)) % 2**32 - 0x11111111  # the zero points 0 borrow from their neighbours
+    stored = torch.tensor([[word if word < 2**31 else word - 2**32]], dtype=torch.int32)
+    assert formats.gptq_zeros(stored, 1).t().tolist() == zeros.tolist()
+    assert formats.gptq_zeros(stored, 0).t().tolist()[0][:2] == [15, 1]  # gptq_v2 reads the nibbles as they are
 
 
 @pytest.mark.parametrize("scheme", ["awq", "gptq", "gptq-act-order", "gptq-v2", "compressed-tensors",
