@@ -142,12 +142,15 @@ def _timed_run(model: torch.nn.Module, requests: list[BenchRequest], device: tor
     return time.perf_counter() - start
 
 
-def weight_bytes(model_dir: str | Path, dtype: torch.dtype, quantization: str | None = None) -> int:
+def weight_bytes(model_dir: str | Path, dtype: torch.dtype, quantization: str | None = None,
+                 group_size: int = 128) -> int:
     """Bytes of the model's parameters in ``dtype`` (from its config, without loading it); with
     ``quantization="fp8"`` / ``"fp8_block"``, as pagedllm stores them: the projections (every ``nn.Linear`` but
     the LM head) at one byte per weight plus a float32 scale per output row / per 128 x 128 tile, the rest in
-    ``dtype``. A mixture of experts' stacked expert weights (``experts.*``, ``[num_experts, ...]``; in ``dtype``
-    under any quantization) count at ``num_experts_per_tok / num_experts``: what a one-token step reads."""
+    ``dtype``; with ``"w4a16"`` at half a byte per weight plus a float32 scale and a uint8 zero point per
+    ``group_size`` weights of a row. A mixture of experts' stacked expert weights (``experts.*``, ``[num_experts,
+    ...]``; in ``dtype`` under any quantization) count at ``num_experts_per_tok / num_experts``: what a one-token
+    step reads."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from pagedllm.backends.fp8_linear import block_scale_shape
@@ -165,6 +168,9 @@ def weight_bytes(model_dir: str | Path, dtype: torch.dtype, quantization: str | 
         for name, module in model.named_modules():
             if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head"):
                 rows, cols = module.weight.shape
+                if quantization == "w4a16":
+                    total -= rows * cols * size - rows * cols // 2 - 5 * rows * -(-cols // group_size)
+                    continue
                 scales = math.prod(block_scale_shape(rows, cols)) if quantization == "fp8_block" else rows
                 total -= rows * cols * (size - 1) - 4 * scales
     return total

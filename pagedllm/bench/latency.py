@@ -149,10 +149,13 @@ def run(args: argparse.Namespace) -> int:
              f"hardware: {hardware(device)}; measured copy bandwidth {bandwidth / 1e9:.0f} GB/s; "
              f"weight-read floor {floor_ms:.2f} ms per decode step"]
     stored_floor_ms = None
-    if args.quantization:  # pagedllm's weights as stored: the floor its own reads set
-        stored = weight_bytes(model_config.path, model_config.dtype, args.quantization)
+    quantization = getattr(args, "resolved_quantization", None) or args.quantization
+    if quantization:  # pagedllm's weights as stored: the floor its own reads set
+        w4a16 = model_config.w4a16
+        group_size = w4a16.group_size if w4a16 is not None and w4a16.group_size > 0 else 128
+        stored = weight_bytes(model_config.path, model_config.dtype, quantization, group_size)
         stored_floor_ms = 1e3 * stored / bandwidth
-        lines.append(f"pagedllm's weights with quantization={args.quantization}: {stored / 1e9:.2f} GB, "
+        lines.append(f"pagedllm's weights with quantization={quantization}: {stored / 1e9:.2f} GB, "
                      f"read floor {stored_floor_ms:.2f} ms per decode step (x_floor_stored)")
     for r in results:
         per_token = float(r.extra["per_token_ms"])

@@ -276,10 +276,10 @@ def checkpoint_variant(source: Path, target: Path, edit_tensors=None, edit_confi
 def test_broken_fp8_checkpoints_are_refused_with_the_reason(fp8_checkpoint, tmp_path: Path) -> None:
     fp8_dir, dequantized_dir = fp8_checkpoint("llama", "fp8")
     down = "model.layers.1.mlp.down_proj.weight"
-    awq = checkpoint_variant(fp8_dir, tmp_path / "awq",
-                   edit_config=lambda c: c.update(quantization_config={"quant_method": "awq"}))
-    with pytest.raises(ValueError, match="quant_method 'awq': not supported"):
-        LLM(str(awq), device="cpu", num_kv_blocks=16)
+    bnb = checkpoint_variant(fp8_dir, tmp_path / "bnb",
+                             edit_config=lambda c: c.update(quantization_config={"quant_method": "bitsandbytes"}))
+    with pytest.raises(ValueError, match="quant_method 'bitsandbytes': not supported"):
+        LLM(str(bnb), device="cpu", num_kv_blocks=16)
     undeclared = checkpoint_variant(fp8_dir, tmp_path / "undeclared",
                                     edit_config=lambda c: c.pop("quantization_config"))
     with pytest.raises(ValueError, match=r"0.mlp.down_proj.weight': dtype mismatch: the layer stores torch.float32, "

@@ -21,14 +21,15 @@ MAX_TOKENS = 10
 
 def test_names_and_options() -> None:
     assert EngineConfig(quantization="fp8").quantization == "fp8"
-    with pytest.raises(ValueError, match=r"quantization must be None or one of fp8, fp8_block; got 'int4'"):
+    with pytest.raises(ValueError, match=r"quantization must be None or one of fp8, fp8_block, w4a16, awq, gptq, "
+                                         r"compressed-tensors; got 'int4'"):
         EngineConfig(quantization="int4")
     parser = argparse.ArgumentParser()
     add_engine_args(parser)
     assert engine_config_from_args(parser.parse_args(["--quantization", "fp8"])).quantization == "fp8"
     assert engine_config_from_args(parser.parse_args([])).quantization is None
     with pytest.raises(SystemExit):
-        parser.parse_args(["--quantization", "awq"])
+        parser.parse_args(["--quantization", "bitsandbytes"])
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: biases on q|k|v
