@@ -739,13 +739,14 @@ def test_identity_and_capabilities() -> None:
 
 
 @pytest.mark.parametrize(("capability", "cuda", "kv_fp8", "quantizations"), [
-    ((8, 0), "13.0", False, ()), ((8, 9), "13.0", True, ()), ((9, 0), "12.8", True, ("fp8",)),
-    ((9, 0), "13.0", True, ("fp8", "fp8_block")), ((10, 0), "13.0", True, ("fp8",)),
+    ((8, 0), "13.0", False, ("w4a16",)), ((8, 9), "13.0", True, ("w4a16",)), ((9, 0), "12.8", True, ("fp8", "w4a16")),
+    ((9, 0), "13.0", True, ("fp8", "fp8_block", "w4a16")), ((10, 0), "13.0", True, ("fp8", "w4a16")),
 ])  # fmt: skip
 def test_fp8_claims_follow_the_compute_capability(monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int],
                                                   cuda: str, kv_fp8: bool, quantizations: tuple[str, ...]) -> None:
     """The fp8 KV cache from 8.9 (Triton's e4m3 conversions), fp8 linear layers from 9.0 (where the row-wise
-    scaled e4m3 product has run), tile scales on Hopper with CUDA 12.9 or later (cuBLAS's block scales)."""
+    scaled e4m3 product has run), tile scales on Hopper with CUDA 12.9 or later (cuBLAS's block scales); 4-bit
+    weights (Triton kernels, compiled for sm_80 and sm_90 in the tests) everywhere."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)

@@ -47,7 +47,7 @@ class CudaBackend(TritonGpuBackend):
     # communicator; linear, all_reduce_add_rms_norm; scheduler defaults; fp8; fp8_block; 1.8: qk_norm_rotary_embedding,
     # the fp8_block input ops, linear_fp8_static; 1.9: write_kv_cache_scaled, attention_scaled; 1.10: compiles_kernels;
     # 1.11: fused_moe; 1.12: gelu_and_mul (the default's torch ops); 1.13: topk_softmax
-    interface_version = (1, 13)
+    interface_version = (1, 14)
     priority = 10  # below rocm: torch.cuda also answers on a ROCm build
 
     def make_kernel_tuning(self) -> KernelTuning:
@@ -80,15 +80,15 @@ class CudaBackend(TritonGpuBackend):
         """fp16/bf16/fp32 (bf16 from compute capability 8.0), the KV cache also in fp8 e4m3 or e5m2 (vLLM's
         ``--kv-cache-dtype fp8`` / ``fp8_e5m2``, from compute capability 8.9), fp8 linear layers
         (``--quantization fp8``, from 9.0: its row-wise scaled e4m3 product has run on Hopper only; ``fp8_block`` on
-        Hopper with CUDA 12.9 or later, where cuBLAS has block-scaled e4m3 products), KV blocks of 16/32/64, heads
-        up to 256.
+        Hopper with CUDA 12.9 or later, where cuBLAS has block-scaled e4m3 products), 4-bit weights (``w4a16``: AWQ,
+        GPTQ, compressed-tensors checkpoints; Triton kernels), KV blocks of 16/32/64, heads up to 256.
 
         Scheduler defaults as vLLM's for offline runs (``triton_gpu.backend.scheduler_defaults``): on GPUs of at
         least 70 GiB (H100, H200) up to 1024 running requests and 16384 tokens a step, else 256 and 8192.
         """
         dtypes: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32)
         kv_only: tuple[torch.dtype, ...] = (torch.float8_e4m3fn, torch.float8_e5m2)
-        quantizations: tuple[str, ...] = ("fp8",)
+        quantizations: tuple[str, ...] = ("fp8", "w4a16")
         try:
             if torch.cuda.is_available():
                 capability = torch.cuda.get_device_capability()
@@ -97,9 +97,9 @@ class CudaBackend(TritonGpuBackend):
                 if capability < (8, 9):  # 8-bit float conversions (Triton's "fp8e4nv", "fp8e5") need Ada or Hopper
                     kv_only = ()
                 if capability < (9, 0):  # torch._scaled_mm's row-wise scales: tested on Hopper only
-                    quantizations = ()
+                    quantizations = ("w4a16",)
                 elif capability == (9, 0) and _cuda_version() >= (12, 9):  # cuBLAS's block scales: Hopper only
-                    quantizations = ("fp8", "fp8_block")
+                    quantizations = ("fp8", "fp8_block", "w4a16")
         except Exception:  # capabilities are also listed on machines without a GPU
             pass
         return gpu_capabilities(dtypes, (*dtypes, *kv_only), quantizations)

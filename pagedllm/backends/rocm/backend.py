@@ -31,7 +31,7 @@ class RocmBackend(TritonGpuBackend):
 
     name = "rocm"
     # the cuda backend's interface, less what it claims only for NVIDIA (fp8, fp8_block, the GEMVs, collectives)
-    interface_version = (1, 13)
+    interface_version = (1, 14)
     priority = 20  # above cuda: torch.cuda also answers on a ROCm build, and cuda then says to use rocm
 
     @classmethod

@@ -294,6 +294,17 @@ class TritonGpuBackend(Backend):
             return super().fused_moe(x, w13, w2, topk_weights, topk_ids)
         return kernels.fused_moe(x, w13, w2, topk_weights, topk_ids, self.silu_and_mul, tiles=self.kernel_tuning().moe)
 
+    def linear_w4a16(
+        self, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+        g_idx: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Triton kernels reading the 4-bit weight as it is (``pagedllm.backends.triton_gpu.w4a16_linear``): a GEMV
+        for steps of a few tokens, a GEMM dequantizing as it goes up to a few hundred, and the weight dequantized
+        then cuBLAS's product for longer steps; no host sync (graphs capture them)."""
+        from pagedllm.backends.triton_gpu.w4a16_linear import linear_w4a16
+
+        return linear_w4a16(x, weight, scales, zeros, group_size, g_idx, bias)
+
 
     # ------------------------------------------------------------------ step capture
     def capture_graph(self, fn: Callable[[], None]) -> Callable[[], None]:
