@@ -192,10 +192,11 @@ def load_model(
                 + (" ..." if len(missing) > 8 else "")
             )
     if w4a16 is not None:
-        finish_w4a16(model)
-        logger.info("w4a16 checkpoint (%s, groups of %s%s): %d linear layers loaded in 4 bits; weights %.1f MiB",
-                    w4a16.method, w4a16.group_size if w4a16.group_size > 0 else "a row", ", act-order" *
-                    w4a16.act_order, count, _parameter_bytes(model) / 2**20)
+        reordered = finish_w4a16(model)
+        logger.info("w4a16 checkpoint (%s, groups of %s%s): %d linear layers loaded in 4 bits (%d with their "
+                    "act-order columns sorted by group); weights %.1f MiB", w4a16.method,
+                    w4a16.group_size if w4a16.group_size > 0 else "a row", ", act-order" * w4a16.act_order, count,
+                    reordered, _parameter_bytes(model) / 2**20)
     elif quantization == "w4a16":
         before = _parameter_bytes(model)
         count = quantize_w4a16_layers(model, backend)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from pagedllm.backends.interface import Backend
-from pagedllm.backends.w4a16_linear import PACK, quantize_w4a16
+from pagedllm.backends.w4a16_linear import PACK, pack_int4, quantize_w4a16, unpack_int4
 from pagedllm.core import w4a16_formats as formats
 
 ONLINE_GROUP_SIZE = 128
@@ -192,7 +192,8 @@ def _g_idx(fmt: W4A16Format, tensor: object) -> list[tuple[str, torch.Tensor]]:
 class W4A16LinearOp:
     """The ``linear_op`` of a ``"w4a16"`` layer, called like ``LinearOp`` ``(x, weight, bias)``: the backend's
     ``linear_w4a16`` with the layer's ``weight_scale``, ``weight_zero``, ``group_size`` and ``g_idx`` (read from
-    the layer at each call, so wherever its parameters are)."""
+    the layer at each call, so wherever its parameters are), the input's features first permuted by the layer's
+    ``input_perm`` when it has one (:func:`finish_w4a16`)."""
 
     def __init__(self, backend: Backend, layer: nn.Module) -> None:
         self.backend = backend
@@ -200,6 +201,8 @@ class W4A16LinearOp:
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         layer = self.layer
+        if layer.input_perm is not None:  # an act-order layer whose columns were sorted by group (finish_w4a16)
+            x = x.index_select(1, layer.input_perm)
         g_idx = layer.g_idx if isinstance(layer.g_idx, torch.Tensor) else None
         return self.backend.linear_w4a16(x, weight, layer.weight_scale, layer.weight_zero, layer.group_size, g_idx,
                                          bias)
@@ -268,15 +271,29 @@ def quantize_w4a16_layers(model: nn.Module, backend: Backend) -> int:
     return len(layers)
 
 
-def finish_w4a16(model: nn.Module) -> None:
-    """Drop the ``g_idx`` of layers whose checkpoint numbers the features in order (the kernels then take the
-    faster path). Called by the loader once an act-order checkpoint is read."""
+def finish_w4a16(model: nn.Module) -> int:
+    """Give act-order layers groups in feature order: drop the ``g_idx`` of layers whose checkpoint numbers the
+    features in order, and where every group has ``group_size`` features (GPTQ's act-order: a permutation of
+    the features), sort the weight's columns by group and keep the permutation as ``input_perm [in]`` (int64),
+    which the layer applies to its input before the product (:class:`W4A16LinearOp`), as vLLM's GPTQ kernels
+    do. The product is the same up to the order of its sums, and the kernels take one scale per step instead of
+    gathering one per feature (5 to 9 times faster on an H200). Called by the loader once an act-order checkpoint
+    is read. Returns the number of layers whose columns were sorted."""
+    sorted_layers = 0
     for module in model.modules():
-        if isinstance(getattr(module, "g_idx", None), nn.Parameter):
-            g_idx = module.g_idx.data
-            in_order = torch.arange(g_idx.numel(), device=g_idx.device, dtype=torch.int32) // module.group_size
-            if torch.equal(g_idx, in_order):
-                module.g_idx = None
+        if not isinstance(getattr(module, "g_idx", None), nn.Parameter):
+            continue
+        g_idx = module.g_idx.data
+        in_order = torch.arange(g_idx.numel(), device=g_idx.device, dtype=torch.int32) // module.group_size
+        perm = torch.argsort(g_idx, stable=True)
+        if not torch.equal(g_idx[perm], in_order):
+            continue  # groups of unequal sizes: the kernels gather per feature
+        if not torch.equal(perm, torch.arange(perm.numel(), device=perm.device)):
+            module.weight.data = pack_int4(unpack_int4(module.weight.data)[:, perm])
+            module.input_perm = perm
+            sorted_layers += 1
+        module.g_idx = None
+    return sorted_layers
 
 
 def _params(module: nn.Module) -> list[nn.Parameter]:
@@ -291,4 +308,5 @@ def _store(module: nn.Module, backend: Backend, group_size: int, weight: torch.T
     module.weight_zero = nn.Parameter(zeros, requires_grad=False)
     module.g_idx = None if g_idx is None else nn.Parameter(g_idx, requires_grad=False)
     module.group_size = group_size
+    module.input_perm = None
     module.linear_op = W4A16LinearOp(backend, module)

@@ -72,7 +72,8 @@ def test_checkpoints_match_transformers_on_the_dequantized_weights(checkpoint_fa
     qkv, down = layer.self_attn.qkv_proj, layer.mlp.down_proj
     assert qkv.weight.dtype == torch.int32 and qkv.weight.shape == (128, 8) and down.weight.shape == (64, 16)
     assert qkv.weight_scale.shape == qkv.weight_zero.shape == (128, 2) and qkv.weight_zero.dtype == torch.uint8
-    assert (qkv.g_idx is not None) == (scheme == "gptq-act-order")
+    assert qkv.g_idx is None  # act-order: the columns sorted by group, the input permuted to match
+    assert (qkv.input_perm is not None) == (down.input_perm is not None) == (scheme == "gptq-act-order")
     assert_matches_transformers(llm, dequantized, checkpoint_factory("llama"))
 
 

@@ -126,3 +126,37 @@ def test_unquantized_and_fp8_checkpoints_are_not_w4a16() -> None:
 def test_what_is_not_computed_is_refused_with_the_reason(config: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         checkpoint_w4a16(config)
+
+
+class _Projection(torch.nn.Module):
+    quantizable = True
+
+    def __init__(self, out: int, inp: int) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.empty(out, inp))
+
+
+@pytest.mark.parametrize("equal_groups", [True, False])
+def test_act_order_columns_are_sorted_by_group_when_the_groups_are_equal(equal_groups: bool) -> None:
+    """GPTQ's act-order (every group ``group_size`` features, in a permuted order): the loader sorts the weight's
+    columns by group and permutes the input instead, so the kernels read one scale per step; groups of unequal
+    sizes keep their ``g_idx``. Either way the layer computes the checkpoint's product."""
+    from pagedllm.backends.cpu.backend import CpuBackend
+    from pagedllm.core.w4a16_loading import finish_w4a16, prepare_w4a16_weights
+
+    gen = torch.Generator().manual_seed(3)
+    model = torch.nn.Sequential(_Projection(16, 64))
+    prepare_w4a16_weights(model, CpuBackend(), W4A16Format("gptq", 32, 1, True, False))
+    layer = model[0]
+    packed, scales, zeros = quantize_w4a16(torch.randn(16, 64, generator=gen), 32)
+    in_group_0 = 32 if equal_groups else 29  # else three more features in group 1 than in group 0
+    g_idx = (torch.arange(64) >= in_group_0)[torch.randperm(64, generator=gen)].to(torch.int32)
+    layer.weight.data.copy_(packed)
+    layer.weight_scale.data.copy_(scales)
+    layer.weight_zero.data.copy_(zeros)
+    layer.g_idx.data.copy_(g_idx)
+    x = torch.randn(5, 64, generator=gen)
+    want = reference_linear_w4a16(x, packed, scales, zeros, 32, g_idx)
+    assert finish_w4a16(model) == int(equal_groups)
+    assert (layer.g_idx is None) == equal_groups and (layer.input_perm is not None) == equal_groups
+    torch.testing.assert_close(layer.linear_op(x, layer.weight, None), want, rtol=1e-5, atol=1e-5)
