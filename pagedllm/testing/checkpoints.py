@@ -159,3 +159,23 @@ def build_checkpoint(directory: str | Path, arch: str = "llama", seed: int = 0, 
         save_kwargs["max_shard_size"] = max_shard_size
     model.save_pretrained(str(directory), **save_kwargs)
     return directory
+
+
+def write_checkpoint_variant(source: str | Path, target: str | Path, tensors: dict[str, torch.Tensor],
+                             quantization_config: dict[str, object] | None = None) -> Path:
+    """Write ``tensors`` as ``target/model.safetensors`` beside a copy of ``source``'s other files (config,
+    tokenizer), with ``quantization_config`` put into config.json when given. Called by the quantized checkpoint
+    writers for the quantized checkpoint and its dequantized twin. Returns ``target``."""
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    target = Path(target)
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("*.safetensors"), dirs_exist_ok=True)
+    save_file(tensors, str(target / "model.safetensors"), metadata={"format": "pt"})
+    if quantization_config is not None:
+        config = json.loads((target / "config.json").read_text())
+        config["quantization_config"] = quantization_config
+        (target / "config.json").write_text(json.dumps(config, indent=2))
+    return target

@@ -8,15 +8,14 @@ as it was, and ``quantization_config`` in config.json.
 
 from __future__ import annotations
 
-import json
 import re
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from pagedllm.backends.fp8_linear import FP8_MAX, dequantize_blocks, quantize_blocks, quantize_rows
+from pagedllm.testing.checkpoints import write_checkpoint_variant
 
 PROJECTION = re.compile(r"\.(q|k|v|o|gate|up|down)_proj\.weight$")
 """The checkpoint tensors quantization tools store in fp8 for a Llama-family model (``ignore: [lm_head]``)."""
@@ -82,7 +81,7 @@ def write_fp8_checkpoint(source: str | Path, directory: str | Path, scheme: str,
 
     Returns ``(fp8 directory, dequantized directory)``. Raises ValueError for an unknown scheme.
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     if scheme not in SCHEMES:
         raise ValueError(f"unknown fp8 checkpoint scheme {scheme!r}; known: {', '.join(SCHEMES)}")
@@ -123,22 +122,14 @@ def write_fp8_checkpoint(source: str | Path, directory: str | Path, scheme: str,
             for which, value in zip("kv", amax, strict=True):
                 tensor_name = f"{layer}.{which}_proj.output_scale" if auto_fp8 else f"{layer}.{which}_scale"
                 quantized[tensor_name] = _static_scale(value, auto_fp8, dtype)
-    paths = []
-    for kind, tensors in (("fp8", quantized), ("dequantized", dequantized)):
-        target = directory / kind
-        shutil.copytree(source, target, ignore=shutil.ignore_patterns("*.safetensors"), dirs_exist_ok=True)
-        save_file(tensors, str(target / "model.safetensors"), metadata={"format": "pt"})
-        if kind == "fp8":
-            config = json.loads((target / "config.json").read_text())
-            config["quantization_config"] = _quantization_config(scheme)
-            if kv_cache_scales and auto_fp8:
-                config["quantization_config"]["kv_cache_quant_targets"] = ["k_proj", "v_proj"]
-            elif kv_cache_scales:
-                config["quantization_config"]["kv_cache_scheme"] = {
-                    "num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False, "symmetric": True}
-            (target / "config.json").write_text(json.dumps(config, indent=2))
-        paths.append(target)
-    return paths[0], paths[1]
+    config = _quantization_config(scheme)
+    if kv_cache_scales and auto_fp8:
+        config["kv_cache_quant_targets"] = ["k_proj", "v_proj"]
+    elif kv_cache_scales:
+        config["kv_cache_scheme"] = {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False,
+                                     "symmetric": True}
+    return (write_checkpoint_variant(source, directory / "fp8", quantized, config),
+            write_checkpoint_variant(source, directory / "dequantized", dequantized))
 
 
 def _static_scale(amax: float, auto_fp8: bool, dtype: torch.dtype) -> torch.Tensor:

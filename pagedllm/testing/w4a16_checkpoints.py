@@ -9,7 +9,6 @@ loads no 4-bit weights.
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 
 from pagedllm.backends.w4a16_linear import PACK, dequantize_w4a16, pack_int4, quantize_w4a16, unpack_int4
 from pagedllm.core.w4a16_formats import GPTQ_V1_OFFSET
+from pagedllm.testing.checkpoints import write_checkpoint_variant
 
 PROJECTION = re.compile(r"\.(q|k|v|o|gate|up|down)_proj\.weight$")
 """The checkpoint tensors the tools quantize in a Llama-family model (never the LM head or the embeddings)."""
@@ -96,7 +96,7 @@ def write_w4a16_checkpoint(source: str | Path, directory: str | Path, scheme: st
     the same weights dequantized (in the source dtype, no ``quantization_config``) to ``directory/dequantized``.
     AWQ and GPTQ scales are float16, compressed-tensors' in the weights' dtype. Returns ``(4-bit directory,
     dequantized directory)``. Raises ValueError for an unknown scheme."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     if scheme not in SCHEMES:
         raise ValueError(f"unknown 4-bit checkpoint scheme {scheme!r}; known: {', '.join(SCHEMES)}")
@@ -112,17 +112,8 @@ def write_w4a16_checkpoint(source: str | Path, directory: str | Path, scheme: st
         layer = name.removesuffix(".weight")
         quantized.update({f"{layer}.{suffix}": part for suffix, part in parts.items()})
         dequantized[name] = values.to(tensor.dtype)
-    paths = []
-    for kind, tensors in (("w4a16", quantized), ("dequantized", dequantized)):
-        target = directory / kind
-        shutil.copytree(source, target, ignore=shutil.ignore_patterns("*.safetensors"), dirs_exist_ok=True)
-        save_file(tensors, str(target / "model.safetensors"), metadata={"format": "pt"})
-        if kind == "w4a16":
-            config = json.loads((target / "config.json").read_text())
-            config["quantization_config"] = quantization_config(scheme, group_size)
-            (target / "config.json").write_text(json.dumps(config, indent=2))
-        paths.append(target)
-    return paths[0], paths[1]
+    return (write_checkpoint_variant(source, directory / "w4a16", quantized, quantization_config(scheme, group_size)),
+            write_checkpoint_variant(source, directory / "dequantized", dequantized))
 
 
 def write_with_compressed_tensors(source: str | Path, directory: str | Path, symmetric: bool = True,

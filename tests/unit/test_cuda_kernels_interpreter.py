@@ -40,6 +40,7 @@ KERNEL_MODULES = (
     "gemv",
     "fp8_linear",
     "fused_moe",
+    "w4a16_linear",
 )
 TOLERANCE = {torch.float32: {"atol": 1e-4, "rtol": 1e-4}, torch.float16: {"atol": 3e-3, "rtol": 3e-3}}
 REFERENCE = CpuBackend()

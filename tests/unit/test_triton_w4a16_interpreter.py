@@ -1,22 +1,16 @@
 """The ``cuda`` backend's 4-bit-weight GEMM (``pagedllm.backends.triton_gpu.w4a16_linear``) on the CPU under
 Triton's interpreter, against ``reference_linear_w4a16`` (float32 PyTorch).
 
-The kernel module is imported privately with ``TRITON_INTERPRET=1`` and ``sys.modules`` restored after, and
-triton's standard library is swapped for interpreted twins during each test, as
-``test_cuda_kernels_interpreter.py`` does (its fixtures say why). Shapes are tiny (80 outputs, 256 inputs):
-the interpreter runs every program in Python. bfloat16 is left to the GPU tests (the interpreter mishandles
-some bf16 element-wise operations).
+The kernel module is imported under ``TRITON_INTERPRET=1`` and triton's standard library swapped for interpreted
+twins during each test by ``test_cuda_kernels_interpreter.py``'s fixtures (which say why). Shapes are tiny (80
+outputs, 256 inputs): the interpreter runs every program in Python. bfloat16 is left to the GPU tests (the
+interpreter mishandles some bf16 element-wise operations).
 """
 
 from __future__ import annotations
 
-import contextlib
-import importlib
-import os
-import sys
-from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 
 import pytest
 import torch
@@ -24,73 +18,26 @@ import torch
 pytest.importorskip("triton")
 
 from pagedllm.backends.w4a16_linear import pack_int4, quantize_w4a16, reference_linear_w4a16, unpack_int4
+from tests.unit.test_cuda_kernels_interpreter import interpreted_modules, kernels  # noqa: F401 - fixtures
 from tests.unit.triton_compile import compile_kernel
 
-KERNEL_MODULES = ("attention_common", "w4a16_linear")
-"""Imported under the interpreter: the GEMM's module and the one it imports ``dot_precision`` from (so neither
-is left interpreted in ``sys.modules`` for a later GPU test)."""
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3}
 """Absolute tolerance relative to the largest output, and relative tolerance. float32 differs from the
 reference only in the order of its sums; float16 also rounds the dequantized weight to float16."""
 OUT, IN = 80, 256  # 80 outputs: a partial BLOCK_N tile
 
 
-@pytest.fixture(scope="module")
-def interpreted() -> ModuleType:
-    """``w4a16_linear`` imported with ``TRITON_INTERPRET=1``, without leaving it in ``sys.modules``."""
-    package = importlib.import_module("pagedllm.backends.triton_gpu")
-    names = [f"{package.__name__}.{m}" for m in KERNEL_MODULES]
-    saved_modules = {n: sys.modules.pop(n) for n in names if n in sys.modules}
-    saved_attrs = {m: getattr(package, m) for m in KERNEL_MODULES if hasattr(package, m)}
-    saved_env = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        modules = {m: importlib.import_module(f"{package.__name__}.{m}") for m in KERNEL_MODULES}
-        return modules["w4a16_linear"]
-    finally:
-        if saved_env is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = saved_env
-        for n in names:
-            sys.modules.pop(n, None)
-        sys.modules.update(saved_modules)
-        for m in KERNEL_MODULES:
-            if m in saved_attrs:
-                setattr(package, m, saved_attrs[m])
-            elif hasattr(package, m):
-                delattr(package, m)
-
-
 @pytest.fixture
-def w4a16(interpreted: ModuleType) -> Iterator[ModuleType]:
-    """The interpreted module, with triton's language patched for the interpreter during the test and restored
-    after it (``test_cuda_kernels_interpreter.kernels`` explains the patching)."""
-    import triton.language as tl
-    from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
-
-    with contextlib.suppress(ImportError):  # imported by the first launch; it must wrap the originals
-        importlib.import_module("triton.experimental.gluon")
-    modules = [m for n, m in list(sys.modules.items()) if m is not None and n.startswith("triton.language")]
-    classes = [tl.tensor, tl.dtype, tl.core.condition, tl.core.tensor_descriptor_base]
-    snapshots = [(obj, dict(vars(obj))) for obj in modules + classes]
-    for module in modules:
-        for attr, value in list(vars(module).items()):
-            if isinstance(value, JITFunction):
-                setattr(module, attr, _TWINS.setdefault(id(value), InterpretedFunction(value.fn)))
-    try:
-        yield interpreted
-    finally:
-        for obj, saved in snapshots:
-            current = vars(obj)
-            for attr, value in saved.items():
-                if current.get(attr, _MISSING) is not value:
-                    setattr(obj, attr, value)
+def w4a16(kernels: SimpleNamespace) -> ModuleType:  # noqa: F811 - the imported fixture
+    """The kernel module imported under the interpreter, triton's language patched for it during the test
+    (``test_cuda_kernels_interpreter.kernels``)."""
+    return kernels.w4a16_linear
 
 
-_TWINS: dict[int, object] = {}
-_MISSING = object()
+@pytest.fixture(scope="module")
+def interpreted(interpreted_modules: SimpleNamespace) -> ModuleType:  # noqa: F811 - the imported fixture
+    """The kernel module imported under the interpreter, for its host-side helpers (no kernel launched)."""
+    return interpreted_modules.w4a16_linear
 
 
 def make_layer(out: int, inp: int, group_size: int, act_order: bool, bias: bool, seed: int = 0,

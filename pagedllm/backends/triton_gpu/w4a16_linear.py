@@ -335,11 +335,17 @@ def gemv_w4a16(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zero
         num_warps=warps,
     )  # fmt: skip
     if splits > 1:
-        _split_k_sum_kernel[(triton.cdiv(m * n, REDUCE_BLOCK),)](
-            y, out, bias if bias is not None else out, m * n, n, splits, HAS_BIAS=bias is not None,
-            BLOCK=REDUCE_BLOCK, num_warps=4,
-        )  # fmt: skip
+        _sum_splits(y, out, bias)
     return y
+
+
+def _sum_splits(y: torch.Tensor, partial: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """``y [m, n] = sum_s partial[s] (+ bias)``, ``partial [splits, m, n]`` float32 (:func:`_split_k_sum_kernel`)."""
+    splits, m, n = partial.shape
+    _split_k_sum_kernel[(triton.cdiv(m * n, REDUCE_BLOCK),)](
+        y, partial, bias if bias is not None else partial, m * n, n, splits, HAS_BIAS=bias is not None,
+        BLOCK=REDUCE_BLOCK, num_warps=4,
+    )  # fmt: skip
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
@@ -415,8 +421,5 @@ def linear_w4a16(
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )  # fmt: skip
     if splits > 1:
-        _split_k_sum_kernel[(triton.cdiv(m * n, REDUCE_BLOCK),)](
-            y, out, bias if bias is not None else out, m * n, n, splits, HAS_BIAS=bias is not None,
-            BLOCK=REDUCE_BLOCK, num_warps=4,
-        )  # fmt: skip
+        _sum_splits(y, out, bias)
     return y
