@@ -19,8 +19,9 @@ from pagedllm.backends.w4a16_linear import PACK, dequantize_w4a16, pack_int4, qu
 from pagedllm.core.w4a16_formats import GPTQ_V1_OFFSET
 from pagedllm.testing.checkpoints import write_checkpoint_variant
 
-PROJECTION = re.compile(r"\.(q|k|v|o|gate|up|down)_proj\.weight$")
-"""The checkpoint tensors the tools quantize in a Llama-family model (never the LM head or the embeddings)."""
+PROJECTION = re.compile(r"\.(q|k|v|o|gate|up|down|qkv|gate_up)_proj\.weight$")
+"""The checkpoint tensors the tools quantize in a Llama-family model, Phi-3's fused ``qkv_proj`` and
+``gate_up_proj`` among them (never the LM head or the embeddings)."""
 
 SCHEMES = ("awq", "gptq", "gptq-sym", "gptq-act-order", "gptq-v2", "compressed-tensors", "compressed-tensors-asym")
 """``awq``: AutoAWQ's GEMM layout (asymmetric, float16 scales); ``gptq``: GPTQ's original format as GPTQModel

@@ -104,6 +104,16 @@ def test_qwen2_biases_and_vllm_names(w4a16_checkpoint) -> None:
     assert_matches_transformers(llm, dequantized)
 
 
+@pytest.mark.parametrize("scheme", ["awq", "gptq-act-order"])
+def test_phi3_fused_projections(w4a16_checkpoint, scheme: str) -> None:
+    """Phi-3 stores q|k|v and gate|up fused in its checkpoint: their 4-bit words, scales and zero points are split
+    into the parts as its float weights are (AWQ packs along the fused outputs, GPTQ along the inputs)."""
+    quantized, dequantized = w4a16_checkpoint("phi3", scheme)
+    llm = LLM(str(quantized), **ENGINE)
+    assert _model(llm).model.layers[0].mlp.gate_up_proj.weight.dtype == torch.int32
+    assert_matches_transformers(llm, dequantized)
+
+
 def test_online_w4a16_rounds_like_a_checkpoint(checkpoint_factory, tmp_path: Path) -> None:
     """``quantization="w4a16"`` on an unquantized model: groups of 128 input features where they fit, else 64
     or 32 (this tiny model: 64 and 128 features, so 64 and 128), float32 scales; the tokens of transformers
