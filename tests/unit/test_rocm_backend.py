@@ -89,7 +89,7 @@ def test_refuses_what_it_is_not_built_for(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_capabilities(monkeypatch: pytest.MonkeyPatch) -> None:
-    """What the backend claims: no fp8 (cache or layers), graphs and asynchronous scheduling, and the larger
+    """What the backend claims: no fp8 layers, 4-bit ones, graphs and asynchronous scheduling, and the larger
     scheduler defaults on an MI300X's 192 GB, the smaller ones on a 64 GB MI210."""
     backend = RocmBackend()
     assert (backend.name, backend.device_type, backend.dist_backend) == ("rocm", "cuda", "nccl")
@@ -97,7 +97,7 @@ def test_capabilities(monkeypatch: pytest.MonkeyPatch) -> None:
     fake_rocm(monkeypatch, "gfx942")
     claims = backend.capabilities()
     assert set(claims.dtypes) == set(claims.kv_cache_dtypes) == {torch.float16, torch.bfloat16, torch.float32}
-    assert claims.quantizations == ()
+    assert claims.quantizations == ("w4a16",)
     assert claims.can_capture_graphs and claims.runs_asynchronously and claims.compiles_kernels
     assert (claims.default_max_num_seqs, claims.default_max_num_batched_tokens) == (1024, 16384)
     for arch in SUPPORTED_ARCHS:  # an fp8 KV cache where the GPU converts OCP 8-bit floats in hardware
@@ -123,8 +123,9 @@ def kernel_variants(tuning: KernelTuning, fp8: bool = False) -> list[tuple[str, 
     """``(label, kernel, pointer types, constexprs, options)`` of the launches the rocm backend makes with
     ``tuning``'s tiles: attention for Llama (head 128, GQA 4), Gemma 3 (head 256; with its window and soft cap),
     a head of 80 (GQA 8), Qwen2's MQA in fp32; the KV write; with ``fp8``, attention over an e4m3 or e5m2 cache
-    and its scaled write; the fused ops; the MoE router, GEMVs and grouped GEMMs."""
-    from pagedllm.backends.triton_gpu import decode_attention, fused_kernels, fused_moe, kv_cache_kernels
+    and its scaled write; the fused ops; the MoE router, GEMVs and grouped GEMMs; the 4-bit GEMM at each of the
+    family's tiles (with and without act-order), its GEMV and its split-K sum."""
+    from pagedllm.backends.triton_gpu import decode_attention, fused_kernels, fused_moe, kv_cache_kernels, w4a16_linear
     from pagedllm.backends.triton_gpu import prefill_attention as prefill
     from pagedllm.backends.triton_gpu.attention_common import LOG2_E, block_d, dot_precision, unmasked_tiles
 
@@ -203,6 +204,21 @@ def kernel_variants(tuning: KernelTuning, fp8: bool = False) -> list[tuple[str, 
                          {"NUM_EXPERTS": 128, "TOP_K": 8, "ROWS_ARE_TOKENS": rows_are_tokens,
                           "MUL_WEIGHTS": not rows_are_tokens, "DOT_PRECISION": None, "BLOCK_M": block_m,
                           "BLOCK_N": block_n, "BLOCK_K": block_k}, {"num_warps": warps, "num_stages": stages}))
+    w4 = {"out_ptr": "*bf16", "x_ptr": "*bf16", "w_ptr": "*i32", "scales_ptr": "*fp32", "zeros_ptr": "*u8",
+          "g_idx_ptr": "*i32", "bias_ptr": "*bf16", "y_ptr": "*bf16", "partial_ptr": "*fp32"}
+    for rows, t in tuning.w4a16:
+        for g_idx in (False, True):
+            variants.append((f"w4a16 gemm rows<={rows} g_idx={g_idx}", w4a16_linear._w4a16_gemm_kernel, w4,
+                             {"GROUP_SIZE": 128, "HAS_G_IDX": g_idx, "GROUP_PER_STEP": not g_idx, "EVEN_K": True,
+                              "HAS_BIAS": True, "DOT_PRECISION": None, "SWAP_AB": t.swap_ab, "BLOCK_M": t.block_m,
+                              "BLOCK_N": t.block_n, "BLOCK_K": t.block_k, "GROUP_M": w4a16_linear.GROUP_M},
+                             {"num_warps": t.num_warps, "num_stages": t.num_stages}))
+    block_n, block_w, warps = w4a16_linear.gemv_tiles(128, 4096)
+    variants.append(("w4a16 gemv", w4a16_linear._w4a16_gemv_kernel, w4,
+                     {"GROUP_SIZE": 128, "HAS_BIAS": True, "BLOCK_N": block_n, "BLOCK_W": block_w},
+                     {"num_warps": warps}))
+    variants.append(("w4a16 split-K sum", w4a16_linear._split_k_sum_kernel, w4,
+                     {"HAS_BIAS": True, "BLOCK": w4a16_linear.REDUCE_BLOCK}, {"num_warps": 4}))
     return variants
 
 
@@ -349,3 +365,26 @@ def test_mixture_of_experts_matches_reference(rocm: RocmBackend, dtype: torch.dt
     torch.testing.assert_close(weights, want_weights, rtol=1e-5, atol=1e-6)
     got = rocm.fused_moe(x, w13, w2, weights, ids)
     torch.testing.assert_close(got, REFERENCE.fused_moe(x, w13, w2, weights, ids), **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 5, 20, 40, 70])
+@pytest.mark.parametrize("act_order", [False, True], ids=["groups", "act_order"])
+def test_w4a16_matches_reference(rocm: RocmBackend, dtype: torch.dtype, rows: int, act_order: bool) -> None:
+    """4-bit linear layers through ``RocmBackend.linear_w4a16`` (the GEMV at one token, then each row bucket of the
+    family's GEMM tiles; act-order scales gathered per feature), against the ``cpu`` backend."""
+    from pagedllm.backends.w4a16_linear import pack_int4, quantize_w4a16, unpack_int4
+
+    gen = torch.Generator().manual_seed(rows)
+    out, inp, group_size = 80, 256, 64
+    packed, scales, zeros = quantize_w4a16(torch.randn(out, inp, generator=gen) * inp**-0.5, group_size)
+    g_idx = None
+    if act_order:
+        perm = torch.randperm(inp, generator=gen)
+        packed = pack_int4(unpack_int4(packed)[:, perm])
+        g_idx = (torch.arange(inp) // group_size).to(torch.int32)[perm]
+    x, bias = torch.randn(rows, inp, generator=gen).to(dtype), torch.randn(out, generator=gen).to(dtype)
+    got = rocm.linear_w4a16(x, packed, scales, zeros, group_size, g_idx, bias)
+    expected = REFERENCE.linear_w4a16(x, packed, scales, zeros, group_size, g_idx, bias)
+    torch.testing.assert_close(got.float(), expected.float(), **TOLERANCE[dtype])
+

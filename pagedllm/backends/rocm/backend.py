@@ -64,7 +64,9 @@ class RocmBackend(TritonGpuBackend):
         """fp16/bf16/fp32, the KV cache in the same dtypes and, on GPUs with OCP 8-bit floats in hardware (gfx950,
         gfx1200, gfx1201: :data:`~pagedllm.backends.rocm.tuning.OCP_FP8_ARCHS`), also in fp8 e4m3 or e5m2 (vLLM's
         ``--kv-cache-dtype fp8`` / ``fp8_e5m2``, with checkpoints' KV scales); KV blocks of 16/32/64, heads up to
-        256, sliding windows, soft-capped scores, HIP graphs of decode steps, asynchronous scheduling. Scheduler
+        256, sliding windows, soft-capped scores, 4-bit weights (``w4a16``: AWQ, GPTQ, compressed-tensors
+        checkpoints; the shared Triton kernels with each family's tiles, ``KernelTuning.w4a16``), HIP graphs of
+        decode steps, asynchronous scheduling. Scheduler
         defaults as ``cuda``'s: 1024 running requests and 16384 tokens a step on GPUs of at least 70 GiB (every
         MI300), else 256 and 8192 (a 24-48 GB Radeon).
 
@@ -80,7 +82,7 @@ class RocmBackend(TritonGpuBackend):
                 kv_only = (torch.float8_e4m3fn, torch.float8_e5m2)
         except Exception:  # capabilities are also listed on machines without a GPU
             pass
-        return gpu_capabilities(dtypes, (*dtypes, *kv_only))
+        return gpu_capabilities(dtypes, (*dtypes, *kv_only), ("w4a16",))
 
     def make_kernel_tuning(self) -> KernelTuning:
         """The tiles of the current GPU's family (:func:`pagedllm.backends.rocm.tuning.tuning_for`)."""

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from pagedllm.backends.kv_storage import is_fp8
-from pagedllm.backends.triton_gpu.tuning import KernelTuning
+from pagedllm.backends.triton_gpu.tuning import KernelTuning, W4A16Table, W4A16Tiles
 
 CDNA_ARCHS = {
     "gfx90a": "AMD Instinct MI200 series (CDNA2)",
@@ -93,14 +93,35 @@ RDNA_MOE_TILES = (64, 64, 32, 4, 2)
 """The grouped MoE GEMMs' tiles on RDNA: half of CDNA's ``BLOCK_N`` and ``BLOCK_K`` (CDNA's spill on gfx1100)."""
 
 
+CDNA_W4A16_TILES: W4A16Table = (
+    (16, W4A16Tiles(16, 128, 64, 4, 1, swap_ab=True)),
+    (32, W4A16Tiles(32, 64, 64, 4, 2, swap_ab=True)),
+    (64, W4A16Tiles(64, 64, 64, 4, 2)),
+    (1 << 62, W4A16Tiles(128, 128, 64, 8, 2)),
+)
+"""The 4-bit GEMM's tiles on CDNA: NVIDIA's with one or two pipeline stages and 64-feature steps (NVIDIA's
+three- and four-stage tiles need more than the 64 KiB LDS of gfx90a and gfx942 with act-order's per-feature
+scales, and gfx950's compiler fails on the largest). From a compile sweep: none spills, each fits the LDS of
+every CDNA GPU, with and without act-order. Unmeasured."""
+
+RDNA_W4A16_TILES: W4A16Table = (
+    (16, W4A16Tiles(16, 64, 64, 4, 2, swap_ab=True)),
+    (32, W4A16Tiles(32, 64, 32, 4, 2, swap_ab=True)),
+    (64, W4A16Tiles(64, 64, 32, 4, 2)),
+    (1 << 62, W4A16Tiles(128, 64, 64, 8, 2)),
+)
+"""The 4-bit GEMM's tiles on RDNA: the largest of the compile sweep that spill no register on gfx1100 and gfx1201
+with and without act-order (wider tiles spill at 32 lanes a wavefront). Unmeasured."""
+
+
 def cdna() -> KernelTuning:
     """The ``rocm`` backend's tuning for CDNA GPUs (gfx90a, gfx942, gfx950)."""
-    return KernelTuning("cdna", cdna_decode_tiles, cdna_prefill_tiles, CDNA_MOE_TILES)
+    return KernelTuning("cdna", cdna_decode_tiles, cdna_prefill_tiles, CDNA_MOE_TILES, CDNA_W4A16_TILES)
 
 
 def rdna() -> KernelTuning:
     """The ``rocm`` backend's tuning for RDNA3/RDNA4 GPUs (gfx1100, gfx1101, gfx1200, gfx1201)."""
-    return KernelTuning("rdna", rdna_decode_tiles, rdna_prefill_tiles, RDNA_MOE_TILES)
+    return KernelTuning("rdna", rdna_decode_tiles, rdna_prefill_tiles, RDNA_MOE_TILES, RDNA_W4A16_TILES)
 
 
 def tuning_for(arch: str) -> KernelTuning:

@@ -299,11 +299,11 @@ class TritonGpuBackend(Backend):
         g_idx: torch.Tensor | None = None, bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Triton kernels reading the 4-bit weight as it is (``pagedllm.backends.triton_gpu.w4a16_linear``): a GEMV
-        for steps of a few tokens, a GEMM dequantizing as it goes up to a few hundred, and the weight dequantized
-        then cuBLAS's product for longer steps; no host sync (graphs capture them)."""
+        for one-token steps, a GEMM dequantizing each tile as it reads it for longer ones, with the GPU family's
+        tiles (``KernelTuning.w4a16``); no host sync (graphs capture them)."""
         from pagedllm.backends.triton_gpu.w4a16_linear import linear_w4a16
 
-        return linear_w4a16(x, weight, scales, zeros, group_size, g_idx, bias)
+        return linear_w4a16(x, weight, scales, zeros, group_size, g_idx, bias, table=self.kernel_tuning().w4a16)
 
 
     # ------------------------------------------------------------------ step capture

@@ -17,6 +17,23 @@ DecodeTiles = Callable[[int, torch.dtype], tuple[int, int, int]]
 """``(head_dim, kv_cache_dtype) -> (BLOCK_N, num_warps, num_stages)`` of the split-K decode kernel."""
 PrefillTiles = Callable[[int, torch.dtype], tuple[int, int, int, int]]
 """``(head_dim, query_dtype) -> (BLOCK_M, BLOCK_N, num_warps, num_stages)`` of the varlen prefill kernel."""
+@dataclass(frozen=True)
+class W4A16Tiles:
+    """One launch's tiles: ``block_k`` is the longest step taken; it is shortened to divide ``group_size``
+    (:func:`step_length`). ``swap_ab``: each tile is computed as ``W x^T``, the dequantized weight the product's
+    first operand (few rows: the weight then fills the tensor cores' tall side)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    swap_ab: bool = False
+
+
+W4A16Table = tuple[tuple[int, W4A16Tiles], ...]
+"""``(largest row count, tiles)`` by the rows of a step, first match: the 4-bit GEMM's tiles
+(``pagedllm.backends.triton_gpu.w4a16_linear``)."""
 
 
 @dataclass(frozen=True)
@@ -24,20 +41,22 @@ class KernelTuning:
     """One GPU family's tiles for the attention and mixture-of-experts kernels.
 
     ``decode`` and ``prefill`` are called at every attention launch (host side, cheap); ``moe`` is the grouped
-    GEMMs' ``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)``. Tiles depend on shapes and dtypes only, so a
-    captured graph replays the variant it was captured with.
+    GEMMs' ``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)``; ``w4a16`` the 4-bit GEMM's tiles by step rows
+    (:data:`W4A16Table`). Tiles depend on shapes and dtypes only, so a captured graph replays the variant it was
+    captured with.
     """
 
     name: str
     decode: DecodeTiles
     prefill: PrefillTiles
     moe: tuple[int, int, int, int, int]
+    w4a16: W4A16Table
 
 
 def nvidia() -> KernelTuning:
     """The ``cuda`` backend's tuning: the kernel modules' own defaults (imports them, and so triton)."""
-    from pagedllm.backends.triton_gpu import fused_moe
+    from pagedllm.backends.triton_gpu import fused_moe, w4a16_linear
     from pagedllm.backends.triton_gpu.decode_attention import decode_tiles
     from pagedllm.backends.triton_gpu.prefill_attention import prefill_tiles
 
-    return KernelTuning("nvidia", decode_tiles, prefill_tiles, fused_moe.TILES)
+    return KernelTuning("nvidia", decode_tiles, prefill_tiles, fused_moe.TILES, w4a16_linear.TILES)

@@ -37,13 +37,13 @@ loaded (and the input's columns the same way) would give them the one-scale-per-
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
 from pagedllm.backends.triton_gpu.attention_common import dot_precision
+from pagedllm.backends.triton_gpu.tuning import W4A16Table, W4A16Tiles
 from pagedllm.backends.w4a16_linear import PACK
 
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -72,21 +72,7 @@ MAGIC_BITS = tl.constexpr(0x4B000000)
 values and zero points become floats by an OR and their difference by one exact subtraction."""
 
 
-@dataclass(frozen=True)
-class W4A16Tiles:
-    """One launch's tiles: ``block_k`` is the longest step taken; it is shortened to divide ``group_size``
-    (:func:`step_length`). ``swap_ab``: each tile is computed as ``W x^T``, the dequantized weight the product's
-    first operand (few rows: the weight then fills the tensor cores' tall side)."""
-
-    block_m: int
-    block_n: int
-    block_k: int
-    num_warps: int
-    num_stages: int
-    swap_ab: bool = False
-
-
-TILES: tuple[tuple[int, W4A16Tiles], ...] = (
+TILES: W4A16Table = (
     (16, W4A16Tiles(16, 128, 128, 4, 3, swap_ab=True)),
     (32, W4A16Tiles(32, 64, 128, 4, 4, swap_ab=True)),
     (64, W4A16Tiles(64, 64, 64, 4, 4)),
@@ -98,10 +84,11 @@ tiles timed on an H200 (Triton 3.6, bf16, group size 128) for Llama-3-8B's o_pro
 32, 64, 256, 1024 and 4096 rows, except 64 rows' gate_up (within 8%)."""
 
 
-def w4a16_tiles(rows: int) -> W4A16Tiles:
-    """The tiles for a step of ``rows`` input rows (tokens): the first :data:`TILES` entry taking that many.
-    Called at every launch (host side, shapes only); ``BLOCK_M`` grows with ``rows``."""
-    return next(tiles for limit, tiles in TILES if rows <= limit)
+def w4a16_tiles(rows: int, table: W4A16Table = TILES) -> W4A16Tiles:
+    """The tiles for a step of ``rows`` input rows (tokens): the first entry of ``table`` (a GPU family's, default
+    :data:`TILES`, NVIDIA's) taking that many. Called at every launch (host side, shapes only); ``BLOCK_M`` grows
+    with ``rows``."""
+    return next(tiles for limit, tiles in table if rows <= limit)
 
 
 def step_length(block_k: int, group_size: int, in_features: int) -> int:
@@ -379,7 +366,7 @@ def _check(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: t
 def linear_w4a16(
     x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
     g_idx: torch.Tensor | None = None, bias: torch.Tensor | None = None, tiles: W4A16Tiles | None = None,
-    num_splits: int | None = None,
+    num_splits: int | None = None, table: W4A16Table = TILES,
 ) -> torch.Tensor:
     """``x @ W.T + bias`` with ``W`` the 4-bit weight dequantized on the fly; the ``cuda`` backend's
     ``linear_w4a16``, called for every projection of a ``quantization="w4a16"`` model at every step.
@@ -388,7 +375,8 @@ def linear_w4a16(
     group_size]`` float16/bfloat16/float32; ``zeros: [out, in // group_size]`` uint8; ``g_idx: [in]`` int32 or
     int64 (each value below ``in // group_size``; not checked, which would sync) or None; ``bias: [out]`` or None
     (the layout of :mod:`pagedllm.backends.w4a16_linear`). Returns ``[num_tokens, out]`` in ``x.dtype``, summed
-    in float32. ``tiles`` overrides :func:`w4a16_tiles`, ``num_splits`` :func:`split_k` (tests and benchmarks).
+    in float32. ``table``: the GPU family's tiles by rows (a ``KernelTuning``'s ``w4a16``); ``tiles`` overrides
+    them, ``num_splits`` :func:`split_k` (tests and benchmarks).
     Raises ValueError for inputs of other shapes or dtypes, or weights not contiguous along their last dimension
     (an ``x`` that is not is copied). No host sync: capturable in a CUDA graph.
     """
@@ -401,7 +389,7 @@ def linear_w4a16(
         x = x.contiguous()
     if tiles is None and m <= GEMV_ROWS and g_idx is None:
         return gemv_w4a16(x, weight, scales, zeros, group_size, bias, num_splits)
-    tiles = tiles or w4a16_tiles(m)
+    tiles = tiles or w4a16_tiles(m, table)
     block_k = step_length(tiles.block_k, group_size, k)
     k_steps = triton.cdiv(k, block_k)
     tiles_mn = triton.cdiv(m, tiles.block_m) * triton.cdiv(n, tiles.block_n)
