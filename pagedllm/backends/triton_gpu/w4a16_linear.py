@@ -1,37 +1,37 @@
-"""4-bit-weight linear layers (``"w4a16"``) on ``cuda``: one Triton GEMM that dequantizes the weight as it reads
-it, ``y = x @ W.T + bias`` with ``W[n, k] = (q[n, k] - zeros[n, g(k)]) * scales[n, g(k)]``.
+"""4-bit-weight linear layers (``"w4a16"``) on ``cuda`` and ``rocm``: a Triton GEMM that dequantizes the weight as
+it reads it and a GEMV for one-token steps, ``y = x @ W.T + bias`` with ``W[n, k] = (q[n, k] - zeros[n, g(k)]) *
+scales[n, g(k)]``.
 
 The layout is :mod:`pagedllm.backends.w4a16_linear`'s (``weight [out, in // 8]`` int32, eight 4-bit values a word
 along the input features; ``scales``/``zeros [out, in // group_size]``; ``g_idx [in]`` or None) and the result
-is :func:`~pagedllm.backends.w4a16_linear.reference_linear_w4a16`'s up to rounding: each program owns a
+is :func:`~pagedllm.backends.w4a16_linear.reference_linear_w4a16`'s up to rounding: each GEMM program owns a
 ``[BLOCK_M, BLOCK_N]`` tile of outputs and walks the input features in steps of ``BLOCK_K``. A step loads the
 input's ``[BLOCK_M, BLOCK_K]`` tile and the ``[BLOCK_N, BLOCK_K // 8]`` words of the weight tile (each word read
 once; ``tl.interleave`` repeats it for its eight features, which shift their nibble out), dequantizes in float32
 (:data:`MAGIC_BITS`: no integer-to-float conversions) — one scale and zero point per output row when the step
 lies in one group (no ``g_idx``, ``BLOCK_K`` dividing ``group_size``), else gathered per feature (act-order
-checkpoints) — casts to the input's dtype and multiplies on the tensor cores with float32 accumulation
-(``"ieee"`` for float32 inputs, so they match the float32 reference). Steps of up to 32 rows compute each tile
-transposed (``W x^T``: the weight's rows fill the tall side of the tensor-core product).
+checkpoints whose groups differ in size: the loader sorts the others by group) — casts to the input's dtype and
+multiplies on the tensor cores with float32 accumulation (``"ieee"`` for float32 inputs, so they match the
+float32 reference). Steps of up to 32 rows compute each tile transposed (``W x^T``: the weight's rows fill the
+tall side of the tensor-core product). The tiles by step rows are the GPU family's (``KernelTuning.w4a16``;
+:data:`TILES` on NVIDIA).
 
-One-token steps without act-order take a GEMV instead (:func:`gemv_w4a16`: no tensor cores, no shuffles; nibble
-``j`` of each word meets input feature ``8 w + j`` in eight passes over the words as loaded, each group's zero
-point applied as ``sum q x - z sum x``). Decode steps (one token to a few dozen) stream the weight once and have
-few output tiles: the input features
-are then split over :func:`split_k` programs per output tile so that about two programs per SM stream the
-weight, each writing its float32 partial sums, and a second kernel adds the splits in a fixed order
-(deterministic), adds the bias and rounds to the input's dtype. The tiles and the split depend on shapes only
-(no host sync, nothing read from the device), so decode steps can be captured in CUDA graphs.
+One-token steps without ``g_idx`` take the GEMV (:func:`gemv_w4a16`: no tensor cores, no shuffles; nibble ``j``
+of each word meets input feature ``8 w + j`` in eight passes over the words as loaded, each group's zero point
+applied as ``sum q x - z sum x``). Decode steps have few output tiles: the input features are then split over
+:func:`split_k` programs per output tile so that about two programs per SM stream the weight, each writing its
+float32 partial sums, and a second kernel adds the splits in a fixed order (deterministic), adds the bias and
+rounds to the input's dtype. The tiles and the split depend on shapes only (no host sync, nothing read from the
+device), so decode steps can be captured in CUDA graphs.
 
 On an H200 (Triton 3.6, bf16, group size 128, in CUDA graphs, weights rotated past L2; RESULTS.md run 140),
 Llama-3-8B's projections take about what bf16 cuBLAS takes for one to 16 tokens (one token through the GEMV:
 q|k|v 17.2 us against 16.9, o 11.6 against 13.7, gate|up 49.1 against 56.8, down 28.3 against 32.3) — 0.6 to
 1.3 TB/s of 4-bit weight, a third of the bandwidth — 0.55 to 0.82x cuBLAS at 64 tokens and 0.35 to 0.46x from
-256 on (gate|up at 1024 tokens 687 us against 309). A Triton kernel dequantizing the whole weight for cuBLAS
-was slower still (1.06 ms for gate|up) and is not used. Nsight
-Compute on gate|up at one token: L1/shared memory 86% busy, DRAM 17% (the dequantized tile is staged through
-shared memory for the product). Act-order layers (``g_idx``) gather a scale and a zero per weight element and
-run 5 to 9 times slower (o_proj 77 us at one token); sorting a checkpoint's features by group when it is
-loaded (and the input's columns the same way) would give them the one-scale-per-step path.
+256 on (gate|up at 1024 tokens 687 us against 309). Nsight Compute on gate|up at one token: L1/shared memory 86%
+busy, DRAM 17% (the dequantized tile is staged through shared memory for the product). Gathering a scale and a
+zero point per feature (``g_idx``) runs 5 to 9 times slower (o_proj 77 us at one token). A Triton kernel
+dequantizing the whole weight for cuBLAS was slower still (1.06 ms for gate|up) and is not used.
 """
 
 from __future__ import annotations
