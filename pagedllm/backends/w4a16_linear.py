@@ -38,7 +38,12 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     if cols % PACK:
         raise ValueError(f"4-bit packing needs a multiple of {PACK} values per row, got {cols}")
     nibbles = q.to(torch.int64).reshape(rows, cols // PACK, PACK) & 0xF
-    words = (nibbles << _SHIFTS.to(q.device, torch.int64)).sum(dim=-1)
+    return as_int32_words((nibbles << _SHIFTS.to(q.device, torch.int64)).sum(dim=-1))
+
+
+def as_int32_words(words: torch.Tensor) -> torch.Tensor:
+    """32-bit words held as integers ``0 <= w < 2^32`` (int64) as the int32 tensor of the same bits (two's
+    complement). Called wherever packed words are computed in int64."""
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
@@ -81,6 +86,21 @@ def reference_linear_w4a16(
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
+
+
+def quantize_w4a16_act_order(
+    w: torch.Tensor, group_size: int, order: torch.Tensor, symmetric: bool = False,
+    scale_dtype: torch.dtype = torch.float16,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`quantize_w4a16` with groups in act-order, as GPTQ's ``desc_act`` makes them: feature ``order[j]``
+    (``order`` a permutation of the ``in`` features) lies in group ``j // group_size``. Returns ``(weight [out, in
+    // 8] int32, scales, zeros [out, in // group_size], g_idx [in] int32)``, the weight's features in their own
+    order. Called by the test checkpoint writers and the kernels' tests."""
+    packed, scales, zeros = quantize_w4a16(w[:, order], group_size, symmetric, scale_dtype)
+    weight = pack_int4(unpack_int4(packed)[:, torch.argsort(order)])
+    g_idx = torch.empty(w.shape[1], dtype=torch.int32, device=w.device)
+    g_idx[order] = (torch.arange(w.shape[1], device=w.device) // group_size).to(torch.int32)
+    return weight, scales, zeros, g_idx
 
 
 def quantize_w4a16(

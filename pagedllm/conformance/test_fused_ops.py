@@ -27,7 +27,7 @@ import torch
 from pagedllm.backends.fp8_linear import dequantize_groups, quantize_blocks, quantize_groups, quantize_rows
 from pagedllm.backends.interface import Backend
 from pagedllm.backends.moe import route_tokens
-from pagedllm.backends.w4a16_linear import pack_int4, quantize_w4a16, unpack_int4
+from pagedllm.backends.w4a16_linear import quantize_w4a16_act_order
 from pagedllm.conformance.cases import all_dtypes, base_head_size, dtype_skip, param
 from pagedllm.conformance.plugin import ConformanceTarget, case_id, get_target
 from pagedllm.conformance.reference import DefaultOpsBackend, poisoned_allocations, tolerance
@@ -164,13 +164,9 @@ def op_inputs(op: str, head_dim: int, dtype: torch.dtype, gen: torch.Generator,
         rows, group_size, act_order = W4A16_CASES[op]
         weight = torch.randn(OUT_FEATURES, IN_FEATURES, generator=gen) * IN_FEATURES**-0.5
         perm = torch.randperm(IN_FEATURES, generator=gen) if act_order else torch.arange(IN_FEATURES)
-        packed, scales, zeros = quantize_w4a16(weight[:, perm], group_size, scale_dtype=torch.float32)
-        packed = pack_int4(unpack_int4(packed)[:, torch.argsort(perm)])  # feature perm[j] is in group j // size
-        g_idx = None
-        if act_order:
-            g_idx = torch.empty(IN_FEATURES, dtype=torch.int32)
-            g_idx[perm] = (torch.arange(IN_FEATURES) // group_size).to(torch.int32)
-        return randn(rows, IN_FEATURES), packed, scales, zeros, group_size, g_idx, randn(OUT_FEATURES)
+        packed, scales, zeros, g_idx = quantize_w4a16_act_order(weight, group_size, perm, scale_dtype=torch.float32)
+        return (randn(rows, IN_FEATURES), packed, scales, zeros, group_size, g_idx if act_order else None,
+                randn(OUT_FEATURES))
     if op.startswith("linear"):
         rows = 1 if op.endswith("one_token") else NUM_TOKENS
         weight = torch.randn(OUT_FEATURES, IN_FEATURES, generator=gen) * IN_FEATURES**-0.5

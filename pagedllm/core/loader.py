@@ -158,11 +158,12 @@ def load_model(
         model = cls(model_config.hf_config, backend)
     bind_linear_op(model, backend.linear)
     block = quantization == "fp8_block"
-    w4a16 = model_config.w4a16 if quantization == "w4a16" else None  # a 4-bit checkpoint, or its dummy
-    stored_fp8 = model_config.quantization is not None and w4a16 is None and load_format != "dummy"
-    if (stored_fp8 or (model_config.w4a16 and load_format != "dummy")) and quantization != model_config.quantization:
+    stored = model_config.quantization is not None and load_format != "dummy"
+    if stored and quantization != model_config.quantization:
         raise ValueError(f"the checkpoint's weights are stored in {model_config.quantization!r}; loading them "
                          f"with quantization {quantization!r} is not possible")
+    w4a16 = model_config.w4a16 if quantization == "w4a16" else None  # a 4-bit checkpoint, or its dummy
+    stored_fp8 = stored and w4a16 is None
     count = 0
     if w4a16 is not None:  # dummy weights of an act-order checkpoint number their groups in order
         count = prepare_w4a16_weights(model, backend, w4a16 if load_format != "dummy" else w4a16._replace(

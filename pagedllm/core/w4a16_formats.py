@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from pagedllm.backends.w4a16_linear import PACK, pack_int4, unpack_int4
+from pagedllm.backends.w4a16_linear import PACK, as_int32_words, pack_int4, unpack_int4
 
 AWQ_NIBBLE = (0, 4, 1, 5, 2, 6, 3, 7)
 """The nibble of an AWQ word holding each of its eight features (AutoAWQ packs features 0, 2, 4, 6, 1, 3, 5, 7
@@ -68,8 +68,7 @@ def gptq_zeros(qzeros: torch.Tensor, zero_offset: int) -> torch.Tensor:
     from the next one; adding the word back restores both, as GPTQModel reads them — AutoGPTQ 0.7.1 wrote such a
     zero point as the nibble 15 and no reading recovers it); 0: ``gptq_v2``, the zero points as they are."""
     if zero_offset:
-        words = (qzeros.to(torch.int64) + GPTQ_V1_OFFSET * zero_offset) & 0xFFFFFFFF
-        qzeros = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+        qzeros = as_int32_words((qzeros.to(torch.int64) + GPTQ_V1_OFFSET * zero_offset) & 0xFFFFFFFF)
     return unpack_int4(qzeros).t().contiguous()
 
 

@@ -18,13 +18,12 @@ import torch
 from torch import nn
 
 from pagedllm.backends.interface import Backend
-from pagedllm.backends.w4a16_linear import PACK, pack_int4, quantize_w4a16, unpack_int4
+from pagedllm.backends.w4a16_linear import GROUP_SIZES, PACK, pack_int4, quantize_w4a16, unpack_int4
 from pagedllm.core import w4a16_formats as formats
 
-ONLINE_GROUP_SIZE = 128
+ONLINE_GROUP_SIZE = max(GROUP_SIZES)
 """The groups of ``quantization="w4a16"`` on an unquantized model (a layer whose input features 128 does not
 divide takes the largest of 64 and 32 that does)."""
-METHODS = ("awq", "gptq", "compressed-tensors")
 SUPPORTED = ("4-bit weights in groups of 32, 64 or 128 input features (or one group per row) with 16-bit "
              "activations: quant_method 'awq' (version 'gemm', zero_point true), 'gptq' (checkpoint_format "
              "'gptq' or 'gptq_v2', desc_act true or false) or 'compressed-tensors' in format 'pack-quantized' "
@@ -40,7 +39,8 @@ class W4A16Format(NamedTuple):
     group_size: int
     """Input features per scale; -1: one scale per output row."""
     zero_offset: int
-    """Added to the stored zero points (1 for GPTQ's original format, which stores them minus one)."""
+    """1 for GPTQ's original format, whose words of zero points are stored minus 0x11111111
+    (``pagedllm.core.w4a16_formats.gptq_zeros``), else 0."""
     act_order: bool
     """Whether the checkpoint numbers groups out of feature order (``g_idx`` tensors, GPTQ's ``desc_act``)."""
     symmetric: bool
@@ -68,8 +68,11 @@ def _refuse(what: str) -> ValueError:
 
 
 def _group_size(value: object) -> int:
-    if value in (-1, None) or value in (32, 64, 128):
-        return -1 if value is None else int(value)  # type: ignore[arg-type]
+    """A declared group size: one of :data:`GROUP_SIZES`, or -1 (also for none declared) for one per row."""
+    if value is None or value == -1:
+        return -1
+    if value in GROUP_SIZES:
+        return int(value)  # type: ignore[arg-type]
     raise _refuse(f"group_size {value!r}")
 
 
@@ -264,7 +267,7 @@ def quantize_w4a16_layers(model: nn.Module, backend: Backend) -> int:
     layers = _projections(model)
     for module in layers:
         inp = module.weight.shape[1]
-        group_size = _layer_group_size(module, next((g for g in (ONLINE_GROUP_SIZE, 64, 32) if inp % g == 0),
+        group_size = _layer_group_size(module, next((g for g in sorted(GROUP_SIZES, reverse=True) if inp % g == 0),
                                                     ONLINE_GROUP_SIZE))
         weight, scales, zeros = quantize_w4a16(module.weight.data, group_size, scale_dtype=torch.float32)
         _store(module, backend, group_size, weight, scales, zeros, None)

@@ -15,7 +15,14 @@ from pathlib import Path
 
 import torch
 
-from pagedllm.backends.w4a16_linear import PACK, dequantize_w4a16, pack_int4, quantize_w4a16, unpack_int4
+from pagedllm.backends.w4a16_linear import (
+    PACK,
+    as_int32_words,
+    dequantize_w4a16,
+    pack_int4,
+    quantize_w4a16_act_order,
+    unpack_int4,
+)
 from pagedllm.core.w4a16_formats import GPTQ_V1_OFFSET
 from pagedllm.testing.checkpoints import write_checkpoint_variant
 
@@ -68,11 +75,9 @@ def _quantize(weight: torch.Tensor, scheme: str, group_size: int, scale_dtype: t
     # one permutation per input width: the parts of a merged projection share their input, so GPTQ orders them alike
     perm = torch.randperm(inp, generator=torch.Generator().manual_seed(inp)) if scheme == "gptq-act-order" \
         else torch.arange(inp)
-    packed, scales, zeros = quantize_w4a16(weight[:, perm], group_size, symmetric, scale_dtype)
-    values = unpack_int4(packed)[:, torch.argsort(perm)]  # feature perm[j] lies in group j // group_size
-    g_idx = torch.empty(inp, dtype=torch.int32)
-    g_idx[perm] = (torch.arange(inp) // group_size).to(torch.int32)
-    dequantized = dequantize_w4a16(pack_int4(values), scales, zeros, group_size, g_idx)
+    packed, scales, zeros, g_idx = quantize_w4a16_act_order(weight, group_size, perm, symmetric, scale_dtype)
+    values = unpack_int4(packed)
+    dequantized = dequantize_w4a16(packed, scales, zeros, group_size, g_idx)
     if scheme == "awq":
         return {"qweight": _pack_awq(values.t()), "qzeros": _pack_awq(zeros.t()), "scales": scales.t().contiguous()}, \
             dequantized
@@ -80,10 +85,9 @@ def _quantize(weight: torch.Tensor, scheme: str, group_size: int, scale_dtype: t
         qzeros = pack_int4(zeros.t()).to(torch.int64)
         if scheme != "gptq-v2":  # GPTQModel's original format: each word minus 0x11111111, borrowing
             qzeros = (qzeros - GPTQ_V1_OFFSET) & 0xFFFFFFFF
-        qzeros = torch.where(qzeros >= 2**31, qzeros - 2**32, qzeros).to(torch.int32)
-        return {"qweight": pack_int4(values).t().contiguous(), "qzeros": qzeros,
+        return {"qweight": packed.t().contiguous(), "qzeros": as_int32_words(qzeros),
                 "scales": scales.t().contiguous(), "g_idx": g_idx}, dequantized
-    tensors = {"weight_packed": pack_int4(values), "weight_scale": scales,
+    tensors = {"weight_packed": packed, "weight_scale": scales,
                "weight_shape": torch.tensor([out, inp], dtype=torch.int64)}
     if not symmetric:
         tensors["weight_zero_point"] = pack_int4(zeros.t().contiguous()).t().contiguous()

@@ -14,7 +14,7 @@ import torch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-from pagedllm.backends.w4a16_linear import pack_int4, quantize_w4a16, reference_linear_w4a16, unpack_int4  # noqa: E402
+from pagedllm.backends.w4a16_linear import quantize_w4a16_act_order, reference_linear_w4a16  # noqa: E402
 from tests.gpu.test_cuda_backend import DTYPES, _generate, assert_close_to_reference, assert_same_tokens  # noqa: E402
 from tests.gpu.test_cuda_fp8_linear import assert_bf16_generation_agrees_with_cpu  # noqa: E402
 
@@ -23,13 +23,8 @@ def _layer(n: int, k: int, group_size: int, act_order: bool) -> tuple[torch.Tens
     """A random ``[n, k]`` weight in 4 bits on the GPU: ``(weight, scales, zeros, g_idx or None)``."""
     weight = torch.randn(n, k) * k**-0.5
     perm = torch.randperm(k) if act_order else torch.arange(k)
-    packed, scales, zeros = quantize_w4a16(weight[:, perm], group_size, scale_dtype=torch.float32)
-    packed = pack_int4(unpack_int4(packed)[:, torch.argsort(perm)])
-    g_idx = None
-    if act_order:
-        g_idx = torch.empty(k, dtype=torch.int32)
-        g_idx[perm] = (torch.arange(k) // group_size).to(torch.int32)
-    return tuple(t if t is None else t.cuda() for t in (packed, scales, zeros, g_idx))
+    packed, scales, zeros, g_idx = quantize_w4a16_act_order(weight, group_size, perm, scale_dtype=torch.float32)
+    return packed.cuda(), scales.cuda(), zeros.cuda(), g_idx.cuda() if act_order else None
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

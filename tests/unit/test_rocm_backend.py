@@ -213,7 +213,7 @@ def kernel_variants(tuning: KernelTuning, fp8: bool = False) -> list[tuple[str, 
                               "HAS_BIAS": True, "DOT_PRECISION": None, "SWAP_AB": t.swap_ab, "BLOCK_M": t.block_m,
                               "BLOCK_N": t.block_n, "BLOCK_K": t.block_k, "GROUP_M": w4a16_linear.GROUP_M},
                              {"num_warps": t.num_warps, "num_stages": t.num_stages}))
-    block_n, block_w, warps = w4a16_linear.gemv_tiles(128, 4096)
+    block_n, block_w, warps = w4a16_linear.gemv_tiles(128)
     variants.append(("w4a16 gemv", w4a16_linear._w4a16_gemv_kernel, w4,
                      {"GROUP_SIZE": 128, "HAS_BIAS": True, "BLOCK_N": block_n, "BLOCK_W": block_w},
                      {"num_warps": warps}))
@@ -373,16 +373,14 @@ def test_mixture_of_experts_matches_reference(rocm: RocmBackend, dtype: torch.dt
 def test_w4a16_matches_reference(rocm: RocmBackend, dtype: torch.dtype, rows: int, act_order: bool) -> None:
     """4-bit linear layers through ``RocmBackend.linear_w4a16`` (the GEMV at one token, then each row bucket of the
     family's GEMM tiles; act-order scales gathered per feature), against the ``cpu`` backend."""
-    from pagedllm.backends.w4a16_linear import pack_int4, quantize_w4a16, unpack_int4
+    from pagedllm.backends.w4a16_linear import quantize_w4a16_act_order
 
     gen = torch.Generator().manual_seed(rows)
     out, inp, group_size = 80, 256, 64
-    packed, scales, zeros = quantize_w4a16(torch.randn(out, inp, generator=gen) * inp**-0.5, group_size)
-    g_idx = None
-    if act_order:
-        perm = torch.randperm(inp, generator=gen)
-        packed = pack_int4(unpack_int4(packed)[:, perm])
-        g_idx = (torch.arange(inp) // group_size).to(torch.int32)[perm]
+    weight = torch.randn(out, inp, generator=gen) * inp**-0.5
+    perm = torch.randperm(inp, generator=gen) if act_order else torch.arange(inp)
+    packed, scales, zeros, g_idx = quantize_w4a16_act_order(weight, group_size, perm)
+    g_idx = g_idx if act_order else None
     x, bias = torch.randn(rows, inp, generator=gen).to(dtype), torch.randn(out, generator=gen).to(dtype)
     got = rocm.linear_w4a16(x, packed, scales, zeros, group_size, g_idx, bias)
     expected = REFERENCE.linear_w4a16(x, packed, scales, zeros, group_size, g_idx, bias)

@@ -17,7 +17,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from pagedllm.backends.w4a16_linear import pack_int4, quantize_w4a16, reference_linear_w4a16, unpack_int4
+from pagedllm.backends.w4a16_linear import quantize_w4a16, quantize_w4a16_act_order, reference_linear_w4a16
 from tests.unit.test_cuda_kernels_interpreter import interpreted_modules, kernels  # noqa: F401 - fixtures
 from tests.unit.triton_compile import compile_kernel
 
@@ -43,18 +43,15 @@ def interpreted(interpreted_modules: SimpleNamespace) -> ModuleType:  # noqa: F8
 def make_layer(out: int, inp: int, group_size: int, act_order: bool, bias: bool, seed: int = 0,
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """A quantized ``[out, inp]`` layer (``quantize_w4a16``, float16 scales): ``(weight, scales, zeros, g_idx,
-    bias)``. With ``act_order`` the groups are shuffled over the features (GPTQ's ``desc_act``): the weight is
-    quantized with features sorted by group, then its columns put back in the shuffled order."""
+    bias)``. With ``act_order`` the groups are shuffled over the features (GPTQ's ``desc_act``,
+    ``quantize_w4a16_act_order``)."""
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(out, inp, generator=gen) * inp**-0.5
     g_idx = None
     if act_order:
         groups = (torch.arange(inp) // group_size)[torch.randperm(inp, generator=gen)]
         order = torch.argsort(groups, stable=True)  # features of group 0 first, then group 1, ...
-        packed, scales, zeros = quantize_w4a16(w[:, order], group_size)
-        q = torch.empty(out, inp, dtype=torch.int32)
-        q[:, order] = unpack_int4(packed).int()
-        packed, g_idx = pack_int4(q), groups.int()
+        packed, scales, zeros, g_idx = quantize_w4a16_act_order(w, group_size, order)
     else:
         packed, scales, zeros = quantize_w4a16(w, group_size)
     b = torch.randn(out, generator=gen) if bias else None
@@ -239,7 +236,7 @@ def test_kernel_compiles_for_sm90(dtype: str, block_m: int, per_step: bool, g_id
         ("cuda", arch, 32), num_warps=tiles.num_warps, num_stages=tiles.num_stages, enable_fp_fusion=True,
     )  # fmt: skip
     if block_m == 16 and per_step:
-        block_n, block_w, warps = module.gemv_tiles(128, 4096)
+        block_n, block_w, warps = module.gemv_tiles(128)
         compile_kernel(module._w4a16_gemv_kernel, {k: pointers[k] for k in ("out_ptr", "x_ptr", "w_ptr", "scales_ptr",
                                                                              "zeros_ptr", "bias_ptr")},
                        {"GROUP_SIZE": 128, "HAS_BIAS": True, "BLOCK_N": block_n, "BLOCK_W": block_w},

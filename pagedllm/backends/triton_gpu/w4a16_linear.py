@@ -288,10 +288,10 @@ def _w4a16_gemv_kernel(
     tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=offs_n < N)
 
 
-def gemv_tiles(group_size: int, n: int) -> tuple[int, int, int]:
-    """``(BLOCK_N, BLOCK_W, num_warps)`` of the GEMV for a layer of ``n`` outputs in groups of ``group_size``:
-    :data:`GEMV_TILES`, its step (``8 * BLOCK_W`` features) shortened to the group."""
-    block_n, block_w, warps = GEMV_TILES
+def gemv_tiles(group_size: int, tiles: tuple[int, int, int] = GEMV_TILES) -> tuple[int, int, int]:
+    """``(BLOCK_N, BLOCK_W, num_warps)`` of the GEMV for a layer in groups of ``group_size``: ``tiles`` (default
+    :data:`GEMV_TILES`), its step (``8 * BLOCK_W`` features) shortened to the group."""
+    block_n, block_w, warps = tiles
     return block_n, min(block_w, group_size // PACK), warps
 
 
@@ -304,9 +304,7 @@ def gemv_w4a16(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zero
     ``benchmarks/w4a16_probe.py``)."""
     m, k = x.shape
     n = weight.shape[0]
-    block_n, block_w, warps = gemv_tiles(group_size, n)
-    if tiles is not None:
-        block_n, block_w, warps = tiles[0], min(tiles[1], group_size // PACK), tiles[2]
+    block_n, block_w, warps = gemv_tiles(group_size, tiles or GEMV_TILES)
     steps = k // (8 * block_w)
     tiles_n = triton.cdiv(n, block_n)
     splits = num_splits or split_k(tiles_n, steps, device_sms(x.device))
@@ -368,7 +366,7 @@ def linear_w4a16(
     g_idx: torch.Tensor | None = None, bias: torch.Tensor | None = None, tiles: W4A16Tiles | None = None,
     num_splits: int | None = None, table: W4A16Table = TILES,
 ) -> torch.Tensor:
-    """``x @ W.T + bias`` with ``W`` the 4-bit weight dequantized on the fly; the ``cuda`` backend's
+    """``x @ W.T + bias`` with ``W`` the 4-bit weight dequantized on the fly; the ``cuda`` and ``rocm`` backends'
     ``linear_w4a16``, called for every projection of a ``quantization="w4a16"`` model at every step.
 
     ``x: [num_tokens, in]`` float16/bfloat16/float32; ``weight: [out, in // 8]`` int32; ``scales: [out, in //
