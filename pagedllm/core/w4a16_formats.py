@@ -72,10 +72,11 @@ def gptq_zeros(qzeros: torch.Tensor, zero_offset: int) -> torch.Tensor:
     return unpack_int4(qzeros).t().contiguous()
 
 
-def compressed_zeros(weight_zero_point: torch.Tensor, out: int) -> torch.Tensor:
+def compressed_zeros(weight_zero_point: torch.Tensor, out: int | None = None) -> torch.Tensor:
     """compressed-tensors' ``weight_zero_point [ceil(out / 8), groups]`` (packed along the output features,
     each stored plus 8 like the values) as ``zeros [out, groups]`` uint8: the values' and the zero points'
-    offsets cancel, so the nibbles are the zero points."""
+    offsets cancel, so the nibbles are the zero points. ``out`` None: every row the words hold (``8 *
+    ceil(out / 8)``; as the checkpoint streams past, the layer's own shape check then refuses a padded one)."""
     return unpack_int4(weight_zero_point.t().contiguous()).t()[:out].contiguous()
 
 

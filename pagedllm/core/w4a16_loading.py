@@ -172,8 +172,7 @@ def _convert(fmt: W4A16Format, suffix: str, tensor: object) -> list[tuple[str, t
         groups = 1 if fmt.group_size == -1 else packed.shape[1] * PACK // fmt.group_size
         return [("weight", packed), ("weight_zero", formats.symmetric_zeros(packed.shape[0], groups))]
     if suffix == "weight_zero_point":
-        zeros = _read(tensor)
-        return [("weight_zero", formats.compressed_zeros(zeros, zeros.shape[0] * PACK))]
+        return [("weight_zero", formats.compressed_zeros(_read(tensor)))]
     if suffix == "weight_g_idx":
         return _g_idx(fmt, tensor)
     return [] if suffix == "weight_shape" else None
